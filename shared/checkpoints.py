@@ -1,0 +1,201 @@
+"""Checkpoints: training them for a task, saving them, loading and validating them.
+
+A checkpoint folder holds plain ``state_dict`` files (``ckpt_000.pt``, ...)
+and a ``manifest.json``::
+
+    {"task": "digits-logreg",
+     "checkpoints": [{"index": 0, "file": "ckpt_000.pt", "seed": 0,
+                      "algorithm": "central-sgd", "epochs": 30, "accuracy": 0.96}, ...]}
+
+A folder of user-supplied ``*.pt`` files without a manifest is accepted too
+(taken in file-name order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.errors import FedtrakError
+from shared.tasks import Task, to_tensors
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint's manifest entry."""
+
+    index: int
+    file: str
+    seed: int | None
+    algorithm: str
+    epochs: int | None
+    accuracy: float | None
+
+
+def seeded_model(task: Task, seed: int) -> nn.Module:
+    """The task's model initialized under ``seed``."""
+    torch.manual_seed(seed)
+    return task.make_model()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+    model.eval()
+    xt, yt = to_tensors(x, y)
+    correct = sum(
+        int((model(xt[i : i + batch_size]).argmax(-1) == yt[i : i + batch_size]).sum())
+        for i in range(0, len(yt), batch_size)
+    )
+    return correct / len(yt)
+
+
+def train_central(
+    task: Task,
+    seed: int,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    epochs: int | None = None,
+) -> nn.Module:
+    """Train the task's model on ``(x, y)`` (default: its whole training set) with
+    minibatch SGD + momentum + weight decay, deterministically in ``seed``."""
+    cfg = task.training
+    x = task.x_train if x is None else x
+    y = task.y_train if y is None else y
+    epochs = cfg.epochs if epochs is None else epochs
+    model = seeded_model(task, seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    xt, yt = to_tensors(x, y)
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(yt), generator=gen)
+        for i in range(0, len(yt), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            opt.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def train_checkpoints(
+    task: Task,
+    num: int,
+    out_dir: Path,
+    base_seed: int = 0,
+    epochs: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[CheckpointInfo]:
+    """Train ``num`` independent models (seeds ``base_seed + m``) and save them.
+
+    Each checkpoint and the manifest are written as soon as the model is
+    trained, so an interrupted run keeps what it finished.
+    """
+    if num < 1:
+        raise FedtrakError(f"number of checkpoints must be at least 1, got {num}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    infos: list[CheckpointInfo] = []
+    for m in range(num):
+        seed = base_seed + m
+        model = train_central(task, seed, epochs=epochs)
+        name = f"ckpt_{m:03d}.pt"
+        tmp = out_dir / (name + ".tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, out_dir / name)
+        infos.append(
+            CheckpointInfo(
+                m, name, seed, "central-sgd",
+                task.training.epochs if epochs is None else epochs,
+                accuracy(model, task.x_query, task.y_query),
+            )
+        )
+        _atomic_write_json(
+            out_dir / MANIFEST, {"task": task.name, "checkpoints": [asdict(i) for i in infos]}
+        )
+        if progress is not None:
+            progress(1)
+    return infos
+
+
+def read_manifest(ckpt_dir: Path) -> tuple[str | None, list[CheckpointInfo]]:
+    """The task name and entries of a checkpoint folder (manifest or bare ``*.pt`` files)."""
+    if not ckpt_dir.is_dir():
+        raise FedtrakError(f"checkpoint folder {ckpt_dir} does not exist")
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.exists():
+        files = sorted(p.name for p in ckpt_dir.glob("*.pt"))
+        if not files:
+            raise FedtrakError(f"{ckpt_dir} holds neither {MANIFEST} nor *.pt checkpoint files")
+        return None, [CheckpointInfo(i, f, None, "unknown", None, None) for i, f in enumerate(files)]
+    try:
+        data = json.loads(manifest.read_text())
+        infos = [CheckpointInfo(**entry) for entry in data["checkpoints"]]
+        return data.get("task"), infos
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedtrakError(f"corrupt checkpoint manifest {manifest}: {exc}") from exc
+
+
+def load_state(task: Task, path: Path) -> dict[str, torch.Tensor]:
+    """Load one ``state_dict`` and check that it fits the task's model exactly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise FedtrakError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise FedtrakError(f"checkpoint {path} is not a state_dict")
+    model_from_state(task, state, str(path))
+    return state
+
+
+def model_from_state(task: Task, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The task's model with ``state`` loaded; a clear error if it does not fit."""
+    model = task.make_model()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"shape mismatch {wrong[:3]}" if wrong else ""]
+        raise FedtrakError(
+            f"checkpoint {source} does not fit the model of task {task.name}: "
+            + "; ".join(p for p in parts if p)
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_checkpoints(
+    task: Task, ckpt_dir: Path, num: int | None = None
+) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+    """Load the first ``num`` checkpoints of a folder (all when ``None``), validated."""
+    task_name, infos = read_manifest(ckpt_dir)
+    if task_name is not None and task_name != task.name:
+        raise FedtrakError(f"checkpoints in {ckpt_dir} were trained for task {task_name}, not {task.name}")
+    if num is not None:
+        if len(infos) < num:
+            raise FedtrakError(f"{ckpt_dir} holds {len(infos)} checkpoints, {num} requested")
+        infos = infos[:num]
+    return [(info, load_state(task, ckpt_dir / info.file)) for info in infos]

@@ -1,0 +1,82 @@
+"""Data that ships with a package: scikit-learn's digits and Debian's Fashion-MNIST.
+
+Nothing here downloads. Each loader returns float32 inputs and int64 labels as
+numpy arrays, split into a training set and a query (test) set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import FedtrakError
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts its files. Override
+#: with the ``FEDTRAK_FMNIST_DIR`` environment variable.
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+#: Size of the digits training split; the remaining 297 images are queries.
+DIGITS_TRAIN_SIZE = 1500
+
+
+def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], split 1,500 / 297.
+
+    The split is a fixed permutation (seed 0), so every machine gets the same
+    training order and the same query set.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, query = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
+    return x[train], y[train], x[query], y[query]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one gzipped IDX file (the MNIST format) into a numpy array."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise FedtrakError(f"cannot read Fashion-MNIST file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise FedtrakError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if body.size != int(np.prod(shape)):
+        raise FedtrakError(f"{path} is truncated: expected {shape}, got {body.size} bytes")
+    return body.reshape(shape)
+
+
+def load_fmnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST (60k train, 10k test) as float32 images of shape (1, 28, 28)."""
+    root = Path(os.environ.get("FEDTRAK_FMNIST_DIR", FMNIST_DIR))
+    names = {
+        "xtr": "train-images-idx3-ubyte.gz",
+        "ytr": "train-labels-idx1-ubyte.gz",
+        "xte": "t10k-images-idx3-ubyte.gz",
+        "yte": "t10k-labels-idx1-ubyte.gz",
+    }
+    missing = [n for n in names.values() if not (root / n).is_file()]
+    if missing:
+        raise FedtrakError(
+            f"Fashion-MNIST files not found in {root} ({', '.join(missing)}): "
+            "install them with `sudo apt-get install dataset-fashion-mnist` "
+            "or point FEDTRAK_FMNIST_DIR at a folder holding the four .gz files"
+        )
+    arrays = {k: _read_idx(root / n) for k, n in names.items()}
+    to_x = lambda a: (a.astype(np.float32) / 255.0)[:, None, :, :]  # noqa: E731
+    return (
+        to_x(arrays["xtr"]),
+        arrays["ytr"].astype(np.int64),
+        to_x(arrays["xte"]),
+        arrays["yte"].astype(np.int64),
+    )

@@ -1,0 +1,157 @@
+"""TRAK features: projected per-example gradients of the model output, and out-to-loss weights.
+
+Per-example gradients come from ``torch.func`` (``vmap(grad(functional_call))``),
+batched; they are gathered into chunks of at most ``chunk_bytes`` of gradient
+memory and projected chunk by chunk, so memory is bounded by the chunk, never
+by the size of the data set. The model runs in eval mode (BatchNorm uses its
+running statistics, dropout is off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from shared.errors import FedtrakError
+from shared.modelout import ModelOutput
+from shared.projectors import Projector
+
+#: Default gradient memory per projected chunk.
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+@dataclass
+class FeatureChunk:
+    """Features of examples ``[start, start + len(out_to_loss))`` of the input."""
+
+    start: int
+    features: np.ndarray  # (b, k) float32
+    out_to_loss: np.ndarray  # (b,) float32
+
+
+@dataclass
+class Features:
+    """Features of a whole data set for one checkpoint."""
+
+    features: np.ndarray  # (n, k) float32
+    out_to_loss: np.ndarray  # (n,) float32
+
+
+def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters TRAK differentiates (those with ``requires_grad``), detached."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Featurizer:
+    """Computes TRAK features of one model (one checkpoint) with one projector.
+
+    Args:
+        model: the model at the checkpoint's parameters.
+        output: the model output function.
+        projector: maps flattened gradients to ``k`` dims; its ``grad_dim``
+            must equal the number of trainable parameters.
+        batch_size: examples per ``vmap`` call.
+        chunk_bytes: gradient memory gathered before one projection call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output: ModelOutput,
+        projector: Projector,
+        batch_size: int = 256,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.model = model.eval()
+        self.output = output
+        self.projector = projector
+        self.params = trainable_params(model)
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.grad_dim = sum(p.numel() for p in self.params.values())
+        if projector.grad_dim != self.grad_dim:
+            raise FedtrakError(
+                f"projector was built for {projector.grad_dim} parameters, the model has {self.grad_dim}"
+            )
+        if batch_size < 1:
+            raise FedtrakError(f"batch size must be positive, got {batch_size}")
+        self.batch_size = int(batch_size)
+        per_example = self.grad_dim * 4
+        self.chunk_examples = max(self.batch_size, int(chunk_bytes) // per_example)
+
+        def single_output(params, buffers, x, y):
+            logits = functional_call(self.model, (params, buffers), (x.unsqueeze(0),))
+            return self.output.output(logits, y.unsqueeze(0)).squeeze(0)
+
+        self._per_example_grad = vmap(grad(single_output), in_dims=(None, None, 0, 0))
+
+    def per_example_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Flattened per-example gradients of the model output: ``(b, p)`` float32."""
+        grads = self._per_example_grad(self.params, self.buffers, x, y)
+        return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+
+    @torch.no_grad()
+    def out_to_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Out-to-loss weights ``q`` of a batch: ``(b,)``."""
+        return self.output.out_to_loss(self.model(x), y)
+
+    def iter_chunks(self, x: np.ndarray, y: np.ndarray) -> Iterator[FeatureChunk]:
+        """Yield features chunk by chunk, in input order.
+
+        Raises:
+            FedtrakError: if a gradient or out-to-loss weight is NaN or infinite
+                (names the offending example positions).
+        """
+        n = len(y)
+        for start in range(0, n, self.chunk_examples):
+            stop = min(n, start + self.chunk_examples)
+            xc = torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32))
+            yc = torch.from_numpy(np.ascontiguousarray(y[start:stop], dtype=np.int64))
+            grads = torch.cat(
+                [
+                    self.per_example_grads(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
+                    for i in range(0, stop - start, self.batch_size)
+                ]
+            )
+            q = torch.cat(
+                [
+                    self.out_to_loss(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
+                    for i in range(0, stop - start, self.batch_size)
+                ]
+            )
+            _check_finite(grads, q, start)
+            yield FeatureChunk(start, self.projector.project(grads).numpy(), q.numpy().astype(np.float32))
+
+    def featurize(
+        self, x: np.ndarray, y: np.ndarray, progress: Callable[[int], None] | None = None
+    ) -> Features:
+        """Features of all examples: ``(n, k)`` and ``(n,)`` arrays.
+
+        ``progress`` (e.g. a tqdm bar's ``update``) is called with the number
+        of examples finished after each chunk.
+        """
+        n = len(y)
+        feats = np.empty((n, self.projector.proj_dim), dtype=np.float32)
+        q = np.empty(n, dtype=np.float32)
+        for chunk in self.iter_chunks(x, y):
+            b = len(chunk.out_to_loss)
+            feats[chunk.start : chunk.start + b] = chunk.features
+            q[chunk.start : chunk.start + b] = chunk.out_to_loss
+            if progress is not None:
+                progress(b)
+        return Features(feats, q)
+
+
+def _check_finite(grads: torch.Tensor, q: torch.Tensor, offset: int) -> None:
+    bad = (~torch.isfinite(grads).all(dim=1)) | (~torch.isfinite(q))
+    if bool(bad.any()):
+        rows = (torch.nonzero(bad).flatten() + offset).tolist()
+        shown = ", ".join(str(r) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+        raise FedtrakError(
+            f"non-finite gradient or output for {len(rows)} example(s) (positions {shown}): "
+            "the checkpoint may have diverged or the inputs contain NaN"
+        )

@@ -1,0 +1,187 @@
+"""The TRAK kernel ``K = Phi^T Phi + lambda I``: accumulation, lambda, solve, preconditioning.
+
+All kernel math runs in float64. ``K`` is factorized with Cholesky; a kernel
+that is not (numerically) positive definite is refused with an error that
+says to raise lambda: ``Phi^T Phi`` is singular whenever k exceeds the number
+of examples, and for models whose margin gradients span a subspace
+(logistic regression: constant-zero pixels, the softmax's all-ones
+direction), so lambda must be positive in practice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from shared.errors import FedtrakError
+
+#: Default relative lambda (times the mean diagonal of Phi^T Phi) when the
+#: training weight decay is unknown or zero.
+DEFAULT_LAMBDA_REL = 1e-3
+
+#: Smallest accepted reciprocal condition estimate of the regularized kernel.
+MIN_RCOND = 1e-13
+
+NORMALIZATIONS = ("none", "traker")
+
+
+def gram(features: np.ndarray) -> np.ndarray:
+    """``Phi^T Phi`` in float64 for an ``(n, k)`` feature matrix."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.T @ f
+
+
+class GramAccumulator:
+    """Sums ``Phi^T Phi`` over chunks of features (float64) and counts examples."""
+
+    def __init__(self, proj_dim: int) -> None:
+        self.matrix = np.zeros((proj_dim, proj_dim), dtype=np.float64)
+        self.count = 0
+
+    def add(self, features: np.ndarray) -> None:
+        """Add one ``(b, k)`` chunk of features."""
+        if features.ndim != 2 or features.shape[1] != self.matrix.shape[0]:
+            raise FedtrakError(
+                f"features of shape {features.shape} do not match a {self.matrix.shape[0]}-dim kernel"
+            )
+        self.matrix += gram(features)
+        self.count += features.shape[0]
+
+
+@dataclass(frozen=True)
+class LambdaChoice:
+    """The lambda a run used and the rule that produced it (recorded in summaries)."""
+
+    value: float
+    rule: str
+
+
+def resolve_lambda(
+    spec: str | float,
+    gram_matrix: np.ndarray,
+    num_examples: int,
+    grad_dim: int,
+    weight_decay: float | None,
+) -> LambdaChoice:
+    """Turn a lambda specification into a value on fedtrak's feature scale.
+
+    ``spec`` is one of:
+
+    * a positive number: used as is;
+    * ``"rel:X"``: ``X`` times the mean diagonal of ``Phi^T Phi``;
+    * ``"wd"``: ``n * weight_decay * p / k``, the training objective's own
+      ridge ``(n wd / 2) ||theta||^2`` carried into the projected space (with
+      entries of P of variance 1/k, ``P^T P ~ (p/k) I``); in traker's scale
+      this is plainly ``n * weight_decay``;
+    * ``"auto"`` (default): ``"wd"`` when the weight decay is known and
+      positive, else ``rel:1e-3``.
+    """
+    k = gram_matrix.shape[0]
+    mean_diag = float(np.trace(gram_matrix)) / k
+    if isinstance(spec, (int, float)) or _is_number(spec):
+        value = float(spec)
+        rule = "fixed"
+    elif spec == "wd" or (spec == "auto" and weight_decay):
+        if not weight_decay or weight_decay <= 0:
+            raise FedtrakError("--lambda wd needs a task with a positive training weight decay")
+        value = num_examples * weight_decay * grad_dim / k
+        rule = f"n*weight_decay*p/k (n={num_examples}, weight_decay={weight_decay}, p={grad_dim}, k={k})"
+    elif spec == "auto" or str(spec).startswith("rel:"):
+        rel = DEFAULT_LAMBDA_REL if spec == "auto" else _parse_float(str(spec)[4:], spec)
+        value = rel * mean_diag
+        rule = f"{rel}*mean_diag(Phi^T Phi) (mean_diag={mean_diag:.6g})"
+    else:
+        raise FedtrakError(f"bad --lambda {spec!r}: use a positive number, rel:X, wd or auto")
+    if not np.isfinite(value) or value <= 0:
+        raise FedtrakError(f"lambda must be positive and finite, got {value} from {spec!r}")
+    return LambdaChoice(value, rule)
+
+
+def lambda_to_traker(lam: float, proj_dim: int, grad_dim: int) -> float:
+    """Convert a fedtrak lambda to traker's ``lambda_reg`` for the same projection.
+
+    fedtrak features are ``sqrt(p/k)`` times traker's (traker divides projected
+    gradients by ``sqrt(p)``; fedtrak scales P by ``1/sqrt(k)``), so
+    ``lam_traker = lam * k / p``. For the identity projector (k = p) this is
+    ``lam / p``.
+    """
+    return lam * proj_dim / grad_dim
+
+
+class Kernel:
+    """A Cholesky-factorized ``Phi^T Phi + lambda I``.
+
+    Raises:
+        FedtrakError: if the matrix is not square, symmetric and finite, or
+            if it is not positive definite after adding lambda.
+    """
+
+    def __init__(self, gram_matrix: np.ndarray, lam: float) -> None:
+        g = np.asarray(gram_matrix, dtype=np.float64)
+        if g.ndim != 2 or g.shape[0] != g.shape[1]:
+            raise FedtrakError(f"kernel must be square, got shape {g.shape}")
+        if not np.all(np.isfinite(g)):
+            raise FedtrakError("kernel contains NaN or infinity")
+        if not np.allclose(g, g.T, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(g).max()))):
+            raise FedtrakError("kernel is not symmetric")
+        if not lam >= 0:
+            raise FedtrakError(f"lambda must be non-negative, got {lam}")
+        self.lam = float(lam)
+        self.dim = g.shape[0]
+        reg = g + self.lam * np.eye(self.dim)
+        try:
+            self._factor = scipy.linalg.cho_factor(reg, lower=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise FedtrakError(
+                f"kernel Phi^T Phi + {self.lam:.4g} I is not positive definite: increase lambda"
+            ) from exc
+        diag = np.abs(np.diag(self._factor[0]))
+        rcond = float((diag.min() / diag.max()) ** 2)
+        if rcond < MIN_RCOND:
+            raise FedtrakError(
+                f"kernel Phi^T Phi + {self.lam:.4g} I is numerically singular "
+                f"(condition estimate {1 / rcond:.3g}): increase lambda"
+            )
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """``K^{-1} rhs`` for a ``(k,)`` or ``(k, m)`` right-hand side."""
+        return scipy.linalg.cho_solve(self._factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
+
+    def inverse(self) -> np.ndarray:
+        """The explicit ``K^{-1}`` (k x k)."""
+        return self.solve(np.eye(self.dim))
+
+
+def precondition(query_features: np.ndarray, kernel: Kernel, normalize: str = "none") -> np.ndarray:
+    """Preconditioned queries ``U = phi(Q) K^{-1}``: ``(Q, k)`` float64.
+
+    ``normalize="traker"`` divides ``K^{-1}`` by the mean absolute value of
+    its entries, as traker does before scoring. That factor cancels in the
+    ranking for one checkpoint but reweights checkpoints in the ensemble.
+    """
+    q = np.asarray(query_features, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != kernel.dim:
+        raise FedtrakError(f"query features of shape {q.shape} do not match a {kernel.dim}-dim kernel")
+    if normalize == "none":
+        return kernel.solve(q.T).T
+    if normalize == "traker":
+        inv = kernel.inverse()
+        return (q @ inv) / np.abs(inv).mean()
+    raise FedtrakError(f"unknown normalization {normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+
+
+def _is_number(text: object) -> bool:
+    try:
+        float(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_float(text: str, spec: object) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise FedtrakError(f"bad --lambda {spec!r}: expected rel:<number>") from exc

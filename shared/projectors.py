@@ -1,0 +1,205 @@
+"""Random projections of per-example gradients, generated block by block from a seed.
+
+The p x k projection matrix ``P`` is defined as the row-wise concatenation of
+blocks of :data:`BLOCK_ROWS` rows; block ``j`` is generated from
+``numpy.random.SeedSequence([seed, j])`` with the Philox bit generator, so any
+machine with the same seed gets the same matrix without exchanging it, and
+the matrix never has to exist whole. Entries are scaled by ``1/sqrt(k)`` so
+that ``E[P P^T] = I`` and projected inner products estimate gradient inner
+products (Johnson-Lindenstrauss).
+
+Scale versus traker: traker's entries are +-1 / N(0, 1) and it divides every
+projected gradient by ``sqrt(p)``. fedtrak's features are therefore
+``sqrt(p / k)`` times traker's, and a lambda ``lam`` here corresponds to
+``lam * k / p`` in traker (see :func:`shared.kernel.lambda_to_traker`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from math import sqrt
+
+import numpy as np
+import torch
+
+from shared.errors import FedtrakError
+
+#: Rows per generated block. Part of the seed contract: changing it changes P.
+BLOCK_ROWS = 4096
+
+#: Default memory budget for keeping the whole generated matrix in memory.
+DEFAULT_CACHE_BYTES = 1 << 30
+
+PROJECTOR_KINDS = ("rademacher", "gaussian", "identity")
+
+
+def derive_seed(base_seed: int, stream: int) -> int:
+    """A 63-bit seed for stream ``stream`` (e.g. checkpoint m) of ``base_seed``.
+
+    Each checkpoint gets its own projection (as traker does); the server sends
+    the derived seed to clients so both sides build the same matrix.
+    """
+    state = np.random.SeedSequence([int(base_seed), int(stream)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class Projector(ABC):
+    """Maps per-example gradients ``(batch, p)`` to features ``(batch, k)``."""
+
+    kind: str = "abstract"
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int) -> None:
+        if grad_dim < 1:
+            raise FedtrakError(f"gradient dimension must be positive, got {grad_dim}")
+        if proj_dim < 1:
+            raise FedtrakError(f"projection dimension must be positive, got {proj_dim}")
+        self.grad_dim = int(grad_dim)
+        self.proj_dim = int(proj_dim)
+        self.seed = int(seed)
+
+    @abstractmethod
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """Project a float32 batch of flattened gradients: ``(b, p) -> (b, k)``."""
+
+    @abstractmethod
+    def matrix(self) -> torch.Tensor:
+        """The whole ``(p, k)`` matrix, materialized (tests and small models only)."""
+
+    def describe(self) -> dict:
+        """JSON-ready description: kind, dimensions, seed, block size."""
+        return {
+            "kind": self.kind,
+            "grad_dim": self.grad_dim,
+            "proj_dim": self.proj_dim,
+            "seed": self.seed,
+            "block_rows": BLOCK_ROWS,
+            "scale": "1/sqrt(k)" if self.kind != "identity" else "1",
+        }
+
+    def _check_input(self, grads: torch.Tensor) -> None:
+        if grads.ndim != 2 or grads.shape[1] != self.grad_dim:
+            raise FedtrakError(
+                f"projector expects gradients of shape (batch, {self.grad_dim}), got {tuple(grads.shape)}"
+            )
+
+
+class IdentityProjector(Projector):
+    """No projection: features are the raw gradients (``k = p``). For exactness tests."""
+
+    kind = "identity"
+
+    def __init__(self, grad_dim: int, proj_dim: int | None = None, seed: int = 0) -> None:
+        if proj_dim is not None and proj_dim != grad_dim:
+            raise FedtrakError(
+                f"the identity projector needs --proj-dim equal to the number of parameters "
+                f"({grad_dim}), got {proj_dim}"
+            )
+        super().__init__(grad_dim, grad_dim, seed)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """Return the gradients unchanged (as float32)."""
+        self._check_input(grads)
+        return grads.to(torch.float32)
+
+    def matrix(self) -> torch.Tensor:
+        """The p x p identity."""
+        return torch.eye(self.grad_dim)
+
+
+class BlockRandomProjector(Projector):
+    """Seeded dense random projection generated in blocks of :data:`BLOCK_ROWS` rows.
+
+    ``project`` multiplies block by block, so memory is one block plus the
+    batch. When the whole matrix fits ``cache_bytes`` it is generated once and
+    kept, which makes repeated projections (chunks of a data set) as fast as a
+    plain matrix product.
+    """
+
+    def __init__(
+        self, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
+        super().__init__(grad_dim, proj_dim, seed)
+        if proj_dim > grad_dim:
+            raise FedtrakError(
+                f"--proj-dim {proj_dim} exceeds the model's {grad_dim} parameters: "
+                "use a smaller k or the identity projector"
+            )
+        self.cache_bytes = int(cache_bytes)
+        self._cache: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of row blocks of P."""
+        return -(-self.grad_dim // BLOCK_ROWS)
+
+    @abstractmethod
+    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """Unscaled float32 entries of a ``(rows, k)`` block."""
+
+    def block(self, j: int) -> torch.Tensor:
+        """Rows ``[j * BLOCK_ROWS, (j + 1) * BLOCK_ROWS)`` of P as float32."""
+        if not 0 <= j < self.num_blocks:
+            raise IndexError(f"block {j} out of range [0, {self.num_blocks})")
+        rows = min(BLOCK_ROWS, self.grad_dim - j * BLOCK_ROWS)
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, j])))
+        entries = self._entries(rng, rows)
+        entries *= np.float32(1.0 / sqrt(self.proj_dim))
+        return torch.from_numpy(entries)
+
+    def matrix(self) -> torch.Tensor:
+        """All blocks stacked: the ``(p, k)`` matrix."""
+        if self._cache is not None:
+            return self._cache
+        return torch.cat([self.block(j) for j in range(self.num_blocks)])
+
+    def _fits_cache(self) -> bool:
+        return self.grad_dim * self.proj_dim * 4 <= self.cache_bytes
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """``grads @ P`` computed block by block (or with the cached matrix)."""
+        self._check_input(grads)
+        grads = grads.to(torch.float32)
+        if self._cache is None and self._fits_cache():
+            self._cache = self.matrix()
+        if self._cache is not None:
+            return grads @ self._cache
+        out = torch.zeros(grads.shape[0], self.proj_dim, dtype=torch.float32)
+        for j in range(self.num_blocks):
+            start = j * BLOCK_ROWS
+            blk = self.block(j)
+            out.addmm_(grads[:, start : start + blk.shape[0]], blk)
+        return out
+
+
+class RademacherProjector(BlockRandomProjector):
+    """Entries +-1/sqrt(k), each sign one Philox bit."""
+
+    kind = "rademacher"
+
+    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        count = rows * self.proj_dim
+        words = rng.bit_generator.random_raw(-(-count // 64))
+        bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:count]
+        return (bits.astype(np.float32) * 2.0 - 1.0).reshape(rows, self.proj_dim)
+
+
+class GaussianProjector(BlockRandomProjector):
+    """Entries N(0, 1/k)."""
+
+    kind = "gaussian"
+
+    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        return rng.standard_normal((rows, self.proj_dim), dtype=np.float32)
+
+
+def make_projector(
+    kind: str, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+) -> Projector:
+    """Build a projector by name (``rademacher``, ``gaussian`` or ``identity``)."""
+    if kind == "identity":
+        return IdentityProjector(grad_dim, proj_dim, seed)
+    if kind == "rademacher":
+        return RademacherProjector(grad_dim, proj_dim, seed, cache_bytes)
+    if kind == "gaussian":
+        return GaussianProjector(grad_dim, proj_dim, seed, cache_bytes)
+    raise FedtrakError(f"unknown projector {kind!r}: use one of {', '.join(PROJECTOR_KINDS)}")

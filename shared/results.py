@@ -1,0 +1,62 @@
+"""The on-disk result format shared by the centralized path and the federated server.
+
+A run folder holds ``scores.npy`` (queries x training examples, global-id
+order, where released), ``example_ids.npy`` (structured: client, local,
+index), ``owner_scores.npy`` (queries x owners), ``topk_indices.npy`` /
+``topk_scores.npy`` and ``summary.json``. Results are staged in a hidden
+folder and moved into place only when the whole run succeeded, with
+``summary.json`` last: a folder whose summary says ``"complete": true`` holds
+a consistent result, and a failed run never leaves a partial one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SUMMARY = "summary.json"
+
+
+class ResultWriter:
+    """Stages result arrays and commits them atomically with the summary."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
+
+    def add_array(self, name: str, array: np.ndarray) -> None:
+        """Stage ``name.npy``."""
+        np.save(self._stage / f"{name}.npy", array, allow_pickle=False)
+
+    def commit(self, summary: dict) -> Path:
+        """Move staged arrays into the run folder, then write ``summary.json``."""
+        stale = self.out_dir / SUMMARY
+        if stale.exists():
+            stale.unlink()  # the old summary no longer describes the arrays about to land
+        for path in sorted(self._stage.iterdir()):
+            os.replace(path, self.out_dir / path.name)
+        tmp = self._stage / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps({**summary, "complete": True}, indent=2, default=_json_default))
+        os.replace(tmp, self.out_dir / SUMMARY)
+        self.discard()
+        return self.out_dir / SUMMARY
+
+    def discard(self) -> None:
+        """Drop everything staged (after a failure)."""
+        shutil.rmtree(self._stage, ignore_errors=True)
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

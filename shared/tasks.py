@@ -1,0 +1,170 @@
+"""Tasks: a model factory, training data, query data and the model output function.
+
+Built-in tasks are named (``digits-logreg``, ``digits-mlp``, ``fmnist-mlp``,
+``fmnist-cnn``); a user's own task is named by import path,
+``package.module:function``, Flower-style, where ``function()`` returns a
+:class:`Task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared import datasets, models
+from shared.errors import FedtrakError
+from shared.modelout import ClassificationMargin, ModelOutput
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the task's checkpoints are trained (minibatch SGD with momentum).
+
+    ``weight_decay`` is the coefficient of ``(wd / 2) * ||theta||^2`` added to
+    the mean loss; fedtrak's principled default lambda derives from it.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything fedtrak needs to know about a learning problem.
+
+    Attributes:
+        name: the name it is loaded by (built-in name or import path).
+        make_model: returns a freshly initialized model (call under a seed).
+        x_train, y_train: training inputs (float32) and integer labels.
+        x_query, y_query: query (test) inputs and labels attributed to the training set.
+        num_classes: number of classes of the labels.
+        output: the model output function and out-to-loss weight.
+        training: how checkpoints are trained.
+    """
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_query: np.ndarray
+    y_query: np.ndarray
+    num_classes: int
+    output: ModelOutput = field(default_factory=ClassificationMargin)
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return int(len(self.y_train))
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable parameters of the task's model."""
+        return sum(p.numel() for p in self.make_model().parameters() if p.requires_grad)
+
+    def validate(self) -> None:
+        """Check shapes, dtypes and finiteness of the data; raise FedtrakError if wrong."""
+        for split, x, y in (("train", self.x_train, self.y_train), ("query", self.x_query, self.y_query)):
+            if len(x) != len(y):
+                raise FedtrakError(f"task {self.name}: {split} has {len(x)} inputs but {len(y)} labels")
+            if len(y) == 0:
+                raise FedtrakError(f"task {self.name}: {split} set is empty")
+            if not np.all(np.isfinite(x)):
+                raise FedtrakError(f"task {self.name}: {split} inputs contain NaN or infinity")
+            if y.min() < 0 or y.max() >= self.num_classes:
+                raise FedtrakError(
+                    f"task {self.name}: {split} labels outside [0, {self.num_classes})"
+                )
+
+    def subset(self, train_size: int | None = None, query_size: int | None = None) -> "Task":
+        """The same task on the first ``train_size`` / ``query_size`` examples
+        of a fixed (seed 0) permutation, kept in dataset order."""
+        task = self
+        for kind, size in (("train", train_size), ("query", query_size)):
+            if size is None:
+                continue
+            x, y = getattr(task, f"x_{kind}"), getattr(task, f"y_{kind}")
+            if not 0 < size <= len(y):
+                raise FedtrakError(f"--{kind}-size {size} is not in [1, {len(y)}] for task {self.name}")
+            keep = np.sort(np.random.default_rng(0).permutation(len(y))[:size])
+            task = replace(task, **{f"x_{kind}": x[keep], f"y_{kind}": y[keep]})
+        return task
+
+
+def _digits(name: str, model: Callable[[], nn.Module], training: TrainConfig) -> Task:
+    xtr, ytr, xq, yq = datasets.load_digits_split()
+    return Task(name, model, xtr, ytr, xq, yq, num_classes=10, training=training)
+
+
+def _fmnist(name: str, model: Callable[[], nn.Module], training: TrainConfig) -> Task:
+    xtr, ytr, xq, yq = datasets.load_fmnist_split()
+    return Task(name, model, xtr, ytr, xq, yq, num_classes=10, training=training)
+
+
+#: Built-in tasks: name -> factory. Each trains on two CPU cores in seconds to a minute.
+BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
+    "digits-logreg": lambda: _digits(
+        "digits-logreg",
+        lambda: models.logistic_regression(64, 10),
+        TrainConfig(epochs=30, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    ),
+    "digits-mlp": lambda: _digits(
+        "digits-mlp",
+        lambda: models.mlp(64, (256, 256), 10),
+        TrainConfig(epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    ),
+    "fmnist-mlp": lambda: _fmnist(
+        "fmnist-mlp",
+        lambda: models.mlp(784, (128,), 10),
+        TrainConfig(epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    ),
+    "fmnist-cnn": lambda: _fmnist(
+        "fmnist-cnn",
+        lambda: models.small_cnn(10),
+        TrainConfig(epochs=2, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    ),
+}
+
+DEFAULT_TASK = "digits-logreg"
+
+
+def load_task(spec: str, train_size: int | None = None, query_size: int | None = None) -> Task:
+    """Load a built-in task by name or a user task by ``package.module:function``.
+
+    Raises:
+        FedtrakError: unknown name, import failure, or a factory that does not
+            return a valid :class:`Task`.
+    """
+    if spec in BUILTIN_TASKS:
+        task = BUILTIN_TASKS[spec]()
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise FedtrakError(f"cannot import task {spec!r}: {exc}") from exc
+        task = factory()
+        if not isinstance(task, Task):
+            raise FedtrakError(f"task factory {spec!r} returned {type(task).__name__}, not a Task")
+    else:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        raise FedtrakError(
+            f"unknown task {spec!r}: use one of {known} or an import path package.module:function"
+        )
+    task.validate()
+    return task.subset(train_size, query_size)
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels as torch tensors (float32 and int64), sharing memory."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
+        np.ascontiguousarray(y, dtype=np.int64)
+    )

@@ -1,0 +1,39 @@
+"""Per-phase wall-clock timing and peak memory, for run summaries."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class PhaseTimer:
+    """Accumulates seconds per named phase (a phase may run several times)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the enclosed block and add it to ``name``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def report(self) -> dict[str, float]:
+        """Seconds per phase (rounded) plus the total since creation."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self._start, 3)
+        return out
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1 << 20) if sys.platform == "darwin" else rss / 1024, 1)

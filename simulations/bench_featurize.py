@@ -1,0 +1,87 @@
+"""Benchmark: featurize throughput of fedtrak against traker, side by side in one run.
+
+``fedtrak bench featurize`` featurizes the same examples of the same model
+(``digits-mlp``: an MLP 64-256-256-10, 85,002 parameters) at the same k with
+fedtrak's projectors and with traker's ``BasicProjector``, and reports
+examples per second. fedtrak's time includes generating the projection
+matrix. Run by hand; never a timed test.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from shared.checkpoints import seeded_model
+from shared.featurizer import Featurizer
+from shared.projectors import DEFAULT_CACHE_BYTES, make_projector
+from shared.tasks import load_task
+
+
+def _rate(num: int, seconds: float) -> float:
+    return round(num / seconds, 1) if seconds > 0 else float("inf")
+
+
+def bench_featurize(
+    task_name: str = "digits-mlp",
+    proj_dim: int = 2048,
+    num_examples: int = 1024,
+    traker_examples: int = 128,
+    projectors: tuple[str, ...] = ("rademacher", "gaussian"),
+    batch_size: int = 256,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> list[dict]:
+    """Measure featurize throughput; one row per implementation.
+
+    Each row: ``impl``, ``examples``, ``seconds``, ``examples_per_s``. traker
+    is measured on ``traker_examples`` examples (it is slow) when installed.
+    """
+    task = load_task(task_name)
+    model = seeded_model(task, 0)
+    x, y = task.x_train[:num_examples], task.y_train[:num_examples]
+    grad_dim = sum(p.numel() for p in model.parameters())
+    rows = []
+    for kind in projectors:
+        for label, budget in ((f"fedtrak {kind} (cached P)", cache_bytes),
+                              (f"fedtrak {kind} (blockwise, no cache)", 0)):
+            t0 = time.perf_counter()
+            proj = make_projector(kind, grad_dim, proj_dim, seed=0, cache_bytes=budget)
+            Featurizer(model, task.output, proj, batch_size=batch_size).featurize(x, y)
+            dt = time.perf_counter() - t0
+            rows.append({"impl": label, "examples": len(y), "seconds": round(dt, 3),
+                         "examples_per_s": _rate(len(y), dt)})
+    try:
+        from simulations.traker_reference import traker_featurize
+
+        n = min(traker_examples, len(y))
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            traker_featurize(task, model.state_dict(), x[:n], y[:n], proj_dim, Path(tmp))
+            dt = time.perf_counter() - t0
+        rows.append({"impl": "traker BasicProjector (rademacher, fp32)", "examples": n,
+                     "seconds": round(dt, 3), "examples_per_s": _rate(n, dt)})
+    except ImportError:
+        rows.append({"impl": "traker (not installed)", "examples": 0, "seconds": None,
+                     "examples_per_s": None})
+    for row in rows:
+        row.update(task=task_name, params=grad_dim, proj_dim=proj_dim,
+                   threads=torch.get_num_threads())
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of benchmark rows, with the speed-up over traker."""
+    base = next((r["examples_per_s"] for r in rows if r["impl"].startswith("traker ")
+                 and r["examples_per_s"]), None)
+    lines = ["| implementation | examples | seconds | examples/s | vs traker |", "|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{r['examples_per_s'] / base:.1f}x" if base and r["examples_per_s"] else "-"
+        lines.append(f"| {r['impl']} | {r['examples']} | {r['seconds']} | {r['examples_per_s']} | {speedup} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(format_table(bench_featurize()))

@@ -1,0 +1,146 @@
+"""The ``fedtrak`` command line.
+
+Subcommands: ``attribute`` (the centralized reference run), ``train`` (only
+the checkpoints) and ``bench featurize``. Bad input ends with one line,
+``fedtrak: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from shared.errors import FedtrakError
+from shared.kernel import NORMALIZATIONS
+from shared.projectors import PROJECTOR_KINDS
+from shared.tasks import BUILTIN_TASKS, DEFAULT_TASK
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or package.module:function "
+                        f"(default {DEFAULT_TASK})")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="use a fixed random subset of this many training examples")
+    p.add_argument("--query-size", type=_positive_int, default=None,
+                   help="use a fixed random subset of this many queries")
+    p.add_argument("--checkpoints", type=_positive_int, default=3, help="number of checkpoints M")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs per checkpoint (default: the task's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed: checkpoint m trains with seed+m, projects with a seed derived from (seed, m)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtrak", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    att = sub.add_parser("attribute", help="centralized TRAK attribution (the reference path)")
+    _add_task_args(att)
+    att.add_argument("--out", type=Path, default=Path("runs/central"), help="run folder")
+    att.add_argument("--clients", type=_positive_int, default=10,
+                     help="number of owners the training set is split over")
+    att.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
+    att.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
+    att.add_argument("--partition-seed", type=int, default=0)
+    att.add_argument("--checkpoint-dir", type=Path, default=None,
+                     help="reuse the checkpoints in this folder instead of training")
+    att.add_argument("--proj-dim", type=_positive_int, default=512, help="projection dimension k")
+    att.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
+    att.add_argument("--lambda", dest="lam", default="auto",
+                     help="ridge lambda: auto (default), wd (n*weight_decay*p/k), rel:X (X times "
+                          "the mean diagonal of Phi^T Phi) or a positive number")
+    att.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                     help="per-checkpoint scaling of K^-1 before ensembling (traker: by its mean "
+                          "absolute entry)")
+    att.add_argument("--batch-size", type=_positive_int, default=256, help="examples per vmap call")
+    att.add_argument("--topk", type=_positive_int, default=10, help="top examples kept per query")
+
+    train = sub.add_parser("train", help="train checkpoints only")
+    _add_task_args(train)
+    train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+
+    bench = sub.add_parser("bench", help="benchmarks (run by hand)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
+    feat.add_argument("--task", default="digits-mlp")
+    feat.add_argument("--proj-dim", type=_positive_int, default=2048)
+    feat.add_argument("--examples", type=_positive_int, default=1024)
+    feat.add_argument("--traker-examples", type=_positive_int, default=128)
+    feat.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "attribute":
+        from simulations.attribute import AttributeConfig, run_attribute
+
+        cfg = AttributeConfig(
+            out=args.out, task=args.task, clients=args.clients, partition=args.partition,
+            alpha=args.alpha, partition_seed=args.partition_seed, checkpoints=args.checkpoints,
+            checkpoint_dir=args.checkpoint_dir, epochs=args.epochs, proj_dim=args.proj_dim,
+            projector=args.projector, seed=args.seed, lam=args.lam, normalize=args.normalize,
+            batch_size=args.batch_size, train_size=args.train_size, query_size=args.query_size,
+            topk=args.topk, progress=not args.quiet,
+        )
+        summary = run_attribute(cfg)
+        print(f"wrote {args.out}: {summary['num_queries']} queries x {summary['num_train']} examples, "
+              f"M={summary['num_checkpoints']}, k={summary['proj_dim']}, "
+              f"{summary['seconds']['total']:.1f} s, peak {summary['peak_memory_mb']} MiB")
+    elif args.command == "train":
+        from shared.checkpoints import train_checkpoints
+        from shared.tasks import load_task
+
+        task = load_task(args.task, args.train_size, args.query_size)
+        infos = train_checkpoints(task, args.checkpoints, args.out, args.seed, args.epochs)
+        for info in infos:
+            print(f"{args.out / info.file}: seed {info.seed}, query accuracy {info.accuracy:.4f}")
+    elif args.command == "bench":
+        from simulations.bench_featurize import bench_featurize, format_table
+
+        rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples)
+        print(format_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedtrak`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except FedtrakError as exc:
+        print(f"fedtrak: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtrak: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
