@@ -99,15 +99,17 @@ def resolve_lambda(
     return LambdaChoice(value, rule)
 
 
-def lambda_to_traker(lam: float, proj_dim: int, grad_dim: int) -> float:
+def lambda_to_traker(lam: float, grad_dim: int, proj_dim: int, projector: str) -> float:
     """Convert a fedtrak lambda to traker's ``lambda_reg`` for the same projection.
 
-    fedtrak features are ``sqrt(p/k)`` times traker's (traker divides projected
-    gradients by ``sqrt(p)``; fedtrak scales P by ``1/sqrt(k)``), so
-    ``lam_traker = lam * k / p``. For the identity projector (k = p) this is
-    ``lam / p``.
+    traker divides projected gradients by ``sqrt(p)`` and its random entries
+    are +-1 / N(0, 1); fedtrak's random entries are scaled by ``1/sqrt(k)``
+    and its identity projector not at all. fedtrak features are therefore
+    ``s`` times traker's with ``s^2 = p / k`` (random) or ``s^2 = p``
+    (identity), and ``lam_traker = lam / s^2``.
     """
-    return lam * proj_dim / grad_dim
+    scale_sq = grad_dim if projector == "identity" else grad_dim / proj_dim
+    return lam / scale_sq
 
 
 class Kernel:

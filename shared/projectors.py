@@ -11,7 +11,8 @@ products (Johnson-Lindenstrauss).
 Scale versus traker: traker's entries are +-1 / N(0, 1) and it divides every
 projected gradient by ``sqrt(p)``. fedtrak's features are therefore
 ``sqrt(p / k)`` times traker's, and a lambda ``lam`` here corresponds to
-``lam * k / p`` in traker (see :func:`shared.kernel.lambda_to_traker`).
+``lam * k / p`` in traker (and ``lam / p`` for the identity projector, which is
+not scaled; see :func:`shared.kernel.lambda_to_traker`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ from shared.errors import FedtrakError
 #: Rows per generated block. Part of the seed contract: changing it changes P.
 BLOCK_ROWS = 4096
 
+#: Default projection dimension k of the random projections.
+DEFAULT_PROJ_DIM = 512
+
 #: Default memory budget for keeping the whole generated matrix in memory.
 DEFAULT_CACHE_BYTES = 1 << 30
 
 PROJECTOR_KINDS = ("rademacher", "gaussian", "identity")
+
+#: Released matrix buffers by shape, reused by the next cached projector.
+_MATRIX_POOL: dict[tuple[int, int], list[np.ndarray]] = {}
 
 
 def derive_seed(base_seed: int, stream: int) -> int:
@@ -64,6 +71,9 @@ class Projector(ABC):
     @abstractmethod
     def matrix(self) -> torch.Tensor:
         """The whole ``(p, k)`` matrix, materialized (tests and small models only)."""
+
+    def release(self) -> None:
+        """Free any memory the projector holds (no-op by default)."""
 
     def describe(self) -> dict:
         """JSON-ready description: kind, dimensions, seed, block size."""
@@ -133,24 +143,43 @@ class BlockRandomProjector(Projector):
         return -(-self.grad_dim // BLOCK_ROWS)
 
     @abstractmethod
-    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
-        """Unscaled float32 entries of a ``(rows, k)`` block."""
+    def _fill(self, rng: np.random.Generator, out: np.ndarray) -> None:
+        """Write the unscaled float32 entries of a ``(rows, k)`` block into ``out``."""
+
+    def _block_into(self, j: int, out: np.ndarray) -> None:
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, j])))
+        self._fill(rng, out)
+        out *= np.float32(1.0 / sqrt(self.proj_dim))
+
+    def _block_rows(self, j: int) -> int:
+        if not 0 <= j < self.num_blocks:
+            raise IndexError(f"block {j} out of range [0, {self.num_blocks})")
+        return min(BLOCK_ROWS, self.grad_dim - j * BLOCK_ROWS)
 
     def block(self, j: int) -> torch.Tensor:
         """Rows ``[j * BLOCK_ROWS, (j + 1) * BLOCK_ROWS)`` of P as float32."""
-        if not 0 <= j < self.num_blocks:
-            raise IndexError(f"block {j} out of range [0, {self.num_blocks})")
-        rows = min(BLOCK_ROWS, self.grad_dim - j * BLOCK_ROWS)
-        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, j])))
-        entries = self._entries(rng, rows)
-        entries *= np.float32(1.0 / sqrt(self.proj_dim))
-        return torch.from_numpy(entries)
+        out = np.empty((self._block_rows(j), self.proj_dim), dtype=np.float32)
+        self._block_into(j, out)
+        return torch.from_numpy(out)
 
     def matrix(self) -> torch.Tensor:
-        """All blocks stacked: the ``(p, k)`` matrix."""
+        """All blocks stacked: the ``(p, k)`` matrix, generated in place."""
         if self._cache is not None:
             return self._cache
-        return torch.cat([self.block(j) for j in range(self.num_blocks)])
+        pooled = _MATRIX_POOL.get((self.grad_dim, self.proj_dim))
+        out = pooled.pop() if pooled else np.empty((self.grad_dim, self.proj_dim), dtype=np.float32)
+        for j in range(self.num_blocks):
+            start = j * BLOCK_ROWS
+            self._block_into(j, out[start : start + self._block_rows(j)])
+        return torch.from_numpy(out)
+
+    def release(self) -> None:
+        """Drop the cached matrix, keeping its memory for the next projector of
+        the same shape (first-touching a large buffer costs seconds)."""
+        if self._cache is not None:
+            _MATRIX_POOL.setdefault((self.grad_dim, self.proj_dim), []).append(self._cache.numpy())
+            _MATRIX_POOL[(self.grad_dim, self.proj_dim)][:-1] = []  # keep one buffer per shape
+            self._cache = None
 
     def _fits_cache(self) -> bool:
         return self.grad_dim * self.proj_dim * 4 <= self.cache_bytes
@@ -176,11 +205,20 @@ class RademacherProjector(BlockRandomProjector):
 
     kind = "rademacher"
 
-    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
-        count = rows * self.proj_dim
+    #: Byte value -> its 8 bits (least significant first) as +-1.0 floats.
+    _SIGNS = (
+        np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+        .astype(np.float32) * 2.0 - 1.0
+    )
+
+    def _fill(self, rng: np.random.Generator, out: np.ndarray) -> None:
+        count = out.size
         words = rng.bit_generator.random_raw(-(-count // 64))
-        bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:count]
-        return (bits.astype(np.float32) * 2.0 - 1.0).reshape(rows, self.proj_dim)
+        as_bytes = words.astype("<u8").view(np.uint8)
+        if count % 8 == 0:
+            np.take(self._SIGNS, as_bytes[: count // 8], axis=0, out=out.reshape(-1, 8))
+        else:
+            out.reshape(-1)[:] = self._SIGNS[as_bytes].reshape(-1)[:count]
 
 
 class GaussianProjector(BlockRandomProjector):
@@ -188,16 +226,22 @@ class GaussianProjector(BlockRandomProjector):
 
     kind = "gaussian"
 
-    def _entries(self, rng: np.random.Generator, rows: int) -> np.ndarray:
-        return rng.standard_normal((rows, self.proj_dim), dtype=np.float32)
+    def _fill(self, rng: np.random.Generator, out: np.ndarray) -> None:
+        rng.standard_normal(dtype=np.float32, out=out)
 
 
 def make_projector(
-    kind: str, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+    kind: str, grad_dim: int, proj_dim: int | None, seed: int,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Projector:
-    """Build a projector by name (``rademacher``, ``gaussian`` or ``identity``)."""
+    """Build a projector by name (``rademacher``, ``gaussian`` or ``identity``).
+
+    ``proj_dim=None`` means the number of parameters for the identity and
+    :data:`DEFAULT_PROJ_DIM` for the random projections.
+    """
     if kind == "identity":
         return IdentityProjector(grad_dim, proj_dim, seed)
+    proj_dim = DEFAULT_PROJ_DIM if proj_dim is None else proj_dim
     if kind == "rademacher":
         return RademacherProjector(grad_dim, proj_dim, seed, cache_bytes)
     if kind == "gaussian":

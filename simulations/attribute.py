@@ -39,7 +39,7 @@ class AttributeConfig:
     checkpoints: int = 3
     checkpoint_dir: Path | None = None
     epochs: int | None = None
-    proj_dim: int = 512
+    proj_dim: int | None = None
     projector: str = "rademacher"
     seed: int = 0
     lam: str = "auto"
@@ -67,6 +67,66 @@ def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> l
     return load_checkpoints(task, ckpt_dir, cfg.checkpoints)
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How features are made and combined: the knobs shared by every mode."""
+
+    proj_dim: int | None = None
+    projector: str = "rademacher"
+    seed: int = 0
+    lam: str | float = "auto"
+    normalize: str = "none"
+    batch_size: int = 256
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+
+def central_scores(
+    task: Task,
+    states: list,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    settings: ScoreSettings,
+    timer: PhaseTimer | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, list[dict]]:
+    """TRAK scores of the task's queries against ``(x_train, y_train)`` on pooled data.
+
+    ``states`` are the checkpoints' state dicts (checkpoint m projects with
+    ``derive_seed(settings.seed, m)``). Returns ``(scores (Q, n), per-checkpoint
+    records)``.
+    """
+    timer = timer or PhaseTimer()
+    n = len(y_train)
+    ensemble = ScoreEnsemble(len(task.y_query), n)
+    records = []
+    for m, state in enumerate(states):
+        model = model_from_state(task, state, f"checkpoint {m}")
+        grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        projector = make_projector(
+            settings.projector, grad_dim, settings.proj_dim, derive_seed(settings.seed, m),
+            settings.cache_bytes,
+        )
+        featurizer = Featurizer(model, task.output, projector, batch_size=settings.batch_size)
+        with timer.phase("featurize_train"), tqdm(
+            total=n, desc=f"featurize ckpt {m}", unit="ex", disable=not progress
+        ) as bar:
+            train_feats = featurizer.featurize(x_train, y_train, progress=bar.update)
+        with timer.phase("featurize_queries"):
+            query_feats = featurizer.featurize(task.x_query, task.y_query)
+        projector.release()
+        with timer.phase("kernel"):
+            acc = GramAccumulator(projector.proj_dim)
+            acc.add(train_feats.features)
+            lam = resolve_lambda(settings.lam, acc.matrix, n, grad_dim, task.training.weight_decay)
+            u = precondition(query_feats.features, Kernel(acc.matrix, lam.value), settings.normalize)
+        with timer.phase("score"):
+            ensemble.add(kernel_term(train_feats.features, u), train_feats.out_to_loss)
+        records.append({"index": m, "lambda": lam.value, "lambda_rule": lam.rule,
+                        "projection_seed": projector.seed, "num_params": grad_dim,
+                        "proj_dim": projector.proj_dim})
+    return ensemble.scores(), records
+
+
 def run_attribute(cfg: AttributeConfig) -> dict:
     """Run the centralized reference attribution and write its run folder.
 
@@ -81,37 +141,20 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         task = load_task(cfg.task, cfg.train_size, cfg.query_size)
         parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
         order = parts.order()
-        x_train, y_train = task.x_train[order], task.y_train[order]
+        # Check the projection settings before spending time on training.
+        make_projector(cfg.projector, task.num_params, cfg.proj_dim, cfg.seed, cache_bytes=0)
     checkpoints = obtain_checkpoints(task, cfg, timer)
+    settings = ScoreSettings(cfg.proj_dim, cfg.projector, cfg.seed, cfg.lam, cfg.normalize,
+                             cfg.batch_size, cfg.cache_bytes)
     writer = ResultWriter(Path(cfg.out))
     try:
-        n, num_q = len(order), len(task.y_query)
-        ensemble = ScoreEnsemble(num_q, n)
-        per_ckpt = []
-        for m, (info, state) in enumerate(checkpoints):
-            model = model_from_state(task, state, info.file)
-            grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            projector = make_projector(
-                cfg.projector, grad_dim, cfg.proj_dim, derive_seed(cfg.seed, m), cfg.cache_bytes
-            )
-            featurizer = Featurizer(model, task.output, projector, batch_size=cfg.batch_size)
-            with timer.phase("featurize_train"), tqdm(
-                total=n, desc=f"featurize ckpt {m}", unit="ex", disable=not cfg.progress
-            ) as bar:
-                train_feats = featurizer.featurize(x_train, y_train, progress=bar.update)
-            with timer.phase("featurize_queries"):
-                query_feats = featurizer.featurize(task.x_query, task.y_query)
-            with timer.phase("kernel"):
-                acc = GramAccumulator(projector.proj_dim)
-                acc.add(train_feats.features)
-                lam = resolve_lambda(cfg.lam, acc.matrix, n, grad_dim, task.training.weight_decay)
-                u = precondition(query_feats.features, Kernel(acc.matrix, lam.value), cfg.normalize)
-            with timer.phase("score"):
-                ensemble.add(kernel_term(train_feats.features, u), train_feats.out_to_loss)
-            per_ckpt.append({"index": m, "file": info.file, "lambda": lam.value,
-                             "lambda_rule": lam.rule, "projection_seed": projector.seed})
+        scores, records = central_scores(
+            task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
+            settings, timer, cfg.progress,
+        )
+        for rec, (info, _) in zip(records, checkpoints):
+            rec["file"] = info.file
         with timer.phase("write"):
-            scores = ensemble.scores()
             idx, vals = top_k(scores, cfg.topk)
             writer.add_array("scores", scores.astype(np.float32))
             writer.add_array("example_ids", parts.example_ids())
@@ -121,17 +164,17 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         summary = {
             "mode": "central",
             "task": task.name,
-            "num_train": n,
-            "num_queries": num_q,
-            "num_params": grad_dim,
-            "proj_dim": projector.proj_dim,
+            "num_train": len(order),
+            "num_queries": len(task.y_query),
+            "num_params": records[0]["num_params"],
+            "proj_dim": records[0]["proj_dim"],
             "projector": cfg.projector,
             "num_checkpoints": len(checkpoints),
             "normalization": cfg.normalize,
             "ensemble": "mean kernel term x mean out-to-loss (TRAK Algorithm 1)",
             "score_sign": "positive = training example raises the query's margin",
-            "lambda": [c["lambda"] for c in per_ckpt],
-            "checkpoints": per_ckpt,
+            "lambda": [r["lambda"] for r in records],
+            "checkpoints": records,
             "partition": parts.describe(),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "seconds": timer.report(),

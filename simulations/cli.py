@@ -55,9 +55,16 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``fedtrak: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"fedtrak: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtrak", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="fedtrak", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     att = sub.add_parser("attribute", help="centralized TRAK attribution (the reference path)")
     _add_task_args(att)
@@ -69,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--partition-seed", type=int, default=0)
     att.add_argument("--checkpoint-dir", type=Path, default=None,
                      help="reuse the checkpoints in this folder instead of training")
-    att.add_argument("--proj-dim", type=_positive_int, default=512, help="projection dimension k")
+    att.add_argument("--proj-dim", type=_positive_int, default=None,
+                     help="projection dimension k (default 512; the parameter count for identity)")
     att.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
     att.add_argument("--lambda", dest="lam", default="auto",
                      help="ridge lambda: auto (default), wd (n*weight_decay*p/k), rel:X (X times "
@@ -85,11 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
 
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
-    bsub = bench.add_subparsers(dest="bench", required=True)
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
     feat.add_argument("--task", default="digits-mlp")
     feat.add_argument("--proj-dim", type=_positive_int, default=2048)
-    feat.add_argument("--examples", type=_positive_int, default=1024)
+    feat.add_argument("--examples", type=_positive_int, default=1500)
     feat.add_argument("--traker-examples", type=_positive_int, default=128)
     feat.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     return parser

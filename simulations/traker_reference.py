@@ -29,7 +29,7 @@ def _traker(task: Task, projector, num_train: int, save_dir: Path, lam: float, p
         task="image_classification",
         train_set_size=num_train,
         save_dir=str(save_dir),
-        load_from_save_dir=False,
+        load_from_save_dir=True,  # a fresh folder: nothing to load, but traker needs its files
         device="cpu",
         projector=projector,
         proj_dim=proj_dim,
@@ -54,7 +54,7 @@ def traker_scores(
     from trak.projectors import NoOpProjector
 
     grad_dim = sum(p.numel() for p in task.make_model().parameters())
-    trak = _traker(task, NoOpProjector(), len(y_train), save_dir, lam_traker, grad_dim)
+    trak = _traker(task, NoOpProjector(device="cpu"), len(y_train), save_dir, lam_traker, grad_dim)
     xt, yt = to_tensors(x_train, y_train)
     xq, yq = to_tensors(x_query, y_query)
     for model_id, state in enumerate(states):
