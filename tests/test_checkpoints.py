@@ -1,0 +1,54 @@
+"""Checkpoint training, manifest, reuse and validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from shared.checkpoints import MANIFEST, load_checkpoints, train_checkpoints
+from shared.errors import FedtrakError
+from shared.tasks import load_task
+
+
+def test_manifest_describes_trained_checkpoints(logreg_ckpt_dir):
+    data = json.loads((logreg_ckpt_dir / MANIFEST).read_text())
+    assert data["task"] == "digits-logreg"
+    entries = data["checkpoints"]
+    assert [e["seed"] for e in entries] == [0, 1, 2]
+    assert all(e["algorithm"] == "central-sgd" and e["accuracy"] > 0.9 for e in entries)
+    assert all((logreg_ckpt_dir / e["file"]).is_file() for e in entries)
+
+
+def test_training_is_deterministic_in_the_seed(digits_logreg, logreg_states, tmp_path):
+    train_checkpoints(digits_logreg, 1, tmp_path, base_seed=0)
+    (_, again), = load_checkpoints(digits_logreg, tmp_path)
+    for k, v in logreg_states[0].items():
+        assert torch.equal(v, again[k])
+
+
+def test_checkpoint_that_does_not_fit_the_model(logreg_ckpt_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(logreg_ckpt_dir / "ckpt_000.pt", bare / "user.pt")  # no manifest
+    with pytest.raises(FedtrakError, match="does not fit the model of task digits-mlp"):
+        load_checkpoints(load_task("digits-mlp"), bare)
+    with pytest.raises(FedtrakError, match="trained for task digits-logreg, not digits-mlp"):
+        load_checkpoints(load_task("digits-mlp"), logreg_ckpt_dir)
+
+
+def test_corrupt_or_missing_checkpoints(digits_logreg, logreg_ckpt_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(logreg_ckpt_dir, bad)
+    (bad / "ckpt_001.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FedtrakError, match="cannot read checkpoint .*ckpt_001.pt"):
+        load_checkpoints(digits_logreg, bad)
+    with pytest.raises(FedtrakError, match="holds 3 checkpoints, 5 requested"):
+        load_checkpoints(digits_logreg, logreg_ckpt_dir, 5)
+    (bad / MANIFEST).write_text("{broken")
+    with pytest.raises(FedtrakError, match="corrupt checkpoint manifest"):
+        load_checkpoints(digits_logreg, bad)
+    with pytest.raises(FedtrakError, match="does not exist"):
+        load_checkpoints(digits_logreg, tmp_path / "nowhere")

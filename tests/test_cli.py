@@ -1,0 +1,126 @@
+"""``fedtrak attribute`` end to end, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from shared.partition import partition
+from shared.scoring import owner_totals
+from shared.tasks import load_task
+from simulations.cli import main
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The README's main job: ``fedtrak attribute`` with every default, as a subprocess."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out", str(out),
+                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_default_run_writes_complete_consistent_outputs(default_run):
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert summary["complete"] is True
+    assert (summary["task"], summary["proj_dim"], summary["num_checkpoints"]) == ("digits-logreg", 512, 3)
+    assert all(lam > 0 for lam in summary["lambda"])
+    assert {"train", "featurize_train", "kernel", "score", "total"} <= set(summary["seconds"])
+    scores = np.load(default_run / "scores.npy")
+    ids = np.load(default_run / "example_ids.npy")
+    owners = np.load(default_run / "owner_scores.npy")
+    assert scores.shape == (297, 1500) and np.isfinite(scores).all()
+    assert owners.shape == (297, 10)
+    expected = partition(load_task("digits-logreg").y_train, 10, "iid", seed=0)
+    np.testing.assert_array_equal(ids["index"], expected.order())
+    np.testing.assert_allclose(owners, owner_totals(scores.astype(np.float64), ids["client"], 10),
+                               rtol=1e-5, atol=1e-8)
+    idx = np.load(default_run / "topk_indices.npy")
+    top = np.load(default_run / "topk_scores.npy")
+    np.testing.assert_allclose(top[:, 0], scores.max(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(np.take_along_axis(scores, idx, 1), top)
+    assert not list(default_run.glob(".staging-*"))
+
+
+def test_checkpoint_dir_reuse_reproduces_scores(default_run, tmp_path):
+    out = tmp_path / "again"
+    code = main(["attribute", "--out", str(out), "--quiet",
+                 "--checkpoint-dir", str(default_run / "checkpoints")])
+    assert code == 0
+    assert "load_checkpoints" in json.loads((out / "summary.json").read_text())["seconds"]
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(default_run / "scores.npy"))
+
+
+def test_dirichlet_owners_follow_the_partition(default_run, tmp_path):
+    out = tmp_path / "dir"
+    assert main(["attribute", "--out", str(out), "--quiet", "--checkpoints", "1", "--proj-dim", "64",
+                 "--clients", "4", "--partition", "dirichlet", "--alpha", "0.3",
+                 "--checkpoint-dir", str(default_run / "checkpoints")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partition"]["scheme"] == "dirichlet" and len(summary["partition"]["client_sizes"]) == 4
+    assert np.load(out / "owner_scores.npy").shape == (297, 4)
+
+
+def _fails(argv, capsys, match):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("fedtrak: error: ") and "\n" not in err and match in err, err
+
+
+def test_bad_inputs_give_one_line_errors_and_no_results(default_run, tmp_path, capsys):
+    out = tmp_path / "bad"
+    ckpts = str(default_run / "checkpoints")
+    _fails(["attribute", "--out", str(out), "--task", "nope"], capsys, "unknown task 'nope'")
+    _fails(["attribute", "--out", str(out), "--projector", "identity", "--proj-dim", "64",
+            "--checkpoint-dir", ckpts], capsys, "needs --proj-dim equal to the number of parameters (650)")
+    _fails(["attribute", "--out", str(out), "--proj-dim", "1000", "--checkpoint-dir", ckpts], capsys,
+           "--proj-dim 1000 exceeds the model's 650 parameters")
+    _fails(["attribute", "--out", str(out), "--task", "digits-mlp", "--checkpoint-dir", ckpts], capsys,
+           "trained for task digits-logreg")
+    _fails(["attribute", "--out", str(out), "--lambda", "-3", "--checkpoint-dir", ckpts, "--quiet"],
+           capsys, "lambda must be positive")
+    nan_dir = tmp_path / "nan"
+    shutil.copytree(ckpts, nan_dir)
+    state = torch.load(nan_dir / "ckpt_001.pt", weights_only=True)
+    state["1.weight"][0, 0] = float("nan")
+    torch.save(state, nan_dir / "ckpt_001.pt")
+    _fails(["attribute", "--out", str(out), "--checkpoint-dir", str(nan_dir), "--quiet"], capsys,
+           "non-finite gradient")
+    assert not (out / "summary.json").exists() and not (out / "scores.npy").exists()
+    assert not list(out.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("flag", [["--proj-dim", "0"], ["--proj-dim", "abc"], ["--clients", "-1"]])
+def test_bad_flags_exit_non_zero_with_one_line(flag, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out",
+                           str(tmp_path / "x"), *flag], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedtrak: error: argument"), proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_rerun_keeps_the_previous_complete_result(default_run, tmp_path, capsys):
+    out = tmp_path / "keep"
+    ckpts = str(default_run / "checkpoints")
+    assert main(["attribute", "--out", str(out), "--quiet", "--checkpoint-dir", ckpts]) == 0
+    before = np.load(out / "scores.npy")
+    _fails(["attribute", "--out", str(out), "--quiet", "--checkpoint-dir", ckpts, "--lambda", "0"],
+           capsys, "lambda must be positive")
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), before)
+
+
+def test_bench_featurize_smoke(capsys):
+    assert main(["bench", "featurize", "--proj-dim", "64", "--examples", "32",
+                 "--traker-examples", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "fedtrak rademacher (cached P), warm" in table and "traker" in table
