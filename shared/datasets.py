@@ -73,7 +73,7 @@ def load_fmnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
             "or point FEDTRAK_FMNIST_DIR at a folder holding the four .gz files"
         )
     arrays = {k: _read_idx(root / n) for k, n in names.items()}
-    to_x = lambda a: (a.astype(np.float32) / 255.0)[:, None, :, :]  # noqa: E731
+    to_x = lambda a: (a.astype(np.float32) / 255.0)[:, None, :, :]
     return (
         to_x(arrays["xtr"]),
         arrays["ytr"].astype(np.int64),

@@ -9,8 +9,8 @@ running statistics, dropout is off).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from shared.modelout import ModelOutput
 from shared.projectors import Projector
 
 #: Default gradient memory per projected chunk.
-DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_CHUNK_BYTES = 512 << 20
 
 
 @dataclass
@@ -124,7 +124,8 @@ class Featurizer:
                 ]
             )
             _check_finite(grads, q, start)
-            yield FeatureChunk(start, self.projector.project(grads).numpy(), q.numpy().astype(np.float32))
+            phi = self.projector.project(grads, more_to_come=n > self.chunk_examples)
+            yield FeatureChunk(start, phi.numpy(), q.numpy().astype(np.float32))
 
     def featurize(
         self, x: np.ndarray, y: np.ndarray, progress: Callable[[int], None] | None = None

@@ -68,7 +68,7 @@ class Partition:
             "alpha": self.alpha,
             "seed": self.seed,
             "num_clients": self.num_clients,
-            "client_sizes": [int(len(c)) for c in self.clients],
+            "client_sizes": [len(c) for c in self.clients],
         }
 
 

@@ -65,8 +65,12 @@ class Projector(ABC):
         self.seed = int(seed)
 
     @abstractmethod
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """Project a float32 batch of flattened gradients: ``(b, p) -> (b, k)``."""
+    def project(self, grads: torch.Tensor, more_to_come: bool = True) -> torch.Tensor:
+        """Project a float32 batch of flattened gradients: ``(b, p) -> (b, k)``.
+
+        ``more_to_come=False`` tells the projector this is the only call it will
+        see for a while, so building a cache for later calls cannot pay off.
+        """
 
     @abstractmethod
     def matrix(self) -> torch.Tensor:
@@ -106,7 +110,7 @@ class IdentityProjector(Projector):
             )
         super().__init__(grad_dim, grad_dim, seed)
 
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
+    def project(self, grads: torch.Tensor, more_to_come: bool = True) -> torch.Tensor:
         """Return the gradients unchanged (as float32)."""
         self._check_input(grads)
         return grads.to(torch.float32)
@@ -120,9 +124,9 @@ class BlockRandomProjector(Projector):
     """Seeded dense random projection generated in blocks of :data:`BLOCK_ROWS` rows.
 
     ``project`` multiplies block by block, so memory is one block plus the
-    batch. When the whole matrix fits ``cache_bytes`` it is generated once and
-    kept, which makes repeated projections (chunks of a data set) as fast as a
-    plain matrix product.
+    batch. When the whole matrix fits ``cache_bytes`` and more than one call is
+    expected (a data set of several chunks), it is generated once and kept,
+    which makes the later calls as fast as a plain matrix product.
     """
 
     def __init__(
@@ -184,11 +188,16 @@ class BlockRandomProjector(Projector):
     def _fits_cache(self) -> bool:
         return self.grad_dim * self.proj_dim * 4 <= self.cache_bytes
 
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """``grads @ P`` computed block by block (or with the cached matrix)."""
+    def project(self, grads: torch.Tensor, more_to_come: bool = True) -> torch.Tensor:
+        """``grads @ P`` with the cached matrix, or block by block.
+
+        The whole matrix is cached when it fits the budget and more calls are
+        expected; a single call goes block by block (a fresh 700 MB cache costs
+        more to first-touch than regenerating the blocks once).
+        """
         self._check_input(grads)
         grads = grads.to(torch.float32)
-        if self._cache is None and self._fits_cache():
+        if self._cache is None and more_to_come and self._fits_cache():
             self._cache = self.matrix()
         if self._cache is not None:
             return grads @ self._cache

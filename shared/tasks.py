@@ -9,8 +9,8 @@ Built-in tasks are named (``digits-logreg``, ``digits-mlp``, ``fmnist-mlp``,
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class Task:
     @property
     def num_train(self) -> int:
         """Number of training examples."""
-        return int(len(self.y_train))
+        return len(self.y_train)
 
     @property
     def num_params(self) -> int:
@@ -84,7 +84,7 @@ class Task:
                     f"task {self.name}: {split} labels outside [0, {self.num_classes})"
                 )
 
-    def subset(self, train_size: int | None = None, query_size: int | None = None) -> "Task":
+    def subset(self, train_size: int | None = None, query_size: int | None = None) -> Task:
         """The same task on the first ``train_size`` / ``query_size`` examples
         of a fixed (seed 0) permutation, kept in dataset order."""
         task = self

@@ -6,8 +6,8 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class PhaseTimer:

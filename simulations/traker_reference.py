@@ -12,8 +12,8 @@ rescales each ``(Phi^T Phi + lambda I)^-1`` by its mean absolute entry
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -22,7 +22,7 @@ def default_run(tmp_path_factory):
     """The README's main job: ``fedtrak attribute`` with every default, as a subprocess."""
     out = tmp_path_factory.mktemp("default") / "run"
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out", str(out),
-                           "--quiet"], capture_output=True, text=True, timeout=300)
+                           "--quiet"], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -101,7 +101,7 @@ def test_bad_inputs_give_one_line_errors_and_no_results(default_run, tmp_path, c
 @pytest.mark.parametrize("flag", [["--proj-dim", "0"], ["--proj-dim", "abc"], ["--clients", "-1"]])
 def test_bad_flags_exit_non_zero_with_one_line(flag, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out",
-                           str(tmp_path / "x"), *flag], capture_output=True, text=True)
+                           str(tmp_path / "x"), *flag], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedtrak: error: argument"), proc.stderr
@@ -119,8 +119,9 @@ def test_failed_rerun_keeps_the_previous_complete_result(default_run, tmp_path, 
     np.testing.assert_array_equal(np.load(out / "scores.npy"), before)
 
 
+@pytest.mark.slow
 def test_bench_featurize_smoke(capsys):
     assert main(["bench", "featurize", "--proj-dim", "64", "--examples", "32",
                  "--traker-examples", "8"]) == 0
     table = capsys.readouterr().out
-    assert "fedtrak rademacher (cached P), warm" in table and "traker" in table
+    assert "fedtrak rademacher, warm" in table and "traker" in table

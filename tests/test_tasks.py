@@ -18,6 +18,7 @@ def test_digits_tasks_load_with_fixed_split():
     assert a.num_params == 650 and b.num_params == 85002
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fmnist-mlp", "fmnist-cnn"])
 def test_fmnist_tasks_load_and_train(require_fmnist, name):
     task = load_task(name, train_size=2000, query_size=500)

@@ -9,7 +9,7 @@ from shared.kernel import lambda_to_traker
 from simulations.attribute import ScoreSettings, central_scores
 
 pytest.importorskip("trak", reason="traker is a dev dependency (pip install -e '.[dev]')")
-from simulations.traker_reference import traker_scores  # noqa: E402
+from simulations.traker_reference import traker_scores
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
