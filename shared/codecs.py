@@ -1,0 +1,46 @@
+"""Array encodings both sides agree on for what crosses the wire.
+
+A Gram matrix travels as its upper triangle (row-major, diagonal included):
+``k (k + 1) / 2`` numbers instead of ``k^2``. Decoding validates what a
+client sent: length, finiteness; symmetry then holds by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import FedtrakError
+
+
+def pack_upper(matrix: np.ndarray) -> np.ndarray:
+    """The upper triangle of a square matrix as a 1-D float64 array.
+
+    Raises:
+        FedtrakError: if the matrix is not square or not symmetric.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise FedtrakError(f"Gram matrix must be square, got shape {m.shape}")
+    scale = max(1.0, float(np.abs(m).max(initial=0.0)))
+    if not np.allclose(m, m.T, rtol=1e-10, atol=1e-12 * scale):
+        raise FedtrakError("Gram matrix is not symmetric")
+    return m[np.triu_indices(m.shape[0])]
+
+
+def unpack_upper(packed: np.ndarray, dim: int, source: str = "payload") -> np.ndarray:
+    """Rebuild the symmetric ``(dim, dim)`` matrix from :func:`pack_upper`'s output.
+
+    Raises:
+        FedtrakError: naming ``source`` if the length is wrong or a value is not finite.
+    """
+    v = np.asarray(packed)
+    want = dim * (dim + 1) // 2
+    if v.ndim != 1 or v.shape[0] != want:
+        raise FedtrakError(f"{source}: Gram upper triangle has shape {v.shape}, expected ({want},) for k={dim}")
+    if not np.all(np.isfinite(v)):
+        raise FedtrakError(f"{source}: Gram contains NaN or infinity")
+    out = np.zeros((dim, dim), dtype=np.float64)
+    rows, cols = np.triu_indices(dim)
+    out[rows, cols] = v
+    out[cols, rows] = v
+    return out

@@ -1,0 +1,69 @@
+"""The core invariant at the array level: splitting the computation between clients
+and a server (clients featurize their own data and release only Grams; the server
+sums them, preconditions its queries; clients score their own examples) gives the
+centralized scores. The Flower apps move exactly these arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.local_scoring import score_own_examples
+from server.aggregation import sum_gram_releases
+from shared.checkpoints import model_from_state
+from shared.codecs import pack_upper, unpack_upper
+from shared.errors import FedtrakError
+from shared.featurizer import Featurizer
+from shared.kernel import Kernel, gram, precondition, resolve_lambda
+from shared.partition import partition
+from shared.projectors import derive_seed, make_projector
+from simulations.attribute import ScoreSettings, central_scores
+
+K = 128
+
+
+@pytest.mark.parametrize("clients, scheme", [(1, "iid"), (3, "iid"), (3, "dirichlet"),
+                                             (10, "iid"), (10, "dirichlet")])
+def test_split_computation_equals_central(digits_logreg, logreg_states, clients, scheme):
+    task = digits_logreg
+    parts = partition(task.y_train, clients, scheme, alpha=0.5, seed=1)
+    local = {c: {"F": [], "q": []} for c in range(clients)}
+    preconditioned = []
+    for m, state in enumerate(logreg_states):
+        model = model_from_state(task, state, f"checkpoint {m}")
+        proj = make_projector("rademacher", task.num_params, K, derive_seed(0, m))
+        feat = Featurizer(model, task.output, proj)
+        releases = []
+        for c, idx in enumerate(parts.clients):  # on each device, its own data only
+            f = feat.featurize(task.x_train[idx], task.y_train[idx])
+            local[c]["F"].append(f.features)
+            local[c]["q"].append(f.out_to_loss)
+            releases.append((str(c), pack_upper(gram(f.features)), len(idx)))
+        g, n = sum_gram_releases(releases, K)  # on the server
+        assert n == task.num_train
+        lam = resolve_lambda("auto", g, n, task.num_params, task.training.weight_decay)
+        preconditioned.append(precondition(feat.featurize(task.x_query, task.y_query).features,
+                                           Kernel(g, lam.value)))
+    split = np.concatenate(
+        [score_own_examples(local[c]["F"], local[c]["q"], preconditioned) for c in range(clients)], axis=1
+    )
+    order = parts.order()
+    central, _ = central_scores(task, logreg_states, task.x_train[order], task.y_train[order],
+                                ScoreSettings(proj_dim=K))
+    np.testing.assert_allclose(split, central, rtol=1e-4, atol=1e-4 * np.abs(central).max())
+
+
+def test_bad_gram_releases_name_the_client():
+    good = pack_upper(np.eye(3))
+    with pytest.raises(FedtrakError, match="client b: Gram upper triangle has shape"):
+        sum_gram_releases([("a", good, 1), ("b", good[:-1], 1)], 3)
+    bad = good.copy()
+    bad[2] = np.nan
+    with pytest.raises(FedtrakError, match="client c: Gram contains NaN"):
+        sum_gram_releases([("c", bad, 1)], 3)
+    with pytest.raises(FedtrakError, match="negative example count"):
+        sum_gram_releases([("d", good, -1)], 3)
+    with pytest.raises(FedtrakError, match="not symmetric"):
+        pack_upper(np.array([[1.0, 2.0], [0.0, 1.0]]))
+    np.testing.assert_array_equal(unpack_upper(pack_upper(np.array([[1.0, 2.0], [2.0, 5.0]])), 2),
+                                  [[1.0, 2.0], [2.0, 5.0]])
