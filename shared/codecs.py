@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared.errors import FedtrakError
+from shared.kernel import check_symmetric
 
 
 def pack_upper(matrix: np.ndarray) -> np.ndarray:
@@ -19,11 +20,7 @@ def pack_upper(matrix: np.ndarray) -> np.ndarray:
         FedtrakError: if the matrix is not square or not symmetric.
     """
     m = np.asarray(matrix, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise FedtrakError(f"Gram matrix must be square, got shape {m.shape}")
-    scale = max(1.0, float(np.abs(m).max(initial=0.0)))
-    if not np.allclose(m, m.T, rtol=1e-10, atol=1e-12 * scale):
-        raise FedtrakError("Gram matrix is not symmetric")
+    check_symmetric(m, "Gram matrix")
     return m[np.triu_indices(m.shape[0])]
 
 

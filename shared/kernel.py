@@ -27,6 +27,15 @@ MIN_RCOND = 1e-13
 NORMALIZATIONS = ("none", "traker")
 
 
+def check_symmetric(matrix: np.ndarray, what: str) -> None:
+    """Raise FedtrakError unless ``matrix`` is square and symmetric to float64 round-off."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise FedtrakError(f"{what} must be square, got shape {matrix.shape}")
+    scale = max(1.0, float(np.abs(matrix).max(initial=0.0)))
+    if not np.allclose(matrix, matrix.T, rtol=1e-10, atol=1e-12 * scale):
+        raise FedtrakError(f"{what} is not symmetric")
+
+
 def gram(features: np.ndarray) -> np.ndarray:
     """``Phi^T Phi`` in float64 for an ``(n, k)`` feature matrix."""
     f = np.asarray(features, dtype=np.float64)
@@ -122,12 +131,9 @@ class Kernel:
 
     def __init__(self, gram_matrix: np.ndarray, lam: float) -> None:
         g = np.asarray(gram_matrix, dtype=np.float64)
-        if g.ndim != 2 or g.shape[0] != g.shape[1]:
-            raise FedtrakError(f"kernel must be square, got shape {g.shape}")
         if not np.all(np.isfinite(g)):
             raise FedtrakError("kernel contains NaN or infinity")
-        if not np.allclose(g, g.T, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(g).max()))):
-            raise FedtrakError("kernel is not symmetric")
+        check_symmetric(g, "kernel")
         if not lam >= 0:
             raise FedtrakError(f"lambda must be non-negative, got {lam}")
         self.lam = float(lam)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters (those TRAK differentiates): the gradient dimension p."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def logistic_regression(in_features: int, num_classes: int) -> nn.Module:
     """Multinomial logistic regression: one linear layer on flattened inputs."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

@@ -68,7 +68,7 @@ class Task:
     @property
     def num_params(self) -> int:
         """Number of trainable parameters of the task's model."""
-        return sum(p.numel() for p in self.make_model().parameters() if p.requires_grad)
+        return models.count_params(self.make_model())
 
     def validate(self) -> None:
         """Check shapes, dtypes and finiteness of the data; raise FedtrakError if wrong."""

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from shared.checkpoints import load_checkpoints, model_from_state, train_checkpoints
 from shared.featurizer import Featurizer
 from shared.kernel import GramAccumulator, Kernel, precondition, resolve_lambda
+from shared.models import count_params
 from shared.partition import partition
 from shared.projectors import DEFAULT_CACHE_BYTES, derive_seed, make_projector
 from shared.results import ResultWriter
@@ -101,7 +102,7 @@ def central_scores(
     records = []
     for m, state in enumerate(states):
         model = model_from_state(task, state, f"checkpoint {m}")
-        grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        grad_dim = count_params(model)
         projector = make_projector(
             settings.projector, grad_dim, settings.proj_dim, derive_seed(settings.seed, m),
             settings.cache_bytes,

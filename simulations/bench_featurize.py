@@ -26,6 +26,7 @@ import torch
 
 from shared.checkpoints import seeded_model
 from shared.featurizer import Featurizer
+from shared.models import count_params
 from shared.projectors import _MATRIX_POOL, DEFAULT_CACHE_BYTES, make_projector
 from shared.tasks import load_task
 
@@ -52,7 +53,7 @@ def bench_featurize(
     model = seeded_model(task, 0)
     rows_idx = np.arange(num_examples) % task.num_train  # repeat the data set past its size
     x, y = task.x_train[rows_idx], task.y_train[rows_idx]
-    grad_dim = sum(p.numel() for p in model.parameters())
+    grad_dim = count_params(model)
     # One-time library warm-up (torch.func's first vmap call), not counted.
     Featurizer(model, task.output, make_projector("gaussian", grad_dim, 8, seed=0)).featurize(x[:8], y[:8])
     rows = []

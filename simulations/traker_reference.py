@@ -53,7 +53,7 @@ def traker_scores(
     """traker's scores with its ``NoOpProjector`` (identity): ``(queries, train)``."""
     from trak.projectors import NoOpProjector
 
-    grad_dim = sum(p.numel() for p in task.make_model().parameters())
+    grad_dim = task.num_params
     trak = _traker(task, NoOpProjector(device="cpu"), len(y_train), save_dir, lam_traker, grad_dim)
     xt, yt = to_tensors(x_train, y_train)
     xq, yq = to_tensors(x_query, y_query)
@@ -83,7 +83,7 @@ def traker_featurize(
     """Featurize ``(x, y)`` with traker's ``BasicProjector`` (Rademacher, float32, CPU)."""
     from trak.projectors import BasicProjector, ProjectionType
 
-    grad_dim = sum(p.numel() for p in task.make_model().parameters())
+    grad_dim = task.num_params
     projector = BasicProjector(
         grad_dim=grad_dim, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher,
         device="cpu", dtype=torch.float32,

@@ -38,7 +38,7 @@ def test_vmap_grads_equal_per_example_loop(make_model, shape):
     model = make_model().eval()
     x = torch.randn(12, *shape)
     y = torch.randint(0, 10, (12,))
-    p = sum(q.numel() for q in model.parameters())
+    p = models.count_params(model)
     feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, None, 0))
     got = feat.per_example_grads(x, y)
     want = _loop_grads(model, x, y)
@@ -62,7 +62,7 @@ def test_chunking_does_not_change_features():
     model = models.mlp(64, (32,), 10)
     x = np.random.default_rng(0).random((50, 64), dtype=np.float32)
     y = np.random.default_rng(1).integers(0, 10, 50)
-    p = sum(q.numel() for q in model.parameters())
+    p = models.count_params(model)
     proj = make_projector("rademacher", p, 64, seed=3)
     big = Featurizer(model, ClassificationMargin(), proj, batch_size=64).featurize(x, y)
     small = Featurizer(model, ClassificationMargin(), proj, batch_size=7, chunk_bytes=1).featurize(x, y)
@@ -74,7 +74,7 @@ def test_non_finite_gradient_is_refused():
     model = models.logistic_regression(64, 10)
     with torch.no_grad():
         model[1].weight[3, 5] = float("nan")
-    p = sum(q.numel() for q in model.parameters())
+    p = models.count_params(model)
     feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, None, 0))
     x = np.ones((4, 64), dtype=np.float32)
     with pytest.raises(FedtrakError, match="non-finite gradient"):
