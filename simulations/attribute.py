@@ -27,9 +27,26 @@ from shared.tasks import DEFAULT_TASK, Task, load_task
 from shared.timing import PhaseTimer, peak_memory_mb
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How features are made and combined: the knobs shared by every mode."""
+
+    proj_dim: int | None = None
+    projector: str = "rademacher"
+    seed: int = 0
+    lam: str | float = "auto"
+    normalize: str = "none"
+    batch_size: int = 256
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+
 @dataclass
 class AttributeConfig:
-    """Settings of one attribution run (the CLI flags of ``fedtrak attribute``)."""
+    """Settings of one attribution run (the CLI flags of ``fedtrak attribute``).
+
+    ``seed`` is the base seed of both training (checkpoint m: ``seed + m``) and
+    projection; ``score`` holds how features are made and combined.
+    """
 
     out: Path
     task: str = DEFAULT_TASK
@@ -40,18 +57,16 @@ class AttributeConfig:
     checkpoints: int = 3
     checkpoint_dir: Path | None = None
     epochs: int | None = None
-    proj_dim: int | None = None
-    projector: str = "rademacher"
-    seed: int = 0
-    lam: str = "auto"
-    normalize: str = "none"
-    batch_size: int = 256
     train_size: int | None = None
     query_size: int | None = None
     topk: int = 10
-    cache_bytes: int = DEFAULT_CACHE_BYTES
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+
+    @property
+    def seed(self) -> int:
+        """The run's base seed (the projection seed of ``score``)."""
+        return self.score.seed
 
 
 def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> list:
@@ -66,19 +81,6 @@ def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> l
         train_checkpoints(task, cfg.checkpoints, ckpt_dir, base_seed=cfg.seed, epochs=cfg.epochs,
                           progress=bar.update)
     return load_checkpoints(task, ckpt_dir, cfg.checkpoints)
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How features are made and combined: the knobs shared by every mode."""
-
-    proj_dim: int | None = None
-    projector: str = "rademacher"
-    seed: int = 0
-    lam: str | float = "auto"
-    normalize: str = "none"
-    batch_size: int = 256
-    cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 def central_scores(
@@ -143,15 +145,13 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
         order = parts.order()
         # Check the projection settings before spending time on training.
-        make_projector(cfg.projector, task.num_params, cfg.proj_dim, cfg.seed, cache_bytes=0)
+        make_projector(cfg.score.projector, task.num_params, cfg.score.proj_dim, cfg.seed, cache_bytes=0)
     checkpoints = obtain_checkpoints(task, cfg, timer)
-    settings = ScoreSettings(cfg.proj_dim, cfg.projector, cfg.seed, cfg.lam, cfg.normalize,
-                             cfg.batch_size, cfg.cache_bytes)
     writer = ResultWriter(Path(cfg.out))
     try:
         scores, records = central_scores(
             task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
-            settings, timer, cfg.progress,
+            cfg.score, timer, cfg.progress,
         )
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file
@@ -169,9 +169,9 @@ def run_attribute(cfg: AttributeConfig) -> dict:
             "num_queries": len(task.y_query),
             "num_params": records[0]["num_params"],
             "proj_dim": records[0]["proj_dim"],
-            "projector": cfg.projector,
+            "projector": cfg.score.projector,
             "num_checkpoints": len(checkpoints),
-            "normalization": cfg.normalize,
+            "normalization": cfg.score.normalize,
             "ensemble": "mean kernel term x mean out-to-loss (TRAK Algorithm 1)",
             "score_sign": "positive = training example raises the query's margin",
             "lambda": [r["lambda"] for r in records],

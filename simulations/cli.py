@@ -105,15 +105,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "attribute":
-        from simulations.attribute import AttributeConfig, run_attribute
+        from simulations.attribute import AttributeConfig, ScoreSettings, run_attribute
 
         cfg = AttributeConfig(
             out=args.out, task=args.task, clients=args.clients, partition=args.partition,
             alpha=args.alpha, partition_seed=args.partition_seed, checkpoints=args.checkpoints,
-            checkpoint_dir=args.checkpoint_dir, epochs=args.epochs, proj_dim=args.proj_dim,
-            projector=args.projector, seed=args.seed, lam=args.lam, normalize=args.normalize,
-            batch_size=args.batch_size, train_size=args.train_size, query_size=args.query_size,
-            topk=args.topk, progress=not args.quiet,
+            checkpoint_dir=args.checkpoint_dir, epochs=args.epochs, train_size=args.train_size,
+            query_size=args.query_size, topk=args.topk, progress=not args.quiet,
+            score=ScoreSettings(proj_dim=args.proj_dim, projector=args.projector, seed=args.seed,
+                                lam=args.lam, normalize=args.normalize, batch_size=args.batch_size),
         )
         summary = run_attribute(cfg)
         print(f"wrote {args.out}: {summary['num_queries']} queries x {summary['num_train']} examples, "
