@@ -59,20 +59,15 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     return correct / len(yt)
 
 
-def train_central(
-    task: Task,
-    seed: int,
-    x: np.ndarray | None = None,
-    y: np.ndarray | None = None,
-    epochs: int | None = None,
+def sgd_epochs(
+    task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
 ) -> nn.Module:
-    """Train the task's model on ``(x, y)`` (default: its whole training set) with
-    minibatch SGD + momentum + weight decay, deterministically in ``seed``."""
+    """Train ``model`` in place on ``(x, y)`` for ``epochs`` with the task's recipe
+    (minibatch SGD + momentum + weight decay), shuffling deterministically in ``seed``.
+
+    Centralized checkpoints and each client's local FedAvg update use this one loop.
+    """
     cfg = task.training
-    x = task.x_train if x is None else x
-    y = task.y_train if y is None else y
-    epochs = cfg.epochs if epochs is None else epochs
-    model = seeded_model(task, seed)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -88,6 +83,21 @@ def train_central(
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def train_central(
+    task: Task,
+    seed: int,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    epochs: int | None = None,
+) -> nn.Module:
+    """Train the task's model on ``(x, y)`` (default: its whole training set),
+    deterministically in ``seed`` (initialization and shuffling)."""
+    x = task.x_train if x is None else x
+    y = task.y_train if y is None else y
+    epochs = task.training.epochs if epochs is None else epochs
+    return sgd_epochs(task, seeded_model(task, seed), x, y, epochs, seed)
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
@@ -116,23 +126,27 @@ def train_checkpoints(
     for m in range(num):
         seed = base_seed + m
         model = train_central(task, seed, epochs=epochs)
-        name = f"ckpt_{m:03d}.pt"
-        tmp = out_dir / (name + ".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, out_dir / name)
-        infos.append(
-            CheckpointInfo(
-                m, name, seed, "central-sgd",
-                task.training.epochs if epochs is None else epochs,
-                accuracy(model, task.x_query, task.y_query),
-            )
+        info = CheckpointInfo(
+            m, f"ckpt_{m:03d}.pt", seed, "central-sgd",
+            task.training.epochs if epochs is None else epochs,
+            accuracy(model, task.x_query, task.y_query),
         )
-        _atomic_write_json(
-            out_dir / MANIFEST, {"task": task.name, "checkpoints": [asdict(i) for i in infos]}
-        )
+        infos.append(info)
+        write_checkpoint(out_dir, task.name, model.state_dict(), infos)
         if progress is not None:
             progress(1)
     return infos
+
+
+def write_checkpoint(
+    out_dir: Path, task_name: str, state: dict[str, torch.Tensor], infos: list[CheckpointInfo]
+) -> None:
+    """Save ``state`` as the file of ``infos[-1]`` and rewrite the manifest, both atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (infos[-1].file + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / infos[-1].file)
+    _atomic_write_json(out_dir / MANIFEST, {"task": task_name, "checkpoints": [asdict(i) for i in infos]})
 
 
 def read_manifest(ckpt_dir: Path) -> tuple[str | None, list[CheckpointInfo]]:

@@ -15,29 +15,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shared.checkpoints import load_checkpoints, model_from_state, train_checkpoints
-from shared.featurizer import Featurizer
-from shared.kernel import GramAccumulator, Kernel, precondition, resolve_lambda
-from shared.models import count_params
+from server.scoring import score_features
+from shared.checkpoints import load_checkpoints, train_checkpoints
+from shared.featurizer import Features, Featurizer
 from shared.partition import partition
-from shared.projectors import DEFAULT_CACHE_BYTES, derive_seed, make_projector
+from shared.projectors import make_projector
 from shared.results import ResultWriter
-from shared.scoring import ScoreEnsemble, kernel_term, owner_totals, top_k
+from shared.scoring import owner_totals, top_k
+from shared.settings import ScoreSettings
 from shared.tasks import DEFAULT_TASK, Task, load_task
 from shared.timing import PhaseTimer, peak_memory_mb
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How features are made and combined: the knobs shared by every mode."""
-
-    proj_dim: int | None = None
-    projector: str = "rademacher"
-    seed: int = 0
-    lam: str | float = "auto"
-    normalize: str = "none"
-    batch_size: int = 256
-    cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 @dataclass
@@ -98,36 +85,12 @@ def central_scores(
     ``derive_seed(settings.seed, m)``). Returns ``(scores (Q, n), per-checkpoint
     records)``.
     """
-    timer = timer or PhaseTimer()
-    n = len(y_train)
-    ensemble = ScoreEnsemble(len(task.y_query), n)
-    records = []
-    for m, state in enumerate(states):
-        model = model_from_state(task, state, f"checkpoint {m}")
-        grad_dim = count_params(model)
-        projector = make_projector(
-            settings.projector, grad_dim, settings.proj_dim, derive_seed(settings.seed, m),
-            settings.cache_bytes,
-        )
-        featurizer = Featurizer(model, task.output, projector, batch_size=settings.batch_size)
-        with timer.phase("featurize_train"), tqdm(
-            total=n, desc=f"featurize ckpt {m}", unit="ex", disable=not progress
-        ) as bar:
-            train_feats = featurizer.featurize(x_train, y_train, progress=bar.update)
-        with timer.phase("featurize_queries"):
-            query_feats = featurizer.featurize(task.x_query, task.y_query)
-        projector.release()
-        with timer.phase("kernel"):
-            acc = GramAccumulator(projector.proj_dim)
-            acc.add(train_feats.features)
-            lam = resolve_lambda(settings.lam, acc.matrix, n, grad_dim, task.training.weight_decay)
-            u = precondition(query_feats.features, Kernel(acc.matrix, lam.value), settings.normalize)
-        with timer.phase("score"):
-            ensemble.add(kernel_term(train_feats.features, u), train_feats.out_to_loss)
-        records.append({"index": m, "lambda": lam.value, "lambda_rule": lam.rule,
-                        "projection_seed": projector.seed, "num_params": grad_dim,
-                        "proj_dim": projector.proj_dim})
-    return ensemble.scores(), records
+
+    def featurize(m: int, featurizer: Featurizer) -> Features:
+        with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=not progress) as bar:
+            return featurizer.featurize(x_train, y_train, progress=bar.update)
+
+    return score_features(task, states, len(y_train), featurize, settings, timer)
 
 
 def run_attribute(cfg: AttributeConfig) -> dict:

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "attribute":
-        from simulations.attribute import AttributeConfig, ScoreSettings, run_attribute
+        from shared.settings import ScoreSettings
+        from simulations.attribute import AttributeConfig, run_attribute
 
         cfg = AttributeConfig(
             out=args.out, task=args.task, clients=args.clients, partition=args.partition,

@@ -67,7 +67,8 @@ def test_chunking_does_not_change_features():
     big = Featurizer(model, ClassificationMargin(), proj, batch_size=64).featurize(x, y)
     small = Featurizer(model, ClassificationMargin(), proj, batch_size=7, chunk_bytes=1).featurize(x, y)
     np.testing.assert_allclose(small.features, big.features, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(small.out_to_loss, big.out_to_loss)
+    # A forward pass over a different batch size may round differently in the last bit.
+    np.testing.assert_allclose(small.out_to_loss, big.out_to_loss, rtol=1e-6, atol=1e-7)
 
 
 def test_non_finite_gradient_is_refused():

@@ -10,8 +10,9 @@ from shared import models
 from shared.errors import FedtrakError
 from shared.kernel import Kernel, lambda_to_traker, precondition, resolve_lambda
 from shared.scoring import ScoreEnsemble, owner_totals, top_k
+from shared.settings import ScoreSettings
 from shared.tasks import Task
-from simulations.attribute import ScoreSettings, central_scores
+from simulations.attribute import central_scores
 
 
 def _tiny_task(rng: np.random.Generator) -> Task:

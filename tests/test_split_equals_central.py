@@ -17,7 +17,8 @@ from shared.featurizer import Featurizer
 from shared.kernel import Kernel, gram, precondition, resolve_lambda
 from shared.partition import partition
 from shared.projectors import derive_seed, make_projector
-from simulations.attribute import ScoreSettings, central_scores
+from shared.settings import ScoreSettings
+from simulations.attribute import central_scores
 
 K = 128
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from shared.kernel import lambda_to_traker
-from simulations.attribute import ScoreSettings, central_scores
+from shared.settings import ScoreSettings
+from simulations.attribute import central_scores
 
 pytest.importorskip("trak", reason="traker is a dev dependency (pip install -e '.[dev]')")
 from simulations.traker_reference import traker_scores

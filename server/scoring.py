@@ -1,0 +1,82 @@
+"""Server-side TRAK math: the kernel of each checkpoint, preconditioned queries, central scoring.
+
+The server holds the queries. For checkpoint m it featurizes them with the
+same seeded projector the clients use, regularizes the summed Gram
+``Phi_m^T Phi_m`` with lambda, and computes ``U_m = phi_m(Q) K_m^{-1}``. In
+private mode it sends ``U_m`` to the clients; where it holds the training
+features itself (trusted-server ``features`` mode, or the centralized
+reference path) it scores them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from shared.featurizer import Features, Featurizer
+from shared.kernel import GramAccumulator, Kernel, precondition, resolve_lambda
+from shared.scoring import ScoreEnsemble, kernel_term
+from shared.settings import ScoreSettings, checkpoint_featurizer
+from shared.tasks import Task
+from shared.timing import PhaseTimer
+
+
+def solve_checkpoint(
+    task: Task,
+    featurizer: Featurizer,
+    gram_matrix: np.ndarray,
+    num_examples: int,
+    settings: ScoreSettings,
+    m: int,
+    timer: PhaseTimer,
+) -> tuple[np.ndarray, dict]:
+    """Preconditioned queries ``U_m`` (``(Q, k)`` float64) from the summed Gram of checkpoint ``m``.
+
+    Returns ``(U_m, record)``; the record (lambda, its rule, seed, dims) goes
+    into the run summary.
+    """
+    with timer.phase("featurize_queries"):
+        query = featurizer.featurize(task.x_query, task.y_query).features
+    with timer.phase("kernel"):
+        lam = resolve_lambda(settings.lam, gram_matrix, num_examples, featurizer.grad_dim,
+                             task.training.weight_decay)
+        u = precondition(query, Kernel(gram_matrix, lam.value), settings.normalize)
+    proj = featurizer.projector
+    record = {"index": m, "lambda": lam.value, "lambda_rule": lam.rule, "projection_seed": proj.seed,
+              "num_params": featurizer.grad_dim, "proj_dim": proj.proj_dim}
+    return u, record
+
+
+def score_features(
+    task: Task,
+    states: Sequence[dict[str, torch.Tensor]],
+    num_train: int,
+    train_features: Callable[[int, Featurizer], Features],
+    settings: ScoreSettings,
+    timer: PhaseTimer | None = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """TRAK scores ``(Q, n)`` where the server holds every training feature.
+
+    ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
+    features in column order (computed on the spot by the centralized path,
+    received from clients in ``features`` mode). Returns the scores and one
+    record per checkpoint.
+    """
+    timer = timer or PhaseTimer()
+    ensemble = ScoreEnsemble(len(task.y_query), num_train)
+    records = []
+    for m, state in enumerate(states):
+        featurizer = checkpoint_featurizer(task, state, m, settings)
+        with timer.phase("featurize_train"):
+            feats = train_features(m, featurizer)
+        with timer.phase("kernel"):
+            acc = GramAccumulator(featurizer.projector.proj_dim)
+            acc.add(feats.features)
+        u, record = solve_checkpoint(task, featurizer, acc.matrix, acc.count, settings, m, timer)
+        featurizer.projector.release()
+        with timer.phase("score"):
+            ensemble.add(kernel_term(feats.features, u), np.asarray(feats.out_to_loss, np.float64))
+        records.append(record)
+    return ensemble.scores(), records

@@ -1,0 +1,142 @@
+"""The federated protocol's messages: their types, their keys and how arrays travel.
+
+Both the ServerApp and the ClientApp build and read messages only through
+this module, so the wire format lives in one place (DESIGN.md section 3):
+
+``query.featurize``  server -> client: the job (:class:`JobSpec`) and the
+    weights of every checkpoint. Reply: one packed Gram upper triangle per
+    checkpoint and the example count.
+``query.features``   server -> client (trusted-server mode): same request.
+    Reply: the features and out-to-loss weights themselves.
+``query.score``      server -> client: the preconditioned queries ``U_m`` of
+    every checkpoint and the release policy. Reply: what the policy releases.
+``train``            Flower's FedAvg round: model weights in, local update out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from shared.errors import FedtrakError
+
+FEATURIZE = "query.featurize"
+FEATURES = "query.features"
+SCORE = "query.score"
+TRAIN = "train"
+
+#: Release policies of ``query.score``.
+POLICIES = ("owner-totals", "topk", "full")
+#: Attribution modes: clients release Grams and score locally, or send features.
+MODES = ("private", "features")
+
+JOB_KEY = "job"
+INFO_KEY = "info"
+SCORE_KEY = "score"
+CKPT_PREFIX = "ckpt-"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every client needs to know to featurize its data the server's way.
+
+    Integers of 0 stand for "the default" (``proj_dim``: the task's default
+    k; ``train_size``/``query_size``: the whole split).
+    """
+
+    run_id: str
+    task: str
+    projector: str = "rademacher"
+    proj_dim: int = 0
+    seed: int = 0
+    batch_size: int = 256
+    train_size: int = 0
+    query_size: int = 0
+    partition: str = "iid"
+    alpha: float = 0.5
+    partition_seed: int = 0
+
+    def to_record(self) -> ConfigRecord:
+        """The spec as a Flower ConfigRecord."""
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> JobSpec:
+        """Read a spec back, with a clear error for a missing or mistyped field."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in record:
+                raise FedtrakError(f"job spec lacks field {f.name!r}")
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            value = record[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise FedtrakError(f"job spec field {f.name!r} must be {kind.__name__}, got {value!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A model ``state_dict`` as an ArrayRecord."""
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Back from :func:`state_to_record` (arrays are copied, so they are writable)."""
+    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays as an ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_arrays(content: RecordDict, key: str, source: str) -> dict[str, np.ndarray]:
+    """The numpy arrays of ArrayRecord ``key`` in a message, or a clear error naming ``source``."""
+    record = content.array_records.get(key) if hasattr(content, "array_records") else None
+    if record is None:
+        raise FedtrakError(f"{source}: message has no array record {key!r}")
+    try:
+        return {k: a.numpy() for k, a in record.items()}
+    except Exception as exc:  # a malformed payload can fail deep inside numpy
+        raise FedtrakError(f"{source}: unreadable array in {key!r}: {exc}") from exc
+
+
+def record_config(content: RecordDict, key: str, source: str) -> ConfigRecord:
+    """ConfigRecord ``key`` of a message, or a clear error naming ``source``."""
+    record = content.config_records.get(key) if hasattr(content, "config_records") else None
+    if record is None:
+        raise FedtrakError(f"{source}: message has no config record {key!r}")
+    return record
+
+
+def checkpoint_key(m: int) -> str:
+    """The RecordDict key of checkpoint ``m``'s weights."""
+    return f"{CKPT_PREFIX}{int(m)}"
+
+
+def checkpoint_indices(content: RecordDict) -> list[int]:
+    """The checkpoint indices a featurize request carries, sorted."""
+    out = []
+    for key in content.array_records:
+        if key.startswith(CKPT_PREFIX):
+            try:
+                out.append(int(key[len(CKPT_PREFIX) :]))
+            except ValueError as exc:
+                raise FedtrakError(f"bad checkpoint key {key!r}") from exc
+    if not out:
+        raise FedtrakError("request carries no checkpoint")
+    return sorted(out)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records (array data and config values; Flower's framing excluded)."""
+    total = 0
+    for record in content.values():
+        total += int(record.count_bytes())
+    return total
