@@ -5,7 +5,10 @@ and a ``manifest.json``::
 
     {"task": "digits-logreg",
      "checkpoints": [{"index": 0, "file": "ckpt_000.pt", "seed": 0,
-                      "algorithm": "central-sgd", "epochs": 30, "accuracy": 0.96}, ...]}
+                      "algorithm": "central-sgd", "epochs": 30, "accuracy": 0.96,
+                      "rounds": null}, ...]}
+
+(``algorithm`` ``fedavg``: ``rounds`` FedAvg rounds, ``epochs`` local epochs in all.)
 
 A folder of user-supplied ``*.pt`` files without a manifest is accepted too
 (taken in file-name order).
@@ -39,6 +42,7 @@ class CheckpointInfo:
     algorithm: str
     epochs: int | None
     accuracy: float | None
+    rounds: int | None = None
 
 
 def seeded_model(task: Task, seed: int) -> nn.Module:

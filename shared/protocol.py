@@ -23,6 +23,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared.errors import FedtrakError
+from shared.settings import ScoreSettings
 
 FEATURIZE = "query.featurize"
 FEATURES = "query.features"
@@ -59,6 +60,11 @@ class JobSpec:
     partition: str = "iid"
     alpha: float = 0.5
     partition_seed: int = 0
+
+    def settings(self) -> ScoreSettings:
+        """The featurizing part of the spec as the settings the featurizer is built from."""
+        return ScoreSettings(proj_dim=self.proj_dim or None, projector=self.projector, seed=self.seed,
+                             batch_size=self.batch_size)
 
     def to_record(self) -> ConfigRecord:
         """The spec as a Flower ConfigRecord."""

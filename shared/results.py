@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.scoring import top_k
+
 SUMMARY = "summary.json"
 
 
@@ -50,6 +52,25 @@ class ResultWriter:
     def discard(self) -> None:
         """Drop everything staged (after a failure)."""
         shutil.rmtree(self._stage, ignore_errors=True)
+
+
+def add_score_arrays(
+    writer: ResultWriter,
+    scores: np.ndarray | None,
+    example_ids: np.ndarray | None,
+    owner_scores: np.ndarray,
+    topk: int,
+) -> None:
+    """Stage the score outputs: ``owner_scores`` always; ``scores``, ``example_ids`` and
+    the ``topk`` best columns per query where the scores were released."""
+    writer.add_array("owner_scores", np.asarray(owner_scores, dtype=np.float64))
+    if example_ids is not None:
+        writer.add_array("example_ids", example_ids)
+    if scores is not None:
+        idx, vals = top_k(scores, topk)
+        writer.add_array("scores", scores.astype(np.float32))
+        writer.add_array("topk_indices", idx)
+        writer.add_array("topk_scores", vals.astype(np.float32))
 
 
 def _json_default(obj: object) -> object:

@@ -20,8 +20,8 @@ from shared.checkpoints import load_checkpoints, train_checkpoints
 from shared.featurizer import Features, Featurizer
 from shared.partition import partition
 from shared.projectors import make_projector
-from shared.results import ResultWriter
-from shared.scoring import owner_totals, top_k
+from shared.results import ResultWriter, add_score_arrays
+from shared.scoring import owner_totals
 from shared.settings import ScoreSettings
 from shared.tasks import DEFAULT_TASK, Task, load_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -119,12 +119,8 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file
         with timer.phase("write"):
-            idx, vals = top_k(scores, cfg.topk)
-            writer.add_array("scores", scores.astype(np.float32))
-            writer.add_array("example_ids", parts.example_ids())
-            writer.add_array("owner_scores", owner_totals(scores, parts.owners(), parts.num_clients))
-            writer.add_array("topk_indices", idx)
-            writer.add_array("topk_scores", vals.astype(np.float32))
+            add_score_arrays(writer, scores, parts.example_ids(),
+                             owner_totals(scores, parts.owners(), parts.num_clients), cfg.topk)
         summary = {
             "mode": "central",
             "task": task.name,

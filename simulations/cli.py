@@ -1,7 +1,8 @@
 """The ``fedtrak`` command line.
 
-Subcommands: ``attribute`` (the centralized reference run), ``train`` (only
-the checkpoints) and ``bench featurize``. Bad input ends with one line,
+Subcommands: ``attribute`` (the centralized reference run), ``simulate`` (the
+federated protocol on Flower's simulation engine), ``train`` (only the
+checkpoints) and ``bench featurize``. Bad input ends with one line,
 ``fedtrak: error: ...``, and exit status 2.
 """
 
@@ -13,9 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from server.config import TRAINING
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
 from shared.projectors import PROJECTOR_KINDS
+from shared.protocol import MODES, POLICIES
 from shared.tasks import BUILTIN_TASKS, DEFAULT_TASK
 
 
@@ -37,6 +40,25 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
+
+
+def _add_attribution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
+    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="reuse the checkpoints in this folder instead of training")
+    p.add_argument("--proj-dim", type=_positive_int, default=None,
+                   help="projection dimension k (default 512; the parameter count for identity)")
+    p.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
+    p.add_argument("--lambda", dest="lam", default="auto",
+                   help="ridge lambda: auto (default), wd (n*weight_decay*p/k), rel:X (X times "
+                        "the mean diagonal of Phi^T Phi) or a positive number")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                   help="per-checkpoint scaling of K^-1 before ensembling (traker: by its mean "
+                        "absolute entry)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per vmap call")
+    p.add_argument("--topk", type=_positive_int, default=10, help="top examples kept per query")
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -71,22 +93,25 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--out", type=Path, default=Path("runs/central"), help="run folder")
     att.add_argument("--clients", type=_positive_int, default=10,
                      help="number of owners the training set is split over")
-    att.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
-    att.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
-    att.add_argument("--partition-seed", type=int, default=0)
-    att.add_argument("--checkpoint-dir", type=Path, default=None,
-                     help="reuse the checkpoints in this folder instead of training")
-    att.add_argument("--proj-dim", type=_positive_int, default=None,
-                     help="projection dimension k (default 512; the parameter count for identity)")
-    att.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
-    att.add_argument("--lambda", dest="lam", default="auto",
-                     help="ridge lambda: auto (default), wd (n*weight_decay*p/k), rel:X (X times "
-                          "the mean diagonal of Phi^T Phi) or a positive number")
-    att.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
-                     help="per-checkpoint scaling of K^-1 before ensembling (traker: by its mean "
-                          "absolute entry)")
-    att.add_argument("--batch-size", type=_positive_int, default=256, help="examples per vmap call")
-    att.add_argument("--topk", type=_positive_int, default=10, help="top examples kept per query")
+    _add_attribution_args(att)
+
+    sim = sub.add_parser("simulate", help="federated attribution on Flower's simulation engine")
+    _add_task_args(sim)
+    sim.add_argument("--out", type=Path, default=Path("runs/sim"), help="run folder")
+    sim.add_argument("--clients", type=_positive_int, default=10, help="number of virtual clients")
+    _add_attribution_args(sim)
+    sim.add_argument("--mode", choices=MODES, default="private",
+                     help="private: clients release Grams and score locally; features: trusted server")
+    sim.add_argument("--policy", choices=POLICIES, default="owner-totals",
+                     help="what clients release in the score step (full: whole score matrices, "
+                          "simulation and evaluation only)")
+    sim.add_argument("--train", choices=TRAINING, default="fedavg",
+                     help="how checkpoints are trained when --checkpoint-dir is not given")
+    sim.add_argument("--rounds", type=_positive_int, default=10, help="FedAvg rounds per checkpoint")
+    sim.add_argument("--local-epochs", type=_positive_int, default=3, help="local epochs per FedAvg round")
+    sim.add_argument("--timeout", type=_positive_float, default=600.0,
+                     help="seconds to wait for clients' replies in each step")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
     train = sub.add_parser("train", help="train checkpoints only")
     _add_task_args(train)
@@ -120,6 +145,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {summary['num_queries']} queries x {summary['num_train']} examples, "
               f"M={summary['num_checkpoints']}, k={summary['proj_dim']}, "
               f"{summary['seconds']['total']:.1f} s, peak {summary['peak_memory_mb']} MiB")
+    elif args.command == "simulate":
+        from simulations.simulate import run_simulation, simulation_config
+
+        cfg = simulation_config({
+            "task": args.task, "train-size": args.train_size or 0, "query-size": args.query_size or 0,
+            "clients": args.clients, "partition": args.partition, "alpha": args.alpha,
+            "partition-seed": args.partition_seed, "mode": args.mode, "policy": args.policy,
+            "allow-full": args.policy == "full", "topk": args.topk, "checkpoints": args.checkpoints,
+            "train": args.train, "checkpoint-dir": str(args.checkpoint_dir or ""), "rounds": args.rounds,
+            "local-epochs": args.local_epochs, "epochs": args.epochs or 0, "proj-dim": args.proj_dim or 0,
+            "projector": args.projector, "seed": args.seed, "lambda": str(args.lam),
+            "normalize": args.normalize, "batch-size": args.batch_size, "out": str(args.out),
+            "timeout": args.timeout,
+        })
+        summary = run_simulation(cfg, verbose=args.verbose)
+        _print_federated(summary, args.out)
     elif args.command == "train":
         from shared.checkpoints import train_checkpoints
         from shared.tasks import load_task
@@ -136,6 +177,19 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _print_federated(summary: dict, out: Path) -> None:
+    secs = summary["seconds"]
+    clients = summary["clients"]
+    per_client = (summary["bytes"]["sent"] + summary["bytes"]["received"]) / max(len(clients), 1)
+    print(f"wrote {out}: {summary['mode']} mode, release {summary['release_policy']}, "
+          f"{len(summary['owners'])} owners, {summary['num_queries']} queries x {summary['num_train']} "
+          f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, {secs['total']:.1f} s")
+    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items() if k != "total"))
+    print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
+    for ex in summary["excluded"]:
+        print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,200 @@
+"""fedtrak's Flower ClientApp: one thin handler per protocol step.
+
+Each handler decodes the server's message (:mod:`shared.protocol`), calls
+the client's pure functions on its own data, and encodes the reply. A
+handler that fails replies with a Flower error naming the problem; the
+server excludes that client and goes on.
+
+Settings a node reads (node config first, then the run config):
+
+``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``)
+``allow-full``  whether the ``full`` release policy may be served (run config; default false)
+``data-path``, ``owner``, ``task``  see :mod:`client.data`
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import ClientData, job_task, load_client_data
+from client.featurize import featurize_into_store, stored_gram
+from client.local_scoring import score_own_examples
+from client.store import FeatureStore
+from shared.checkpoints import model_from_state, sgd_epochs
+from shared.codecs import pack_upper
+from shared.errors import FedtrakError
+from shared.projectors import derive_seed
+from shared.protocol import (
+    INFO_KEY,
+    JOB_KEY,
+    SCORE_KEY,
+    JobSpec,
+    arrays_to_record,
+    checkpoint_indices,
+    checkpoint_key,
+    record_arrays,
+    record_config,
+    record_to_state,
+    state_to_record,
+)
+from shared.scoring import top_k
+
+log = logging.getLogger("fedtrak.client")
+
+DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"
+#: Error code of a fedtrak handler failure in a Flower error reply.
+HANDLER_ERROR = 1001
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _guard(step: str) -> Callable[[Handler], Handler]:
+    """Turn any exception of a handler into an error reply that names it."""
+
+    def wrap(fn: Handler) -> Handler:
+        @functools.wraps(fn)
+        def handler(msg: Message, ctx: Context) -> Message:
+            try:
+                return fn(msg, ctx)
+            except FedtrakError as exc:
+                reason = f"{step}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - reported to the server, not swallowed
+                reason = f"{step}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+            log.error("node %s: %s", ctx.node_id, reason)
+            return Message(Error(HANDLER_ERROR, reason), reply_to=msg)
+
+        return handler
+
+    return wrap
+
+
+def _setting(ctx: Context, defaults: Mapping[str, Any], key: str, fallback: Any) -> Any:
+    for source in (ctx.node_config, ctx.run_config, defaults):
+        if key in source and source[key] not in ("", None):
+            return source[key]
+    return fallback
+
+
+def _store(ctx: Context, defaults: Mapping[str, Any], data: ClientData, run_id: str) -> FeatureStore:
+    root = Path(str(_setting(ctx, defaults, "store-dir", DEFAULT_STORE))).expanduser()
+    who = f"partition-{data.partition_id}" if data.partition_id >= 0 else "owner-" + re.sub(
+        r"[^A-Za-z0-9_.-]", "_", data.owner)
+    return FeatureStore(root / who, run_id)
+
+
+def _info(data: ClientData) -> ConfigRecord:
+    return ConfigRecord({"owner": data.owner, "partition-id": data.partition_id,
+                         "num-examples": len(data.y)})
+
+
+def _job_and_data(msg: Message, ctx: Context, key: str = JOB_KEY) -> tuple[JobSpec, ClientData]:
+    job = JobSpec.from_record(record_config(msg.content, key, "server message"))
+    return job, load_client_data(job, ctx.node_config, ctx.node_id)
+
+
+def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """The ClientApp, with ``defaults`` for settings that neither node nor run config give.
+
+    ``fedtrak simulate`` passes its run settings here (Flower's Python
+    simulation entry point leaves the run config empty); ``flwr run`` uses the
+    module-level :data:`app`.
+    """
+    defaults = dict(defaults or {})
+    app = ClientApp()
+
+    @app.train()
+    @_guard("train")
+    def train(msg: Message, ctx: Context) -> Message:
+        """One FedAvg round: local SGD epochs on this client's data from the global weights."""
+        job, data = _job_and_data(msg, ctx, key="config")
+        cfg = msg.content.config_records["config"]
+        task = job_task(job)
+        model = model_from_state(task, record_to_state(msg.content.array_records["arrays"]), "global model")
+        seed = derive_seed(derive_seed(job.seed, int(cfg["checkpoint"])),
+                           1000 * int(cfg["server-round"]) + max(data.partition_id, 0))
+        sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed % 2**63)
+        return Message(RecordDict({"arrays": state_to_record(model.state_dict()),
+                                   "metrics": MetricRecord({"num-examples": len(data.y)})}), reply_to=msg)
+
+    def featurized(msg: Message, ctx: Context) -> tuple[JobSpec, ClientData, FeatureStore, list[int]]:
+        job, data = _job_and_data(msg, ctx)
+        indices = checkpoint_indices(msg.content)
+        states = {m: record_to_state(msg.content.array_records[checkpoint_key(m)]) for m in indices}
+        store = _store(ctx, defaults, data, job.run_id)
+        featurize_into_store(job_task(job), data, job, states, store)
+        return job, data, store, indices
+
+    @app.query("featurize")
+    @_guard("featurize")
+    def featurize(msg: Message, ctx: Context) -> Message:
+        """Featurize local data under every checkpoint; release Grams (upper triangles) and the count."""
+        _, data, store, indices = featurized(msg, ctx)
+        grams = {str(m): pack_upper(stored_gram(store, m)[0]) for m in indices}
+        return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: _info(data)}), reply_to=msg)
+
+    @app.query("features")
+    @_guard("features")
+    def features(msg: Message, ctx: Context) -> Message:
+        """Trusted-server mode: release the features and out-to-loss weights themselves."""
+        _, data, store, indices = featurized(msg, ctx)
+        arrays: dict[str, np.ndarray] = {"indices": data.indices}
+        for m in indices:
+            f, q = store.read(m)
+            arrays[f"features-{m}"] = np.asarray(f)
+            arrays[f"out-to-loss-{m}"] = np.asarray(q)
+        return Message(RecordDict({"features": arrays_to_record(arrays), INFO_KEY: _info(data)}), reply_to=msg)
+
+    @app.query("score")
+    @_guard("score")
+    def score(msg: Message, ctx: Context) -> Message:
+        """Score own examples from the preconditioned queries; release what the policy allows."""
+        job, data = _job_and_data(msg, ctx)
+        cfg = record_config(msg.content, SCORE_KEY, "server message")
+        policy = str(cfg["policy"])
+        if policy == "full" and not bool(_setting(ctx, defaults, "allow-full", False)):
+            raise FedtrakError("release policy 'full' is refused: the run config does not set allow-full")
+        queries = record_arrays(msg.content, "queries", "server message")
+        ms = sorted(int(m) for m in queries)
+        store = _store(ctx, defaults, data, job.run_id)
+        stored = [store.read(m) for m in ms]
+        if stored[0][0].shape[0] != len(data.y):
+            raise FedtrakError(f"local store holds {stored[0][0].shape[0]} examples, the data {len(data.y)}")
+        scores = score_own_examples([f for f, _ in stored], [q for _, q in stored],
+                                    [queries[str(m)] for m in ms])
+        released: dict[str, np.ndarray] = {"owner-totals": scores.sum(axis=1)}
+        if policy == "full":
+            released.update(scores=scores, indices=data.indices)
+        elif policy == "topk":
+            keep_topk_on_device(store, data, scores, int(cfg["topk"]))
+        return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: _info(data)}),
+                       reply_to=msg)
+
+    return app
+
+
+def keep_topk_on_device(store: FeatureStore, data: ClientData, scores: np.ndarray, k: int) -> Path:
+    """Write this client's top proponents and opponents per query to its local results folder.
+
+    Nothing of it is released: it is for the data's owner. Returns the file.
+    """
+    pro_idx, pro_val = top_k(scores, k)
+    opp_idx, opp_val = top_k(-scores, k)
+    store.results_dir.mkdir(parents=True, exist_ok=True)
+    path = store.results_dir / "topk.npz"
+    np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
+             opponent_ids=data.indices[opp_idx], opponent_scores=-opp_val)
+    return path
+
+
+#: The ClientApp that ``flwr run`` loads (``client.app:app`` in pyproject.toml).
+app = build_client_app()

@@ -1,0 +1,139 @@
+"""Where a client finds its own data.
+
+In simulation a virtual client takes its partition of the task's training
+set: Flower sets ``partition-id`` and ``num-partitions`` in its node config,
+and the server's job spec says how the data is split (the same
+deterministic :func:`shared.partition.partition` the centralized path
+uses). On a device, the node config names the data instead::
+
+    flower-supernode ... --node-config "data-path='/data/mine.npz' owner='clinic-a'"
+
+``data-path`` is an ``.npz`` file with ``x`` (inputs shaped like the task's,
+float) and ``y`` (integer labels in ``[0, num_classes)``). ``owner`` is the
+label the owner's results are reported under (default: the node id). A
+node config ``task`` entry, if present, must name the run's task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import FedtrakError
+from shared.partition import Partition, partition
+from shared.protocol import JobSpec
+from shared.tasks import Task, load_task
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's training examples.
+
+    Attributes:
+        owner: the label the owner is reported under.
+        partition_id: the simulation partition, or -1 on a device.
+        x, y: inputs and labels.
+        indices: each example's index in the task's training set, or its
+            row in the device's file.
+    """
+
+    owner: str
+    partition_id: int
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+    _digest: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the data (computed once): part of the feature store's fingerprint."""
+        if not self._digest:
+            h = hashlib.sha256()
+            h.update(np.ascontiguousarray(self.x).tobytes())
+            h.update(np.ascontiguousarray(self.y).tobytes())
+            self._digest.append(h.hexdigest())
+        return self._digest[0]
+
+
+@lru_cache(maxsize=4)
+def cached_task(spec: str, train_size: int, query_size: int) -> Task:
+    """The run's task, loaded once per process (0 sizes: the whole split)."""
+    return load_task(spec, train_size or None, query_size or None)
+
+
+@lru_cache(maxsize=8)
+def _cached_partition(job: JobSpec, num: int) -> Partition:
+    task = job_task(job)
+    return partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
+
+
+def job_task(job: JobSpec) -> Task:
+    """The task named by a job spec."""
+    return cached_task(job.task, job.train_size, job.query_size)
+
+
+def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> ClientData:
+    """This client's data, from its node config (see the module docstring).
+
+    Raises:
+        FedtrakError: naming what is wrong: no data source in the node
+            config, a task mismatch, a partition id out of range, or an
+            unreadable or malformed data file.
+    """
+    task = job_task(job)
+    named_task = node_config.get("task")
+    if named_task not in (None, "") and str(named_task) != job.task:
+        raise FedtrakError(f"this node holds data for task {named_task!r}, the run is for {job.task!r}")
+    if node_config.get("data-path"):
+        x, y = read_device_data(Path(str(node_config["data-path"])), task)
+        owner = str(node_config.get("owner") or node_id)
+        return ClientData(owner, -1, x, y, np.arange(len(y), dtype=np.int64))
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        if not 0 <= pid < num:
+            raise FedtrakError(f"partition-id {pid} is outside [0, {num})")
+        idx = _cached_partition(replace(job, run_id=""), num).clients[pid]
+        return ClientData(str(node_config.get("owner") or pid), pid, task.x_train[idx],
+                          task.y_train[idx], idx.astype(np.int64))
+    raise FedtrakError(
+        "the node config names no data: give data-path (an .npz with x and y) on a device, "
+        "or partition-id and num-partitions in simulation"
+    )
+
+
+def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate a device's ``.npz`` (``x``, ``y``) against the task.
+
+    Raises:
+        FedtrakError: if the file is missing or corrupt, lacks ``x`` or ``y``,
+            or holds inputs of the wrong shape, non-finite values or labels
+            outside ``[0, num_classes)``.
+    """
+    if not path.is_file():
+        raise FedtrakError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"x", "y"} - set(data.files)
+            if missing:
+                raise FedtrakError(f"data file {path} lacks {sorted(missing)}: it needs arrays x and y")
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise FedtrakError(f"cannot read data file {path}: {exc}") from exc
+    want = task.x_train.shape[1:]
+    if x.ndim < 1 or x.shape[1:] != want:
+        raise FedtrakError(f"{path}: x has shape {x.shape}, task {task.name} needs (n, {', '.join(map(str, want))})")
+    if y.shape != (len(x),):
+        raise FedtrakError(f"{path}: y has shape {y.shape}, expected ({len(x)},)")
+    if len(y) == 0:
+        raise FedtrakError(f"{path}: holds no examples")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise FedtrakError(f"{path}: x must be finite numbers")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= task.num_classes:
+        raise FedtrakError(f"{path}: y must be integer labels in [0, {task.num_classes})")
+    return x.astype(np.float32), y.astype(np.int64)

@@ -1,0 +1,74 @@
+"""A client featurizes its own data into its local store and computes its Gram matrices.
+
+Features never leave the device in private mode: they are written, chunk by
+chunk, to the memory-mapped :class:`client.store.FeatureStore`, and only
+``Phi_c,m^T Phi_c,m`` (computed from the store in row chunks) is released.
+A checkpoint already in the store from the same weights, projection and
+data is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from client.data import ClientData
+from client.store import FeatureStore
+from shared.kernel import GramAccumulator
+from shared.protocol import JobSpec
+from shared.settings import checkpoint_featurizer
+from shared.tasks import Task
+
+#: Rows of the stored features per Gram update.
+GRAM_ROWS = 8192
+
+
+def fingerprint(job: JobSpec, m: int, state: Mapping[str, torch.Tensor], data: ClientData) -> str:
+    """What checkpoint ``m``'s features depend on: the projection, the weights and the data."""
+    h = hashlib.sha256()
+    spec = {"task": job.task, "projector": job.projector, "proj_dim": job.proj_dim, "seed": job.seed, "m": m}
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    h.update(data.digest.encode())
+    return h.hexdigest()
+
+
+def featurize_into_store(
+    task: Task,
+    data: ClientData,
+    job: JobSpec,
+    checkpoints: Mapping[int, Mapping[str, torch.Tensor]],
+    store: FeatureStore,
+) -> dict[int, bool]:
+    """Featurize ``data`` under every checkpoint into ``store``.
+
+    Returns, per checkpoint index, whether it was computed now (``False``: reused).
+    """
+    settings = job.settings()
+    computed = {}
+    for m, state in sorted(checkpoints.items()):
+        fp = fingerprint(job, m, state, data)
+        if store.has(m, fp):
+            computed[m] = False
+            continue
+        featurizer = checkpoint_featurizer(task, dict(state), m, settings)
+        chunks = ((c.start, c.features, c.out_to_loss) for c in featurizer.iter_chunks(data.x, data.y))
+        store.write_chunks(m, len(data.y), featurizer.projector.proj_dim, chunks, fp)
+        featurizer.projector.release()
+        computed[m] = True
+    return computed
+
+
+def stored_gram(store: FeatureStore, m: int) -> tuple[np.ndarray, int]:
+    """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks."""
+    features, _ = store.read(m)
+    acc = GramAccumulator(features.shape[1])
+    for start in range(0, features.shape[0], GRAM_ROWS):
+        acc.add(np.asarray(features[start : start + GRAM_ROWS]))
+    return acc.matrix, acc.count

@@ -1,0 +1,138 @@
+"""The settings of a federated run, read from Flower's run config.
+
+Keys are Flower-style (hyphenated). Their defaults are the ones declared in
+``pyproject.toml`` under ``[tool.flwr.app.config]`` (a test keeps the two in
+step); ``flwr run . --run-config "key=value ..."`` overrides them, and
+``fedtrak simulate`` fills them from its flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shared.errors import FedtrakError
+from shared.kernel import NORMALIZATIONS
+from shared.projectors import PROJECTOR_KINDS
+from shared.protocol import MODES, POLICIES, JobSpec
+from shared.settings import ScoreSettings
+
+TRAINING = ("fedavg", "central")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated attribution run (attribute ``x_y`` is run-config key ``x-y``)."""
+
+    task: str = "digits-logreg"
+    train_size: int = 0
+    query_size: int = 0
+    clients: int = 2
+    partition: str = "iid"
+    alpha: float = 0.5
+    partition_seed: int = 0
+    mode: str = "private"
+    policy: str = "owner-totals"
+    allow_full: bool = False
+    topk: int = 10
+    checkpoints: int = 3
+    train: str = "fedavg"
+    checkpoint_dir: str = ""
+    rounds: int = 10
+    local_epochs: int = 3
+    epochs: int = 0
+    proj_dim: int = 512
+    projector: str = "rademacher"
+    seed: int = 0
+    lam: str = "auto"
+    normalize: str = "none"
+    batch_size: int = 256
+    out: str = "runs/flwr"
+    store_dir: str = ""
+    timeout: float = 600.0
+    wait_for_nodes: float = 120.0
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The run-config key of a field (``lam`` is ``lambda``)."""
+        return "lambda" if name == "lam" else name.replace("_", "-")
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate a run config.
+
+        Raises:
+            FedtrakError: naming the key of an unknown setting, a value of
+                the wrong type or a value outside its allowed set.
+        """
+        by_key = {cls.key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(config) - set(by_key))
+        if unknown:
+            raise FedtrakError(f"unknown run config key(s) {unknown}; known: {sorted(by_key)}")
+        values = {}
+        for key, value in config.items():
+            f = by_key[key]
+            values[f.name] = _coerce(key, value, str(f.type))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The run config as Flower keys and values."""
+        return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def validate(self) -> None:
+        """Check choices and ranges; raise FedtrakError naming the key."""
+        choices = {"mode": MODES, "policy": POLICIES, "train": TRAINING, "projector": PROJECTOR_KINDS,
+                   "normalize": NORMALIZATIONS, "partition": ("iid", "dirichlet")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise FedtrakError(f"run config {self.key(name)}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("clients", "checkpoints", "rounds", "local_epochs", "topk", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FedtrakError(f"run config {self.key(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_size", "query_size", "epochs", "proj_dim"):
+            if getattr(self, name) < 0:
+                raise FedtrakError(f"run config {self.key(name)} must be non-negative, got {getattr(self, name)}")
+        for name in ("alpha", "timeout", "wait_for_nodes"):
+            if not getattr(self, name) > 0:
+                raise FedtrakError(f"run config {self.key(name)} must be positive, got {getattr(self, name)}")
+        if self.policy == "full" and not self.allow_full:
+            raise FedtrakError("run config policy='full' needs allow-full=true (simulation and evaluation only)")
+
+    def score_settings(self) -> ScoreSettings:
+        """The featurizing and scoring settings."""
+        return ScoreSettings(proj_dim=self.proj_dim or None, projector=self.projector, seed=self.seed,
+                             lam=self.lam, normalize=self.normalize, batch_size=self.batch_size)
+
+    def job(self, run_id: str) -> JobSpec:
+        """What clients are told about the run."""
+        return JobSpec(run_id=run_id, task=self.task, projector=self.projector, proj_dim=self.proj_dim,
+                       seed=self.seed, batch_size=self.batch_size, train_size=self.train_size,
+                       query_size=self.query_size, partition=self.partition, alpha=self.alpha,
+                       partition_seed=self.partition_seed)
+
+    @property
+    def out_dir(self) -> Path:
+        """The run folder."""
+        return Path(self.out).expanduser()
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise FedtrakError(f"run config {key} must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedtrakError(f"run config {key} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedtrakError(f"run config {key} must be a number, got {value!r}")
+        return float(value)
+    return str(value)

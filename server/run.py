@@ -1,0 +1,240 @@
+"""The server's side of one federated attribution run (DESIGN.md section 3).
+
+1. Wait for the clients; obtain M checkpoints (FedAvg through Flower,
+   centralized training in simulation, or a checkpoint folder).
+2. ``private`` mode: ``query.featurize`` sends every checkpoint; clients
+   reply with Gram matrices, which the server sums into ``K_m``, solves and
+   uses to precondition its queries; ``query.score`` sends ``U_m`` and
+   clients release what the policy allows (owner totals; with ``full``, their
+   score matrices).
+   ``features`` mode: ``query.features``; clients send their features and
+   the server scores centrally.
+3. Write the run folder in the centralized path's format, with per-phase
+   seconds, bytes per client and the clients that were excluded.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from server.config import RunConfig
+from server.federation import CountingGrid, Federation, wait_for_nodes
+from server.scoring import score_features, solve_checkpoint
+from server.training import train_fedavg_checkpoints
+from server.validation import features_release, gram_release, read_info, score_release
+from shared.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
+from shared.errors import FedtrakError
+from shared.featurizer import Features, Featurizer
+from shared.projectors import make_projector
+from shared.protocol import (
+    FEATURES,
+    FEATURIZE,
+    JOB_KEY,
+    SCORE,
+    SCORE_KEY,
+    JobSpec,
+    arrays_to_record,
+    checkpoint_key,
+    state_to_record,
+)
+from shared.results import ResultWriter, add_score_arrays
+from shared.settings import checkpoint_featurizer
+from shared.tasks import Task, load_task
+from shared.timing import PhaseTimer, peak_memory_mb
+
+log = logging.getLogger("fedtrak.server")
+
+States = list[dict[str, torch.Tensor]]
+
+
+def obtain_checkpoints(grid: CountingGrid, task: Task, cfg: RunConfig, job: JobSpec, num_nodes: int,
+                       timer: PhaseTimer) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+    """Load ``cfg.checkpoint_dir`` or train checkpoints into ``OUT/checkpoints``."""
+    if cfg.checkpoint_dir:
+        with timer.phase("load_checkpoints"):
+            return load_checkpoints(task, Path(cfg.checkpoint_dir).expanduser(), cfg.checkpoints)
+    ckpt_dir = cfg.out_dir / "checkpoints"
+    with timer.phase("train"):
+        if cfg.train == "fedavg":
+            return train_fedavg_checkpoints(grid, task, cfg, job, num_nodes, ckpt_dir)
+        train_checkpoints(task, cfg.checkpoints, ckpt_dir, base_seed=cfg.seed, epochs=cfg.epochs or None)
+    return load_checkpoints(task, ckpt_dir, cfg.checkpoints)
+
+
+def _request(job: JobSpec, states: States) -> RecordDict:
+    content = RecordDict({JOB_KEY: job.to_record()})
+    for m, state in enumerate(states):
+        content[checkpoint_key(m)] = state_to_record(state)
+    return content
+
+
+def _note_info(fed: Federation, replies: dict[int, RecordDict]) -> None:
+    for node, content in list(replies.items()):
+        try:
+            info = read_info(content, fed.source(node))
+        except FedtrakError as exc:
+            fed.exclude(node, str(exc))
+            del replies[node]
+            continue
+        rec = fed.clients[node]
+        rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
+
+
+def _require_clients(fed: Federation, step: str) -> list[int]:
+    nodes = fed.ordered()
+    if not nodes:
+        raise FedtrakError(f"no client is left after {step}: " + "; ".join(
+            f"node {c.node_id}: {c.excluded}" for c in fed.clients.values()))
+    return nodes
+
+
+def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
+                timer: PhaseTimer) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None, list[dict]]:
+    """Private mode. Returns ``(scores or None, owner totals, example ids or None, records)``."""
+    settings = cfg.score_settings()
+    featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
+    dim = featurizers[0].projector.proj_dim
+    ms = list(range(len(states)))
+    with timer.phase("featurize_round"):
+        replies = fed.broadcast(FEATURIZE, lambda node: _request(job, states))
+    _note_info(fed, replies)
+    sums = [np.zeros((dim, dim)) for _ in ms]
+
+    def add_grams(node: int, content: RecordDict) -> None:
+        for m, g in gram_release(content, ms, dim, fed.source(node)).items():
+            sums[m] += g  # only after every checkpoint's Gram of this client passed
+
+    with timer.phase("gram_sum"):
+        fed.accept(replies, add_grams)
+    nodes = _require_clients(fed, "featurize")
+    total = sum(fed.clients[n].num_examples for n in nodes)
+    us, records = [], []
+    for m in ms:
+        u, record = solve_checkpoint(task, featurizers[m], sums[m], total, settings, m, timer)
+        featurizers[m].projector.release()
+        us.append(u)
+        records.append(record)
+    score_cfg = ConfigRecord({"policy": cfg.policy, "topk": cfg.topk})
+    queries = arrays_to_record({str(m): u for m, u in enumerate(us)})
+    with timer.phase("score_round"):
+        replies = fed.broadcast(SCORE, lambda node: RecordDict(
+            {JOB_KEY: job.to_record(), SCORE_KEY: score_cfg, "queries": queries}))
+    nq = len(task.y_query)
+    released = fed.accept(replies, lambda node, c: score_release(
+        c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node)))
+    nodes = [n for n in _require_clients(fed, "score") if n in released]
+    owners = np.stack([released[n]["owner-totals"] for n in nodes], axis=1)
+    if cfg.policy != "full":
+        return None, owners, None, records
+    scores = np.concatenate([released[n]["scores"] for n in nodes], axis=1)
+    ids = _example_ids(fed, nodes, [released[n]["indices"] for n in nodes])
+    return scores, owners, ids, records
+
+
+def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
+                 timer: PhaseTimer) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Trusted-server mode. Returns ``(scores, owner totals, example ids, records)``."""
+    settings = cfg.score_settings()
+    dim = checkpoint_featurizer(task, states[0], 0, settings).projector.proj_dim
+    ms = list(range(len(states)))
+    with timer.phase("features_round"):
+        replies = fed.broadcast(FEATURES, lambda node: _request(job, states))
+    _note_info(fed, replies)
+    received = fed.accept(replies, lambda node, c: features_release(
+        c, ms, dim, fed.clients[node].num_examples, fed.source(node)))
+    nodes = [n for n in _require_clients(fed, "features") if n in received]
+
+    def gathered(m: int, featurizer: Featurizer) -> Features:
+        return Features(np.concatenate([received[n][1][m][0] for n in nodes]),
+                        np.concatenate([received[n][1][m][1] for n in nodes]))
+
+    total = sum(fed.clients[n].num_examples for n in nodes)
+    scores, records = score_features(task, states, total, gathered, settings, timer)
+    ids = _example_ids(fed, nodes, [received[n][0] for n in nodes])
+    owners = np.add.reduceat(scores, np.cumsum([0] + [fed.clients[n].num_examples for n in nodes[:-1]]),
+                             axis=1)
+    return scores, owners, ids, records
+
+
+def _example_ids(fed: Federation, nodes: Sequence[int], indices: Sequence[np.ndarray]) -> np.ndarray:
+    dtype = [("client", np.int64), ("local", np.int64), ("index", np.int64)]
+    parts = []
+    for owner, (node, idx) in enumerate(zip(nodes, indices)):
+        part = np.zeros(len(idx), dtype=dtype)
+        part["client"], part["local"], part["index"] = owner, np.arange(len(idx)), idx
+        parts.append(part)
+    return np.concatenate(parts)
+
+
+def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
+    """Run one federated attribution and write its run folder; returns the summary.
+
+    Raises:
+        FedtrakError: on bad settings, too few clients, or no client left;
+            no result files are written then (trained checkpoints are kept).
+    """
+    timer = PhaseTimer()
+    grid = CountingGrid(flower_grid)
+    with timer.phase("load_task"):
+        task = load_task(cfg.task, cfg.train_size or None, cfg.query_size or None)
+        # Check the projection settings before anything is trained or sent.
+        make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
+    run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
+    job = cfg.job(run_id)
+    with timer.phase("wait_for_clients"):
+        nodes = wait_for_nodes(grid, cfg.clients, cfg.wait_for_nodes)
+    grid.step = "train"
+    checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer)
+    states = [s for _, s in checkpoints]
+    fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout)
+    writer = ResultWriter(cfg.out_dir)
+    try:
+        run = run_private if cfg.mode == "private" else run_features
+        scores, owners, ids, records = run(fed, task, cfg, job, states, timer)
+        for rec, (info, _) in zip(records, checkpoints):
+            rec.update(file=info.file, algorithm=info.algorithm, accuracy=info.accuracy)
+        nodes = fed.ordered()
+        with timer.phase("write"):
+            add_score_arrays(writer, scores, ids, owners, cfg.topk)
+        clients = fed.report()
+        summary = {
+            "mode": cfg.mode,
+            "release_policy": cfg.policy if cfg.mode == "private" else "features",
+            "task": task.name,
+            "run_id": run_id,
+            "num_train": sum(fed.clients[n].num_examples for n in nodes),
+            "num_queries": len(task.y_query),
+            "num_params": records[0]["num_params"],
+            "proj_dim": records[0]["proj_dim"],
+            "projector": cfg.projector,
+            "num_checkpoints": len(states),
+            "normalization": cfg.normalize,
+            "ensemble": "mean kernel term x mean out-to-loss (TRAK Algorithm 1)",
+            "score_sign": "positive = training example raises the query's margin",
+            "lambda": [r["lambda"] for r in records],
+            "checkpoints": records,
+            "owners": [{"column": i, "owner": fed.clients[n].owner, "node_id": n,
+                        "partition_id": fed.clients[n].partition_id,
+                        "num_examples": fed.clients[n].num_examples} for i, n in enumerate(nodes)],
+            **clients,
+            "config": cfg.to_mapping(),
+            "seconds": timer.report(),
+            "peak_memory_mb": peak_memory_mb(),
+        }
+        if not clients["complete_federation"]:
+            summary["warning"] = (f"{len(clients['excluded'])} client(s) excluded: results cover only the "
+                                  f"{len(nodes)} listed owners")
+        writer.commit(summary)
+        log.info("fedtrak: wrote %s", cfg.out_dir)
+        return summary
+    except BaseException:
+        writer.discard()
+        raise

@@ -1,0 +1,59 @@
+"""Checkpoints trained with federated averaging, through Flower's own FedAvg strategy.
+
+Checkpoint m is an independent FedAvg run from the task's model initialized
+under seed ``seed + m``: ``rounds`` rounds in which every connected client
+runs ``local-epochs`` epochs of the task's SGD recipe on its own data
+(:func:`shared.checkpoints.sgd_epochs`) and Flower's ``FedAvg`` averages the
+updates weighted by example counts. Each checkpoint is saved like the
+centralized ones as soon as it is trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.config import RunConfig
+from shared.checkpoints import (
+    CheckpointInfo,
+    accuracy,
+    model_from_state,
+    seeded_model,
+    write_checkpoint,
+)
+from shared.errors import FedtrakError
+from shared.protocol import JobSpec, record_to_state, state_to_record
+from shared.tasks import Task
+
+
+def train_fedavg_checkpoints(
+    grid: Grid, task: Task, cfg: RunConfig, job: JobSpec, num_nodes: int, out_dir: Path
+) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+    """Train ``cfg.checkpoints`` models with FedAvg over the connected clients and save them.
+
+    Raises:
+        FedtrakError: if a round produced no update (every client failed).
+    """
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
+                      min_available_nodes=num_nodes)
+    out = []
+    infos: list[CheckpointInfo] = []
+    for m in range(cfg.checkpoints):
+        seed = cfg.seed + m
+        initial = state_to_record(seeded_model(task, seed).state_dict())
+        config = ConfigRecord({**job.to_record(), "checkpoint": m, "local-epochs": cfg.local_epochs})
+        result = strategy.start(grid, initial, num_rounds=cfg.rounds, timeout=cfg.timeout, train_config=config)
+        if len(result.train_metrics_clientapp) < cfg.rounds:
+            raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update")
+        state = record_to_state(result.arrays)
+        model = model_from_state(task, state, f"FedAvg checkpoint {m}")
+        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, "fedavg", cfg.rounds * cfg.local_epochs,
+                              accuracy(model, task.x_query, task.y_query), rounds=cfg.rounds)
+        infos.append(info)
+        write_checkpoint(out_dir, task.name, state, infos)
+        out.append((info, state))
+    return out
