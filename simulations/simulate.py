@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp import ClientApp
+
 from client.app import build_client_app
 from server.app import build_server_app
 from server.config import RunConfig
@@ -52,8 +54,10 @@ def simulation_config(settings: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
-def run_simulation(cfg: RunConfig, verbose: bool = False) -> dict:
+def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
     """Run ``cfg`` with ``cfg.clients`` virtual clients; return the run summary.
+
+    ``client_app`` replaces fedtrak's ClientApp (tests use a faulty one).
 
     Raises:
         FedtrakError: with the server's reason if the run failed.
@@ -76,7 +80,7 @@ def run_simulation(cfg: RunConfig, verbose: bool = False) -> dict:
         try:
             flower_run_simulation(
                 server_app=build_server_app(settings, outcome),
-                client_app=build_client_app(settings),
+                client_app=client_app or build_client_app(settings),
                 num_supernodes=cfg.clients,
                 backend_config=backend,
             )

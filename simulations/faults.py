@@ -1,0 +1,99 @@
+"""Misbehaving clients, for testing that the server excludes them and goes on.
+
+:func:`faulty_client_app` wraps fedtrak's real ClientApp: the client of a
+chosen simulation partition computes its honest reply and then breaks it in
+one named way (or raises outright). It lives in the package, not in the
+tests, because Ray workers must be able to import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import build_client_app
+from shared.protocol import arrays_to_record
+
+#: Fault name -> (the step it breaks, what it does).
+FAULTS = {
+    "raise": ("featurize", "the ClientApp raises an exception"),
+    "gram-shape": ("featurize", "the Gram upper triangle of checkpoint 0 loses its last value"),
+    "gram-nan": ("featurize", "a Gram entry is NaN"),
+    "gram-asym": ("featurize", "the Gram is sent as a full matrix that is not symmetric"),
+    "gram-not-psd": ("featurize", "an off-diagonal Gram entry is inflated past positive semi-definiteness"),
+    "score-shape": ("score", "the owner totals have one value too many"),
+    "score-nan": ("score", "an owner total is infinite"),
+}
+
+
+def _break_gram(fault: str, grams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    g = np.array(grams["0"], dtype=np.float64)
+    k = int((np.sqrt(8 * len(g) + 1) - 1) / 2)
+    if fault == "gram-shape":
+        g = g[:-1]
+    elif fault == "gram-nan":
+        g[1] = np.nan
+    elif fault == "gram-asym":
+        full = np.zeros((k, k))
+        full[np.triu_indices(k)] = g
+        full[1, 0] = full[0, 1] + 1.0
+        g = full
+    elif fault == "gram-not-psd":
+        g[1] = 10 * np.sqrt(g[0] * g[k]) + 1.0  # entry (0, 1) against diagonals (0, 0) and (1, 1)
+    return {**grams, "0": g}
+
+
+def _break_score(fault: str, released: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    totals = np.array(released["owner-totals"], dtype=np.float64)
+    if fault == "score-shape":
+        totals = np.append(totals, 0.0)
+    else:
+        totals[0] = np.inf
+    return {**released, "owner-totals": totals}
+
+
+def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """fedtrak's ClientApp in which partition ``p`` misbehaves as ``faults[p]`` (see :data:`FAULTS`)."""
+    unknown = set(faults.values()) - set(FAULTS)
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(FAULTS)}")
+    honest = build_client_app(defaults)
+    app = ClientApp()
+
+    def fault_of(ctx: Context, step: str) -> str | None:
+        fault = faults.get(int(ctx.node_config.get("partition-id", -1)))
+        return fault if fault and FAULTS[fault][0] == step else None
+
+    @app.train()
+    def train(msg: Message, ctx: Context) -> Message:
+        return honest(msg, ctx)
+
+    @app.query("featurize")
+    def featurize(msg: Message, ctx: Context) -> Message:
+        fault = fault_of(ctx, "featurize")
+        if fault == "raise":
+            raise RuntimeError("injected fault: this client crashed")
+        reply = honest(msg, ctx)
+        if fault and not reply.has_error():
+            grams = {k: a.numpy() for k, a in reply.content.array_records["grams"].items()}
+            reply.content["grams"] = arrays_to_record(_break_gram(fault, grams))
+        return reply
+
+    @app.query("features")
+    def features(msg: Message, ctx: Context) -> Message:
+        return honest(msg, ctx)
+
+    @app.query("score")
+    def score(msg: Message, ctx: Context) -> Message:
+        fault = fault_of(ctx, "score")
+        reply = honest(msg, ctx)
+        if fault and not reply.has_error():
+            released = {k: a.numpy() for k, a in reply.content.array_records["released"].items()}
+            reply.content["released"] = arrays_to_record(_break_score(fault, released))
+        return reply
+
+    return app

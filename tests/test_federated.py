@@ -1,0 +1,156 @@
+"""The core invariant on Flower's simulation engine: with privacy off, ``fedtrak simulate``
+gives the centralized scores and owner totals, in private mode (clients release Grams
+and score locally) and in features mode, for 1, 3 and 10 clients, IID and Dirichlet.
+Each simulation runs once per session and is shared by the tests that read it."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.config import RunConfig
+from shared.partition import partition
+from shared.settings import ScoreSettings
+from simulations.attribute import AttributeConfig, central_scores, run_attribute
+from simulations.faults import faulty_client_app
+from simulations.simulate import run_simulation, simulation_config
+
+pytestmark = pytest.mark.flower
+
+K = 128
+SETUPS = [(1, "iid"), (3, "iid"), (3, "dirichlet"), (10, "iid"), (10, "dirichlet")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _settings(out: Path, ckpts: Path, clients: int, scheme: str, **extra) -> dict:
+    return {"clients": clients, "partition": scheme, "alpha": 0.5, "partition-seed": 1,
+            "checkpoint-dir": str(ckpts), "proj-dim": K, "out": str(out), **extra}
+
+
+@pytest.fixture(scope="session")
+def sim_factory(tmp_path_factory, logreg_ckpt_dir):
+    """Runs (and caches) a simulation per (clients, scheme, mode, policy)."""
+    cache: dict = {}
+
+    def get(clients: int, scheme: str, mode: str, policy: str = "full") -> Path:
+        key = (clients, scheme, mode, policy)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"sim-{clients}-{scheme}-{mode}-{policy}")
+            cfg = simulation_config(_settings(out, logreg_ckpt_dir, clients, scheme, mode=mode,
+                                              policy=policy, **{"allow-full": policy == "full"}))
+            run_simulation(cfg)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def central_factory(tmp_path_factory, logreg_ckpt_dir):
+    """The centralized reference run per (clients, scheme)."""
+    cache: dict = {}
+
+    def get(clients: int, scheme: str) -> Path:
+        if (clients, scheme) not in cache:
+            out = tmp_path_factory.mktemp(f"central-{clients}-{scheme}")
+            run_attribute(AttributeConfig(out=out, clients=clients, partition=scheme, alpha=0.5,
+                                          partition_seed=1, checkpoint_dir=logreg_ckpt_dir,
+                                          progress=False, score=ScoreSettings(proj_dim=K)))
+            cache[(clients, scheme)] = out
+        return cache[(clients, scheme)]
+
+    return get
+
+
+def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("mode", ["private", "features"])
+@pytest.mark.parametrize("clients, scheme", SETUPS)
+def test_simulate_equals_attribute(sim_factory, central_factory, clients, scheme, mode):
+    sim, central = sim_factory(clients, scheme, mode), central_factory(clients, scheme)
+    _assert_close(np.load(sim / "scores.npy"), np.load(central / "scores.npy"))
+    _assert_close(np.load(sim / "owner_scores.npy"), np.load(central / "owner_scores.npy"))
+    np.testing.assert_array_equal(np.load(sim / "example_ids.npy"), np.load(central / "example_ids.npy"))
+    summary = json.loads((sim / "summary.json").read_text())
+    assert summary["complete"] and summary["complete_federation"] and summary["excluded"] == []
+    assert summary["lambda"] == pytest.approx(json.loads((central / "summary.json").read_text())["lambda"])
+    assert len(summary["clients"]) == clients
+    assert all(c["bytes_sent"] > 0 and c["bytes_received"] > 0 for c in summary["clients"])
+    assert summary["seconds"]["total"] > 0
+
+
+def test_owner_totals_and_topk_policies_release_no_scores(sim_factory, central_factory):
+    central = central_factory(3, "dirichlet")
+    for policy in ("owner-totals", "topk"):
+        sim = sim_factory(3, "dirichlet", "private", policy)
+        _assert_close(np.load(sim / "owner_scores.npy"), np.load(central / "owner_scores.npy"))
+        assert not (sim / "scores.npy").exists() and not (sim / "example_ids.npy").exists()
+        summary = json.loads((sim / "summary.json").read_text())
+        full = json.loads((sim_factory(3, "dirichlet", "private") / "summary.json").read_text())
+        # owner totals are one number per query: far fewer bytes back than full score matrices
+        assert summary["bytes"]["per_step"]["query.score"]["received"] < \
+            full["bytes"]["per_step"]["query.score"]["received"] / 10
+    # topk: each client kept its best examples per query on the device, for its owner
+    scores = np.load(central / "scores.npy")
+    ids = np.load(central / "example_ids.npy")
+    for owner in range(3):
+        kept = np.load(sim / "client-stores" / f"partition-{owner}" / summary["run_id"] / "results" / "topk.npz")
+        mine = scores[:, ids["client"] == owner]
+        best = ids["index"][ids["client"] == owner][np.argmax(mine, axis=1)]
+        np.testing.assert_array_equal(kept["proponent_ids"][:, 0], best)
+
+
+def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, digits_logreg, logreg_states):
+    faults = {1: "raise", 2: "gram-shape", 3: "gram-nan", 4: "gram-asym", 5: "gram-not-psd",
+              6: "score-shape", 7: "score-nan"}
+    settings = _settings(tmp_path, logreg_ckpt_dir, 9, "iid", policy="full", **{"allow-full": True})
+    cfg = simulation_config(settings)
+    run_simulation(cfg, client_app=faulty_client_app(faults, cfg.to_mapping()))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reasons = {int(e["owner"]) if e["owner"] else None: e["reason"] for e in summary["excluded"]}
+    assert summary["complete"] and not summary["complete_federation"] and "warning" in summary
+    assert "crashed" in reasons[None]  # a client that raised before saying who it is
+    assert "Gram upper triangle has shape" in reasons[2]
+    assert "NaN" in reasons[3]
+    assert "not symmetric" in reasons[4]
+    assert "not positive semi-definite" in reasons[5]
+    assert "owner totals have shape" in reasons[6]
+    assert "NaN or infinity" in reasons[7]
+    assert [o["owner"] for o in summary["owners"]] == ["0", "8"]
+    # The kernel holds the Grams of clients 0, 6, 7, 8 (6 and 7 failed only when scoring);
+    # the released scores are those of clients 0 and 8.
+    parts = partition(digits_logreg.y_train, 9, "iid", 0.5, 1)
+    kernel_idx = np.concatenate([parts.clients[c] for c in (0, 6, 7, 8)])
+    ref, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
+                            digits_logreg.y_train[kernel_idx], ScoreSettings(proj_dim=K))
+    n0, n_mid = len(parts.clients[0]), len(parts.clients[6]) + len(parts.clients[7])
+    want = np.concatenate([ref[:, :n0], ref[:, n0 + n_mid:]], axis=1)
+    _assert_close(np.load(tmp_path / "scores.npy"), want)
+
+
+def test_full_policy_is_refused_by_clients_unless_allowed(tmp_path, logreg_ckpt_dir):
+    from shared.errors import FedtrakError
+
+    with pytest.raises(FedtrakError, match="allow-full"):
+        RunConfig.from_mapping({"policy": "full"})
+    # A server that claims the policy anyway meets clients whose run config forbids it.
+    cfg = simulation_config(_settings(tmp_path, logreg_ckpt_dir, 2, "iid", policy="full",
+                                      **{"allow-full": True}))
+    honest_settings = {**cfg.to_mapping(), "allow-full": False}
+    from client.app import build_client_app
+
+    with pytest.raises(FedtrakError, match="no client is left after score.*refused"):
+        run_simulation(cfg, client_app=build_client_app(honest_settings))
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_run_config_defaults_match_pyproject():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_mapping()
+    assert RunConfig.from_mapping(declared) == RunConfig()
