@@ -28,7 +28,7 @@ import numpy as np
 from shared.errors import FedtrakError
 from shared.partition import Partition, partition
 from shared.protocol import JobSpec
-from shared.tasks import Task, load_task
+from shared.tasks import Task, cached_task
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,6 @@ class ClientData:
             h.update(np.ascontiguousarray(self.y).tobytes())
             self._digest.append(h.hexdigest())
         return self._digest[0]
-
-
-@lru_cache(maxsize=4)
-def cached_task(spec: str, train_size: int, query_size: int) -> Task:
-    """The run's task, loaded once per process (0 sizes: the whole split)."""
-    return load_task(spec, train_size or None, query_size or None)
 
 
 @lru_cache(maxsize=8)

@@ -47,7 +47,7 @@ from shared.protocol import (
 )
 from shared.results import ResultWriter, add_score_arrays
 from shared.settings import checkpoint_featurizer
-from shared.tasks import Task, load_task
+from shared.tasks import Task, cached_task
 from shared.timing import PhaseTimer, peak_memory_mb
 
 log = logging.getLogger("fedtrak.server")
@@ -184,7 +184,7 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     timer = PhaseTimer()
     grid = CountingGrid(flower_grid)
     with timer.phase("load_task"):
-        task = load_task(cfg.task, cfg.train_size or None, cfg.query_size or None)
+        task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
         # Check the projection settings before anything is trained or sent.
         make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
     run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -168,3 +169,13 @@ def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
         np.ascontiguousarray(y, dtype=np.int64)
     )
+
+
+@lru_cache(maxsize=4)
+def cached_task(spec: str, train_size: int = 0, query_size: int = 0) -> Task:
+    """:func:`load_task` once per process and arguments (sizes of 0: the whole split).
+
+    The server and every client of a run load the same task; in simulation
+    they share processes, so this saves reloading it for every message.
+    """
+    return load_task(spec, train_size or None, query_size or None)

@@ -6,11 +6,11 @@ Each simulation runs once per session and is shared by the tests that read it.""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from server.config import RunConfig
 from shared.partition import partition
