@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from client.local_scoring import score_own_examples
-from server.aggregation import sum_gram_releases
 from shared.checkpoints import model_from_state
 from shared.codecs import pack_upper, unpack_upper
 from shared.errors import FedtrakError
@@ -34,14 +33,13 @@ def test_split_computation_equals_central(digits_logreg, logreg_states, clients,
         model = model_from_state(task, state, f"checkpoint {m}")
         proj = make_projector("rademacher", task.num_params, K, derive_seed(0, m))
         feat = Featurizer(model, task.output, proj)
-        releases = []
+        g, n = np.zeros((K, K)), 0
         for c, idx in enumerate(parts.clients):  # on each device, its own data only
             f = feat.featurize(task.x_train[idx], task.y_train[idx])
             local[c]["F"].append(f.features)
             local[c]["q"].append(f.out_to_loss)
-            releases.append((str(c), pack_upper(gram(f.features)), len(idx)))
-        g, n = sum_gram_releases(releases, K)  # on the server
-        assert n == task.num_train
+            g += unpack_upper(pack_upper(gram(f.features)), K)  # what travels, summed on the server
+            n += len(idx)
         lam = resolve_lambda("auto", g, n, task.num_params, task.training.weight_decay)
         preconditioned.append(precondition(feat.featurize(task.x_query, task.y_query).features,
                                            Kernel(g, lam.value)))
@@ -54,17 +52,10 @@ def test_split_computation_equals_central(digits_logreg, logreg_states, clients,
     np.testing.assert_allclose(split, central, rtol=1e-4, atol=1e-4 * np.abs(central).max())
 
 
-def test_bad_gram_releases_name_the_client():
-    good = pack_upper(np.eye(3))
-    with pytest.raises(FedtrakError, match="client b: Gram upper triangle has shape"):
-        sum_gram_releases([("a", good, 1), ("b", good[:-1], 1)], 3)
-    bad = good.copy()
-    bad[2] = np.nan
-    with pytest.raises(FedtrakError, match="client c: Gram contains NaN"):
-        sum_gram_releases([("c", bad, 1)], 3)
-    with pytest.raises(FedtrakError, match="negative example count"):
-        sum_gram_releases([("d", good, -1)], 3)
-    with pytest.raises(FedtrakError, match="not symmetric"):
-        pack_upper(np.array([[1.0, 2.0], [0.0, 1.0]]))
+def test_gram_codec_round_trip_and_errors():
     np.testing.assert_array_equal(unpack_upper(pack_upper(np.array([[1.0, 2.0], [2.0, 5.0]])), 2),
                                   [[1.0, 2.0], [2.0, 5.0]])
+    with pytest.raises(FedtrakError, match="not symmetric"):
+        pack_upper(np.array([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(FedtrakError, match="client b: Gram upper triangle has shape"):
+        unpack_upper(pack_upper(np.eye(3))[:-1], 3, source="client b")

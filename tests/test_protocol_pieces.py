@@ -1,0 +1,141 @@
+"""The federated pieces without a Flower runtime: where a client finds its data, its local
+store reuse, the run config and job spec, and the server's checks of client releases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from client.data import load_client_data
+from client.featurize import featurize_into_store, stored_gram
+from client.store import FeatureStore
+from server.config import RunConfig
+from server.validation import features_release, gram_release, read_info, score_release
+from shared.codecs import pack_upper
+from shared.errors import FedtrakError
+from shared.kernel import gram
+from shared.protocol import INFO_KEY, JobSpec, arrays_to_record, record_to_state, state_to_record
+
+JOB = JobSpec(run_id="r1", task="digits-logreg", proj_dim=64, partition="dirichlet", partition_seed=3)
+
+
+def test_simulation_client_takes_its_partition():
+    data = load_client_data(JOB, {"partition-id": 2, "num-partitions": 4}, node_id=7)
+    assert data.owner == "2" and data.partition_id == 2
+    again = load_client_data(JOB, {"partition-id": 2, "num-partitions": 4}, node_id=8)
+    np.testing.assert_array_equal(data.indices, again.indices)
+    others = [load_client_data(JOB, {"partition-id": p, "num-partitions": 4}, 0).indices for p in range(4)]
+    assert sorted(np.concatenate(others).tolist()) == list(range(1500))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((5, 63)), "y": np.zeros(5, int)}, "x has shape"),
+    ({"x": np.full((5, 64), np.nan), "y": np.zeros(5, int)}, "finite"),
+    ({"x": np.zeros((5, 64)), "y": np.full(5, 10)}, r"labels in \[0, 10\)"),
+    ({"x": np.zeros((5, 64)), "y": np.zeros(4, int)}, "y has shape"),
+    ({"x": np.zeros((5, 64))}, "lacks"),
+])
+def test_device_data_is_validated(tmp_path, arrays, message):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(FedtrakError, match=message):
+        load_client_data(JOB, {"data-path": str(path)}, node_id=1)
+
+
+def test_device_data_errors_name_the_source(tmp_path):
+    with pytest.raises(FedtrakError, match="names no data"):
+        load_client_data(JOB, {}, node_id=1)
+    with pytest.raises(FedtrakError, match="does not exist"):
+        load_client_data(JOB, {"data-path": str(tmp_path / "none.npz")}, node_id=1)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(FedtrakError, match="cannot read data file"):
+        load_client_data(JOB, {"data-path": str(tmp_path / "bad.npz")}, node_id=1)
+    with pytest.raises(FedtrakError, match="holds data for task 'fmnist-mlp'"):
+        load_client_data(JOB, {"task": "fmnist-mlp", "partition-id": 0, "num-partitions": 2}, 1)
+    with pytest.raises(FedtrakError, match="outside"):
+        load_client_data(JOB, {"partition-id": 5, "num-partitions": 2}, 1)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((3, 64)), y=np.array([0, 1, 2]))
+    data = load_client_data(JOB, {"data-path": str(good), "owner": "clinic-a"}, node_id=1)
+    assert data.owner == "clinic-a" and data.partition_id == -1 and data.x.dtype == np.float32
+
+
+def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_path, logreg_states):
+    data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 3}, node_id=1)
+    task_states = {0: logreg_states[0], 1: logreg_states[1]}
+    from shared.tasks import cached_task
+
+    task = cached_task("digits-logreg")
+    first = featurize_into_store(task, data, JOB, task_states, FeatureStore(tmp_path, "r1"))
+    assert first == {0: True, 1: True}
+    store = FeatureStore(tmp_path, "r1")  # a new process finds the finished checkpoints
+    assert featurize_into_store(task, data, JOB, task_states, store) == {0: False, 1: False}
+    features, _ = store.read(0)
+    g, n = stored_gram(store, 0)
+    np.testing.assert_allclose(g, gram(np.asarray(features)), rtol=1e-12)
+    assert n == len(data.y)
+    changed = {0: {k: v * 1.5 for k, v in logreg_states[0].items()}, 1: logreg_states[1]}
+    assert featurize_into_store(task, data, JOB, changed, store) == {0: True, 1: False}
+
+
+def test_job_spec_and_state_round_trip(logreg_states):
+    assert JobSpec.from_record(JOB.to_record()) == JOB
+    with pytest.raises(FedtrakError, match="lacks field 'task'"):
+        JobSpec.from_record({k: v for k, v in JOB.to_record().items() if k != "task"})
+    with pytest.raises(FedtrakError, match="'proj_dim' must be int"):
+        JobSpec.from_record({**JOB.to_record(), "proj_dim": "64"})
+    back = record_to_state(state_to_record(logreg_states[0]))
+    assert all(np.array_equal(back[k].numpy(), v.numpy()) for k, v in logreg_states[0].items())
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rounds": 0}, "rounds must be at least 1"),
+    ({"mode": "trusted"}, "mode='trusted'"),
+    ({"proj-dim": "512"}, "proj-dim must be an integer"),
+    ({"allow-full": "yes"}, "allow-full must be true or false"),
+    ({"porj-dim": 5}, "unknown run config key"),
+])
+def test_run_config_errors_name_the_key(config, message):
+    with pytest.raises(FedtrakError, match=message):
+        RunConfig.from_mapping(config)
+
+
+def _reply(**records) -> RecordDict:
+    return RecordDict(records)
+
+
+def test_server_checks_of_client_releases():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(20, 4))
+    g = gram(f)
+    info = ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 20})
+    ok = _reply(grams=arrays_to_record({"0": pack_upper(g)}), **{INFO_KEY: info})
+    np.testing.assert_allclose(gram_release(ok, [0], 4, "client a")[0], g)
+    assert read_info(ok, "client a").num_examples == 20
+    with pytest.raises(FedtrakError, match="client a: no Gram for checkpoint 1"):
+        gram_release(ok, [0, 1], 4, "client a")
+    with pytest.raises(FedtrakError, match="message has no array record 'grams'"):
+        gram_release(_reply(), [0], 4, "client a")
+    bad_diag = g.copy()
+    bad_diag[2, 2] = -1.0
+    with pytest.raises(FedtrakError, match="negative diagonal"):
+        gram_release(_reply(grams=arrays_to_record({"0": pack_upper(bad_diag)})), [0], 4, "client a")
+    with pytest.raises(FedtrakError, match="reports 0 examples"):
+        read_info(_reply(**{INFO_KEY: ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 0})}), "a")
+
+    feats = _reply(features=arrays_to_record({"indices": np.arange(3), "features-0": np.ones((3, 4), np.float32),
+                                              "out-to-loss-0": np.array([0.1, 1.5, 0.2], np.float32)}))
+    with pytest.raises(FedtrakError, match="leave \\[0, 1\\]"):
+        features_release(feats, [0], 4, 3, "client a")
+    with pytest.raises(FedtrakError, match=r"example indices have shape \(3,\), expected \(5,\)"):
+        features_release(feats, [0], 4, 5, "client a")
+
+    totals = np.array([1.0, 2.0])
+    scores = np.array([[0.5, 0.5, 0.0], [1.0, 1.0, 0.5]])
+    full = _reply(released=arrays_to_record({"owner-totals": totals, "scores": scores, "indices": np.arange(3)}))
+    with pytest.raises(FedtrakError, match="owner totals disagree"):
+        score_release(full, "full", 2, 3, "client a")
+    assert score_release(full, "owner-totals", 2, 3, "client a")["owner-totals"].tolist() == [1.0, 2.0]
+    with pytest.raises(FedtrakError, match=r"scores have shape \(2, 3\), expected \(2, 4\)"):
+        score_release(full, "full", 2, 4, "client a")
