@@ -108,11 +108,9 @@ class RunConfig:
                              lam=self.lam, normalize=self.normalize, batch_size=self.batch_size)
 
     def job(self, run_id: str) -> JobSpec:
-        """What clients are told about the run."""
-        return JobSpec(run_id=run_id, task=self.task, projector=self.projector, proj_dim=self.proj_dim,
-                       seed=self.seed, batch_size=self.batch_size, train_size=self.train_size,
-                       query_size=self.query_size, partition=self.partition, alpha=self.alpha,
-                       partition_seed=self.partition_seed)
+        """What clients are told about the run: the job spec's fields, taken from this config."""
+        return JobSpec(run_id=run_id, **{f.name: getattr(self, f.name) for f in fields(JobSpec)
+                                         if f.name != "run_id"})
 
     @property
     def out_dir(self) -> Path:

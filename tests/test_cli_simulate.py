@@ -4,6 +4,9 @@ Flower, private attribution, and the same checkpoints reproduced by ``fedtrak at
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +16,33 @@ from simulations.cli import main
 pytestmark = pytest.mark.flower
 
 
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, capsys):
     sim = tmp_path / "sim"
     code = main(["simulate", "--clients", "4", "--partition", "dirichlet", "--checkpoints", "2",
                  "--rounds", "3", "--local-epochs", "2", "--proj-dim", "256", "--out", str(sim), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0
+    # Short-lived helpers (a `file` call, say) may come and go; a leftover is one that stays.
+    deadline = time.monotonic() + 20
+    while _children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    before = set(_children(os.getpid()))
+    time.sleep(2)
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in before & set(_children(os.getpid()))}
+    assert not left, f"simulate left processes behind: {left}"
     assert "private mode, release owner-totals, 4 owners" in printed and "bytes per client" in printed
     manifest = json.loads((sim / "checkpoints" / "manifest.json").read_text())
     assert [c["algorithm"] for c in manifest["checkpoints"]] == ["fedavg", "fedavg"]
