@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from server.validation import features_release, gram_release, read_info, score_r
 from shared.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
 from shared.errors import FedtrakError
 from shared.featurizer import Features, Featurizer
+from shared.partition import example_ids
 from shared.projectors import make_projector
 from shared.protocol import (
     FEATURES,
@@ -46,6 +46,7 @@ from shared.protocol import (
     state_to_record,
 )
 from shared.results import ResultWriter, add_score_arrays
+from shared.scoring import owner_totals
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task, cached_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -135,7 +136,7 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
     if cfg.policy != "full":
         return None, owners, None, records
     scores = np.concatenate([released[n]["scores"] for n in nodes], axis=1)
-    ids = _example_ids(fed, nodes, [released[n]["indices"] for n in nodes])
+    ids = example_ids([released[n]["indices"] for n in nodes])
     return scores, owners, ids, records
 
 
@@ -158,20 +159,9 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
 
     total = sum(fed.clients[n].num_examples for n in nodes)
     scores, records = score_features(task, states, total, gathered, settings, timer)
-    ids = _example_ids(fed, nodes, [received[n][0] for n in nodes])
-    owners = np.add.reduceat(scores, np.cumsum([0] + [fed.clients[n].num_examples for n in nodes[:-1]]),
-                             axis=1)
+    ids = example_ids([received[n][0] for n in nodes])
+    owners = owner_totals(scores, ids["client"], len(nodes))
     return scores, owners, ids, records
-
-
-def _example_ids(fed: Federation, nodes: Sequence[int], indices: Sequence[np.ndarray]) -> np.ndarray:
-    dtype = [("client", np.int64), ("local", np.int64), ("index", np.int64)]
-    parts = []
-    for owner, (node, idx) in enumerate(zip(nodes, indices)):
-        part = np.zeros(len(idx), dtype=dtype)
-        part["client"], part["local"], part["index"] = owner, np.arange(len(idx)), idx
-        parts.append(part)
-    return np.concatenate(parts)
 
 
 def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:

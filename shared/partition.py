@@ -10,6 +10,7 @@ first, then local index).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,22 @@ from shared.errors import FedtrakError
 
 #: numpy structured dtype of ``example_ids.npy``.
 EXAMPLE_ID_DTYPE = np.dtype([("client", "<i8"), ("local", "<i8"), ("index", "<i8")])
+
+
+def example_ids(per_client: Sequence[np.ndarray]) -> np.ndarray:
+    """Structured (client, local, index) ids of clients' examples, client 0's first.
+
+    ``per_client[c]`` holds client c's dataset indices (or, on a device, its rows) in its own order.
+    """
+    ids = np.empty(sum(len(c) for c in per_client), dtype=EXAMPLE_ID_DTYPE)
+    start = 0
+    for cid, idx in enumerate(per_client):
+        stop = start + len(idx)
+        ids["client"][start:stop] = cid
+        ids["local"][start:stop] = np.arange(len(idx))
+        ids["index"][start:stop] = idx
+        start = stop
+    return ids
 
 
 @dataclass(frozen=True)
@@ -47,15 +64,7 @@ class Partition:
 
     def example_ids(self) -> np.ndarray:
         """Structured array (client, local, index) in global-id order."""
-        ids = np.empty(sum(len(c) for c in self.clients), dtype=EXAMPLE_ID_DTYPE)
-        start = 0
-        for cid, idx in enumerate(self.clients):
-            stop = start + len(idx)
-            ids["client"][start:stop] = cid
-            ids["local"][start:stop] = np.arange(len(idx))
-            ids["index"][start:stop] = idx
-            start = stop
-        return ids
+        return example_ids(self.clients)
 
     def owners(self) -> np.ndarray:
         """Client id of each example, in global-id order."""
