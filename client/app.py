@@ -30,10 +30,9 @@ from client.data import ClientData, job_task, load_client_data
 from client.featurize import featurize_into_store, stored_gram
 from client.local_scoring import score_own_examples
 from client.store import FeatureStore
-from shared.checkpoints import model_from_state, sgd_epochs
+from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from shared.codecs import pack_upper
 from shared.errors import FedtrakError
-from shared.projectors import derive_seed
 from shared.protocol import (
     INFO_KEY,
     JOB_KEY,
@@ -120,9 +119,9 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         cfg = msg.content.config_records["config"]
         task = job_task(job)
         model = model_from_state(task, record_to_state(msg.content.array_records["arrays"]), "global model")
-        seed = derive_seed(derive_seed(job.seed, int(cfg["checkpoint"])),
-                           1000 * int(cfg["server-round"]) + max(data.partition_id, 0))
-        sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed % 2**63)
+        seed = fedavg_local_seed(job.seed, int(cfg["checkpoint"]), int(cfg["server-round"]),
+                                 data.partition_id)
+        sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed)
         return Message(RecordDict({"arrays": state_to_record(model.state_dict()),
                                    "metrics": MetricRecord({"num-examples": len(data.y)})}), reply_to=msg)
 

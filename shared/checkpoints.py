@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from shared.errors import FedtrakError
+from shared.projectors import derive_seed
 from shared.tasks import Task, to_tensors
 
 MANIFEST = "manifest.json"
@@ -87,6 +88,16 @@ def sgd_epochs(
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def fedavg_local_seed(seed: int, checkpoint: int, server_round: int, partition_id: int) -> int:
+    """The shuffling seed of one client's local epochs in one FedAvg round.
+
+    Flower's clients and the in-process FedAvg of ground-truth retraining
+    (:mod:`simulations.retrain`) use this one rule, so the two train alike.
+    """
+    stream = derive_seed(derive_seed(seed, checkpoint), 1000 * server_round + max(partition_id, 0))
+    return stream % 2**63
 
 
 def train_central(
