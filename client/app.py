@@ -31,7 +31,7 @@ from client.featurize import featurize_into_store, stored_gram
 from client.local_scoring import score_own_examples
 from client.store import FeatureStore
 from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
-from shared.codecs import pack_upper
+from shared.codecs import pack_upper, unpack_upper
 from shared.errors import FedtrakError
 from shared.protocol import (
     INFO_KEY,
@@ -168,30 +168,45 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         stored = [store.read(m) for m in ms]
         if stored[0][0].shape[0] != len(data.y):
             raise FedtrakError(f"local store holds {stored[0][0].shape[0]} examples, the data {len(data.y)}")
-        scores = score_own_examples([f for f, _ in stored], [q for _, q in stored],
-                                    [queries[str(m)] for m in ms])
+        dim = stored[0][0].shape[1]
+        inverses = None
+        if "kernel-inverses" in msg.content.array_records:
+            packed = record_arrays(msg.content, "kernel-inverses", "server message")
+            inverses = [unpack_upper(packed[str(m)], dim, f"kernel inverse {m}") for m in ms]
+        scores, self_infl = score_own_examples([f for f, _ in stored], [q for _, q in stored],
+                                               [queries[str(m)] for m in ms], inverses)
         released: dict[str, np.ndarray] = {"owner-totals": scores.sum(axis=1)}
+        if self_infl is not None:
+            released["owner-self-influence"] = np.array([self_infl.mean()])
         if policy == "full":
             released.update(scores=scores, indices=data.indices)
+            if self_infl is not None:
+                released["self-influence"] = self_infl
         elif policy == "topk":
-            keep_topk_on_device(store, data, scores, int(cfg["topk"]))
+            keep_topk_on_device(store, data, scores, int(cfg["topk"]), self_infl)
         return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: _info(data)}),
                        reply_to=msg)
 
     return app
 
 
-def keep_topk_on_device(store: FeatureStore, data: ClientData, scores: np.ndarray, k: int) -> Path:
-    """Write this client's top proponents and opponents per query to its local results folder.
+def keep_topk_on_device(store: FeatureStore, data: ClientData, scores: np.ndarray, k: int,
+                        self_influence: np.ndarray | None = None) -> Path:
+    """Write this client's top proponents and opponents per query to its local results folder,
+    and, with self-influence, its ``k`` most self-influential examples (likely mislabeled).
 
     Nothing of it is released: it is for the data's owner. Returns the file.
     """
     pro_idx, pro_val = top_k(scores, k)
     opp_idx, opp_val = top_k(-scores, k)
+    extra = {}
+    if self_influence is not None:
+        sus_idx, sus_val = top_k(self_influence[None, :], k)
+        extra = {"suspect_ids": data.indices[sus_idx[0]], "suspect_self_influence": sus_val[0]}
     store.results_dir.mkdir(parents=True, exist_ok=True)
     path = store.results_dir / "topk.npz"
     np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
-             opponent_ids=data.indices[opp_idx], opponent_scores=-opp_val)
+             opponent_ids=data.indices[opp_idx], opponent_scores=-opp_val, **extra)
     return path
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.corruption import flip_labels
 from shared.errors import FedtrakError
 from shared.partition import Partition, partition
 from shared.protocol import JobSpec
@@ -62,9 +63,12 @@ class ClientData:
 
 
 @lru_cache(maxsize=8)
-def _cached_partition(job: JobSpec, num: int) -> Partition:
+def _cached_partition(job: JobSpec, num: int) -> tuple[Partition, np.ndarray]:
+    """The simulation's partition and the training labels as its clients see them (flipped
+    where the job's mislabel experiment says so)."""
     task = job_task(job)
-    return partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
+    parts = partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
+    return parts, flip_labels(task.y_train, task.num_classes, parts, job.flips())
 
 
 def job_task(job: JobSpec) -> Task:
@@ -85,6 +89,8 @@ def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> Client
     if named_task not in (None, "") and str(named_task) != job.task:
         raise FedtrakError(f"this node holds data for task {named_task!r}, the run is for {job.task!r}")
     if node_config.get("data-path"):
+        if job.flips().active:
+            raise FedtrakError("label flips are a simulation setting: this node reads its own data file")
         x, y = read_device_data(Path(str(node_config["data-path"])), task)
         owner = str(node_config.get("owner") or node_id)
         return ClientData(owner, -1, x, y, np.arange(len(y), dtype=np.int64))
@@ -92,9 +98,10 @@ def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> Client
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if not 0 <= pid < num:
             raise FedtrakError(f"partition-id {pid} is outside [0, {num})")
-        idx = _cached_partition(replace(job, run_id=""), num).clients[pid]
+        parts, labels = _cached_partition(replace(job, run_id=""), num)
+        idx = parts.clients[pid]
         return ClientData(str(node_config.get("owner") or pid), pid, task.x_train[idx],
-                          task.y_train[idx], idx.astype(np.int64))
+                          labels[idx], idx.astype(np.int64))
     raise FedtrakError(
         "the node config names no data: give data-path (an .npz with x and y) on a device, "
         "or partition-id and num-partitions in simulation"

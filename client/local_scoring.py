@@ -14,21 +14,29 @@ from collections.abc import Sequence
 import numpy as np
 
 from shared.errors import FedtrakError
-from shared.scoring import ScoreEnsemble, kernel_term
+from shared.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 
 
 def score_own_examples(
     features: Sequence[np.ndarray],
     out_to_loss: Sequence[np.ndarray],
     preconditioned: Sequence[np.ndarray],
-) -> np.ndarray:
-    """``(Q, n_c)`` scores of a client's examples, one entry per checkpoint in each sequence."""
+    kernel_inverses: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(Q, n_c)`` scores of a client's examples, one entry per checkpoint in each sequence.
+
+    With ``kernel_inverses`` (the server's ``K_m^{-1}``, one per checkpoint)
+    also each example's self-influence ``(n_c,)``; otherwise ``None``.
+    """
     if not len(features) == len(out_to_loss) == len(preconditioned) >= 1:
         raise FedtrakError(
             f"need one feature matrix, weight vector and query matrix per checkpoint, got "
             f"{len(features)}/{len(out_to_loss)}/{len(preconditioned)}"
         )
+    if kernel_inverses is not None and len(kernel_inverses) != len(features):
+        raise FedtrakError(f"need one kernel inverse per checkpoint, got {len(kernel_inverses)}")
     ensemble = ScoreEnsemble(preconditioned[0].shape[0], features[0].shape[0])
-    for f, q, u in zip(features, out_to_loss, preconditioned):
-        ensemble.add(kernel_term(f, u), np.asarray(q, dtype=np.float64))
-    return ensemble.scores()
+    for m, (f, q, u) in enumerate(zip(features, out_to_loss, preconditioned)):
+        self_terms = None if kernel_inverses is None else self_kernel_term(f, kernel_inverses[m])
+        ensemble.add(kernel_term(f, u), np.asarray(q, dtype=np.float64), self_terms)
+    return ensemble.scores(), ensemble.self_influence()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared.corruption import FlipSpec, parse_clients
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
 from shared.projectors import PROJECTOR_KINDS
@@ -53,6 +54,9 @@ class RunConfig:
     store_dir: str = ""
     timeout: float = 600.0
     wait_for_nodes: float = 120.0
+    self_influence: bool = False
+    flip_fraction: float = 0.0
+    flip_clients: str = ""
 
     @staticmethod
     def key(name: str) -> str:
@@ -99,6 +103,7 @@ class RunConfig:
         for name in ("alpha", "timeout", "wait_for_nodes"):
             if not getattr(self, name) > 0:
                 raise FedtrakError(f"run config {self.key(name)} must be positive, got {getattr(self, name)}")
+        self.flips().validate(self.clients)
         if self.policy == "full" and not self.allow_full:
             raise FedtrakError("run config policy='full' needs allow-full=true (simulation and evaluation only)")
 
@@ -107,10 +112,27 @@ class RunConfig:
         return ScoreSettings(proj_dim=self.proj_dim or None, projector=self.projector, seed=self.seed,
                              lam=self.lam, normalize=self.normalize, batch_size=self.batch_size)
 
+    def flips(self) -> FlipSpec:
+        """The label flips of a mislabel experiment (simulation only; none by default).
+
+        ``flip-clients`` lists client ids (``"0,3"``); empty means the first
+        half of the clients. The flips are drawn from the run's ``seed``.
+        """
+        if not self.flip_fraction:
+            return FlipSpec()
+        return FlipSpec(self.flip_fraction, parse_clients(self.flip_clients, self.clients), self.seed)
+
+    @property
+    def wants_self_influence(self) -> bool:
+        """Whether the run computes self-influence (asked for, or implied by label flips)."""
+        return self.self_influence or self.flips().active
+
     def job(self, run_id: str) -> JobSpec:
-        """What clients are told about the run: the job spec's fields, taken from this config."""
-        return JobSpec(run_id=run_id, **{f.name: getattr(self, f.name) for f in fields(JobSpec)
-                                         if f.name != "run_id"})
+        """What clients are told about the run: the job spec's fields, taken from this config
+        (the flipped clients spelled out)."""
+        values = {f.name: getattr(self, f.name) for f in fields(JobSpec) if f.name != "run_id"}
+        values["flip_clients"] = ",".join(map(str, self.flips().clients))
+        return JobSpec(run_id=run_id, **values)
 
     @property
     def out_dir(self) -> Path:

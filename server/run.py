@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ from server.scoring import score_features, solve_checkpoint
 from server.training import train_fedavg_checkpoints
 from server.validation import features_release, gram_release, read_info, score_release
 from shared.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
+from shared.codecs import pack_upper
+from shared.corruption import corrupted, flipped_indices
 from shared.errors import FedtrakError
 from shared.featurizer import Features, Featurizer
-from shared.partition import example_ids
+from shared.partition import example_ids, partition
 from shared.projectors import make_projector
 from shared.protocol import (
     FEATURES,
@@ -45,8 +48,8 @@ from shared.protocol import (
     checkpoint_key,
     state_to_record,
 )
-from shared.results import ResultWriter, add_score_arrays
-from shared.scoring import owner_totals
+from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
+from shared.scoring import owner_means, owner_totals
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task, cached_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -97,9 +100,23 @@ def _require_clients(fed: Federation, step: str) -> list[int]:
     return nodes
 
 
+@dataclass
+class Outcome:
+    """What a run produced: scores (where released), owner totals, ids, per-checkpoint
+    records and, where asked, self-influence (per example where released, per owner)."""
+
+    scores: np.ndarray | None
+    owner_totals: np.ndarray
+    ids: np.ndarray | None
+    records: list[dict]
+    self_influence: np.ndarray | None = None
+    owner_self_influence: np.ndarray | None = None
+
+
 def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
-                timer: PhaseTimer) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None, list[dict]]:
-    """Private mode. Returns ``(scores or None, owner totals, example ids or None, records)``."""
+                timer: PhaseTimer) -> Outcome:
+    """Private mode: Grams in, preconditioned queries (and, for self-influence, the
+    kernel inverses) out, owner totals (or, with ``full``, scores) back."""
     settings = cfg.score_settings()
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
     dim = featurizers[0].projector.proj_dim
@@ -117,32 +134,40 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
         fed.accept(replies, add_grams)
     nodes = _require_clients(fed, "featurize")
     total = sum(fed.clients[n].num_examples for n in nodes)
-    us, records = [], []
+    us, records, inverses = [], [], {}
     for m in ms:
-        u, record = solve_checkpoint(task, featurizers[m], sums[m], total, settings, m, timer)
+        u, record, kinv = solve_checkpoint(task, featurizers[m], sums[m], total, settings, m, timer,
+                                           with_inverse=cfg.wants_self_influence)
         featurizers[m].projector.release()
         us.append(u)
         records.append(record)
+        if kinv is not None:
+            inverses[str(m)] = pack_upper(kinv)
     score_cfg = ConfigRecord({"policy": cfg.policy, "topk": cfg.topk})
-    queries = arrays_to_record({str(m): u for m, u in enumerate(us)})
+    content = {JOB_KEY: job.to_record(), SCORE_KEY: score_cfg,
+               "queries": arrays_to_record({str(m): u for m, u in enumerate(us)})}
+    if inverses:
+        content["kernel-inverses"] = arrays_to_record(inverses)
     with timer.phase("score_round"):
-        replies = fed.broadcast(SCORE, lambda node: RecordDict(
-            {JOB_KEY: job.to_record(), SCORE_KEY: score_cfg, "queries": queries}))
+        replies = fed.broadcast(SCORE, lambda node: RecordDict(content))
     nq = len(task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
-        c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node)))
+        c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses)))
     nodes = [n for n in _require_clients(fed, "score") if n in released]
-    owners = np.stack([released[n]["owner-totals"] for n in nodes], axis=1)
-    if cfg.policy != "full":
-        return None, owners, None, records
-    scores = np.concatenate([released[n]["scores"] for n in nodes], axis=1)
-    ids = example_ids([released[n]["indices"] for n in nodes])
-    return scores, owners, ids, records
+    out = Outcome(None, np.stack([released[n]["owner-totals"] for n in nodes], axis=1), None, records)
+    if inverses:
+        out.owner_self_influence = np.concatenate([released[n]["owner-self-influence"] for n in nodes])
+    if cfg.policy == "full":
+        out.scores = np.concatenate([released[n]["scores"] for n in nodes], axis=1)
+        out.ids = example_ids([released[n]["indices"] for n in nodes])
+        if inverses:
+            out.self_influence = np.concatenate([released[n]["self-influence"] for n in nodes])
+    return out
 
 
 def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
-                 timer: PhaseTimer) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """Trusted-server mode. Returns ``(scores, owner totals, example ids, records)``."""
+                 timer: PhaseTimer) -> Outcome:
+    """Trusted-server mode: clients send features, the server scores them."""
     settings = cfg.score_settings()
     dim = checkpoint_featurizer(task, states[0], 0, settings).projector.proj_dim
     ms = list(range(len(states)))
@@ -158,10 +183,11 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
                         np.concatenate([received[n][1][m][1] for n in nodes]))
 
     total = sum(fed.clients[n].num_examples for n in nodes)
-    scores, records = score_features(task, states, total, gathered, settings, timer)
+    scores, records, self_infl = score_features(task, states, total, gathered, settings, timer,
+                                                self_influence=cfg.wants_self_influence)
     ids = example_ids([received[n][0] for n in nodes])
-    owners = owner_totals(scores, ids["client"], len(nodes))
-    return scores, owners, ids, records
+    return Outcome(scores, owner_totals(scores, ids["client"], len(nodes)), ids, records, self_infl,
+                   None if self_infl is None else owner_means(self_infl, ids["client"], len(nodes)))
 
 
 def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
@@ -175,6 +201,12 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     grid = CountingGrid(flower_grid)
     with timer.phase("load_task"):
         task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
+        flips = cfg.flips()
+        flipped = np.zeros(0, dtype=np.int64)
+        if flips.active:  # a mislabel experiment: central training sees the flipped labels too
+            parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
+            flipped = flipped_indices(task.y_train, parts, flips)
+            task = corrupted(task, parts, flips)
         # Check the projection settings before anything is trained or sent.
         make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
     run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
@@ -188,12 +220,17 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     writer = ResultWriter(cfg.out_dir)
     try:
         run = run_private if cfg.mode == "private" else run_features
-        scores, owners, ids, records = run(fed, task, cfg, job, states, timer)
+        outcome = run(fed, task, cfg, job, states, timer)
+        records = outcome.records
         for rec, (info, _) in zip(records, checkpoints):
             rec.update(file=info.file, algorithm=info.algorithm, accuracy=info.accuracy)
         nodes = fed.ordered()
         with timer.phase("write"):
-            add_score_arrays(writer, scores, ids, owners, cfg.topk)
+            add_score_arrays(writer, outcome.scores, outcome.ids, outcome.owner_totals, cfg.topk)
+            add_self_influence(writer, outcome.self_influence, outcome.owner_self_influence)
+            if flips.active:
+                writer.add_array("flipped", flipped)
+        pids = [fed.clients[n].partition_id for n in nodes]
         clients = fed.report()
         summary = {
             "mode": cfg.mode,
@@ -215,6 +252,10 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
                         "partition_id": fed.clients[n].partition_id,
                         "num_examples": fed.clients[n].num_examples} for i, n in enumerate(nodes)],
             **clients,
+            **({"partition": {"scheme": cfg.partition, "alpha": cfg.alpha if cfg.partition == "dirichlet"
+                              else None, "seed": cfg.partition_seed, "num_clients": cfg.clients}}
+               if min(pids) >= 0 else {}),
+            **flips_block(flips, flipped),
             "config": cfg.to_mapping(),
             "seconds": timer.report(),
             "peak_memory_mb": peak_memory_mb(),

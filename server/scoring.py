@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from shared.featurizer import Features, Featurizer
-from shared.kernel import GramAccumulator, Kernel, precondition, resolve_lambda
-from shared.scoring import ScoreEnsemble, kernel_term
+from shared.kernel import GramAccumulator, Kernel, effective_inverse, precondition, resolve_lambda
+from shared.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 from shared.settings import ScoreSettings, checkpoint_featurizer
 from shared.tasks import Task
 from shared.timing import PhaseTimer
@@ -31,22 +31,27 @@ def solve_checkpoint(
     settings: ScoreSettings,
     m: int,
     timer: PhaseTimer,
-) -> tuple[np.ndarray, dict]:
+    with_inverse: bool = False,
+) -> tuple[np.ndarray, dict, np.ndarray | None]:
     """Preconditioned queries ``U_m`` (``(Q, k)`` float64) from the summed Gram of checkpoint ``m``.
 
-    Returns ``(U_m, record)``; the record (lambda, its rule, seed, dims) goes
-    into the run summary.
+    Returns ``(U_m, record, K_m^-1 or None)``; the record (lambda, its rule,
+    seed, dims) goes into the run summary; the explicit inverse (as the
+    queries used it, see :func:`shared.kernel.effective_inverse`) only
+    ``with_inverse``, for self-influence.
     """
     with timer.phase("featurize_queries"):
         query = featurizer.featurize(task.x_query, task.y_query).features
     with timer.phase("kernel"):
         lam = resolve_lambda(settings.lam, gram_matrix, num_examples, featurizer.grad_dim,
                              task.training.weight_decay)
-        u = precondition(query, Kernel(gram_matrix, lam.value), settings.normalize)
+        kernel = Kernel(gram_matrix, lam.value)
+        u = precondition(query, kernel, settings.normalize)
+        kinv = effective_inverse(kernel, settings.normalize) if with_inverse else None
     proj = featurizer.projector
     record = {"index": m, "lambda": lam.value, "lambda_rule": lam.rule, "projection_seed": proj.seed,
               "num_params": featurizer.grad_dim, "proj_dim": proj.proj_dim}
-    return u, record
+    return u, record, kinv
 
 
 def score_features(
@@ -56,13 +61,14 @@ def score_features(
     train_features: Callable[[int, Featurizer], Features],
     settings: ScoreSettings,
     timer: PhaseTimer | None = None,
-) -> tuple[np.ndarray, list[dict]]:
+    self_influence: bool = False,
+) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
     """TRAK scores ``(Q, n)`` where the server holds every training feature.
 
     ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
     features in column order (computed on the spot by the centralized path,
-    received from clients in ``features`` mode). Returns the scores and one
-    record per checkpoint.
+    received from clients in ``features`` mode). Returns the scores, one
+    record per checkpoint and, if asked, every example's self-influence ``(n,)``.
     """
     timer = timer or PhaseTimer()
     ensemble = ScoreEnsemble(len(task.y_query), num_train)
@@ -74,9 +80,11 @@ def score_features(
         with timer.phase("kernel"):
             acc = GramAccumulator(featurizer.projector.proj_dim)
             acc.add(feats.features)
-        u, record = solve_checkpoint(task, featurizer, acc.matrix, acc.count, settings, m, timer)
+        u, record, kinv = solve_checkpoint(task, featurizer, acc.matrix, acc.count, settings, m, timer,
+                                           with_inverse=self_influence)
         featurizer.projector.release()
         with timer.phase("score"):
-            ensemble.add(kernel_term(feats.features, u), np.asarray(feats.out_to_loss, np.float64))
+            ensemble.add(kernel_term(feats.features, u), np.asarray(feats.out_to_loss, np.float64),
+                         None if kinv is None else self_kernel_term(feats.features, kinv))
         records.append(record)
-    return ensemble.scores(), records
+    return ensemble.scores(), records, ensemble.self_influence()

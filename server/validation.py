@@ -110,15 +110,30 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 
 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
-                  source: str) -> dict[str, np.ndarray]:
+                  source: str, self_influence: bool = False) -> dict[str, np.ndarray]:
     """What a score reply releases under ``policy``, validated: ``owner-totals`` ``(Q,)``,
-    plus ``scores`` ``(Q, num)`` and ``indices`` ``(num,)`` for ``full``."""
+    plus ``scores`` ``(Q, num)`` and ``indices`` ``(num,)`` for ``full``; with
+    ``self_influence``, ``owner-self-influence`` ``(1,)`` (the owner's mean) and,
+    for ``full``, ``self-influence`` ``(num,)``."""
     arrays = record_arrays(content, "released", source)
     totals = arrays.get("owner-totals")
     if totals is None or totals.shape != (num_queries,):
         shape = None if totals is None else totals.shape
         raise FedtrakError(f"{source}: owner totals have shape {shape}, expected ({num_queries},)")
     out = {"owner-totals": _finite(totals, "owner totals", source)}
+    if self_influence:
+        mean = arrays.get("owner-self-influence")
+        if mean is None or mean.shape != (1,):
+            raise FedtrakError(f"{source}: owner self-influence missing or not one number")
+        out["owner-self-influence"] = _finite(mean, "owner self-influence", source)
+    if policy == "full" and self_influence:
+        own = arrays.get("self-influence")
+        if own is None or own.shape != (num,):
+            raise FedtrakError(f"{source}: self-influence has shape {None if own is None else own.shape}, "
+                               f"expected ({num},)")
+        out["self-influence"] = _finite(own, "self-influence", source)
+        if not np.isclose(own.mean(), mean[0], rtol=1e-6, atol=1e-12):
+            raise FedtrakError(f"{source}: owner self-influence disagrees with the released values")
     if policy == "full":
         scores, idx = arrays.get("scores"), arrays.get("indices")
         if scores is None or scores.shape != (num_queries, num):

@@ -9,7 +9,6 @@ featurizes on the corrupted data and evaluation knows the truth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,7 +83,3 @@ def corrupted(task: Task, parts: Partition, flips: FlipSpec) -> Task:
         return task
     return replace(task, y_train=flip_labels(task.y_train, task.num_classes, parts, flips))
 
-
-def flips_of(clients: Sequence[int], fraction: float, seed: int) -> FlipSpec:
-    """A :class:`FlipSpec` from loose values (a list of client ids)."""
-    return FlipSpec(float(fraction), tuple(int(c) for c in clients), int(seed))

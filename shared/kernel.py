@@ -174,10 +174,16 @@ def precondition(query_features: np.ndarray, kernel: Kernel, normalize: str = "n
         raise FedtrakError(f"query features of shape {q.shape} do not match a {kernel.dim}-dim kernel")
     if normalize == "none":
         return kernel.solve(q.T).T
-    if normalize == "traker":
-        inv = kernel.inverse()
-        return (q @ inv) / np.abs(inv).mean()
-    raise FedtrakError(f"unknown normalization {normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+    return q @ effective_inverse(kernel, normalize)
+
+
+def effective_inverse(kernel: Kernel, normalize: str = "none") -> np.ndarray:
+    """The explicit ``K^{-1}`` queries are preconditioned with (rescaled for ``traker``)."""
+    if normalize not in NORMALIZATIONS:
+        raise FedtrakError(f"unknown normalization {normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+    inv = kernel.inverse()
+    inv = (inv + inv.T) / 2  # exactly symmetric, so it packs as an upper triangle
+    return inv / np.abs(inv).mean() if normalize == "traker" else inv
 
 
 def _is_number(text: object) -> bool:

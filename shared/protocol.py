@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from shared.corruption import FlipSpec
 from shared.errors import FedtrakError
 from shared.settings import ScoreSettings
 
@@ -60,6 +61,16 @@ class JobSpec:
     partition: str = "iid"
     alpha: float = 0.5
     partition_seed: int = 0
+    flip_fraction: float = 0.0
+    flip_clients: str = ""
+
+    def flips(self) -> FlipSpec:
+        """The label flips every simulated client applies to its data (none by default)."""
+        try:
+            clients = tuple(int(c) for c in self.flip_clients.split(",") if c)
+        except ValueError:
+            raise FedtrakError(f"job spec flip_clients {self.flip_clients!r} is not a list of ids") from None
+        return FlipSpec(self.flip_fraction, clients, self.seed)
 
     def settings(self) -> ScoreSettings:
         """The featurizing part of the spec as the settings the featurizer is built from."""

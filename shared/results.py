@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.corruption import FlipSpec
 from shared.scoring import top_k
 
 SUMMARY = "summary.json"
@@ -71,6 +72,24 @@ def add_score_arrays(
         writer.add_array("scores", scores.astype(np.float32))
         writer.add_array("topk_indices", idx)
         writer.add_array("topk_scores", vals.astype(np.float32))
+
+
+def add_self_influence(writer: ResultWriter, per_example: np.ndarray | None,
+                       per_owner: np.ndarray | None) -> None:
+    """Stage ``self_influence.npy`` (per example, global-id order, where released) and
+    ``owner_self_influence.npy`` (each owner's mean), where computed."""
+    if per_example is not None:
+        writer.add_array("self_influence", np.asarray(per_example, dtype=np.float64))
+    if per_owner is not None:
+        writer.add_array("owner_self_influence", np.asarray(per_owner, dtype=np.float64))
+
+
+def flips_block(flips: FlipSpec, flipped: np.ndarray) -> dict:
+    """The summary's ``flips`` entry of a mislabel experiment (empty when nothing was flipped)."""
+    if not flips.active:
+        return {}
+    return {"flips": {"fraction": flips.fraction, "clients": list(flips.clients), "seed": flips.seed,
+                      "num_flipped": len(flipped), "file": "flipped.npy"}}
 
 
 def _json_default(obj: object) -> object:

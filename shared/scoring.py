@@ -38,24 +38,60 @@ def kernel_term(features: np.ndarray, preconditioned: np.ndarray) -> np.ndarray:
     return out
 
 
+def self_kernel_term(features: np.ndarray, kernel_inverse: np.ndarray) -> np.ndarray:
+    """``phi_i^T K^{-1} phi_i`` for every row of ``(n, k)`` features: ``(n,)`` float64.
+
+    ``kernel_inverse`` is the (possibly rescaled) ``K^{-1}`` the queries were
+    preconditioned with, so a training example scored as its own query gets
+    the same scale as every other score.
+    """
+    kinv = np.asarray(kernel_inverse, dtype=np.float64)
+    if features.ndim != 2 or kinv.shape != (features.shape[1], features.shape[1]):
+        raise FedtrakError(f"features {features.shape} and kernel inverse {kinv.shape} disagree on k")
+    out = np.empty(features.shape[0], dtype=np.float64)
+    for start in range(0, features.shape[0], ROW_CHUNK):
+        block = np.asarray(features[start : start + ROW_CHUNK], dtype=np.float64)
+        out[start : start + len(block)] = np.einsum("ij,ij->i", block @ kinv, block)
+    return out
+
+
 class ScoreEnsemble:
-    """Accumulates kernel terms and out-to-loss weights over checkpoints."""
+    """Accumulates kernel terms and out-to-loss weights over checkpoints.
+
+    Optionally also self-influence terms: the score of each training example
+    for itself as the query, ensembled the same way (mislabel detection).
+    """
 
     def __init__(self, num_queries: int, num_train: int) -> None:
         self._kernel_sum = np.zeros((num_queries, num_train), dtype=np.float64)
         self._q_sum = np.zeros(num_train, dtype=np.float64)
+        self._self_sum: np.ndarray | None = None
         self.num_checkpoints = 0
 
-    def add(self, kernel_terms: np.ndarray, out_to_loss: np.ndarray) -> None:
-        """Add one checkpoint's ``(Q, n)`` kernel terms and ``(n,)`` weights."""
+    def add(self, kernel_terms: np.ndarray, out_to_loss: np.ndarray,
+            self_terms: np.ndarray | None = None) -> None:
+        """Add one checkpoint's ``(Q, n)`` kernel terms, ``(n,)`` weights and,
+        optionally, ``(n,)`` self kernel terms (give them for every checkpoint or none)."""
         if kernel_terms.shape != self._kernel_sum.shape or out_to_loss.shape != self._q_sum.shape:
             raise FedtrakError(
                 f"checkpoint result of shape {kernel_terms.shape}/{out_to_loss.shape} does not match "
                 f"{self._kernel_sum.shape}/{self._q_sum.shape}"
             )
+        if (self_terms is None) != (self._self_sum is None) and self.num_checkpoints:
+            raise FedtrakError("self-influence terms must be given for every checkpoint or for none")
+        if self_terms is not None:
+            if self_terms.shape != self._q_sum.shape:
+                raise FedtrakError(f"self terms of shape {self_terms.shape}, expected {self._q_sum.shape}")
+            self._self_sum = self_terms.copy() if self._self_sum is None else self._self_sum + self_terms
         self._kernel_sum += kernel_terms
         self._q_sum += out_to_loss
         self.num_checkpoints += 1
+
+    def self_influence(self) -> np.ndarray | None:
+        """Ensembled self-influence ``(n,)``: mean self kernel term x ``qbar`` (``None`` if not added)."""
+        if self._self_sum is None:
+            return None
+        return (self._self_sum / self.num_checkpoints) * self.mean_out_to_loss()
 
     def mean_out_to_loss(self) -> np.ndarray:
         """Checkpoint-averaged out-to-loss weights ``qbar``: ``(n,)``."""
@@ -78,6 +114,15 @@ def owner_totals(scores: np.ndarray, owners: np.ndarray, num_owners: int) -> np.
     n = owners.size
     indicator = scipy.sparse.csr_matrix((np.ones(n), (np.arange(n), owners)), shape=(n, num_owners))
     return np.asarray((indicator.T @ np.asarray(scores, dtype=np.float64).T).T)
+
+
+def owner_means(values: np.ndarray, owners: np.ndarray, num_owners: int) -> np.ndarray:
+    """Mean of per-example ``values`` over each owner's examples: ``(num_owners,)``."""
+    sums = owner_totals(np.asarray(values, dtype=np.float64)[None, :], owners, num_owners)[0]
+    counts = np.bincount(np.asarray(owners), minlength=num_owners)
+    if np.any(counts == 0):
+        raise FedtrakError("an owner has no examples, so no mean")
+    return sums / counts
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 from server.scoring import score_features
 from shared.checkpoints import load_checkpoints, train_checkpoints
+from shared.corruption import FlipSpec, corrupted, flipped_indices, parse_clients
 from shared.featurizer import Features, Featurizer
 from shared.partition import partition
 from shared.projectors import make_projector
-from shared.results import ResultWriter, add_score_arrays
-from shared.scoring import owner_totals
+from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
+from shared.scoring import owner_means, owner_totals
 from shared.settings import ScoreSettings
 from shared.tasks import DEFAULT_TASK, Task, load_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -49,11 +50,20 @@ class AttributeConfig:
     topk: int = 10
     progress: bool = True
     score: ScoreSettings = field(default_factory=ScoreSettings)
+    self_influence: bool = False
+    flip_fraction: float = 0.0
+    flip_clients: str = ""
 
     @property
     def seed(self) -> int:
         """The run's base seed (the projection seed of ``score``)."""
         return self.score.seed
+
+    def flips(self) -> FlipSpec:
+        """The label flips of a mislabel experiment (as :meth:`server.config.RunConfig.flips`)."""
+        if not self.flip_fraction:
+            return FlipSpec()
+        return FlipSpec(self.flip_fraction, parse_clients(self.flip_clients, self.clients), self.seed)
 
 
 def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> list:
@@ -78,19 +88,20 @@ def central_scores(
     settings: ScoreSettings,
     timer: PhaseTimer | None = None,
     progress: bool = False,
-) -> tuple[np.ndarray, list[dict]]:
+    self_influence: bool = False,
+) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
     """TRAK scores of the task's queries against ``(x_train, y_train)`` on pooled data.
 
     ``states`` are the checkpoints' state dicts (checkpoint m projects with
     ``derive_seed(settings.seed, m)``). Returns ``(scores (Q, n), per-checkpoint
-    records)``.
+    records, self-influence (n,) or None)``.
     """
 
     def featurize(m: int, featurizer: Featurizer) -> Features:
         with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=not progress) as bar:
             return featurizer.featurize(x_train, y_train, progress=bar.update)
 
-    return score_features(task, states, len(y_train), featurize, settings, timer)
+    return score_features(task, states, len(y_train), featurize, settings, timer, self_influence)
 
 
 def run_attribute(cfg: AttributeConfig) -> dict:
@@ -107,20 +118,29 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         task = load_task(cfg.task, cfg.train_size, cfg.query_size)
         parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
         order = parts.order()
+        flips = cfg.flips()
+        flips.validate(parts.num_clients)
+        flipped = flipped_indices(task.y_train, parts, flips)
+        task = corrupted(task, parts, flips)
         # Check the projection settings before spending time on training.
         make_projector(cfg.score.projector, task.num_params, cfg.score.proj_dim, cfg.seed, cache_bytes=0)
     checkpoints = obtain_checkpoints(task, cfg, timer)
     writer = ResultWriter(Path(cfg.out))
     try:
-        scores, records = central_scores(
+        self_wanted = cfg.self_influence or flips.active
+        scores, records, self_infl = central_scores(
             task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
-            cfg.score, timer, cfg.progress,
+            cfg.score, timer, cfg.progress, self_wanted,
         )
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file
         with timer.phase("write"):
             add_score_arrays(writer, scores, parts.example_ids(),
                              owner_totals(scores, parts.owners(), parts.num_clients), cfg.topk)
+            add_self_influence(writer, self_infl, None if self_infl is None else
+                               owner_means(self_infl, parts.owners(), parts.num_clients))
+            if flips.active:
+                writer.add_array("flipped", flipped)
         summary = {
             "mode": "central",
             "task": task.name,
@@ -136,6 +156,7 @@ def run_attribute(cfg: AttributeConfig) -> dict:
             "lambda": [r["lambda"] for r in records],
             "checkpoints": records,
             "partition": parts.describe(),
+            **flips_block(flips, flipped),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "seconds": timer.report(),
             "peak_memory_mb": peak_memory_mb(),

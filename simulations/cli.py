@@ -2,7 +2,8 @@
 
 Subcommands: ``attribute`` (the centralized reference run), ``simulate`` (the
 federated protocol on Flower's simulation engine), ``train`` (only the
-checkpoints) and ``bench featurize``. Bad input ends with one line,
+checkpoints), ``evaluate`` (LDS, owner-level LDS, mislabel detection),
+``report`` (an HTML page of a run) and ``bench featurize``. Bad input ends with one line,
 ``fedtrak: error: ...``, and exit status 2.
 """
 
@@ -42,6 +43,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
 def _add_attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
@@ -59,6 +70,13 @@ def _add_attribution_args(p: argparse.ArgumentParser) -> None:
                         "absolute entry)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per vmap call")
     p.add_argument("--topk", type=_positive_int, default=10, help="top examples kept per query")
+    p.add_argument("--self-influence", action="store_true",
+                   help="also score every training example for itself (mislabel detection); "
+                        "on whenever labels are flipped")
+    p.add_argument("--flip-fraction", type=_fraction, default=0.0,
+                   help="mislabel experiment: flip this fraction of the labels of --flip-clients")
+    p.add_argument("--flip-clients", default="",
+                   help="comma-separated client ids whose labels are flipped (default: the first half)")
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -117,6 +135,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_task_args(train)
     train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
 
+    ev = sub.add_parser("evaluate", help="LDS, owner-level LDS and mislabel detection of a run")
+    ev.add_argument("run_dir", type=Path, help="a run folder written by attribute or simulate")
+    ev.add_argument("--lds", action="store_true", help="LDS of the example scores")
+    ev.add_argument("--owner-lds", action="store_true", help="LDS of the owner totals")
+    ev.add_argument("--mislabel", action="store_true", help="flipped-label detection by self-influence")
+    ev.add_argument("--subsets", type=_positive_int, default=100, help="retrained models for LDS")
+    ev.add_argument("--owner-subsets", type=_positive_int, default=100,
+                    help="retrained models for owner-level LDS")
+    ev.add_argument("--alpha", type=_fraction, default=0.5, help="fraction of examples (owners) per subset")
+    ev.add_argument("--eval-seed", type=int, default=0, help="seed of the subsets and their training")
+    ev.add_argument("--cache-dir", type=Path, default=None,
+                    help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
+    ev.add_argument("--workers", type=_positive_int, default=None, help="training processes (default: cores)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
@@ -138,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
             alpha=args.alpha, partition_seed=args.partition_seed, checkpoints=args.checkpoints,
             checkpoint_dir=args.checkpoint_dir, epochs=args.epochs, train_size=args.train_size,
             query_size=args.query_size, topk=args.topk, progress=not args.quiet,
+            self_influence=args.self_influence, flip_fraction=args.flip_fraction,
+            flip_clients=args.flip_clients,
             score=ScoreSettings(proj_dim=args.proj_dim, projector=args.projector, seed=args.seed,
                                 lam=args.lam, normalize=args.normalize, batch_size=args.batch_size),
         )
@@ -157,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
             "local-epochs": args.local_epochs, "epochs": args.epochs or 0, "proj-dim": args.proj_dim or 0,
             "projector": args.projector, "seed": args.seed, "lambda": str(args.lam),
             "normalize": args.normalize, "batch-size": args.batch_size, "out": str(args.out),
-            "timeout": args.timeout,
+            "timeout": args.timeout, "self-influence": args.self_influence,
+            "flip-fraction": args.flip_fraction, "flip-clients": args.flip_clients,
         })
         summary = run_simulation(cfg, verbose=args.verbose)
         _print_federated(summary, args.out)
@@ -169,6 +205,17 @@ def _run(args: argparse.Namespace) -> int:
         infos = train_checkpoints(task, args.checkpoints, args.out, args.seed, args.epochs)
         for info in infos:
             print(f"{args.out / info.file}: seed {info.seed}, query accuracy {info.accuracy:.4f}")
+    elif args.command == "evaluate":
+        from simulations.evaluate import EvalOptions, evaluate_run, format_table
+        from simulations.groundtruth import DEFAULT_CACHE
+
+        chosen = tuple(m for m, on in (("lds", args.lds), ("owner_lds", args.owner_lds),
+                                       ("mislabel", args.mislabel)) if on)
+        opts = EvalOptions(chosen, args.subsets, args.owner_subsets, args.alpha, args.eval_seed,
+                           args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet)
+        block = evaluate_run(args.run_dir, opts)
+        print(format_table({k: block[k] for k in (chosen or block)}))
+        print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")
     elif args.command == "bench":
         from simulations.bench_featurize import bench_featurize, format_table
 

@@ -127,7 +127,7 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     # the released scores are those of clients 0 and 8.
     parts = partition(digits_logreg.y_train, 9, "iid", 0.5, 1)
     kernel_idx = np.concatenate([parts.clients[c] for c in (0, 6, 7, 8)])
-    ref, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
+    ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
                             digits_logreg.y_train[kernel_idx], ScoreSettings(proj_dim=K))
     n0, n_mid = len(parts.clients[0]), len(parts.clients[6]) + len(parts.clients[7])
     want = np.concatenate([ref[:, :n0], ref[:, n0 + n_mid:]], axis=1)

@@ -59,7 +59,7 @@ def test_identity_scores_equal_brute_force_trak_formula():
         gq @ np.linalg.inv(g.T @ g + lam * np.eye(g.shape[1])) @ g.T for g, gq in zip(phis, qphis)
     ]
     want = np.mean(kernel_terms, axis=0) * np.mean(qs, axis=0)[None, :]
-    got, records = central_scores(task, states, task.x_train, task.y_train,
+    got, records, _ = central_scores(task, states, task.x_train, task.y_train,
                                   ScoreSettings(projector="identity", lam=lam))
     assert [r["lambda"] for r in records] == [lam, lam]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -44,10 +44,10 @@ def test_split_computation_equals_central(digits_logreg, logreg_states, clients,
         preconditioned.append(precondition(feat.featurize(task.x_query, task.y_query).features,
                                            Kernel(g, lam.value)))
     split = np.concatenate(
-        [score_own_examples(local[c]["F"], local[c]["q"], preconditioned) for c in range(clients)], axis=1
+        [score_own_examples(local[c]["F"], local[c]["q"], preconditioned)[0] for c in range(clients)], axis=1
     )
     order = parts.order()
-    central, _ = central_scores(task, logreg_states, task.x_train[order], task.y_train[order],
+    central, _, _ = central_scores(task, logreg_states, task.x_train[order], task.y_train[order],
                                 ScoreSettings(proj_dim=K))
     np.testing.assert_allclose(split, central, rtol=1e-4, atol=1e-4 * np.abs(central).max())
 

@@ -29,7 +29,7 @@ def test_identity_projector_matches_traker(digits_logreg, logreg_states, tmp_pat
     lam = task.num_train * task.training.weight_decay  # n * wd on the identity scale
     p = task.num_params
     states = logreg_states[:num_ckpts]
-    ours, _ = central_scores(
+    ours, _, _ = central_scores(
         task, states, task.x_train, task.y_train,
         ScoreSettings(projector="identity", lam=lam, normalize=normalize),
     )
