@@ -152,8 +152,24 @@ def checkpoint_indices(content: RecordDict) -> list[int]:
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records (array data and config values; Flower's framing excluded)."""
+    """Bytes of a message's records (array data and config values; Flower's framing excluded).
+
+    Config records are counted here as Flower counts them (keys, 8 bytes per
+    number, 1 per bool, the length of a string), because flwr 1.41's
+    ``ConfigRecord.count_bytes`` raises on an empty string.
+    """
     total = 0
     for record in content.values():
-        total += int(record.count_bytes())
+        if isinstance(record, ConfigRecord):
+            total += sum(len(k) + _config_value_bytes(v) for k, v in record.items())
+        else:
+            total += int(record.count_bytes())
     return total
+
+
+def _config_value_bytes(value: object) -> int:
+    if isinstance(value, list):
+        return sum(_config_value_bytes(v) for v in value)
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8

@@ -11,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.checkpoints import load_checkpoints
+from shared.partition import partition
+from shared.tasks import load_task
 from simulations.cli import main
+from simulations.retrain import fedavg_in_process
 
 pytestmark = pytest.mark.flower
 
@@ -52,6 +56,22 @@ def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, 
     assert summary["bytes"]["per_step"]["train"]["sent"] > 0  # FedAvg's messages are counted too
     assert {"train", "featurize_round", "score_round", "kernel"} <= set(summary["seconds"])
     assert not (sim / "scores.npy").exists()  # owner totals only
+
+    # Ground-truth retraining repeats this FedAvg in-process: the same models, to float32 round-off.
+    task = load_task("digits-logreg")
+    parts = partition(task.y_train, 4, "dirichlet", 0.5, 0)
+    for m, (_, state) in enumerate(load_checkpoints(task, sim / "checkpoints")):
+        replica = fedavg_in_process(task, parts.clients, rounds=3, local_epochs=2, init_seed=m, seed=0,
+                                    checkpoint=m).state_dict()
+        for name, value in state.items():
+            np.testing.assert_allclose(replica[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-5)
+    # ... so owner-level LDS of a FedAvg run retrains with FedAvg over the chosen owners.
+    assert main(["evaluate", str(sim), "--owner-subsets", "6", "--cache-dir", str(tmp_path / "gt"),
+                 "--quiet"]) == 0
+    owner_lds = json.loads((sim / "summary.json").read_text())["evaluation"]["owner_lds"]
+    assert owner_lds["ground_truth"]["algorithm"] == "fedavg" and owner_lds["ground_truth"]["rounds"] == 3
+    assert owner_lds["ground_truth"]["epochs"] == 2 and owner_lds["num_subsets"] == 6
+    assert "lds" not in json.loads((sim / "summary.json").read_text())["evaluation"]  # no scores released
 
     central = tmp_path / "central"
     assert main(["attribute", "--clients", "4", "--partition", "dirichlet", "--proj-dim", "256",

@@ -154,3 +154,36 @@ def test_run_config_defaults_match_pyproject():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == RunConfig().to_mapping()
     assert RunConfig.from_mapping(declared) == RunConfig()
+
+
+@pytest.mark.parametrize("policy", ["full", "topk"])
+def test_flipped_labels_and_self_influence_equal_central(tmp_path, logreg_ckpt_dir, policy):
+    """A mislabel experiment: clients flip their own labels; the server sends K_m^-1 so each
+    client computes its examples' self-influence and releases its owner mean (all of it under
+    ``full``; under ``topk`` its most suspicious examples stay on the device)."""
+    central = tmp_path / "central"
+    run_attribute(AttributeConfig(out=central, clients=3, partition="iid", partition_seed=1,
+                                  checkpoint_dir=logreg_ckpt_dir, flip_fraction=0.2, flip_clients="1",
+                                  progress=False, score=ScoreSettings(proj_dim=K)))
+    sim = tmp_path / "sim"
+    run_simulation(simulation_config(_settings(sim, logreg_ckpt_dir, 3, "iid", policy=policy,
+                                               **{"allow-full": policy == "full", "flip-fraction": 0.2,
+                                                  "flip-clients": "1"})))
+    for name in ("owner_scores", "owner_self_influence"):
+        _assert_close(np.load(sim / f"{name}.npy"), np.load(central / f"{name}.npy"))
+    np.testing.assert_array_equal(np.load(sim / "flipped.npy"), np.load(central / "flipped.npy"))
+    summary = json.loads((sim / "summary.json").read_text())
+    assert summary["flips"] == json.loads((central / "summary.json").read_text())["flips"]
+    assert summary["partition"] == {"scheme": "iid", "alpha": None, "seed": 1, "num_clients": 3}
+    own = np.load(sim / "owner_self_influence.npy")
+    assert own[1] > 1.5 * max(own[0], own[2])  # the flipped owner stands out
+    if policy == "full":
+        _assert_close(np.load(sim / "scores.npy"), np.load(central / "scores.npy"))
+        _assert_close(np.load(sim / "self_influence.npy"), np.load(central / "self_influence.npy"))
+    else:
+        assert not (sim / "self_influence.npy").exists()
+        kept = np.load(sim / "client-stores" / "partition-1" / summary["run_id"] / "results" / "topk.npz")
+        si = np.load(central / "self_influence.npy")
+        ids = np.load(central / "example_ids.npy")
+        mine = ids["client"] == 1
+        assert kept["suspect_ids"][0] == ids["index"][mine][np.argmax(si[mine])]
