@@ -150,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=_positive_int, default=None, help="training processes (default: cores)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    rep = sub.add_parser("report", help="a self-contained HTML page with figures of a run")
+    rep.add_argument("run_dir", type=Path, help="a run folder")
+    rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    rep.add_argument("--queries", type=_positive_int, default=4, help="queries shown in the figures")
+
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
@@ -216,6 +221,10 @@ def _run(args: argparse.Namespace) -> int:
         block = evaluate_run(args.run_dir, opts)
         print(format_table({k: block[k] for k in (chosen or block)}))
         print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")
+    elif args.command == "report":
+        from simulations.report import write_report
+
+        print(f"wrote {write_report(args.run_dir, args.out, args.queries)}")
     elif args.command == "bench":
         from simulations.bench_featurize import bench_featurize, format_table
 
