@@ -115,7 +115,8 @@ def train_central(
     return sgd_epochs(task, seeded_model(task, seed), x, y, epochs, seed)
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
+def atomic_write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file, so readers never see half of it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -161,7 +162,7 @@ def write_checkpoint(
     tmp = out_dir / (infos[-1].file + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out_dir / infos[-1].file)
-    _atomic_write_json(out_dir / MANIFEST, {"task": task_name, "checkpoints": [asdict(i) for i in infos]})
+    atomic_write_json(out_dir / MANIFEST, {"task": task_name, "checkpoints": [asdict(i) for i in infos]})
 
 
 def read_manifest(ckpt_dir: Path) -> tuple[str | None, list[CheckpointInfo]]:

@@ -53,6 +53,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FedtrakError(f"{flag} must be comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise FedtrakError(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _add_attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration")
@@ -163,6 +173,17 @@ def _parser() -> argparse.ArgumentParser:
     feat.add_argument("--examples", type=_positive_int, default=1500)
     feat.add_argument("--traker-examples", type=_positive_int, default=128)
     feat.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    bl = bsub.add_parser("lds", help="LDS across k and M on one task (the README's baseline table)")
+    bl.add_argument("--task", default=DEFAULT_TASK)
+    bl.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
+    bl.add_argument("--proj-dims", default="512,2048",
+                    help="comma-separated k values; 'identity' for no projection")
+    bl.add_argument("--checkpoints", default="1,5", help="comma-separated M values")
+    bl.add_argument("--subsets", type=_positive_int, default=100)
+    bl.add_argument("--train-size", type=_positive_int, default=None)
+    bl.add_argument("--query-size", type=_positive_int, default=None)
+    bl.add_argument("--cache-dir", type=Path, default=None)
+    bl.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     return parser
 
 
@@ -225,6 +246,17 @@ def _run(args: argparse.Namespace) -> int:
         from simulations.report import write_report
 
         print(f"wrote {write_report(args.run_dir, args.out, args.queries)}")
+    elif args.command == "bench" and args.bench == "lds":
+        from simulations.bench_lds import bench_lds, format_table
+        from simulations.groundtruth import DEFAULT_CACHE
+
+        dims = [d if d == "identity" else _int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
+        rows = bench_lds(args.task, args.out, dims,
+                         _int_list(args.checkpoints, "--checkpoints"), args.subsets, args.train_size,
+                         args.query_size, args.cache_dir or DEFAULT_CACHE)
+        print(format_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
     elif args.command == "bench":
         from simulations.bench_featurize import bench_featurize, format_table
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.checkpoints import atomic_write_json
 from shared.errors import FedtrakError
 from shared.partition import Partition
 from shared.projectors import derive_seed
@@ -145,7 +146,7 @@ def ground_truth(
         if stored_key != key:
             raise FedtrakError(f"ground-truth cache {folder} holds another key in meta.json; remove the folder")
     else:
-        meta.write_text(json.dumps(key, indent=2))
+        atomic_write_json(meta, key)
     nq = len(task.y_query)
     masks, owner_masks = zip(*(subset_mask(kind, parts, task.num_train, alpha, seed, s)
                                for s in range(num_subsets)))

@@ -10,14 +10,13 @@ differ in spelling between the two (``train_size`` vs ``train-size``);
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.checkpoints import read_manifest
+from shared.checkpoints import atomic_write_json, read_manifest
 from shared.errors import FedtrakError
 from shared.results import SUMMARY
 from simulations.retrain import Recipe
@@ -124,6 +123,4 @@ class RunFolder:
     def write_evaluation(self, block: dict) -> None:
         """Replace the summary's ``evaluation`` block, atomically (the rest is kept)."""
         self.summary["evaluation"] = block
-        tmp = self.path / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2))
-        os.replace(tmp, self.path / SUMMARY)
+        atomic_write_json(self.path / SUMMARY, self.summary)
