@@ -27,12 +27,21 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import ClientData, job_task, load_client_data
-from client.featurize import featurize_into_store, stored_gram
+from client.featurize import featurize_into_store, stored_clip_scales, stored_gram
 from client.local_scoring import score_own_examples
 from client.store import FeatureStore
 from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from shared.codecs import pack_upper, unpack_upper
 from shared.errors import FedtrakError
+from shared.privacy.mechanisms import (
+    DPSettings,
+    gram_noise,
+    noise_rng,
+    noised_count,
+    noised_features,
+    noised_owner_summaries,
+    noised_self_influence_sum,
+)
 from shared.protocol import (
     INFO_KEY,
     JOB_KEY,
@@ -91,9 +100,17 @@ def _store(ctx: Context, defaults: Mapping[str, Any], data: ClientData, run_id: 
     return FeatureStore(root / who, run_id)
 
 
-def _info(data: ClientData) -> ConfigRecord:
+def _info(data: ClientData, count: int | None = None) -> ConfigRecord:
+    """Who this client is and its example count (``count``: the released, noised one under DP)."""
     return ConfigRecord({"owner": data.owner, "partition-id": data.partition_id,
-                         "num-examples": len(data.y)})
+                         "num-examples": len(data.y) if count is None else count})
+
+
+def _released_count(store: FeatureStore, data: ClientData, dp: DPSettings) -> int | None:
+    """Under DP the count is a release of its own: noised once per run and kept in the store."""
+    if not dp.active:
+        return None
+    return store.released_count(lambda: noised_count(len(data.y), dp, noise_rng()))
 
 
 def _job_and_data(msg: Message, ctx: Context, key: str = JOB_KEY) -> tuple[JobSpec, ClientData]:
@@ -137,20 +154,34 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @_guard("featurize")
     def featurize(msg: Message, ctx: Context) -> Message:
         """Featurize local data under every checkpoint; release Grams (upper triangles) and the count."""
-        _, data, store, indices = featurized(msg, ctx)
-        grams = {str(m): pack_upper(stored_gram(store, m)[0]) for m in indices}
-        return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: _info(data)}), reply_to=msg)
+        job, data, store, indices = featurized(msg, ctx)
+        dp = job.dp()
+        scales = stored_clip_scales(store, indices, dp) if dp.active else {}
+        rng = noise_rng()
+        grams = {}
+        for m in indices:
+            g = stored_gram(store, m, scales.get(m))[0]
+            if dp.active:
+                g = g + gram_noise(g.shape[0], dp, rng)
+            grams[str(m)] = pack_upper(g)
+        info = _info(data, _released_count(store, data, dp))
+        return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: info}), reply_to=msg)
 
     @app.query("features")
     @_guard("features")
     def features(msg: Message, ctx: Context) -> Message:
         """Trusted-server mode: release the features and out-to-loss weights themselves."""
-        _, data, store, indices = featurized(msg, ctx)
+        job, data, store, indices = featurized(msg, ctx)
+        dp = job.dp()
+        scales = stored_clip_scales(store, indices, dp) if dp.active else {}
+        rng = noise_rng()
         arrays: dict[str, np.ndarray] = {"indices": data.indices}
         for m in indices:
-            f, q = store.read(m)
-            arrays[f"features-{m}"] = np.asarray(f)
-            arrays[f"out-to-loss-{m}"] = np.asarray(q)
+            f, q = (np.asarray(a) for a in store.read(m))
+            if dp.active:  # weak: each example's values are noised, its presence is not hidden
+                f, q = noised_features(f * scales[m][:, None], q, dp, rng)
+            arrays[f"features-{m}"] = f
+            arrays[f"out-to-loss-{m}"] = q
         return Message(RecordDict({"features": arrays_to_record(arrays), INFO_KEY: _info(data)}), reply_to=msg)
 
     @app.query("score")
@@ -173,19 +204,31 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         if "kernel-inverses" in msg.content.array_records:
             packed = record_arrays(msg.content, "kernel-inverses", "server message")
             inverses = [unpack_upper(packed[str(m)], dim, f"kernel inverse {m}") for m in ms]
-        scores, self_infl = score_own_examples([f for f, _ in stored], [q for _, q in stored],
-                                               [queries[str(m)] for m in ms], inverses)
+        dp = job.dp()
+        features = [f for f, _ in stored]
+        if dp.active:  # score the clipped features the Grams were made of
+            scales = stored_clip_scales(store, ms, dp)
+            features = [np.asarray(f) * scales[m][:, None].astype(np.float32) for m, f in zip(ms, features)]
+        us = [queries[str(m)] for m in ms]
+        scores, self_infl = score_own_examples(features, [q for _, q in stored], us, inverses)
+        rng = noise_rng()
         released: dict[str, np.ndarray] = {"owner-totals": scores.sum(axis=1)}
+        if dp.active:  # the noised owner summaries instead: the server derives the totals from them
+            qbar = np.mean([np.asarray(q, dtype=np.float64) for _, q in stored], axis=0)
+            released = {"owner-summaries": noised_owner_summaries(features, qbar, dp, rng)}
         if self_infl is not None:
-            released["owner-self-influence"] = np.array([self_infl.mean()])
+            total_self = float(self_infl.sum())
+            if dp.active:
+                total_self = noised_self_influence_sum(total_self, inverses, dp, rng)
+            released["owner-self-influence-sum"] = np.array([total_self])
         if policy == "full":
             released.update(scores=scores, indices=data.indices)
             if self_infl is not None:
                 released["self-influence"] = self_infl
         elif policy == "topk":
             keep_topk_on_device(store, data, scores, int(cfg["topk"]), self_infl)
-        return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: _info(data)}),
-                       reply_to=msg)
+        info = _info(data, _released_count(store, data, dp))
+        return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: info}), reply_to=msg)
 
     return app
 

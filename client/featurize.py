@@ -19,6 +19,7 @@ import torch
 from client.data import ClientData
 from client.store import FeatureStore
 from shared.kernel import GramAccumulator
+from shared.privacy.mechanisms import DPSettings, clip_scales
 from shared.protocol import JobSpec
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task
@@ -65,10 +66,26 @@ def featurize_into_store(
     return computed
 
 
-def stored_gram(store: FeatureStore, m: int) -> tuple[np.ndarray, int]:
-    """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks."""
+def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks;
+    each row multiplied by ``scales`` (clipping) where given."""
     features, _ = store.read(m)
     acc = GramAccumulator(features.shape[1])
     for start in range(0, features.shape[0], GRAM_ROWS):
-        acc.add(np.asarray(features[start : start + GRAM_ROWS]))
+        block = np.asarray(features[start : start + GRAM_ROWS])
+        if scales is not None:
+            block = block * scales[start : start + GRAM_ROWS, None].astype(block.dtype)
+        acc.add(block)
     return acc.matrix, acc.count
+
+
+def stored_clip_scales(store: FeatureStore, ms: list[int], dp: DPSettings) -> dict[int, np.ndarray]:
+    """Per-example factors that clip the stored features of checkpoints ``ms`` to ``dp.clip_norm``
+    (per checkpoint or jointly); the store itself keeps the unclipped features."""
+    norms = []
+    for m in ms:
+        features, _ = store.read(m)
+        norms.append(np.concatenate([np.linalg.norm(np.asarray(features[s : s + GRAM_ROWS], np.float64), axis=1)
+                                     for s in range(0, features.shape[0], GRAM_ROWS)]))
+    scales = clip_scales(np.stack(norms), dp.clip_norm, dp.clip_mode)
+    return dict(zip(ms, scales))

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,25 @@ class FeatureStore:
     def results_dir(self) -> Path:
         """Where results kept on the device for its owner go (``ROOT/<run_id>/results``)."""
         return self.dir / "results"
+
+    def released_count(self, make: Callable[[], float]) -> int:
+        """The example count this client releases in this run, at least 1.
+
+        Made once by ``make`` (a noised count under differential privacy) and
+        kept in ``released_count.txt``, so every later message repeats the same
+        release instead of drawing fresh noise (which would cost privacy again).
+        """
+        path = self.dir / "released_count.txt"
+        if path.is_file():
+            try:
+                return int(path.read_text())
+            except ValueError:
+                pass  # a torn write: make it again
+        value = max(1, round(make()))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(value))
+        os.replace(tmp, path)
+        return value
 
     def has(self, m: int, fingerprint: str | None = None) -> bool:
         """Whether checkpoint ``m`` is stored completely (and, if given, from ``fingerprint``)."""

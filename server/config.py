@@ -8,17 +8,21 @@ step); ``flwr run . --run-config "key=value ..."`` overrides them, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from shared.corruption import FlipSpec, parse_clients
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
+from shared.privacy.accountant import check_delta, sigma_for_epsilon
+from shared.privacy.mechanisms import CLIP_MODES, DPSettings, release_plan
 from shared.projectors import PROJECTOR_KINDS
 from shared.protocol import MODES, POLICIES, JobSpec
 from shared.settings import ScoreSettings
+from shared.tasks import Task
 
 TRAINING = ("fedavg", "central")
 
@@ -57,6 +61,11 @@ class RunConfig:
     self_influence: bool = False
     flip_fraction: float = 0.0
     flip_clients: str = ""
+    noise_multiplier: float = 0.0
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    clip_norm: float = 0.0
+    clip_mode: str = "per-checkpoint"
 
     @staticmethod
     def key(name: str) -> str:
@@ -104,6 +113,14 @@ class RunConfig:
             if not getattr(self, name) > 0:
                 raise FedtrakError(f"run config {self.key(name)} must be positive, got {getattr(self, name)}")
         self.flips().validate(self.clients)
+        if self.epsilon < 0 or self.noise_multiplier < 0 or self.clip_norm < 0:
+            raise FedtrakError("run config epsilon, noise-multiplier and clip-norm must not be negative "
+                               "(0 leaves them unset)")
+        if self.epsilon > 0 and self.noise_multiplier > 0:
+            raise FedtrakError("give either epsilon (with delta) or noise-multiplier, not both")
+        check_delta(self.delta)
+        if self.clip_mode not in CLIP_MODES:
+            raise FedtrakError(f"run config clip-mode={self.clip_mode!r}: use one of {', '.join(CLIP_MODES)}")
         if self.policy == "full" and not self.allow_full:
             raise FedtrakError("run config policy='full' needs allow-full=true (simulation and evaluation only)")
 
@@ -127,11 +144,33 @@ class RunConfig:
         """Whether the run computes self-influence (asked for, or implied by label flips)."""
         return self.self_influence or self.flips().active
 
-    def job(self, run_id: str) -> JobSpec:
+    def dp_settings(self, task: Task) -> DPSettings:
+        """The run's privacy settings, resolved: the noise multiplier from ``epsilon`` (over
+        every release of the plan) or as given, the clip norm as given or the task's default.
+
+        Raises:
+            FedtrakError: if DP is asked for and the task has no default clip norm, or the
+                settings are invalid.
+        """
+        if not (self.epsilon > 0 and not math.isinf(self.epsilon)) and not self.noise_multiplier > 0:
+            return DPSettings(delta=self.delta, clip_mode=self.clip_mode)
+        clip = self.clip_norm or task.clip_norm
+        if not clip:
+            raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm")
+        dp = DPSettings(self.noise_multiplier or 1.0, float(clip), self.clip_mode, self.delta)
+        if self.epsilon > 0:
+            releases = sum(r.count for r in release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence))
+            dp = replace(dp, noise_multiplier=sigma_for_epsilon(self.epsilon, releases, self.delta))
+        dp.validate()
+        return dp
+
+    def job(self, run_id: str, dp: DPSettings | None = None) -> JobSpec:
         """What clients are told about the run: the job spec's fields, taken from this config
-        (the flipped clients spelled out)."""
+        (the flipped clients spelled out; with ``dp``, the resolved noise multiplier and clip norm)."""
         values = {f.name: getattr(self, f.name) for f in fields(JobSpec) if f.name != "run_id"}
         values["flip_clients"] = ",".join(map(str, self.flips().clients))
+        if dp is not None:
+            values.update(noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm)
         return JobSpec(run_id=run_id, **values)
 
     @property

@@ -36,6 +36,8 @@ from shared.corruption import corrupted, flipped_indices
 from shared.errors import FedtrakError
 from shared.featurizer import Features, Featurizer
 from shared.partition import example_ids, partition
+from shared.privacy.accountant import epsilon, prv_epsilon
+from shared.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor, release_plan
 from shared.projectors import make_projector
 from shared.protocol import (
     FEATURES,
@@ -126,18 +128,21 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
     _note_info(fed, replies)
     sums = [np.zeros((dim, dim)) for _ in ms]
 
+    dp = job.dp()
+
     def add_grams(node: int, content: RecordDict) -> None:
-        for m, g in gram_release(content, ms, dim, fed.source(node)).items():
+        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=not dp.active).items():
             sums[m] += g  # only after every checkpoint's Gram of this client passed
 
     with timer.phase("gram_sum"):
         fed.accept(replies, add_grams)
     nodes = _require_clients(fed, "featurize")
     total = sum(fed.clients[n].num_examples for n in nodes)
+    floor = noise_floor(dp, dim, len(nodes)) if dp.active else 0.0
     us, records, inverses = [], [], {}
     for m in ms:
         u, record, kinv = solve_checkpoint(task, featurizers[m], sums[m], total, settings, m, timer,
-                                           with_inverse=cfg.wants_self_influence)
+                                           with_inverse=cfg.wants_self_influence, noise_floor=floor)
         featurizers[m].projector.release()
         us.append(u)
         records.append(record)
@@ -152,11 +157,12 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
         replies = fed.broadcast(SCORE, lambda node: RecordDict(content))
     nq = len(task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
-        c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses)))
+        c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active, us))
     nodes = [n for n in _require_clients(fed, "score") if n in released]
     out = Outcome(None, np.stack([released[n]["owner-totals"] for n in nodes], axis=1), None, records)
-    if inverses:
-        out.owner_self_influence = np.concatenate([released[n]["owner-self-influence"] for n in nodes])
+    if inverses:  # each owner's mean: its released sum over its released count
+        out.owner_self_influence = np.array([released[n]["owner-self-influence-sum"][0]
+                                             / fed.clients[n].num_examples for n in nodes])
     if cfg.policy == "full":
         out.scores = np.concatenate([released[n]["scores"] for n in nodes], axis=1)
         out.ids = example_ids([released[n]["indices"] for n in nodes])
@@ -190,6 +196,43 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
                    None if self_infl is None else owner_means(self_infl, ids["client"], len(nodes)))
 
 
+def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None:
+    """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite."""
+    if not dp.active or cfg.mode != "private":
+        return
+    try:
+        fixed = float(cfg.lam)
+    except ValueError:
+        return  # a rule: raised to the noise floor when it falls below
+    floor = noise_floor(dp, dim, cfg.clients)
+    if fixed < floor:
+        raise FedtrakError(
+            f"lambda {fixed:g} is below the DP noise floor {floor:.4g} ({NOISE_FLOOR_FACTOR} sigma C^2 "
+            f"sqrt(k x clients)): the noised kernel would be indefinite; use a larger lambda or a rule")
+
+
+def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
+    """The summary's account of what was released and what it cost."""
+    if not dp.active:
+        return {"dp": False, "note": "no noise: nothing released is differentially private"}
+    plan = release_plan(cfg.mode, cfg.checkpoints, dp, cfg.wants_self_influence)
+    block = {"dp": True, "adjacency": "add or remove one training example",
+             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_mode": dp.clip_mode,
+             "delta": dp.delta, "target_epsilon": cfg.epsilon or None,
+             "epsilon": epsilon(plan, dp.delta), "epsilon_prv": prv_epsilon(plan, dp.delta),
+             "accountant": "mu-GDP composition of Gaussian mechanisms at sample rate 1 (opacus gdp); "
+                           "PRV cross-check",
+             "ledger": [r.describe() for r in plan], "secure_aggregation": False,
+             "noise_per_client": "full sigma (no secure aggregation)", "not_covered": []}
+    if cfg.mode == "features":
+        block["not_covered"].append("the number of examples each client sends (features mode hides values, "
+                                    "not presence)")
+    if cfg.policy == "full" and cfg.mode == "private":
+        block["not_covered"].append("policy full: example scores (and self-influence) are released without "
+                                    "noise, for simulation and evaluation only")
+    return block
+
+
 def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     """Run one federated attribution and write its run folder; returns the summary.
 
@@ -207,10 +250,12 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
             parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
             flipped = flipped_indices(task.y_train, parts, flips)
             task = corrupted(task, parts, flips)
-        # Check the projection settings before anything is trained or sent.
-        make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
+        # Check the projection and privacy settings before anything is trained or sent.
+        proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
+        dp = cfg.dp_settings(task)
+        check_lambda_against_noise(cfg, dp, proj.proj_dim)
     run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
-    job = cfg.job(run_id)
+    job = cfg.job(run_id, dp)
     with timer.phase("wait_for_clients"):
         nodes = wait_for_nodes(grid, cfg.clients, cfg.wait_for_nodes)
     grid.step = "train"
@@ -256,6 +301,7 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
                               else None, "seed": cfg.partition_seed, "num_clients": cfg.clients}}
                if min(pids) >= 0 else {}),
             **flips_block(flips, flipped),
+            "privacy": privacy_block(cfg, dp),
             "config": cfg.to_mapping(),
             "seconds": timer.report(),
             "peak_memory_mb": peak_memory_mb(),

@@ -32,25 +32,31 @@ def solve_checkpoint(
     m: int,
     timer: PhaseTimer,
     with_inverse: bool = False,
+    noise_floor: float = 0.0,
 ) -> tuple[np.ndarray, dict, np.ndarray | None]:
     """Preconditioned queries ``U_m`` (``(Q, k)`` float64) from the summed Gram of checkpoint ``m``.
 
     Returns ``(U_m, record, K_m^-1 or None)``; the record (lambda, its rule,
     seed, dims) goes into the run summary; the explicit inverse (as the
     queries used it, see :func:`shared.kernel.effective_inverse`) only
-    ``with_inverse``, for self-influence.
+    ``with_inverse``, for self-influence. Under DP lambda is at least
+    ``noise_floor``, so the noised kernel stays positive definite.
     """
     with timer.phase("featurize_queries"):
         query = featurizer.featurize(task.x_query, task.y_query).features
     with timer.phase("kernel"):
         lam = resolve_lambda(settings.lam, gram_matrix, num_examples, featurizer.grad_dim,
                              task.training.weight_decay)
-        kernel = Kernel(gram_matrix, lam.value)
+        lam_value = max(lam.value, noise_floor)
+        kernel = Kernel(gram_matrix, lam_value)
         u = precondition(query, kernel, settings.normalize)
         kinv = effective_inverse(kernel, settings.normalize) if with_inverse else None
     proj = featurizer.projector
-    record = {"index": m, "lambda": lam.value, "lambda_rule": lam.rule, "projection_seed": proj.seed,
+    record = {"index": m, "lambda": lam_value, "lambda_rule": lam.rule, "projection_seed": proj.seed,
               "num_params": featurizer.grad_dim, "proj_dim": proj.proj_dim}
+    if noise_floor > 0:
+        record.update(lambda_rule_value=lam.value, lambda_noise_floor=noise_floor,
+                      lambda_rule=f"max({lam.rule}, DP noise floor)")
     return u, record, kinv
 
 

@@ -78,9 +78,9 @@ def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, sour
             raise FedtrakError(f"{source}: Gram of checkpoint {m} is {what} of shape {packed.shape}; "
                                f"expected its packed upper triangle of {dim * (dim + 1) // 2} values")
         g = unpack_upper(packed, dim, source=f"{source} checkpoint {m}")
-        if np.any(np.diag(g) < 0):
-            raise FedtrakError(f"{source}: Gram of checkpoint {m} has a negative diagonal entry")
-        if noiseless:
+        if noiseless:  # a noised Gram may have negative entries anywhere
+            if np.any(np.diag(g) < 0):
+                raise FedtrakError(f"{source}: Gram of checkpoint {m} has a negative diagonal entry")
             check_psd(g, f"Gram of checkpoint {m}", source)
         out[m] = g
     return out
@@ -110,30 +110,45 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 
 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
-                  source: str, self_influence: bool = False) -> dict[str, np.ndarray]:
+                  source: str, self_influence: bool = False, noised: bool = False,
+                  preconditioned: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
     """What a score reply releases under ``policy``, validated: ``owner-totals`` ``(Q,)``,
     plus ``scores`` ``(Q, num)`` and ``indices`` ``(num,)`` for ``full``; with
-    ``self_influence``, ``owner-self-influence`` ``(1,)`` (the owner's mean) and,
-    for ``full``, ``self-influence`` ``(num,)``."""
+    ``self_influence``, ``owner-self-influence-sum`` ``(1,)`` and, for ``full``,
+    ``self-influence`` ``(num,)``. ``noised`` (DP): the owner releases its noised summaries
+    ``(M, k)`` instead of totals, and ``owner-totals`` is derived from them with the
+    ``preconditioned`` queries ``U_m``; the totals are then not checked against the scores,
+    and since the released count is noised too, ``num`` is taken from the scores."""
     arrays = record_arrays(content, "released", source)
     totals = arrays.get("owner-totals")
+    if noised:  # under DP the owner releases its noised summaries; the totals are derived from them
+        summaries = arrays.get("owner-summaries")
+        if summaries is None or summaries.ndim != 2 or len(preconditioned) != summaries.shape[0] or \
+                summaries.shape[1] != preconditioned[0].shape[1]:
+            raise FedtrakError(f"{source}: owner summaries have shape "
+                               f"{None if summaries is None else summaries.shape}, expected "
+                               f"({len(preconditioned)}, {preconditioned[0].shape[1]})")
+        _finite(summaries, "owner summaries", source)
+        totals = np.mean([u @ s for u, s in zip(preconditioned, summaries)], axis=0)
     if totals is None or totals.shape != (num_queries,):
         shape = None if totals is None else totals.shape
         raise FedtrakError(f"{source}: owner totals have shape {shape}, expected ({num_queries},)")
     out = {"owner-totals": _finite(totals, "owner totals", source)}
     if self_influence:
-        mean = arrays.get("owner-self-influence")
-        if mean is None or mean.shape != (1,):
-            raise FedtrakError(f"{source}: owner self-influence missing or not one number")
-        out["owner-self-influence"] = _finite(mean, "owner self-influence", source)
+        total = arrays.get("owner-self-influence-sum")
+        if total is None or total.shape != (1,):
+            raise FedtrakError(f"{source}: owner self-influence sum missing or not one number")
+        out["owner-self-influence-sum"] = _finite(total, "owner self-influence sum", source)
+    if policy == "full" and noised and arrays.get("scores") is not None and arrays["scores"].ndim == 2:
+        num = arrays["scores"].shape[1]
     if policy == "full" and self_influence:
         own = arrays.get("self-influence")
         if own is None or own.shape != (num,):
             raise FedtrakError(f"{source}: self-influence has shape {None if own is None else own.shape}, "
                                f"expected ({num},)")
         out["self-influence"] = _finite(own, "self-influence", source)
-        if not np.isclose(own.mean(), mean[0], rtol=1e-6, atol=1e-12):
-            raise FedtrakError(f"{source}: owner self-influence disagrees with the released values")
+        if not noised and not np.isclose(own.sum(), total[0], rtol=1e-6, atol=1e-12):
+            raise FedtrakError(f"{source}: owner self-influence sum disagrees with the released values")
     if policy == "full":
         scores, idx = arrays.get("scores"), arrays.get("indices")
         if scores is None or scores.shape != (num_queries, num):
@@ -143,6 +158,7 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
             raise FedtrakError(f"{source}: example indices missing or not ({num},) integers")
         out["scores"] = _finite(scores, "scores", source)
         out["indices"] = idx.astype(np.int64)
-        if not np.allclose(scores.sum(axis=1), totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).max())):
+        if not noised and not np.allclose(scores.sum(axis=1), totals, rtol=1e-6,
+                                          atol=1e-9 * max(1.0, np.abs(totals).max())):
             raise FedtrakError(f"{source}: owner totals disagree with the released scores")
     return out

@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared.corruption import FlipSpec
 from shared.errors import FedtrakError
+from shared.privacy.mechanisms import DPSettings
 from shared.settings import ScoreSettings
 
 FEATURIZE = "query.featurize"
@@ -63,6 +64,16 @@ class JobSpec:
     partition_seed: int = 0
     flip_fraction: float = 0.0
     flip_clients: str = ""
+    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0
+    clip_mode: str = "per-checkpoint"
+    delta: float = 1e-5
+
+    def dp(self) -> DPSettings:
+        """How this client clips and noises what it releases (``noise_multiplier`` 0: it does not)."""
+        dp = DPSettings(self.noise_multiplier, self.clip_norm, self.clip_mode, self.delta)
+        dp.validate()
+        return dp
 
     def flips(self) -> FlipSpec:
         """The label flips every simulated client applies to its data (none by default)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from server.config import TRAINING
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
+from shared.privacy.mechanisms import CLIP_MODES
 from shared.projectors import PROJECTOR_KINDS
 from shared.protocol import MODES, POLICIES
 from shared.tasks import BUILTIN_TASKS, DEFAULT_TASK
@@ -89,6 +90,32 @@ def _add_attribution_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated client ids whose labels are flipped (default: the first half)")
 
 
+def _epsilon(text: str) -> float:
+    if text.strip().lower() in ("inf", "infinity"):
+        return 0.0  # no noise: the run config's "unset"
+    return _positive_float(text)
+
+
+def _delta(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a delta in (0, 1), got {value}")
+    return value
+
+
+def _add_privacy_args(p: argparse.ArgumentParser) -> None:
+    dp = p.add_argument_group("differential privacy (off unless --epsilon or --noise-multiplier)")
+    dp.add_argument("--epsilon", type=_epsilon, default=0.0,
+                    help="target epsilon of the whole run (its noise multiplier is derived; inf: no noise)")
+    dp.add_argument("--delta", type=_delta, default=1e-5, help="delta of the guarantee (default 1e-5)")
+    dp.add_argument("--noise-multiplier", type=float, default=0.0,
+                    help="sigma of every release, instead of --epsilon (0: no noise)")
+    dp.add_argument("--clip-norm", type=_positive_float, default=None,
+                    help="L2 clip norm C of projected features (default: the task's)")
+    dp.add_argument("--clip-mode", choices=CLIP_MODES, default="per-checkpoint",
+                    help="clip each checkpoint's feature, or all checkpoints' jointly (one Gram release)")
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=DEFAULT_TASK,
                    help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or package.module:function "
@@ -140,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--timeout", type=_positive_float, default=600.0,
                      help="seconds to wait for clients' replies in each step")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    _add_privacy_args(sim)
 
     train = sub.add_parser("train", help="train checkpoints only")
     _add_task_args(train)
@@ -220,6 +248,8 @@ def _run(args: argparse.Namespace) -> int:
             "normalize": args.normalize, "batch-size": args.batch_size, "out": str(args.out),
             "timeout": args.timeout, "self-influence": args.self_influence,
             "flip-fraction": args.flip_fraction, "flip-clients": args.flip_clients,
+            "epsilon": args.epsilon, "delta": args.delta, "noise-multiplier": args.noise_multiplier,
+            "clip-norm": args.clip_norm or 0.0, "clip-mode": args.clip_mode,
         })
         summary = run_simulation(cfg, verbose=args.verbose)
         _print_federated(summary, args.out)
@@ -276,6 +306,11 @@ def _print_federated(summary: dict, out: Path) -> None:
           f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, {secs['total']:.1f} s")
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items() if k != "total"))
     print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
+    privacy = summary.get("privacy", {})
+    if privacy.get("dp"):
+        print(f"  privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (sigma "
+              f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
+              f"{'; '.join(privacy['not_covered']) or 'nothing'}")
     for ex in summary["excluded"]:
         print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")
 

@@ -1,0 +1,151 @@
+"""The noised releases of a client, each beside the ledger entry that accounts for it.
+
+Adjacency: adding or removing one training example (DESIGN.md section 4).
+Every projected feature is clipped to L2 norm ``C`` *after* projection, on
+the client, before anything is computed from it: per checkpoint (each
+``||phi_m,i|| <= C``) or jointly (``sum_m ||phi_m,i||^2 <= C^2``). Then:
+
+============================  ===================================  ====================
+release (per client)           noise (std)                          sensitivity
+============================  ===================================  ====================
+Gram of checkpoint m           ``sigma C^2`` on the upper triangle   ``C^2`` (jointly: all
+                               (Analyze Gauss), mirrored             M Grams together)
+example count                  ``sigma``                             1
+owner summary of checkpoint m  ``sigma C`` per coordinate             ``C`` (jointly: all M)
+self-influence sum             ``sigma C^2 mean_m ||K_m^-1||_2``     ``C^2 mean_m ||K_m^-1||_2``
+features (``features`` mode)   ``sigma C`` per coordinate            ``C`` (values only)
+out-to-loss weights            ``sigma``, then clamped to [0, 1]     1
+============================  ===================================  ====================
+
+(``||.||_2`` is the spectral norm; ``1 - p <= 1`` bounds the weights.) The
+owner summary ``s_c,m = sum_i qbar_i phi_m,i`` (k numbers) stands in for the
+owner's per-query totals: the server computes every total from it, so the
+privacy cost is paid once per checkpoint, not once per query. Each
+is a Gaussian mechanism with noise multiplier ``sigma``; :func:`release_plan`
+lists what a run's example takes part in. Without secure aggregation each
+client adds the full ``sigma``. Noise is drawn from a generator seeded by
+the operating system's entropy (never from a run seed the server knows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.errors import FedtrakError
+from shared.privacy.accountant import Release, check_delta
+
+CLIP_MODES = ("per-checkpoint", "joint")
+#: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
+#: symmetric Gaussian matrix whose spectral norm is about 2 sigma C^2 sqrt(k * clients).
+NOISE_FLOOR_FACTOR = 2.2
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """How a run's releases are privatized: ``sigma = 0`` means not at all."""
+
+    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0
+    clip_mode: str = "per-checkpoint"
+    delta: float = 1e-5
+
+    @property
+    def active(self) -> bool:
+        """Whether releases are clipped and noised."""
+        return self.noise_multiplier > 0
+
+    def validate(self) -> None:
+        """Raise FedtrakError on a negative noise multiplier, a non-positive clip norm
+        (when active), an unknown clip mode or a delta outside (0, 1)."""
+        if not self.noise_multiplier >= 0 or math.isinf(self.noise_multiplier):
+            raise FedtrakError(f"noise multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+        if self.active and not self.clip_norm > 0:
+            raise FedtrakError(f"clip norm must be positive, got {self.clip_norm}")
+        if self.clip_mode not in CLIP_MODES:
+            raise FedtrakError(f"clip mode {self.clip_mode!r}: use one of {', '.join(CLIP_MODES)}")
+        check_delta(self.delta)
+
+
+def noise_rng() -> np.random.Generator:
+    """A generator seeded from the operating system's entropy."""
+    return np.random.default_rng()
+
+
+def clip_scales(norms: np.ndarray, clip_norm: float, mode: str) -> np.ndarray:
+    """Per-example scale factors ``(M, n)`` that clip features of norms ``(M, n)`` to ``clip_norm``."""
+    norms = np.asarray(norms, dtype=np.float64)
+    if mode == "joint":
+        total = np.sqrt((norms**2).sum(axis=0, keepdims=True))
+        return np.broadcast_to(np.minimum(1.0, clip_norm / np.maximum(total, 1e-300)), norms.shape).copy()
+    return np.minimum(1.0, clip_norm / np.maximum(norms, 1e-300))
+
+
+def gram_noise(dim: int, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
+    """Symmetric noise for one Gram: ``N(0, (sigma C^2)^2)`` on the upper triangle, mirrored."""
+    upper = np.triu(rng.normal(0.0, dp.noise_multiplier * dp.clip_norm**2, size=(dim, dim)))
+    return upper + np.triu(upper, 1).T
+
+
+def noised_count(count: int, dp: DPSettings, rng: np.random.Generator) -> float:
+    """The example count with ``N(0, sigma^2)`` noise."""
+    return float(count + rng.normal(0.0, dp.noise_multiplier))
+
+
+def spectral_norm(matrix: np.ndarray) -> float:
+    """The largest singular value."""
+    return float(np.linalg.norm(np.asarray(matrix, dtype=np.float64), ord=2))
+
+
+def noised_owner_summaries(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray, dp: DPSettings,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Owner summaries ``s_m = sum_i qbar_i phi_m,i`` ``(M, k)`` of clipped features, plus
+    ``N(0, (sigma C)^2)`` per coordinate (sensitivity ``C`` per checkpoint, as ``qbar <= 1``).
+
+    The server turns them into the owner's total for any query, now or later,
+    by post-processing: ``mean_m U_m s_m`` (DESIGN.md section 4).
+    """
+    q = np.asarray(mean_out_to_loss, dtype=np.float64)
+    sums = np.stack([q @ np.asarray(f, dtype=np.float64) for f in features])
+    return sums + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=sums.shape)
+
+
+def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
+                              rng: np.random.Generator) -> float:
+    """An owner's summed self-influence plus noise at its sensitivity ``C^2 mean_m ||K_m^-1||_2``."""
+    sens = dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
+    return float(total + rng.normal(0.0, dp.noise_multiplier * sens))
+
+
+def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSettings,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Clipped features plus ``N(0, (sigma C)^2)`` per coordinate, and weights plus
+    ``N(0, sigma^2)`` clamped to [0, 1]."""
+    f = features + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=features.shape)
+    q = np.clip(out_to_loss + rng.normal(0.0, dp.noise_multiplier, size=out_to_loss.shape), 0.0, 1.0)
+    return f.astype(np.float32), q.astype(np.float32)
+
+
+def noise_floor(dp: DPSettings, dim: int, num_clients: int) -> float:
+    """The smallest lambda that keeps a kernel of ``num_clients`` noised Grams positive definite."""
+    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.clip_norm**2 * math.sqrt(dim * num_clients)
+
+
+def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool) -> list[Release]:
+    """The Gaussian mechanisms each training example takes part in during one run."""
+    sigma = dp.noise_multiplier
+    if mode == "features":
+        return [Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
+                Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint")]
+    joint = dp.clip_mode == "joint"
+    plan = [Release("Gram", sigma, 1 if joint else checkpoints,
+                    "C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint"),
+            Release("example count", sigma, 1, "1"),
+            Release("owner summary", sigma, 1 if joint else checkpoints,
+                    "C over all checkpoints jointly" if joint else "C per checkpoint")]
+    if self_influence:
+        plan.append(Release("self-influence sum", sigma, 1, "C^2 mean_m ||K_m^-1||_2"))
+    return plan
