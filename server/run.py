@@ -134,8 +134,8 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
         for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=not dp.active).items():
             sums[m] += g  # only after every checkpoint's Gram of this client passed
 
-    with timer.phase("gram_sum"):
-        fed.accept(replies, add_grams)
+    with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
+        fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add_grams)
     nodes = _require_clients(fed, "featurize")
     total = sum(fed.clients[n].num_examples for n in nodes)
     floor = noise_floor(dp, dim, len(nodes)) if dp.active else 0.0
@@ -196,6 +196,19 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
                    None if self_infl is None else owner_means(self_infl, ids["client"], len(nodes)))
 
 
+def preflight(cfg: RunConfig) -> tuple[Task, DPSettings]:
+    """Load the task and check the projection and privacy settings, before anything is trained or sent.
+
+    Raises:
+        FedtrakError: naming the bad setting.
+    """
+    task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
+    proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
+    dp = cfg.dp_settings(task)
+    check_lambda_against_noise(cfg, dp, proj.proj_dim)
+    return task, dp
+
+
 def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None:
     """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite."""
     if not dp.active or cfg.mode != "private":
@@ -243,17 +256,13 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     timer = PhaseTimer()
     grid = CountingGrid(flower_grid)
     with timer.phase("load_task"):
-        task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
+        task, dp = preflight(cfg)
         flips = cfg.flips()
         flipped = np.zeros(0, dtype=np.int64)
         if flips.active:  # a mislabel experiment: central training sees the flipped labels too
             parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
             flipped = flipped_indices(task.y_train, parts, flips)
             task = corrupted(task, parts, flips)
-        # Check the projection and privacy settings before anything is trained or sent.
-        proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
-        dp = cfg.dp_settings(task)
-        check_lambda_against_noise(cfg, dp, proj.proj_dim)
     run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
     job = cfg.job(run_id, dp)
     with timer.phase("wait_for_clients"):

@@ -20,8 +20,8 @@ from flwr.clientapp import ClientApp
 from client.app import build_client_app
 from server.app import build_server_app
 from server.config import RunConfig
+from server.run import preflight
 from shared.errors import FedtrakError
-from shared.tasks import cached_task
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -65,7 +65,7 @@ def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp 
     """
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    cached_task(cfg.task, cfg.train_size, cfg.query_size)  # a bad task fails here, before Ray starts
+    preflight(cfg)  # a bad task or privacy setting fails here, before Ray starts
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.to_mapping()

@@ -1,0 +1,124 @@
+"""Differential privacy: the accountant against known values, the mechanisms' noise and
+clipping, bad settings refused before any computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from server.config import RunConfig
+from shared.errors import FedtrakError
+from shared.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
+from shared.privacy.mechanisms import (
+    DPSettings,
+    clip_scales,
+    gram_noise,
+    noise_floor,
+    noised_owner_summaries,
+    release_plan,
+)
+from shared.tasks import load_task
+from simulations.cli import main
+
+DELTA = 1e-5
+
+
+@pytest.mark.parametrize("sigma, count, want", [(1.0, 1, 4.38), (4.0, 1, 0.93), (4.0, 10, 3.34)])
+def test_accountant_known_values(sigma, count, want):
+    releases = [Release("Gram", sigma, count)]
+    assert epsilon(releases, DELTA) == pytest.approx(want, abs=0.02)
+    assert prv_epsilon(releases, DELTA) == pytest.approx(want, abs=0.03)  # independent numerics
+
+
+def test_accountant_inverse_and_edges():
+    assert sigma_for_epsilon(1.0, 1, DELTA) == pytest.approx(3.73, abs=0.02)
+    for target, releases in [(0.5, 5), (2.0, 3), (8.0, 8)]:
+        sigma = sigma_for_epsilon(target, releases, DELTA)
+        assert epsilon([Release("x", sigma, releases)], DELTA) == pytest.approx(target, rel=1e-6)
+    # mixed releases compose as mu = sqrt(sum 1/sigma^2)
+    mixed = [Release("a", 2.0, 1), Release("b", 4.0, 4)]
+    assert epsilon(mixed, DELTA) == pytest.approx(epsilon([Release("c", 2.0 / math.sqrt(2), 1)], DELTA))
+    assert epsilon([Release("x", 0.0)], DELTA) == math.inf
+    assert sigma_for_epsilon(math.inf, 3, DELTA) == 0.0
+    with pytest.raises(FedtrakError, match="epsilon must be positive"):
+        sigma_for_epsilon(0.0, 1, DELTA)
+    with pytest.raises(FedtrakError, match="delta must lie in"):
+        epsilon([Release("x", 1.0)], 1.0)
+
+
+def test_gram_noise_is_symmetric_with_the_stated_scale():
+    dp = DPSettings(noise_multiplier=0.5, clip_norm=2.0)
+    noise = gram_noise(300, dp, np.random.default_rng(0))
+    np.testing.assert_array_equal(noise, noise.T)
+    upper = noise[np.triu_indices(300)]
+    assert upper.std() == pytest.approx(0.5 * 2.0**2, rel=0.02)
+    assert abs(upper.mean()) < 0.02
+    # its spectral norm is about 2 sigma C^2 sqrt(k): under the lambda floor for one client
+    assert np.linalg.norm(noise, 2) < noise_floor(dp, 300, 1)
+    assert np.linalg.norm(noise, 2) == pytest.approx(2 * 0.5 * 4 * math.sqrt(300), rel=0.1)
+
+
+def test_clipping_bounds_every_norm():
+    rng = np.random.default_rng(1)
+    norms = rng.uniform(0.1, 10, size=(3, 50))
+    per = clip_scales(norms, 2.0, "per-checkpoint") * norms
+    assert per.max() <= 2.0 + 1e-12 and np.allclose(per[norms < 2], norms[norms < 2])
+    joint = clip_scales(norms, 2.0, "joint") * norms
+    assert np.sqrt((joint**2).sum(axis=0)).max() <= 2.0 + 1e-12
+    assert np.all(np.ptp(clip_scales(norms, 2.0, "joint"), axis=0) == 0)  # one factor per example
+
+
+def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
+    rng = np.random.default_rng(2)
+    feats = [rng.standard_normal((40, 8)) for _ in range(2)]
+    q = rng.uniform(0, 1, 40)
+    dp = DPSettings(noise_multiplier=1.0, clip_norm=3.0)
+    draws = np.stack([noised_owner_summaries(feats, q, dp, rng) for _ in range(4000)])
+    want = np.stack([q @ f for f in feats])
+    np.testing.assert_allclose(draws.mean(axis=0), want, atol=0.15)
+    assert draws.std(axis=0).mean() == pytest.approx(3.0, rel=0.03)
+    counts = {r.what: r.count for r in release_plan("private", 3, dp, self_influence=True)}
+    assert counts == {"Gram": 3, "example count": 1, "owner summary": 3, "self-influence sum": 1}
+    joint = {r.what: r.count for r in release_plan("private", 3, DPSettings(1.0, 3.0, "joint"), False)}
+    assert joint == {"Gram": 1, "example count": 1, "owner summary": 1}
+    assert sum(r.count for r in release_plan("features", 3, dp, False)) == 6
+
+
+def test_epsilon_resolves_to_the_noise_of_the_whole_plan():
+    task = load_task("digits-logreg")
+    dp = RunConfig.from_mapping({"epsilon": 2.0, "checkpoints": 3}).dp_settings(task)
+    assert dp.clip_norm == task.clip_norm and dp.noise_multiplier > 0
+    plan = release_plan("private", 3, dp, self_influence=False)
+    assert sum(r.count for r in plan) == 7
+    assert epsilon(plan, DELTA) == pytest.approx(2.0, rel=1e-6)
+    assert not RunConfig().dp_settings(task).active
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epsilon", "0"], "expected a positive number"),
+    (["--epsilon", "-1"], "expected a positive number"),
+    (["--delta", "1"], "expected a delta in (0, 1)"),
+    (["--delta", "0"], "expected a positive number"),
+    (["--clip-norm", "0"], "expected a positive number"),
+    (["--clip-mode", "none"], "invalid choice"),
+])
+def test_bad_privacy_flags_exit_2(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--out", str(tmp_path / "x"), *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_privacy_settings_fail_before_any_computation(tmp_path, capsys):
+    out = tmp_path / "x"
+    # a fixed lambda under the noise floor would leave the noised kernel indefinite
+    assert main(["simulate", "--epsilon", "1", "--lambda", "10", "--out", str(out), "--quiet"]) == 2
+    assert "below the DP noise floor" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()  # nothing was trained
+    assert main(["simulate", "--epsilon", "1", "--noise-multiplier", "2", "--out", str(out), "--quiet"]) == 2
+    assert "either epsilon" in capsys.readouterr().err
+    with pytest.raises(FedtrakError, match="must not be negative"):
+        RunConfig.from_mapping({"clip-norm": -1.0})
+    with pytest.raises(FedtrakError, match="delta must lie in"):
+        RunConfig.from_mapping({"delta": 1.5})
