@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,11 @@ def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None
             f"sqrt(k x clients)): the noised kernel would be indefinite; use a larger lambda or a rule")
 
 
+def _json_number(value: float) -> float | None:
+    """``None`` (JSON null: unbounded) for an infinite epsilon, which strict JSON cannot hold."""
+    return None if math.isinf(value) else value
+
+
 def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
     """The summary's account of what was released and what it cost."""
     if not dp.active:
@@ -232,7 +238,8 @@ def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
     block = {"dp": True, "adjacency": "add or remove one training example",
              "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_mode": dp.clip_mode,
              "delta": dp.delta, "target_epsilon": cfg.epsilon or None,
-             "epsilon": epsilon(plan, dp.delta), "epsilon_prv": prv_epsilon(plan, dp.delta),
+             "epsilon": _json_number(epsilon(plan, dp.delta)),
+             "epsilon_prv": _json_number(prv_epsilon(plan, dp.delta)),
              "accountant": "mu-GDP composition of Gaussian mechanisms at sample rate 1 (opacus gdp); "
                            "PRV cross-check",
              "ledger": [r.describe() for r in plan], "secure_aggregation": False,

@@ -193,6 +193,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     rep.add_argument("--queries", type=_positive_int, default=4, help="queries shown in the figures")
 
+    aud = sub.add_parser("audit", help="canary audit: an empirical epsilon lower bound of the Gram release")
+    aud.add_argument("--task", default=DEFAULT_TASK)
+    aud.add_argument("--noise-multiplier", type=_positive_float, default=1.0)
+    aud.add_argument("--clip-norm", type=_positive_float, default=None, help="default: the task's")
+    aud.add_argument("--proj-dim", type=_positive_int, default=512)
+    aud.add_argument("--releases", type=_positive_int, default=20, help="noised Grams (k canaries each)")
+    aud.add_argument("--clients", type=_positive_int, default=10, help="the audited client is 1 of these")
+    aud.add_argument("--delta", type=_delta, default=1e-5)
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
@@ -276,6 +287,20 @@ def _run(args: argparse.Namespace) -> int:
         from simulations.report import write_report
 
         print(f"wrote {write_report(args.run_dir, args.out, args.queries)}")
+    elif args.command == "audit":
+        from simulations.audit import audit_gram
+
+        res = audit_gram(args.task, args.noise_multiplier, args.clip_norm, args.proj_dim, args.releases,
+                         args.clients, args.delta, args.seed)
+        print(f"Gram release of one client ({res['client_examples']} examples, k={res['proj_dim']}, sigma "
+              f"{res['noise_multiplier']:g}, C {res['clip_norm']:g}): {res['canaries']} canaries over "
+              f"{res['releases']} releases")
+        print(f"  empirical epsilon lower bound ({res['confidence']:.0%}): "
+              f"{res['empirical_epsilon_lower_bound']:.3f}")
+        print(f"  accounted epsilon of one release at delta {res['delta']:g}: "
+              f"{res['accounted_epsilon_one_release']:.3f}")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
     elif args.command == "bench" and args.bench == "lds":
         from simulations.bench_lds import bench_lds, format_table
         from simulations.groundtruth import DEFAULT_CACHE
@@ -308,7 +333,8 @@ def _print_federated(summary: dict, out: Path) -> None:
     print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
     privacy = summary.get("privacy", {})
     if privacy.get("dp"):
-        print(f"  privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (sigma "
+        eps = "unbounded" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3g}"
+        print(f"  privacy: epsilon {eps} at delta {privacy['delta']:g} (sigma "
               f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
               f"{'; '.join(privacy['not_covered']) or 'nothing'}")
     for ex in summary["excluded"]:

@@ -122,3 +122,25 @@ def test_bad_privacy_settings_fail_before_any_computation(tmp_path, capsys):
         RunConfig.from_mapping({"clip-norm": -1.0})
     with pytest.raises(FedtrakError, match="delta must lie in"):
         RunConfig.from_mapping({"delta": 1.5})
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_audit_never_exceeds_the_accountant(sigma):
+    from simulations.audit import audit_gram
+
+    res = audit_gram("digits-logreg", noise_multiplier=sigma, releases=8)
+    assert res["canaries"] == 8 * 512 and 0 < res["inserted"] < res["canaries"]
+    assert res["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
+    if sigma == 0.5:  # little noise: the canaries are clearly visible (measured 4.4 of 10.0)
+        assert res["empirical_epsilon_lower_bound"] > 2.0
+
+
+def test_audit_catches_a_mechanism_noisier_on_paper_than_in_fact():
+    from simulations.audit import epsilon_lower_bound
+
+    rng = np.random.default_rng(3)
+    inserted = rng.random(20000) < 0.5
+    claimed_sigma = 4.0  # accounted epsilon about 0.93, but the noise added is 10x smaller
+    scores = inserted + rng.normal(0, claimed_sigma / 10, size=inserted.shape)
+    lb, _ = epsilon_lower_bound(scores, inserted, DELTA)
+    assert lb > epsilon([Release("Gram", claimed_sigma)], DELTA) + 1
