@@ -42,6 +42,7 @@ from shared.privacy.mechanisms import (
     noised_owner_summaries,
     noised_self_influence_sum,
 )
+from shared.privacy.training import dp_sgd_epochs
 from shared.protocol import (
     INFO_KEY,
     JOB_KEY,
@@ -138,7 +139,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         model = model_from_state(task, record_to_state(msg.content.array_records["arrays"]), "global model")
         seed = fedavg_local_seed(job.seed, int(cfg["checkpoint"]), int(cfg["server-round"]),
                                  data.partition_id)
-        sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed)
+        if job.dp_train_noise > 0:  # DP-SGD (Opacus); accounted by the server, apart from attribution
+            dp_sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed, job.dp_train_noise,
+                          job.dp_train_clip)
+        else:
+            sgd_epochs(task, model, data.x, data.y, int(cfg["local-epochs"]), seed)
         return Message(RecordDict({"arrays": state_to_record(model.state_dict()),
                                    "metrics": MetricRecord({"num-examples": len(data.y)})}), reply_to=msg)
 

@@ -66,6 +66,8 @@ class RunConfig:
     delta: float = 1e-5
     clip_norm: float = 0.0
     clip_mode: str = "per-checkpoint"
+    dp_train_noise: float = 0.0
+    dp_train_clip: float = 1.0
 
     @staticmethod
     def key(name: str) -> str:
@@ -116,6 +118,8 @@ class RunConfig:
         if self.epsilon < 0 or self.noise_multiplier < 0 or self.clip_norm < 0:
             raise FedtrakError("run config epsilon, noise-multiplier and clip-norm must not be negative "
                                "(0 leaves them unset)")
+        if self.dp_train_noise < 0 or not self.dp_train_clip > 0:
+            raise FedtrakError("run config dp-train-noise must be >= 0 and dp-train-clip positive")
         if self.epsilon > 0 and self.noise_multiplier > 0:
             raise FedtrakError("give either epsilon (with delta) or noise-multiplier, not both")
         check_delta(self.delta)

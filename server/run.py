@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from server.config import RunConfig
 from server.federation import CountingGrid, Federation, wait_for_nodes
 from server.scoring import score_features, solve_checkpoint
-from server.training import train_fedavg_checkpoints
+from server.training import train_fedavg_checkpoints, training_privacy
 from server.validation import features_release, gram_release, read_info, score_release
 from shared.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
 from shared.codecs import pack_upper
@@ -318,6 +318,8 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
                if min(pids) >= 0 else {}),
             **flips_block(flips, flipped),
             "privacy": privacy_block(cfg, dp),
+            "training_privacy": training_privacy(cfg, task, {fed.clients[n].owner: fed.clients[n].num_examples
+                                                             for n in nodes}),
             "config": cfg.to_mapping(),
             "seconds": timer.report(),
             "peak_memory_mb": peak_memory_mb(),

@@ -26,6 +26,7 @@ from shared.checkpoints import (
     write_checkpoint,
 )
 from shared.errors import FedtrakError
+from shared.privacy.training import local_steps, training_epsilon
 from shared.protocol import JobSpec, record_to_state, state_to_record
 from shared.tasks import Task
 
@@ -51,9 +52,25 @@ def train_fedavg_checkpoints(
             raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update")
         state = record_to_state(result.arrays)
         model = model_from_state(task, state, f"FedAvg checkpoint {m}")
-        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, "fedavg", cfg.rounds * cfg.local_epochs,
+        algorithm = "fedavg-dp-sgd" if cfg.dp_train_noise > 0 else "fedavg"
+        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, cfg.rounds * cfg.local_epochs,
                               accuracy(model, task.x_query, task.y_query), rounds=cfg.rounds)
         infos.append(info)
         write_checkpoint(out_dir, task.name, state, infos)
         out.append((info, state))
     return out
+
+
+def training_privacy(cfg: RunConfig, task: Task, counts: dict[str, int]) -> dict:
+    """The DP-SGD account of FedAvg training, per client (from its example count), apart from
+    the attribution's: every local step of every round of every checkpoint on the client's data."""
+    if not cfg.dp_train_noise > 0 or cfg.train != "fedavg" or cfg.checkpoint_dir:
+        return {"dp_sgd": False}
+    batch = task.training.batch_size
+    per_client = {owner: training_epsilon(cfg.dp_train_noise, batch, n,
+                                          cfg.checkpoints * cfg.rounds * local_steps(n, batch, cfg.local_epochs),
+                                          cfg.delta) for owner, n in counts.items()}
+    return {"dp_sgd": True, "library": "opacus PrivacyEngine (Poisson sampling, RDP accountant)",
+            "noise_multiplier": cfg.dp_train_noise, "max_grad_norm": cfg.dp_train_clip, "delta": cfg.delta,
+            "epsilon_per_client": per_client, "epsilon_max": max(per_client.values(), default=None),
+            "note": "accounted apart from the attribution releases; counts as the clients released them"}

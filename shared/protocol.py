@@ -68,6 +68,8 @@ class JobSpec:
     clip_norm: float = 0.0
     clip_mode: str = "per-checkpoint"
     delta: float = 1e-5
+    dp_train_noise: float = 0.0
+    dp_train_clip: float = 1.0
 
     def dp(self) -> DPSettings:
         """How this client clips and noises what it releases (``noise_multiplier`` 0: it does not)."""

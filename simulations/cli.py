@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,6 +115,10 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
                     help="L2 clip norm C of projected features (default: the task's)")
     dp.add_argument("--clip-mode", choices=CLIP_MODES, default="per-checkpoint",
                     help="clip each checkpoint's feature, or all checkpoints' jointly (one Gram release)")
+    dp.add_argument("--dp-train-noise", type=float, default=0.0,
+                    help="DP-SGD (Opacus) noise multiplier for the clients' FedAvg training (0: plain SGD)")
+    dp.add_argument("--dp-train-clip", type=_positive_float, default=1.0,
+                    help="DP-SGD per-example gradient clip norm")
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -193,6 +198,23 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     rep.add_argument("--queries", type=_positive_int, default=4, help="queries shown in the figures")
 
+    sw = sub.add_parser("sweep", help="attribution quality against epsilon, per mode (privacy/utility)")
+    sw.add_argument("--task", default=DEFAULT_TASK)
+    sw.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated; inf: no noise")
+    sw.add_argument("--modes", default="private,features", help="comma-separated modes")
+    sw.add_argument("--clients", type=_positive_int, default=10)
+    sw.add_argument("--checkpoints", type=_positive_int, default=3)
+    sw.add_argument("--proj-dim", type=_positive_int, default=512)
+    sw.add_argument("--train-size", type=_positive_int, default=None)
+    sw.add_argument("--query-size", type=_positive_int, default=None)
+    sw.add_argument("--flip-fraction", type=_fraction, default=0.1,
+                    help="labels flipped on the first half of the clients (mislabel detection)")
+    sw.add_argument("--subsets", type=_positive_int, default=100, help="retrained models per LDS")
+    sw.add_argument("--clip-mode", choices=CLIP_MODES, default="per-checkpoint")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--cache-dir", type=Path, default=None)
+    sw.add_argument("--out", type=Path, required=True, help="folder for the runs, table and plot")
+
     aud = sub.add_parser("audit", help="canary audit: an empirical epsilon lower bound of the Gram release")
     aud.add_argument("--task", default=DEFAULT_TASK)
     aud.add_argument("--noise-multiplier", type=_positive_float, default=1.0)
@@ -261,6 +283,7 @@ def _run(args: argparse.Namespace) -> int:
             "flip-fraction": args.flip_fraction, "flip-clients": args.flip_clients,
             "epsilon": args.epsilon, "delta": args.delta, "noise-multiplier": args.noise_multiplier,
             "clip-norm": args.clip_norm or 0.0, "clip-mode": args.clip_mode,
+            "dp-train-noise": args.dp_train_noise, "dp-train-clip": args.dp_train_clip,
         })
         summary = run_simulation(cfg, verbose=args.verbose)
         _print_federated(summary, args.out)
@@ -287,6 +310,23 @@ def _run(args: argparse.Namespace) -> int:
         from simulations.report import write_report
 
         print(f"wrote {write_report(args.run_dir, args.out, args.queries)}")
+    elif args.command == "sweep":
+        from simulations.groundtruth import DEFAULT_CACHE
+        from simulations.sweep import SweepConfig, format_table, run_sweep, summary_line
+
+        try:
+            epsilons = [math.inf if e.strip().lower() == "inf" else float(e) for e in args.epsilons.split(",")]
+        except ValueError:
+            raise FedtrakError(f"--epsilons must be comma-separated numbers or inf, got {args.epsilons!r}") from None
+        rows = run_sweep(SweepConfig(
+            out=args.out, task=args.task, epsilons=epsilons, modes=[m.strip() for m in args.modes.split(",")],
+            clients=args.clients, checkpoints=args.checkpoints, proj_dim=args.proj_dim,
+            train_size=args.train_size, query_size=args.query_size, flip_fraction=args.flip_fraction,
+            subsets=args.subsets, clip_mode=args.clip_mode, seed=args.seed,
+            cache_dir=args.cache_dir or DEFAULT_CACHE))
+        print(format_table(rows))
+        print(summary_line(rows))
+        print(f"wrote {args.out / 'sweep.csv'}, {args.out / 'sweep.md'} and {args.out / 'sweep.png'}")
     elif args.command == "audit":
         from simulations.audit import audit_gram
 
@@ -337,6 +377,9 @@ def _print_federated(summary: dict, out: Path) -> None:
         print(f"  privacy: epsilon {eps} at delta {privacy['delta']:g} (sigma "
               f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
               f"{'; '.join(privacy['not_covered']) or 'nothing'}")
+    training = summary.get("training_privacy", {})
+    if training.get("dp_sgd"):
+        print(f"  training (DP-SGD, accounted apart): epsilon up to {training['epsilon_max']:.3g} per client")
     for ex in summary["excluded"]:
         print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")
 

@@ -144,3 +144,24 @@ def test_audit_catches_a_mechanism_noisier_on_paper_than_in_fact():
     scores = inserted + rng.normal(0, claimed_sigma / 10, size=inserted.shape)
     lb, _ = epsilon_lower_bound(scores, inserted, DELTA)
     assert lb > epsilon([Release("Gram", claimed_sigma)], DELTA) + 1
+
+
+def test_dp_sgd_trains_and_is_accounted_like_opacus():
+    from opacus.accountants import RDPAccountant
+
+    from shared.checkpoints import accuracy, seeded_model
+    from shared.privacy.training import dp_sgd_epochs, local_steps, training_epsilon
+
+    task = load_task("digits-logreg")
+    model = seeded_model(task, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp_sgd_epochs(task, model, task.x_train, task.y_train, 3, seed=0, noise_multiplier=0.5, max_grad_norm=1.0)
+    assert set(model.state_dict()) == set(before)  # the plain model, not Opacus's wrapper
+    assert accuracy(model, task.x_query, task.y_query) > 0.5  # it learns through the noise
+    acc = RDPAccountant()
+    acc.history = [(0.5, 64 / 1500, 3 * 24)]
+    assert training_epsilon(0.5, 64, 1500, local_steps(1500, 64, 3), 1e-5) == pytest.approx(
+        acc.get_epsilon(delta=1e-5))
+    assert training_epsilon(0.0, 64, 1500, 10, 1e-5) == math.inf
+    with pytest.raises(FedtrakError, match="positive noise multiplier"):
+        dp_sgd_epochs(task, model, task.x_train, task.y_train, 1, 0, 0.0, 1.0)
