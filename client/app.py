@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import ClientData, job_task, load_client_data
-from client.featurize import featurize_into_store, stored_clip_scales, stored_gram
+from client.featurize import featurize_into_store, stored_clip_scales, stored_gram, stored_norms
 from client.local_scoring import score_own_examples
 from client.store import FeatureStore
 from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
@@ -42,8 +42,10 @@ from shared.privacy.mechanisms import (
     noised_owner_summaries,
     noised_self_influence_sum,
 )
+from shared.privacy.quantile import noised_histogram, norm_histogram
 from shared.privacy.training import dp_sgd_epochs
 from shared.protocol import (
+    CLIP_KEY,
     INFO_KEY,
     JOB_KEY,
     SCORE_KEY,
@@ -161,8 +163,15 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         """Featurize local data under every checkpoint; release Grams (upper triangles) and the count."""
         job, data, store, indices = featurized(msg, ctx)
         dp = job.dp()
-        scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         rng = noise_rng()
+        if CLIP_KEY in msg.content.config_records:  # the clip-norm round: only the noised norm histogram
+            if not dp.active:
+                raise FedtrakError("a norm histogram is released only under differential privacy")
+            hist = noised_histogram(norm_histogram(stored_norms(store, indices, dp.clip_mode)),
+                                    dp.noise_multiplier, rng)
+            return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
+                                       INFO_KEY: _info(data, _released_count(store, data, dp))}), reply_to=msg)
+        scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         grams = {}
         for m in indices:
             g = stored_gram(store, m, scales.get(m))[0]

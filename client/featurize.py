@@ -79,13 +79,24 @@ def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None) -
     return acc.matrix, acc.count
 
 
-def stored_clip_scales(store: FeatureStore, ms: list[int], dp: DPSettings) -> dict[int, np.ndarray]:
-    """Per-example factors that clip the stored features of checkpoints ``ms`` to ``dp.clip_norm``
-    (per checkpoint or jointly); the store itself keeps the unclipped features."""
+def _norms(store: FeatureStore, ms: list[int]) -> np.ndarray:
+    """``(M, n)`` L2 norms of the stored features of checkpoints ``ms``, read in row chunks."""
     norms = []
     for m in ms:
         features, _ = store.read(m)
         norms.append(np.concatenate([np.linalg.norm(np.asarray(features[s : s + GRAM_ROWS], np.float64), axis=1)
                                      for s in range(0, features.shape[0], GRAM_ROWS)]))
-    scales = clip_scales(np.stack(norms), dp.clip_norm, dp.clip_mode)
-    return dict(zip(ms, scales))
+    return np.stack(norms)
+
+
+def stored_clip_scales(store: FeatureStore, ms: list[int], dp: DPSettings) -> dict[int, np.ndarray]:
+    """Per-example factors that clip the stored features of checkpoints ``ms`` to ``dp.clip_norm``
+    (per checkpoint or jointly); the store itself keeps the unclipped features."""
+    return dict(zip(ms, clip_scales(_norms(store, ms), dp.clip_norm, dp.clip_mode)))
+
+
+def stored_norms(store: FeatureStore, ms: list[int], clip_mode: str) -> np.ndarray:
+    """One norm per example, the one clipping would act on: the largest over checkpoints
+    (per-checkpoint clipping) or the joint norm (joint clipping)."""
+    norms = _norms(store, ms)
+    return np.sqrt((norms**2).sum(axis=0)) if clip_mode == "joint" else norms.max(axis=0)

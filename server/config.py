@@ -17,7 +17,7 @@ from typing import Any
 from shared.corruption import FlipSpec, parse_clients
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
-from shared.privacy.accountant import check_delta, sigma_for_epsilon
+from shared.privacy.accountant import Release, check_delta, sigma_for_epsilon
 from shared.privacy.mechanisms import CLIP_MODES, DPSettings, release_plan
 from shared.projectors import PROJECTOR_KINDS
 from shared.protocol import MODES, POLICIES, JobSpec
@@ -66,6 +66,7 @@ class RunConfig:
     delta: float = 1e-5
     clip_norm: float = 0.0
     clip_mode: str = "per-checkpoint"
+    clip_quantile: float = 0.0
     dp_train_noise: float = 0.0
     dp_train_clip: float = 1.0
 
@@ -118,6 +119,10 @@ class RunConfig:
         if self.epsilon < 0 or self.noise_multiplier < 0 or self.clip_norm < 0:
             raise FedtrakError("run config epsilon, noise-multiplier and clip-norm must not be negative "
                                "(0 leaves them unset)")
+        if not 0 <= self.clip_quantile < 1:
+            raise FedtrakError(f"run config clip-quantile must lie in [0, 1) (0: off), got {self.clip_quantile}")
+        if self.clip_quantile and self.clip_norm:
+            raise FedtrakError("give either clip-norm or clip-quantile, not both")
         if self.dp_train_noise < 0 or not self.dp_train_clip > 0:
             raise FedtrakError("run config dp-train-noise must be >= 0 and dp-train-clip positive")
         if self.epsilon > 0 and self.noise_multiplier > 0:
@@ -158,15 +163,20 @@ class RunConfig:
         """
         if not (self.epsilon > 0 and not math.isinf(self.epsilon)) and not self.noise_multiplier > 0:
             return DPSettings(delta=self.delta, clip_mode=self.clip_mode)
-        clip = self.clip_norm or task.clip_norm
+        clip = self.clip_norm or task.clip_norm or (1.0 if self.clip_quantile else None)
         if not clip:
-            raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm")
+            raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
+        # with clip-quantile, C is a placeholder until the clients' noised norm histograms are in
         dp = DPSettings(self.noise_multiplier or 1.0, float(clip), self.clip_mode, self.delta)
         if self.epsilon > 0:
-            releases = sum(r.count for r in release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence))
+            releases = sum(r.count for r in self.release_plan(dp))
             dp = replace(dp, noise_multiplier=sigma_for_epsilon(self.epsilon, releases, self.delta))
         dp.validate()
         return dp
+
+    def release_plan(self, dp: DPSettings) -> list[Release]:
+        """What each training example's data is released in during this run."""
+        return release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence, self.clip_quantile > 0)
 
     def job(self, run_id: str, dp: DPSettings | None = None) -> JobSpec:
         """What clients are told about the run: the job spec's fields, taken from this config

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,11 @@ from shared.errors import FedtrakError
 from shared.featurizer import Features, Featurizer
 from shared.partition import example_ids, partition
 from shared.privacy.accountant import epsilon, prv_epsilon
-from shared.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor, release_plan
+from shared.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
+from shared.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from shared.projectors import make_projector
 from shared.protocol import (
+    CLIP_KEY,
     FEATURES,
     FEATURIZE,
     JOB_KEY,
@@ -49,6 +51,7 @@ from shared.protocol import (
     JobSpec,
     arrays_to_record,
     checkpoint_key,
+    record_arrays,
     state_to_record,
 )
 from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
@@ -206,8 +209,31 @@ def preflight(cfg: RunConfig) -> tuple[Task, DPSettings]:
     task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
     proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
     dp = cfg.dp_settings(task)
-    check_lambda_against_noise(cfg, dp, proj.proj_dim)
+    if not cfg.clip_quantile:  # otherwise C, and with it the floor, is known only after the clients' histograms
+        check_lambda_against_noise(cfg, dp, proj.proj_dim)
     return task, dp
+
+
+def estimate_clip_norm(fed: Federation, job: JobSpec, states: States, quantile: float,
+                       timer: PhaseTimer) -> float:
+    """The clip norm at ``quantile`` of all clients' feature norms, from their noised histograms
+    (:mod:`shared.privacy.quantile`); clients featurize into their stores on the way."""
+    with timer.phase("clip_round"):
+        replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
+            {**_request(job, states), CLIP_KEY: ConfigRecord({"norms-only": True})}))
+    _note_info(fed, replies)
+    total = np.zeros(len(NORM_EDGES) - 1)
+
+    def add(node: int, content: RecordDict) -> None:
+        nonlocal total
+        hist = record_arrays(content, "norm-histogram", fed.source(node)).get("counts")
+        if hist is None or hist.shape != total.shape or not np.all(np.isfinite(hist)):
+            raise FedtrakError(f"{fed.source(node)}: norm histogram missing, mis-shaped or not finite")
+        total = total + hist
+
+    fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add)
+    _require_clients(fed, "the clip-norm round")
+    return quantile_from_histogram(total, quantile)
 
 
 def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None:
@@ -234,9 +260,12 @@ def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
     """The summary's account of what was released and what it cost."""
     if not dp.active:
         return {"dp": False, "note": "no noise: nothing released is differentially private"}
-    plan = release_plan(cfg.mode, cfg.checkpoints, dp, cfg.wants_self_influence)
+    plan = cfg.release_plan(dp)
+    rule = (f"DP quantile {cfg.clip_quantile:g} of the feature norms" if cfg.clip_quantile
+            else "given" if cfg.clip_norm else "the task's default")
     block = {"dp": True, "adjacency": "add or remove one training example",
-             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_mode": dp.clip_mode,
+             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
+             "clip_mode": dp.clip_mode,
              "delta": dp.delta, "target_epsilon": cfg.epsilon or None,
              "epsilon": _json_number(epsilon(plan, dp.delta)),
              "epsilon_prv": _json_number(prv_epsilon(plan, dp.delta)),
@@ -278,6 +307,10 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer)
     states = [s for _, s in checkpoints]
     fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout)
+    if dp.active and cfg.clip_quantile:
+        clip = estimate_clip_norm(fed, job, states, cfg.clip_quantile, timer)
+        dp, job = replace(dp, clip_norm=clip), replace(job, clip_norm=clip)
+        check_lambda_against_noise(cfg, dp, job.proj_dim or 512)
     writer = ResultWriter(cfg.out_dir)
     try:
         run = run_private if cfg.mode == "private" else run_features

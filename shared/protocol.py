@@ -40,6 +40,8 @@ MODES = ("private", "features")
 JOB_KEY = "job"
 INFO_KEY = "info"
 SCORE_KEY = "score"
+#: Config record of a featurize request that asks only for the noised norm histogram.
+CLIP_KEY = "clip"
 CKPT_PREFIX = "ckpt-"
 
 

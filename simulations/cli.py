@@ -115,6 +115,9 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
                     help="L2 clip norm C of projected features (default: the task's)")
     dp.add_argument("--clip-mode", choices=CLIP_MODES, default="per-checkpoint",
                     help="clip each checkpoint's feature, or all checkpoints' jointly (one Gram release)")
+    dp.add_argument("--clip-quantile", type=_fraction, default=0.0,
+                    help="choose C as this quantile of the feature norms, from the clients' noised "
+                         "histograms (one more release), instead of --clip-norm")
     dp.add_argument("--dp-train-noise", type=float, default=0.0,
                     help="DP-SGD (Opacus) noise multiplier for the clients' FedAvg training (0: plain SGD)")
     dp.add_argument("--dp-train-clip", type=_positive_float, default=1.0,
@@ -282,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
             "timeout": args.timeout, "self-influence": args.self_influence,
             "flip-fraction": args.flip_fraction, "flip-clients": args.flip_clients,
             "epsilon": args.epsilon, "delta": args.delta, "noise-multiplier": args.noise_multiplier,
-            "clip-norm": args.clip_norm or 0.0, "clip-mode": args.clip_mode,
+            "clip-norm": args.clip_norm or 0.0, "clip-mode": args.clip_mode, "clip-quantile": args.clip_quantile,
             "dp-train-noise": args.dp_train_noise, "dp-train-clip": args.dp_train_clip,
         })
         summary = run_simulation(cfg, verbose=args.verbose)

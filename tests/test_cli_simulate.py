@@ -100,3 +100,24 @@ def test_simulate_bad_task_fails_before_starting_flower(tmp_path, capsys):
     assert main(["simulate", "--task", "nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "fedtrak: error:" in err and "nope" in err
+
+
+def test_dp_sgd_training_is_accounted_apart(tmp_path, capsys):
+    """Clients train with DP-SGD (Opacus) inside Flower's FedAvg rounds; the run reports the
+    training epsilon per client apart from the attribution's (none here: no release noise)."""
+    sim = tmp_path / "dpsgd"
+    assert main(["simulate", "--clients", "2", "--checkpoints", "1", "--rounds", "2", "--local-epochs", "1",
+                 "--proj-dim", "64", "--dp-train-noise", "1.0", "--dp-train-clip", "1.0", "--out", str(sim),
+                 "--quiet"]) == 0
+    assert "training (DP-SGD, accounted apart): epsilon up to" in capsys.readouterr().out
+    summary = json.loads((sim / "summary.json").read_text())
+    training = summary["training_privacy"]
+    assert training["dp_sgd"] and training["noise_multiplier"] == 1.0
+    eps = list(training["epsilon_per_client"].values())
+    assert len(eps) == 2 and all(0 < e < 1000 for e in eps) and training["epsilon_max"] == max(eps)
+    assert summary["privacy"]["dp"] is False  # the attribution releases were not noised
+    manifest = json.loads((sim / "checkpoints" / "manifest.json").read_text())
+    assert manifest["checkpoints"][0]["algorithm"] == "fedavg-dp-sgd"
+    # ground truth cannot repeat a noisy training recipe: a clear refusal
+    assert main(["evaluate", str(sim), "--owner-lds", "--quiet", "--cache-dir", str(tmp_path / "gt")]) == 2
+    assert "cannot retrain checkpoints trained by 'fedavg-dp-sgd'" in capsys.readouterr().err

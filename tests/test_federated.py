@@ -205,18 +205,21 @@ def test_noise_off_equals_the_non_private_run_bit_for_bit(sim_factory, tmp_path,
 
 
 def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
-    """A run at epsilon 8: the accounted epsilon is the target, lambda sits at the noise floor,
-    the releases are noised (the owner totals differ from the exact ones)."""
+    """A run at epsilon 8 with C chosen under DP: the accounted epsilon is the target, lambda sits
+    at the noise floor, the releases are noised (the owner totals differ from the exact ones)."""
     out = tmp_path / "dp"
     run_simulation(simulation_config(_settings(out, logreg_ckpt_dir, 3, "iid", policy="owner-totals",
-                                               epsilon=8.0, **{"self-influence": True})))
+                                               epsilon=8.0, **{"self-influence": True, "clip-quantile": 0.5})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["dp"] and privacy["epsilon"] == pytest.approx(8.0, rel=1e-6)
     assert privacy["epsilon_prv"] == pytest.approx(8.0, abs=0.1)
     assert {r["what"]: r["count"] for r in privacy["ledger"]} == {
-        "Gram": 3, "example count": 1, "owner summary": 3, "self-influence sum": 1}
-    assert privacy["clip_norm"] == 5.0 and privacy["not_covered"] == []
+        "norm histogram (clip quantile)": 1, "Gram": 3, "example count": 1, "owner summary": 3,
+        "self-influence sum": 1}
+    # C from the clients' noised norm histograms: near the median feature norm (4.7 measured)
+    assert 3.5 < privacy["clip_norm"] < 7 and privacy["clip_norm_rule"].startswith("DP quantile 0.5")
+    assert privacy["not_covered"] == [] and "clip_round" in summary["seconds"]
     for rec in summary["checkpoints"]:
         assert rec["lambda"] == pytest.approx(rec["lambda_noise_floor"])
         assert rec["lambda_noise_floor"] > rec["lambda_rule_value"]

@@ -86,6 +86,29 @@ def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
     assert sum(r.count for r in release_plan("features", 3, dp, False)) == 6
 
 
+def test_clip_quantile_from_noised_histograms():
+    from shared.privacy.quantile import (
+        NORM_EDGES,
+        noised_histogram,
+        norm_histogram,
+        quantile_from_histogram,
+    )
+
+    rng = np.random.default_rng(4)
+    norms = rng.lognormal(np.log(5.0), 0.3, size=(10, 300))  # ten clients
+    exact = quantile_from_histogram(sum(norm_histogram(n) for n in norms), 0.5)
+    assert exact == pytest.approx(np.median(norms), rel=0.13)  # one bin is 12% wide
+    noised = quantile_from_histogram(sum(noised_histogram(norm_histogram(n), 2.0, rng) for n in norms), 0.5)
+    assert noised == pytest.approx(exact, rel=0.3)
+    assert norm_histogram(np.array([1e-9, 1e9])).tolist()[::len(NORM_EDGES) - 2] == [1.0, 1.0]
+    with pytest.raises(FedtrakError, match="holds no mass"):
+        quantile_from_histogram(-np.ones(len(NORM_EDGES) - 1), 0.5)
+    with pytest.raises(FedtrakError, match="clip quantile must lie"):
+        quantile_from_histogram(np.ones(len(NORM_EDGES) - 1), 1.0)
+    with pytest.raises(FedtrakError, match="either clip-norm or clip-quantile"):
+        RunConfig.from_mapping({"clip-norm": 2.0, "clip-quantile": 0.5})
+
+
 def test_epsilon_resolves_to_the_noise_of_the_whole_plan():
     task = load_task("digits-logreg")
     dp = RunConfig.from_mapping({"epsilon": 2.0, "checkpoints": 3}).dp_settings(task)

@@ -8,6 +8,7 @@ the client, before anything is computed from it: per checkpoint (each
 ============================  ===================================  ====================
 release (per client)           noise (std)                          sensitivity
 ============================  ===================================  ====================
+norm histogram (optional)      ``sigma`` per bin                     1 (see ``quantile``)
 Gram of checkpoint m           ``sigma C^2`` on the upper triangle   ``C^2`` (jointly: all
                                (Analyze Gauss), mirrored             M Grams together)
 example count                  ``sigma``                             1
@@ -134,14 +135,17 @@ def noise_floor(dp: DPSettings, dim: int, num_clients: int) -> float:
     return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.clip_norm**2 * math.sqrt(dim * num_clients)
 
 
-def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool) -> list[Release]:
+def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
+                 clip_quantile: bool = False) -> list[Release]:
     """The Gaussian mechanisms each training example takes part in during one run."""
     sigma = dp.noise_multiplier
+    first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
     if mode == "features":
-        return [Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
+        return [*first,
+                Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
                 Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint")]
     joint = dp.clip_mode == "joint"
-    plan = [Release("Gram", sigma, 1 if joint else checkpoints,
+    plan = [*first, Release("Gram", sigma, 1 if joint else checkpoints,
                     "C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint"),
             Release("example count", sigma, 1, "1"),
             Release("owner summary", sigma, 1 if joint else checkpoints,
