@@ -41,6 +41,7 @@ def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, ep
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)
+    model.train()  # Opacus validates the module in training mode
     loss_fn = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # Opacus says its noise is not drawn from a CSPRNG (secure_mode off: see the README), and
