@@ -200,8 +200,10 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
                    None if self_infl is None else owner_means(self_infl, ids["client"], len(nodes)))
 
 
-def preflight(cfg: RunConfig) -> tuple[Task, DPSettings]:
+def preflight(cfg: RunConfig) -> tuple[Task, DPSettings, int]:
     """Load the task and check the projection and privacy settings, before anything is trained or sent.
+
+    Returns the task, the resolved privacy settings and the projection dimension k.
 
     Raises:
         FedtrakError: naming the bad setting.
@@ -211,7 +213,7 @@ def preflight(cfg: RunConfig) -> tuple[Task, DPSettings]:
     dp = cfg.dp_settings(task)
     if not cfg.clip_quantile:  # otherwise C, and with it the floor, is known only after the clients' histograms
         check_lambda_against_noise(cfg, dp, proj.proj_dim)
-    return task, dp
+    return task, dp, proj.proj_dim
 
 
 def estimate_clip_norm(fed: Federation, job: JobSpec, states: States, quantile: float,
@@ -292,7 +294,7 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     timer = PhaseTimer()
     grid = CountingGrid(flower_grid)
     with timer.phase("load_task"):
-        task, dp = preflight(cfg)
+        task, dp, dim = preflight(cfg)
         flips = cfg.flips()
         flipped = np.zeros(0, dtype=np.int64)
         if flips.active:  # a mislabel experiment: central training sees the flipped labels too
@@ -310,7 +312,7 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     if dp.active and cfg.clip_quantile:
         clip = estimate_clip_norm(fed, job, states, cfg.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, clip_norm=clip)
-        check_lambda_against_noise(cfg, dp, job.proj_dim or 512)
+        check_lambda_against_noise(cfg, dp, dim)
     writer = ResultWriter(cfg.out_dir)
     try:
         run = run_private if cfg.mode == "private" else run_features

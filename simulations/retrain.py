@@ -9,7 +9,7 @@ margin. A :class:`Recipe` names that algorithm:
   (:func:`shared.checkpoints.train_central`);
 * ``fedavg``: federated averaging over the run's partition, each client
   training on its own examples that lie in the subset. It is the same
-  computation as Flower's ``FedAvg`` with fedatrak's ClientApp (same local
+  computation as Flower's ``FedAvg`` with fedtrak's ClientApp (same local
   loop and shuffling seeds, :func:`shared.checkpoints.fedavg_local_seed`;
   weights averaged by example counts in float32 like Flower's
   ``aggregate_arrayrecords``), run in-process, because a Ray start-up per
