@@ -1,0 +1,238 @@
+"""The secure-aggregation protocol (Bonawitz et al., CCS 2017) as pure client and server steps.
+
+Four rounds, each a function of what the previous one delivered, so that they
+can ride on any transport (Flower query messages come next):
+
+1. **advertise**: each client makes two X25519 key pairs (``c`` to encrypt
+   its shares, ``s`` to agree mask seeds) and signs both public keys, with the
+   round's context, under its Ed25519 identity key.
+2. **share**: each client checks every advertisement's signature, draws its
+   self-mask seed ``b``, splits ``b`` and its ``s`` private key t-of-n among
+   the clients still present, and encrypts each pair of shares to its
+   recipient with AES-GCM under an HKDF key from their ``c`` agreement.
+3. **masked input**: each client sends ``x + PRG(b) + sum_v +-PRG(s_uv)``
+   mod 2^64 over the clients that shared (``x``: its fixed-point vector).
+4. **unmask**: the clients that sent an input reveal, for every client that
+   shared, the ``b`` share if that client's input arrived and the ``s`` share
+   if it dropped (never both); the server rebuilds the self masks of the
+   survivors and the pairwise masks between survivors and dropped clients,
+   and gets the sum of the survivors' inputs.
+
+Every message carries the context (run and round) inside what is signed or
+authenticated, so a message from another round or run is refused; a bad
+signature, a wrong length, or fewer than ``t`` unmask replies raise
+:class:`FedtrakError` naming the client or the shortfall; a sum is never
+returned from an incomplete unmasking.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shared.errors import FedtrakError
+from shared.secagg import masks, shamir
+
+RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(*RAW)
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """Round 1 message: a client's two public keys, signed with its identity key."""
+
+    client: int
+    c_public: bytes
+    s_public: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class SealedShares:
+    """Round 2 message part: the shares of ``sender`` for ``recipient``, AES-GCM encrypted."""
+
+    sender: int
+    recipient: int
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass
+class Client:
+    """One client's state across the rounds."""
+
+    client: int
+    identity: Ed25519PrivateKey
+    context: bytes
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    self_seed: bytes = field(default_factory=lambda: secrets.token_bytes(masks.SEED_BYTES))
+    peers: dict[int, Advertisement] = field(default_factory=dict)
+    received: dict[int, SealedShares] = field(default_factory=dict)
+
+    def _signed(self, what: bytes) -> bytes:
+        return self.context + b"|advertise|" + str(self.client).encode() + b"|" + what
+
+    def advertise(self) -> Advertisement:
+        """Round 1: the signed public keys."""
+        c_pub, s_pub = _raw_public(self.c_key.public_key()), _raw_public(self.s_key.public_key())
+        return Advertisement(self.client, c_pub, s_pub, self.identity.sign(self._signed(c_pub + s_pub)))
+
+    def share(self, adverts: Sequence[Advertisement], identities: Mapping[int, Ed25519PublicKey],
+              threshold: int) -> list[SealedShares]:
+        """Round 2: verify the advertisements, then share ``b`` and the ``s`` key t-of-n among them."""
+        self.peers = {a.client: verify_advert(a, identities, self.context) for a in adverts}
+        if self.client not in self.peers:
+            raise FedtrakError(f"client {self.client}: its own advertisement is missing from the list")
+        ids = sorted(self.peers)
+        b_shares = shamir.split(self.self_seed, len(ids), threshold)
+        s_shares = shamir.split(_raw_private(self.s_key), len(ids), threshold)
+        out = []
+        for pos, v in enumerate(ids):
+            plain = b"|".join([str(self.client).encode(), str(v).encode(),
+                               _share_bytes(b_shares[pos]), _share_bytes(s_shares[pos])])
+            nonce = secrets.token_bytes(12)
+            key = self._channel_key(v)
+            out.append(SealedShares(self.client, v, nonce, AESGCM(key).encrypt(nonce, plain, self._aad(self.client, v))))
+        return out
+
+    def masked_input(self, sealed: Sequence[SealedShares], values: np.ndarray) -> np.ndarray:
+        """Round 3: keep the shares sent to it; return its masked fixed-point vector."""
+        self.received = {}
+        for s in sealed:
+            if s.recipient != self.client:
+                raise FedtrakError(f"client {self.client}: got shares meant for client {s.recipient}")
+            if s.sender not in self.peers:
+                raise FedtrakError(f"client {self.client}: shares from client {s.sender}, which did not advertise")
+            self.received[s.sender] = s
+        pair = [masks.pairwise_mask(self.client, v, self._mask_seed(v), len(values))
+                for v in sorted(self.received) if v != self.client]
+        return masks.masked(values, self.self_seed, pair)
+
+    def unmask(self, survivors: Sequence[int]) -> dict[int, tuple[str, tuple[int, int]]]:
+        """Round 4: for each client that shared, its ``b`` share (it survived) or its ``s`` share (it dropped)."""
+        alive = set(survivors)
+        if self.client not in alive:
+            raise FedtrakError(f"client {self.client}: asked to unmask but not listed among the survivors")
+        out = {}
+        for v, sealed in self.received.items():
+            try:
+                plain = AESGCM(self._channel_key(v)).decrypt(sealed.nonce, sealed.ciphertext,
+                                                             self._aad(v, self.client))
+            except InvalidTag:
+                raise FedtrakError(f"client {self.client}: the shares of client {v} fail authentication") from None
+            sender, recipient, b_share, s_share = plain.split(b"|")
+            if int(sender) != v or int(recipient) != self.client:
+                raise FedtrakError(f"client {self.client}: shares of client {v} are addressed wrongly")
+            out[v] = ("b", _parse_share(b_share)) if v in alive else ("s", _parse_share(s_share))
+        return out
+
+    def _channel_key(self, peer: int) -> bytes:
+        shared = self.c_key.exchange(X25519PublicKey.from_public_bytes(self.peers[peer].c_public))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"fedtrak secagg share channel|" + self.context).derive(shared)
+
+    def _aad(self, sender: int, recipient: int) -> bytes:
+        return self.context + b"|shares|" + f"{sender}->{recipient}".encode()
+
+    def _mask_seed(self, peer: int) -> bytes:
+        return masks.agreed_seed(self.s_key, X25519PublicKey.from_public_bytes(self.peers[peer].s_public),
+                                 self.context)
+
+
+def verify_advert(advert: Advertisement, identities: Mapping[int, Ed25519PublicKey], context: bytes) -> Advertisement:
+    """The advertisement, if its signature holds for this context; an error naming the client otherwise."""
+    key = identities.get(advert.client)
+    if key is None:
+        raise FedtrakError(f"client {advert.client} has no registered identity key")
+    what = context + b"|advertise|" + str(advert.client).encode() + b"|" + advert.c_public + advert.s_public
+    try:
+        key.verify(advert.signature, what)
+    except InvalidSignature:
+        raise FedtrakError(f"client {advert.client}: advertisement signature is invalid "
+                           "(tampered, or from another run or round)") from None
+    return advert
+
+
+def _share_bytes(share: tuple[int, int]) -> bytes:
+    return f"{share[0]}:{share[1]:x}".encode()
+
+
+def _parse_share(raw: bytes) -> tuple[int, int]:
+    x, y = raw.split(b":")
+    return int(x), int(y, 16)
+
+
+def unmask_sum(
+    adverts: Sequence[Advertisement],
+    masked_inputs: Mapping[int, np.ndarray],
+    unmask_replies: Mapping[int, Mapping[int, tuple[str, tuple[int, int]]]],
+    threshold: int,
+    length: int,
+    context: bytes,
+) -> np.ndarray:
+    """The server's last step: the sum mod 2^64 of the survivors' inputs.
+
+    ``adverts`` are those the clients shared among; ``masked_inputs`` maps each
+    survivor to its masked vector; ``unmask_replies`` maps each replying
+    survivor to its revealed shares.
+
+    Raises:
+        FedtrakError: a masked vector of the wrong length (naming the client),
+            fewer than ``threshold`` survivors or replies, a client revealing the
+            wrong kind of share, or shares that do not rebuild a secret.
+    """
+    by_id = {a.client: a for a in adverts}
+    for u, y in masked_inputs.items():
+        if u not in by_id:
+            raise FedtrakError(f"client {u} sent a masked input but did not share keys")
+        if np.asarray(y).shape != (length,) or np.asarray(y).dtype != np.uint64:
+            raise FedtrakError(f"client {u}: masked input has shape {np.asarray(y).shape} and dtype "
+                               f"{np.asarray(y).dtype}, expected ({length},) uint64")
+    survivors = set(masked_inputs)
+    dropped = set(by_id) - survivors
+    if len(survivors) < threshold or len(unmask_replies) < threshold:
+        raise FedtrakError(f"only {len(survivors)} inputs and {len(unmask_replies)} unmask replies for a "
+                           f"threshold of {threshold}: the sum cannot be unmasked (no result)")
+    shares: dict[int, list[tuple[int, int]]] = {v: [] for v in by_id}
+    for u, revealed in unmask_replies.items():
+        for v, (kind, share) in revealed.items():
+            want = "b" if v in survivors else "s"
+            if kind != want:
+                raise FedtrakError(f"client {u} revealed a {kind!r} share of client {v}, expected {want!r}")
+            shares[v].append(share)
+    total = np.zeros(length, dtype=np.uint64)
+    for y in masked_inputs.values():
+        total = total + y
+    for v in survivors:
+        seed = _rebuild(shares[v], threshold, masks.SEED_BYTES, v)
+        total = total - masks.expand(seed, length)
+    for v in dropped:
+        s_key = X25519PrivateKey.from_private_bytes(_rebuild(shares[v], threshold, 32, v))
+        for u in survivors:
+            seed = masks.agreed_seed(s_key, X25519PublicKey.from_public_bytes(by_id[u].s_public), context)
+            total = total - masks.pairwise_mask(u, v, seed, length)  # what survivor u added for v
+    return total
+
+
+def _rebuild(shares: list[tuple[int, int]], threshold: int, length: int, client: int) -> bytes:
+    if len(shares) < threshold:
+        raise FedtrakError(f"only {len(shares)} shares of client {client} for a threshold of {threshold}")
+    return shamir.combine(shares[:threshold], length)
