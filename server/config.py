@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shared.corruption import FlipSpec, parse_clients
+from shared.corruption import FlipSpec, flip_spec
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
 from shared.privacy.accountant import Release, check_delta, sigma_for_epsilon
@@ -144,9 +144,7 @@ class RunConfig:
         ``flip-clients`` lists client ids (``"0,3"``); empty means the first
         half of the clients. The flips are drawn from the run's ``seed``.
         """
-        if not self.flip_fraction:
-            return FlipSpec()
-        return FlipSpec(self.flip_fraction, parse_clients(self.flip_clients, self.clients), self.seed)
+        return flip_spec(self.flip_fraction, self.flip_clients, self.clients, self.seed)
 
     @property
     def wants_self_influence(self) -> bool:

@@ -53,6 +53,14 @@ def parse_clients(text: str, num_clients: int) -> tuple[int, ...]:
         raise FedtrakError(f"flip clients must be comma-separated client ids, got {text!r}") from None
 
 
+def flip_spec(fraction: float, clients: str, num_clients: int, seed: int) -> FlipSpec:
+    """The flips of a run's settings: ``fraction`` of the labels of ``clients`` (``"0,3"``; empty:
+    the first half of the ``num_clients``), drawn from ``seed``; none when ``fraction`` is 0."""
+    if not fraction:
+        return FlipSpec()
+    return FlipSpec(fraction, parse_clients(clients, num_clients), seed)
+
+
 def flipped_indices(labels: np.ndarray, parts: Partition, flips: FlipSpec) -> np.ndarray:
     """Sorted dataset indices whose labels ``flips`` changes."""
     if not flips.active:

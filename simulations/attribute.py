@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from server.scoring import score_features
 from shared.checkpoints import load_checkpoints, train_checkpoints
-from shared.corruption import FlipSpec, corrupted, flipped_indices, parse_clients
+from shared.corruption import FlipSpec, corrupted, flip_spec, flipped_indices
 from shared.featurizer import Features, Featurizer
 from shared.partition import partition
 from shared.projectors import make_projector
@@ -61,9 +61,7 @@ class AttributeConfig:
 
     def flips(self) -> FlipSpec:
         """The label flips of a mislabel experiment (as :meth:`server.config.RunConfig.flips`)."""
-        if not self.flip_fraction:
-            return FlipSpec()
-        return FlipSpec(self.flip_fraction, parse_clients(self.flip_clients, self.clients), self.seed)
+        return flip_spec(self.flip_fraction, self.flip_clients, self.clients, self.seed)
 
 
 def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> list:

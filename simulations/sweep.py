@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from tqdm import tqdm
 
 from shared.checkpoints import train_checkpoints
-from shared.corruption import FlipSpec, corrupted, parse_clients
+from shared.corruption import corrupted, flip_spec
 from shared.errors import FedtrakError
 from shared.partition import partition
 from shared.protocol import MODES
@@ -77,7 +77,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.out)
     task = load_task(cfg.task, cfg.train_size, cfg.query_size)
     parts = partition(task.y_train, cfg.clients, "iid", 0.5, 0)
-    flips = FlipSpec(cfg.flip_fraction, parse_clients("", cfg.clients), cfg.seed)
+    flips = flip_spec(cfg.flip_fraction, "", cfg.clients, cfg.seed)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():
         train_checkpoints(corrupted(task, parts, flips), cfg.checkpoints, ckpt_dir, cfg.seed)
