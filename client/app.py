@@ -17,18 +17,27 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data import ClientData, job_task, load_client_data
 from client.featurize import featurize_into_store, stored_clip_scales, stored_gram, stored_norms
 from client.local_scoring import score_own_examples
+from client.secure_aggregation import (
+    encoded_grams,
+    forget_state,
+    identity_key,
+    load_state,
+    save_state,
+)
 from client.store import FeatureStore
 from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from shared.codecs import pack_upper, unpack_upper
@@ -59,6 +68,18 @@ from shared.protocol import (
     state_to_record,
 )
 from shared.scoring import top_k
+from shared.secagg.messages import (
+    ADVERT_KEY,
+    SECAGG_KEY,
+    advert_record,
+    masked_content,
+    read_adverts,
+    read_sealed,
+    read_survivors,
+    revealed_content,
+    sealed_content,
+)
+from shared.secagg.protocol import Client, raw_public, secagg_context
 
 log = logging.getLogger("fedtrak.client")
 
@@ -171,6 +192,8 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                                     dp.noise_multiplier, rng)
             return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
                                        INFO_KEY: _info(data, _released_count(store, data, dp))}), reply_to=msg)
+        if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
+            return _advertise(msg, ctx, store, data, _released_count(store, data, dp))
         scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         grams = {}
         for m in indices:
@@ -180,6 +203,70 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             grams[str(m)] = pack_upper(g)
         info = _info(data, _released_count(store, data, dp))
         return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: info}), reply_to=msg)
+
+    def secagg_step(msg: Message, ctx: Context) -> tuple[JobSpec, ClientData, FeatureStore, Client]:
+        job, data = _job_and_data(msg, ctx)
+        store = _store(ctx, defaults, data, job.run_id)
+        context = secagg_context(job.run_id)
+        return job, data, store, load_state(store, identity_key(store.dir.parent), context)
+
+    def _advertise(msg: Message, ctx: Context, store: FeatureStore, data: ClientData,
+                   count: int | None) -> Message:
+        """Round 1 of secure aggregation: fresh key pairs, signed with this client's identity key."""
+        cfg = record_config(msg.content, SECAGG_KEY, "server message")
+        job = JobSpec.from_record(record_config(msg.content, JOB_KEY, "server message"))
+        if str(cfg.get("context", "")) != job.run_id:
+            raise FedtrakError("secure-aggregation context does not match the run")
+        identity = identity_key(store.dir.parent)
+        client = Client(int(ctx.node_id), identity, secagg_context(job.run_id))
+        save_state(store, client)
+        return Message(RecordDict({ADVERT_KEY: advert_record(client.advertise(),
+                                                             raw_public(identity.public_key())),
+                                   INFO_KEY: _info(data, count)}), reply_to=msg)
+
+    @app.query("secagg_share")
+    @_guard("secagg_share")
+    def secagg_share(msg: Message, ctx: Context) -> Message:
+        """Round 2: check the neighbours' signatures; seal shares of this client's secrets to each."""
+        _, _, store, client = secagg_step(msg, ctx)
+        adverts, threshold = read_adverts(msg.content, "server message")
+        identities = {a.client: Ed25519PublicKey.from_public_bytes(key) for a, key in adverts}
+        own = identities.get(client.client)
+        if own is None or raw_public(own) != raw_public(client.identity.public_key()):
+            raise FedtrakError("the share request does not carry this client's own identity key")
+        sealed = client.share([a for a, _ in adverts], identities, threshold)
+        save_state(store, client)
+        return Message(sealed_content(sealed), reply_to=msg)
+
+    @app.query("secagg_input")
+    @_guard("secagg_input")
+    def secagg_input(msg: Message, ctx: Context) -> Message:
+        """Round 3: the masked vector of this client's (noised) Grams and count."""
+        job, data, store, client = secagg_step(msg, ctx)
+        sealed = read_sealed(msg.content, "server message")
+        cfg = record_config(msg.content, SECAGG_KEY, "server message")
+        checkpoints = [int(m) for m in cfg["checkpoints"]]
+        dp = job.dp()
+        count = _released_count(store, data, dp)
+        values, seconds = encoded_grams(store, checkpoints, len(data.y) if count is None else count, dp,
+                                        client.threshold, int(cfg["fraction-bits"]))
+        start = time.perf_counter()
+        masked = client.masked_input(sealed, values)
+        seconds["mask"] = time.perf_counter() - start
+        save_state(store, client)
+        content = masked_content(masked)
+        content["timing"] = MetricRecord(seconds)
+        return Message(content, reply_to=msg)
+
+    @app.query("secagg_unmask")
+    @_guard("secagg_unmask")
+    def secagg_unmask(msg: Message, ctx: Context) -> Message:
+        """Round 4: reveal one share per peer (self-mask seed if it survived, mask key if not);
+        then forget the secrets."""
+        _, _, store, client = secagg_step(msg, ctx)
+        revealed = client.unmask(read_survivors(msg.content, "server message"))
+        forget_state(store)
+        return Message(revealed_content(revealed), reply_to=msg)
 
     @app.query("features")
     @_guard("features")

@@ -17,10 +17,12 @@ from typing import Any
 from shared.corruption import FlipSpec, flip_spec
 from shared.errors import FedtrakError
 from shared.kernel import NORMALIZATIONS
-from shared.privacy.accountant import Release, check_delta, sigma_for_epsilon
+from shared.privacy.accountant import Release, check_delta, sigma_for_plan
+from shared.privacy.distributed import DistributedNoise, noise_fraction_bits
 from shared.privacy.mechanisms import CLIP_MODES, DPSettings, release_plan
 from shared.projectors import PROJECTOR_KINDS
 from shared.protocol import MODES, POLICIES, JobSpec
+from shared.secagg.graph import THRESHOLD_FRACTION, threshold
 from shared.settings import ScoreSettings
 from shared.tasks import Task
 
@@ -69,6 +71,8 @@ class RunConfig:
     clip_quantile: float = 0.0
     dp_train_noise: float = 0.0
     dp_train_clip: float = 1.0
+    secure_agg: bool = False
+    secagg_threshold: float = THRESHOLD_FRACTION
 
     @staticmethod
     def key(name: str) -> str:
@@ -130,6 +134,11 @@ class RunConfig:
         check_delta(self.delta)
         if self.clip_mode not in CLIP_MODES:
             raise FedtrakError(f"run config clip-mode={self.clip_mode!r}: use one of {', '.join(CLIP_MODES)}")
+        if self.secure_agg and (self.mode != "private" or self.clients < 3):
+            raise FedtrakError("run config secure-agg needs mode=private and at least 3 clients "
+                               f"(got mode={self.mode}, clients={self.clients})")
+        if not 0.5 < self.secagg_threshold <= 1:
+            raise FedtrakError(f"run config secagg-threshold must lie in (0.5, 1], got {self.secagg_threshold}")
         if self.policy == "full" and not self.allow_full:
             raise FedtrakError("run config policy='full' needs allow-full=true (simulation and evaluation only)")
 
@@ -151,9 +160,10 @@ class RunConfig:
         """Whether the run computes self-influence (asked for, or implied by label flips)."""
         return self.self_influence or self.flips().active
 
-    def dp_settings(self, task: Task) -> DPSettings:
+    def dp_settings(self, task: Task, dim: int) -> DPSettings:
         """The run's privacy settings, resolved: the noise multiplier from ``epsilon`` (over
-        every release of the plan) or as given, the clip norm as given or the task's default.
+        every release of the plan, at projection dimension ``dim``) or as given, the clip norm
+        as given or the task's default.
 
         Raises:
             FedtrakError: if DP is asked for and the task has no default clip norm, or the
@@ -167,14 +177,32 @@ class RunConfig:
         # with clip-quantile, C is a placeholder until the clients' noised norm histograms are in
         dp = DPSettings(self.noise_multiplier or 1.0, float(clip), self.clip_mode, self.delta)
         if self.epsilon > 0:
-            releases = sum(r.count for r in self.release_plan(dp))
-            dp = replace(dp, noise_multiplier=sigma_for_epsilon(self.epsilon, releases, self.delta))
+            sigma = sigma_for_plan(self.epsilon, lambda s: self.release_plan(replace(dp, noise_multiplier=s), dim),
+                                   self.delta)
+            dp = replace(dp, noise_multiplier=sigma)
         dp.validate()
         return dp
 
-    def release_plan(self, dp: DPSettings) -> list[Release]:
-        """What each training example's data is released in during this run."""
-        return release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence, self.clip_quantile > 0)
+    def distributed_noise(self, dim: int, dp: DPSettings) -> DistributedNoise:
+        """How secure aggregation's clients would share the Gram noise if all ``clients`` advertise."""
+        t = threshold(self.clients, self.secagg_threshold)
+        return DistributedNoise(dim, self.checkpoints, t, noise_fraction_bits(dim, self.checkpoints, t, dp))
+
+    def release_plan(self, dp: DPSettings, dim: int, noise: DistributedNoise | None = None,
+                     survivors: int | None = None) -> list[Release]:
+        """What each training example's data is released in during this run.
+
+        With secure aggregation the Grams are one Skellam release of the
+        ``survivors``' ``noise`` together (defaults: the planned noise and its
+        threshold, the least it is sized for); otherwise each client's Gram is
+        a Gaussian release.
+        """
+        gram = None
+        if self.secure_agg and dp.active:
+            noise = noise or self.distributed_noise(dim, dp)
+            gram = noise.release(dp, noise.threshold if survivors is None else survivors)
+        return release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence, self.clip_quantile > 0,
+                            gram)
 
     def job(self, run_id: str, dp: DPSettings | None = None) -> JobSpec:
         """What clients are told about the run: the job spec's fields, taken from this config

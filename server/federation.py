@@ -20,6 +20,7 @@ from typing import TypeVar
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.validation import read_info
 from shared.errors import FedtrakError
 from shared.protocol import payload_bytes
 
@@ -137,6 +138,27 @@ class Federation:
             except FedtrakError as exc:
                 self.exclude(node, str(exc))
         return accepted
+
+    def note_info(self, replies: dict[int, RecordDict]) -> None:
+        """Record who each replying client is and its count; exclude (and drop the reply of)
+        a client whose info record is malformed."""
+        for node, content in list(replies.items()):
+            try:
+                info = read_info(content, self.source(node))
+            except FedtrakError as exc:
+                self.exclude(node, str(exc))
+                del replies[node]
+                continue
+            rec = self.clients[node]
+            rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
+
+    def require_clients(self, step: str) -> list[int]:
+        """The active clients in owner order; an error listing every exclusion if none is left."""
+        nodes = self.ordered()
+        if not nodes:
+            raise FedtrakError(f"no client is left after {step}: " + "; ".join(
+                f"node {c.node_id}: {c.excluded}" for c in self.clients.values()))
+        return nodes
 
     def source(self, node: int) -> str:
         """How errors name a client."""

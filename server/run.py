@@ -29,8 +29,9 @@ from flwr.serverapp import Grid
 from server.config import RunConfig
 from server.federation import CountingGrid, Federation, wait_for_nodes
 from server.scoring import score_features, solve_checkpoint
+from server.secure_aggregation import SecureSum, secure_gram_sum
 from server.training import train_fedavg_checkpoints, training_privacy
-from server.validation import features_release, gram_release, read_info, score_release
+from server.validation import features_release, gram_release, score_release
 from shared.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
 from shared.codecs import pack_upper
 from shared.corruption import corrupted, flipped_indices
@@ -56,6 +57,7 @@ from shared.protocol import (
 )
 from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
 from shared.scoring import owner_means, owner_totals
+from shared.secagg.graph import threshold
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task, cached_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -86,26 +88,6 @@ def _request(job: JobSpec, states: States) -> RecordDict:
     return content
 
 
-def _note_info(fed: Federation, replies: dict[int, RecordDict]) -> None:
-    for node, content in list(replies.items()):
-        try:
-            info = read_info(content, fed.source(node))
-        except FedtrakError as exc:
-            fed.exclude(node, str(exc))
-            del replies[node]
-            continue
-        rec = fed.clients[node]
-        rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
-
-
-def _require_clients(fed: Federation, step: str) -> list[int]:
-    nodes = fed.ordered()
-    if not nodes:
-        raise FedtrakError(f"no client is left after {step}: " + "; ".join(
-            f"node {c.node_id}: {c.excluded}" for c in fed.clients.values()))
-    return nodes
-
-
 @dataclass
 class Outcome:
     """What a run produced: scores (where released), owner totals, ids, per-checkpoint
@@ -117,6 +99,26 @@ class Outcome:
     records: list[dict]
     self_influence: np.ndarray | None = None
     owner_self_influence: np.ndarray | None = None
+    secure: SecureSum | None = None
+
+
+def plain_gram_sum(fed: Federation, job: JobSpec, states: States, ms: list[int], dim: int, dp: DPSettings,
+                   timer: PhaseTimer) -> tuple[list[np.ndarray], int, float]:
+    """Featurize without secure aggregation: every client's Gram arrives, checked, and is summed.
+    Returns the sums, the total count and the noise copies (clients) in them."""
+    with timer.phase("featurize_round"):
+        replies = fed.broadcast(FEATURIZE, lambda node: _request(job, states))
+    fed.note_info(replies)
+    sums = [np.zeros((dim, dim)) for _ in ms]
+
+    def add_grams(node: int, content: RecordDict) -> None:
+        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=not dp.active).items():
+            sums[m] += g  # only after every checkpoint's Gram of this client passed
+
+    with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
+        fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add_grams)
+    nodes = fed.require_clients("featurize")
+    return sums, sum(fed.clients[n].num_examples for n in nodes), float(len(nodes))
 
 
 def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
@@ -127,22 +129,16 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
     dim = featurizers[0].projector.proj_dim
     ms = list(range(len(states)))
-    with timer.phase("featurize_round"):
-        replies = fed.broadcast(FEATURIZE, lambda node: _request(job, states))
-    _note_info(fed, replies)
-    sums = [np.zeros((dim, dim)) for _ in ms]
-
     dp = job.dp()
-
-    def add_grams(node: int, content: RecordDict) -> None:
-        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=not dp.active).items():
-            sums[m] += g  # only after every checkpoint's Gram of this client passed
-
-    with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
-        fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add_grams)
-    nodes = _require_clients(fed, "featurize")
-    total = sum(fed.clients[n].num_examples for n in nodes)
-    floor = noise_floor(dp, dim, len(nodes)) if dp.active else 0.0
+    secure = None
+    if cfg.secure_agg:
+        secure = secure_gram_sum(fed, lambda node: _request(job, states), job, ms, dim, cfg.secagg_threshold,
+                                 dp, timer)
+        sums, total, copies = secure.grams, round(secure.count), len(secure.survivors) / secure.threshold
+        fed.require_clients("secure aggregation")
+    else:
+        sums, total, copies = plain_gram_sum(fed, job, states, ms, dim, dp, timer)
+    floor = noise_floor(dp, dim, copies) if dp.active else 0.0
     us, records, inverses = [], [], {}
     for m in ms:
         u, record, kinv = solve_checkpoint(task, featurizers[m], sums[m], total, settings, m, timer,
@@ -162,8 +158,9 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
     nq = len(task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
         c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active, us))
-    nodes = [n for n in _require_clients(fed, "score") if n in released]
-    out = Outcome(None, np.stack([released[n]["owner-totals"] for n in nodes], axis=1), None, records)
+    nodes = [n for n in fed.require_clients("score") if n in released]
+    out = Outcome(None, np.stack([released[n]["owner-totals"] for n in nodes], axis=1), None, records,
+                  secure=secure)
     if inverses:  # each owner's mean: its released sum over its released count
         out.owner_self_influence = np.array([released[n]["owner-self-influence-sum"][0]
                                              / fed.clients[n].num_examples for n in nodes])
@@ -183,10 +180,10 @@ def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, stat
     ms = list(range(len(states)))
     with timer.phase("features_round"):
         replies = fed.broadcast(FEATURES, lambda node: _request(job, states))
-    _note_info(fed, replies)
+    fed.note_info(replies)
     received = fed.accept(replies, lambda node, c: features_release(
         c, ms, dim, fed.clients[node].num_examples, fed.source(node)))
-    nodes = [n for n in _require_clients(fed, "features") if n in received]
+    nodes = [n for n in fed.require_clients("features") if n in received]
 
     def gathered(m: int, featurizer: Featurizer) -> Features:
         return Features(np.concatenate([received[n][1][m][0] for n in nodes]),
@@ -210,7 +207,7 @@ def preflight(cfg: RunConfig) -> tuple[Task, DPSettings, int]:
     """
     task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
     proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
-    dp = cfg.dp_settings(task)
+    dp = cfg.dp_settings(task, proj.proj_dim)
     if not cfg.clip_quantile:  # otherwise C, and with it the floor, is known only after the clients' histograms
         check_lambda_against_noise(cfg, dp, proj.proj_dim)
     return task, dp, proj.proj_dim
@@ -223,7 +220,7 @@ def estimate_clip_norm(fed: Federation, job: JobSpec, states: States, quantile: 
     with timer.phase("clip_round"):
         replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
             {**_request(job, states), CLIP_KEY: ConfigRecord({"norms-only": True})}))
-    _note_info(fed, replies)
+    fed.note_info(replies)
     total = np.zeros(len(NORM_EDGES) - 1)
 
     def add(node: int, content: RecordDict) -> None:
@@ -234,7 +231,7 @@ def estimate_clip_norm(fed: Federation, job: JobSpec, states: States, quantile: 
         total = total + hist
 
     fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add)
-    _require_clients(fed, "the clip-norm round")
+    fed.require_clients("the clip-norm round")
     return quantile_from_histogram(total, quantile)
 
 
@@ -246,11 +243,17 @@ def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None
         fixed = float(cfg.lam)
     except ValueError:
         return  # a rule: raised to the noise floor when it falls below
-    floor = noise_floor(dp, dim, cfg.clients)
+    floor = noise_floor(dp, dim, noise_copies(cfg, cfg.clients))
     if fixed < floor:
         raise FedtrakError(
             f"lambda {fixed:g} is below the DP noise floor {floor:.4g} ({NOISE_FLOOR_FACTOR} sigma C^2 "
-            f"sqrt(k x clients)): the noised kernel would be indefinite; use a larger lambda or a rule")
+            f"sqrt(k x noise copies)): the noised kernel would be indefinite; use a larger lambda or a rule")
+
+
+def noise_copies(cfg: RunConfig, clients: int) -> float:
+    """The summed Gram noise's variance in units of ``(sigma C^2)^2``: one per client, or, under
+    secure aggregation, survivors over the threshold the distributed noise is sized for."""
+    return clients / threshold(cfg.clients, cfg.secagg_threshold) if cfg.secure_agg else clients
 
 
 def _json_number(value: float) -> float | None:
@@ -258,11 +261,12 @@ def _json_number(value: float) -> float | None:
     return None if math.isinf(value) else value
 
 
-def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
-    """The summary's account of what was released and what it cost."""
+def privacy_block(cfg: RunConfig, dp: DPSettings, dim: int, secure: SecureSum | None = None) -> dict:
+    """The summary's account of what was released and what it cost (``secure``: the secure sum,
+    whose survivors set the Grams' noise)."""
     if not dp.active:
         return {"dp": False, "note": "no noise: nothing released is differentially private"}
-    plan = cfg.release_plan(dp)
+    plan = cfg.release_plan(dp, dim, *(() if secure is None else (secure.noise, len(secure.survivors))))
     rule = (f"DP quantile {cfg.clip_quantile:g} of the feature norms" if cfg.clip_quantile
             else "given" if cfg.clip_norm else "the task's default")
     block = {"dp": True, "adjacency": "add or remove one training example",
@@ -273,8 +277,20 @@ def privacy_block(cfg: RunConfig, dp: DPSettings) -> dict:
              "epsilon_prv": _json_number(prv_epsilon(plan, dp.delta)),
              "accountant": "mu-GDP composition of Gaussian mechanisms at sample rate 1 (opacus gdp); "
                            "PRV cross-check",
-             "ledger": [r.describe() for r in plan], "secure_aggregation": False,
+             "ledger": [r.describe() for r in plan], "secure_aggregation": secure is not None,
              "noise_per_client": "full sigma (no secure aggregation)", "not_covered": []}
+    if secure is not None:
+        at_threshold = cfg.release_plan(dp, dim)
+        block.update(
+            accountant="Renyi DP: Skellam bound (Agarwal, Kairouz and Liu 2021) for the securely summed Grams, "
+                       "Gaussian for the rest, converted with opacus get_privacy_spent; PRV cross-check treats "
+                       "the Skellam noise as Gaussian of the same variance",
+            noise_per_client=f"Skellam, variance (sigma l2)^2 / {secure.threshold} per Gram coordinate (integer "
+                             f"units): the threshold's {secure.threshold} honest survivors alone reach sigma",
+            survivors=len(secure.survivors),
+            gram_sigma_effective=secure.noise.effective_sigma(dp, len(secure.survivors)),
+            fraction_bits=secure.noise.fraction_bits,
+            epsilon_if_only_threshold_honest=_json_number(epsilon(at_threshold, dp.delta)))
     if cfg.mode == "features":
         block["not_covered"].append("the number of examples each client sends (features mode hides values, "
                                     "not presence)")
@@ -352,7 +368,8 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
                               else None, "seed": cfg.partition_seed, "num_clients": cfg.clients}}
                if min(pids) >= 0 else {}),
             **flips_block(flips, flipped),
-            "privacy": privacy_block(cfg, dp),
+            "privacy": privacy_block(cfg, dp, dim, outcome.secure),
+            **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
             "training_privacy": training_privacy(cfg, task, {fed.clients[n].owner: fed.clients[n].num_examples
                                                              for n in nodes}),
             "config": cfg.to_mapping(),

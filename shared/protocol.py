@@ -11,6 +11,11 @@ this module, so the wire format lives in one place (DESIGN.md section 3):
 ``query.score``      server -> client: the preconditioned queries ``U_m`` of
     every checkpoint and the release policy. Reply: what the policy releases.
 ``train``            Flower's FedAvg round: model weights in, local update out.
+
+With secure aggregation, ``query.featurize`` replies with signed keys instead
+of Grams, and three more query messages carry the protocol's rounds
+(``query.secagg_share``, ``query.secagg_input``, ``query.secagg_unmask``;
+their contents: :mod:`shared.secagg.messages`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from shared.settings import ScoreSettings
 FEATURIZE = "query.featurize"
 FEATURES = "query.features"
 SCORE = "query.score"
+SECAGG_SHARE = "query.secagg_share"
+SECAGG_INPUT = "query.secagg_input"
+SECAGG_UNMASK = "query.secagg_unmask"
 TRAIN = "train"
 
 #: Release policies of ``query.score``.

@@ -22,6 +22,7 @@ from shared.kernel import NORMALIZATIONS
 from shared.privacy.mechanisms import CLIP_MODES
 from shared.projectors import PROJECTOR_KINDS
 from shared.protocol import MODES, POLICIES
+from shared.secagg.graph import THRESHOLD_FRACTION
 from shared.tasks import BUILTIN_TASKS, DEFAULT_TASK
 
 
@@ -175,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--timeout", type=_positive_float, default=600.0,
                      help="seconds to wait for clients' replies in each step")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.add_argument("--secure-agg", action="store_true",
+                     help="sum the Grams with secure aggregation: the server never sees one client's Gram "
+                          "(private mode, 3 clients or more)")
+    sim.add_argument("--secagg-threshold", type=float, default=THRESHOLD_FRACTION,
+                     help="share threshold as a fraction of each neighbourhood, in (0.5, 1] "
+                          f"(default {THRESHOLD_FRACTION})")
     _add_privacy_args(sim)
 
     train = sub.add_parser("train", help="train checkpoints only")
@@ -287,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
             "epsilon": args.epsilon, "delta": args.delta, "noise-multiplier": args.noise_multiplier,
             "clip-norm": args.clip_norm or 0.0, "clip-mode": args.clip_mode, "clip-quantile": args.clip_quantile,
             "dp-train-noise": args.dp_train_noise, "dp-train-clip": args.dp_train_clip,
+            "secure-agg": args.secure_agg, "secagg-threshold": args.secagg_threshold,
         })
         summary = run_simulation(cfg, verbose=args.verbose)
         _print_federated(summary, args.out)
@@ -380,6 +388,11 @@ def _print_federated(summary: dict, out: Path) -> None:
         print(f"  privacy: epsilon {eps} at delta {privacy['delta']:g} (sigma "
               f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
               f"{'; '.join(privacy['not_covered']) or 'nothing'}")
+    secure = summary.get("secure_aggregation")
+    if secure:
+        rounds = ", ".join(f"{k.split('.')[-1]} {v['seconds']:.2f} s" for k, v in secure["rounds"].items())
+        print(f"  secure aggregation: {secure['survivors']} of {secure['clients']} clients in the sum "
+              f"(threshold {secure['threshold']}, {secure['graph']} graph, degree {secure['degree']}); {rounds}")
     training = summary.get("training_privacy", {})
     if training.get("dp_sgd"):
         print(f"  training (DP-SGD, accounted apart): epsilon up to {training['epsilon_max']:.3g} per client")

@@ -17,6 +17,8 @@ from flwr.clientapp import ClientApp
 
 from client.app import build_client_app
 from shared.protocol import arrays_to_record
+from shared.secagg.fixedpoint import FRACTION_BITS
+from shared.secagg.messages import ADVERT_KEY, MASKED_KEY
 
 #: Fault name -> (the step it breaks, what it does).
 FAULTS = {
@@ -27,6 +29,11 @@ FAULTS = {
     "gram-not-psd": ("featurize", "an off-diagonal Gram entry is inflated past positive semi-definiteness"),
     "score-shape": ("score", "the owner totals have one value too many"),
     "score-nan": ("score", "an owner total is infinite"),
+    "secagg-forged": ("featurize", "secure aggregation: the advertisement's signature has one bit flipped"),
+    "secagg-drop-input": ("secagg_input", "secure aggregation: the client crashes after sharing its keys"),
+    "secagg-short": ("secagg_input", "secure aggregation: the masked vector loses its last value"),
+    "secagg-count": ("secagg_input", "secure aggregation: the masked vector claims 100 more examples"),
+    "secagg-drop-unmask": ("secagg_unmask", "secure aggregation: the client crashes before revealing shares"),
 }
 
 
@@ -78,10 +85,39 @@ def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | N
         if fault == "raise":
             raise RuntimeError("injected fault: this client crashed")
         reply = honest(msg, ctx)
-        if fault and not reply.has_error():
+        if fault == "secagg-forged" and not reply.has_error():
+            advert = reply.content.config_records[ADVERT_KEY]
+            signature = bytes(advert["signature"])
+            advert["signature"] = bytes([signature[0] ^ 1]) + signature[1:]
+        elif fault and not reply.has_error():
             grams = {k: a.numpy() for k, a in reply.content.array_records["grams"].items()}
             reply.content["grams"] = arrays_to_record(_break_gram(fault, grams))
         return reply
+
+    @app.query("secagg_share")
+    def secagg_share(msg: Message, ctx: Context) -> Message:
+        return honest(msg, ctx)
+
+    @app.query("secagg_input")
+    def secagg_input(msg: Message, ctx: Context) -> Message:
+        fault = fault_of(ctx, "secagg_input")
+        if fault == "secagg-drop-input":
+            raise RuntimeError("injected fault: this client crashed after sharing its keys")
+        reply = honest(msg, ctx)
+        if fault and not reply.has_error():
+            vector = np.array(reply.content.array_records[MASKED_KEY]["vector"].numpy())
+            if fault == "secagg-short":
+                vector = vector[:-1]
+            else:  # the count is the last value, in fixed point
+                vector[-1] += np.uint64(100 << FRACTION_BITS)
+            reply.content[MASKED_KEY] = arrays_to_record({"vector": vector})
+        return reply
+
+    @app.query("secagg_unmask")
+    def secagg_unmask(msg: Message, ctx: Context) -> Message:
+        if fault_of(ctx, "secagg_unmask"):
+            raise RuntimeError("injected fault: this client crashed before revealing its shares")
+        return honest(msg, ctx)
 
     @app.query("features")
     def features(msg: Message, ctx: Context) -> Message:

@@ -111,12 +111,12 @@ def test_clip_quantile_from_noised_histograms():
 
 def test_epsilon_resolves_to_the_noise_of_the_whole_plan():
     task = load_task("digits-logreg")
-    dp = RunConfig.from_mapping({"epsilon": 2.0, "checkpoints": 3}).dp_settings(task)
+    dp = RunConfig.from_mapping({"epsilon": 2.0, "checkpoints": 3}).dp_settings(task, 512)
     assert dp.clip_norm == task.clip_norm and dp.noise_multiplier > 0
     plan = release_plan("private", 3, dp, self_influence=False)
     assert sum(r.count for r in plan) == 7
     assert epsilon(plan, DELTA) == pytest.approx(2.0, rel=1e-6)
-    assert not RunConfig().dp_settings(task).active
+    assert not RunConfig().dp_settings(task, 512).active
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,30 +11,34 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
 from shared.errors import FedtrakError
-from shared.secagg import fixedpoint
+from shared.secagg import fixedpoint, graph
 from shared.secagg.protocol import Client, unmask_sum
 
 CONTEXT = b"run-7|checkpoint-0"
 LENGTH = 64 * 65 // 2  # a Gram upper triangle at k = 64
 
 
-def _setup(n: int, threshold: int, context: bytes = CONTEXT):
+def _setup(n: int, threshold: int, context: bytes = CONTEXT, graph: dict[int, list[int]] | None = None):
+    """Rounds 1-2; with ``graph``, each client shares only with its neighbours (SecAgg+)."""
     identities = {i: Ed25519PrivateKey.generate() for i in range(n)}
     public = {i: k.public_key() for i, k in identities.items()}
     clients = [Client(i, identities[i], context) for i in range(n)]
     adverts = [c.advertise() for c in clients]
-    sealed = [s for c in clients for s in c.share(adverts, public, threshold)]
+    hood = {i: sorted({i, *graph[i]}) if graph else list(range(n)) for i in range(n)}
+    sealed = [s for c in clients for s in c.share([adverts[v] for v in hood[c.client]], public, threshold)]
     return clients, adverts, sealed, public
 
 
-def _run(n: int, threshold: int, drop_before_input: set[int], drop_before_unmask: set[int] = frozenset()):
-    clients, adverts, sealed, _ = _setup(n, threshold)
+def _run(n: int, threshold: int, drop_before_input: set[int], drop_before_unmask: set[int] = frozenset(),
+         graph: dict[int, list[int]] | None = None):
+    clients, adverts, sealed, _ = _setup(n, threshold, graph=graph)
     x = np.random.default_rng(n).uniform(-100, 100, size=(n, LENGTH))
     inputs = {c.client: c.masked_input([s for s in sealed if s.recipient == c.client],
                                        fixedpoint.encode(x[c.client]))
               for c in clients if c.client not in drop_before_input}
+    delivered = {u: {s.sender for s in sealed if s.recipient == u} for u in inputs}
     replies = {u: clients[u].unmask(sorted(inputs)) for u in inputs if u not in drop_before_unmask}
-    total = unmask_sum(adverts, inputs, replies, threshold, LENGTH, CONTEXT)
+    total = unmask_sum(adverts, inputs, replies, threshold, LENGTH, CONTEXT, delivered)
     return fixedpoint.decode(total), x[sorted(inputs)].sum(axis=0), inputs
 
 
@@ -50,6 +54,46 @@ def test_dropouts_up_to_the_threshold_keep_the_survivors_sum_exact(drop_inputs, 
     got, want, inputs = _run(10, 6, drop_inputs, drop_unmask)
     assert len(inputs) == 10 - len(drop_inputs)
     assert np.abs(got - want).max() <= fixedpoint.quantization_bound(10) + 1e-9
+
+
+def test_the_neighbour_graph_is_complete_when_small_and_sparse_regular_when_large():
+    assert graph.neighbours(range(10))[3] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    for n in (50, 200):
+        g = graph.neighbours(range(n))
+        d = graph.degree(n)
+        assert d < n - 1 and d % 2 == 0 and d <= 2 * np.ceil(1.5 * np.log2(n))
+        assert all(len(vs) == d and c not in vs for c, vs in g.items())
+        assert all(c in g[v] for c, vs in g.items() for v in vs)  # symmetric
+    assert graph.neighbours(range(50)) != graph.neighbours(range(50))  # a fresh random graph per run
+    assert graph.threshold(3) == 2 and graph.threshold(10) == 6 and graph.threshold(50) == 12
+    with pytest.raises(FedtrakError, match="at least 3 clients"):
+        graph.threshold(2)
+
+
+@pytest.mark.parametrize("drop_inputs, drop_unmask", [(set(), set()), ({0, 7, 33}, set()), ({5}, {6, 40})])
+def test_sparse_graph_of_50_clients_sums_exactly_with_dropouts(drop_inputs, drop_unmask):
+    g = graph.neighbours(range(50))
+    t = graph.threshold(50)
+    got, want, inputs = _run(50, t, drop_inputs, drop_unmask, graph=g)
+    assert len(inputs) == 50 - len(drop_inputs)
+    assert np.abs(got - want).max() <= fixedpoint.quantization_bound(50) + 1e-9
+
+
+def test_sparse_graph_fails_by_name_when_a_neighbourhood_loses_too_many():
+    g = graph.neighbours(range(50))
+    t = graph.threshold(50)
+    victim = 0
+    gone = set(g[victim][: len(g[victim]) + 1 - t + 1])  # leaves victim with t - 1 holders of its shares
+    with pytest.raises(FedtrakError, match=f"shares of client {victim} for a threshold of {t}"):
+        _run(50, t, set(), gone, graph=g)
+
+
+def test_a_client_refuses_to_unmask_for_too_few_survivors():
+    clients, _, sealed, _ = _setup(5, 4)
+    for c in clients:
+        c.masked_input([s for s in sealed if s.recipient == c.client], fixedpoint.encode(np.zeros(LENGTH)))
+    with pytest.raises(FedtrakError, match="client 0: only 3 survivors for a threshold of 4"):
+        clients[0].unmask([0, 1, 2])
 
 
 @pytest.mark.parametrize("drop_inputs, drop_unmask", [({0, 1, 2, 3, 4}, set()), ({0, 1}, {2, 3, 4})])

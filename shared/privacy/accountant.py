@@ -1,4 +1,4 @@
-"""Privacy accounting of a run's releases: Gaussian mechanisms at sample rate 1.
+"""Privacy accounting of a run's releases: Gaussian (and Skellam) mechanisms at sample rate 1.
 
 Every release an example takes part in is a Gaussian mechanism with noise
 multiplier ``sigma`` (noise standard deviation over L2 sensitivity). They
@@ -8,17 +8,26 @@ Opacus's ``opacus.accountants.analysis.gdp``). Opacus's PRV accountant
 gives an independent numerical cross-check. Do not use Opacus's
 ``GaussianAccountant`` at sample rate 1: it is far too loose there
 (DESIGN.md section 4).
+
+Under secure aggregation the Grams carry integer Skellam noise instead
+(:mod:`shared.privacy.distributed`), which is not a Gaussian mechanism. A plan
+with a Skellam entry is composed in Renyi DP instead: the Skellam bound of
+Agarwal, Kairouz and Liu (NeurIPS 2021) for those entries, ``alpha /
+(2 sigma^2)`` for the Gaussian ones, converted to ``(epsilon, delta)`` with
+Opacus's ``get_privacy_spent`` (Balle et al. 2020). RDP is a few percent
+looser than the exact Gaussian composition.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.gdp import eps_from_mu
+from opacus.accountants.analysis.rdp import get_privacy_spent
 from scipy.stats import norm
 
 from shared.errors import FedtrakError
@@ -29,13 +38,30 @@ class Release:
     """One ledger entry: ``count`` Gaussian mechanisms of noise multiplier ``sigma``.
 
     ``sensitivity`` says in words what one example can change (for the
-    summary); ``what`` names the released quantity.
+    summary); ``what`` names the released quantity. A ``"skellam"`` entry is
+    integer Skellam noise of variance ``(sigma l2)^2`` per coordinate, with
+    ``l2`` and ``l1`` its sensitivities in integer units (``sigma`` is then the
+    multiplier of the Gaussian with the same variance).
     """
 
     what: str
     sigma: float
     count: int = 1
     sensitivity: str = ""
+    mechanism: str = "gaussian"
+    l2: float = 0.0
+    l1: float = 0.0
+
+    def rdp(self, alpha: int) -> float:
+        """Renyi DP of order ``alpha`` of the ``count`` mechanisms together."""
+        if not self.sigma > 0:
+            return math.inf
+        gaussian = alpha / (2 * self.sigma**2)
+        if self.mechanism == "gaussian":
+            return self.count * gaussian
+        mu = (self.sigma * self.l2) ** 2  # Agarwal, Kairouz and Liu (2021), multi-dimensional Skellam
+        extra = min(((2 * alpha - 1) * self.l2**2 + 6 * self.l1) / (4 * mu**2), 3 * self.l1 / (2 * mu))
+        return self.count * (gaussian + extra)
 
     def describe(self) -> dict:
         """JSON-ready form."""
@@ -72,9 +98,22 @@ def epsilon_from_mu(mu: float, delta: float) -> float:
     return float(eps_from_mu(mu=mu, delta=delta))
 
 
+#: Integer Renyi orders of the RDP composition (the Skellam bound holds for integer orders).
+RDP_ORDERS = tuple(range(2, 64)) + tuple(range(64, 257, 4)) + tuple(range(256, 4097, 64))
+
+
 def epsilon(releases: Sequence[Release], delta: float) -> float:
-    """Exact epsilon of the composed releases at ``delta`` (``inf`` if one is not noised)."""
-    return epsilon_from_mu(gdp_mu(releases), delta)
+    """Epsilon of the composed releases at ``delta`` (``inf`` if one is not noised): exact
+    Gaussian composition, or Renyi DP when a release is a Skellam mechanism."""
+    if all(r.mechanism == "gaussian" for r in releases):
+        return epsilon_from_mu(gdp_mu(releases), delta)
+    check_delta(delta)
+    rdp = [sum(r.rdp(a) for r in releases) for a in RDP_ORDERS]
+    if any(math.isinf(v) for v in rdp):
+        return math.inf
+    with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": the bound still holds
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)[0])
 
 
 def prv_epsilon(releases: Sequence[Release], delta: float) -> float:
@@ -88,6 +127,31 @@ def prv_epsilon(releases: Sequence[Release], delta: float) -> float:
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.filterwarnings("ignore", message="Optimal order")
         return float(acc.get_epsilon(delta=delta))
+
+
+def sigma_for_plan(target: float, plan: Callable[[float], Sequence[Release]], delta: float) -> float:
+    """The smallest noise multiplier ``sigma`` whose ``plan(sigma)`` costs at most ``target`` epsilon.
+
+    Raises:
+        FedtrakError: on a non-positive target or a bad delta.
+    """
+    check_delta(delta)
+    if not target > 0:
+        raise FedtrakError(f"epsilon must be positive, got {target}")
+    if math.isinf(target):
+        return 0.0
+    lo, hi = 1e-3, 1e4  # epsilon falls as sigma rises
+    if epsilon(plan(hi), delta) > target:
+        raise FedtrakError(f"epsilon {target} needs a noise multiplier above {hi:g}")
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if epsilon(plan(mid), delta) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    return hi
 
 
 def sigma_for_epsilon(target: float, num_releases: int, delta: float) -> float:

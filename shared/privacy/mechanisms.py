@@ -130,14 +130,17 @@ def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSetting
     return f.astype(np.float32), q.astype(np.float32)
 
 
-def noise_floor(dp: DPSettings, dim: int, num_clients: int) -> float:
-    """The smallest lambda that keeps a kernel of ``num_clients`` noised Grams positive definite."""
-    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.clip_norm**2 * math.sqrt(dim * num_clients)
+def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
+    """The smallest lambda that keeps a noised kernel positive definite. ``noise_copies``: the
+    summed noise's variance in units of ``(sigma C^2)^2`` (the number of clients without secure
+    aggregation; survivors over threshold with it)."""
+    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.clip_norm**2 * math.sqrt(dim * noise_copies)
 
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
-                 clip_quantile: bool = False) -> list[Release]:
-    """The Gaussian mechanisms each training example takes part in during one run."""
+                 clip_quantile: bool = False, gram: Release | None = None) -> list[Release]:
+    """The mechanisms each training example takes part in during one run (``gram``: the Grams'
+    entry when they are not one Gaussian release per client, as under secure aggregation)."""
     sigma = dp.noise_multiplier
     first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
     if mode == "features":
@@ -145,8 +148,8 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
                 Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
                 Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint")]
     joint = dp.clip_mode == "joint"
-    plan = [*first, Release("Gram", sigma, 1 if joint else checkpoints,
-                    "C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint"),
+    plan = [*first, gram or Release("Gram", sigma, 1 if joint else checkpoints,
+                             "C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint"),
             Release("example count", sigma, 1, "1"),
             Release("owner summary", sigma, 1 if joint else checkpoints,
                     "C over all checkpoints jointly" if joint else "C per checkpoint")]

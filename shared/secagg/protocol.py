@@ -28,7 +28,7 @@ returned from an incomplete unmasking.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,8 @@ from shared.secagg import masks, shamir
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
-def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+def raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+    """A public key's 32 raw bytes."""
     return key.public_bytes(*RAW)
 
 
@@ -86,13 +87,14 @@ class Client:
     self_seed: bytes = field(default_factory=lambda: secrets.token_bytes(masks.SEED_BYTES))
     peers: dict[int, Advertisement] = field(default_factory=dict)
     received: dict[int, SealedShares] = field(default_factory=dict)
+    threshold: int = 0
 
     def _signed(self, what: bytes) -> bytes:
         return self.context + b"|advertise|" + str(self.client).encode() + b"|" + what
 
     def advertise(self) -> Advertisement:
         """Round 1: the signed public keys."""
-        c_pub, s_pub = _raw_public(self.c_key.public_key()), _raw_public(self.s_key.public_key())
+        c_pub, s_pub = raw_public(self.c_key.public_key()), raw_public(self.s_key.public_key())
         return Advertisement(self.client, c_pub, s_pub, self.identity.sign(self._signed(c_pub + s_pub)))
 
     def share(self, adverts: Sequence[Advertisement], identities: Mapping[int, Ed25519PublicKey],
@@ -101,6 +103,10 @@ class Client:
         self.peers = {a.client: verify_advert(a, identities, self.context) for a in adverts}
         if self.client not in self.peers:
             raise FedtrakError(f"client {self.client}: its own advertisement is missing from the list")
+        if not 2 <= threshold <= len(self.peers):
+            raise FedtrakError(f"client {self.client}: threshold {threshold} is impossible with "
+                               f"{len(self.peers)} clients in its neighbourhood")
+        self.threshold = threshold
         ids = sorted(self.peers)
         b_shares = shamir.split(self.self_seed, len(ids), threshold)
         s_shares = shamir.split(_raw_private(self.s_key), len(ids), threshold)
@@ -131,6 +137,9 @@ class Client:
         alive = set(survivors)
         if self.client not in alive:
             raise FedtrakError(f"client {self.client}: asked to unmask but not listed among the survivors")
+        if len(alive) < self.threshold:  # Bonawitz et al.: never help unmask a sum of too few inputs
+            raise FedtrakError(f"client {self.client}: only {len(alive)} survivors for a threshold of "
+                               f"{self.threshold}; it reveals no share")
         out = {}
         for v, sealed in self.received.items():
             try:
@@ -155,6 +164,11 @@ class Client:
     def _mask_seed(self, peer: int) -> bytes:
         return masks.agreed_seed(self.s_key, X25519PublicKey.from_public_bytes(self.peers[peer].s_public),
                                  self.context)
+
+
+def secagg_context(run_id: str) -> bytes:
+    """The context a run's secure sum binds its signatures, channels and seeds to."""
+    return f"fedtrak secagg|{run_id}|grams".encode()
 
 
 def verify_advert(advert: Advertisement, identities: Mapping[int, Ed25519PublicKey], context: bytes) -> Advertisement:
@@ -187,12 +201,15 @@ def unmask_sum(
     threshold: int,
     length: int,
     context: bytes,
+    delivered: Mapping[int, Collection[int]] | None = None,
 ) -> np.ndarray:
     """The server's last step: the sum mod 2^64 of the survivors' inputs.
 
     ``adverts`` are those the clients shared among; ``masked_inputs`` maps each
     survivor to its masked vector; ``unmask_replies`` maps each replying
-    survivor to its revealed shares.
+    survivor to its revealed shares; ``delivered`` maps each survivor to the
+    clients whose shares the server delivered to it (its mask partners, with
+    a sparse neighbour graph; default: every client that shared).
 
     Raises:
         FedtrakError: a masked vector of the wrong length (naming the client),
@@ -224,9 +241,12 @@ def unmask_sum(
     for v in survivors:
         seed = _rebuild(shares[v], threshold, masks.SEED_BYTES, v)
         total = total - masks.expand(seed, length)
+    partners = {u: set(by_id) if delivered is None else set(delivered[u]) for u in survivors}
     for v in dropped:
+        if not any(v in partners[u] for u in survivors):
+            continue  # no survivor masked with it: nothing to remove
         s_key = X25519PrivateKey.from_private_bytes(_rebuild(shares[v], threshold, 32, v))
-        for u in survivors:
+        for u in (u for u in survivors if v in partners[u]):
             seed = masks.agreed_seed(s_key, X25519PublicKey.from_public_bytes(by_id[u].s_public), context)
             total = total - masks.pairwise_mask(u, v, seed, length)  # what survivor u added for v
     return total

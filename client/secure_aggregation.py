@@ -1,0 +1,139 @@
+"""The client's side of secure aggregation: its identity key, its state between rounds, its masked Grams.
+
+A client's protocol state (its X25519 private keys, self-mask seed, the
+advertisements it accepted and the sealed shares it holds) lives on its own
+disk between the rounds, beside its feature store, in a file only its owner
+can read; it is deleted once the client has revealed its shares. The
+Ed25519 identity key that signs its advertisements is kept under the store
+root (one per client data owner), created on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from client.featurize import stored_clip_scales, stored_gram
+from client.store import FeatureStore
+from shared.codecs import pack_upper
+from shared.errors import FedtrakError
+from shared.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
+from shared.privacy.mechanisms import DPSettings, noise_rng
+from shared.secagg import fixedpoint
+from shared.secagg.fixedpoint import FRACTION_BITS
+from shared.secagg.protocol import Advertisement, Client, SealedShares
+
+IDENTITY_FILE = "secagg-identity.pem"
+STATE_FILE = "secagg-state.json"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by the owner only (atomically: a temp file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def identity_key(root: Path) -> Ed25519PrivateKey:
+    """This client's Ed25519 identity key under ``root``, created (owner-only) on first use."""
+    path = Path(root) / IDENTITY_FILE
+    if path.exists():
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except ValueError as exc:
+            raise FedtrakError(f"secure-aggregation identity key {path} is unreadable: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise FedtrakError(f"{path} holds no Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return key
+
+
+def _raw(key: X25519PrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption()).hex()
+
+
+def save_state(store: FeatureStore, client: Client) -> None:
+    """Keep ``client``'s protocol state in its store until the next round."""
+    state = {"client": client.client, "context": client.context.hex(), "c_key": _raw(client.c_key),
+             "s_key": _raw(client.s_key), "self_seed": client.self_seed.hex(), "threshold": client.threshold,
+             "peers": [[a.client, a.c_public.hex(), a.s_public.hex(), a.signature.hex()]
+                       for a in client.peers.values()],
+             "received": [[s.sender, s.recipient, s.nonce.hex(), s.ciphertext.hex()]
+                          for s in client.received.values()]}
+    _write_private(store.dir / STATE_FILE, json.dumps(state).encode())
+
+
+def load_state(store: FeatureStore, identity: Ed25519PrivateKey, context: bytes) -> Client:
+    """The state :func:`save_state` kept, for the protocol run ``context``.
+
+    Raises:
+        FedtrakError: if there is none (the client missed an earlier round) or it belongs to another run.
+    """
+    path = store.dir / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FedtrakError("no secure-aggregation state: this client did not take part in the earlier "
+                           "rounds") from None
+    except ValueError as exc:
+        raise FedtrakError(f"secure-aggregation state {path} is corrupt: {exc}") from exc
+    if bytes.fromhex(state["context"]) != context:
+        raise FedtrakError("secure-aggregation state belongs to another protocol run")
+    client = Client(int(state["client"]), identity, context,
+                    X25519PrivateKey.from_private_bytes(bytes.fromhex(state["c_key"])),
+                    X25519PrivateKey.from_private_bytes(bytes.fromhex(state["s_key"])),
+                    bytes.fromhex(state["self_seed"]), threshold=int(state["threshold"]))
+    client.peers = {int(c): Advertisement(int(c), bytes.fromhex(cp), bytes.fromhex(sp), bytes.fromhex(sig))
+                    for c, cp, sp, sig in state["peers"]}
+    client.received = {int(s): SealedShares(int(s), int(r), bytes.fromhex(n), bytes.fromhex(ct))
+                       for s, r, n, ct in state["received"]}
+    return client
+
+
+def forget_state(store: FeatureStore) -> None:
+    """Delete the protocol state (its secrets) once the shares are revealed."""
+    (store.dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp: DPSettings,
+                  threshold: int, fraction_bits: int) -> tuple[np.ndarray, dict[str, float]]:
+    """The client's input to the secure sum, before masking, and seconds per part.
+
+    Layout: the fixed-point upper triangle (``fraction_bits``) of each
+    checkpoint's Gram (of the clipped features under DP, plus this client's
+    share of Skellam noise, sized for ``threshold`` survivors), then the
+    example count (the already released, noised one under DP).
+
+    Raises:
+        FedtrakError: on fraction bits outside the range the protocol allows.
+    """
+    if not MIN_FRACTION_BITS <= fraction_bits <= FRACTION_BITS:
+        raise FedtrakError(f"fixed-point fraction bits {fraction_bits} outside [{MIN_FRACTION_BITS}, "
+                           f"{FRACTION_BITS}]")
+    start = time.perf_counter()
+    scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
+    grams = [stored_gram(store, m, scales.get(m))[0] for m in checkpoints]
+    gram_s = time.perf_counter() - start
+    start = time.perf_counter()
+    parts = [fixedpoint.encode(pack_upper(g), fraction_bits) for g in grams]
+    if dp.active:
+        noise = DistributedNoise(grams[0].shape[0], len(checkpoints), threshold, fraction_bits)
+        variance = noise.client_variance(dp)
+        rng = noise_rng()
+        parts = [p + skellam_noise(len(p), variance, rng).view(np.uint64) for p in parts]
+    parts.append(fixedpoint.encode(np.array([count], dtype=np.float64), fraction_bits))
+    return np.concatenate(parts), {"gram": gram_s, "encode_and_noise": time.perf_counter() - start}

@@ -1,0 +1,196 @@
+"""The server's side of secure aggregation: the four rounds as Flower query messages, and the sum.
+
+:func:`secure_gram_sum` replaces the plain featurize round of private mode
+when a run sets ``secure-agg``. The server relays advertisements and sealed
+shares, receives only masked vectors, and unmasks their sum with the shares
+the survivors reveal (:mod:`shared.secagg.protocol`); it never holds one
+client's Gram. What it can still check is checked on the sum (DESIGN.md
+section 4): positive semi-definiteness when no noise was added, and that the
+securely summed counts equal the counts the survivors reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import ConfigRecord, RecordDict
+
+from server.federation import Federation
+from server.validation import check_psd
+from shared.codecs import unpack_upper
+from shared.errors import FedtrakError
+from shared.privacy.distributed import DistributedNoise, noise_fraction_bits
+from shared.privacy.mechanisms import DPSettings
+from shared.protocol import (
+    FEATURIZE,
+    JOB_KEY,
+    SECAGG_INPUT,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
+    JobSpec,
+    record_config,
+)
+from shared.secagg import fixedpoint, graph
+from shared.secagg.messages import (
+    ADVERT_KEY,
+    SECAGG_KEY,
+    adverts_content,
+    read_advert,
+    read_masked,
+    read_revealed,
+    read_sealed,
+    sealed_content,
+    survivors_content,
+)
+from shared.secagg.protocol import (
+    Advertisement,
+    SealedShares,
+    secagg_context,
+    unmask_sum,
+    verify_advert,
+)
+from shared.timing import PhaseTimer
+
+ROUNDS = (FEATURIZE, SECAGG_SHARE, SECAGG_INPUT, SECAGG_UNMASK)
+
+
+@dataclass
+class SecureSum:
+    """The unmasked sum: one ``(k, k)`` Gram per checkpoint, the summed count, who is in it,
+    the threshold the shares needed, and the protocol's account for the summary."""
+
+    grams: list[np.ndarray]
+    count: float
+    survivors: list[int]
+    noise: DistributedNoise
+    report: dict
+
+    @property
+    def threshold(self) -> int:
+        """Shares needed to rebuild a client's secrets, and the survivors the DP noise is sized for."""
+        return self.noise.threshold
+
+
+def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: JobSpec, checkpoints: list[int],
+                    dim: int, fraction: float, dp: DPSettings, timer: PhaseTimer) -> SecureSum:
+    """Featurize with secure aggregation: advertise, share, masked input, unmask.
+
+    ``request(node)`` is the plain featurize request; ``fraction`` sets the
+    share threshold (:func:`shared.secagg.graph.threshold`); under ``dp`` the
+    clients add distributed Skellam noise sized for that threshold, and the
+    sum is not checked for being PSD.
+
+    Raises:
+        FedtrakError: with fewer than 3 clients, fewer survivors than the
+            threshold, or a sum that fails its checks; no sum is returned then.
+    """
+    context = secagg_context(job.run_id)
+    job_record = job.to_record()
+    with timer.phase("featurize_round"):
+        replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
+            {**request(node), SECAGG_KEY: ConfigRecord({"context": job.run_id})}))
+    fed.note_info(replies)
+    adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
+    nodes = fed.require_clients("the secure-aggregation advertisements")
+    if len(nodes) < 3:
+        raise FedtrakError(f"secure aggregation needs at least 3 clients, {len(nodes)} advertised keys")
+    threshold = graph.threshold(len(nodes), fraction)
+    noise = DistributedNoise(dim, len(checkpoints), threshold,
+                             noise_fraction_bits(dim, len(checkpoints), threshold, dp))
+    hood = {u: sorted({u, *vs}) for u, vs in graph.neighbours(nodes).items()}
+
+    with timer.phase("secagg_share_round"):
+        replies = fed.broadcast(SECAGG_SHARE, lambda node: RecordDict(
+            {**adverts_content([adverts[v] for v in hood[node] if v in adverts], threshold), JOB_KEY: job_record}))
+    sealed = fed.accept(replies, lambda node, c: _checked_sealed(
+        c, node, [v for v in hood[node] if v in adverts], fed.source(node)))
+    shared = [u for u in fed.active() if u in sealed]
+
+    delivered = {u: [v for v in hood[u] if v in sealed] for u in shared}
+    length = len(checkpoints) * dim * (dim + 1) // 2 + 1
+    input_cfg = ConfigRecord({"checkpoints": list(checkpoints), "fraction-bits": noise.fraction_bits})
+    with timer.phase("secagg_input_round"):
+        replies = fed.broadcast(SECAGG_INPUT, lambda node: RecordDict(
+            {**sealed_content([sealed[v][node] for v in delivered[node]]), JOB_KEY: job_record,
+             SECAGG_KEY: input_cfg}))
+    inputs = fed.accept(replies, lambda node, c: read_masked(c, length, fed.source(node)))
+    client_seconds = [dict(replies[n]["timing"]) for n in inputs if "timing" in replies[n].metric_records]
+    survivors = sorted(inputs)
+    if len(survivors) < threshold:
+        raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
+                           "the sum cannot be unmasked (no result)")
+
+    with timer.phase("secagg_unmask_round"):
+        replies = fed.broadcast(SECAGG_UNMASK, lambda node: RecordDict(
+            {**survivors_content(survivors), JOB_KEY: job_record}))
+    revealed = fed.accept(replies, lambda node, c: read_revealed(c, fed.source(node)))
+    start = time.perf_counter()
+    with timer.phase("secagg_unmask"):
+        total = unmask_sum([adverts[u][0] for u in shared], inputs, revealed, threshold, length, context,
+                           {u: delivered[u] for u in survivors})
+    unmask_seconds = time.perf_counter() - start
+    values = fixedpoint.decode(total, noise.fraction_bits)
+    size = dim * (dim + 1) // 2
+    grams = [unpack_upper(values[i * size:(i + 1) * size], dim, "secure sum") for i in range(len(checkpoints))]
+    count = float(values[-1])
+    reported = sum(fed.clients[n].num_examples for n in survivors)
+    if abs(count - reported) > 0.5:
+        raise FedtrakError(f"the securely summed count {count:.1f} differs from the {reported} examples the "
+                           "survivors reported: a client's masked input is not what it claims (no result)")
+    if not dp.active:
+        for m, g in zip(checkpoints, grams):
+            check_psd(g, f"secure sum of the Grams of checkpoint {m}", "secure aggregation")
+    report = _report(fed, adverts, shared, survivors, noise, hood, length, client_seconds, unmask_seconds, timer)
+    return SecureSum(grams, count, survivors, noise, report)
+
+
+def _checked_advert(content: RecordDict, node: int, context: bytes, source: str) -> tuple[Advertisement, bytes]:
+    advert, identity = read_advert(record_config(content, ADVERT_KEY, source), source)
+    if advert.client != node:
+        raise FedtrakError(f"{source}: advertises keys as client {advert.client}")
+    verify_advert(advert, {node: Ed25519PublicKey.from_public_bytes(identity)}, context)
+    return advert, identity
+
+
+def _checked_sealed(content: RecordDict, node: int, hood: list[int], source: str) -> dict[int, SealedShares]:
+    """One sealed share per member of ``hood`` (the client included), all from ``node``."""
+    sealed = read_sealed(content, source)
+    by_recipient = {s.recipient: s for s in sealed}
+    if any(s.sender != node for s in sealed) or len(by_recipient) != len(sealed):
+        raise FedtrakError(f"{source}: sealed shares name another sender or repeat a recipient")
+    if set(by_recipient) != set(hood):
+        raise FedtrakError(f"{source}: sealed shares for {sorted(by_recipient)}, expected its neighbourhood "
+                           f"{hood}")
+    return by_recipient
+
+
+def _report(fed: Federation, adverts: dict, shared: list[int], survivors: list[int], noise: DistributedNoise,
+            hood: dict[int, list[int]], length: int, client_seconds: list[dict], unmask_seconds: float,
+            timer: PhaseTimer) -> dict:
+    n = len(adverts)
+    phases = {FEATURIZE: "featurize_round", SECAGG_SHARE: "secagg_share_round",
+              SECAGG_INPUT: "secagg_input_round", SECAGG_UNMASK: "secagg_unmask_round"}
+    rounds = {step: {"seconds": round(timer.seconds[phases[step]], 3),
+                     "bytes_sent": fed.grid.steps[step]["sent"], "bytes_received": fed.grid.steps[step]["received"]}
+              for step in ROUNDS}
+    per_client = {k: round(float(np.mean([c[k] for c in client_seconds])), 4)
+                  for k in (client_seconds[0] if client_seconds else {})}
+    degree = len(next(iter(hood.values()))) - 1
+    return {
+        "protocol": "Bonawitz et al. (CCS 2017) with the SecAgg+ neighbour graph; X25519, HKDF-SHA256, "
+                    "ChaCha20 masks, AES-GCM share channels, Ed25519 signatures, Shamir over 2^521-1",
+        "clients": n, "graph": "complete" if degree == n - 1 else "random regular (Harary, random order)",
+        "degree": degree, "threshold": noise.threshold,
+        "shared_keys": len(shared), "survivors": len(survivors),
+        "dropped": sorted(set(adverts) - set(survivors)),
+        "fraction_bits": noise.fraction_bits,
+        "quantization_bound": fixedpoint.quantization_bound(len(survivors), noise.fraction_bits),
+        "vector_length": length,
+        "rounds": rounds,
+        "client_seconds_mean": per_client,
+        "server_unmask_seconds": round(unmask_seconds, 3),
+    }
