@@ -182,7 +182,9 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @_guard("featurize")
     def featurize(msg: Message, ctx: Context) -> Message:
         """Featurize local data under every checkpoint; release Grams (upper triangles) and the count."""
+        start = time.perf_counter()
         job, data, store, indices = featurized(msg, ctx)
+        seconds = time.perf_counter() - start
         dp = job.dp()
         rng = noise_rng()
         if CLIP_KEY in msg.content.config_records:  # the clip-norm round: only the noised norm histogram
@@ -193,7 +195,9 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
                                        INFO_KEY: _info(data, _released_count(store, data, dp))}), reply_to=msg)
         if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
-            return _advertise(msg, ctx, store, data, _released_count(store, data, dp))
+            reply = _advertise(msg, ctx, store, data, _released_count(store, data, dp))
+            reply.content["timing"] = MetricRecord({"featurize": seconds})
+            return reply
         scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         grams = {}
         for m in indices:

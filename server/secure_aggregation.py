@@ -94,6 +94,7 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
         replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
             {**request(node), SECAGG_KEY: ConfigRecord({"context": job.run_id})}))
     fed.note_info(replies)
+    client_seconds = {n: dict(c["timing"]) for n, c in replies.items() if "timing" in c.metric_records}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
     nodes = fed.require_clients("the secure-aggregation advertisements")
     if len(nodes) < 3:
@@ -118,7 +119,9 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
             {**sealed_content([sealed[v][node] for v in delivered[node]]), JOB_KEY: job_record,
              SECAGG_KEY: input_cfg}))
     inputs = fed.accept(replies, lambda node, c: read_masked(c, length, fed.source(node)))
-    client_seconds = [dict(replies[n]["timing"]) for n in inputs if "timing" in replies[n].metric_records]
+    for n in inputs:
+        if "timing" in replies[n].metric_records:
+            client_seconds.setdefault(n, {}).update(dict(replies[n]["timing"]))
     survivors = sorted(inputs)
     if len(survivors) < threshold:
         raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
@@ -141,9 +144,10 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
     if abs(count - reported) > 0.5:
         raise FedtrakError(f"the securely summed count {count:.1f} differs from the {reported} examples the "
                            "survivors reported: a client's masked input is not what it claims (no result)")
-    if not dp.active:
+    if not dp.active:  # rounding moves each entry by at most the bound: spectral norm at most k times it
+        rounding = dim * fixedpoint.quantization_bound(len(survivors), noise.fraction_bits)
         for m, g in zip(checkpoints, grams):
-            check_psd(g, f"secure sum of the Grams of checkpoint {m}", "secure aggregation")
+            check_psd(g, f"secure sum of the Grams of checkpoint {m}", "secure aggregation", rounding)
     report = _report(fed, adverts, shared, survivors, noise, hood, length, client_seconds, unmask_seconds, timer)
     return SecureSum(grams, count, survivors, noise, report)
 
@@ -169,7 +173,7 @@ def _checked_sealed(content: RecordDict, node: int, hood: list[int], source: str
 
 
 def _report(fed: Federation, adverts: dict, shared: list[int], survivors: list[int], noise: DistributedNoise,
-            hood: dict[int, list[int]], length: int, client_seconds: list[dict], unmask_seconds: float,
+            hood: dict[int, list[int]], length: int, client_seconds: dict[int, dict], unmask_seconds: float,
             timer: PhaseTimer) -> dict:
     n = len(adverts)
     phases = {FEATURIZE: "featurize_round", SECAGG_SHARE: "secagg_share_round",
@@ -177,8 +181,8 @@ def _report(fed: Federation, adverts: dict, shared: list[int], survivors: list[i
     rounds = {step: {"seconds": round(timer.seconds[phases[step]], 3),
                      "bytes_sent": fed.grid.steps[step]["sent"], "bytes_received": fed.grid.steps[step]["received"]}
               for step in ROUNDS}
-    per_client = {k: round(float(np.mean([c[k] for c in client_seconds])), 4)
-                  for k in (client_seconds[0] if client_seconds else {})}
+    keys = sorted({k for c in client_seconds.values() for k in c})
+    per_client = {k: round(float(np.mean([c[k] for c in client_seconds.values() if k in c])), 4) for k in keys}
     degree = len(next(iter(hood.values()))) - 1
     return {
         "protocol": "Bonawitz et al. (CCS 2017) with the SecAgg+ neighbour graph; X25519, HKDF-SHA256, "

@@ -55,9 +55,10 @@ def _finite(array: np.ndarray, what: str, source: str) -> np.ndarray:
     return array
 
 
-def check_psd(matrix: np.ndarray, what: str, source: str) -> None:
-    """Refuse a Gram that is not positive semi-definite (within float round-off)."""
-    jitter = PSD_JITTER * max(float(np.abs(np.diag(matrix)).max(initial=0.0)), 1e-300)
+def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0) -> None:
+    """Refuse a Gram that is not positive semi-definite (within float round-off, plus ``tolerance``:
+    a bound on the spectral norm of any known error, such as fixed-point rounding)."""
+    jitter = PSD_JITTER * max(float(np.abs(np.diag(matrix)).max(initial=0.0)), 1e-300) + tolerance
     try:
         scipy.linalg.cholesky(matrix + jitter * np.eye(len(matrix)), lower=True, check_finite=False)
     except np.linalg.LinAlgError:

@@ -255,6 +255,14 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--query-size", type=_positive_int, default=None)
     bl.add_argument("--cache-dir", type=Path, default=None)
     bl.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    bs = bsub.add_parser("secagg", help="cost of secure aggregation in a simulation, against the plain run")
+    bs.add_argument("--task", default="digits-mlp")
+    bs.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
+    bs.add_argument("--clients", type=_positive_int, default=10)
+    bs.add_argument("--proj-dim", type=_positive_int, default=2048)
+    bs.add_argument("--checkpoints", type=_positive_int, default=1)
+    bs.add_argument("--epsilon", type=_epsilon, default=0.0, help="with distributed DP noise (default: none)")
+    bs.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     return parser
 
 
@@ -363,6 +371,13 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
+    elif args.command == "bench" and args.bench == "secagg":
+        from simulations.bench_secagg import bench_secagg, format_table
+
+        result = bench_secagg(args.task, args.out, args.clients, args.proj_dim, args.checkpoints, args.epsilon)
+        print(format_table(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
     elif args.command == "bench":
         from simulations.bench_featurize import bench_featurize, format_table
 

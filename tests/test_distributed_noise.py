@@ -41,6 +41,7 @@ def test_noise_is_sized_so_the_threshold_alone_reaches_sigma():
     assert noise.client_variance(dp) <= NOISE_VARIANCE_TARGET < 4 * noise.client_variance(dp)
     l2, l1, count = noise.sensitivities(dp)
     assert count == 3 and l2 == pytest.approx(25 * 2.0**bits + math.sqrt(512 * 513 / 2))
+    assert l2 < l1 <= math.sqrt(512 * 513 / 2) * l2
     # 4 survivors together: variance (sigma l2)^2, the Gaussian mechanism's at sigma
     assert 4 * noise.client_variance(dp) == pytest.approx((1.5 * l2) ** 2)
     assert noise.effective_sigma(dp, 4) == pytest.approx(1.5)

@@ -1,10 +1,12 @@
 """Integration: fedtrak on a real Flower deployment on 127.0.0.1.
 
-Starts ``flower-superlink`` and two ``flower-supernode`` processes (insecure
+Starts ``flower-superlink`` and three ``flower-supernode`` processes (insecure
 loopback; TLS and node authentication are a later issue), each node with its
-own data file named in its node config, runs the app with ``flwr run``,
-reads the run's status (``flwr run`` exits 0 even when the run fails), checks
-the result against the centralized path, and stops every process it started.
+own data file named in its node config, runs the app with ``flwr run`` with
+secure aggregation on (each message runs in a fresh process there, so the
+clients' protocol state must live on their disks), reads the run's status
+(``flwr run`` exits 0 even when the run fails), checks the result against the
+centralized path, and stops every process it started.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def test_flwr_run_on_a_local_superlink(tmp_path, digits_logreg, logreg_ckpt_dir)
     )
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    parts = partition(digits_logreg.y_train, 2, "iid", 0.5, 1)
+    parts = partition(digits_logreg.y_train, 3, "iid", 0.5, 1)
     procs: list[subprocess.Popen] = []
     logs = []
     try:
@@ -125,8 +127,8 @@ def test_flwr_run_on_a_local_superlink(tmp_path, digits_logreg, logreg_ckpt_dir)
                 cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                 start_new_session=True))
         out = tmp_path / "run"
-        run_config = (f"clients=2 checkpoint-dir='{logreg_ckpt_dir}' out='{out}' proj-dim=128 "
-                      f"wait-for-nodes=120.0")
+        run_config = (f"clients=3 checkpoint-dir='{logreg_ckpt_dir}' out='{out}' proj-dim=128 "
+                      f"wait-for-nodes=120.0 secure-agg=true")
         launched = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), FEDERATION, "--run-config", run_config],
                                   env=env, capture_output=True, text=True, timeout=180, check=False)
         assert launched.returncode == 0, launched.stdout + launched.stderr
@@ -140,10 +142,12 @@ def test_flwr_run_on_a_local_superlink(tmp_path, digits_logreg, logreg_ckpt_dir)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["excluded"] == []
-    assert [o["owner"] for o in summary["owners"]] == ["0", "1"]
+    assert [o["owner"] for o in summary["owners"]] == ["0", "1", "2"]
     assert all(c["bytes_received"] > 0 for c in summary["clients"])
+    secure = summary["secure_aggregation"]
+    assert secure["survivors"] == 3 and secure["threshold"] == 2 and secure["dropped"] == []
     central = tmp_path / "central"
-    run_attribute(AttributeConfig(out=central, clients=2, partition_seed=1, checkpoint_dir=logreg_ckpt_dir,
+    run_attribute(AttributeConfig(out=central, clients=3, partition_seed=1, checkpoint_dir=logreg_ckpt_dir,
                                   progress=False, score=ScoreSettings(proj_dim=128)))
     want = np.load(central / "owner_scores.npy")
     np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4,
