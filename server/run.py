@@ -206,7 +206,8 @@ def preflight(cfg: RunConfig) -> tuple[Task, DPSettings, int]:
         FedtrakError: naming the bad setting.
     """
     task = cached_task(cfg.task, cfg.train_size, cfg.query_size)
-    proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0)
+    proj = make_projector(cfg.projector, task.num_params, cfg.proj_dim or None, cfg.seed, cache_bytes=0,
+                          model=task.make_model())
     dp = cfg.dp_settings(task, proj.proj_dim)
     if not cfg.clip_quantile:  # otherwise C, and with it the floor, is known only after the clients' histograms
         check_lambda_against_noise(cfg, dp, proj.proj_dim)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from shared.errors import FedtrakError
+from shared.factorized import FactorizedProjector, fallback_gradient_fn
 from shared.modelout import ModelOutput
 from shared.projectors import Projector
 
@@ -82,6 +83,12 @@ class Featurizer:
         self.batch_size = int(batch_size)
         per_example = self.grad_dim * 4
         self.chunk_examples = max(self.batch_size, int(chunk_bytes) // per_example)
+        self._factorized = isinstance(projector, FactorizedProjector)
+        self._fallback = None
+        if self._factorized:  # no per-example gradient is formed: chunks are bounded by the features
+            self.chunk_examples = max(self.batch_size, int(chunk_bytes) // (projector.proj_dim * 4 * 8))
+            if projector.fallback_names:
+                self._fallback = fallback_gradient_fn(self.model, projector.fallback_names, self.output.output)
 
         def single_output(params, buffers, x, y):
             logits = functional_call(self.model, (params, buffers), (x.unsqueeze(0),))
@@ -99,18 +106,32 @@ class Featurizer:
         """Out-to-loss weights ``q`` of a batch: ``(b,)``."""
         return self.output.out_to_loss(self.model(x), y)
 
-    def iter_chunks(self, x: np.ndarray, y: np.ndarray) -> Iterator[FeatureChunk]:
-        """Yield features chunk by chunk, in input order.
+    def _factorized_chunk(self, x: torch.Tensor, y: torch.Tensor, start: int) -> FeatureChunk:
+        """Features of one chunk from layer inputs and output gradients (hooks), batch by batch."""
+        phi, q = [], []
+        for i in range(0, len(y), self.batch_size):
+            xb, yb = x[i : i + self.batch_size], y[i : i + self.batch_size]
+            phi.append(self.projector.features(self.model, self.output.output, xb, yb, self._fallback))
+            q.append(self.out_to_loss(xb, yb))
+        phi_all, q_all = torch.cat(phi), torch.cat(q)
+        _check_finite(phi_all, q_all, start)
+        return FeatureChunk(start, phi_all.numpy(), q_all.numpy().astype(np.float32))
+
+    def iter_chunks(self, x: np.ndarray, y: np.ndarray, first: int = 0) -> Iterator[FeatureChunk]:
+        """Yield features chunk by chunk, in input order, from example ``first`` on (a resumed run).
 
         Raises:
             FedtrakError: if a gradient or out-to-loss weight is NaN or infinite
                 (names the offending example positions).
         """
         n = len(y)
-        for start in range(0, n, self.chunk_examples):
+        for start in range(first, n, self.chunk_examples):
             stop = min(n, start + self.chunk_examples)
             xc = torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32))
             yc = torch.from_numpy(np.ascontiguousarray(y[start:stop], dtype=np.int64))
+            if self._factorized:
+                yield self._factorized_chunk(xc, yc, start)
+                continue
             grads = torch.cat(
                 [
                     self.per_example_grads(xc[i : i + self.batch_size], yc[i : i + self.batch_size])

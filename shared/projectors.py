@@ -34,7 +34,7 @@ DEFAULT_PROJ_DIM = 512
 #: Default memory budget for keeping the whole generated matrix in memory.
 DEFAULT_CACHE_BYTES = 1 << 30
 
-PROJECTOR_KINDS = ("rademacher", "gaussian", "identity")
+PROJECTOR_KINDS = ("rademacher", "gaussian", "factorized", "identity")
 
 #: Released matrix buffers by shape, reused by the next cached projector.
 _MATRIX_POOL: dict[tuple[int, int], list[np.ndarray]] = {}
@@ -241,16 +241,26 @@ class GaussianProjector(BlockRandomProjector):
 
 def make_projector(
     kind: str, grad_dim: int, proj_dim: int | None, seed: int,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_bytes: int = DEFAULT_CACHE_BYTES, model: torch.nn.Module | None = None,
 ) -> Projector:
-    """Build a projector by name (``rademacher``, ``gaussian`` or ``identity``).
+    """Build a projector by name (``rademacher``, ``gaussian``, ``factorized`` or ``identity``).
 
     ``proj_dim=None`` means the number of parameters for the identity and
-    :data:`DEFAULT_PROJ_DIM` for the random projections.
+    :data:`DEFAULT_PROJ_DIM` for the random projections. ``factorized``
+    (:mod:`shared.factorized`) is built from the ``model``'s layers.
     """
     if kind == "identity":
         return IdentityProjector(grad_dim, proj_dim, seed)
     proj_dim = DEFAULT_PROJ_DIM if proj_dim is None else proj_dim
+    if kind == "factorized":
+        from shared.factorized import FactorizedProjector  # it builds on this module
+
+        if model is None:
+            raise FedtrakError("the factorized projector needs the model (its layers set the factors)")
+        projector = FactorizedProjector(model, proj_dim, seed)
+        if projector.grad_dim != grad_dim:
+            raise FedtrakError(f"model has {projector.grad_dim} parameters, expected {grad_dim}")
+        return projector
     if kind == "rademacher":
         return RademacherProjector(grad_dim, proj_dim, seed, cache_bytes)
     if kind == "gaussian":

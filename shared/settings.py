@@ -49,6 +49,6 @@ def checkpoint_featurizer(
     model = model_from_state(task, state, f"checkpoint {m}")
     projector = make_projector(
         settings.projector, count_params(model), settings.proj_dim, derive_seed(settings.seed, m),
-        settings.cache_bytes,
+        settings.cache_bytes, model=model,
     )
     return Featurizer(model, task.output, projector, batch_size=settings.batch_size)

@@ -121,7 +121,8 @@ def run_attribute(cfg: AttributeConfig) -> dict:
         flipped = flipped_indices(task.y_train, parts, flips)
         task = corrupted(task, parts, flips)
         # Check the projection settings before spending time on training.
-        make_projector(cfg.score.projector, task.num_params, cfg.score.proj_dim, cfg.seed, cache_bytes=0)
+        make_projector(cfg.score.projector, task.num_params, cfg.score.proj_dim, cfg.seed, cache_bytes=0,
+                       model=task.make_model())
     checkpoints = obtain_checkpoints(task, cfg, timer)
     writer = ResultWriter(Path(cfg.out))
     try:

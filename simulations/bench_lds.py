@@ -33,8 +33,9 @@ def bench_lds(
     query_size: int | None = None,
     cache_dir: Path = DEFAULT_CACHE,
     workers: int | None = None,
+    projectors: Sequence[str] = ("rademacher",),
 ) -> list[dict]:
-    """One row per (k, M): LDS, its interval and the attribution's seconds.
+    """One row per (projector, k, M): LDS, its interval and the attribution's seconds.
 
     A k of ``"identity"`` uses no projection (k = the parameter count: only
     for small models, e.g. digits-logreg, whose 650 parameters are fewer than 2048).
@@ -47,11 +48,12 @@ def bench_lds(
         train_checkpoints(task, max(checkpoints), ckpt_dir)
     train_seconds = time.perf_counter() - start
     rows = []
-    for k in proj_dims:
+    combos = [("identity", "identity") if k == "identity" else (kind, k) for kind in projectors for k in proj_dims]
+    for kind, k in dict.fromkeys(combos):
         for m in checkpoints:
-            run = out / f"k{k}-m{m}"
+            run = out / (f"k{k}-m{m}" if kind in ("rademacher", "identity") else f"{kind}-k{k}-m{m}")
             score = (ScoreSettings(projector="identity") if k == "identity"
-                     else ScoreSettings(proj_dim=int(k)))
+                     else ScoreSettings(proj_dim=int(k), projector=kind))
             summary = run_attribute(AttributeConfig(
                 out=run, task=task_name, checkpoints=m, checkpoint_dir=ckpt_dir, train_size=train_size,
                 query_size=query_size, progress=False, score=score))
@@ -72,7 +74,7 @@ def format_table(rows: list[dict]) -> str:
     """A markdown table of :func:`bench_lds` rows."""
     lines = ["| task | train x queries | k | M | LDS | 95% interval | attribute s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        k = f"{r['k']} ({r['projector']})" if r["projector"] == "identity" else str(r["k"])
+        k = str(r["k"]) if r["projector"] == "rademacher" else f"{r['k']} ({r['projector']})"
         lines.append(f"| {r['task']} | {r['num_train']} x {r['num_queries']} | {k} | {r['M']} | "
                      f"{r['lds']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['attribute_seconds']:.1f} |")
     return "\n".join(lines)

@@ -243,6 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     feat.add_argument("--proj-dim", type=_positive_int, default=2048)
     feat.add_argument("--examples", type=_positive_int, default=1500)
     feat.add_argument("--traker-examples", type=_positive_int, default=128)
+    feat.add_argument("--projectors", default="factorized,rademacher,gaussian",
+                      help="comma-separated fedtrak projectors to measure")
     feat.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     bl = bsub.add_parser("lds", help="LDS across k and M on one task (the README's baseline table)")
     bl.add_argument("--task", default=DEFAULT_TASK)
@@ -250,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--proj-dims", default="512,2048",
                     help="comma-separated k values; 'identity' for no projection")
     bl.add_argument("--checkpoints", default="1,5", help="comma-separated M values")
+    bl.add_argument("--projectors", default="rademacher", help="comma-separated projectors (each k, M)")
     bl.add_argument("--subsets", type=_positive_int, default=100)
     bl.add_argument("--train-size", type=_positive_int, default=None)
     bl.add_argument("--query-size", type=_positive_int, default=None)
@@ -367,7 +370,8 @@ def _run(args: argparse.Namespace) -> int:
         dims = [d if d == "identity" else _int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
         rows = bench_lds(args.task, args.out, dims,
                          _int_list(args.checkpoints, "--checkpoints"), args.subsets, args.train_size,
-                         args.query_size, args.cache_dir or DEFAULT_CACHE)
+                         args.query_size, args.cache_dir or DEFAULT_CACHE,
+                         projectors=tuple(p.strip() for p in args.projectors.split(",") if p.strip()))
         print(format_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
@@ -381,7 +385,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from simulations.bench_featurize import bench_featurize, format_table
 
-        rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples)
+        kinds = tuple(k.strip() for k in args.projectors.split(",") if k.strip())
+        unknown = sorted(set(kinds) - set(PROJECTOR_KINDS))
+        if unknown:
+            raise FedtrakError(f"--projectors: unknown {unknown}; use {', '.join(PROJECTOR_KINDS)}")
+        rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples, kinds)
         print(format_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))

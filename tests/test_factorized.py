@@ -1,0 +1,85 @@
+"""The factorized (per-layer Kronecker) projector: equal to the dense projection it stands for,
+hooks and all, with a seed contract like the other projectors'."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from shared.errors import FedtrakError
+from shared.factorized import FactorizedProjector, _signs, fallback_gradient_fn
+from shared.featurizer import Featurizer
+from shared.modelout import ClassificationMargin
+from shared.projectors import IdentityProjector, make_projector
+
+OUT = ClassificationMargin()
+
+
+def _exact_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    return Featurizer(model, OUT, IdentityProjector(p)).per_example_grads(x, y)
+
+
+def _fast(proj: FactorizedProjector, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fb = fallback_gradient_fn(model, proj.fallback_names, OUT.output) if proj.fallback_names else None
+    return proj.features(model, OUT.output, x, y, fb)
+
+
+def test_single_linear_layer_equals_the_dense_projection_with_the_kronecker_matrix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 7)).eval()
+    k = 40
+    proj = FactorizedProjector(model, k, seed=11)
+    (layer,) = proj.layers
+    assert (layer.k_out, layer.k_in, layer.proj_dim) == (7, 6, 40)
+    p_out = _signs(11, 0, 1, 7, 7)
+    p_in = _signs(11, 0, 0, 21, 6)  # 20 inputs and the bias column
+    kron = torch.kron(p_out, p_in)[:, :k] / math.sqrt(k)  # rows (o, i), columns (a, c) row-major
+    rows = torch.arange(7 * 21).reshape(7, 21)
+    dense = torch.cat([kron[rows[:, :20].reshape(-1)], kron[rows[:, 20]]])  # weight rows, then bias rows
+    torch.testing.assert_close(proj.matrix(), dense, rtol=1e-6, atol=1e-6)
+    x, y = torch.randn(16, 20), torch.randint(0, 7, (16,))
+    want = _exact_grads(model, x, y) @ dense
+    torch.testing.assert_close(_fast(proj, model, x, y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn-batchnorm"])
+def test_hooks_equal_the_dense_projection_of_exact_gradients(arch):
+    torch.manual_seed(1)
+    if arch == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+        x = torch.randn(12, 20)
+    else:  # a BatchNorm's parameters take the exact fallback path
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                              nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+        x = torch.randn(12, 1, 8, 8)
+    model.eval()
+    y = torch.randint(0, 5, (12,))
+    proj = FactorizedProjector(model, 48, seed=5)
+    assert sum(layer.proj_dim for layer in proj.layers) + (proj.fallback.proj_dim if proj.fallback else 0) == 48
+    assert (proj.fallback_names == ["4.weight", "4.bias"]) == (arch != "mlp")
+    want = _exact_grads(model, x, y) @ proj.matrix()
+    torch.testing.assert_close(_fast(proj, model, x, y), want, rtol=1e-5, atol=1e-5)
+    # the featurizer takes the hooks path and gives the same features
+    feats = Featurizer(model, OUT, proj, batch_size=5).featurize(x.numpy(), y.numpy()).features
+    torch.testing.assert_close(torch.from_numpy(feats), want, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_contract_and_bad_settings():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+    a = FactorizedProjector(model, 48, seed=3).matrix()
+    assert torch.equal(a, make_projector("factorized", 421, 48, 3, model=model).matrix())
+    assert not torch.equal(a, FactorizedProjector(model, 48, seed=4).matrix())
+    # unbiased: E[P P^T] = I, so projected inner products estimate gradient inner products
+    assert float((a * a).sum(dim=1).mean()) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(FedtrakError, match="exceeds the 421 parameters"):
+        FactorizedProjector(model, 500, seed=0)
+    with pytest.raises(FedtrakError, match="below the 2 parameter groups"):
+        FactorizedProjector(model, 1, seed=0)
+    with pytest.raises(FedtrakError, match="at least one Linear or Conv2d"):
+        FactorizedProjector(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)), 2, seed=0)
+    with pytest.raises(FedtrakError, match="needs the model"):
+        make_projector("factorized", 421, 48, 3)
