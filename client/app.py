@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from client.data import ClientData, job_task, load_client_data
 from client.featurize import featurize_into_store, stored_clip_scales, stored_gram, stored_norms
-from client.local_scoring import score_own_examples
+from client.local_scoring import ChunkedScores, score_in_chunks
 from client.secure_aggregation import (
     encoded_grams,
     forget_state,
@@ -310,51 +310,51 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             packed = record_arrays(msg.content, "kernel-inverses", "server message")
             inverses = [unpack_upper(packed[str(m)], dim, f"kernel inverse {m}") for m in ms]
         dp = job.dp()
-        features = [f for f, _ in stored]
+        scales = None
         if dp.active:  # score the clipped features the Grams were made of
-            scales = stored_clip_scales(store, ms, dp)
-            features = [np.asarray(f) * scales[m][:, None].astype(np.float32) for m, f in zip(ms, features)]
+            clip = stored_clip_scales(store, ms, dp)
+            scales = [clip[m] for m in ms]
         us = [queries[str(m)] for m in ms]
-        scores, self_infl = score_own_examples(features, [q for _, q in stored], us, inverses)
+        topk = int(cfg["topk"]) if policy == "topk" else 0
+        local = score_in_chunks([f for f, _ in stored], [q for _, q in stored], us, inverses, scales,
+                                keep_scores=policy == "full", topk=topk)
         rng = noise_rng()
-        released: dict[str, np.ndarray] = {"owner-totals": scores.sum(axis=1)}
+        released: dict[str, np.ndarray] = {"owner-totals": local.totals}
         if dp.active:  # the noised owner summaries instead: the server derives the totals from them
-            qbar = np.mean([np.asarray(q, dtype=np.float64) for _, q in stored], axis=0)
-            released = {"owner-summaries": noised_owner_summaries(features, qbar, dp, rng)}
+            released = {"owner-summaries": noised_owner_summaries(local.summaries, dp, rng)}
+        self_infl = local.self_influence
         if self_infl is not None:
             total_self = float(self_infl.sum())
             if dp.active:
                 total_self = noised_self_influence_sum(total_self, inverses, dp, rng)
             released["owner-self-influence-sum"] = np.array([total_self])
         if policy == "full":
-            released.update(scores=scores, indices=data.indices)
+            released.update(scores=local.scores, indices=data.indices)
             if self_infl is not None:
                 released["self-influence"] = self_infl
         elif policy == "topk":
-            keep_topk_on_device(store, data, scores, int(cfg["topk"]), self_infl)
+            keep_topk_on_device(store, data, local, topk)
         info = _info(data, _released_count(store, data, dp))
         return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: info}), reply_to=msg)
 
     return app
 
 
-def keep_topk_on_device(store: FeatureStore, data: ClientData, scores: np.ndarray, k: int,
-                        self_influence: np.ndarray | None = None) -> Path:
+def keep_topk_on_device(store: FeatureStore, data: ClientData, local: ChunkedScores, k: int) -> Path:
     """Write this client's top proponents and opponents per query to its local results folder,
     and, with self-influence, its ``k`` most self-influential examples (likely mislabeled).
 
     Nothing of it is released: it is for the data's owner. Returns the file.
     """
-    pro_idx, pro_val = top_k(scores, k)
-    opp_idx, opp_val = top_k(-scores, k)
+    (pro_idx, pro_val), (opp_idx, opp_val) = local.proponents, local.opponents
     extra = {}
-    if self_influence is not None:
-        sus_idx, sus_val = top_k(self_influence[None, :], k)
+    if local.self_influence is not None:
+        sus_idx, sus_val = top_k(local.self_influence[None, :], k)
         extra = {"suspect_ids": data.indices[sus_idx[0]], "suspect_self_influence": sus_val[0]}
     store.results_dir.mkdir(parents=True, exist_ok=True)
     path = store.results_dir / "topk.npz"
     np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
-             opponent_ids=data.indices[opp_idx], opponent_scores=-opp_val, **extra)
+             opponent_ids=data.indices[opp_idx], opponent_scores=opp_val, **extra)
     return path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +24,8 @@ from shared.privacy.mechanisms import DPSettings, clip_scales
 from shared.protocol import JobSpec
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task
+
+log = logging.getLogger("fedtrak.client")
 
 #: Rows of the stored features per Gram update.
 GRAM_ROWS = 8192
@@ -47,22 +50,29 @@ def featurize_into_store(
     checkpoints: Mapping[int, Mapping[str, torch.Tensor]],
     store: FeatureStore,
 ) -> dict[int, bool]:
-    """Featurize ``data`` under every checkpoint into ``store``.
+    """Featurize ``data`` under every checkpoint into ``store``, chunk by chunk.
 
-    Returns, per checkpoint index, whether it was computed now (``False``: reused).
+    A finished checkpoint is reused; an interrupted one continues from its
+    last finished chunk. Returns, per checkpoint index, the rows computed now
+    (0: reused whole).
     """
     settings = job.settings()
     computed = {}
     for m, state in sorted(checkpoints.items()):
         fp = fingerprint(job, m, state, data)
         if store.has(m, fp):
-            computed[m] = False
+            log.info("checkpoint %d: reusing the stored features", m)
+            computed[m] = 0
             continue
         featurizer = checkpoint_featurizer(task, dict(state), m, settings)
-        chunks = ((c.start, c.features, c.out_to_loss) for c in featurizer.iter_chunks(data.x, data.y))
-        store.write_chunks(m, len(data.y), featurizer.projector.proj_dim, chunks, fp)
+        dim = featurizer.projector.proj_dim
+        done = store.resume_point(m, len(data.y), dim, fp)
+        if done:
+            log.info("checkpoint %d: resuming after %d stored rows of %d", m, done, len(data.y))
+        chunks = ((c.start, c.features, c.out_to_loss) for c in featurizer.iter_chunks(data.x, data.y, done))
+        store.write_chunks(m, len(data.y), dim, chunks, fp)
         featurizer.projector.release()
-        computed[m] = True
+        computed[m] = len(data.y) - done
     return computed
 
 

@@ -10,11 +10,13 @@ so nothing but ``U_m`` is needed from outside).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from shared.errors import FedtrakError
-from shared.scoring import ScoreEnsemble, kernel_term, self_kernel_term
+from shared.privacy.mechanisms import owner_summaries
+from shared.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
 
 
 def score_own_examples(
@@ -40,3 +42,84 @@ def score_own_examples(
         self_terms = None if kernel_inverses is None else self_kernel_term(f, kernel_inverses[m])
         ensemble.add(kernel_term(f, u), np.asarray(q, dtype=np.float64), self_terms)
     return ensemble.scores(), ensemble.self_influence()
+
+
+#: Stored rows scored at a time: peak memory is set by this, Q and k, not by the client's data size.
+SCORE_ROWS = 8192
+
+
+@dataclass
+class ChunkedScores:
+    """What a client keeps of its scores after a pass over its store in row chunks.
+
+    ``totals`` ``(Q,)``: the owner totals; ``mean_out_to_loss`` ``(n,)``;
+    ``summaries`` ``(M, k)``: ``sum_i qbar_i phi_m,i``; ``scores`` ``(Q, n)``
+    only when kept; ``self_influence`` ``(n,)`` with kernel inverses;
+    ``proponents``/``opponents``: ``(indices, values)`` ``(Q, topk)`` when asked.
+    """
+
+    totals: np.ndarray
+    mean_out_to_loss: np.ndarray
+    summaries: np.ndarray
+    scores: np.ndarray | None = None
+    self_influence: np.ndarray | None = None
+    proponents: tuple[np.ndarray, np.ndarray] | None = None
+    opponents: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _merge_top(best: tuple[np.ndarray, np.ndarray] | None, values: np.ndarray, offset: int,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    idx, val = top_k(values, k)
+    idx = idx + offset
+    if best is not None:
+        idx, val = np.concatenate([best[0], idx], axis=1), np.concatenate([best[1], val], axis=1)
+        pos, val = top_k(val, k)
+        idx = np.take_along_axis(idx, pos, axis=1)
+    return idx, val
+
+
+def score_in_chunks(
+    features: Sequence[np.ndarray],
+    out_to_loss: Sequence[np.ndarray],
+    preconditioned: Sequence[np.ndarray],
+    kernel_inverses: Sequence[np.ndarray] | None = None,
+    scales: Sequence[np.ndarray] | None = None,
+    keep_scores: bool = False,
+    topk: int = 0,
+    rows: int = SCORE_ROWS,
+) -> ChunkedScores:
+    """:func:`score_own_examples` over stored (memory-mapped) features, ``rows`` at a time.
+
+    ``scales``: per-checkpoint per-example clip factors (under DP the clipped
+    features are scored). Owner totals, owner summaries and running top-k
+    lists are accumulated; the ``(Q, n)`` scores are kept only if asked.
+    """
+    n = features[0].shape[0]
+    nq = preconditioned[0].shape[0]
+    totals = np.zeros(nq)
+    summaries = np.zeros((len(features), features[0].shape[1]))
+    qbar = np.empty(n)
+    kept = np.empty((nq, n)) if keep_scores else None
+    self_infl = np.empty(n) if kernel_inverses is not None else None
+    pro = opp = None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        chunk = [np.asarray(f[start:stop], dtype=np.float32) for f in features]
+        if scales is not None:
+            chunk = [c * s[start:stop, None].astype(np.float32) for c, s in zip(chunk, scales)]
+        weights = [np.asarray(q[start:stop]) for q in out_to_loss]
+        scores, si = score_own_examples(chunk, weights, preconditioned, kernel_inverses)
+        q_chunk = np.mean([np.asarray(w, dtype=np.float64) for w in weights], axis=0)
+        qbar[start:stop] = q_chunk
+        summaries += owner_summaries(chunk, q_chunk)
+        totals += scores.sum(axis=1)
+        if kept is not None:
+            kept[:, start:stop] = scores
+        if self_infl is not None:
+            self_infl[start:stop] = si
+        if topk:
+            pro = _merge_top(pro, scores, start, topk)
+            opp = _merge_top(opp, -scores, start, topk)
+    if opp is not None:
+        opp = (opp[0], -opp[1])
+    return ChunkedScores(totals, qbar, summaries, kept, self_infl, pro, opp)

@@ -3,27 +3,57 @@
 ``ROOT/<run_id>/ckpt_<m>/features.npy`` (float32, ``(n_c, k)``),
 ``out_to_loss.npy`` (float32, ``(n_c,)``) and ``fingerprint.txt`` (what the
 features were computed from: checkpoint weights, projection, data) are
-written chunk by chunk into a memory-mapped file in a temporary folder and
-renamed into place when complete, so a restarted client finds either a
-whole checkpoint or none, and never recomputes a finished one; a stored
+written chunk by chunk into ``ckpt_<m>.partial/``, with the rows done recorded
+after each chunk, and renamed into place when complete. A restarted client
+finds whole checkpoints, which it never recomputes, and at most one partial
+one, which it continues from its last finished chunk; a stored or partial
 checkpoint whose fingerprint differs from the request is recomputed.
 Reading memory-maps the arrays: a client with more data than RAM can score.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
 from shared.errors import FedtrakError
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: Progress of a checkpoint being written: its fingerprint, shape and rows done.
+PROGRESS_FILE = "progress.json"
+
+
+class _Appender:
+    """Writes a float32 ``.npy`` file of a known shape row block by row block, from row ``start``
+    (the rows before it are kept): plain file writes, so written rows do not stay in memory."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], start: int) -> None:
+        self.path, self.shape, self.start = path, shape, start
+
+    def __enter__(self) -> Self:
+        self.file = open(self.path, "r+b" if self.start else "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": "<f4", "fortran_order": False,
+                                                         "shape": self.shape})
+        self.row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
+        self.file.seek(self.file.tell() + self.start * self.row_bytes)
+        self.file.truncate()
+        return self
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append rows and make them durable."""
+        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
 
 
 class FeatureStore:
@@ -82,6 +112,25 @@ class FeatureStore:
             raise FedtrakError(f"features {f.shape} and out-to-loss {q.shape} do not match")
         self.write_chunks(m, f.shape[0], f.shape[1], [(0, f, q)], fingerprint)
 
+    def _partial_dir(self, m: int) -> Path:
+        return self.dir / f"{self._ckpt_dir(m).name}.partial"
+
+    def resume_point(self, m: int, num: int, dim: int, fingerprint: str = "") -> int:
+        """Rows of checkpoint ``m`` already written by an interrupted run from the same
+        ``fingerprint`` and shape (0 if none; a partial copy that does not match is deleted)."""
+        part = self._partial_dir(m)
+        try:
+            meta = json.loads((part / PROGRESS_FILE).read_text())
+            rows = int(meta["rows"])
+            sizes = [(part / "features.npy").stat().st_size, (part / "out_to_loss.npy").stat().st_size]
+            if (meta["fingerprint"] == fingerprint and meta["shape"] == [num, dim]
+                    and sizes[0] >= rows * dim * 4 and sizes[1] >= rows * 4):
+                return rows
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        shutil.rmtree(part, ignore_errors=True)
+        return 0
+
     def write_chunks(
         self,
         m: int,
@@ -92,40 +141,52 @@ class FeatureStore:
     ) -> None:
         """Store checkpoint ``m`` from ``(start, features, out_to_loss)`` chunks covering ``num`` rows.
 
-        Only one chunk is in memory at a time; the result appears atomically.
+        The chunks start where :meth:`resume_point` says an interrupted run
+        stopped (row 0 for a fresh one). Each chunk is appended to the files
+        and made durable, and the progress recorded, before the next is
+        taken, so a client stopped at any point loses at most the chunk in
+        hand; only one chunk is in memory at a time, and the finished
+        checkpoint appears atomically.
 
         Raises:
-            FedtrakError: if the chunks do not cover the rows exactly once with ``dim`` columns.
+            FedtrakError: if the chunks do not continue the rows exactly once with ``dim`` columns.
         """
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
+        part = self._partial_dir(m)
+        filled = self.resume_point(m, num, dim, fingerprint)
+        part.mkdir(parents=True, exist_ok=True)
         try:
-            f = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(num, dim))
-            q = np.lib.format.open_memmap(tmp / "out_to_loss.npy", mode="w+", dtype=np.float32, shape=(num,))
-            filled = 0
-            for start, feats, weights in chunks:
-                if start != filled or feats.shape[1:] != (dim,) or weights.shape != (len(feats),):
-                    raise FedtrakError(
-                        f"feature chunk at row {start} with shapes {feats.shape}/{weights.shape} does "
-                        f"not continue rows 0..{filled} of a ({num}, {dim}) store"
-                    )
-                if filled + len(feats) > num:
-                    raise FedtrakError(f"feature chunks exceed the {num} rows of checkpoint {m}")
-                f[start : start + len(feats)] = feats
-                q[start : start + len(feats)] = weights
-                filled += len(feats)
+            with _Appender(part / "features.npy", (num, dim), filled) as f, \
+                    _Appender(part / "out_to_loss.npy", (num,), filled) as q:
+                self._progress(part, fingerprint, num, dim, filled)
+                for start, feats, weights in chunks:
+                    if start != filled or feats.shape[1:] != (dim,) or weights.shape != (len(feats),):
+                        raise FedtrakError(
+                            f"feature chunk at row {start} with shapes {feats.shape}/{weights.shape} does "
+                            f"not continue rows 0..{filled} of a ({num}, {dim}) store"
+                        )
+                    if filled + len(feats) > num:
+                        raise FedtrakError(f"feature chunks exceed the {num} rows of checkpoint {m}")
+                    f.append(feats)
+                    q.append(weights)
+                    filled += len(feats)
+                    self._progress(part, fingerprint, num, dim, filled)
             if filled != num:
                 raise FedtrakError(f"feature chunks cover {filled} of {num} rows of checkpoint {m}")
-            f.flush()
-            q.flush()
-            del f, q
-            (tmp / "fingerprint.txt").write_text(fingerprint)
+            (part / "fingerprint.txt").write_text(fingerprint)
+            (part / PROGRESS_FILE).unlink()
             final = self._ckpt_dir(m)
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(part, final)
+        except FedtrakError:
+            shutil.rmtree(part, ignore_errors=True)  # wrong chunks: nothing of it can be resumed
             raise
+
+    @staticmethod
+    def _progress(part: Path, fingerprint: str, num: int, dim: int, rows: int) -> None:
+        tmp = part / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "shape": [num, dim], "rows": rows}))
+        os.replace(tmp, part / PROGRESS_FILE)
 
     def read(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Memory-mapped ``(features, out_to_loss)`` of checkpoint ``m``.

@@ -17,6 +17,7 @@ from shared.privacy.mechanisms import (
     gram_noise,
     noise_floor,
     noised_owner_summaries,
+    owner_summaries,
     release_plan,
 )
 from shared.tasks import load_task
@@ -75,7 +76,7 @@ def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
     feats = [rng.standard_normal((40, 8)) for _ in range(2)]
     q = rng.uniform(0, 1, 40)
     dp = DPSettings(noise_multiplier=1.0, clip_norm=3.0)
-    draws = np.stack([noised_owner_summaries(feats, q, dp, rng) for _ in range(4000)])
+    draws = np.stack([noised_owner_summaries(owner_summaries(feats, q), dp, rng) for _ in range(4000)])
     want = np.stack([q @ f for f in feats])
     np.testing.assert_allclose(draws.mean(axis=0), want, atol=0.15)
     assert draws.std(axis=0).mean() == pytest.approx(3.0, rel=0.03)

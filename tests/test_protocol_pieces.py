@@ -16,6 +16,7 @@ from shared.codecs import pack_upper
 from shared.errors import FedtrakError
 from shared.kernel import gram
 from shared.protocol import INFO_KEY, JobSpec, arrays_to_record, record_to_state, state_to_record
+from shared.settings import checkpoint_featurizer
 
 JOB = JobSpec(run_id="r1", task="digits-logreg", proj_dim=64, partition="dirichlet", partition_seed=3)
 
@@ -67,16 +68,59 @@ def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_pat
     from shared.tasks import cached_task
 
     task = cached_task("digits-logreg")
+    n = len(data.y)
     first = featurize_into_store(task, data, JOB, task_states, FeatureStore(tmp_path, "r1"))
-    assert first == {0: True, 1: True}
+    assert first == {0: n, 1: n}
     store = FeatureStore(tmp_path, "r1")  # a new process finds the finished checkpoints
-    assert featurize_into_store(task, data, JOB, task_states, store) == {0: False, 1: False}
+    assert featurize_into_store(task, data, JOB, task_states, store) == {0: 0, 1: 0}
     features, _ = store.read(0)
     g, n = stored_gram(store, 0)
     np.testing.assert_allclose(g, gram(np.asarray(features)), rtol=1e-12)
     assert n == len(data.y)
     changed = {0: {k: v * 1.5 for k, v in logreg_states[0].items()}, 1: logreg_states[1]}
-    assert featurize_into_store(task, data, JOB, changed, store) == {0: True, 1: False}
+    assert featurize_into_store(task, data, JOB, changed, store) == {0: n, 1: 0}
+
+
+def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(tmp_path, logreg_states,
+                                                                              monkeypatch):
+    import client.featurize as cf
+    from shared.tasks import cached_task
+
+    task = cached_task("digits-logreg")
+    data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 2}, node_id=1)
+    seen: list[int] = []
+    stop_after = {"chunks": 2}
+
+    def small_chunks(task, state, m, settings):
+        featurizer = checkpoint_featurizer(task, state, m, settings)
+        featurizer.chunk_examples = 128
+        inner = featurizer.iter_chunks
+
+        def chunks(x, y, first=0):
+            for c in inner(x, y, first):
+                if len(seen) == stop_after["chunks"]:
+                    raise KeyboardInterrupt  # the device is switched off mid-checkpoint
+                seen.append(c.start)
+                yield c
+
+        featurizer.iter_chunks = chunks
+        return featurizer
+
+    monkeypatch.setattr(cf, "checkpoint_featurizer", small_chunks)
+    store = FeatureStore(tmp_path, "r1")
+    with pytest.raises(KeyboardInterrupt):
+        featurize_into_store(task, data, JOB, {0: logreg_states[0]}, store)
+    assert seen == [0, 128] and not store.has(0)
+    stop_after["chunks"] = 10**6
+    restarted = FeatureStore(tmp_path, "r1")
+    done = featurize_into_store(task, data, JOB, {0: logreg_states[0]}, restarted)
+    assert done == {0: len(data.y) - 256} and seen[2] == 256  # it went on from the third chunk
+    fresh = FeatureStore(tmp_path / "fresh", "r1")
+    monkeypatch.setattr(cf, "checkpoint_featurizer", checkpoint_featurizer)
+    featurize_into_store(task, data, JOB, {0: logreg_states[0]}, fresh)
+    for a, b in zip(restarted.read(0), fresh.read(0)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not list(restarted.dir.glob("*.partial"))
 
 
 def test_job_spec_and_state_round_trip(logreg_states):

@@ -59,3 +59,29 @@ def test_gram_codec_round_trip_and_errors():
         pack_upper(np.array([[1.0, 2.0], [0.0, 1.0]]))
     with pytest.raises(FedtrakError, match="client b: Gram upper triangle has shape"):
         unpack_upper(pack_upper(np.eye(3))[:-1], 3, source="client b")
+
+
+def test_scoring_in_row_chunks_equals_scoring_at_once():
+    """The client's chunked pass (totals, kept scores, top-k, self-influence, owner summaries)
+    gives what scoring every example at once gives."""
+    from client.local_scoring import score_in_chunks
+    from shared.privacy.mechanisms import owner_summaries
+    from shared.scoring import top_k
+
+    rng = np.random.default_rng(4)
+    feats = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(2)]
+    qs = [rng.uniform(0, 1, 50).astype(np.float32) for _ in range(2)]
+    us = [rng.standard_normal((5, 6)) for _ in range(2)]
+    invs = [np.eye(6) * (m + 1) for m in range(2)]
+    scales = [rng.uniform(0.5, 1, 50) for _ in range(2)]
+    clipped = [f * s[:, None].astype(np.float32) for f, s in zip(feats, scales)]
+    scores, self_infl = score_own_examples(clipped, qs, us, invs)
+    local = score_in_chunks(feats, qs, us, invs, scales, keep_scores=True, topk=4, rows=7)
+    np.testing.assert_allclose(local.scores, scores, rtol=1e-10)
+    np.testing.assert_allclose(local.totals, scores.sum(axis=1), rtol=1e-10)
+    np.testing.assert_allclose(local.self_influence, self_infl, rtol=1e-10)
+    np.testing.assert_allclose(local.summaries, owner_summaries(clipped, np.mean(qs, axis=0)), rtol=1e-6)
+    for got, values in ((local.proponents, scores), (local.opponents, -scores)):
+        idx, val = top_k(values, 4)
+        np.testing.assert_array_equal(got[0], idx)
+        np.testing.assert_allclose(np.abs(got[1]), np.abs(val), rtol=1e-12)

@@ -101,17 +101,20 @@ def spectral_norm(matrix: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(matrix, dtype=np.float64), ord=2))
 
 
-def noised_owner_summaries(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray, dp: DPSettings,
-                           rng: np.random.Generator) -> np.ndarray:
-    """Owner summaries ``s_m = sum_i qbar_i phi_m,i`` ``(M, k)`` of clipped features, plus
-    ``N(0, (sigma C)^2)`` per coordinate (sensitivity ``C`` per checkpoint, as ``qbar <= 1``).
+def owner_summaries(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray) -> np.ndarray:
+    """Owner summaries ``s_m = sum_i qbar_i phi_m,i`` ``(M, k)``."""
+    q = np.asarray(mean_out_to_loss, dtype=np.float64)
+    return np.stack([q @ np.asarray(f, dtype=np.float64) for f in features])
+
+
+def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
+    """Owner summaries (:func:`owner_summaries` of clipped features) plus ``N(0, (sigma C)^2)``
+    per coordinate (sensitivity ``C`` per checkpoint, as ``qbar <= 1``).
 
     The server turns them into the owner's total for any query, now or later,
     by post-processing: ``mean_m U_m s_m`` (DESIGN.md section 4).
     """
-    q = np.asarray(mean_out_to_loss, dtype=np.float64)
-    sums = np.stack([q @ np.asarray(f, dtype=np.float64) for f in features])
-    return sums + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=sums.shape)
+    return summaries + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=summaries.shape)
 
 
 def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
