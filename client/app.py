@@ -58,6 +58,7 @@ from shared.protocol import (
     INFO_KEY,
     JOB_KEY,
     SCORE_KEY,
+    TIMING_KEY,
     JobSpec,
     arrays_to_record,
     checkpoint_indices,
@@ -90,14 +91,22 @@ HANDLER_ERROR = 1001
 Handler = Callable[[Message, Context], Message]
 
 
-def _guard(step: str) -> Callable[[Handler], Handler]:
-    """Turn any exception of a handler into an error reply that names it."""
+def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
+    """Turn any exception of a handler into an error reply that names it; with ``timed``, add the
+    handler's seconds to the reply (``timing`` record, key ``handler``), for the server's account
+    of where a run's time goes."""
 
     def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
         def handler(msg: Message, ctx: Context) -> Message:
+            start = time.perf_counter()
             try:
-                return fn(msg, ctx)
+                reply = fn(msg, ctx)
+                if timed and not reply.has_error():
+                    timing = reply.content.metric_records.get(TIMING_KEY) or MetricRecord()
+                    timing["handler"] = time.perf_counter() - start
+                    reply.content[TIMING_KEY] = timing
+                return reply
             except FedtrakError as exc:
                 reason = f"{step}: {exc}"
             except Exception as exc:  # noqa: BLE001 - reported to the server, not swallowed
@@ -153,7 +162,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
-    @_guard("train")
+    @_guard("train", timed=False)  # Flower's FedAvg reads this reply: keep it to its two records
     def train(msg: Message, ctx: Context) -> Message:
         """One FedAvg round: local SGD epochs on this client's data from the global weights."""
         job, data = _job_and_data(msg, ctx, key="config")
@@ -196,7 +205,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                                        INFO_KEY: _info(data, _released_count(store, data, dp))}), reply_to=msg)
         if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
             reply = _advertise(msg, ctx, store, data, _released_count(store, data, dp))
-            reply.content["timing"] = MetricRecord({"featurize": seconds})
+            reply.content[TIMING_KEY] = MetricRecord({"featurize": seconds})
             return reply
         scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         grams = {}
@@ -259,7 +268,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         seconds["mask"] = time.perf_counter() - start
         save_state(store, client)
         content = masked_content(masked)
-        content["timing"] = MetricRecord(seconds)
+        content[TIMING_KEY] = MetricRecord(seconds)
         return Message(content, reply_to=msg)
 
     @app.query("secagg_unmask")

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from server.validation import read_info
 from shared.errors import FedtrakError
-from shared.protocol import payload_bytes
+from shared.protocol import TIMING_KEY, payload_bytes
 
 log = logging.getLogger("fedtrak.server")
 T = TypeVar("T")
@@ -53,6 +53,7 @@ class CountingGrid:
         self.step = "setup"
         self.bytes: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
         self.steps: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
+        self.client_seconds: dict[str, float] = defaultdict(float)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -71,6 +72,9 @@ class CountingGrid:
         for reply in replies:
             if not reply.has_error():
                 self._count(reply.metadata.src_node_id, "received", reply.content)
+                timing = reply.content.metric_records.get(TIMING_KEY)
+                if timing is not None and isinstance(timing.get("handler"), float):
+                    self.client_seconds[self.step] += timing["handler"]
         return replies
 
 
@@ -184,4 +188,5 @@ class Federation:
         total = {"sent": sum(c["bytes_sent"] for c in clients),
                  "received": sum(c["bytes_received"] for c in clients)}
         return {"clients": clients, "excluded": excluded, "complete_federation": not excluded,
-                "bytes": {**total, "per_step": dict(self.grid.steps)}}
+                "bytes": {**total, "per_step": dict(self.grid.steps)},
+                "client_seconds": {step: round(s, 3) for step, s in self.grid.client_seconds.items()}}

@@ -31,6 +31,7 @@ from shared.protocol import (
     SECAGG_INPUT,
     SECAGG_SHARE,
     SECAGG_UNMASK,
+    TIMING_KEY,
     JobSpec,
     record_config,
 )
@@ -94,7 +95,7 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
         replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
             {**request(node), SECAGG_KEY: ConfigRecord({"context": job.run_id})}))
     fed.note_info(replies)
-    client_seconds = {n: dict(c["timing"]) for n, c in replies.items() if "timing" in c.metric_records}
+    client_seconds = {n: dict(c[TIMING_KEY]) for n, c in replies.items() if TIMING_KEY in c.metric_records}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
     nodes = fed.require_clients("the secure-aggregation advertisements")
     if len(nodes) < 3:
@@ -120,8 +121,8 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
              SECAGG_KEY: input_cfg}))
     inputs = fed.accept(replies, lambda node, c: read_masked(c, length, fed.source(node)))
     for n in inputs:
-        if "timing" in replies[n].metric_records:
-            client_seconds.setdefault(n, {}).update(dict(replies[n]["timing"]))
+        if TIMING_KEY in replies[n].metric_records:
+            client_seconds.setdefault(n, {}).update(dict(replies[n][TIMING_KEY]))
     survivors = sorted(inputs)
     if len(survivors) < threshold:
         raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
@@ -181,7 +182,7 @@ def _report(fed: Federation, adverts: dict, shared: list[int], survivors: list[i
     rounds = {step: {"seconds": round(timer.seconds[phases[step]], 3),
                      "bytes_sent": fed.grid.steps[step]["sent"], "bytes_received": fed.grid.steps[step]["received"]}
               for step in ROUNDS}
-    keys = sorted({k for c in client_seconds.values() for k in c})
+    keys = sorted({k for c in client_seconds.values() for k in c} - {"handler"})
     per_client = {k: round(float(np.mean([c[k] for c in client_seconds.values() if k in c])), 4) for k in keys}
     degree = len(next(iter(hood.values()))) - 1
     return {

@@ -48,6 +48,8 @@ MODES = ("private", "features")
 JOB_KEY = "job"
 INFO_KEY = "info"
 SCORE_KEY = "score"
+#: Metric record of a reply with the client's seconds (``handler``: the whole handler).
+TIMING_KEY = "timing"
 #: Config record of a featurize request that asks only for the noised norm histogram.
 CLIP_KEY = "clip"
 CKPT_PREFIX = "ckpt-"
