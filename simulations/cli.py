@@ -258,6 +258,20 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--query-size", type=_positive_int, default=None)
     bl.add_argument("--cache-dir", type=Path, default=None)
     bl.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    bm = bsub.add_parser("memory", help="peak memory of featurizing N examples into a store")
+    bm.add_argument("--task", default="fmnist-mlp")
+    bm.add_argument("--sizes", default="10000,60000", help="comma-separated numbers of examples")
+    bm.add_argument("--proj-dim", type=_positive_int, default=2048)
+    bm.add_argument("--projectors", default="factorized,rademacher")
+    bm.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    bsc = bsub.add_parser("scale", help="fedtrak simulate with 10, 100 and 1,000 clients")
+    bsc.add_argument("--task", default="fmnist-mlp")
+    bsc.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
+    bsc.add_argument("--clients", default="10,100,1000", help="comma-separated client counts")
+    bsc.add_argument("--proj-dim", type=_positive_int, default=1024)
+    bsc.add_argument("--projector", choices=PROJECTOR_KINDS, default="factorized")
+    bsc.add_argument("--query-size", type=_positive_int, default=500)
+    bsc.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     bs = bsub.add_parser("secagg", help="cost of secure aggregation in a simulation, against the plain run")
     bs.add_argument("--task", default="digits-mlp")
     bs.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
@@ -373,6 +387,22 @@ def _run(args: argparse.Namespace) -> int:
                          args.query_size, args.cache_dir or DEFAULT_CACHE,
                          projectors=tuple(p.strip() for p in args.projectors.split(",") if p.strip()))
         print(format_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+    elif args.command == "bench" and args.bench in ("memory", "scale"):
+        from simulations.bench_scale import bench_memory, bench_scale, format_rows
+
+        if args.bench == "memory":
+            rows = bench_memory(args.task, _int_list(args.sizes, "--sizes"), args.proj_dim,
+                                tuple(p.strip() for p in args.projectors.split(",") if p.strip()))
+            print(format_rows(rows, ["task", "projector", "examples", "proj_dim", "seconds", "resident_before_mb",
+                                     "featurize_peak_mb", "process_peak_mb"]))
+        else:
+            rows = bench_scale(args.task, args.out, _int_list(args.clients, "--clients"), args.proj_dim,
+                               projector=args.projector, query_size=args.query_size)
+            print(format_rows(rows, ["clients", "examples_per_client", "wall_seconds", "rounds_seconds",
+                                     "client_seconds_total", "server_compute_seconds",
+                                     "flower_overhead_seconds", "flower_overhead_share", "peak_memory_mb"]))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
     elif args.command == "bench" and args.bench == "secagg":
