@@ -8,11 +8,11 @@ tests, because Ray workers must be able to import it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import build_client_app
@@ -63,6 +63,36 @@ def _break_score(fault: str, released: dict[str, np.ndarray]) -> dict[str, np.nd
     return {**released, "owner-totals": totals}
 
 
+#: Faults that crash the client at their step, and what the crash says.
+CRASHES = {"raise": "this client crashed",
+           "secagg-drop-input": "this client crashed after sharing its keys",
+           "secagg-drop-unmask": "this client crashed before revealing its shares"}
+
+
+def _corrupt_featurize(fault: str, content: RecordDict) -> None:
+    if fault == "secagg-forged":
+        advert = content.config_records[ADVERT_KEY]
+        signature = bytes(advert["signature"])
+        advert["signature"] = bytes([signature[0] ^ 1]) + signature[1:]
+    else:
+        grams = {k: a.numpy() for k, a in content.array_records["grams"].items()}
+        content["grams"] = arrays_to_record(_break_gram(fault, grams))
+
+
+def _corrupt_masked(fault: str, content: RecordDict) -> None:
+    vector = np.array(content.array_records[MASKED_KEY]["vector"].numpy())
+    if fault == "secagg-short":
+        vector = vector[:-1]
+    else:  # the count is the last value, in fixed point
+        vector[-1] += np.uint64(100 << FRACTION_BITS)
+    content[MASKED_KEY] = arrays_to_record({"vector": vector})
+
+
+def _corrupt_score(fault: str, content: RecordDict) -> None:
+    released = {k: a.numpy() for k, a in content.array_records["released"].items()}
+    content["released"] = arrays_to_record(_break_score(fault, released))
+
+
 def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """fedtrak's ClientApp in which partition ``p`` misbehaves as ``faults[p]`` (see :data:`FAULTS`)."""
     unknown = set(faults.values()) - set(FAULTS)
@@ -71,65 +101,22 @@ def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | N
     honest = build_client_app(defaults)
     app = ClientApp()
 
-    def fault_of(ctx: Context, step: str) -> str | None:
-        fault = faults.get(int(ctx.node_config.get("partition-id", -1)))
-        return fault if fault and FAULTS[fault][0] == step else None
+    def step(name: str, corrupt: Callable[[str, RecordDict], None] | None = None) -> Callable:
+        def handler(msg: Message, ctx: Context) -> Message:
+            fault = faults.get(int(ctx.node_config.get("partition-id", -1)))
+            fault = fault if fault and FAULTS[fault][0] == name else None
+            if fault in CRASHES:
+                raise RuntimeError(f"injected fault: {CRASHES[fault]}")
+            reply = honest(msg, ctx)
+            if fault and corrupt and not reply.has_error():
+                corrupt(fault, reply.content)
+            return reply
 
-    @app.train()
-    def train(msg: Message, ctx: Context) -> Message:
-        return honest(msg, ctx)
+        return handler
 
-    @app.query("featurize")
-    def featurize(msg: Message, ctx: Context) -> Message:
-        fault = fault_of(ctx, "featurize")
-        if fault == "raise":
-            raise RuntimeError("injected fault: this client crashed")
-        reply = honest(msg, ctx)
-        if fault == "secagg-forged" and not reply.has_error():
-            advert = reply.content.config_records[ADVERT_KEY]
-            signature = bytes(advert["signature"])
-            advert["signature"] = bytes([signature[0] ^ 1]) + signature[1:]
-        elif fault and not reply.has_error():
-            grams = {k: a.numpy() for k, a in reply.content.array_records["grams"].items()}
-            reply.content["grams"] = arrays_to_record(_break_gram(fault, grams))
-        return reply
-
-    @app.query("secagg_share")
-    def secagg_share(msg: Message, ctx: Context) -> Message:
-        return honest(msg, ctx)
-
-    @app.query("secagg_input")
-    def secagg_input(msg: Message, ctx: Context) -> Message:
-        fault = fault_of(ctx, "secagg_input")
-        if fault == "secagg-drop-input":
-            raise RuntimeError("injected fault: this client crashed after sharing its keys")
-        reply = honest(msg, ctx)
-        if fault and not reply.has_error():
-            vector = np.array(reply.content.array_records[MASKED_KEY]["vector"].numpy())
-            if fault == "secagg-short":
-                vector = vector[:-1]
-            else:  # the count is the last value, in fixed point
-                vector[-1] += np.uint64(100 << FRACTION_BITS)
-            reply.content[MASKED_KEY] = arrays_to_record({"vector": vector})
-        return reply
-
-    @app.query("secagg_unmask")
-    def secagg_unmask(msg: Message, ctx: Context) -> Message:
-        if fault_of(ctx, "secagg_unmask"):
-            raise RuntimeError("injected fault: this client crashed before revealing its shares")
-        return honest(msg, ctx)
-
-    @app.query("features")
-    def features(msg: Message, ctx: Context) -> Message:
-        return honest(msg, ctx)
-
-    @app.query("score")
-    def score(msg: Message, ctx: Context) -> Message:
-        fault = fault_of(ctx, "score")
-        reply = honest(msg, ctx)
-        if fault and not reply.has_error():
-            released = {k: a.numpy() for k, a in reply.content.array_records["released"].items()}
-            reply.content["released"] = arrays_to_record(_break_score(fault, released))
-        return reply
-
+    app.train()(step("train"))
+    for name, corrupt in (("featurize", _corrupt_featurize), ("secagg_share", None),
+                          ("secagg_input", _corrupt_masked), ("secagg_unmask", None), ("features", None),
+                          ("score", _corrupt_score)):
+        app.query(name)(step(name, corrupt))
     return app
