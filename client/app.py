@@ -41,6 +41,7 @@ from client.secure_aggregation import (
 from client.store import FeatureStore
 from shared.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from shared.codecs import pack_upper, unpack_upper
+from shared.compat import PROTOCOL_VERSION
 from shared.errors import FedtrakError
 from shared.privacy.mechanisms import (
     DPSettings,
@@ -133,10 +134,13 @@ def _store(ctx: Context, defaults: Mapping[str, Any], data: ClientData, run_id: 
     return FeatureStore(root / who, run_id)
 
 
-def _info(data: ClientData, count: int | None = None) -> ConfigRecord:
-    """Who this client is and its example count (``count``: the released, noised one under DP)."""
+def _info(job: JobSpec, data: ClientData, count: int | None = None) -> ConfigRecord:
+    """Who this client is, its example count (``count``: the released, noised one under DP), and
+    its protocol version and task fingerprint."""
     return ConfigRecord({"owner": data.owner, "partition-id": data.partition_id,
-                         "num-examples": len(data.y) if count is None else count})
+                         "num-examples": len(data.y) if count is None else count,
+                         "protocol-version": PROTOCOL_VERSION,
+                         "task-fingerprint": job.fingerprint(job_task(job))})
 
 
 def _released_count(store: FeatureStore, data: ClientData, dp: DPSettings) -> int | None:
@@ -148,6 +152,7 @@ def _released_count(store: FeatureStore, data: ClientData, dp: DPSettings) -> in
 
 def _job_and_data(msg: Message, ctx: Context, key: str = JOB_KEY) -> tuple[JobSpec, ClientData]:
     job = JobSpec.from_record(record_config(msg.content, key, "server message"))
+    job.check_node(job_task(job))
     return job, load_client_data(job, ctx.node_config, ctx.node_id)
 
 
@@ -202,7 +207,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             hist = noised_histogram(norm_histogram(stored_norms(store, indices, dp.clip_mode)),
                                     dp.noise_multiplier, rng)
             return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
-                                       INFO_KEY: _info(data, _released_count(store, data, dp))}), reply_to=msg)
+                                       INFO_KEY: _info(job, data, _released_count(store, data, dp))}), reply_to=msg)
         if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
             reply = _advertise(msg, ctx, store, data, _released_count(store, data, dp))
             reply.content[TIMING_KEY] = MetricRecord({"featurize": seconds})
@@ -214,7 +219,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             if dp.active:
                 g = g + gram_noise(g.shape[0], dp, rng)
             grams[str(m)] = pack_upper(g)
-        info = _info(data, _released_count(store, data, dp))
+        info = _info(job, data, _released_count(store, data, dp))
         return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: info}), reply_to=msg)
 
     def secagg_step(msg: Message, ctx: Context) -> tuple[JobSpec, ClientData, FeatureStore, Client]:
@@ -235,7 +240,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         save_state(store, client)
         return Message(RecordDict({ADVERT_KEY: advert_record(client.advertise(),
                                                              raw_public(identity.public_key())),
-                                   INFO_KEY: _info(data, count)}), reply_to=msg)
+                                   INFO_KEY: _info(job, data, count)}), reply_to=msg)
 
     @app.query("secagg_share")
     @_guard("secagg_share")
@@ -296,7 +301,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 f, q = noised_features(f * scales[m][:, None], q, dp, rng)
             arrays[f"features-{m}"] = f
             arrays[f"out-to-loss-{m}"] = q
-        return Message(RecordDict({"features": arrays_to_record(arrays), INFO_KEY: _info(data)}), reply_to=msg)
+        return Message(RecordDict({"features": arrays_to_record(arrays), INFO_KEY: _info(job, data)}), reply_to=msg)
 
     @app.query("score")
     @_guard("score")
@@ -343,7 +348,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 released["self-influence"] = self_infl
         elif policy == "topk":
             keep_topk_on_device(store, data, local, topk)
-        info = _info(data, _released_count(store, data, dp))
+        info = _info(job, data, _released_count(store, data, dp))
         return Message(RecordDict({"released": arrays_to_record(released), INFO_KEY: info}), reply_to=msg)
 
     return app

@@ -11,7 +11,6 @@ root (one per client data owner), created on first use.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,21 +25,13 @@ from shared.codecs import pack_upper
 from shared.errors import FedtrakError
 from shared.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
 from shared.privacy.mechanisms import DPSettings, noise_rng
+from shared.private_files import write_private
 from shared.secagg import fixedpoint
 from shared.secagg.fixedpoint import FRACTION_BITS
 from shared.secagg.protocol import Advertisement, Client, SealedShares
 
 IDENTITY_FILE = "secagg-identity.pem"
 STATE_FILE = "secagg-state.json"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by the owner only (atomically: a temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def identity_key(root: Path) -> Ed25519PrivateKey:
@@ -56,7 +47,7 @@ def identity_key(root: Path) -> Ed25519PrivateKey:
         return key
     key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return key
 
@@ -74,7 +65,7 @@ def save_state(store: FeatureStore, client: Client) -> None:
                        for a in client.peers.values()],
              "received": [[s.sender, s.recipient, s.nonce.hex(), s.ciphertext.hex()]
                           for s in client.received.values()]}
-    _write_private(store.dir / STATE_FILE, json.dumps(state).encode())
+    write_private(store.dir / STATE_FILE, json.dumps(state).encode())
 
 
 def load_state(store: FeatureStore, identity: Ed25519PrivateKey, context: bytes) -> Client:

@@ -204,14 +204,17 @@ class RunConfig:
         return release_plan(self.mode, self.checkpoints, dp, self.wants_self_influence, self.clip_quantile > 0,
                             gram)
 
-    def job(self, run_id: str, dp: DPSettings | None = None) -> JobSpec:
+    def job(self, run_id: str, dp: DPSettings | None = None, task: Task | None = None) -> JobSpec:
         """What clients are told about the run: the job spec's fields, taken from this config
-        (the flipped clients spelled out; with ``dp``, the resolved noise multiplier and clip norm)."""
-        values = {f.name: getattr(self, f.name) for f in fields(JobSpec) if f.name != "run_id"}
+        (the flipped clients spelled out; with ``dp``, the resolved noise multiplier and clip norm;
+        with ``task``, its fingerprint, which every node checks against its own)."""
+        own = {"run_id", "protocol_version", "task_fingerprint"}
+        values = {f.name: getattr(self, f.name) for f in fields(JobSpec) if f.name not in own}
         values["flip_clients"] = ",".join(map(str, self.flips().clients))
         if dp is not None:
             values.update(noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm)
-        return JobSpec(run_id=run_id, **values)
+        job = JobSpec(run_id=run_id, **values)
+        return replace(job, task_fingerprint=job.fingerprint(task)) if task is not None else job
 
     @property
     def out_dir(self) -> Path:

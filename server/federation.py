@@ -97,9 +97,10 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
 class Federation:
     """Clients of one run and the messages exchanged with them."""
 
-    def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float) -> None:
+    def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float, fingerprint: str = "") -> None:
         self.grid = grid
         self.timeout = timeout
+        self.fingerprint = fingerprint
         self.clients = {n: ClientRecord(n) for n in node_ids}
 
     def active(self) -> list[int]:
@@ -145,10 +146,10 @@ class Federation:
 
     def note_info(self, replies: dict[int, RecordDict]) -> None:
         """Record who each replying client is and its count; exclude (and drop the reply of)
-        a client whose info record is malformed."""
+        a client whose info record is malformed or names another protocol version or task."""
         for node, content in list(replies.items()):
             try:
-                info = read_info(content, self.source(node))
+                info = read_info(content, self.source(node), self.fingerprint)
             except FedtrakError as exc:
                 self.exclude(node, str(exc))
                 del replies[node]

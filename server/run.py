@@ -319,13 +319,13 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
             flipped = flipped_indices(task.y_train, parts, flips)
             task = corrupted(task, parts, flips)
     run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
-    job = cfg.job(run_id, dp)
+    job = cfg.job(run_id, dp, task)
     with timer.phase("wait_for_clients"):
         nodes = wait_for_nodes(grid, cfg.clients, cfg.wait_for_nodes)
     grid.step = "train"
     checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer)
     states = [s for _, s in checkpoints]
-    fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout)
+    fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout, job.task_fingerprint)
     if dp.active and cfg.clip_quantile:
         clip = estimate_clip_norm(fed, job, states, cfg.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, clip_norm=clip)

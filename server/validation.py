@@ -19,6 +19,7 @@ import scipy.linalg
 from flwr.app import RecordDict
 
 from shared.codecs import unpack_upper
+from shared.compat import check_compatible
 from shared.errors import FedtrakError
 from shared.protocol import INFO_KEY, record_arrays, record_config
 
@@ -35,15 +36,19 @@ class ClientInfo:
     num_examples: int
 
 
-def read_info(content: RecordDict, source: str) -> ClientInfo:
-    """The ``info`` record of a reply."""
+def read_info(content: RecordDict, source: str, fingerprint: str = "") -> ClientInfo:
+    """The ``info`` record of a reply; with ``fingerprint``, the client's protocol version and task
+    fingerprint must match this server's."""
     info = record_config(content, INFO_KEY, source)
     try:
         owner, pid, n = str(info["owner"]), int(info["partition-id"]), int(info["num-examples"])
+        version, theirs = int(info["protocol-version"]), str(info["task-fingerprint"])
     except (KeyError, TypeError, ValueError) as exc:
         raise FedtrakError(f"{source}: malformed info record: {exc}") from exc
     if n < 1:
         raise FedtrakError(f"{source}: reports {n} examples")
+    if fingerprint:
+        check_compatible(version, theirs, fingerprint, source)
     return ClientInfo(owner, pid, n)
 
 

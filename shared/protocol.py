@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from shared.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
 from shared.corruption import FlipSpec
 from shared.errors import FedtrakError
 from shared.privacy.mechanisms import DPSettings
 from shared.settings import ScoreSettings
+from shared.tasks import Task
 
 FEATURIZE = "query.featurize"
 FEATURES = "query.features"
@@ -82,6 +84,16 @@ class JobSpec:
     delta: float = 1e-5
     dp_train_noise: float = 0.0
     dp_train_clip: float = 1.0
+    protocol_version: int = PROTOCOL_VERSION
+    task_fingerprint: str = ""
+
+    def check_node(self, task: Task) -> None:
+        """Refuse the job if this node's protocol version or task fingerprint differs (names both)."""
+        check_compatible(self.protocol_version, self.task_fingerprint, self.fingerprint(task), "the server")
+
+    def fingerprint(self, task: Task) -> str:
+        """The fingerprint of ``task`` under this job's projection settings."""
+        return task_fingerprint(task, self.projector, self.proj_dim, self.seed)
 
     def dp(self) -> DPSettings:
         """How this client clips and noises what it releases (``noise_multiplier`` 0: it does not)."""
@@ -109,6 +121,9 @@ class JobSpec:
     @classmethod
     def from_record(cls, record: Mapping) -> JobSpec:
         """Read a spec back, with a clear error for a missing or mistyped field."""
+        if "protocol_version" not in record:
+            raise FedtrakError("the job spec carries no protocol version: the server runs an older fedtrak "
+                               f"than this node (protocol {PROTOCOL_VERSION})")
         values = {}
         for f in fields(cls):
             if f.name not in record:

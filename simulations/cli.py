@@ -236,6 +236,16 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
 
+    certs = sub.add_parser("certs", help="TLS certificates for a SuperLink: a CA and a server certificate")
+    certs.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument("--host", action="append", default=[], required=True,
+                       help="the SuperLink's host name or IP address (repeat for several)")
+    certs.add_argument("--force", action="store_true", help="replace existing keys")
+    keys = sub.add_parser("keys", help="a SuperNode's authentication key pair (Flower's format)")
+    keys.add_argument("--out", type=Path, required=True, help="folder for NAME and NAME.pub")
+    keys.add_argument("--name", default="supernode", help="file name of the key pair (default supernode)")
+    keys.add_argument("--force", action="store_true", help="replace an existing key pair")
+
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
@@ -389,6 +399,20 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
+    elif args.command == "certs":
+        from server.certs import make_certificates
+
+        paths = make_certificates(args.out, args.host, args.force)
+        print(f"wrote {', '.join(str(p) for p in paths.values())} for {', '.join(args.host)}")
+        print(f"  SuperLink: --ssl-ca-certfile {paths['ca.crt']} --ssl-certfile {paths['server.pem']} "
+              f"--ssl-keyfile {paths['server.key']}")
+        print(f"  SuperNodes and flwr: trust {paths['ca.crt']}; keep {paths['ca.key']} offline")
+    elif args.command == "keys":
+        from client.keys import make_node_keys
+
+        private, public = make_node_keys(args.out, args.name, args.force)
+        print(f"wrote {private} (private, stays on this device) and {public} (register it: "
+              f"flwr supernode register {public} FEDERATION)")
     elif args.command == "bench" and args.bench in ("memory", "scale"):
         from simulations.bench_scale import bench_memory, bench_scale, format_rows
 

@@ -16,7 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import build_client_app
-from shared.protocol import arrays_to_record
+from shared.protocol import INFO_KEY, arrays_to_record
 from shared.secagg.fixedpoint import FRACTION_BITS
 from shared.secagg.messages import ADVERT_KEY, MASKED_KEY
 
@@ -29,6 +29,8 @@ FAULTS = {
     "gram-not-psd": ("featurize", "an off-diagonal Gram entry is inflated past positive semi-definiteness"),
     "score-shape": ("score", "the owner totals have one value too many"),
     "score-nan": ("score", "an owner total is infinite"),
+    "old-protocol": ("featurize", "the reply says it speaks protocol version 1"),
+    "other-task": ("featurize", "the reply carries another task fingerprint"),
     "secagg-forged": ("featurize", "secure aggregation: the advertisement's signature has one bit flipped"),
     "secagg-drop-input": ("secagg_input", "secure aggregation: the client crashes after sharing its keys"),
     "secagg-short": ("secagg_input", "secure aggregation: the masked vector loses its last value"),
@@ -70,7 +72,13 @@ CRASHES = {"raise": "this client crashed",
 
 
 def _corrupt_featurize(fault: str, content: RecordDict) -> None:
-    if fault == "secagg-forged":
+    if fault in ("old-protocol", "other-task"):
+        info = content.config_records[INFO_KEY]
+        if fault == "old-protocol":
+            info["protocol-version"] = 1
+        else:
+            info["task-fingerprint"] = "0" * 16
+    elif fault == "secagg-forged":
         advert = content.config_records[ADVERT_KEY]
         signature = bytes(advert["signature"])
         advert["signature"] = bytes([signature[0] ^ 1]) + signature[1:]

@@ -108,8 +108,8 @@ def test_owner_totals_and_topk_policies_release_no_scores(sim_factory, central_f
 
 def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, digits_logreg, logreg_states):
     faults = {1: "raise", 2: "gram-shape", 3: "gram-nan", 4: "gram-asym", 5: "gram-not-psd",
-              6: "score-shape", 7: "score-nan"}
-    settings = _settings(tmp_path, logreg_ckpt_dir, 9, "iid", policy="full", **{"allow-full": True})
+              6: "score-shape", 7: "score-nan", 9: "old-protocol", 10: "other-task"}
+    settings = _settings(tmp_path, logreg_ckpt_dir, 11, "iid", policy="full", **{"allow-full": True})
     cfg = simulation_config(settings)
     run_simulation(cfg, client_app=faulty_client_app(faults, cfg.to_mapping()))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -122,10 +122,12 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     assert "not positive semi-definite" in reasons[5]
     assert "owner totals have shape" in reasons[6]
     assert "NaN or infinity" in reasons[7]
+    assert "client 9 (node" in reasons[9] and "speaks fedtrak protocol version 1, this side 2" in reasons[9]
+    assert "client 10 (node" in reasons[10] and "has task fingerprint 0000000000000000" in reasons[10]
     assert [o["owner"] for o in summary["owners"]] == ["0", "8"]
     # The kernel holds the Grams of clients 0, 6, 7, 8 (6 and 7 failed only when scoring);
     # the released scores are those of clients 0 and 8.
-    parts = partition(digits_logreg.y_train, 9, "iid", 0.5, 1)
+    parts = partition(digits_logreg.y_train, 11, "iid", 0.5, 1)
     kernel_idx = np.concatenate([parts.clients[c] for c in (0, 6, 7, 8)])
     ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
                             digits_logreg.y_train[kernel_idx], ScoreSettings(proj_dim=K))

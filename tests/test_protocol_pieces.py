@@ -17,6 +17,7 @@ from shared.errors import FedtrakError
 from shared.kernel import gram
 from shared.protocol import INFO_KEY, JobSpec, arrays_to_record, record_to_state, state_to_record
 from shared.settings import checkpoint_featurizer
+from shared.tasks import cached_task
 
 JOB = JobSpec(run_id="r1", task="digits-logreg", proj_dim=64, partition="dirichlet", partition_seed=3)
 
@@ -123,6 +124,24 @@ def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(t
     assert not list(restarted.dir.glob("*.partial"))
 
 
+def test_a_node_refuses_a_job_of_another_protocol_or_task(digits_logreg):
+    from dataclasses import replace
+
+    from shared.compat import PROTOCOL_VERSION
+
+    job = replace(JOB, task_fingerprint=JOB.fingerprint(digits_logreg))
+    job.check_node(digits_logreg)  # the same task and settings: accepted
+    with pytest.raises(FedtrakError, match=f"protocol version 1, this side {PROTOCOL_VERSION}"):
+        replace(job, protocol_version=1).check_node(digits_logreg)
+    with pytest.raises(FedtrakError, match="task fingerprint .* projection settings differ"):
+        replace(job, proj_dim=128).check_node(digits_logreg)  # the server's fingerprint is for k = 64
+    with pytest.raises(FedtrakError, match="task fingerprint"):
+        job.check_node(cached_task("digits-mlp"))  # another model under the same job
+    old = {k: v for k, v in job.to_record().items() if k not in ("protocol_version", "task_fingerprint")}
+    with pytest.raises(FedtrakError, match="carries no protocol version: the server runs an older fedtrak"):
+        JobSpec.from_record(old)
+
+
 def test_job_spec_and_state_round_trip(logreg_states):
     assert JobSpec.from_record(JOB.to_record()) == JOB
     with pytest.raises(FedtrakError, match="lacks field 'task'"):
@@ -153,10 +172,15 @@ def test_server_checks_of_client_releases():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(20, 4))
     g = gram(f)
-    info = ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 20})
+    from shared.compat import PROTOCOL_VERSION
+
+    me = {"protocol-version": PROTOCOL_VERSION, "task-fingerprint": "ab" * 8}
+    info = ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 20, **me})
     ok = _reply(grams=arrays_to_record({"0": pack_upper(g)}), **{INFO_KEY: info})
     np.testing.assert_allclose(gram_release(ok, [0], 4, "client a")[0], g)
-    assert read_info(ok, "client a").num_examples == 20
+    assert read_info(ok, "client a", "ab" * 8).num_examples == 20
+    with pytest.raises(FedtrakError, match="client a has task fingerprint abab"):
+        read_info(ok, "client a", "cd" * 8)
     with pytest.raises(FedtrakError, match="client a: no Gram for checkpoint 1"):
         gram_release(ok, [0, 1], 4, "client a")
     with pytest.raises(FedtrakError, match="message has no array record 'grams'"):
@@ -166,7 +190,8 @@ def test_server_checks_of_client_releases():
     with pytest.raises(FedtrakError, match="negative diagonal"):
         gram_release(_reply(grams=arrays_to_record({"0": pack_upper(bad_diag)})), [0], 4, "client a")
     with pytest.raises(FedtrakError, match="reports 0 examples"):
-        read_info(_reply(**{INFO_KEY: ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 0})}), "a")
+        read_info(_reply(**{INFO_KEY: ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 0, **me})}),
+                  "a")
 
     feats = _reply(features=arrays_to_record({"indices": np.arange(3), "features-0": np.ones((3, 4), np.float32),
                                               "out-to-loss-0": np.array([0.1, 1.5, 0.2], np.float32)}))
