@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from server.validation import read_info
 from shared.errors import FedtrakError
-from shared.protocol import TIMING_KEY, payload_bytes
+from shared.protocol import INFO_KEY, TIMING_KEY, payload_bytes
 
 log = logging.getLogger("fedtrak.server")
 T = TypeVar("T")
@@ -148,6 +148,9 @@ class Federation:
         """Record who each replying client is and its count; exclude (and drop the reply of)
         a client whose info record is malformed or names another protocol version or task."""
         for node, content in list(replies.items()):
+            claimed = content.config_records.get(INFO_KEY) if hasattr(content, "config_records") else None
+            if claimed is not None and claimed.get("owner") not in (None, ""):
+                self.clients[node].owner = str(claimed["owner"])  # so that a refusal names the client
             try:
                 info = read_info(content, self.source(node), self.fingerprint)
             except FedtrakError as exc:
