@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import ClientData, job_task, load_client_data
+from client.device import write_strip
 from client.featurize import featurize_into_store, stored_clip_scales, stored_gram, stored_norms
 from client.local_scoring import ChunkedScores, score_in_chunks
 from client.secure_aggregation import (
@@ -354,11 +355,16 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     return app
 
 
+#: Queries drawn in the device's PNG strip of its top examples.
+STRIP_QUERIES = 6
+
+
 def keep_topk_on_device(store: FeatureStore, data: ClientData, local: ChunkedScores, k: int) -> Path:
     """Write this client's top proponents and opponents per query to its local results folder,
-    and, with self-influence, its ``k`` most self-influential examples (likely mislabeled).
+    and, with self-influence, its ``k`` most self-influential examples (likely mislabeled); for
+    image tasks also ``topk.png``, the examples themselves for the first queries.
 
-    Nothing of it is released: it is for the data's owner. Returns the file.
+    Nothing of it is released: it is for the data's owner. Returns the ``.npz`` file.
     """
     (pro_idx, pro_val), (opp_idx, opp_val) = local.proponents, local.opponents
     extra = {}
@@ -369,6 +375,12 @@ def keep_topk_on_device(store: FeatureStore, data: ClientData, local: ChunkedSco
     path = store.results_dir / "topk.npz"
     np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
              opponent_ids=data.indices[opp_idx], opponent_scores=opp_val, **extra)
+    shown = min(STRIP_QUERIES, len(pro_idx))
+    rows = [row for q in range(shown) for row in ((f"query {q} +", pro_idx[q], pro_val[q]),
+                                                    (f"query {q} -", opp_idx[q], opp_val[q]))]
+    if local.self_influence is not None:
+        rows.append(("self-infl.", sus_idx[0], sus_val[0]))
+    write_strip(store.results_dir / "topk.png", data.x, rows)
     return path
 
 

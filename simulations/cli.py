@@ -246,6 +246,24 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", default="supernode", help="file name of the key pair (default supernode)")
     keys.add_argument("--force", action="store_true", help="replace an existing key pair")
 
+    device = sub.add_parser("device", help="a device owner's view: what it would send, what it kept")
+    dsub = device.add_subparsers(dest="device", required=True, parser_class=_OneLineParser)
+    dc = dsub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
+    dc.add_argument("--task", default=DEFAULT_TASK)
+    dc.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
+    dc.add_argument("--proj-dim", type=_positive_int, default=None)
+    dc.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
+    dc.add_argument("--checkpoints", type=_positive_int, default=3)
+    dc.add_argument("--queries", type=_positive_int, default=None, help="default: the task's query set")
+    dc.add_argument("--noise-multiplier", type=float, default=0.0)
+    dc.add_argument("--clip-norm", type=_positive_float, default=None)
+    dc.add_argument("--secure-agg", action="store_true")
+    dc.add_argument("--policy", choices=POLICIES, default="owner-totals")
+    dc.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    dr = dsub.add_parser("results", help="print what a topk run kept on this device")
+    dr.add_argument("folder", type=Path, help="the store's run folder, its results folder or the store root")
+    dr.add_argument("--queries", type=_positive_int, default=5)
+
     bench = sub.add_parser("bench", help="benchmarks (run by hand)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_OneLineParser)
     feat = bsub.add_parser("featurize", help="featurize throughput, fedtrak vs traker")
@@ -399,6 +417,20 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
+    elif args.command == "device" and args.device == "check":
+        from client.device import device_report, format_report
+
+        if args.noise_multiplier < 0:
+            raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+        report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
+                               args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy)
+        print(format_report(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    elif args.command == "device":
+        from client.device import format_results, read_results
+
+        print(format_results(read_results(args.folder), args.queries))
     elif args.command == "certs":
         from server.certs import make_certificates
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tomllib
 
+from client.device import format_results, read_results
 from server.config import RunConfig
 from shared.partition import partition
 from shared.settings import ScoreSettings
@@ -104,6 +105,18 @@ def test_owner_totals_and_topk_policies_release_no_scores(sim_factory, central_f
         mine = scores[:, ids["client"] == owner]
         best = ids["index"][ids["client"] == owner][np.argmax(mine, axis=1)]
         np.testing.assert_array_equal(kept["proponent_ids"][:, 0], best)
+        worst = ids["index"][ids["client"] == owner][np.argmin(mine, axis=1)]
+        np.testing.assert_array_equal(kept["opponent_ids"][:, 0], worst)
+    # the owner's own view: `fedtrak device results` reads it, with the images of the examples
+    store = sim / "client-stores" / "partition-0"
+    text = format_results(read_results(store))
+    assert f"query 0: proponents {kept_first(store, summary)}" in text
+    assert (store / summary["run_id"] / "results" / "topk.png").is_file()
+
+
+def kept_first(store: Path, summary: dict) -> str:
+    kept = np.load(store / summary["run_id"] / "results" / "topk.npz")
+    return f"{kept['proponent_ids'][0, 0]} ({kept['proponent_scores'][0, 0]:+.3g})"
 
 
 def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, digits_logreg, logreg_states):

@@ -1,0 +1,181 @@
+"""What a device's owner can see before and after a run, without contacting anyone.
+
+``fedtrak device check --task T --data PATH`` loads the device's data file
+(validated as a SuperNode would), featurizes one batch under an untrained
+model of the task, and lists what the device would send in a run with the
+given settings: every release, its shape and bytes, the clip norm and
+whether noise is added. ``fedtrak device results DIR`` prints what a
+``topk`` run kept on the device for its owner (never released): top
+proponents and opponents per query and the most self-influential examples,
+with the PNG strip of the examples for image tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.data import read_device_data
+from shared.checkpoints import seeded_model
+from shared.errors import FedtrakError
+from shared.settings import ScoreSettings, checkpoint_featurizer
+from shared.tasks import load_task
+
+#: Bytes of one released number (float64 arrays, uint64 masked vectors).
+NUMBER_BYTES = 8
+
+
+def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
+                  checkpoints: int = 3, queries: int | None = None, noise_multiplier: float = 0.0,
+                  clip_norm: float | None = None, secure_agg: bool = False, policy: str = "owner-totals",
+                  batch_size: int = 256) -> dict:
+    """What this device would compute and send in a run with these settings.
+
+    Raises:
+        FedtrakError: on a bad task, data file or projection setting.
+    """
+    task = load_task(task_name)
+    x, y = read_device_data(Path(data_path), task)
+    featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0,
+                                       ScoreSettings(proj_dim=proj_dim, projector=projector, batch_size=batch_size))
+    k = featurizer.projector.proj_dim
+    batch = min(batch_size, len(y))
+    start = time.perf_counter()
+    chunk = next(featurizer.iter_chunks(x[:batch], y[:batch]))
+    seconds = time.perf_counter() - start
+    noised = noise_multiplier > 0
+    clip = clip_norm or task.clip_norm
+    nq = len(task.y_query) if queries is None else queries
+    gram = k * (k + 1) // 2
+    releases = [{"step": "query.featurize", "what": "masked vector: Gram upper triangles of every checkpoint "
+                 "and the count (only their sum is revealed)" if secure_agg else
+                 "Gram upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
+                 else [checkpoints, gram], "bytes": NUMBER_BYTES * (checkpoints * gram + int(secure_agg)),
+                 "noise": ("Skellam share" if secure_agg else "Gaussian, sigma C^2") if noised else "none"},
+                {"step": "query.featurize", "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
+                 "noise": "Gaussian, sigma (once per run)" if noised else "none"}]
+    if noised:
+        releases.append({"step": "query.score", "what": "owner summaries (the server derives owner totals)",
+                         "shape": [checkpoints, k], "bytes": NUMBER_BYTES * checkpoints * k,
+                         "noise": "Gaussian, sigma C"})
+    else:
+        releases.append({"step": "query.score", "what": "owner total per query", "shape": [nq],
+                         "bytes": NUMBER_BYTES * nq, "noise": "none"})
+    if policy == "full":
+        releases.append({"step": "query.score", "what": "full score matrix (simulation and evaluation only)",
+                         "shape": [nq, len(y)], "bytes": NUMBER_BYTES * nq * len(y), "noise": "none"})
+    kept = ["features of every example, per checkpoint (the local store)"]
+    if policy == "topk":
+        kept.append("top proponents and opponents per query (results/topk.npz), never released")
+    return {"task": task.name, "data": str(data_path), "examples": len(y), "input_shape": list(x.shape[1:]),
+            "labels": sorted(int(v) for v in np.unique(y)), "num_params": featurizer.grad_dim,
+            "projector": projector, "proj_dim": k, "checkpoints": checkpoints, "queries": nq,
+            "batch": {"examples": batch, "seconds": round(seconds, 3),
+                      "feature_norm_median": float(np.median(np.linalg.norm(chunk.features, axis=1))),
+                      "finite": bool(np.all(np.isfinite(chunk.features)))},
+            "estimated_featurize_seconds": round(seconds / batch * len(y) * checkpoints, 1),
+            "clip_norm": clip if noised else None, "noise": noised, "noise_multiplier": noise_multiplier,
+            "secure_aggregation": secure_agg, "releases": releases,
+            "bytes_sent_total": sum(r["bytes"] for r in releases), "kept_on_device": kept}
+
+
+def format_report(report: dict) -> str:
+    """The device check as text for its owner."""
+    lines = [(f"task {report['task']}: {report['examples']} examples of shape {report['input_shape']}, labels "
+             f"{report['labels']}, model of {report['num_params']:,} parameters"),
+             (f"one batch of {report['batch']['examples']} featurized in {report['batch']['seconds']} s "
+             f"(k = {report['proj_dim']}, {report['projector']}; median feature norm "
+             f"{report['batch']['feature_norm_median']:.3g}); all {report['checkpoints']} checkpoints: about "
+             f"{report['estimated_featurize_seconds']} s"),
+             "noise: " + (f"on (sigma {report['noise_multiplier']:g}, clip norm {report['clip_norm']:g})"
+                          if report["noise"] else "off: releases are exact"),
+             "secure aggregation: " + ("on" if report["secure_aggregation"] else "off"),
+             "this device would send:"]
+    for r in report["releases"]:
+        lines.append(f"  {r['step']}: {r['what']}: shape {r['shape']}, {r['bytes']:,} bytes, noise {r['noise']}")
+    lines.append(f"  in all about {report['bytes_sent_total'] / 1e6:.2f} MB (plus Flower's framing)")
+    lines += ["kept on this device:"] + [f"  {k}" for k in report["kept_on_device"]]
+    return "\n".join(lines)
+
+
+def image_shape(x: np.ndarray) -> tuple[int, int] | None:
+    """The (height, width) to draw one example as, or ``None`` if it is not an image."""
+    shape = x.shape[1:]
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return int(shape[1]), int(shape[2])
+    if len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0] and shape[0] >= 16:
+        side = math.isqrt(shape[0])
+        return side, side
+    return None
+
+
+def write_strip(path: Path, x: np.ndarray, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> Path | None:
+    """A PNG with one row per entry ``(label, example rows, scores)`` of the examples as images."""
+    shape = image_shape(x)
+    if shape is None or not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(len(idx) for _, idx, _ in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.1 * width, 1.3 * len(rows)), squeeze=False)
+    for r, (label, idx, scores) in enumerate(rows):
+        for c in range(width):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(idx):
+                ax.imshow(np.asarray(x[idx[c]], dtype=np.float32).reshape(-1, *shape)[0], cmap="gray")
+                ax.set_title(f"{scores[c]:+.2g}", fontsize=7)
+        axes[r][0].text(-0.3, 0.5, label, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def read_results(folder: Path) -> dict:
+    """What a ``topk`` run kept on this device: the arrays of ``topk.npz`` under ``folder``.
+
+    ``folder`` is a results folder, a run folder of the store, or the store
+    root (the most recent run's results are read).
+
+    Raises:
+        FedtrakError: if no results file is found or it is unreadable.
+    """
+    folder = Path(folder)
+    candidates = [folder / "topk.npz", folder / "results" / "topk.npz",
+                  *sorted(folder.glob("*/results/topk.npz"), key=lambda p: p.stat().st_mtime, reverse=True),
+                  *sorted(folder.glob("*/*/results/topk.npz"), key=lambda p: p.stat().st_mtime, reverse=True)]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FedtrakError(f"no topk.npz under {folder}: run with policy topk to keep results on the device")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise FedtrakError(f"cannot read {path}: {exc}") from exc
+    out["path"] = path
+    return out
+
+
+def format_results(results: dict, queries: int = 5) -> str:
+    """The kept results as text: per query its top proponents and opponents (row ids in the
+    device's data), and the most self-influential examples."""
+    pro_ids, pro = results["proponent_ids"], results["proponent_scores"]
+    opp_ids, opp = results["opponent_ids"], results["opponent_scores"]
+    lines = [f"{results['path']}: {len(pro_ids)} queries, top {pro_ids.shape[1]} kept (never released)"]
+    for q in range(min(queries, len(pro_ids))):
+        lines.append(f"query {q}: proponents " + ", ".join(f"{i} ({s:+.3g})" for i, s in zip(pro_ids[q], pro[q])))
+        lines.append("         opponents " + ", ".join(f"{i} ({s:+.3g})" for i, s in zip(opp_ids[q], opp[q])))
+    if "suspect_ids" in results:
+        lines.append("most self-influential (check their labels): " + ", ".join(
+            f"{i} ({s:.3g})" for i, s in zip(results["suspect_ids"], results["suspect_self_influence"])))
+    strip = Path(results["path"]).with_name("topk.png")
+    if strip.is_file():
+        lines.append(f"images: {strip}")
+    return "\n".join(lines)
