@@ -12,6 +12,7 @@ with the PNG strip of the examples for image tasks.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from shared.checkpoints import seeded_model
 from shared.errors import FedtrakError
 from shared.settings import ScoreSettings, checkpoint_featurizer
 from shared.tasks import load_task
+
+log = logging.getLogger("fedtrak.client")
 
 #: Bytes of one released number (float64 arrays, uint64 masked vectors).
 NUMBER_BYTES = 8
@@ -117,7 +120,11 @@ def write_strip(path: Path, x: np.ndarray, rows: list[tuple[str, np.ndarray, np.
     shape = image_shape(x)
     if shape is None or not rows:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare SuperNode install: the .npz holds the ids, the images are optional
+        log.info("matplotlib is not installed (pip install 'fedtrak[device]'): no image strip")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -63,7 +63,11 @@ def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp 
     Raises:
         FedtrakError: with the server's reason if the run failed.
     """
-    from flwr.simulation import run_simulation as flower_run_simulation
+    try:
+        from flwr.simulation import run_simulation as flower_run_simulation
+    except ImportError as exc:  # a device install has no Ray
+        raise FedtrakError(f"simulation needs Flower's simulation engine ({exc}): "
+                           "pip install 'fedtrak[simulation]'") from exc
 
     preflight(cfg)  # a bad task or privacy setting fails here, before Ray starts
     out = cfg.out_dir
