@@ -8,6 +8,7 @@ Ray is shut down when the run ends, so no background process is left.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -63,11 +64,10 @@ def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp 
     Raises:
         FedtrakError: with the server's reason if the run failed.
     """
-    try:
-        from flwr.simulation import run_simulation as flower_run_simulation
-    except ImportError as exc:  # a device install has no Ray
-        raise FedtrakError(f"simulation needs Flower's simulation engine ({exc}): "
-                           "pip install 'fedtrak[simulation]'") from exc
+    if importlib.util.find_spec("ray") is None:  # a device install has no Ray
+        raise FedtrakError("simulation needs Flower's simulation engine (Ray), which this install lacks: "
+                           "pip install 'fedtrak[simulation]'")
+    from flwr.simulation import run_simulation as flower_run_simulation
 
     preflight(cfg)  # a bad task or privacy setting fails here, before Ray starts
     out = cfg.out_dir
