@@ -73,6 +73,7 @@ class RunConfig:
     dp_train_clip: float = 1.0
     secure_agg: bool = False
     secagg_threshold: float = THRESHOLD_FRACTION
+    resume: bool = False
 
     @staticmethod
     def key(name: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from server.config import RunConfig
 from server.federation import CountingGrid, Federation, wait_for_nodes
+from server.resume import RunState, SavedKernels
 from server.scoring import score_features, solve_checkpoint
 from server.secure_aggregation import SecureSum, secure_gram_sum
 from server.training import train_fedavg_checkpoints, training_privacy
@@ -39,6 +40,7 @@ from shared.errors import FedtrakError
 from shared.featurizer import Features, Featurizer
 from shared.partition import example_ids, partition
 from shared.privacy.accountant import epsilon, prv_epsilon
+from shared.privacy.distributed import DistributedNoise
 from shared.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
 from shared.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from shared.projectors import make_projector
@@ -68,12 +70,19 @@ States = list[dict[str, torch.Tensor]]
 
 
 def obtain_checkpoints(grid: CountingGrid, task: Task, cfg: RunConfig, job: JobSpec, num_nodes: int,
-                       timer: PhaseTimer) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
-    """Load ``cfg.checkpoint_dir`` or train checkpoints into ``OUT/checkpoints``."""
+                       timer: PhaseTimer, reuse: bool = False) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+    """Load ``cfg.checkpoint_dir`` or train checkpoints into ``OUT/checkpoints`` (with ``reuse``,
+    a resumed run, those already there are loaded instead when all of them are)."""
     if cfg.checkpoint_dir:
         with timer.phase("load_checkpoints"):
             return load_checkpoints(task, Path(cfg.checkpoint_dir).expanduser(), cfg.checkpoints)
     ckpt_dir = cfg.out_dir / "checkpoints"
+    if reuse and (ckpt_dir / "manifest.json").is_file():
+        try:
+            with timer.phase("load_checkpoints"):
+                return load_checkpoints(task, ckpt_dir, cfg.checkpoints)
+        except FedtrakError as exc:
+            log.warning("not reusing %s: %s", ckpt_dir, exc)
     with timer.phase("train"):
         if cfg.train == "fedavg":
             return train_fedavg_checkpoints(grid, task, cfg, job, num_nodes, ckpt_dir)
@@ -122,22 +131,33 @@ def plain_gram_sum(fed: Federation, job: JobSpec, states: States, ms: list[int],
 
 
 def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
-                timer: PhaseTimer) -> Outcome:
+                timer: PhaseTimer, state: RunState | None = None, saved: SavedKernels | None = None) -> Outcome:
     """Private mode: Grams in, preconditioned queries (and, for self-influence, the
-    kernel inverses) out, owner totals (or, with ``full``, scores) back."""
+    kernel inverses) out, owner totals (or, with ``full``, scores) back.
+
+    The summed kernels are kept in ``state`` as soon as they exist; with
+    ``saved`` kernels (a resumed run) there is no featurize round."""
     settings = cfg.score_settings()
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
     dim = featurizers[0].projector.proj_dim
     ms = list(range(len(states)))
     dp = job.dp()
     secure = None
-    if cfg.secure_agg:
+    if saved is not None:
+        sums, total, copies = saved.grams, saved.total, saved.copies
+        secure = restored_secure_sum(saved)
+    elif cfg.secure_agg:
         secure = secure_gram_sum(fed, lambda node: _request(job, states), job, ms, dim, cfg.secagg_threshold,
                                  dp, timer)
         sums, total, copies = secure.grams, round(secure.count), len(secure.survivors) / secure.threshold
         fed.require_clients("secure aggregation")
     else:
         sums, total, copies = plain_gram_sum(fed, job, states, ms, dim, dp, timer)
+    if state is not None and saved is None:
+        state.save_kernels(SavedKernels(sums, total, copies, [
+            {"owner": fed.clients[n].owner, "partition_id": fed.clients[n].partition_id,
+             "num_examples": fed.clients[n].num_examples} for n in fed.ordered()],
+            None if secure is None else saved_secure_sum(secure)))
     floor = noise_floor(dp, dim, copies) if dp.active else 0.0
     us, records, inverses = [], [], {}
     for m in ms:
@@ -155,6 +175,12 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
         content["kernel-inverses"] = arrays_to_record(inverses)
     with timer.phase("score_round"):
         replies = fed.broadcast(SCORE, lambda node: RecordDict(content))
+    if saved is not None:  # no featurize round: who is who comes with the score replies
+        fed.note_info(replies)
+        kernel_owners = {p["owner"] for p in saved.participants}
+        for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
+            fed.exclude(node, "its owner is not among the participants of the saved kernels")
+            del replies[node]
     nq = len(task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
         c, cfg.policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active, us))
@@ -170,6 +196,19 @@ def run_private(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, state
         if inverses:
             out.self_influence = np.concatenate([released[n]["self-influence"] for n in nodes])
     return out
+
+
+def saved_secure_sum(secure: SecureSum) -> dict:
+    """What a resumed run needs of a secure sum: its account, its noise and its survivors."""
+    return {"report": secure.report, "noise": asdict(secure.noise), "survivors": list(secure.survivors)}
+
+
+def restored_secure_sum(saved: SavedKernels) -> SecureSum | None:
+    """The secure sum of saved kernels (``None`` if they were summed in the clear)."""
+    if saved.secure is None:
+        return None
+    return SecureSum(saved.grams, float(saved.total), saved.secure["survivors"],
+                     DistributedNoise(**saved.secure["noise"]), saved.secure["report"])
 
 
 def run_features(fed: Federation, task: Task, cfg: RunConfig, job: JobSpec, states: States,
@@ -318,22 +357,36 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
             parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
             flipped = flipped_indices(task.y_train, parts, flips)
             task = corrupted(task, parts, flips)
-    run_id = f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}"
-    job = cfg.job(run_id, dp, task)
+    state = RunState(cfg.out_dir)
+    resumed = state.saved_job(cfg.to_mapping()) if cfg.resume else None
+    if resumed is not None:
+        job, dp = resumed, replace(dp, clip_norm=resumed.clip_norm)
+        log.warning("resuming run %s from %s", job.run_id, state.dir)
+    else:
+        state.clear()  # a fresh run: nothing of an older one may be resumed into it
+        job = cfg.job(f"{cfg.out_dir.name or 'run'}-{uuid.uuid4().hex[:12]}", dp, task)
+    run_id = job.run_id
     with timer.phase("wait_for_clients"):
         nodes = wait_for_nodes(grid, cfg.clients, cfg.wait_for_nodes)
     grid.step = "train"
-    checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer)
+    checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer, reuse=resumed is not None)
     states = [s for _, s in checkpoints]
     fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout, job.task_fingerprint)
-    if dp.active and cfg.clip_quantile:
+    if dp.active and cfg.clip_quantile and resumed is None:
         clip = estimate_clip_norm(fed, job, states, cfg.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, clip_norm=clip)
         check_lambda_against_noise(cfg, dp, dim)
+    saved = state.saved_kernels() if resumed is not None else None
+    reused = ["the job (run id, resolved settings)", "checkpoints"] if resumed is not None else []
+    if saved is not None:
+        reused.append(f"the summed kernels of {len(saved.participants)} owners (no featurize round)")
     writer = ResultWriter(cfg.out_dir)
     try:
-        run = run_private if cfg.mode == "private" else run_features
-        outcome = run(fed, task, cfg, job, states, timer)
+        if cfg.mode == "private":
+            state.save_job(job, cfg.to_mapping())
+            outcome = run_private(fed, task, cfg, job, states, timer, state, saved)
+        else:
+            outcome = run_features(fed, task, cfg, job, states, timer)
         records = outcome.records
         for rec, (info, _) in zip(records, checkpoints):
             rec.update(file=info.file, algorithm=info.algorithm, accuracy=info.accuracy)
@@ -380,7 +433,10 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
         if not clients["complete_federation"]:
             summary["warning"] = (f"{len(clients['excluded'])} client(s) excluded: results cover only the "
                                   f"{len(nodes)} listed owners")
+        if resumed is not None:
+            summary["resumed"] = {"run_id": run_id, "reused": reused}
         writer.commit(summary)
+        state.clear()
         log.info("fedtrak: wrote %s", cfg.out_dir)
         return summary
     except BaseException:

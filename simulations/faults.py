@@ -28,6 +28,7 @@ FAULTS = {
     "gram-asym": ("featurize", "the Gram is sent as a full matrix that is not symmetric"),
     "gram-not-psd": ("featurize", "an off-diagonal Gram entry is inflated past positive semi-definiteness"),
     "score-shape": ("score", "the owner totals have one value too many"),
+    "score-raise": ("score", "the ClientApp crashes when scoring"),
     "score-nan": ("score", "an owner total is infinite"),
     "old-protocol": ("featurize", "the reply says it speaks protocol version 1"),
     "other-task": ("featurize", "the reply carries another task fingerprint"),
@@ -66,7 +67,7 @@ def _break_score(fault: str, released: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 #: Faults that crash the client at their step, and what the crash says.
-CRASHES = {"raise": "this client crashed",
+CRASHES = {"raise": "this client crashed", "score-raise": "this client crashed while scoring",
            "secagg-drop-input": "this client crashed after sharing its keys",
            "secagg-drop-unmask": "this client crashed before revealing its shares"}
 

@@ -14,6 +14,7 @@ import tomllib
 
 from client.device import format_results, read_results
 from server.config import RunConfig
+from shared.errors import FedtrakError
 from shared.partition import partition
 from shared.settings import ScoreSettings
 from simulations.attribute import AttributeConfig, central_scores, run_attribute
@@ -163,6 +164,25 @@ def test_full_policy_is_refused_by_clients_unless_allowed(tmp_path, logreg_ckpt_
     with pytest.raises(FedtrakError, match="no client is left after score.*refused"):
         run_simulation(cfg, client_app=build_client_app(honest_settings))
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_that_died_after_its_kernels_resumes_without_a_featurize_round(tmp_path, logreg_ckpt_dir,
+                                                                            central_factory):
+    """Every client crashes while scoring, so the run dies with its kernels saved; the same run
+    config with resume=true reuses the job, the checkpoints and the kernels, scores, and says so."""
+    settings = _settings(tmp_path, logreg_ckpt_dir, 3, "iid")
+    cfg = simulation_config(settings)
+    with pytest.raises(FedtrakError, match="no client is left after score"):
+        run_simulation(cfg, client_app=faulty_client_app({0: "score-raise", 1: "score-raise", 2: "score-raise"},
+                                                         cfg.to_mapping()))
+    assert not (tmp_path / "summary.json").exists() and (tmp_path / ".resume" / "kernels.npz").is_file()
+    with pytest.raises(FedtrakError, match=r"other settings for \['proj-dim'\]"):
+        run_simulation(simulation_config({**settings, "resume": True, "proj-dim": 64}))
+    summary = run_simulation(simulation_config({**settings, "resume": True}))
+    assert "featurize_round" not in summary["seconds"] and "score_round" in summary["seconds"]
+    assert summary["resumed"]["reused"][-1] == "the summed kernels of 3 owners (no featurize round)"
+    assert not (tmp_path / ".resume").exists()
+    _assert_close(np.load(tmp_path / "owner_scores.npy"), np.load(central_factory(3, "iid") / "owner_scores.npy"))
 
 
 def test_run_config_defaults_match_pyproject():
