@@ -83,6 +83,7 @@ from shared.secagg.messages import (
     sealed_content,
 )
 from shared.secagg.protocol import Client, raw_public, secagg_context
+from shared.timing import peak_memory_mb
 
 log = logging.getLogger("fedtrak.client")
 
@@ -107,6 +108,7 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
                 if timed and not reply.has_error():
                     timing = reply.content.metric_records.get(TIMING_KEY) or MetricRecord()
                     timing["handler"] = time.perf_counter() - start
+                    timing["peak-mb"] = peak_memory_mb()  # of this ClientApp process so far
                     reply.content[TIMING_KEY] = timing
                 return reply
             except FedtrakError as exc:

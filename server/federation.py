@@ -54,6 +54,7 @@ class CountingGrid:
         self.bytes: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
         self.steps: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
         self.client_seconds: dict[str, float] = defaultdict(float)
+        self.client_peak_mb: dict[str, float] = defaultdict(float)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -75,6 +76,8 @@ class CountingGrid:
                 timing = reply.content.metric_records.get(TIMING_KEY)
                 if timing is not None and isinstance(timing.get("handler"), float):
                     self.client_seconds[self.step] += timing["handler"]
+                if timing is not None and isinstance(timing.get("peak-mb"), float):
+                    self.client_peak_mb[self.step] = max(self.client_peak_mb[self.step], timing["peak-mb"])
         return replies
 
 
@@ -193,4 +196,5 @@ class Federation:
                  "received": sum(c["bytes_received"] for c in clients)}
         return {"clients": clients, "excluded": excluded, "complete_federation": not excluded,
                 "bytes": {**total, "per_step": dict(self.grid.steps)},
-                "client_seconds": {step: round(s, 3) for step, s in self.grid.client_seconds.items()}}
+                "client_seconds": {step: round(s, 3) for step, s in self.grid.client_seconds.items()},
+                "client_peak_memory_mb": dict(self.grid.client_peak_mb)}

@@ -300,6 +300,15 @@ def _parser() -> argparse.ArgumentParser:
     bsc.add_argument("--projector", choices=PROJECTOR_KINDS, default="factorized")
     bsc.add_argument("--query-size", type=_positive_int, default=500)
     bsc.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    bd = bsub.add_parser("deploy", help="a loopback deployment with TLS and node authentication")
+    bd.add_argument("--out", type=Path, required=True, help="working folder (certificates, logs, run)")
+    bd.add_argument("--task", default="fmnist-mlp")
+    bd.add_argument("--nodes", type=_positive_int, default=1)
+    bd.add_argument("--examples", type=_positive_int, default=6000, help="examples per SuperNode")
+    bd.add_argument("--proj-dim", type=_positive_int, default=2048)
+    bd.add_argument("--projector", choices=PROJECTOR_KINDS, default="factorized")
+    bd.add_argument("--secure-agg", action="store_true")
+    bd.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     bs = bsub.add_parser("secagg", help="cost of secure aggregation in a simulation, against the plain run")
     bs.add_argument("--task", default="digits-mlp")
     bs.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
@@ -461,6 +470,14 @@ def _run(args: argparse.Namespace) -> int:
                                      "flower_overhead_seconds", "flower_overhead_share", "peak_memory_mb"]))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
+    elif args.command == "bench" and args.bench == "deploy":
+        from simulations.deployment import bench_deploy
+
+        result = bench_deploy(args.out, args.task, args.nodes, args.examples, args.proj_dim, args.projector,
+                              secure_agg=args.secure_agg)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
     elif args.command == "bench" and args.bench == "secagg":
         from simulations.bench_secagg import bench_secagg, format_table
 
