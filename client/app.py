@@ -87,6 +87,19 @@ from shared.timing import peak_memory_mb
 
 log = logging.getLogger("fedtrak.client")
 
+
+def _owner_visible_logging() -> None:
+    """fedtrak's client messages (reused work, refusals) on the SuperNode's output, at INFO."""
+    logger = logging.getLogger("fedtrak")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedtrak %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+_owner_visible_logging()
+
 DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"
 #: Error code of a fedtrak handler failure in a Flower error reply.
 HANDLER_ERROR = 1001

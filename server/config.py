@@ -74,6 +74,7 @@ class RunConfig:
     secure_agg: bool = False
     secagg_threshold: float = THRESHOLD_FRACTION
     resume: bool = False
+    rejoin_wait: float = 180.0
 
     @staticmethod
     def key(name: str) -> str:
@@ -117,6 +118,8 @@ class RunConfig:
         for name in ("train_size", "query_size", "epochs", "proj_dim"):
             if getattr(self, name) < 0:
                 raise FedtrakError(f"run config {self.key(name)} must be non-negative, got {getattr(self, name)}")
+        if self.rejoin_wait < 0:
+            raise FedtrakError(f"run config rejoin-wait must be >= 0 (0: never resend), got {self.rejoin_wait}")
         for name in ("alpha", "timeout", "wait_for_nodes"):
             if not getattr(self, name) > 0:
                 raise FedtrakError(f"run config {self.key(name)} must be positive, got {getattr(self, name)}")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from server.validation import read_info
@@ -26,6 +27,10 @@ from shared.protocol import INFO_KEY, TIMING_KEY, payload_bytes
 
 log = logging.getLogger("fedtrak.server")
 T = TypeVar("T")
+#: Flower errors that mean the node went away (not that fedtrak's handler refused the step).
+REJOIN_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED}
+#: Seconds between looks for a node that went away.
+REJOIN_POLL = 2.0
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ClientRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     excluded: str | None = None
+    rejoined: int = 0
 
 
 class CountingGrid:
@@ -100,10 +106,12 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
 class Federation:
     """Clients of one run and the messages exchanged with them."""
 
-    def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float, fingerprint: str = "") -> None:
+    def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float, fingerprint: str = "",
+                 rejoin_wait: float = 0.0) -> None:
         self.grid = grid
         self.timeout = timeout
         self.fingerprint = fingerprint
+        self.rejoin_wait = rejoin_wait
         self.clients = {n: ClientRecord(n) for n in node_ids}
 
     def active(self) -> list[int]:
@@ -118,24 +126,59 @@ class Federation:
             log.warning("excluding client %s (node %d): %s", record.owner or "?", node, reason)
 
     def broadcast(self, message_type: str, content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
-        """Send ``content_for(node)`` to every active client; return the replies that arrived."""
+        """Send ``content_for(node)`` to every active client; return the replies that arrived.
+
+        A client whose SuperNode went away mid-step (Flower reports the node
+        unavailable or its ClientApp crashed) and comes back within
+        ``rejoin_wait`` seconds gets the message once more: a restarted node
+        reuses its finished work from its store. Others are excluded.
+        """
         self.grid.step = message_type
-        messages = [Message(content_for(node), dst_node_id=node, message_type=message_type)
-                    for node in self.active()]
+        replies, failed = self._exchange(message_type, content_for, self.active())
+        gone = [n for n, (code, _) in failed.items() if code in REJOIN_CODES]
+        deadline = time.monotonic() + self.rejoin_wait
+        while gone and time.monotonic() < deadline:
+            online = set(self.grid.get_node_ids())
+            back = [n for n in gone if n in online]
+            if not back:
+                time.sleep(REJOIN_POLL)
+                continue
+            log.warning("%s: resending to %s, back after going away", message_type,
+                        ", ".join(self.source(n) for n in back))
+            gone = [n for n in gone if n not in back]
+            again, failed_again = self._exchange(message_type, content_for, back)
+            replies.update(again)
+            failed.update(failed_again)
+            for n in again:
+                failed.pop(n, None)
+                self.clients[n].rejoined += 1
+        for node, (_, reason) in failed.items():
+            self.exclude(node, reason)
+        return replies
+
+    def _exchange(self, message_type: str, content_for: Callable[[int], RecordDict],
+                  nodes: list[int]) -> tuple[dict[int, RecordDict], dict[int, tuple[int | None, str]]]:
+        """One send and receive: the replies, and per failed node its Flower error code and a reason."""
+        messages = [Message(content_for(node), dst_node_id=node, message_type=message_type) for node in nodes]
         replies: dict[int, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        failed: dict[int, tuple[int | None, str]] = {}
+        received = self.grid.send_and_receive(messages, timeout=self.timeout)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
+        for reply in received:
             node = reply.metadata.src_node_id
+            if node not in self.clients:  # the SuperLink answers for a node that went away
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
             if node not in self.clients:
                 log.warning("ignoring a reply from unknown node %d", node)
                 continue
             if reply.has_error():
-                self.exclude(node, f"{message_type} failed: {reply.error.reason}")
+                failed[node] = (reply.error.code, f"{message_type} failed: {reply.error.reason}")
                 continue
             replies[node] = reply.content
-        for node in self.active():
-            if node not in replies:
-                self.exclude(node, f"no reply to {message_type} within {self.timeout:g} s")
-        return replies
+        for node in nodes:
+            if node not in replies and node not in failed:
+                failed[node] = (None, f"no reply to {message_type} within {self.timeout:g} s")
+        return replies, failed
 
     def accept(self, replies: dict[int, RecordDict], validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
         """Validate each reply; exclude the clients whose reply is refused."""

@@ -26,7 +26,7 @@ from shared.protocol import JobSpec
 
 STATE_DIR = ".resume"
 #: Run-config keys that may differ between a run and its resumption.
-FREE_KEYS = {"resume", "timeout", "wait-for-nodes"}
+FREE_KEYS = {"resume", "timeout", "wait-for-nodes", "rejoin-wait"}
 
 
 @dataclass

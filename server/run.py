@@ -371,7 +371,7 @@ def run_federated(flower_grid: Grid, cfg: RunConfig) -> dict:
     grid.step = "train"
     checkpoints = obtain_checkpoints(grid, task, cfg, job, len(nodes), timer, reuse=resumed is not None)
     states = [s for _, s in checkpoints]
-    fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout, job.task_fingerprint)
+    fed = Federation(grid, sorted(grid.get_node_ids()), cfg.timeout, job.task_fingerprint, cfg.rejoin_wait)
     if dp.active and cfg.clip_quantile and resumed is None:
         clip = estimate_clip_norm(fed, job, states, cfg.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, clip_norm=clip)

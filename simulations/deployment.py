@@ -45,6 +45,9 @@ class LoopbackDeployment:
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
+        self.commands: dict[str, list[str]] = {}
+        self.by_name: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, int] = {}
         self.certs = self.work / "certs"
         self.home = self.work / "flwr-home"
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -74,16 +77,41 @@ class LoopbackDeployment:
         self.logs.append(log)
         self.procs.append(subprocess.Popen(cmd, cwd=self.work, env=self.env, stdout=log.open("w"),
                                            stderr=subprocess.STDOUT, start_new_session=True))
+        self.commands.setdefault(name, cmd)
+        self.by_name[name] = self.procs[-1]
         return self.procs[-1]
+
+    def kill(self, name: str) -> None:
+        """Kill a process and its children at once (SIGKILL: a device losing power)."""
+        proc = self.by_name[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start a killed process again with its first command; its output goes to NAME-restarted.log."""
+        return self.start(f"{name}-restarted", self.commands[name])
+
+    def node_status(self, name: str) -> str:
+        """The SuperLink's status of a registered SuperNode (``flwr supernode list``)."""
+        out = subprocess.run([str(BIN / "flwr"), "supernode", "list", FEDERATION, "--format", "json"],
+                             env=self.env, capture_output=True, text=True, timeout=60, check=False)
+        nodes = json.loads(out.stdout).get("nodes", []) if out.stdout.strip().startswith("{") else []
+        return next((n["status"] for n in nodes if int(n["node-id"]) == self.node_ids[name]), "unknown")
 
     def keys(self, name: str, register: bool = True) -> Path:
         """A SuperNode key pair (``fedtrak keys``), registered with ``flwr supernode register``."""
         private, public = make_node_keys(self.work / "keys", name)
         if register:
-            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), FEDERATION],
+            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), FEDERATION,
+                                  "--format", "json"],
                                  env=self.env, capture_output=True, text=True, timeout=60, check=False)
-            if reg.returncode != 0:
+            node_id = re.search(r'"node-id":\s*"?(\d+)', reg.stdout)
+            if reg.returncode != 0 or not node_id:
                 raise FedtrakError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
+            self.node_ids[name] = int(node_id.group(1))
         return private
 
     def supernode(self, name: str, x: np.ndarray, y: np.ndarray, key: Path, ca: Path | None = None) -> None:

@@ -16,13 +16,17 @@ it started (:class:`simulations.deployment.LoopbackDeployment`).
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from shared.checkpoints import load_checkpoints, train_checkpoints
 from shared.partition import partition
 from shared.settings import ScoreSettings
-from simulations.attribute import AttributeConfig, run_attribute
+from shared.tasks import load_task
+from simulations.attribute import AttributeConfig, central_scores, run_attribute
 from simulations.cli import main
 from simulations.deployment import LoopbackDeployment
 
@@ -62,3 +66,48 @@ def test_flwr_run_with_tls_and_node_authentication(tmp_path, digits_logreg, logr
     want = np.load(central / "owner_scores.npy")
     np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
+
+
+def test_a_supernode_killed_mid_featurize_comes_back_and_a_lost_one_is_reported(tmp_path):
+    """Three SuperNodes on digits-mlp (k = 2048, dense: featurizing takes seconds). When node 1
+    has stored its first checkpoint, nodes 1 and 2 lose power. Node 1 is started again once the
+    SuperLink sees it offline: the server resends the step, node 1 reuses its finished work (its
+    log says so) and the run finishes; node 2 never comes back and is reported by id, the results
+    covering the other two owners, equal to the centralized scores on their data."""
+    task = load_task("digits-mlp")
+    ckpts = tmp_path / "ckpts"
+    train_checkpoints(task, 2, ckpts)
+    parts = partition(task.y_train, 3, "iid", 0.5, 1)
+    out = tmp_path / "run"
+    with LoopbackDeployment(tmp_path) as dep:
+        for c in range(3):
+            dep.supernode(str(c), task.x_train[parts.clients[c]], task.y_train[parts.clients[c]], dep.keys(str(c)))
+        run = threading.Thread(target=lambda: dep.run(
+            f"task='digits-mlp' clients=3 checkpoints=2 checkpoint-dir='{ckpts}' out='{out}' proj-dim=2048 "
+            "wait-for-nodes=120.0 timeout=300.0 rejoin-wait=45.0"), daemon=True)
+        run.start()
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("store-1/*/*/ckpt_000")):  # STORE/owner-1/RUN/ckpt_000
+            assert time.monotonic() < deadline, dep.log_tails()
+            time.sleep(0.2)
+        dep.kill("1")
+        dep.kill("2")
+        while dep.node_status("1") != "offline":  # a node can activate again once the SuperLink let it go
+            assert time.monotonic() < deadline + 120, dep.log_tails()
+            time.sleep(2)
+        dep.restart("1")
+        run.join(timeout=400)
+        assert not run.is_alive(), dep.log_tails()
+    assert (out / "summary.json").is_file(), dep.log_tails()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "checkpoint 0: reusing the stored features" in (tmp_path / "1-restarted.log").read_text()
+    assert [o["owner"] for o in summary["owners"]] == ["0", "1"]
+    lost = [e for e in summary["excluded"] if e["node_id"] == dep.node_ids["2"]]
+    assert lost and "query.featurize failed" in lost[0]["reason"] and "warning" in summary
+    assert next(c for c in summary["clients"] if c["owner"] == "1")["rejoined"] == 1
+    idx = np.concatenate([parts.clients[0], parts.clients[1]])
+    states = [s for _, s in load_checkpoints(task, ckpts, 2)]
+    ref, _, _ = central_scores(task, states, task.x_train[idx], task.y_train[idx], ScoreSettings(proj_dim=2048))
+    n0 = len(parts.clients[0])
+    want = np.stack([ref[:, :n0].sum(axis=1), ref[:, n0:].sum(axis=1)], axis=1)
+    np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
