@@ -23,7 +23,7 @@ from shared.modelout import ModelOutput
 from shared.projectors import Projector
 
 #: Default gradient memory per projected chunk.
-DEFAULT_CHUNK_BYTES = 512 << 20
+DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 @dataclass
@@ -132,12 +132,10 @@ class Featurizer:
             if self._factorized:
                 yield self._factorized_chunk(xc, yc, start)
                 continue
-            grads = torch.cat(
-                [
-                    self.per_example_grads(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
-                    for i in range(0, stop - start, self.batch_size)
-                ]
-            )
+            grads = torch.empty((stop - start, self.grad_dim), dtype=torch.float32)  # filled in place: no
+            for i in range(0, stop - start, self.batch_size):  # second copy of the chunk, as a cat would make
+                grads[i : i + self.batch_size] = self.per_example_grads(xc[i : i + self.batch_size],
+                                                                        yc[i : i + self.batch_size])
             q = torch.cat(
                 [
                     self.out_to_loss(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
