@@ -5,7 +5,7 @@
 same k with fedtrak's projectors (factorized per layer, dense Rademacher and
 Gaussian) and with traker's ``BasicProjector``, and reports examples per
 second. fedtrak's time includes generating the projection matrix. With the default budget the matrix is cached when the data set spans
-several gradient chunks (512 MiB each, about 1,580 examples here) and applied
+several gradient chunks (256 MiB each, about 790 examples here) and applied
 block by block otherwise; "no cache" always goes block by block. Each variant
 runs twice: ``cold`` is the first projector of its shape in the process (a
 cached matrix then pays for first-touching its memory, about 1.6 s for 700 MB
