@@ -3,8 +3,11 @@
 1. Wait for the clients; obtain M checkpoints (FedAvg through Flower,
    centralized training in simulation, or a checkpoint folder).
 2. ``private`` mode: ``query.featurize`` sends every checkpoint; clients
-   reply with Gram matrices, which the server sums into ``K_m``, solves and
-   uses to precondition its queries; ``query.score`` sends ``U_m`` and
+   reply with Gram matrices (with ``secure-agg``, signed keys, then three
+   more rounds deliver only their masked sum: :mod:`server.secure_aggregation`),
+   which the server sums into ``K_m`` (kept in ``OUT/.resume`` so that a run
+   that dies can be resumed: :mod:`server.resume`), solves and uses to
+   precondition its queries; ``query.score`` sends ``U_m`` and
    clients release what the policy allows (owner totals; with ``full``, their
    score matrices).
    ``features`` mode: ``query.features``; clients send their features and

@@ -3,7 +3,10 @@
 Vetted primitives from the ``cryptography`` package only (X25519, HKDF-SHA256,
 ChaCha20, AES-GCM, Ed25519), composed: fixed-point encoding mod 2^64
 (``fixedpoint``), Shamir t-of-n secret sharing (``shamir``), pairwise and self
-masks expanded from agreed seeds (``masks``) and the four protocol rounds as
-pure client and server steps (``protocol``). Carrying them on Flower messages,
-the distributed noise and the sparse neighbour graph are not built yet.
+masks expanded from agreed seeds (``masks``), the four protocol rounds as
+pure client and server steps (``protocol``), the SecAgg+ neighbour graph
+(``graph``) and the rounds' Flower message contents (``messages``). The
+handlers that run them are in ``client.app`` / ``client.secure_aggregation``
+and ``server.secure_aggregation``; the distributed DP noise is in
+``shared.privacy.distributed``.
 """
