@@ -225,7 +225,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
                                        INFO_KEY: _info(job, data, _released_count(store, data, dp))}), reply_to=msg)
         if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
-            reply = _advertise(msg, ctx, store, data, _released_count(store, data, dp))
+            reply = _advertise(msg, ctx, job, store, data, _released_count(store, data, dp))
             reply.content[TIMING_KEY] = MetricRecord({"featurize": seconds})
             return reply
         scales = stored_clip_scales(store, indices, dp) if dp.active else {}
@@ -244,11 +244,10 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         context = secagg_context(job.run_id)
         return job, data, store, load_state(store, identity_key(store.dir.parent), context)
 
-    def _advertise(msg: Message, ctx: Context, store: FeatureStore, data: ClientData,
+    def _advertise(msg: Message, ctx: Context, job: JobSpec, store: FeatureStore, data: ClientData,
                    count: int | None) -> Message:
         """Round 1 of secure aggregation: fresh key pairs, signed with this client's identity key."""
         cfg = record_config(msg.content, SECAGG_KEY, "server message")
-        job = JobSpec.from_record(record_config(msg.content, JOB_KEY, "server message"))
         if str(cfg.get("context", "")) != job.run_id:
             raise FedtrakError("secure-aggregation context does not match the run")
         identity = identity_key(store.dir.parent)
