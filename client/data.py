@@ -66,14 +66,15 @@ class ClientData:
 def _cached_partition(job: JobSpec, num: int) -> tuple[Partition, np.ndarray]:
     """The simulation's partition and the training labels as its clients see them (flipped
     where the job's mislabel experiment says so)."""
-    task = job_task(job)
+    task = cached_task(job.task, job.train_size, job.query_size)
     parts = partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
     return parts, flip_labels(task.y_train, task.num_classes, parts, job.flips())
 
 
 def job_task(job: JobSpec) -> Task:
-    """The task named by a job spec."""
-    return cached_task(job.task, job.train_size, job.query_size)
+    """The task named by a job spec, for its model and output function: a built-in task comes
+    without its data sets (a device reads its own file; a simulation's partition loads them)."""
+    return cached_task(job.task, data=False)
 
 
 def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> ClientData:
@@ -100,7 +101,8 @@ def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> Client
             raise FedtrakError(f"partition-id {pid} is outside [0, {num})")
         parts, labels = _cached_partition(replace(job, run_id=""), num)
         idx = parts.clients[pid]
-        return ClientData(str(node_config.get("owner") or pid), pid, task.x_train[idx],
+        pooled = cached_task(job.task, job.train_size, job.query_size)
+        return ClientData(str(node_config.get("owner") or pid), pid, pooled.x_train[idx],
                           labels[idx], idx.astype(np.int64))
     raise FedtrakError(
         "the node config names no data: give data-path (an .npz with x and y) on a device, "
@@ -126,7 +128,7 @@ def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise FedtrakError(f"cannot read data file {path}: {exc}") from exc
-    want = task.x_train.shape[1:]
+    want = task.input_shape
     if x.ndim < 1 or x.shape[1:] != want:
         raise FedtrakError(f"{path}: x has shape {x.shape}, task {task.name} needs (n, {', '.join(map(str, want))})")
     if y.shape != (len(x),):

@@ -27,6 +27,10 @@ from shared.tasks import load_task
 
 log = logging.getLogger("fedtrak.client")
 
+#: Queries assumed when the check is not told how many the server will score (the size of
+#: digits' query set; Fashion-MNIST's test set is 10,000).
+DEFAULT_QUERIES = 297
+
 #: Bytes of one released number (float64 arrays, uint64 masked vectors).
 NUMBER_BYTES = 8
 
@@ -40,7 +44,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     Raises:
         FedtrakError: on a bad task, data file or projection setting.
     """
-    task = load_task(task_name)
+    task = load_task(task_name, data=False)
     x, y = read_device_data(Path(data_path), task)
     featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0,
                                        ScoreSettings(proj_dim=proj_dim, projector=projector, batch_size=batch_size))
@@ -51,7 +55,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     seconds = time.perf_counter() - start
     noised = noise_multiplier > 0
     clip = clip_norm or task.clip_norm
-    nq = len(task.y_query) if queries is None else queries
+    nq = DEFAULT_QUERIES if queries is None else queries
     gram = k * (k + 1) // 2
     releases = [{"step": "query.featurize", "what": "masked vector: Gram upper triangles of every checkpoint "
                  "and the count (only their sum is revealed)" if secure_agg else

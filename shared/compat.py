@@ -25,7 +25,7 @@ def task_fingerprint(task: Task, projector: str, proj_dim: int, seed: int) -> st
     model = task.make_model()
     spec = {"task": task.name, "architecture": str(model),
             "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "input_shape": list(task.x_train.shape[1:]), "num_classes": task.num_classes,
+            "input_shape": list(task.input_shape), "num_classes": task.num_classes,
             "projector": projector, "proj_dim": proj_dim, "seed": seed}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

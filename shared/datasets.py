@@ -21,6 +21,10 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: Size of the digits training split; the remaining 297 images are queries.
 DIGITS_TRAIN_SIZE = 1500
 
+#: Shape of one input of each built-in data set (digits flattened, Fashion-MNIST as one channel).
+DIGITS_SHAPE = (64,)
+FMNIST_SHAPE = (1, 28, 28)
+
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], split 1,500 / 297.

@@ -4,6 +4,11 @@ Built-in tasks are named (``digits-logreg``, ``digits-mlp``, ``fmnist-mlp``,
 ``fmnist-cnn``); a user's own task is named by import path,
 ``package.module:function``, Flower-style, where ``function()`` returns a
 :class:`Task`.
+
+A device that brings its own data file needs only a task's model, output
+function and input shape: ``load_task(name, data=False)`` gives a built-in task
+without its data sets (a SuperNode for ``fmnist-mlp`` then needs no
+Fashion-MNIST files and does not hold 60,000 images in memory).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class Task:
         clip_norm: the default L2 clip norm C of projected features under
             differential privacy (about the median feature norm of trained
             checkpoints; ``None``: the user must give one).
+        has_data: False for a task loaded for its model only
+            (``load_task(..., data=False)``): its data arrays are empty, with
+            the right input shape.
     """
 
     name: str
@@ -64,6 +72,12 @@ class Task:
     output: ModelOutput = field(default_factory=ClassificationMargin)
     training: TrainConfig = field(default_factory=TrainConfig)
     clip_norm: float | None = None
+    has_data: bool = True
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input example."""
+        return tuple(self.x_train.shape[1:])
 
     @property
     def num_train(self) -> int:
@@ -77,6 +91,8 @@ class Task:
 
     def validate(self) -> None:
         """Check shapes, dtypes and finiteness of the data; raise FedtrakError if wrong."""
+        if not self.has_data:
+            return
         for split, x, y in (("train", self.x_train, self.y_train), ("query", self.x_query, self.y_query)):
             if len(x) != len(y):
                 raise FedtrakError(f"task {self.name}: {split} has {len(x)} inputs but {len(y)} labels")
@@ -93,6 +109,8 @@ class Task:
         """The same task on the first ``train_size`` / ``query_size`` examples
         of a fixed (seed 0) permutation, kept in dataset order."""
         task = self
+        if not self.has_data and (train_size or query_size):
+            raise FedtrakError(f"task {self.name} was loaded without its data: it has no subset")
         for kind, size in (("train", train_size), ("query", query_size)):
             if size is None:
                 continue
@@ -104,58 +122,68 @@ class Task:
         return task
 
 
-def _digits(name: str, model: Callable[[], nn.Module], training: TrainConfig, clip: float) -> Task:
-    xtr, ytr, xq, yq = datasets.load_digits_split()
-    return Task(name, model, xtr, ytr, xq, yq, num_classes=10, training=training, clip_norm=clip)
+def _no_data(input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Empty train and query arrays of a task loaded without its data."""
+    x, y = np.empty((0, *input_shape), dtype=np.float32), np.empty(0, dtype=np.int64)
+    return x, y, x, y
 
 
-def _fmnist(name: str, model: Callable[[], nn.Module], training: TrainConfig, clip: float) -> Task:
-    xtr, ytr, xq, yq = datasets.load_fmnist_split()
-    return Task(name, model, xtr, ytr, xq, yq, num_classes=10, training=training, clip_norm=clip)
+def _builtin(name: str, model: Callable[[], nn.Module], training: TrainConfig, clip: float,
+             data: bool) -> Task:
+    digits = name.startswith("digits")
+    if data:
+        arrays = datasets.load_digits_split() if digits else datasets.load_fmnist_split()
+    else:
+        arrays = _no_data(datasets.DIGITS_SHAPE if digits else datasets.FMNIST_SHAPE)
+    return Task(name, model, *arrays, num_classes=10, training=training, clip_norm=clip, has_data=data)
 
 
-#: Built-in tasks: name -> factory. Each trains on two CPU cores in seconds to a minute. The
+#: Built-in tasks: name -> factory (its argument: load the data sets). Each trains on two CPU cores in seconds to a minute. The
 #: last number is the default clip norm: the median norm of projected features measured on a
 #: trained checkpoint (4.7, 27, 21 and 21).
-BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
-    "digits-logreg": lambda: _digits(
+BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
+    "digits-logreg": lambda data: _builtin(
         "digits-logreg",
         lambda: models.logistic_regression(64, 10),
         TrainConfig(epochs=30, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-3),
-        5.0,
+        5.0, data,
     ),
-    "digits-mlp": lambda: _digits(
+    "digits-mlp": lambda data: _builtin(
         "digits-mlp",
         lambda: models.mlp(64, (256, 256), 10),
         TrainConfig(epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        25.0,
+        25.0, data,
     ),
-    "fmnist-mlp": lambda: _fmnist(
+    "fmnist-mlp": lambda data: _builtin(
         "fmnist-mlp",
         lambda: models.mlp(784, (128,), 10),
         TrainConfig(epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        20.0,
+        20.0, data,
     ),
-    "fmnist-cnn": lambda: _fmnist(
+    "fmnist-cnn": lambda data: _builtin(
         "fmnist-cnn",
         lambda: models.small_cnn(10),
         TrainConfig(epochs=2, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        20.0,
+        20.0, data,
     ),
 }
 
 DEFAULT_TASK = "digits-logreg"
 
 
-def load_task(spec: str, train_size: int | None = None, query_size: int | None = None) -> Task:
+def load_task(spec: str, train_size: int | None = None, query_size: int | None = None,
+              data: bool = True) -> Task:
     """Load a built-in task by name or a user task by ``package.module:function``.
+
+    ``data=False`` leaves a built-in task's data sets unloaded (see the module
+    docstring); a user's task factory is called as always and loads its own.
 
     Raises:
         FedtrakError: unknown name, import failure, or a factory that does not
             return a valid :class:`Task`.
     """
     if spec in BUILTIN_TASKS:
-        task = BUILTIN_TASKS[spec]()
+        task = BUILTIN_TASKS[spec](data)
     elif ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -182,10 +210,10 @@ def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
 
 
 @lru_cache(maxsize=4)
-def cached_task(spec: str, train_size: int = 0, query_size: int = 0) -> Task:
+def cached_task(spec: str, train_size: int = 0, query_size: int = 0, data: bool = True) -> Task:
     """:func:`load_task` once per process and arguments (sizes of 0: the whole split).
 
     The server and every client of a run load the same task; in simulation
     they share processes, so this saves reloading it for every message.
     """
-    return load_task(spec, train_size or None, query_size or None)
+    return load_task(spec, train_size or None, query_size or None, data)

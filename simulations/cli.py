@@ -254,7 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--proj-dim", type=_positive_int, default=None)
     dc.add_argument("--projector", choices=PROJECTOR_KINDS, default="rademacher")
     dc.add_argument("--checkpoints", type=_positive_int, default=3)
-    dc.add_argument("--queries", type=_positive_int, default=None, help="default: the task's query set")
+    dc.add_argument("--queries", type=_positive_int, default=None,
+                    help="queries the server will score (default 297, the digits query set)")
     dc.add_argument("--noise-multiplier", type=float, default=0.0)
     dc.add_argument("--clip-norm", type=_positive_float, default=None)
     dc.add_argument("--secure-agg", action="store_true")

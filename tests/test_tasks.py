@@ -34,6 +34,23 @@ def test_missing_fmnist_files_give_install_hint(tmp_path, monkeypatch):
         load_task("fmnist-mlp")
 
 
+def test_a_device_loads_a_builtin_task_without_its_data(tmp_path, monkeypatch):
+    """A SuperNode reading its own file needs the model and input shape, not Fashion-MNIST."""
+    from shared.compat import task_fingerprint
+
+    monkeypatch.setenv("FEDTRAK_FMNIST_DIR", str(tmp_path))  # no files there
+    with pytest.raises(FedtrakError, match="Fashion-MNIST files not found"):
+        load_task("fmnist-mlp")
+    bare = load_task("fmnist-mlp", data=False)
+    assert not bare.has_data and bare.input_shape == (1, 28, 28) and bare.num_train == 0
+    assert bare.num_params == 101770
+    with pytest.raises(FedtrakError, match="without its data"):
+        bare.subset(train_size=10)
+    full, bare = load_task("digits-mlp"), load_task("digits-mlp", data=False)
+    assert bare.input_shape == full.input_shape == (64,)
+    assert task_fingerprint(bare, "rademacher", 64, 0) == task_fingerprint(full, "rademacher", 64, 0)
+
+
 def test_unknown_task_lists_the_builtins():
     with pytest.raises(FedtrakError, match="unknown task 'cifar'.*digits-logreg"):
         load_task("cifar")
