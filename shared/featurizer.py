@@ -101,6 +101,15 @@ class Featurizer:
         grads = self._per_example_grad(self.params, self.buffers, x, y)
         return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
 
+    def _grads_into(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Write a batch's flattened per-example gradients into ``out`` parameter by parameter."""
+        grads = self._per_example_grad(self.params, self.buffers, x, y)
+        col = 0
+        for name in list(grads):
+            g = grads.pop(name)  # freed as soon as it is copied
+            out[:, col : col + g[0].numel()] = g.reshape(len(x), -1)
+            col += g[0].numel()
+
     @torch.no_grad()
     def out_to_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Out-to-loss weights ``q`` of a batch: ``(b,)``."""
@@ -134,8 +143,8 @@ class Featurizer:
                 continue
             grads = torch.empty((stop - start, self.grad_dim), dtype=torch.float32)  # filled in place: no
             for i in range(0, stop - start, self.batch_size):  # second copy of the chunk, as a cat would make
-                grads[i : i + self.batch_size] = self.per_example_grads(xc[i : i + self.batch_size],
-                                                                        yc[i : i + self.batch_size])
+                self._grads_into(grads[i : i + self.batch_size], xc[i : i + self.batch_size],
+                                 yc[i : i + self.batch_size])
             q = torch.cat(
                 [
                     self.out_to_loss(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
@@ -144,6 +153,7 @@ class Featurizer:
             )
             _check_finite(grads, q, start)
             phi = self.projector.project(grads, more_to_come=n > self.chunk_examples)
+            del grads  # before the next chunk's buffer is allocated: one chunk in memory at a time
             yield FeatureChunk(start, phi.numpy(), q.numpy().astype(np.float32))
 
     def featurize(
@@ -167,7 +177,9 @@ class Featurizer:
 
 
 def _check_finite(grads: torch.Tensor, q: torch.Tensor, offset: int) -> None:
-    bad = (~torch.isfinite(grads).all(dim=1)) | (~torch.isfinite(q))
+    # A row sum is finite only if every entry is (or it overflows, itself a diverged gradient);
+    # torch.isfinite on the whole chunk would allocate temporaries 1.5 times its size.
+    bad = (~torch.isfinite(grads.sum(dim=1))) | (~torch.isfinite(q))
     if bool(bad.any()):
         rows = (torch.nonzero(bad).flatten() + offset).tolist()
         shown = ", ".join(str(r) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")

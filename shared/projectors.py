@@ -31,8 +31,10 @@ BLOCK_ROWS = 4096
 #: Default projection dimension k of the random projections.
 DEFAULT_PROJ_DIM = 512
 
-#: Default memory budget for keeping the whole generated matrix in memory.
-DEFAULT_CACHE_BYTES = 1 << 30
+#: Default memory budget for keeping the whole generated matrix in memory. Generating the blocks
+#: again for every chunk costs little (measured: no slower on digits-mlp and fmnist-mlp at k = 2048),
+#: so the budget is small enough for a device: a 0.8 GB matrix is not kept.
+DEFAULT_CACHE_BYTES = 256 << 20
 
 PROJECTOR_KINDS = ("rademacher", "gaussian", "factorized", "identity")
 
