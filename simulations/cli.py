@@ -236,6 +236,13 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
 
+    atk = sub.add_parser("attack", help="attacks of a curious server on a run's releases (inversion, membership)")
+    atk.add_argument("run_dir", type=Path)
+    atk.add_argument("--kind", action="append", choices=["inversion", "small-owner", "membership"],
+                     help="attack to run (repeatable; default: every one that applies to the run's mode)")
+    atk.add_argument("--targets", type=_positive_int, default=8, help="examples attacked")
+    atk.add_argument("--trials", type=_positive_int, default=400, help="membership games")
+    atk.add_argument("--steps", type=_positive_int, default=300, help="optimization steps per inversion")
     certs = sub.add_parser("certs", help="TLS certificates for a SuperLink: a CA and a server certificate")
     certs.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
     certs.add_argument("--host", action="append", default=[], required=True,
@@ -310,6 +317,16 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--projector", choices=PROJECTOR_KINDS, default="factorized")
     bd.add_argument("--secure-agg", action="store_true")
     bd.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    ba = bsub.add_parser("attacks", help="what a curious server recovers, per mode, k, epsilon and client size")
+    ba.add_argument("--task", default=DEFAULT_TASK)
+    ba.add_argument("--proj-dims", default="64,512,identity", help="comma-separated k values of features mode")
+    ba.add_argument("--epsilons", default="inf,8,1")
+    ba.add_argument("--targets", type=_positive_int, default=8)
+    ba.add_argument("--steps", type=_positive_int, default=300)
+    ba.add_argument("--restarts", type=_positive_int, default=4, help="random starts per label tried")
+    ba.add_argument("--label-candidates", type=_positive_int, default=2, help="labels tried per target")
+    ba.add_argument("--owner-sizes", default="1,2,4,16,64", help="client sizes of the small-owner attack")
+    ba.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     bs = bsub.add_parser("secagg", help="cost of secure aggregation in a simulation, against the plain run")
     bs.add_argument("--task", default="digits-mlp")
     bs.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
@@ -441,6 +458,27 @@ def _run(args: argparse.Namespace) -> int:
         from client.device import format_results, read_results
 
         print(format_results(read_results(args.folder), args.queries))
+    elif args.command == "attack":
+        from simulations.attacks.inversion import InversionSettings
+        from simulations.attacks.suite import ATTACK_KINDS, attack_run, format_block
+
+        block = attack_run(args.run_dir, tuple(args.kind or ATTACK_KINDS), args.targets, args.trials,
+                           InversionSettings(steps=args.steps))
+        print(format_block(block))
+        print(f"wrote the attacks block of {args.run_dir / 'summary.json'}")
+    elif args.command == "bench" and args.bench == "attacks":
+        from simulations.attacks.bench import bench_attacks
+        from simulations.attacks.bench import format_table as attack_table
+        from simulations.attacks.inversion import InversionSettings
+
+        dims = tuple(None if d.strip() == "identity" else _positive_int(d) for d in args.proj_dims.split(","))
+        epsilons = tuple(math.inf if e.strip().lower() == "inf" else float(e) for e in args.epsilons.split(","))
+        sizes = tuple(_positive_int(v) for v in args.owner_sizes.split(","))
+        rows = bench_attacks(args.task, dims, epsilons, args.targets, sizes, inversion=InversionSettings(
+            steps=args.steps, restarts=args.restarts, label_candidates=args.label_candidates))
+        print(attack_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
     elif args.command == "certs":
         from server.certs import make_certificates
 

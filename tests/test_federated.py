@@ -6,6 +6,7 @@ Each simulation runs once per session and is shared by the tests that read it.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from shared.errors import FedtrakError
 from shared.partition import partition
 from shared.settings import ScoreSettings
 from simulations.attribute import AttributeConfig, central_scores, run_attribute
+from simulations.cli import main
 from simulations.faults import faulty_client_app
 from simulations.simulate import run_simulation, simulation_config
 
@@ -263,3 +265,26 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     assert noised.shape == exact.shape and not np.allclose(noised, exact)
     assert np.all(np.isfinite(noised))  # quality against epsilon: the sweep (README) measures it
     assert np.load(out / "owner_self_influence.npy").shape == (3,)
+
+    # the curious server's attacks on this run's releases, with the run's own C and sigma
+    assert main(["attack", str(out), "--targets", "4", "--trials", "300", "--steps", "100"]) == 0
+    attacks = json.loads((out / "summary.json").read_text())["attacks"]
+    assert attacks["noise_multiplier"] == privacy["noise_multiplier"] and attacks["run_epsilon"] == privacy["epsilon"]
+    assert attacks["inversion"] == {"skipped": "private mode releases no per-example features"}
+    assert [r["client_examples"] for r in attacks["small_owner"]["sizes"]] == [1, 2, 4, 16, 64]
+    for row in attacks["small_owner"]["sizes"]:
+        assert row["recovered"] <= row["baseline"]["recovered"] + 0.25
+    mem = attacks["membership"]
+    assert mem["empirical_epsilon_lower_bound"] < mem["accounted_epsilon"] <= privacy["epsilon"]
+    assert (out / "attacks.npz").is_file()
+
+
+def test_attack_cli_on_a_features_run_rebuilds_the_images(sim_factory, tmp_path, central_factory):
+    """features mode sends every feature: at k = 128 without noise the server rebuilds client 0's
+    digits. A centralized run released nothing and is refused."""
+    run = tmp_path / "features-run"
+    shutil.copytree(sim_factory(3, "iid", "features"), run)
+    assert main(["attack", str(run), "--targets", "4", "--steps", "150"]) == 0
+    inv = json.loads((run / "summary.json").read_text())["attacks"]["inversion"]
+    assert inv["recovered"] == 1.0 and inv["psnr_mean"] > inv["baseline"]["psnr_mean"] + 15
+    assert main(["attack", str(central_factory(3, "iid"))]) == 2

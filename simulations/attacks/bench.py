@@ -1,0 +1,93 @@
+"""``fedtrak bench attacks``: the README's table of what a curious server recovers.
+
+One centrally trained checkpoint of the task (seed 0); client data are the
+first training examples, outsiders (for membership) the last ones. For each
+epsilon the noise multiplier is calibrated on the attacked mode's release plan
+for one checkpoint (``sigma_for_plan``), with the task's default clip norm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+from shared.checkpoints import train_central
+from shared.privacy.accountant import sigma_for_plan
+from shared.privacy.mechanisms import DPSettings, release_plan
+from shared.tasks import Task, load_task
+from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
+from simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
+
+
+def _dp(task: Task, mode: str, eps: float) -> DPSettings:
+    if math.isinf(eps):
+        return DPSettings()
+    clip = float(task.clip_norm or 1.0)
+    sigma = sigma_for_plan(eps, lambda s: release_plan(mode, 1, DPSettings(s, clip), False), 1e-5)
+    return DPSettings(sigma, clip)
+
+
+def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None, ...] = (64, 512, None),
+                  epsilons: tuple[float, ...] = (math.inf, 8.0, 1.0), targets: int = 8,
+                  owner_sizes: tuple[int, ...] = OWNER_SIZES, owner_dim: int | None = 512, trials: int = 400,
+                  inversion: InversionSettings = DEFAULT_INVERSION) -> list[dict]:
+    """Rows of the attack table: features-mode inversion per k and epsilon, small-owner inversion
+    per client size with and without secure aggregation per epsilon, membership per epsilon.
+    ``None`` as a k is the identity (no projection)."""
+    task = load_task(task_name)
+    state = train_central(task, seed=0).state_dict()
+    inside, outside = slice(0, max(owner_sizes + (targets,))), slice(task.num_train - targets, task.num_train)
+    data = (task.x_train[inside], task.y_train[inside], task.x_train[outside], task.y_train[outside])
+    rows = []
+    for eps in epsilons:
+        for k in proj_dims:
+            setting = AttackSetting(mode="features", projector="identity" if k is None else "rademacher",
+                                    proj_dim=k, dp=_dp(task, "features", eps), targets=targets, inversion=inversion)
+            block, _ = attack_setting(task, [state], setting, *data, kinds=("inversion",))
+            rows.append({"attack": "inversion (features mode)", "epsilon": eps, "k": block["proj_dim"],
+                         "accounted": block["accounted_epsilon"], **_row(block["inversion"])})
+        dp = _dp(task, "private", eps)
+        for secure in (False, True):
+            setting = AttackSetting(mode="private", proj_dim=owner_dim, dp=dp, secure_agg=secure,
+                                    owner_sizes=owner_sizes, inversion=inversion)
+            block, _ = attack_setting(task, [state], setting, *data, kinds=("small-owner",))
+            for r in block["small_owner"]["sizes"]:
+                rows.append({"attack": f"small owner, {block['small_owner']['release']}", "epsilon": eps,
+                             "k": block["proj_dim"], "accounted": block["accounted_epsilon"],
+                             "client_examples": r["client_examples"], **_row(r)})
+        setting = AttackSetting(mode="private", proj_dim=owner_dim, dp=dp, targets=targets, trials=trials)
+        start = time.perf_counter()
+        block, _ = attack_setting(task, [state], replace(setting), task.x_train[: 64], task.y_train[: 64],
+                                  task.x_train[outside], task.y_train[outside], kinds=("membership",))
+        mem = block["membership"]
+        rows.append({"attack": "membership (private mode)", "epsilon": eps, "k": block["proj_dim"],
+                     "accounted": block["accounted_epsilon"], "client_examples": 64, "tpr": mem["tpr"],
+                     "fpr": mem["fpr"], "empirical_epsilon": mem["empirical_epsilon_lower_bound"],
+                     "seconds": round(time.perf_counter() - start, 1)})
+    for row in rows:
+        row["task"] = task_name
+    return rows
+
+
+def _row(q: dict) -> dict:
+    return {"psnr": q["psnr_mean"], "psnr_std": q["psnr_std"], "ssim": q["ssim_mean"], "recovered": q["recovered"],
+            "baseline_psnr": q["baseline"]["psnr_mean"], "baseline_recovered": q["baseline"]["recovered"],
+            "seconds": q.get("seconds")}
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the attack rows."""
+    lines = [("| attack | epsilon (accounted) | k | client examples | PSNR dB (std) | SSIM | recovered | "
+              "class mean PSNR / recovered | membership TPR / FPR, empirical epsilon | seconds |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g} ({r['accounted']})"
+        if "tpr" in r:
+            lines.append(f"| {r['attack']} | {eps} | {r['k']} | {r['client_examples']} | - | - | - | - | "
+                         f"{r['tpr']} / {r['fpr']}, {r['empirical_epsilon']} | {r['seconds']} |")
+        else:
+            lines.append(f"| {r['attack']} | {eps} | {r['k']} | {r.get('client_examples', 1)} | {r['psnr']} "
+                         f"({r['psnr_std']}) | {r['ssim']} | {r['recovered']:.0%} | {r['baseline_psnr']} / "
+                         f"{r['baseline_recovered']:.0%} | - | {r['seconds']} |")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Inverting a small client from its Gram or its owner summary.
+
+Without secure aggregation the server sees each client's Gram ``Phi^T Phi``
+(noised under DP). Its top ``n`` eigenvectors span the client's ``n``
+features (exactly without noise; ``n`` is the released count): one example's
+Gram is ``phi phi^T``, its feature up to sign. The attack optimizes inputs
+whose features lie in that span (:func:`.inversion.invert_span`), a few per
+label, and matches each true example with its best reconstruction.
+
+With secure aggregation the server sees only the sum of all Grams, but still
+each owner's summary ``s = sum_i qbar_i phi_i`` (the DP release; without DP
+the per-query totals ``U s``, from which s follows by least squares when the
+queries span R^k: the attack takes s itself, the worst case). The span is then
+one vector: a one-example owner's feature up to scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_span
+from simulations.attacks.view import Releases, ServerView
+
+
+def span_of_release(rel: Releases, secure_agg: bool) -> np.ndarray:
+    """The orthonormal basis ``(k, r)`` the server reads off a client's releases."""
+    if secure_agg:
+        s = np.asarray(rel.summary, dtype=np.float64)
+        return (s / max(np.linalg.norm(s), 1e-300))[:, None]
+    n = int(min(max(1, round(float(rel.count))), len(rel.gram)))
+    vals, vecs = np.linalg.eigh(np.asarray(rel.gram, dtype=np.float64))
+    return vecs[:, np.argsort(vals)[::-1][:n]]
+
+
+def invert_owner(view: ServerView, rel: Releases, secure_agg: bool, restarts_per_label: int = 1,
+                 settings: InversionSettings = DEFAULT_INVERSION) -> np.ndarray:
+    """Reconstructions ``(R, *input_shape)`` from one client's releases: ``restarts_per_label``
+    optimizations per label and basis vector (at least one per label)."""
+    basis = span_of_release(rel, secure_agg)
+    per_label = max(1, restarts_per_label * basis.shape[1])
+    labels = np.repeat(np.arange(view.task.num_classes), per_label)
+    x, _ = invert_span(view, basis, labels, settings)
+    return x

@@ -1,0 +1,201 @@
+"""The attacks on one setting or one run folder: ``fedtrak attack`` and ``fedtrak bench attacks``.
+
+:func:`attack_setting` runs the attacks that apply to a release mode on one
+client's data and reports reconstruction quality next to the class-mean
+baseline and the accounted epsilon; :func:`attack_run` takes the setting from
+a finished simulation's folder (task, first checkpoints, projection, clip
+norm, noise) and appends the ``attacks`` block to its ``summary.json``, with
+the reconstructions in ``attacks.npz`` for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.checkpoints import atomic_write_json, load_checkpoints
+from shared.errors import FedtrakError
+from shared.partition import partition
+from shared.privacy.accountant import epsilon
+from shared.privacy.mechanisms import DPSettings, release_plan
+from shared.results import SUMMARY
+from shared.settings import ScoreSettings
+from shared.tasks import Task, load_task
+from simulations.attacks import metrics
+from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_features
+from simulations.attacks.membership import membership_attack
+from simulations.attacks.small_owner import invert_owner
+from simulations.attacks.view import ServerView
+from simulations.run_folder import RunFolder
+
+ATTACK_KINDS = ("inversion", "small-owner", "membership")
+#: Client sizes of the small-owner attack.
+OWNER_SIZES = (1, 2, 4, 16, 64)
+#: The report's image strip of the small-owner attack shows a client of at most this many examples.
+STRIP_OWNER_SIZE = 4
+
+
+@dataclass(frozen=True)
+class AttackSetting:
+    """The releases attacked: mode, projection, privacy and the attacks' budgets."""
+
+    mode: str = "private"
+    projector: str = "rademacher"
+    proj_dim: int | None = 512
+    seed: int = 0
+    dp: DPSettings = field(default_factory=DPSettings)
+    secure_agg: bool = False
+    checkpoints: int = 1
+    targets: int = 8
+    owner_sizes: tuple[int, ...] = OWNER_SIZES
+    trials: int = 400
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+
+
+def accounted_epsilon(setting: AttackSetting) -> float | None:
+    """The accountant's epsilon of one client's releases in this setting (None without noise)."""
+    if not setting.dp.active:
+        return None
+    plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False)
+    return round(epsilon(plan, setting.dp.delta), 3)
+
+
+def _quality(task: Task, x_true: np.ndarray, y_true: np.ndarray, recs: np.ndarray, matched: bool) -> dict:
+    true = metrics.as_images(x_true, task.input_shape)
+    rec = metrics.as_images(recs, task.input_shape)
+    if matched:
+        _, ps, ss = metrics.best_match(true, rec)
+    else:
+        ps = np.array([metrics.psnr(t, r) for t, r in zip(true, rec)])
+        ss = np.array([metrics.ssim(t, r) for t, r in zip(true, rec)])
+    base = metrics.class_means(task.x_query, task.y_query, task.num_classes, task.input_shape)[y_true]
+    return metrics.quality(true, ps, ss, base)
+
+
+def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: AttackSetting,
+                   x_client: np.ndarray, y_client: np.ndarray, x_other: np.ndarray, y_other: np.ndarray,
+                   kinds: tuple[str, ...] = ATTACK_KINDS) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run ``kinds`` against one client holding ``x_client`` (``x_other``: examples it does not
+    hold, the membership attack's outsiders). Returns the block and the images for the report."""
+    unknown = set(kinds) - set(ATTACK_KINDS)
+    if unknown:
+        raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
+    settings = ScoreSettings(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed)
+    views = [ServerView(task, s, m, settings, setting.dp) for m, s in enumerate(states[: setting.checkpoints])]
+    view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
+    block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,
+                   "noise_multiplier": setting.dp.noise_multiplier, "clip_norm": setting.dp.clip_norm or None,
+                   "secure_aggregation": setting.secure_agg, "accounted_epsilon": accounted_epsilon(setting),
+                   "checkpoint_attacked": 0}
+    images: dict[str, np.ndarray] = {}
+    n = min(setting.targets, len(y_client))
+    if "inversion" in kinds:
+        if setting.mode != "features":
+            block["inversion"] = {"skipped": "private mode releases no per-example features"}
+        else:
+            start = time.perf_counter()
+            phi, q = view.client_features(x_client[:n], y_client[:n])
+            rel = view.releases(phi, q, "features", rng)
+            recs, labels, _ = invert_features(view, rel.features, setting.inversion)
+            block["inversion"] = {**_quality(task, x_client[:n], y_client[:n], recs, matched=False),
+                                  "labels_correct": round(float((labels == y_client[:n]).mean()), 3),
+                                  "seconds": round(time.perf_counter() - start, 1)}
+            images["inversion_true"], images["inversion_rec"] = x_client[:n], recs
+    if "small-owner" in kinds:
+        if setting.mode != "private":
+            block["small_owner"] = {"skipped": "features mode releases every feature (see inversion)"}
+        else:
+            rows = []
+            for size in setting.owner_sizes:
+                if size > len(y_client):
+                    continue
+                start = time.perf_counter()
+                phi, q = view.client_features(x_client[:size], y_client[:size])
+                recs = invert_owner(view, view.releases(phi, q, "private", rng), setting.secure_agg,
+                                    settings=setting.inversion)
+                rows.append({"client_examples": size,
+                             **_quality(task, x_client[:size], y_client[:size], recs, matched=True),
+                             "reconstructions": len(recs), "seconds": round(time.perf_counter() - start, 1)})
+                if size <= STRIP_OWNER_SIZE:  # the report shows the largest client up to this size
+                    idx, _, _ = metrics.best_match(metrics.as_images(x_client[:size], task.input_shape),
+                                                   metrics.as_images(recs, task.input_shape))
+                    images["small_owner_true"], images["small_owner_rec"] = x_client[:size], recs[idx]
+            block["small_owner"] = {"sizes": rows,
+                                    "release": "owner summary" if setting.secure_agg else "client Gram"}
+    if "membership" in kinds:
+        if setting.mode != "private":
+            block["membership"] = {"skipped": "features mode hides feature values, not their presence"}
+        else:
+            m = min(setting.targets, len(y_other))
+            block["membership"] = membership_attack(views, x_client, y_client, x_other[:m], y_other[:m],
+                                                    setting.trials, setting.seed)
+    return block, images
+
+
+def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: int = 8, trials: int = 400,
+               inversion: InversionSettings = DEFAULT_INVERSION) -> dict:
+    """Attack client 0 of a finished simulation's run folder with the run's own settings; append
+    the ``attacks`` block to its summary and write ``attacks.npz``.
+
+    Raises:
+        FedtrakError: if the folder is not a complete simulation run (devices' own data cannot
+            be compared with), or its checkpoints are missing.
+    """
+    run = RunFolder.open(run_dir)
+    if run.summary.get("mode") not in ("private", "features"):
+        raise FedtrakError(f"{run_dir} is a {run.summary.get('mode')} run: it released nothing to attack "
+                           "(attack a `fedtrak simulate` run)")
+    part = run.summary.get("partition")
+    if part is None or min(run.owner_partition_ids(), default=-1) < 0:
+        raise FedtrakError(f"{run_dir}: the attacks compare reconstructions with the clients' true data, "
+                           "which only a simulation or attribute run has")
+    task = load_task(str(run.setting("task")), int(run.setting("train_size") or 0) or None,
+                     int(run.setting("query_size") or 0) or None)
+    num = int(run.summary["num_checkpoints"])
+    states = [s for _, s in load_checkpoints(task, run.checkpoint_folder(), num)]
+    priv = run.summary.get("privacy") or {}
+    dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
+                    "per-checkpoint")), float(priv.get("delta", 1e-5))) if priv.get("dp") else DPSettings()
+    clients = partition(task.y_train, int(part["num_clients"]), str(part["scheme"]),
+                        float(part.get("alpha", 0.5) or 0.5), int(part["seed"])).clients
+    own = np.asarray(clients[0])
+    other = np.setdiff1d(np.arange(task.num_train), own)
+    setting = AttackSetting(mode=str(run.summary["mode"]), projector=str(run.summary["projector"]),
+                            proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
+                            seed=int(run.setting("seed") or 0), dp=dp,
+                            secure_agg=bool(run.setting("secure_agg")), checkpoints=num, targets=targets,
+                            trials=trials, inversion=inversion)
+    start = time.perf_counter()
+    block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
+                                   task.x_train[other], task.y_train[other], kinds)
+    block.update(client=0, run_epsilon=priv.get("epsilon"), seconds=round(time.perf_counter() - start, 1),
+                 threat_model="honest-but-curious server: knows checkpoints, model, projection seed, k, C, sigma")
+    if images:
+        np.savez_compressed(run.path / "attacks.npz", **images, input_shape=np.array(task.input_shape))
+    run.summary["attacks"] = block
+    atomic_write_json(run.path / SUMMARY, run.summary)
+    return block
+
+
+def format_block(block: dict) -> str:
+    """The attacks block as a few lines of text."""
+    eps = block.get("accounted_epsilon")
+    lines = [f"{block['mode']} mode, {block['projector']} k = {block['proj_dim']}, "
+             f"epsilon {'inf' if eps is None else eps}" + (", secure aggregation" if block["secure_aggregation"] else "")]
+    inv = block.get("inversion")
+    if inv and "skipped" not in inv:
+        lines.append(f"  inversion: PSNR {inv['psnr_mean']} dB, SSIM {inv['ssim_mean']}, recovered "
+                     f"{inv['recovered']:.0%} (class mean: PSNR {inv['baseline']['psnr_mean']} dB, "
+                     f"recovered {inv['baseline']['recovered']:.0%}), labels {inv['labels_correct']:.0%}")
+    for row in (block.get("small_owner") or {}).get("sizes", []):
+        lines.append(f"  small owner of {row['client_examples']}: PSNR {row['psnr_mean']} dB, recovered "
+                     f"{row['recovered']:.0%} (class mean {row['baseline']['psnr_mean']} dB)")
+    mem = block.get("membership")
+    if mem and "skipped" not in mem:
+        lines.append(f"  membership: TPR {mem['tpr']}, FPR {mem['fpr']}, empirical epsilon >= "
+                     f"{mem['empirical_epsilon_lower_bound']} (accounted {mem['accounted_epsilon']})")
+    return "\n".join(lines)

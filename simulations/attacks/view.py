@@ -1,0 +1,79 @@
+"""The curious server's knowledge, and the releases it receives.
+
+The server knows a checkpoint's weights, the model, the projection (seeded:
+it can build the same matrix), k, the clip norm and the noise multiplier. The
+releases are made here with the functions the clients run
+(:mod:`shared.privacy.mechanisms`): clipping per checkpoint, Gaussian noise on
+features, Grams, counts and owner summaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.featurizer import Featurizer
+from shared.kernel import gram
+from shared.privacy.mechanisms import (
+    DPSettings,
+    clip_scales,
+    gram_noise,
+    noised_count,
+    noised_features,
+    noised_owner_summaries,
+    owner_summaries,
+)
+from shared.projectors import IdentityProjector
+from shared.settings import ScoreSettings, checkpoint_featurizer
+from shared.tasks import Task
+
+
+@dataclass
+class Releases:
+    """What one client releases for one checkpoint (``None``: not released in that mode)."""
+
+    features: np.ndarray | None = None
+    out_to_loss: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    count: float | None = None
+    summary: np.ndarray | None = None
+
+
+class ServerView:
+    """Checkpoint ``m`` as the server sees it: a differentiable feature map and the client's releases."""
+
+    def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: ScoreSettings,
+                 dp: DPSettings) -> None:
+        self.task, self.m, self.dp = task, m, dp
+        self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
+        proj = self.featurizer.projector
+        self.proj_dim = proj.proj_dim
+        self.matrix: torch.Tensor | None = None if isinstance(proj, IdentityProjector) else proj.matrix()
+
+    def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Projected gradients ``(b, k)`` of inputs ``x`` with labels ``y``, differentiable in ``x``."""
+        g = self.featurizer.per_example_grads(x, y)
+        return g if self.matrix is None else g @ self.matrix
+
+    def client_features(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A client's features and out-to-loss weights, clipped to C when DP is on, as it stores them."""
+        f = self.featurizer.featurize(x, y)
+        phi = f.features.astype(np.float64)
+        if self.dp.active:
+            phi = phi * clip_scales(np.linalg.norm(phi, axis=1)[None], self.dp.clip_norm, "per-checkpoint")[0, :, None]
+        return phi, f.out_to_loss.astype(np.float64)
+
+    def releases(self, phi: np.ndarray, q: np.ndarray, mode: str, rng: np.random.Generator) -> Releases:
+        """What a client with (clipped) features ``phi`` and weights ``q`` releases in ``mode``
+        (``features``: its features; ``private``: its Gram, count and owner summary)."""
+        noisy = self.dp.active
+        if mode == "features":
+            f, w = noised_features(phi, q, self.dp, rng) if noisy else (phi, q)
+            return Releases(features=np.asarray(f, dtype=np.float64), out_to_loss=np.asarray(w, dtype=np.float64))
+        g = gram(phi)
+        s = owner_summaries([phi], q)
+        return Releases(gram=g + gram_noise(len(g), self.dp, rng) if noisy else g,
+                        count=noised_count(len(q), self.dp, rng) if noisy else float(len(q)),
+                        summary=(noised_owner_summaries(s, self.dp, rng) if noisy else s)[0])
