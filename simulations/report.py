@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +31,7 @@ import numpy as np
 
 from shared.errors import FedtrakError
 from shared.tasks import Task, cached_task
+from simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
 from simulations.run_folder import RunFolder
 
 TOP = 5
@@ -39,16 +39,10 @@ TOP = 5
 
 def _image_shape(task: Task) -> tuple[int, int] | None:
     """The 2-d shape to draw an input as, or ``None`` if it is no single-channel image."""
-    shape = task.x_train.shape[1:]
-    if len(shape) == 3 and shape[0] == 1:
-        return shape[1], shape[2]
-    if len(shape) == 2:
-        return shape[0], shape[1]
-    if len(shape) == 1:
-        side = math.isqrt(shape[0])
-        if side * side == shape[0]:
-            return side, side
-    return None
+    try:
+        return image_shape(task.input_shape)
+    except FedtrakError:
+        return None
 
 
 def _run_task(run: RunFolder) -> Task | None:
@@ -197,6 +191,66 @@ def mislabel_figure(run: RunFolder) -> bytes | None:
     return _png(fig)
 
 
+def attack_figure(run: RunFolder) -> bytes | None:
+    """Each attack's true examples (top row) above what the server rebuilt from the releases
+    (``None`` before ``fedtrak attack`` or for an attack with no images)."""
+    file = run.path / "attacks.npz"
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise FedtrakError(f"cannot read {file}: {exc}") from exc
+    shape = image_shape(tuple(int(v) for v in arrays.pop("input_shape")))
+    strips = [(name, arrays[f"{name}_true"], arrays[f"{name}_rec"]) for name in ("inversion", "small_owner")
+              if f"{name}_true" in arrays]
+    if not strips:
+        return None
+    cols = max(len(t) for _, t, _ in strips)
+    fig, axes = plt.subplots(2 * len(strips), cols, figsize=(1.2 * cols, 1.35 * 2 * len(strips)), squeeze=False)
+    for i, (name, true, rec) in enumerate(strips):
+        for j in range(cols):
+            for r, (imgs, label) in enumerate(((true, "true"), (rec, "rebuilt"))):
+                ax = axes[2 * i + r, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j < len(imgs):
+                    ax.imshow(np.clip(np.asarray(imgs[j], dtype=np.float32).reshape(shape), 0, 1), cmap="gray_r",
+                              vmin=0, vmax=1)
+                    if j == 0:
+                        ax.set_ylabel(f"{name.replace('_', ' ')}\n{label}", fontsize=7)
+                else:
+                    ax.axis("off")
+    fig.suptitle("true examples of client 0 (upper row of each pair) and the server's reconstructions", fontsize=9)
+    return _png(fig)
+
+
+def _attack_rows(block: dict) -> list[tuple[str, str]]:
+    if not block:
+        return []
+    eps = block.get("run_epsilon") or block.get("accounted_epsilon")
+    rows = [("attacked releases", (f"{block['mode']} mode, {block['projector']} k = {block['proj_dim']}, "
+                                   f"epsilon {'none (no noise)' if eps is None else f'{eps:.3g}'}"
+                                   + (", secure aggregation" if block.get("secure_aggregation") else "")))]
+    inv = block.get("inversion", {})
+    if "psnr_mean" in inv:
+        rows.append(("feature inversion", (f"PSNR {inv['psnr_mean']} dB, SSIM {inv['ssim_mean']}, recovered "
+                                           f"{inv['recovered']:.0%} of {inv['examples']} (class mean: PSNR "
+                                           f"{inv['baseline']['psnr_mean']} dB, recovered "
+                                           f"{inv['baseline']['recovered']:.0%})")))
+    for r in block.get("small_owner", {}).get("sizes", []):
+        rows.append((f"small owner of {r['client_examples']} ({block['small_owner']['release']})",
+                     (f"PSNR {r['psnr_mean']} dB, recovered {r['recovered']:.0%} (class mean "
+                      f"{r['baseline']['psnr_mean']} dB, {r['baseline']['recovered']:.0%})")))
+    mem = block.get("membership", {})
+    if "tpr" in mem:
+        rows.append(("membership inference", (f"TPR {mem['tpr']}, FPR {mem['fpr']} over {mem['trials']} trials; "
+                                              f"empirical epsilon >= {mem['empirical_epsilon_lower_bound']} "
+                                              f"(accounted {mem['accounted_epsilon']})")))
+    return rows
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
@@ -275,6 +329,10 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
         ("Mislabel detection", mislabel_figure(run),
          "Self-influence (each example's score for itself) of flipped against clean labels.",
          "Only for runs made with label flips (--flip-fraction)."),
+        ("What can the server see?", attack_figure(run),
+         (f"Reconstructions by a curious server from this run's releases (recognizable: PSNR >= "
+          f"{RECOGNIZABLE_PSNR:g} dB); numbers in the table above."),
+         "Run fedtrak attack on this folder to measure it."),
     ]
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedtrak report: "
              f"{html.escape(run.path.name)}</title><style>{STYLE}</style></head><body>"),
@@ -282,6 +340,9 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     ev_rows = _evaluation_rows(run.summary.get("evaluation", {}))
     parts.append("<h2>Evaluation</h2>" + (_table(ev_rows) if ev_rows else
                                            "<p class='note'>Not evaluated yet: fedtrak evaluate RUN_DIR.</p>"))
+    attack_rows = _attack_rows(run.summary.get("attacks", {}))
+    if attack_rows:
+        parts.append("<h2>Attacks</h2>" + _table(attack_rows))
     for i, (title, png, caption, missing) in enumerate(sections):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         name = f"figure-{i + 1}.png"

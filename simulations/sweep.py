@@ -7,7 +7,10 @@ mislabel detection can be measured) and shared by every point. At each
 with differential privacy at that epsilon (``inf``: no noise), releasing
 full scores for evaluation only; ``fedtrak evaluate`` then measures LDS,
 owner-level LDS (from the noised owner releases) and mislabel detection,
-all against one cached set of retrained models. The table goes to
+all against one cached set of retrained models, and ``fedtrak attack``
+measures what a curious server rebuilds from the same releases (features
+mode: feature inversion; private mode: a one-example client's Gram, or its
+owner summary under secure aggregation, and membership inference). The table goes to
 ``sweep.csv`` and ``sweep.md``, the plot to ``sweep.png``; every run folder
 is kept under ``OUT``.
 """
@@ -32,6 +35,9 @@ from shared.errors import FedtrakError
 from shared.partition import partition
 from shared.protocol import MODES
 from shared.tasks import load_task
+from simulations.attacks.inversion import InversionSettings
+from simulations.attacks.metrics import RECOGNIZABLE_PSNR
+from simulations.attacks.suite import attack_run
 from simulations.evaluate import EvalOptions, evaluate_run
 from simulations.groundtruth import DEFAULT_CACHE
 from simulations.simulate import run_simulation, simulation_config
@@ -52,6 +58,7 @@ class SweepConfig:
     query_size: int | None = None
     flip_fraction: float = 0.1
     subsets: int = 100
+    attack_targets: int = 8
     clip_mode: str = "per-checkpoint"
     seed: int = 0
     cache_dir: Path = DEFAULT_CACHE
@@ -98,6 +105,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                                               cache_dir=cfg.cache_dir, progress=False))
         privacy = summary["privacy"]
         mis = block.get("mislabel", {})
+        attack = _attack_measures(run, mode, cfg.attack_targets)
         rows.append({
             "mode": mode, "epsilon": eps, "sigma": privacy.get("noise_multiplier", 0.0),
             "lds": block["lds"]["lds"], "lds_ci_low": block["lds"]["ci_low"], "lds_ci_high": block["lds"]["ci_high"],
@@ -105,11 +113,25 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             "owner_lds_ci_high": block["owner_lds"]["ci_high"],
             "mislabel_auroc": mis.get("examples", {}).get("auroc", float("nan")),
             "mislabel_auroc_owners": mis.get("owners", {}).get("auroc", float("nan")),
-            "seconds": summary["seconds"]["total"],
+            **attack, "seconds": summary["seconds"]["total"],
         })
     write_table(rows, out)
     plot(rows, out / "sweep.png", cfg.task)
     return rows
+
+
+def _attack_measures(run: Path, mode: str, targets: int) -> dict:
+    """Attack success at one point: the share of attacked examples rebuilt recognizably (features
+    mode: inversion of released features; private mode: a client holding one example), the
+    class-mean baseline's share, and the membership attack's empirical epsilon (private mode)."""
+    kinds = ("inversion",) if mode == "features" else ("small-owner", "membership")
+    block = attack_run(run, kinds, targets=targets, trials=200, inversion=InversionSettings(steps=200),
+                       owner_sizes=(1,))
+    quality = block["inversion"] if mode == "features" else block["small_owner"]["sizes"][0]
+    mem = block.get("membership", {})
+    return {"attack_recovered": quality["recovered"], "attack_psnr": quality["psnr_mean"],
+            "attack_baseline_psnr": quality["baseline"]["psnr_mean"],
+            "membership_epsilon": mem.get("empirical_epsilon_lower_bound", float("nan"))}
 
 
 def _eps_text(eps: float) -> str:
@@ -127,13 +149,16 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The sweep as a markdown table."""
-    lines = ["| mode | epsilon | sigma | LDS | owner-level LDS | mislabel AUROC (examples / owners) |",
-             "|---|---|---|---|---|---|"]
+    lines = [("| mode | epsilon | sigma | LDS | owner-level LDS | mislabel AUROC (examples / owners) | "
+              "attack: recovered, PSNR dB (class mean) | membership: empirical epsilon |"),
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
                      f"[{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}] | {r['owner_lds']:.3f} "
                      f"[{r['owner_lds_ci_low']:.3f}, {r['owner_lds_ci_high']:.3f}] | "
-                     f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} |")
+                     f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} | "
+                     f"{r['attack_recovered']:.0%}, {r['attack_psnr']:.1f} ({r['attack_baseline_psnr']:.1f}) | "
+                     f"{r['membership_epsilon']:.2f} |")
     return "\n".join(lines)
 
 
@@ -145,15 +170,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     def x(eps: float) -> float:
         return inf_x if math.isinf(eps) else eps
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    panels = [("lds", "LDS"), ("owner_lds", "owner-level LDS"), ("mislabel_auroc", "mislabel AUROC (examples)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    panels = [("lds", "LDS"), ("owner_lds", "owner-level LDS"), ("mislabel_auroc", "mislabel AUROC (examples)"),
+              ("attack_psnr", "attack: PSNR of rebuilt examples (dB)")]
     for ax, (key, label) in zip(axes, panels):
         for mode in dict.fromkeys(r["mode"] for r in rows):
             pts = sorted(((x(r["epsilon"]), r) for r in rows if r["mode"] == mode), key=lambda p: p[0])
             xs = [p[0] for p in pts]
             ys = [p[1][key] for p in pts]
             line = ax.plot(xs, ys, marker="o", label=mode)[0]
-            if key != "mislabel_auroc":
+            if key == "attack_psnr":
+                ax.plot(xs, [p[1]["attack_baseline_psnr"] for p in pts], ls=":", color=line.get_color(),
+                        label=f"{mode}: class mean")
+            elif key != "mislabel_auroc":
                 lo = [p[1][f"{key}_ci_low"] for p in pts]
                 hi = [p[1][f"{key}_ci_high"] for p in pts]
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
@@ -167,10 +196,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.minorticks_off()
         ax.set_xlabel("epsilon (whole run, delta 1e-5)", fontsize=8)
         ax.set_title(label, fontsize=10)
-        ax.axhline(0.5 if key == "mislabel_auroc" else 0, color="gray", lw=0.6)
+        ax.axhline({"mislabel_auroc": 0.5, "attack_psnr": RECOGNIZABLE_PSNR}.get(key, 0), color="gray", lw=0.6)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: attribution quality against epsilon", fontsize=10)
+    fig.suptitle(f"{title}: attribution quality against epsilon, and what a curious server rebuilds "
+                 f"(grey line: recognizable, PSNR {RECOGNIZABLE_PSNR:g} dB)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -287,4 +287,8 @@ def test_attack_cli_on_a_features_run_rebuilds_the_images(sim_factory, tmp_path,
     assert main(["attack", str(run), "--targets", "4", "--steps", "150"]) == 0
     inv = json.loads((run / "summary.json").read_text())["attacks"]["inversion"]
     assert inv["recovered"] == 1.0 and inv["psnr_mean"] > inv["baseline"]["psnr_mean"] + 15
+    assert main(["report", str(run)]) == 0  # the strips of true and rebuilt digits, and the table
+    page = (run / "report.html").read_text()
+    assert "<h2>Attacks</h2>" in page and "feature inversion" in page
+    assert (run / "report" / "figure-5.png").read_bytes().startswith(b"\x89PNG")
     assert main(["attack", str(central_factory(3, "iid"))]) == 2

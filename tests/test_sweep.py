@@ -29,6 +29,10 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys):
         for key in ("lds", "owner_lds", "mislabel_auroc"):
             assert math.isfinite(float(r[key]))
     assert float(rows[1]["mislabel_auroc"]) > 0.8  # no noise: flipped labels stand out
+    # the third measure: a one-example client's Gram gives its digit away without noise, not at epsilon 2
+    assert float(rows[1]["attack_recovered"]) == 1.0 and float(rows[0]["attack_recovered"]) == 0.0
+    assert float(rows[0]["attack_psnr"]) < float(rows[0]["attack_baseline_psnr"])
+    assert float(rows[0]["membership_epsilon"]) < 2.0
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "sweep.md").read_text().startswith("| mode | epsilon |")
 

@@ -137,7 +137,7 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
 
 
 def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: int = 8, trials: int = 400,
-               inversion: InversionSettings = DEFAULT_INVERSION) -> dict:
+               inversion: InversionSettings = DEFAULT_INVERSION, owner_sizes: tuple[int, ...] = OWNER_SIZES) -> dict:
     """Attack client 0 of a finished simulation's run folder with the run's own settings; append
     the ``attacks`` block to its summary and write ``attacks.npz``.
 
@@ -168,7 +168,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
                             proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
                             seed=int(run.setting("seed") or 0), dp=dp,
                             secure_agg=bool(run.setting("secure_agg")), checkpoints=num, targets=targets,
-                            trials=trials, inversion=inversion)
+                            owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
                                    task.x_train[other], task.y_train[other], kinds)

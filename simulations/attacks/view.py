@@ -51,6 +51,14 @@ class ServerView:
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
         self.matrix: torch.Tensor | None = None if isinstance(proj, IdentityProjector) else proj.matrix()
+        groups = [task.x_query[task.y_query == c] for c in range(task.num_classes)]
+        #: Mean and variance (at least 1e-3) of each input dimension per class over the server's own
+        #: query set: the attacker's prior (no client data).
+        self.class_means = torch.as_tensor(np.stack([g.mean(axis=0) if len(g) else np.full(task.input_shape, 0.5)
+                                                     for g in groups]), dtype=torch.float32)
+        self.class_vars = torch.as_tensor(np.stack([np.maximum(g.var(axis=0), 1e-3) if len(g) > 1
+                                                    else np.full(task.input_shape, 0.25) for g in groups]),
+                                          dtype=torch.float32)
 
     def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Projected gradients ``(b, k)`` of inputs ``x`` with labels ``y``, differentiable in ``x``."""
