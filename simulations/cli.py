@@ -326,6 +326,7 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--restarts", type=_positive_int, default=4, help="random starts per label tried")
     ba.add_argument("--label-candidates", type=_positive_int, default=2, help="labels tried per target")
     ba.add_argument("--owner-sizes", default="1,2,4,16,64", help="client sizes of the small-owner attack")
+    ba.add_argument("--figure", type=Path, default=None, help="also draw true and rebuilt examples (PNG)")
     ba.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     bs = bsub.add_parser("secagg", help="cost of secure aggregation in a simulation, against the plain run")
     bs.add_argument("--task", default="digits-mlp")
@@ -475,7 +476,7 @@ def _run(args: argparse.Namespace) -> int:
         epsilons = tuple(math.inf if e.strip().lower() == "inf" else float(e) for e in args.epsilons.split(","))
         sizes = tuple(_positive_int(v) for v in args.owner_sizes.split(","))
         rows = bench_attacks(args.task, dims, epsilons, args.targets, sizes, inversion=InversionSettings(
-            steps=args.steps, restarts=args.restarts, label_candidates=args.label_candidates))
+            steps=args.steps, restarts=args.restarts, label_candidates=args.label_candidates), figure=args.figure)
         print(attack_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))

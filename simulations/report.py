@@ -31,6 +31,7 @@ import numpy as np
 
 from shared.errors import FedtrakError
 from shared.tasks import Task, cached_task
+from simulations.attacks.figure import strip_figure
 from simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
 from simulations.run_folder import RunFolder
 
@@ -192,8 +193,8 @@ def mislabel_figure(run: RunFolder) -> bytes | None:
 
 
 def attack_figure(run: RunFolder) -> bytes | None:
-    """Each attack's true examples (top row) above what the server rebuilt from the releases
-    (``None`` before ``fedtrak attack`` or for an attack with no images)."""
+    """Each attack's true examples above what the server rebuilt from the releases (``None``
+    before ``fedtrak attack`` or for an attack with no images)."""
     file = run.path / "attacks.npz"
     if not file.is_file():
         return None
@@ -202,28 +203,12 @@ def attack_figure(run: RunFolder) -> bytes | None:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise FedtrakError(f"cannot read {file}: {exc}") from exc
-    shape = image_shape(tuple(int(v) for v in arrays.pop("input_shape")))
-    strips = [(name, arrays[f"{name}_true"], arrays[f"{name}_rec"]) for name in ("inversion", "small_owner")
-              if f"{name}_true" in arrays]
+    strips = [(name.replace("_", " "), arrays[f"{name}_true"], arrays[f"{name}_rec"])
+              for name in ("inversion", "small_owner") if f"{name}_true" in arrays]
     if not strips:
         return None
-    cols = max(len(t) for _, t, _ in strips)
-    fig, axes = plt.subplots(2 * len(strips), cols, figsize=(1.2 * cols, 1.35 * 2 * len(strips)), squeeze=False)
-    for i, (name, true, rec) in enumerate(strips):
-        for j in range(cols):
-            for r, (imgs, label) in enumerate(((true, "true"), (rec, "rebuilt"))):
-                ax = axes[2 * i + r, j]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if j < len(imgs):
-                    ax.imshow(np.clip(np.asarray(imgs[j], dtype=np.float32).reshape(shape), 0, 1), cmap="gray_r",
-                              vmin=0, vmax=1)
-                    if j == 0:
-                        ax.set_ylabel(f"{name.replace('_', ' ')}\n{label}", fontsize=7)
-                else:
-                    ax.axis("off")
-    fig.suptitle("true examples of client 0 (upper row of each pair) and the server's reconstructions", fontsize=9)
-    return _png(fig)
+    return strip_figure(strips, tuple(int(v) for v in arrays["input_shape"]),
+                        "true examples of client 0 (upper row of each pair) and the server's reconstructions")
 
 
 def _attack_rows(block: dict) -> list[tuple[str, str]]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from pathlib import Path
 
 from shared.checkpoints import train_central
 from shared.privacy.accountant import sigma_for_plan
 from shared.privacy.mechanisms import DPSettings, release_plan
 from shared.tasks import Task, load_task
+from simulations.attacks.figure import strip_figure
 from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
 from simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
 
@@ -31,34 +32,43 @@ def _dp(task: Task, mode: str, eps: float) -> DPSettings:
 def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None, ...] = (64, 512, None),
                   epsilons: tuple[float, ...] = (math.inf, 8.0, 1.0), targets: int = 8,
                   owner_sizes: tuple[int, ...] = OWNER_SIZES, owner_dim: int | None = 512, trials: int = 400,
-                  inversion: InversionSettings = DEFAULT_INVERSION) -> list[dict]:
+                  inversion: InversionSettings = DEFAULT_INVERSION, figure: Path | None = None) -> list[dict]:
     """Rows of the attack table: features-mode inversion per k and epsilon, small-owner inversion
     per client size with and without secure aggregation per epsilon, membership per epsilon.
-    ``None`` as a k is the identity (no projection)."""
+    ``None`` as a k is the identity (no projection). ``figure``: also write a PNG of true and
+    rebuilt examples per epsilon (features mode at the second k, a client of 4 through its Gram)."""
     task = load_task(task_name)
     state = train_central(task, seed=0).state_dict()
     inside, outside = slice(0, max(owner_sizes + (targets,))), slice(task.num_train - targets, task.num_train)
     data = (task.x_train[inside], task.y_train[inside], task.x_train[outside], task.y_train[outside])
-    rows = []
+    rows, strips = [], []
+    strip_k = proj_dims[min(1, len(proj_dims) - 1)]
     for eps in epsilons:
+        eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
         for k in proj_dims:
             setting = AttackSetting(mode="features", projector="identity" if k is None else "rademacher",
                                     proj_dim=k, dp=_dp(task, "features", eps), targets=targets, inversion=inversion)
-            block, _ = attack_setting(task, [state], setting, *data, kinds=("inversion",))
+            block, images = attack_setting(task, [state], setting, *data, kinds=("inversion",))
+            if k == strip_k:
+                strips.append((f"features, k {block['proj_dim']}\nepsilon {eps_text}", images["inversion_true"],
+                               images["inversion_rec"]))
             rows.append({"attack": "inversion (features mode)", "epsilon": eps, "k": block["proj_dim"],
                          "accounted": block["accounted_epsilon"], **_row(block["inversion"])})
         dp = _dp(task, "private", eps)
         for secure in (False, True):
             setting = AttackSetting(mode="private", proj_dim=owner_dim, dp=dp, secure_agg=secure,
                                     owner_sizes=owner_sizes, inversion=inversion)
-            block, _ = attack_setting(task, [state], setting, *data, kinds=("small-owner",))
+            block, images = attack_setting(task, [state], setting, *data, kinds=("small-owner",))
+            if not secure and "small_owner_true" in images:
+                strips.append((f"client of {len(images['small_owner_true'])}, Gram\nepsilon {eps_text}",
+                               images["small_owner_true"], images["small_owner_rec"]))
             for r in block["small_owner"]["sizes"]:
                 rows.append({"attack": f"small owner, {block['small_owner']['release']}", "epsilon": eps,
                              "k": block["proj_dim"], "accounted": block["accounted_epsilon"],
                              "client_examples": r["client_examples"], **_row(r)})
         setting = AttackSetting(mode="private", proj_dim=owner_dim, dp=dp, targets=targets, trials=trials)
         start = time.perf_counter()
-        block, _ = attack_setting(task, [state], replace(setting), task.x_train[: 64], task.y_train[: 64],
+        block, _ = attack_setting(task, [state], setting, task.x_train[:64], task.y_train[:64],
                                   task.x_train[outside], task.y_train[outside], kinds=("membership",))
         mem = block["membership"]
         rows.append({"attack": "membership (private mode)", "epsilon": eps, "k": block["proj_dim"],
@@ -67,6 +77,9 @@ def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None,
                      "seconds": round(time.perf_counter() - start, 1)})
     for row in rows:
         row["task"] = task_name
+    if figure is not None:
+        Path(figure).write_bytes(strip_figure(strips, task.input_shape,
+                                              f"{task_name}: true examples and what a curious server rebuilds"))
     return rows
 
 
