@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from shared.errors import FedtrakError
-from shared.tasks import Task, cached_task
+from shared.tasks import Task
 from simulations.attacks.figure import strip_figure
 from simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
 from simulations.run_folder import RunFolder
@@ -47,15 +47,11 @@ def _image_shape(task: Task) -> tuple[int, int] | None:
 
 
 def _run_task(run: RunFolder) -> Task | None:
-    """The run's task with its training labels as the run saw them (flipped where it flipped them)."""
+    """The run's task with its training labels as the run saw them, or ``None`` if it cannot be loaded."""
     try:
-        return run.recipe().load()[0]
+        return run.task_and_partition()[0]
     except FedtrakError:
-        try:
-            return cached_task(str(run.setting("task")), int(run.setting("train_size") or 0),
-                               int(run.setting("query_size") or 0))
-        except FedtrakError:
-            return None
+        return None
 
 
 def pick_queries(num_queries: int, count: int) -> np.ndarray:

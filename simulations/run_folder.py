@@ -18,7 +18,9 @@ import numpy as np
 
 from shared.checkpoints import atomic_write_json, read_manifest
 from shared.errors import FedtrakError
+from shared.partition import Partition, partition
 from shared.results import SUMMARY
+from shared.tasks import Task, cached_task
 from simulations.retrain import Recipe
 
 
@@ -119,6 +121,24 @@ class RunFolder:
             partition_seed=int(part["seed"]), flip_fraction=float(flips.get("fraction", 0.0)),
             flip_clients=tuple(int(c) for c in flips.get("clients", ())), flip_seed=int(flips.get("seed", 0)),
         )
+
+    def task_and_partition(self) -> tuple[Task, Partition | None]:
+        """The run's task with its training labels as the run saw them (flipped where it flipped
+        them) and its simulation partition (``None`` for devices' own data).
+
+        Raises:
+            FedtrakError: if the run's task cannot be loaded.
+        """
+        try:
+            return self.recipe().load()
+        except FedtrakError:
+            task = cached_task(str(self.setting("task")), int(self.setting("train_size") or 0),
+                               int(self.setting("query_size") or 0))
+        part = self.summary.get("partition")
+        if part is None or min(self.owner_partition_ids(), default=-1) < 0:
+            return task, None
+        return task, partition(task.y_train, int(part["num_clients"]), str(part["scheme"]),
+                               float(part.get("alpha") or 0.5), int(part["seed"]))
 
     def write_evaluation(self, block: dict) -> None:
         """Replace the summary's ``evaluation`` block, atomically (the rest is kept)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from shared.errors import FedtrakError
@@ -63,15 +64,17 @@ def ssim(true: np.ndarray, rec: np.ndarray) -> float:
 
 
 def best_match(true: np.ndarray, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each true image, the reconstruction with the highest SSIM: its index, PSNR and SSIM."""
+    """Pair each true image with a reconstruction, one each where there are enough (the pairing
+    with the highest summed SSIM), else the most similar one; return the index, PSNR and SSIM."""
     if not len(recs):
         raise FedtrakError("no reconstructions to compare")
-    idx, ps, ss = [], [], []
-    for t in true:
-        scores = [ssim(t, r) for r in recs]
-        j = int(np.argmax(scores))
-        idx.append(j), ps.append(psnr(t, recs[j])), ss.append(scores[j])
-    return np.array(idx), np.array(ps), np.array(ss)
+    sim = np.array([[ssim(t, r) for r in recs] for t in true])
+    if len(recs) >= len(true):
+        rows, cols = linear_sum_assignment(-sim)
+        idx = cols[np.argsort(rows)]
+    else:
+        idx = sim.argmax(axis=1)
+    return idx, np.array([psnr(t, recs[j]) for t, j in zip(true, idx)]), sim[np.arange(len(true)), idx]
 
 
 def class_means(x: np.ndarray, y: np.ndarray, num_classes: int, input_shape: tuple[int, ...]) -> np.ndarray:

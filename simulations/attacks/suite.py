@@ -19,12 +19,11 @@ import torch
 
 from shared.checkpoints import atomic_write_json, load_checkpoints
 from shared.errors import FedtrakError
-from shared.partition import partition
 from shared.privacy.accountant import epsilon
 from shared.privacy.mechanisms import DPSettings, release_plan
 from shared.results import SUMMARY
 from shared.settings import ScoreSettings
-from shared.tasks import Task, load_task
+from shared.tasks import Task
 from simulations.attacks import metrics
 from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_features
 from simulations.attacks.membership import membership_attack
@@ -149,19 +148,16 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     if run.summary.get("mode") not in ("private", "features"):
         raise FedtrakError(f"{run_dir} is a {run.summary.get('mode')} run: it released nothing to attack "
                            "(attack a `fedtrak simulate` run)")
-    part = run.summary.get("partition")
-    if part is None or min(run.owner_partition_ids(), default=-1) < 0:
+    task, parts = run.task_and_partition()
+    if parts is None:
         raise FedtrakError(f"{run_dir}: the attacks compare reconstructions with the clients' true data, "
                            "which only a simulation or attribute run has")
-    task = load_task(str(run.setting("task")), int(run.setting("train_size") or 0) or None,
-                     int(run.setting("query_size") or 0) or None)
     num = int(run.summary["num_checkpoints"])
     states = [s for _, s in load_checkpoints(task, run.checkpoint_folder(), num)]
     priv = run.summary.get("privacy") or {}
     dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
                     "per-checkpoint")), float(priv.get("delta", 1e-5))) if priv.get("dp") else DPSettings()
-    clients = partition(task.y_train, int(part["num_clients"]), str(part["scheme"]),
-                        float(part.get("alpha", 0.5) or 0.5), int(part["seed"])).clients
+    clients = parts.clients
     own = np.asarray(clients[0])
     other = np.setdiff1d(np.arange(task.num_train), own)
     setting = AttackSetting(mode=str(run.summary["mode"]), projector=str(run.summary["projector"]),
