@@ -187,9 +187,15 @@ class RunConfig:
         dp.validate()
         return dp
 
+    @property
+    def planned_threshold(self) -> int:
+        """Secure aggregation's threshold if all ``clients`` advertise: the fewest survivors the
+        distributed noise is sized for."""
+        return threshold(self.clients, self.secagg_threshold)
+
     def distributed_noise(self, dim: int, dp: DPSettings) -> DistributedNoise:
         """How secure aggregation's clients would share the Gram noise if all ``clients`` advertise."""
-        t = threshold(self.clients, self.secagg_threshold)
+        t = self.planned_threshold
         return DistributedNoise(dim, self.checkpoints, t, noise_fraction_bits(dim, self.checkpoints, t, dp))
 
     def release_plan(self, dp: DPSettings, dim: int, noise: DistributedNoise | None = None,

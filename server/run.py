@@ -62,7 +62,6 @@ from shared.protocol import (
 )
 from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
 from shared.scoring import owner_means, owner_totals
-from shared.secagg.graph import threshold
 from shared.settings import checkpoint_featurizer
 from shared.tasks import Task, cached_task
 from shared.timing import PhaseTimer, peak_memory_mb
@@ -296,7 +295,7 @@ def check_lambda_against_noise(cfg: RunConfig, dp: DPSettings, dim: int) -> None
 def noise_copies(cfg: RunConfig, clients: int) -> float:
     """The summed Gram noise's variance in units of ``(sigma C^2)^2``: one per client, or, under
     secure aggregation, survivors over the threshold the distributed noise is sized for."""
-    return clients / threshold(cfg.clients, cfg.secagg_threshold) if cfg.secure_agg else clients
+    return clients / cfg.planned_threshold if cfg.secure_agg else clients
 
 
 def _json_number(value: float) -> float | None:
