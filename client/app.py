@@ -220,8 +220,8 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         if CLIP_KEY in msg.content.config_records:  # the clip-norm round: only the noised norm histogram
             if not dp.active:
                 raise FedtrakError("a norm histogram is released only under differential privacy")
-            hist = noised_histogram(norm_histogram(stored_norms(store, indices, dp.clip_mode)),
-                                    dp.noise_multiplier, rng)
+            hist = store.released("norm-histogram", lambda: noised_histogram(
+                norm_histogram(stored_norms(store, indices, dp.clip_mode)), dp.noise_multiplier, rng))
             return Message(RecordDict({"norm-histogram": arrays_to_record({"counts": hist}),
                                        INFO_KEY: _info(job, data, _released_count(store, data, dp))}), reply_to=msg)
         if SECAGG_KEY in msg.content.config_records:  # secure aggregation: advertise keys, no Gram yet
@@ -231,10 +231,12 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         scales = stored_clip_scales(store, indices, dp) if dp.active else {}
         grams = {}
         for m in indices:
-            g = stored_gram(store, m, scales.get(m))[0]
-            if dp.active:
-                g = g + gram_noise(g.shape[0], dp, rng)
-            grams[str(m)] = pack_upper(g)
+            def noised_gram(m: int = m) -> np.ndarray:
+                g = stored_gram(store, m, scales[m])[0]
+                return pack_upper(g + gram_noise(g.shape[0], dp, rng))
+
+            grams[str(m)] = (store.released(f"gram-{m}", noised_gram) if dp.active
+                             else pack_upper(stored_gram(store, m)[0]))
         info = _info(job, data, _released_count(store, data, dp))
         return Message(RecordDict({"grams": arrays_to_record(grams), INFO_KEY: info}), reply_to=msg)
 
@@ -313,7 +315,9 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         for m in indices:
             f, q = (np.asarray(a) for a in store.read(m))
             if dp.active:  # weak: each example's values are noised, its presence is not hidden
-                f, q = noised_features(f * scales[m][:, None], q, dp, rng)
+                both = store.released(f"features-{m}", lambda f=f, q=q, m=m: np.column_stack(
+                    noised_features(f * scales[m][:, None], q, dp, rng)))
+                f, q = np.ascontiguousarray(both[:, :-1]), np.ascontiguousarray(both[:, -1])
             arrays[f"features-{m}"] = f
             arrays[f"out-to-loss-{m}"] = q
         return Message(RecordDict({"features": arrays_to_record(arrays), INFO_KEY: _info(job, data)}), reply_to=msg)
@@ -350,12 +354,14 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         rng = noise_rng()
         released: dict[str, np.ndarray] = {"owner-totals": local.totals}
         if dp.active:  # the noised owner summaries instead: the server derives the totals from them
-            released = {"owner-summaries": noised_owner_summaries(local.summaries, dp, rng)}
+            released = {"owner-summaries": store.released("owner-summaries-" + "-".join(map(str, ms)),
+                                                          lambda: noised_owner_summaries(local.summaries, dp, rng))}
         self_infl = local.self_influence
         if self_infl is not None:
             total_self = float(self_infl.sum())
             if dp.active:
-                total_self = noised_self_influence_sum(total_self, inverses, dp, rng)
+                total_self = float(store.released("self-influence-sum", lambda: np.array(
+                    [noised_self_influence_sum(total_self, inverses, dp, rng)]))[0])
             released["owner-self-influence-sum"] = np.array([total_self])
         if policy == "full":
             released.update(scores=local.scores, indices=data.indices)

@@ -94,6 +94,27 @@ class FeatureStore:
         os.replace(tmp, path)
         return value
 
+    def released(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A noised release of this run (a Gram, features, owner summaries), made once by ``make``
+        and kept in ``released/NAME.npy``: a step the server sends again (a node that lost its
+        connection after replying, a resumed run) gets the same release back instead of fresh
+        noise, which would cost privacy again."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name):
+            raise FedtrakError(f"release name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+        folder = self.dir / "released"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{name}.npy"
+        if path.is_file():
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                pass  # a torn write: make it again
+        value = np.asarray(make())
+        tmp = folder / f"{name}.tmp.npy"
+        np.save(tmp, value)
+        os.replace(tmp, path)
+        return value
+
     def has(self, m: int, fingerprint: str | None = None) -> bool:
         """Whether checkpoint ``m`` is stored completely (and, if given, from ``fingerprint``)."""
         d = self._ckpt_dir(m)

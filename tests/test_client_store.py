@@ -36,3 +36,23 @@ def test_bad_input_and_corruption_are_named(tmp_path):
     for bad in ("../escape", "", "a/b"):
         with pytest.raises(FedtrakError, match="run id"):
             FeatureStore(tmp_path, bad)
+
+
+def test_a_noised_release_is_made_once_and_repeated(tmp_path):
+    """A resent step gets the stored release back, not fresh noise (which would cost privacy again)."""
+    store = FeatureStore(tmp_path, "run-1")
+    draws = []
+
+    def make() -> np.ndarray:
+        draws.append(1)
+        return np.random.default_rng().normal(size=(3, 4))
+
+    first = store.released("gram-0", make)
+    again = store.released("gram-0", make)
+    assert np.array_equal(first, again) and len(draws) == 1
+    assert not np.array_equal(store.released("gram-1", make), first) and len(draws) == 2
+    (store.dir / "released" / "gram-0.npy").write_bytes(b"\x93NUMPY torn")  # a torn write is made again
+    assert store.released("gram-0", make).shape == (3, 4) and len(draws) == 3
+    assert np.array_equal(FeatureStore(tmp_path, "run-1").released("gram-1", make), store.released("gram-1", make))
+    with pytest.raises(FedtrakError, match="release name"):
+        store.released("../escape", make)

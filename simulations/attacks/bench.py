@@ -89,18 +89,48 @@ def _row(q: dict) -> dict:
             "seconds": q.get("seconds")}
 
 
+def _eps(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of the attack rows."""
-    lines = [("| attack | epsilon (accounted) | k | client examples | PSNR dB (std) | SSIM | recovered | "
-              "class mean PSNR / recovered | membership TPR / FPR, empirical epsilon | seconds |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g} ({r['accounted']})"
-        if "tpr" in r:
-            lines.append(f"| {r['attack']} | {eps} | {r['k']} | {r['client_examples']} | - | - | - | - | "
-                         f"{r['tpr']} / {r['fpr']}, {r['empirical_epsilon']} | {r['seconds']} |")
-        else:
-            lines.append(f"| {r['attack']} | {eps} | {r['k']} | {r.get('client_examples', 1)} | {r['psnr']} "
-                         f"({r['psnr_std']}) | {r['ssim']} | {r['recovered']:.0%} | {r['baseline_psnr']} / "
-                         f"{r['baseline_recovered']:.0%} | - | {r['seconds']} |")
-    return "\n".join(lines)
+    """Three markdown tables: inversion per k, small owners per size and release, membership;
+    cells ``recovered share, mean PSNR dB``, epsilon in the columns."""
+    epsilons = list(dict.fromkeys(r["epsilon"] for r in rows))
+    head = " | ".join(f"epsilon {_eps(e)}" for e in epsilons)
+    rule = "|---" * (len(epsilons) + 1) + "|"
+
+    def cell(r: dict) -> str:
+        return f"{r['recovered']:.0%}, {r['psnr']:.1f} dB"
+
+    out = []
+    inv = [r for r in rows if r["attack"].startswith("inversion")]
+    if inv:
+        base = inv[0]
+        out += [f"| features mode, k | {head} |", rule]
+        for k in dict.fromkeys(r["k"] for r in inv):
+            out.append(f"| {k} | " + " | ".join(cell(r) for e in epsilons for r in inv
+                                                if r["k"] == k and r["epsilon"] == e) + " |")
+        out.append("| class mean (no release) | " + " | ".join(
+            f"{base['baseline_recovered']:.0%}, {base['baseline_psnr']:.1f} dB" for _ in epsilons) + " |")
+        out.append("")
+    owners = [r for r in rows if r["attack"].startswith("small owner")]
+    if owners:
+        out += [f"| private mode: client examples, release | {head} | class mean |", rule + "---|"]
+        for attack in dict.fromkeys(r["attack"] for r in owners):
+            for n in dict.fromkeys(r["client_examples"] for r in owners):
+                cells = [r for e in epsilons for r in owners
+                         if r["attack"] == attack and r["client_examples"] == n and r["epsilon"] == e]
+                if cells:
+                    out.append(f"| {n}, {attack.removeprefix('small owner, ')} | "
+                               + " | ".join(cell(r) for r in cells)
+                               + f" | {cells[0]['baseline_recovered']:.0%}, {cells[0]['baseline_psnr']:.1f} dB |")
+        out.append("")
+    mem = [r for r in rows if r["attack"].startswith("membership")]
+    if mem:
+        out += ["| membership, private mode | " + head + " |", rule,
+                "| TPR / FPR | " + " | ".join(f"{r['tpr']} / {r['fpr']}" for r in mem) + " |",
+                "| empirical epsilon (lower bound) | " + " | ".join(str(r["empirical_epsilon"]) for r in mem) + " |",
+                "| accounted epsilon | " + " | ".join("-" if r["accounted"] is None else str(r["accounted"])
+                                                     for r in mem) + " |"]
+    return "\n".join(out)
