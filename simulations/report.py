@@ -228,7 +228,7 @@ def _attack_rows(block: dict) -> list[tuple[str, str]]:
     if "tpr" in mem:
         rows.append(("membership inference", (f"TPR {mem['tpr']}, FPR {mem['fpr']} over {mem['trials']} trials; "
                                               f"empirical epsilon >= {mem['empirical_epsilon_lower_bound']} "
-                                              f"(accounted {mem['accounted_epsilon']})")))
+                                              f"(accounted {mem['accounted_epsilon'] or 'unbounded: no noise'})")))
     return rows
 
 

@@ -10,7 +10,10 @@ release minus the rest's, divided by the noise variance. Over many trials with
 z in or out at random, the true and false positive rates at the best
 threshold give an empirical epsilon lower bound (Clopper-Pearson, as the
 canary audit), which must stay below the accountant's epsilon of the same
-releases. Without noise the count alone gives membership away.
+releases. Without noise the count alone gives membership away. Under secure
+aggregation the server sees the sum of all Grams, whose noise reaches the
+same sigma: a server that knows every other client's data faces the same
+test, so the attack is the same.
 
 Features mode is not attacked here: its noise covers the values of the
 features, not their presence (its release plan says so), so a client's

@@ -193,5 +193,5 @@ def format_block(block: dict) -> str:
     mem = block.get("membership")
     if mem and "skipped" not in mem:
         lines.append(f"  membership: TPR {mem['tpr']}, FPR {mem['fpr']}, empirical epsilon >= "
-                     f"{mem['empirical_epsilon_lower_bound']} (accounted {mem['accounted_epsilon']})")
+                     f"{mem['empirical_epsilon_lower_bound']} (accounted {mem['accounted_epsilon'] or 'unbounded: no noise'})")
     return "\n".join(lines)
