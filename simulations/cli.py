@@ -221,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="labels flipped on the first half of the clients (mislabel detection)")
     sw.add_argument("--subsets", type=_positive_int, default=100, help="retrained models per LDS")
     sw.add_argument("--clip-mode", choices=CLIP_MODES, default="per-checkpoint")
+    sw.add_argument("--attack-targets", type=_positive_int, default=8,
+                    help="examples attacked at each point (feature inversion)")
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--cache-dir", type=Path, default=None)
     sw.add_argument("--out", type=Path, required=True, help="folder for the runs, table and plot")
@@ -414,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
             out=args.out, task=args.task, epsilons=epsilons, modes=[m.strip() for m in args.modes.split(",")],
             clients=args.clients, checkpoints=args.checkpoints, proj_dim=args.proj_dim,
             train_size=args.train_size, query_size=args.query_size, flip_fraction=args.flip_fraction,
-            subsets=args.subsets, clip_mode=args.clip_mode, seed=args.seed,
+            subsets=args.subsets, attack_targets=args.attack_targets, clip_mode=args.clip_mode, seed=args.seed,
             cache_dir=args.cache_dir or DEFAULT_CACHE))
         print(format_table(rows))
         print(summary_line(rows))
