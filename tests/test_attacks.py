@@ -108,3 +108,19 @@ def test_metrics_and_bad_input():
 def test_unknown_attack_kind_is_refused(digits_logreg, logreg_states):
     with pytest.raises(FedtrakError, match="unknown attack kind"):
         attack_setting(digits_logreg, logreg_states, AttackSetting(), *_data(digits_logreg), kinds=("guess",))
+
+
+@pytest.mark.parametrize("projector, k", [("identity", None), ("rademacher", 128), ("factorized", 128)])
+def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, projector, k):
+    """The attacker's differentiable features equal what a client computes and releases."""
+    import torch
+
+    from shared.settings import ScoreSettings
+    from simulations.attacks.view import ServerView
+
+    view = ServerView(digits_logreg, logreg_states[0], 0, ScoreSettings(proj_dim=k, projector=projector),
+                      DPSettings())
+    x, y = digits_logreg.x_train[:5], digits_logreg.y_train[:5]
+    released, _ = view.client_features(x, y)
+    mine = view.features(torch.as_tensor(x), torch.as_tensor(y)).detach().numpy()
+    np.testing.assert_allclose(mine, released, rtol=1e-4, atol=1e-5 * np.abs(released).max())

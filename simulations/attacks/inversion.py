@@ -51,15 +51,15 @@ DEFAULT_INVERSION = InversionSettings()
 def label_ranking(view: ServerView, targets: np.ndarray, signed: bool = True) -> np.ndarray:
     """Labels ranked most likely first for each released feature ``(n, k)``: ``(n, classes)``.
 
-    Uses the last parameter tensor when it is the output layer's bias (one entry per class);
-    otherwise every label ranks equal (the attack then tries them in order).
+    Uses the last parameter tensor when it is the output layer's bias (one entry per class) and
+    the projection is dense or absent; otherwise every label ranks equal (the screen decides).
     """
     n, classes = len(targets), view.task.num_classes
     last = list(view.featurizer.params.values())[-1]
-    if last.numel() != classes:
-        return np.tile(np.arange(classes), (n, 1))
+    if last.numel() != classes or (view.matrix is None and not view.identity):
+        return np.tile(np.arange(classes), (n, 1))  # no dense matrix to take a preimage with
     t = torch.as_tensor(np.asarray(targets), dtype=torch.float64)
-    if view.matrix is None:
+    if view.identity:
         pre = t
     else:
         p = view.matrix.to(torch.float64)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shared.factorized import FactorizedProjector
 from shared.featurizer import Featurizer
 from shared.kernel import gram
 from shared.privacy.mechanisms import (
@@ -50,7 +51,12 @@ class ServerView:
         self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
-        self.matrix: torch.Tensor | None = None if isinstance(proj, IdentityProjector) else proj.matrix()
+        self.identity = isinstance(proj, IdentityProjector)
+        #: The dense ``(p, k)`` projection (None: no projection, or the factorized projector, which
+        #: projects per layer and never forms it).
+        self.matrix: torch.Tensor | None = None
+        if not self.identity and not isinstance(proj, FactorizedProjector):
+            self.matrix = proj.matrix()
         groups = [task.x_query[task.y_query == c] for c in range(task.num_classes)]
         #: Mean and variance (at least 1e-3) of each input dimension per class over the server's own
         #: query set: the attacker's prior (no client data).
@@ -63,7 +69,9 @@ class ServerView:
     def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Projected gradients ``(b, k)`` of inputs ``x`` with labels ``y``, differentiable in ``x``."""
         g = self.featurizer.per_example_grads(x, y)
-        return g if self.matrix is None else g @ self.matrix
+        if self.identity:
+            return g
+        return g @ self.matrix if self.matrix is not None else self.featurizer.projector.project(g)
 
     def client_features(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A client's features and out-to-loss weights, clipped to C when DP is on, as it stores them."""
