@@ -245,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     atk.add_argument("--targets", type=_positive_int, default=8, help="examples attacked")
     atk.add_argument("--trials", type=_positive_int, default=400, help="membership games")
     atk.add_argument("--steps", type=_positive_int, default=300, help="optimization steps per inversion")
+    atk.add_argument("--restarts", type=_positive_int, default=4, help="random starts per label tried")
+    atk.add_argument("--label-candidates", type=_positive_int, default=2, help="labels tried per target")
     certs = sub.add_parser("certs", help="TLS certificates for a SuperLink: a CA and a server certificate")
     certs.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
     certs.add_argument("--host", action="append", default=[], required=True,
@@ -466,7 +468,8 @@ def _run(args: argparse.Namespace) -> int:
         from simulations.attacks.suite import ATTACK_KINDS, attack_run, format_block
 
         block = attack_run(args.run_dir, tuple(args.kind or ATTACK_KINDS), args.targets, args.trials,
-                           InversionSettings(steps=args.steps))
+                           InversionSettings(steps=args.steps, restarts=args.restarts,
+                                             label_candidates=args.label_candidates))
         print(format_block(block))
         print(f"wrote the attacks block of {args.run_dir / 'summary.json'}")
     elif args.command == "bench" and args.bench == "attacks":
