@@ -66,9 +66,14 @@ class ClientData:
 def _cached_partition(job: JobSpec, num: int) -> tuple[Partition, np.ndarray]:
     """The simulation's partition and the training labels as its clients see them (flipped
     where the job's mislabel experiment says so)."""
-    task = cached_task(job.task, job.train_size, job.query_size)
+    task = pooled_task(job)
     parts = partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
     return parts, flip_labels(task.y_train, task.num_classes, parts, job.flips())
+
+
+def pooled_task(job: JobSpec) -> Task:
+    """The job's task with its data sets: the pooled data a simulation's clients are cut from."""
+    return cached_task(job.task, job.train_size, job.query_size)
 
 
 def job_task(job: JobSpec) -> Task:
@@ -101,8 +106,7 @@ def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> Client
             raise FedtrakError(f"partition-id {pid} is outside [0, {num})")
         parts, labels = _cached_partition(replace(job, run_id=""), num)
         idx = parts.clients[pid]
-        pooled = cached_task(job.task, job.train_size, job.query_size)
-        return ClientData(str(node_config.get("owner") or pid), pid, pooled.x_train[idx],
+        return ClientData(str(node_config.get("owner") or pid), pid, pooled_task(job).x_train[idx],
                           labels[idx], idx.astype(np.int64))
     raise FedtrakError(
         "the node config names no data: give data-path (an .npz with x and y) on a device, "

@@ -138,9 +138,9 @@ def _builtin(name: str, model: Callable[[], nn.Module], training: TrainConfig, c
     return Task(name, model, *arrays, num_classes=10, training=training, clip_norm=clip, has_data=data)
 
 
-#: Built-in tasks: name -> factory (its argument: load the data sets). Each trains on two CPU cores in seconds to a minute. The
-#: last number is the default clip norm: the median norm of projected features measured on a
-#: trained checkpoint (4.7, 27, 21 and 21).
+#: Built-in tasks: name -> factory (its argument: load the data sets). Each trains on two CPU
+#: cores in seconds to a minute. The number before ``data`` is the default clip norm: the median
+#: norm of projected features measured on a trained checkpoint (4.7, 27, 21 and 21).
 BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "digits-logreg": lambda data: _builtin(
         "digits-logreg",
