@@ -52,19 +52,21 @@ def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.nd
     coins = np.random.default_rng([seed, 0x3E3B])
     rng = np.random.default_rng([seed, 0x4015E])
     inserted = coins.random(trials) < 0.5
+    # what the rest of the client's data contributes, known to this attacker: once per checkpoint
+    known = [(gram(phi_r), qbar_rest @ phi_r) for phi_r, _ in rest]
     scores = np.empty(trials)
     for t in range(trials):
         j = t % len(y_targets)
         score = 0.0
-        for v, (phi_r, _), (phi_c, _) in zip(views, rest, cand):
+        for v, (phi_r, _), (phi_c, _), (gram_r, summary_r) in zip(views, rest, cand, known):
             z = phi_c[j : j + 1]
             phi = np.vstack([phi_r, z]) if inserted[t] else phi_r
             q = np.append(qbar_rest, qbar_cand[j]) if inserted[t] else qbar_rest
             rel = v.releases(phi, q, "private", rng)
             shift_g = np.triu(gram(z))
-            score += float((shift_g * np.triu(rel.gram - gram(phi_r))).sum()) / var_gram
+            score += float((shift_g * np.triu(rel.gram - gram_r)).sum()) / var_gram
             shift_s = qbar_cand[j] * z[0]
-            score += float(shift_s @ (rel.summary - qbar_rest @ phi_r)) / var_summary
+            score += float(shift_s @ (rel.summary - summary_r)) / var_summary
         score += (rel.count - len(y_rest)) / var_count  # the count is released once per run
         scores[t] = score
     eps_lb, threshold = epsilon_lower_bound(scores, inserted, dp.delta)
