@@ -3,7 +3,7 @@
 In simulation a virtual client takes its partition of the task's training
 set: Flower sets ``partition-id`` and ``num-partitions`` in its node config,
 and the server's job spec says how the data is split (the same
-deterministic :func:`shared.partition.partition` the centralized path
+deterministic :func:`fedtrak.partition.partition` the centralized path
 uses). On a device, the node config names the data instead::
 
     flower-supernode ... --node-config "data-path='/data/mine.npz' owner='clinic-a'"
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.corruption import flip_labels
-from shared.errors import FedtrakError
-from shared.partition import Partition, partition
-from shared.protocol import JobSpec
-from shared.tasks import Task, cached_task
+from fedtrak.corruption import flip_labels
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Job
+from fedtrak.partition import Partition, partition
+from fedtrak.tasks import Task, cached_task
 
 
 @dataclass(frozen=True)
@@ -63,26 +63,28 @@ class ClientData:
 
 
 @lru_cache(maxsize=8)
-def _cached_partition(job: JobSpec, num: int) -> tuple[Partition, np.ndarray]:
+def _cached_partition(job: Job, num: int) -> tuple[Partition, np.ndarray]:
     """The simulation's partition and the training labels as its clients see them (flipped
     where the job's mislabel experiment says so)."""
     task = pooled_task(job)
-    parts = partition(task.y_train, num, job.partition, job.alpha, job.partition_seed)
+    p = job.settings.partition
+    parts = partition(task.y_train, num, p.partition, p.alpha, p.partition_seed)
     return parts, flip_labels(task.y_train, task.num_classes, parts, job.flips())
 
 
-def pooled_task(job: JobSpec) -> Task:
+def pooled_task(job: Job) -> Task:
     """The job's task with its data sets: the pooled data a simulation's clients are cut from."""
-    return cached_task(job.task, job.train_size, job.query_size)
+    t = job.settings.task
+    return cached_task(t.task, t.train_size or 0, t.query_size or 0)
 
 
-def job_task(job: JobSpec) -> Task:
-    """The task named by a job spec, for its model and output function: a built-in task comes
+def job_task(job: Job) -> Task:
+    """The task named by a job, for its model and output function: a built-in task comes
     without its data sets (a device reads its own file; a simulation's partition loads them)."""
-    return cached_task(job.task, data=False)
+    return cached_task(job.settings.task.task, data=False)
 
 
-def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> ClientData:
+def load_client_data(job: Job, node_config: Mapping, node_id: int) -> ClientData:
     """This client's data, from its node config (see the module docstring).
 
     Raises:
@@ -92,8 +94,9 @@ def load_client_data(job: JobSpec, node_config: Mapping, node_id: int) -> Client
     """
     task = job_task(job)
     named_task = node_config.get("task")
-    if named_task not in (None, "") and str(named_task) != job.task:
-        raise FedtrakError(f"this node holds data for task {named_task!r}, the run is for {job.task!r}")
+    if named_task not in (None, "") and str(named_task) != job.settings.task.task:
+        raise FedtrakError(f"this node holds data for task {named_task!r}, the run is for "
+                           f"{job.settings.task.task!r}")
     if node_config.get("data-path"):
         if job.flips().active:
             raise FedtrakError("label flips are a simulation setting: this node reads its own data file")

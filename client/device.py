@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data import read_device_data
-from shared.checkpoints import seeded_model
-from shared.errors import FedtrakError
-from shared.settings import ScoreSettings, checkpoint_featurizer
-from shared.tasks import load_task
+from fedtrak.checkpoints import seeded_model
+from fedtrak.client.data import read_device_data
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import Settings
+from fedtrak.tasks import load_task
+from fedtrak.trak import checkpoint_featurizer
+from fedtrak.wire.records import FEATURIZE, SCORE
 
 log = logging.getLogger("fedtrak.client")
 
@@ -47,7 +49,8 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     task = load_task(task_name, data=False)
     x, y = read_device_data(Path(data_path), task)
     featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0,
-                                       ScoreSettings(proj_dim=proj_dim, projector=projector, batch_size=batch_size))
+                                       Settings().replaced(proj_dim=proj_dim, projector=projector,
+                                                           batch_size=batch_size))
     k = featurizer.projector.proj_dim
     batch = min(batch_size, len(y))
     start = time.perf_counter()
@@ -57,22 +60,22 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
     gram = k * (k + 1) // 2
-    releases = [{"step": "query.featurize", "what": "masked vector: Gram upper triangles of every checkpoint "
+    releases = [{"step": FEATURIZE, "what": "masked vector: Gram upper triangles of every checkpoint "
                  "and the count (only their sum is revealed)" if secure_agg else
                  "Gram upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
                  else [checkpoints, gram], "bytes": NUMBER_BYTES * (checkpoints * gram + int(secure_agg)),
                  "noise": ("Skellam share" if secure_agg else "Gaussian, sigma C^2") if noised else "none"},
-                {"step": "query.featurize", "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
+                {"step": FEATURIZE, "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
                  "noise": "Gaussian, sigma (once per run)" if noised else "none"}]
     if noised:
-        releases.append({"step": "query.score", "what": "owner summaries (the server derives owner totals)",
+        releases.append({"step": SCORE, "what": "owner summaries (the server derives owner totals)",
                          "shape": [checkpoints, k], "bytes": NUMBER_BYTES * checkpoints * k,
                          "noise": "Gaussian, sigma C"})
     else:
-        releases.append({"step": "query.score", "what": "owner total per query", "shape": [nq],
+        releases.append({"step": SCORE, "what": "owner total per query", "shape": [nq],
                          "bytes": NUMBER_BYTES * nq, "noise": "none"})
     if policy == "full":
-        releases.append({"step": "query.score", "what": "full score matrix (simulation and evaluation only)",
+        releases.append({"step": SCORE, "what": "full score matrix (simulation and evaluation only)",
                          "shape": [nq, len(y)], "bytes": NUMBER_BYTES * nq * len(y), "noise": "none"})
     kept = ["features of every example, per checkpoint (the local store)"]
     if policy == "topk":

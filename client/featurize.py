@@ -1,7 +1,7 @@
 """A client featurizes its own data into its local store and computes its Gram matrices.
 
 Features never leave the device in private mode: they are written, chunk by
-chunk, to the memory-mapped :class:`client.store.FeatureStore`, and only
+chunk, to the memory-mapped :class:`fedtrak.client.store.FeatureStore`, and only
 ``Phi_c,m^T Phi_c,m`` (computed from the store in row chunks) is released.
 A checkpoint already in the store from the same weights, projection and
 data is not recomputed.
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from client.data import ClientData
-from client.store import FeatureStore
-from shared.kernel import GramAccumulator
-from shared.privacy.mechanisms import DPSettings, clip_scales
-from shared.protocol import JobSpec
-from shared.settings import checkpoint_featurizer
-from shared.tasks import Task
+from fedtrak.client.data import ClientData
+from fedtrak.client.store import FeatureStore
+from fedtrak.job import Job
+from fedtrak.kernel import GramAccumulator
+from fedtrak.privacy.mechanisms import DPSettings, clip_scales
+from fedtrak.tasks import Task
+from fedtrak.trak import checkpoint_featurizer
 
 log = logging.getLogger("fedtrak.client")
 
@@ -31,10 +31,12 @@ log = logging.getLogger("fedtrak.client")
 GRAM_ROWS = 8192
 
 
-def fingerprint(job: JobSpec, m: int, state: Mapping[str, torch.Tensor], data: ClientData) -> str:
+def fingerprint(job: Job, m: int, state: Mapping[str, torch.Tensor], data: ClientData) -> str:
     """What checkpoint ``m``'s features depend on: the projection, the weights and the data."""
     h = hashlib.sha256()
-    spec = {"task": job.task, "projector": job.projector, "proj_dim": job.proj_dim, "seed": job.seed, "m": m}
+    s = job.settings
+    spec = {"task": s.task.task, "projector": s.projection.projector, "proj_dim": job.resolved.proj_dim,
+            "seed": s.task.seed, "m": m}
     h.update(json.dumps(spec, sort_keys=True).encode())
     for name in sorted(state):
         h.update(name.encode())
@@ -46,7 +48,7 @@ def fingerprint(job: JobSpec, m: int, state: Mapping[str, torch.Tensor], data: C
 def featurize_into_store(
     task: Task,
     data: ClientData,
-    job: JobSpec,
+    job: Job,
     checkpoints: Mapping[int, Mapping[str, torch.Tensor]],
     store: FeatureStore,
 ) -> dict[int, bool]:
@@ -56,7 +58,6 @@ def featurize_into_store(
     last finished chunk. Returns, per checkpoint index, the rows computed now
     (0: reused whole).
     """
-    settings = job.settings()
     computed = {}
     for m, state in sorted(checkpoints.items()):
         fp = fingerprint(job, m, state, data)
@@ -64,7 +65,7 @@ def featurize_into_store(
             log.info("checkpoint %d: reusing the stored features", m)
             computed[m] = 0
             continue
-        featurizer = checkpoint_featurizer(task, dict(state), m, settings)
+        featurizer = checkpoint_featurizer(task, dict(state), m, job.settings)
         dim = featurizer.projector.proj_dim
         done = store.resume_point(m, len(data.y), dim, fp)
         if done:

@@ -15,8 +15,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import FedtrakError
-from shared.private_files import write_private
+from fedtrak.errors import FedtrakError
+from fedtrak.private_files import write_private
 
 
 def make_node_keys(out: Path, name: str = "supernode", overwrite: bool = False) -> tuple[Path, Path]:

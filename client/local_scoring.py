@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.privacy.mechanisms import owner_summaries
-from shared.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.mechanisms import owner_summaries
+from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
 
 
 def score_own_examples(

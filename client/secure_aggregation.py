@@ -1,4 +1,5 @@
-"""The client's side of secure aggregation: its identity key, its state between rounds, its masked Grams.
+"""The client's side of secure aggregation: the four rounds as steps its handlers call, its identity
+key, its state between rounds, and its masked Grams.
 
 A client's protocol state (its X25519 private keys, self-mask seed, the
 advertisements it accepted and the sealed shares it holds) lives on its own
@@ -16,19 +17,21 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from client.featurize import stored_clip_scales, stored_gram
-from client.store import FeatureStore
-from shared.codecs import pack_upper
-from shared.errors import FedtrakError
-from shared.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
-from shared.privacy.mechanisms import DPSettings, noise_rng
-from shared.private_files import write_private
-from shared.secagg import fixedpoint
-from shared.secagg.fixedpoint import FRACTION_BITS
-from shared.secagg.protocol import Advertisement, Client, SealedShares
+from fedtrak.client.featurize import stored_clip_scales, stored_gram
+from fedtrak.client.node import Local
+from fedtrak.client.store import FeatureStore
+from fedtrak.codecs import pack_upper
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
+from fedtrak.privacy.mechanisms import DPSettings, noise_rng
+from fedtrak.private_files import write_private
+from fedtrak.secagg import fixedpoint
+from fedtrak.secagg.fixedpoint import FRACTION_BITS
+from fedtrak.secagg.protocol import Advertisement, Client, SealedShares, raw_public, secagg_context
+from fedtrak.wire.secagg import Revealed
 
 IDENTITY_FILE = "secagg-identity.pem"
 STATE_FILE = "secagg-state.json"
@@ -128,3 +131,61 @@ def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp:
         parts = [p + skellam_noise(len(p), variance, rng).view(np.uint64) for p in parts]
     parts.append(fixedpoint.encode(np.array([count], dtype=np.float64), fraction_bits))
     return np.concatenate(parts), {"gram": gram_s, "encode_and_noise": time.perf_counter() - start}
+
+
+def _client(local: Local) -> Client:
+    """This client's protocol state from its store, for this run."""
+    return load_state(local.store, identity_key(local.store.dir.parent), secagg_context(local.job.run_id))
+
+
+def advertise(local: Local, context: str) -> tuple[Advertisement, bytes]:
+    """Round 1: fresh key pairs, signed with this client's identity key; returns the advertisement
+    and the identity key's raw public bytes.
+
+    Raises:
+        FedtrakError: if the protocol's ``context`` is not this run's.
+    """
+    if context != local.job.run_id:
+        raise FedtrakError("secure-aggregation context does not match the run")
+    identity = identity_key(local.store.dir.parent)
+    client = Client(local.node_id, identity, secagg_context(local.job.run_id))
+    save_state(local.store, client)
+    return client.advertise(), raw_public(identity.public_key())
+
+
+def share(local: Local, adverts: list[tuple[Advertisement, bytes]], threshold: int) -> list[SealedShares]:
+    """Round 2: check the neighbours' signatures; seal shares of this client's secrets to each.
+
+    Raises:
+        FedtrakError: if the request does not carry this client's own identity key, or a
+            signature is invalid.
+    """
+    client = _client(local)
+    identities = {a.client: Ed25519PublicKey.from_public_bytes(key) for a, key in adverts}
+    own = identities.get(client.client)
+    if own is None or raw_public(own) != raw_public(client.identity.public_key()):
+        raise FedtrakError("the share request does not carry this client's own identity key")
+    sealed = client.share([a for a, _ in adverts], identities, threshold)
+    save_state(local.store, client)
+    return sealed
+
+
+def masked_input(local: Local, sealed: list[SealedShares], checkpoints: list[int],
+                 fraction_bits: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Round 3: the masked vector of this client's (noised) Grams and count, and seconds per part."""
+    client = _client(local)
+    values, seconds = encoded_grams(local.store, checkpoints, local.released_count(), local.dp,
+                                    client.threshold, fraction_bits)
+    start = time.perf_counter()
+    masked = client.masked_input(sealed, values)
+    seconds["mask"] = time.perf_counter() - start
+    save_state(local.store, client)
+    return masked, seconds
+
+
+def unmask(local: Local, survivors: list[int]) -> Revealed:
+    """Round 4: reveal one share per peer (self-mask seed if it survived, mask key if not); then
+    forget the secrets."""
+    revealed = _client(local).unmask(survivors)
+    forget_state(local.store)
+    return revealed

@@ -23,7 +23,7 @@ from typing import Self
 
 import numpy as np
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: Progress of a checkpoint being written: its fingerprint, shape and rows done.

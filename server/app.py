@@ -1,32 +1,27 @@
-"""fedtrak's Flower ServerApp: reads the run config and drives the protocol (:mod:`server.run`)."""
+"""fedtrak's Flower ServerApp: reads the run config and drives the protocol (:mod:`fedtrak.server.run`)."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import RunConfig
-from server.run import run_federated
+from fedtrak.server.run import run_federated
+from fedtrak.settings import Settings
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None,
-                     outcome: list | None = None) -> ServerApp:
-    """The ServerApp; ``overrides`` take precedence over the run config.
-
-    ``fedtrak simulate`` passes its settings as ``overrides`` (Flower's Python
-    simulation entry point leaves the run config empty) and an ``outcome``
-    list, which receives the summary or the exception the run ended with.
-    """
+def server_app(settings: Settings | None = None, outcome: list | None = None) -> ServerApp:
+    """The ServerApp. Without ``settings`` it reads Flower's run config (``flwr run``); with them it
+    runs those (:func:`fedtrak.simulate`: Flower's Python simulation entry point leaves the run
+    config empty). ``outcome`` receives the summary or the exception the run ended with."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
-            summary = run_federated(grid, cfg)
+            if settings is None:
+                summary = run_federated(grid, Settings.from_flat(dict(context.run_config)), "flower")
+            else:
+                summary = run_federated(grid, settings, "simulation")
         except BaseException as exc:
             if outcome is not None:
                 outcome.append(exc)
@@ -37,5 +32,5 @@ def build_server_app(overrides: Mapping[str, Any] | None = None,
     return app
 
 
-#: The ServerApp that ``flwr run`` loads (``server.app:app`` in pyproject.toml).
-app = build_server_app()
+#: The ServerApp that ``flwr run`` loads (``fedtrak.server.app:app`` in pyproject.toml).
+app = server_app()

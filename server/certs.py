@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.errors import FedtrakError
-from shared.private_files import write_private
+from fedtrak.errors import FedtrakError
+from fedtrak.private_files import write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -67,7 +67,7 @@ def make_certificates(out: Path, hosts: Sequence[str], overwrite: bool = False) 
         raise FedtrakError(f"{out} already holds {', '.join(existing)}; refusing to overwrite keys "
                            "(pass --force to replace them)")
     san = _san(hosts)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtrak"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "fedtrak federation CA")])

@@ -21,9 +21,9 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from server.validation import read_info
-from shared.errors import FedtrakError
-from shared.protocol import INFO_KEY, TIMING_KEY, payload_bytes
+from fedtrak import wire
+from fedtrak.errors import FedtrakError
+from fedtrak.server.validation import read_info
 
 log = logging.getLogger("fedtrak.server")
 T = TypeVar("T")
@@ -66,7 +66,7 @@ class CountingGrid:
         return getattr(self._grid, name)
 
     def _count(self, node: int, way: str, content: RecordDict) -> None:
-        size = payload_bytes(content)
+        size = wire.payload_bytes(content)
         self.bytes[node][way] += size
         self.steps[self.step][way] += size
 
@@ -79,11 +79,10 @@ class CountingGrid:
         for reply in replies:
             if not reply.has_error():
                 self._count(reply.metadata.src_node_id, "received", reply.content)
-                timing = reply.content.metric_records.get(TIMING_KEY)
-                if timing is not None and isinstance(timing.get("handler"), float):
-                    self.client_seconds[self.step] += timing["handler"]
-                if timing is not None and isinstance(timing.get("peak-mb"), float):
-                    self.client_peak_mb[self.step] = max(self.client_peak_mb[self.step], timing["peak-mb"])
+                seconds, peak_mb = wire.read_handler_timing(reply.content)
+                self.client_seconds[self.step] += seconds
+                if peak_mb is not None:
+                    self.client_peak_mb[self.step] = max(self.client_peak_mb[self.step], peak_mb)
         return replies
 
 
@@ -194,9 +193,9 @@ class Federation:
         """Record who each replying client is and its count; exclude (and drop the reply of)
         a client whose info record is malformed or names another protocol version or task."""
         for node, content in list(replies.items()):
-            claimed = content.config_records.get(INFO_KEY) if hasattr(content, "config_records") else None
-            if claimed is not None and claimed.get("owner") not in (None, ""):
-                self.clients[node].owner = str(claimed["owner"])  # so that a refusal names the client
+            claimed = wire.claimed_owner(content)
+            if claimed:
+                self.clients[node].owner = claimed  # so that a refusal names the client
             try:
                 info = read_info(content, self.source(node), self.fingerprint)
             except FedtrakError as exc:

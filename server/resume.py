@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord
 
-from shared.checkpoints import atomic_write_json
-from shared.errors import FedtrakError
-from shared.protocol import JobSpec
+from fedtrak import wire
+from fedtrak.checkpoints import atomic_write_json
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Job
+from fedtrak.privacy.distributed import DistributedNoise
+from fedtrak.server.secure_aggregation import SecureSum
 
 STATE_DIR = ".resume"
 #: Run-config keys that may differ between a run and its resumption.
@@ -47,12 +49,12 @@ class RunState:
     def __init__(self, out_dir: Path) -> None:
         self.dir = Path(out_dir) / STATE_DIR
 
-    def save_job(self, job: JobSpec, config: dict) -> None:
+    def save_job(self, job: Job, config: dict) -> None:
         """Keep the job and the run config that made it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir / "run.json", {"job": dict(job.to_record()), "config": config})
+        atomic_write_json(self.dir / "run.json", {"job": dict(wire.encode_job(job)), "config": config})
 
-    def saved_job(self, config: dict) -> JobSpec | None:
+    def saved_job(self, config: dict) -> Job | None:
         """The saved job if there is one for this run config (``None`` if nothing was saved).
 
         Raises:
@@ -63,7 +65,7 @@ class RunState:
             return None
         try:
             saved = json.loads(path.read_text())
-            job = JobSpec.from_record(ConfigRecord(saved["job"]))
+            job = wire.decode_job(saved["job"], str(path))
         except (ValueError, KeyError, TypeError) as exc:
             raise FedtrakError(f"cannot resume: {path} is corrupt ({exc})") from exc
         differ = sorted(k for k in set(config) | set(saved["config"])
@@ -101,3 +103,16 @@ class RunState:
     def clear(self) -> None:
         """Forget the saved progress (the run's results are committed)."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def saved_secure_sum(secure: SecureSum) -> dict:
+    """What a resumed run needs of a secure sum: its account, its noise and its survivors."""
+    return {"report": secure.report, "noise": asdict(secure.noise), "survivors": list(secure.survivors)}
+
+
+def restored_secure_sum(saved: SavedKernels) -> SecureSum | None:
+    """The secure sum of saved kernels (``None`` if they were summed in the clear)."""
+    if saved.secure is None:
+        return None
+    return SecureSum(saved.grams, float(saved.total), saved.secure["survivors"],
+                     DistributedNoise(**saved.secure["noise"]), saved.secure["report"])

@@ -3,7 +3,7 @@
 :func:`secure_gram_sum` replaces the plain featurize round of private mode
 when a run sets ``secure-agg``. The server relays advertisements and sealed
 shares, receives only masked vectors, and unmasks their sum with the shares
-the survivors reveal (:mod:`shared.secagg.protocol`); it never holds one
+the survivors reveal (:mod:`fedtrak.secagg.protocol`); it never holds one
 client's Gram. What it can still check is checked on the sum (DESIGN.md
 section 4): positive semi-definiteness when no noise was added, and that the
 securely summed counts equal the counts the survivors reported.
@@ -12,51 +12,40 @@ securely summed counts equal the counts the survivors reported.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from server.federation import Federation
-from server.validation import check_psd
-from shared.codecs import unpack_upper
-from shared.errors import FedtrakError
-from shared.privacy.distributed import DistributedNoise, noise_fraction_bits
-from shared.privacy.mechanisms import DPSettings
-from shared.protocol import (
-    FEATURIZE,
-    JOB_KEY,
-    SECAGG_INPUT,
-    SECAGG_SHARE,
-    SECAGG_UNMASK,
-    TIMING_KEY,
-    JobSpec,
-    record_config,
-)
-from shared.secagg import fixedpoint, graph
-from shared.secagg.messages import (
-    ADVERT_KEY,
-    SECAGG_KEY,
-    adverts_content,
-    read_advert,
-    read_masked,
-    read_revealed,
-    read_sealed,
-    sealed_content,
-    survivors_content,
-)
-from shared.secagg.protocol import (
+from fedtrak import wire
+from fedtrak.codecs import unpack_upper
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Job
+from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
+from fedtrak.secagg import fixedpoint, graph
+from fedtrak.secagg.protocol import (
     Advertisement,
     SealedShares,
     secagg_context,
     unmask_sum,
     verify_advert,
 )
-from shared.timing import PhaseTimer
+from fedtrak.server.federation import Federation
+from fedtrak.server.validation import check_psd
+from fedtrak.timing import PhaseTimer
+from fedtrak.wire.secagg import (
+    adverts_content,
+    input_request,
+    read_advert_reply,
+    read_masked,
+    read_revealed,
+    read_sealed,
+    survivors_content,
+    with_job,
+)
 
-ROUNDS = (FEATURIZE, SECAGG_SHARE, SECAGG_INPUT, SECAGG_UNMASK)
+ROUNDS = (wire.FEATURIZE, wire.SECAGG_SHARE, wire.SECAGG_INPUT, wire.SECAGG_UNMASK)
 
 
 @dataclass
@@ -76,26 +65,26 @@ class SecureSum:
         return self.noise.threshold
 
 
-def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: JobSpec, checkpoints: list[int],
-                    dim: int, fraction: float, dp: DPSettings, timer: PhaseTimer) -> SecureSum:
+def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[int],
+                    timer: PhaseTimer) -> SecureSum:
     """Featurize with secure aggregation: advertise, share, masked input, unmask.
 
-    ``request(node)`` is the plain featurize request; ``fraction`` sets the
-    share threshold (:func:`shared.secagg.graph.threshold`); under ``dp`` the
-    clients add distributed Skellam noise sized for that threshold, and the
-    sum is not checked for being PSD.
+    The job's ``secagg-threshold`` sets the share threshold
+    (:func:`fedtrak.secagg.graph.threshold`); under DP the clients add
+    distributed Skellam noise sized for that threshold, and the sum is not
+    checked for being PSD.
 
     Raises:
         FedtrakError: with fewer than 3 clients, fewer survivors than the
             threshold, or a sum that fails its checks; no sum is returned then.
     """
     context = secagg_context(job.run_id)
-    job_record = job.to_record()
+    dim, dp, fraction = job.resolved.proj_dim, job.dp(), job.settings.secagg.secagg_threshold
     with timer.phase("featurize_round"):
-        replies = fed.broadcast(FEATURIZE, lambda node: RecordDict(
-            {**request(node), SECAGG_KEY: ConfigRecord({"context": job.run_id})}))
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(
+            job, states, secagg_context=job.run_id))
     fed.note_info(replies)
-    client_seconds = {n: dict(c[TIMING_KEY]) for n, c in replies.items() if TIMING_KEY in c.metric_records}
+    client_seconds = {n: wire.read_timing(c) for n, c in replies.items() if wire.read_timing(c)}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
     nodes = fed.require_clients("the secure-aggregation advertisements")
     if len(nodes) < 3:
@@ -106,31 +95,27 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
     hood = {u: sorted({u, *vs}) for u, vs in graph.neighbours(nodes).items()}
 
     with timer.phase("secagg_share_round"):
-        replies = fed.broadcast(SECAGG_SHARE, lambda node: RecordDict(
-            {**adverts_content([adverts[v] for v in hood[node] if v in adverts], threshold), JOB_KEY: job_record}))
+        replies = fed.broadcast(wire.SECAGG_SHARE, lambda node: with_job(
+            adverts_content([adverts[v] for v in hood[node] if v in adverts], threshold), job))
     sealed = fed.accept(replies, lambda node, c: _checked_sealed(
         c, node, [v for v in hood[node] if v in adverts], fed.source(node)))
     shared = [u for u in fed.active() if u in sealed]
 
     delivered = {u: [v for v in hood[u] if v in sealed] for u in shared}
     length = len(checkpoints) * dim * (dim + 1) // 2 + 1
-    input_cfg = ConfigRecord({"checkpoints": list(checkpoints), "fraction-bits": noise.fraction_bits})
     with timer.phase("secagg_input_round"):
-        replies = fed.broadcast(SECAGG_INPUT, lambda node: RecordDict(
-            {**sealed_content([sealed[v][node] for v in delivered[node]]), JOB_KEY: job_record,
-             SECAGG_KEY: input_cfg}))
+        replies = fed.broadcast(wire.SECAGG_INPUT, lambda node: input_request(
+            [sealed[v][node] for v in delivered[node]], checkpoints, noise.fraction_bits, job))
     inputs = fed.accept(replies, lambda node, c: read_masked(c, length, fed.source(node)))
     for n in inputs:
-        if TIMING_KEY in replies[n].metric_records:
-            client_seconds.setdefault(n, {}).update(dict(replies[n][TIMING_KEY]))
+        client_seconds.setdefault(n, {}).update(wire.read_timing(replies[n]))
     survivors = sorted(inputs)
     if len(survivors) < threshold:
         raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
                            "the sum cannot be unmasked (no result)")
 
     with timer.phase("secagg_unmask_round"):
-        replies = fed.broadcast(SECAGG_UNMASK, lambda node: RecordDict(
-            {**survivors_content(survivors), JOB_KEY: job_record}))
+        replies = fed.broadcast(wire.SECAGG_UNMASK, lambda node: with_job(survivors_content(survivors), job))
     revealed = fed.accept(replies, lambda node, c: read_revealed(c, fed.source(node)))
     start = time.perf_counter()
     with timer.phase("secagg_unmask"):
@@ -154,7 +139,7 @@ def secure_gram_sum(fed: Federation, request: Callable[[int], RecordDict], job: 
 
 
 def _checked_advert(content: RecordDict, node: int, context: bytes, source: str) -> tuple[Advertisement, bytes]:
-    advert, identity = read_advert(record_config(content, ADVERT_KEY, source), source)
+    advert, identity = read_advert_reply(content, source)
     if advert.client != node:
         raise FedtrakError(f"{source}: advertises keys as client {advert.client}")
     verify_advert(advert, {node: Ed25519PublicKey.from_public_bytes(identity)}, context)
@@ -177,12 +162,12 @@ def _report(fed: Federation, adverts: dict, shared: list[int], survivors: list[i
             hood: dict[int, list[int]], length: int, client_seconds: dict[int, dict], unmask_seconds: float,
             timer: PhaseTimer) -> dict:
     n = len(adverts)
-    phases = {FEATURIZE: "featurize_round", SECAGG_SHARE: "secagg_share_round",
-              SECAGG_INPUT: "secagg_input_round", SECAGG_UNMASK: "secagg_unmask_round"}
+    phases = {wire.FEATURIZE: "featurize_round", wire.SECAGG_SHARE: "secagg_share_round",
+              wire.SECAGG_INPUT: "secagg_input_round", wire.SECAGG_UNMASK: "secagg_unmask_round"}
     rounds = {step: {"seconds": round(timer.seconds[phases[step]], 3),
                      "bytes_sent": fed.grid.steps[step]["sent"], "bytes_received": fed.grid.steps[step]["received"]}
               for step in ROUNDS}
-    keys = sorted({k for c in client_seconds.values() for k in c} - {"handler"})
+    keys = sorted({k for c in client_seconds.values() for k in c})
     per_client = {k: round(float(np.mean([c[k] for c in client_seconds.values() if k in c])), 4) for k in keys}
     degree = len(next(iter(hood.values()))) - 1
     return {

@@ -1,6 +1,48 @@
-"""Code that both the server and the clients run.
+"""fedtrak: privacy-aware federated training-data attribution (TRAK on Flower).
 
-Tasks (model, data, output function), the featurizer, projectors, the kernel
-and score math, checkpoints and the on-disk result format. Everything here is
-pure array math or plain I/O: no Flower, no networking.
+The public API::
+
+    import fedtrak
+
+    task = fedtrak.task_from_model("mine", model, train=(x, y), query=(xq, yq))
+    central = fedtrak.attribute(task, proj_dim=512)              # the centralized reference
+    federated = fedtrak.simulate(task, clients=10, policy="full") # 10 virtual Flower clients
+    central.scores, federated.scores, federated.owner_scores     # in memory, and in the run folder
+    fedtrak.evaluate(central, lds=True)                           # LDS against retrained models
+
+Names are imported when first used, so ``import fedtrak`` stays light (the
+``fedtrak`` command line and a SuperNode import only what they need).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the module that defines it.
+_API = {
+    "Task": "fedtrak.tasks", "TrainConfig": "fedtrak.tasks", "load_task": "fedtrak.tasks",
+    "register_task": "fedtrak.tasks",
+    "ModelOutput": "fedtrak.modelout", "ClassificationMargin": "fedtrak.modelout",
+    "task_from_model": "fedtrak.own_model",
+    "Settings": "fedtrak.settings",
+    "FedtrakError": "fedtrak.errors",
+    "Result": "fedtrak.simulations.api", "attribute": "fedtrak.simulations.api",
+    "simulate": "fedtrak.simulations.api", "evaluate": "fedtrak.simulations.api",
+}
+
+__all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Result", "Settings", "Task", "TrainConfig",
+           "attribute", "evaluate", "load_task", "register_task", "simulate", "task_from_model"]
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fedtrak' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

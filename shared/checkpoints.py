@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.errors import FedtrakError
-from shared.projectors import derive_seed
-from shared.tasks import Task, to_tensors
+from fedtrak.errors import FedtrakError
+from fedtrak.projectors import derive_seed
+from fedtrak.tasks import Task, to_tensors
 
 MANIFEST = "manifest.json"
 
@@ -94,7 +94,7 @@ def fedavg_local_seed(seed: int, checkpoint: int, server_round: int, partition_i
     """The shuffling seed of one client's local epochs in one FedAvg round.
 
     Flower's clients and the in-process FedAvg of ground-truth retraining
-    (:mod:`simulations.retrain`) use this one rule, so the two train alike.
+    (:mod:`fedtrak.simulations.evaluation.retrain`) use this one rule, so the two train alike.
     """
     stream = derive_seed(derive_seed(seed, checkpoint), 1000 * server_round + max(partition_id, 0))
     return stream % 2**63

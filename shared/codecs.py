@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.kernel import check_symmetric
+from fedtrak.errors import FedtrakError
+from fedtrak.kernel import check_symmetric
 
 
 def pack_upper(matrix: np.ndarray) -> np.ndarray:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-from shared.errors import FedtrakError
-from shared.tasks import Task
+from fedtrak.errors import FedtrakError
+from fedtrak.tasks import Task
 
 #: The wire protocol's version: bumped whenever a message's meaning changes.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 def task_fingerprint(task: Task, projector: str, proj_dim: int, seed: int) -> str:

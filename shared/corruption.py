@@ -9,56 +9,13 @@ featurizes on the corrupted data and evaluation knows the truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.partition import Partition
-from shared.tasks import Task
-
-
-@dataclass(frozen=True)
-class FlipSpec:
-    """Which labels to flip: ``fraction`` of each listed client's examples (0: none)."""
-
-    fraction: float = 0.0
-    clients: tuple[int, ...] = ()
-    seed: int = 0
-
-    @property
-    def active(self) -> bool:
-        """Whether any label is flipped."""
-        return self.fraction > 0 and bool(self.clients)
-
-    def validate(self, num_clients: int) -> None:
-        """Raise FedtrakError on a fraction outside [0, 1) or a client id out of range."""
-        if not 0 <= self.fraction < 1:
-            raise FedtrakError(f"flip fraction must lie in [0, 1), got {self.fraction}")
-        bad = [c for c in self.clients if not 0 <= c < num_clients]
-        if bad:
-            raise FedtrakError(f"flip clients {bad} are not among the {num_clients} clients")
-        if len(set(self.clients)) != len(self.clients):
-            raise FedtrakError(f"flip clients {list(self.clients)} repeat a client")
-
-
-def parse_clients(text: str, num_clients: int) -> tuple[int, ...]:
-    """``"0,3,4"`` -> ``(0, 3, 4)``; ``""`` or ``"half"`` -> the first half of the clients."""
-    text = text.strip()
-    if text in ("", "half"):
-        return tuple(range(max(num_clients // 2, 1)))
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise FedtrakError(f"flip clients must be comma-separated client ids, got {text!r}") from None
-
-
-def flip_spec(fraction: float, clients: str, num_clients: int, seed: int) -> FlipSpec:
-    """The flips of a run's settings: ``fraction`` of the labels of ``clients`` (``"0,3"``; empty:
-    the first half of the ``num_clients``), drawn from ``seed``; none when ``fraction`` is 0."""
-    if not fraction:
-        return FlipSpec()
-    return FlipSpec(fraction, parse_clients(clients, num_clients), seed)
+from fedtrak.partition import Partition
+from fedtrak.settings import FlipSpec
+from fedtrak.tasks import Task
 
 
 def flipped_indices(labels: np.ndarray, parts: Partition, flips: FlipSpec) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts its files. Override
 #: with the ``FEDTRAK_FMNIST_DIR`` environment variable.

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from shared.errors import FedtrakError
-from shared.factorized import FactorizedProjector, fallback_gradient_fn
-from shared.modelout import ModelOutput
-from shared.projectors import Projector
+from fedtrak.errors import FedtrakError
+from fedtrak.modelout import ModelOutput
+from fedtrak.projectors import Projector
+from fedtrak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
 
 #: Default gradient memory per projected chunk.
 DEFAULT_CHUNK_BYTES = 256 << 20

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import NORMALIZATIONS
 
 #: Default relative lambda (times the mean diagonal of Phi^T Phi) when the
 #: training weight decay is unknown or zero.
@@ -24,7 +25,6 @@ DEFAULT_LAMBDA_REL = 1e-3
 #: Smallest accepted reciprocal condition estimate of the regularized kernel.
 MIN_RCOND = 1e-13
 
-NORMALIZATIONS = ("none", "traker")
 
 
 def check_symmetric(matrix: np.ndarray, what: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: numpy structured dtype of ``example_ids.npy``.
 EXAMPLE_ID_DTYPE = np.dtype([("client", "<i8"), ("local", "<i8"), ("index", "<i8")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 
 def write_private(path: Path, data: bytes, overwrite: bool = True) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.corruption import FlipSpec
-from shared.scoring import top_k
+from fedtrak.corruption import FlipSpec
+from fedtrak.scoring import top_k
 
 SUMMARY = "summary.json"
 

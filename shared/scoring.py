@@ -10,7 +10,7 @@ multiplies them (TRAK, Algorithm 1)::
 Sign and scale: a positive score means training on example i raises the
 query's margin (a proponent); a negative score lowers it (an opponent). The
 score is in units of margin per unit of up-weighting, on fedtrak's feature
-scale (see :mod:`shared.projectors`).
+scale (see :mod:`fedtrak.projectors`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: Training rows per matrix product in :func:`kernel_term`.
 ROW_CHUNK = 8192

@@ -1,54 +1,280 @@
-"""How features are made and combined: the settings every mode shares.
+"""The settings of a run, defined once: nested, typed sections with their defaults and checks.
 
-The server, every client and the centralized reference path build the
-featurizer of checkpoint m from the same :class:`ScoreSettings`, so they
-agree on the projection (seed ``derive_seed(seed, m)``) without exchanging
-anything but these few numbers.
+Every other form of the settings is derived from :class:`Settings` by the
+generic conversion of :mod:`fedtrak.flat`:
+
+- the command line (``fedtrak simulate --proj-dim 1024``: :mod:`fedtrak.simulations.cli.flags`);
+- Flower's flat run config (``flwr run . --run-config "proj-dim=1024"``) and
+  ``[tool.flwr.app.config]`` in ``pyproject.toml``;
+- the job a client receives (:class:`fedtrak.job.Job`).
+
+Each setting has one name everywhere (the field ``proj_dim`` is the flag
+``--proj-dim`` and the run-config key ``proj-dim``; ``lam`` is ``lambda``)
+and one default, here. ``None`` means "not given" (the rule that replaces it
+is in the field's help); a flat config spells it ``""``. This module imports
+nothing heavy, so the CLI's ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
+from fedtrak.errors import FedtrakError
+from fedtrak.flat import Sectioned, setting
 
-from shared.checkpoints import model_from_state
-from shared.featurizer import Featurizer
-from shared.models import count_params
-from shared.projectors import DEFAULT_CACHE_BYTES, derive_seed, make_projector
-from shared.tasks import Task
+PROJECTORS = ("rademacher", "gaussian", "factorized", "identity")
+NORMALIZATIONS = ("none", "traker")
+MODES = ("private", "features")
+POLICIES = ("owner-totals", "topk", "full")
+TRAINING = ("fedavg", "central")
+PARTITIONS = ("iid", "dirichlet")
+CLIP_MODES = ("per-checkpoint", "joint")
+DEFAULT_TASK = "digits-logreg"
+#: The projection dimension when none is given (the identity projector: the parameter count).
+DEFAULT_PROJ_DIM = 512
+#: Secure aggregation's share threshold as a fraction of each neighbourhood.
+DEFAULT_SECAGG_THRESHOLD = 0.6
+#: Where a run's folder goes when none is given, by the kind of run.
+DEFAULT_OUT = {"central": "runs/central", "simulation": "runs/sim", "flower": "runs/flwr"}
 
 
 @dataclass(frozen=True)
-class ScoreSettings:
-    """Projection, regularization and ensembling knobs of a run.
+class FlipSpec:
+    """Which labels to flip: ``fraction`` of each listed client's examples (0: none)."""
 
-    ``proj_dim=None`` is the projector's default k; ``lam`` is a lambda
-    specification (see :func:`shared.kernel.resolve_lambda`); ``normalize`` is
-    ``none`` or ``traker`` (see :func:`shared.kernel.precondition`).
-    """
-
-    proj_dim: int | None = None
-    projector: str = "rademacher"
+    fraction: float = 0.0
+    clients: tuple[int, ...] = ()
     seed: int = 0
-    lam: str | float = "auto"
-    normalize: str = "none"
-    batch_size: int = 256
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    @property
+    def active(self) -> bool:
+        """Whether any label is flipped."""
+        return self.fraction > 0 and bool(self.clients)
+
+    def validate(self, num_clients: int) -> None:
+        """Raise FedtrakError on a fraction outside [0, 1) or a client id out of range."""
+        if not 0 <= self.fraction < 1:
+            raise FedtrakError(f"flip fraction must lie in [0, 1), got {self.fraction}")
+        bad = [c for c in self.clients if not 0 <= c < num_clients]
+        if bad:
+            raise FedtrakError(f"flip clients {bad} are not among the {num_clients} clients")
+        if len(set(self.clients)) != len(self.clients):
+            raise FedtrakError(f"flip clients {list(self.clients)} repeat a client")
 
 
-def checkpoint_featurizer(
-    task: Task, state: dict[str, torch.Tensor], m: int, settings: ScoreSettings
-) -> Featurizer:
-    """The featurizer of checkpoint ``m``: its model and its own seeded projector.
+@dataclass(frozen=True)
+class TaskSettings:
+    """What is attributed: the task, which part of its data, and the run's base seed."""
+
+    task: str = setting(DEFAULT_TASK, "built-in task, a registered task name, or package.module:function")
+    train_size: int | None = setting(None, "use a fixed random subset of this many training examples",
+                                     minimum=1)
+    query_size: int | None = setting(None, "use a fixed random subset of this many queries", minimum=1)
+    seed: int = setting(0, "base seed: checkpoint m trains with seed+m and projects with a seed derived "
+                           "from (seed, m); label flips are drawn from it")
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """How the training set is split over owners (simulation), and a mislabel experiment's flips."""
+
+    clients: int = setting(10, "number of owners (virtual clients; SuperNodes in a deployment)", minimum=1)
+    partition: str = setting("iid", "how the training set is split over the owners", choices=PARTITIONS)
+    alpha: float = setting(0.5, "Dirichlet concentration", above=0)
+    partition_seed: int = setting(0, "seed of the partition")
+    flip_fraction: float = setting(0.0, "mislabel experiment: flip this fraction of the labels of "
+                                         "--flip-clients", minimum=0, below=1)
+    flip_clients: tuple[int, ...] | None = setting(
+        None, "comma-separated client ids whose labels are flipped (default: the first half)")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How the M checkpoints are obtained."""
+
+    checkpoints: int = setting(3, "number of checkpoints M", minimum=1)
+    train: str = setting("fedavg", "how checkpoints are trained when --checkpoint-dir is not given "
+                                   "(simulate; attribute always trains centrally)", choices=TRAINING)
+    checkpoint_dir: str | None = setting(None, "reuse the checkpoints in this folder instead of training")
+    rounds: int = setting(10, "FedAvg rounds per checkpoint", minimum=1)
+    local_epochs: int = setting(3, "local epochs per FedAvg round", minimum=1)
+    epochs: int | None = setting(None, "centralized training epochs per checkpoint (default: the task's)",
+                                 minimum=1)
+    dp_train_noise: float = setting(0.0, "DP-SGD (Opacus) noise multiplier for the clients' FedAvg "
+                                         "training (0: plain SGD)", minimum=0)
+    dp_train_clip: float = setting(1.0, "DP-SGD per-example gradient clip norm", above=0)
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """How per-example gradients become k-dimensional features."""
+
+    projector: str = setting("rademacher", "random projection of the gradients", choices=PROJECTORS)
+    proj_dim: int | None = setting(None, f"projection dimension k (default {DEFAULT_PROJ_DIM}; the "
+                                         "parameter count for identity)", minimum=1)
+    batch_size: int = setting(256, "examples per vmap call", minimum=1)
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """How the kernel is regularized and the checkpoints ensembled."""
+
+    lam: str = setting("auto", "ridge lambda: auto, wd (n*weight_decay*p/k), rel:X (X times the mean "
+                               "diagonal of Phi^T Phi) or a positive number", key="lambda")
+    normalize: str = setting("none", "per-checkpoint scaling of K^-1 before ensembling (traker: by its "
+                                     "mean absolute entry)", choices=NORMALIZATIONS)
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy of the attribution releases (off unless epsilon or noise-multiplier)."""
+
+    epsilon: float | None = setting(None, "target epsilon of the whole run (its noise multiplier is "
+                                          "derived; inf: no noise)", above=0)
+    delta: float = setting(1e-5, "delta of the guarantee", above=0, below=1)
+    noise_multiplier: float = setting(0.0, "sigma of every release, instead of --epsilon (0: no noise)",
+                                      minimum=0)
+    clip_norm: float | None = setting(None, "L2 clip norm C of projected features (default: the task's)",
+                                      above=0)
+    clip_mode: str = setting("per-checkpoint", "clip each checkpoint's feature, or all checkpoints' "
+                                               "jointly (one Gram release)", choices=CLIP_MODES)
+    clip_quantile: float | None = setting(None, "choose C as this quantile of the feature norms, from the "
+                                                "clients' noised histograms (one more release), instead "
+                                                "of --clip-norm", above=0, below=1)
+
+    @property
+    def wants_noise(self) -> bool:
+        """Whether the releases are noised (a finite target epsilon or a positive noise multiplier)."""
+        return (self.epsilon is not None and not math.isinf(self.epsilon)) or self.noise_multiplier > 0
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation of the clients' Grams."""
+
+    secure_agg: bool = setting(False, "sum the Grams with secure aggregation: the server never sees one "
+                                      "client's Gram (private mode, 3 clients or more)")
+    secagg_threshold: float = setting(DEFAULT_SECAGG_THRESHOLD, "share threshold as a fraction of each "
+                                                                "neighbourhood", above=0.5, maximum=1)
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """What clients compute and release, and what the run writes."""
+
+    mode: str = setting("private", "private: clients release Grams and score locally; features: "
+                                   "trusted server", choices=MODES)
+    policy: str = setting("owner-totals", "what clients release in the score step (full: whole score "
+                                          "matrices, simulation and evaluation only)", choices=POLICIES)
+    allow_full: bool = setting(False, "let clients serve the full release policy (set by simulate "
+                                      "--policy full)", flag=False)
+    topk: int = setting(10, "top examples kept per query", minimum=1)
+    self_influence: bool = setting(False, "also score every training example for itself (mislabel "
+                                          "detection); on whenever labels are flipped")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run writes and how long the server waits."""
+
+    out: str | None = setting(None, "run folder (default runs/central, runs/sim or runs/flwr)")
+    store_dir: str | None = setting(None, "clients' local feature stores (default: under the run folder "
+                                          "in simulation, ~/.cache/fedtrak/store on a device)", flag=False)
+    timeout: float = setting(600.0, "seconds to wait for clients' replies in each step", above=0)
+    wait_for_nodes: float = setting(120.0, "seconds to wait for the clients to connect", above=0, flag=False)
+    resume: bool = setting(False, "resume the run saved in the run folder (same run config)", flag=False)
+    rejoin_wait: float = setting(180.0, "seconds a client that went away mid-step may take to come back "
+                                        "(0: never resend)", minimum=0, flag=False)
+
+
+@dataclass(frozen=True)
+class Settings(Sectioned):
+    """All settings of a run, one section each (see the module docstring)."""
+
+    task: TaskSettings = field(default_factory=TaskSettings)
+    partition: PartitionSettings = field(default_factory=PartitionSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    projection: ProjectionSettings = field(default_factory=ProjectionSettings)
+    kernel: KernelSettings = field(default_factory=KernelSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    release: ReleaseSettings = field(default_factory=ReleaseSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The checks that involve more than one setting; each field's own are in :mod:`fedtrak.flat`.
+
+        Raises:
+            FedtrakError: naming the settings that conflict.
+        """
+        super().check()
+        p, r = self.privacy, self.release
+        if p.epsilon is not None and p.noise_multiplier > 0:
+            raise FedtrakError("give either epsilon (with delta) or noise-multiplier, not both")
+        if p.clip_quantile is not None and p.clip_norm is not None:
+            raise FedtrakError("give either clip-norm or clip-quantile, not both")
+        if r.policy == "full" and not r.allow_full:
+            raise FedtrakError("policy full needs allow-full=true (simulation and evaluation only)")
+        if self.secagg.secure_agg and (r.mode != "private" or self.partition.clients < 3):
+            raise FedtrakError("secure-agg needs mode=private and at least 3 clients "
+                               f"(got mode={r.mode}, clients={self.partition.clients})")
+        flips = self.partition.flip_clients or ()
+        bad = [c for c in flips if not 0 <= c < self.partition.clients]
+        if bad:
+            raise FedtrakError(f"flip-clients {bad} are not client ids in [0, {self.partition.clients})")
+
+    @property
+    def flipped_clients(self) -> tuple[int, ...]:
+        """The clients whose labels a mislabel experiment flips (none without one)."""
+        if not self.partition.flip_fraction > 0:
+            return ()
+        if self.partition.flip_clients is not None:
+            return tuple(sorted(set(self.partition.flip_clients)))
+        return tuple(range(max(1, self.partition.clients // 2)))
+
+    def flips(self) -> FlipSpec:
+        """The label flips of a mislabel experiment (simulation only; none by default), drawn from
+        the run's ``seed``."""
+        clients = self.flipped_clients
+        return FlipSpec(self.partition.flip_fraction, clients, self.task.seed) if clients else FlipSpec()
+
+    @property
+    def wants_self_influence(self) -> bool:
+        """Whether the run computes self-influence (asked for, or implied by label flips)."""
+        return self.release.self_influence or bool(self.flipped_clients)
+
+    def out_dir(self, kind: str) -> Path:
+        """The run folder: as given, or the default of this ``kind`` of run (see :data:`DEFAULT_OUT`)."""
+        return Path(self.run.out or DEFAULT_OUT[kind]).expanduser()
+
+
+def settings_from(values: dict[str, Any] | None = None, base: Settings | None = None) -> Settings:
+    """``base`` (default: every default) with the flat ``values`` (run-config keys) over it.
 
     Raises:
-        FedtrakError: if the state does not fit the task's model or the
-            projection settings are invalid.
+        FedtrakError: naming an unknown key, a value of the wrong type or out of range.
     """
-    model = model_from_state(task, state, f"checkpoint {m}")
-    projector = make_projector(
-        settings.projector, count_params(model), settings.proj_dim, derive_seed(settings.seed, m),
-        settings.cache_bytes, model=model,
-    )
-    return Featurizer(model, task.output, projector, batch_size=settings.batch_size)
+    return (base or Settings()).updated(values or {})
+
+
+def run_config_toml(settings: Settings | None = None) -> str:
+    """The flat form as the ``[tool.flwr.app.config]`` table of ``pyproject.toml`` (keys in order)."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        return repr(v)
+
+    flat = (settings or Settings()).flat()
+    return "[tool.flwr.app.config]\n" + "".join(f"{k} = {value(v)}\n" for k, v in flat.items())
+
+
+if __name__ == "__main__":  # python -m fedtrak.settings: the pyproject.toml run-config table
+    print(run_config_toml(), end="")

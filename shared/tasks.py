@@ -14,6 +14,7 @@ Fashion-MNIST files and does not hold 60,000 images in memory).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared import datasets, models
-from shared.errors import FedtrakError
-from shared.modelout import ClassificationMargin, ModelOutput
+from fedtrak import datasets, models
+from fedtrak.errors import FedtrakError
+from fedtrak.modelout import ClassificationMargin, ModelOutput
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,59 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     ),
 }
 
-DEFAULT_TASK = "digits-logreg"
+#: Tasks registered in this process by :func:`register_task`: name -> factory.
+_REGISTERED: dict[str, Callable[[], Task]] = {}
+#: The entry-point group through which an installed package offers its tasks by name.
+ENTRY_POINT_GROUP = "fedtrak.tasks"
+
+
+def register_task(name: str, factory: Callable[[], Task] | Task) -> None:
+    """Make a task loadable by ``name`` in this process (and, through :func:`fedtrak.simulate`, in
+    its virtual clients).
+
+    ``factory`` is a :class:`Task` or a function returning one (called once per process, when the
+    task is first loaded). A SuperNode on another machine finds a user's task by import path
+    (``package.module:function``) or through an installed package's entry point in the group
+    ``fedtrak.tasks`` (see the docs on bringing your own model).
+
+    Raises:
+        FedtrakError: if ``name`` is a built-in task's or could be mistaken for an import path.
+    """
+    if name in BUILTIN_TASKS or ":" in name or not name.strip():
+        raise FedtrakError(f"cannot register task {name!r}: built-in names and import paths are taken")
+    _REGISTERED[name] = factory if callable(factory) and not isinstance(factory, Task) else (lambda: factory)
+    cached_task.cache_clear()
+
+
+def registered_tasks() -> dict[str, Callable[[], Task]]:
+    """The tasks registered in this process (name -> factory)."""
+    return dict(_REGISTERED)
+
+
+def _factory(spec: str) -> Callable[[], Task]:
+    if spec in _REGISTERED:
+        return _REGISTERED[spec]
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise FedtrakError(f"cannot import task {spec!r}: {exc}") from exc
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == spec:
+            try:
+                return entry.load()
+            except Exception as exc:
+                raise FedtrakError(f"cannot load task {spec!r} from entry point {entry.value}: {exc}") from exc
+    known = ", ".join(sorted(BUILTIN_TASKS) + sorted(_REGISTERED))
+    raise FedtrakError(f"unknown task {spec!r}: use one of {known}, a registered name or an import path "
+                       "package.module:function")
 
 
 def load_task(spec: str, train_size: int | None = None, query_size: int | None = None,
               data: bool = True) -> Task:
-    """Load a built-in task by name or a user task by ``package.module:function``.
+    """Load a task by name: built-in, registered (:func:`register_task`), offered by an installed
+    package's ``fedtrak.tasks`` entry point, or a user's ``package.module:function``.
 
     ``data=False`` leaves a built-in task's data sets unloaded (see the module
     docstring); a user's task factory is called as always and loads its own.
@@ -184,20 +232,10 @@ def load_task(spec: str, train_size: int | None = None, query_size: int | None =
     """
     if spec in BUILTIN_TASKS:
         task = BUILTIN_TASKS[spec](data)
-    elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise FedtrakError(f"cannot import task {spec!r}: {exc}") from exc
-        task = factory()
+    else:
+        task = _factory(spec)()
         if not isinstance(task, Task):
             raise FedtrakError(f"task factory {spec!r} returned {type(task).__name__}, not a Task")
-    else:
-        known = ", ".join(sorted(BUILTIN_TASKS))
-        raise FedtrakError(
-            f"unknown task {spec!r}: use one of {known} or an import path package.module:function"
-        )
     task.validate()
     return task.subset(train_size, query_size)
 

@@ -3,79 +3,43 @@
 ``fedtrak attribute`` trains (or loads) M checkpoints, featurizes every
 training example in global-id order (the same owners the federated runs
 use), builds one kernel per checkpoint, scores the task's query set and
-writes the run folder described in :mod:`shared.results`. The federated
+writes the run folder described in :mod:`fedtrak.results`. The federated
 modes must reproduce its numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from server.scoring import score_features
-from shared.checkpoints import load_checkpoints, train_checkpoints
-from shared.corruption import FlipSpec, corrupted, flip_spec, flipped_indices
-from shared.featurizer import Features, Featurizer
-from shared.partition import partition
-from shared.projectors import make_projector
-from shared.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
-from shared.scoring import owner_means, owner_totals
-from shared.settings import ScoreSettings
-from shared.tasks import DEFAULT_TASK, Task, load_task
-from shared.timing import PhaseTimer, peak_memory_mb
+from fedtrak.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.corruption import corrupted, flipped_indices
+from fedtrak.featurizer import Features, Featurizer
+from fedtrak.job import Resolved
+from fedtrak.partition import partition
+from fedtrak.projectors import make_projector
+from fedtrak.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
+from fedtrak.scoring import owner_means, owner_totals
+from fedtrak.server.preflight import load_run_task
+from fedtrak.settings import Settings
+from fedtrak.tasks import Task
+from fedtrak.timing import PhaseTimer, peak_memory_mb
+from fedtrak.trak import score_features
 
 
-@dataclass
-class AttributeConfig:
-    """Settings of one attribution run (the CLI flags of ``fedtrak attribute``).
-
-    ``seed`` is the base seed of both training (checkpoint m: ``seed + m``) and
-    projection; ``score`` holds how features are made and combined.
-    """
-
-    out: Path
-    task: str = DEFAULT_TASK
-    clients: int = 10
-    partition: str = "iid"
-    alpha: float = 0.5
-    partition_seed: int = 0
-    checkpoints: int = 3
-    checkpoint_dir: Path | None = None
-    epochs: int | None = None
-    train_size: int | None = None
-    query_size: int | None = None
-    topk: int = 10
-    progress: bool = True
-    score: ScoreSettings = field(default_factory=ScoreSettings)
-    self_influence: bool = False
-    flip_fraction: float = 0.0
-    flip_clients: str = ""
-
-    @property
-    def seed(self) -> int:
-        """The run's base seed (the projection seed of ``score``)."""
-        return self.score.seed
-
-    def flips(self) -> FlipSpec:
-        """The label flips of a mislabel experiment (as :meth:`server.config.RunConfig.flips`)."""
-        return flip_spec(self.flip_fraction, self.flip_clients, self.clients, self.seed)
-
-
-def obtain_checkpoints(task: Task, cfg: AttributeConfig, timer: PhaseTimer) -> list:
-    """Load checkpoints from ``cfg.checkpoint_dir`` or train them into ``OUT/checkpoints``."""
-    if cfg.checkpoint_dir is not None:
+def obtain_checkpoints(task: Task, settings: Settings, out: Path, timer: PhaseTimer, progress: bool) -> list:
+    """Load the settings' checkpoint folder or train checkpoints into ``OUT/checkpoints``."""
+    t = settings.training
+    if t.checkpoint_dir:
         with timer.phase("load_checkpoints"):
-            return load_checkpoints(task, Path(cfg.checkpoint_dir), cfg.checkpoints)
-    ckpt_dir = Path(cfg.out) / "checkpoints"
-    with timer.phase("train"), tqdm(
-        total=cfg.checkpoints, desc="train checkpoints", disable=not cfg.progress
-    ) as bar:
-        train_checkpoints(task, cfg.checkpoints, ckpt_dir, base_seed=cfg.seed, epochs=cfg.epochs,
+            return load_checkpoints(task, Path(t.checkpoint_dir).expanduser(), t.checkpoints)
+    ckpt_dir = out / "checkpoints"
+    with timer.phase("train"), tqdm(total=t.checkpoints, desc="train checkpoints", disable=not progress) as bar:
+        train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=settings.task.seed, epochs=t.epochs,
                           progress=bar.update)
-    return load_checkpoints(task, ckpt_dir, cfg.checkpoints)
+    return load_checkpoints(task, ckpt_dir, t.checkpoints)
 
 
 def central_scores(
@@ -83,7 +47,7 @@ def central_scores(
     states: list,
     x_train: np.ndarray,
     y_train: np.ndarray,
-    settings: ScoreSettings,
+    settings: Settings,
     timer: PhaseTimer | None = None,
     progress: bool = False,
     self_influence: bool = False,
@@ -91,7 +55,7 @@ def central_scores(
     """TRAK scores of the task's queries against ``(x_train, y_train)`` on pooled data.
 
     ``states`` are the checkpoints' state dicts (checkpoint m projects with
-    ``derive_seed(settings.seed, m)``). Returns ``(scores (Q, n), per-checkpoint
+    ``derive_seed(seed, m)``). Returns ``(scores (Q, n), per-checkpoint
     records, self-influence (n,) or None)``.
     """
 
@@ -102,8 +66,9 @@ def central_scores(
     return score_features(task, states, len(y_train), featurize, settings, timer, self_influence)
 
 
-def run_attribute(cfg: AttributeConfig) -> dict:
-    """Run the centralized reference attribution and write its run folder.
+def run_attribute(settings: Settings, progress: bool = True) -> dict:
+    """Run the centralized reference attribution and write its run folder (``runs/central`` unless
+    the settings name one); the owners are the settings' partition of the training set.
 
     Returns the summary written to ``summary.json``.
 
@@ -112,30 +77,31 @@ def run_attribute(cfg: AttributeConfig) -> dict:
             (checkpoints already trained are kept for reuse).
     """
     timer = PhaseTimer()
+    out = settings.out_dir("central")
+    p = settings.partition
     with timer.phase("load_task"):
-        task = load_task(cfg.task, cfg.train_size, cfg.query_size)
-        parts = partition(task.y_train, cfg.clients, cfg.partition, cfg.alpha, cfg.partition_seed)
+        task = load_run_task(settings)
+        parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed)
         order = parts.order()
-        flips = cfg.flips()
-        flips.validate(parts.num_clients)
+        flips = settings.flips()
         flipped = flipped_indices(task.y_train, parts, flips)
         task = corrupted(task, parts, flips)
         # Check the projection settings before spending time on training.
-        make_projector(cfg.score.projector, task.num_params, cfg.score.proj_dim, cfg.seed, cache_bytes=0,
-                       model=task.make_model())
-    checkpoints = obtain_checkpoints(task, cfg, timer)
-    writer = ResultWriter(Path(cfg.out))
+        proj = make_projector(settings.projection.projector, task.num_params, settings.projection.proj_dim,
+                              settings.task.seed, cache_bytes=0, model=task.make_model())
+        resolved = Resolved(proj.proj_dim)
+    checkpoints = obtain_checkpoints(task, settings, out, timer, progress)
+    writer = ResultWriter(out)
     try:
-        self_wanted = cfg.self_influence or flips.active
         scores, records, self_infl = central_scores(
             task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
-            cfg.score, timer, cfg.progress, self_wanted,
+            settings, timer, progress, settings.wants_self_influence,
         )
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file
         with timer.phase("write"):
             add_score_arrays(writer, scores, parts.example_ids(),
-                             owner_totals(scores, parts.owners(), parts.num_clients), cfg.topk)
+                             owner_totals(scores, parts.owners(), parts.num_clients), settings.release.topk)
             add_self_influence(writer, self_infl, None if self_infl is None else
                                owner_means(self_infl, parts.owners(), parts.num_clients))
             if flips.active:
@@ -147,16 +113,18 @@ def run_attribute(cfg: AttributeConfig) -> dict:
             "num_queries": len(task.y_query),
             "num_params": records[0]["num_params"],
             "proj_dim": records[0]["proj_dim"],
-            "projector": cfg.score.projector,
+            "projector": settings.projection.projector,
             "num_checkpoints": len(checkpoints),
-            "normalization": cfg.score.normalize,
+            "normalization": settings.kernel.normalize,
             "ensemble": "mean kernel term x mean out-to-loss (TRAK Algorithm 1)",
             "score_sign": "positive = training example raises the query's margin",
             "lambda": [r["lambda"] for r in records],
             "checkpoints": records,
             "partition": parts.describe(),
             **flips_block(flips, flipped),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "resolved": {**resolved.describe(), "lambda": [r["lambda"] for r in records]},
+            "settings": settings.nested(),
+            "config": settings.flat(),
             "seconds": timer.report(),
             "peak_memory_mb": peak_memory_mb(),
         }
@@ -165,3 +133,4 @@ def run_attribute(cfg: AttributeConfig) -> dict:
     except BaseException:
         writer.discard()
         raise
+

@@ -9,16 +9,15 @@ tests, because Ray workers must be able to import it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
-from client.app import build_client_app
-from shared.protocol import INFO_KEY, arrays_to_record
-from shared.secagg.fixedpoint import FRACTION_BITS
-from shared.secagg.messages import ADVERT_KEY, MASKED_KEY
+from fedtrak import wire
+from fedtrak.client.app import QUERIES, Handler
+from fedtrak.secagg.fixedpoint import FRACTION_BITS
+from fedtrak.wire import secagg as secagg_wire
 
 #: Fault name -> (the step it breaks, what it does).
 FAULTS = {
@@ -40,8 +39,8 @@ FAULTS = {
 }
 
 
-def _break_gram(fault: str, grams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    g = np.array(grams["0"], dtype=np.float64)
+def _break_gram(fault: str, grams: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    g = np.array(grams[0], dtype=np.float64)
     k = int((np.sqrt(8 * len(g) + 1) - 1) / 2)
     if fault == "gram-shape":
         g = g[:-1]
@@ -54,16 +53,7 @@ def _break_gram(fault: str, grams: dict[str, np.ndarray]) -> dict[str, np.ndarra
         g = full
     elif fault == "gram-not-psd":
         g[1] = 10 * np.sqrt(g[0] * g[k]) + 1.0  # entry (0, 1) against diagonals (0, 0) and (1, 1)
-    return {**grams, "0": g}
-
-
-def _break_score(fault: str, released: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    totals = np.array(released["owner-totals"], dtype=np.float64)
-    if fault == "score-shape":
-        totals = np.append(totals, 0.0)
-    else:
-        totals[0] = np.inf
-    return {**released, "owner-totals": totals}
+    return {**grams, 0: g}
 
 
 #: Faults that crash the client at their step, and what the crash says.
@@ -72,45 +62,48 @@ CRASHES = {"raise": "this client crashed", "score-raise": "this client crashed w
            "secagg-drop-unmask": "this client crashed before revealing its shares"}
 
 
-def _corrupt_featurize(fault: str, content: RecordDict) -> None:
-    if fault in ("old-protocol", "other-task"):
-        info = content.config_records[INFO_KEY]
-        if fault == "old-protocol":
-            info["protocol-version"] = 1
-        else:
-            info["task-fingerprint"] = "0" * 16
-    elif fault == "secagg-forged":
-        advert = content.config_records[ADVERT_KEY]
-        signature = bytes(advert["signature"])
-        advert["signature"] = bytes([signature[0] ^ 1]) + signature[1:]
-    else:
-        grams = {k: a.numpy() for k, a in content.array_records["grams"].items()}
-        content["grams"] = arrays_to_record(_break_gram(fault, grams))
+def _corrupt_featurize(fault: str, content: RecordDict) -> RecordDict:
+    info = wire.decode_info(content, "honest reply")
+    if fault == "old-protocol":
+        return wire.add_info(content, replace(info, protocol_version=1))
+    if fault == "other-task":
+        return wire.add_info(content, replace(info, task_fingerprint="0" * 16))
+    if fault == "secagg-forged":
+        advert, identity = secagg_wire.read_advert_reply(content, "honest reply")
+        forged = replace(advert, signature=bytes([advert.signature[0] ^ 1]) + advert.signature[1:])
+        return wire.add_info(secagg_wire.advert_reply(forged, identity), info)
+    return wire.encode_grams_reply(_break_gram(fault, wire.decode_grams(content, "honest reply")), info)
 
 
-def _corrupt_masked(fault: str, content: RecordDict) -> None:
-    vector = np.array(content.array_records[MASKED_KEY]["vector"].numpy())
+def _corrupt_masked(fault: str, content: RecordDict) -> RecordDict:
+    vector = np.array(secagg_wire.masked_vector(content, "honest reply"))
     if fault == "secagg-short":
         vector = vector[:-1]
     else:  # the count is the last value, in fixed point
         vector[-1] += np.uint64(100 << FRACTION_BITS)
-    content[MASKED_KEY] = arrays_to_record({"vector": vector})
+    return secagg_wire.masked_content(vector)
 
 
-def _corrupt_score(fault: str, content: RecordDict) -> None:
-    released = {k: a.numpy() for k, a in content.array_records["released"].items()}
-    content["released"] = arrays_to_record(_break_score(fault, released))
+def _corrupt_score(fault: str, content: RecordDict) -> RecordDict:
+    release = wire.decode_score_reply(content, "honest reply")
+    totals = np.array(release.owner_totals, dtype=np.float64)
+    if fault == "score-shape":
+        totals = np.append(totals, 0.0)
+    else:
+        totals[0] = np.inf
+    return wire.encode_score_reply(replace(release, owner_totals=totals), wire.decode_info(content, "honest reply"))
 
 
-def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """fedtrak's ClientApp in which partition ``p`` misbehaves as ``faults[p]`` (see :data:`FAULTS`)."""
+def faulty_handlers(faults: Mapping[int, str]) -> dict[str, Handler]:
+    """fedtrak's query handlers, except that partition ``p`` misbehaves as ``faults[p]`` (see
+    :data:`FAULTS`); for :func:`fedtrak.simulations.simulate.run_simulation`'s ``handlers``."""
     unknown = set(faults.values()) - set(FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(FAULTS)}")
-    honest = build_client_app(defaults)
-    app = ClientApp()
 
-    def step(name: str, corrupt: Callable[[str, RecordDict], None] | None = None) -> Callable:
+    def step(name: str, corrupt: Callable[[str, RecordDict], RecordDict] | None = None) -> Callable:
+        honest = QUERIES[name]
+
         def handler(msg: Message, ctx: Context) -> Message:
             fault = faults.get(int(ctx.node_config.get("partition-id", -1)))
             fault = fault if fault and FAULTS[fault][0] == name else None
@@ -118,14 +111,10 @@ def faulty_client_app(faults: Mapping[int, str], defaults: Mapping[str, Any] | N
                 raise RuntimeError(f"injected fault: {CRASHES[fault]}")
             reply = honest(msg, ctx)
             if fault and corrupt and not reply.has_error():
-                corrupt(fault, reply.content)
+                return Message(corrupt(fault, reply.content), reply_to=msg)
             return reply
 
         return handler
 
-    app.train()(step("train"))
-    for name, corrupt in (("featurize", _corrupt_featurize), ("secagg_share", None),
-                          ("secagg_input", _corrupt_masked), ("secagg_unmask", None), ("features", None),
-                          ("score", _corrupt_score)):
-        app.query(name)(step(name, corrupt))
-    return app
+    corrupters = {"featurize": _corrupt_featurize, "secagg_input": _corrupt_masked, "score": _corrupt_score}
+    return {name: step(name, corrupters.get(name)) for name in QUERIES}

@@ -2,7 +2,7 @@
 
 Both the centralized path (``fedtrak attribute``) and federated runs
 (``fedtrak simulate``, ``flwr run``) write the format of
-:mod:`shared.results`; evaluation and reports read it here. Config keys
+:mod:`fedtrak.results`; evaluation and reports read it here. Config keys
 differ in spelling between the two (``train_size`` vs ``train-size``);
 :meth:`RunFolder.setting` reads either.
 """
@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoints import atomic_write_json, read_manifest
-from shared.errors import FedtrakError
-from shared.partition import Partition, partition
-from shared.results import SUMMARY
-from shared.tasks import Task, cached_task
-from simulations.retrain import Recipe
+from fedtrak.checkpoints import atomic_write_json, read_manifest
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import Partition, partition
+from fedtrak.results import SUMMARY
+from fedtrak.simulations.evaluation.retrain import Recipe
+from fedtrak.tasks import Task, cached_task
 
 
 @dataclass

@@ -16,13 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flwr.clientapp import ClientApp
-
-from client.app import build_client_app
-from server.app import build_server_app
-from server.config import RunConfig
-from server.run import preflight
-from shared.errors import FedtrakError
+from fedtrak.client.app import Handler, client_app
+from fedtrak.errors import FedtrakError
+from fedtrak.server.app import server_app
+from fedtrak.server.preflight import preflight
+from fedtrak.settings import Settings
+from fedtrak.tasks import registered_tasks
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -44,22 +43,25 @@ def flower_environment(home: Path) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def simulation_config(settings: Mapping[str, Any]) -> RunConfig:
-    """The run config of a simulation: ``settings`` (Flower keys) over the defaults.
-
-    In simulation, ``clients`` is the number of virtual SuperNodes and the
-    client stores live under the run folder.
-    """
-    cfg = RunConfig.from_mapping(dict(settings))
-    if not cfg.store_dir:
-        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "store-dir": str(cfg.out_dir / "client-stores")})
-    return cfg
+def simulation_settings(settings: Settings) -> Settings:
+    """A simulation's settings: ``clients`` virtual SuperNodes whose stores live under the run folder
+    (unless ``store-dir`` says otherwise), its folder ``runs/sim`` unless given."""
+    out = settings.out_dir("simulation")
+    return settings.replaced(out=str(out), store_dir=settings.run.store_dir or str(out / "client-stores"))
 
 
-def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
-    """Run ``cfg`` with ``cfg.clients`` virtual clients; return the run summary.
+def client_defaults(settings: Settings) -> dict[str, Any]:
+    """The node settings every virtual client gets (Flower's simulation has no run config)."""
+    return {"store-dir": settings.run.store_dir, "allow-full": settings.release.allow_full}
 
-    ``client_app`` replaces fedtrak's ClientApp (tests use a faulty one).
+
+def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[str, Handler] | None = None,
+                   node_settings: Mapping[str, Any] | None = None) -> dict:
+    """Run ``settings`` with ``clients`` virtual clients; return the run summary.
+
+    A task registered in this process (:func:`fedtrak.register_task`) travels to the clients.
+    ``handlers`` replace some of the clients' query handlers and ``node_settings`` some of their
+    node settings (tests use misbehaving clients).
 
     Raises:
         FedtrakError: with the server's reason if the run failed.
@@ -69,10 +71,11 @@ def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp 
                            "pip install 'fedtrak[simulation]'")
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    preflight(cfg)  # a bad task or privacy setting fails here, before Ray starts
-    out = cfg.out_dir
+    settings = simulation_settings(settings)
+    preflight(settings)  # a bad task or privacy setting fails here, before Ray starts
+    out = settings.out_dir("simulation")
     out.mkdir(parents=True, exist_ok=True)
-    settings = cfg.to_mapping()
+    tasks = {name: f for name, f in registered_tasks().items() if name == settings.task.task}
     outcome: list = []
     cpus = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -85,9 +88,9 @@ def run_simulation(cfg: RunConfig, verbose: bool = False, client_app: ClientApp 
     with flower_environment(out / ".flwr"):
         try:
             flower_run_simulation(
-                server_app=build_server_app(settings, outcome),
-                client_app=client_app or build_client_app(settings),
-                num_supernodes=cfg.clients,
+                server_app=server_app(settings, outcome),
+                client_app=client_app({**client_defaults(settings), **(node_settings or {})}, tasks, handlers),
+                num_supernodes=settings.partition.clients,
                 backend_config=backend,
             )
         except BaseException as exc:  # the server's own error, if it has one, says more

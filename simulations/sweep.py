@@ -29,41 +29,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from tqdm import tqdm
 
-from shared.checkpoints import train_checkpoints
-from shared.corruption import corrupted, flip_spec
-from shared.errors import FedtrakError
-from shared.partition import partition
-from shared.protocol import MODES
-from shared.tasks import load_task
-from simulations.attacks.inversion import InversionSettings
-from simulations.attacks.metrics import RECOGNIZABLE_PSNR
-from simulations.attacks.suite import attack_run
-from simulations.evaluate import EvalOptions, evaluate_run
-from simulations.groundtruth import DEFAULT_CACHE
-from simulations.simulate import run_simulation, simulation_config
+from fedtrak.checkpoints import train_checkpoints
+from fedtrak.corruption import corrupted
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import partition
+from fedtrak.settings import MODES, Settings
+from fedtrak.simulations.attacks.inversion import InversionSettings
+from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
+from fedtrak.simulations.attacks.suite import attack_run
+from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
+from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+from fedtrak.simulations.simulate import run_simulation
+from fedtrak.tasks import load_task
 
 
 @dataclass
 class SweepConfig:
-    """Settings of a sweep (the flags of ``fedtrak sweep``)."""
+    """A sweep: the settings every point shares (``base``) and what varies and is measured.
+
+    Each point runs ``base`` with its mode and epsilon, the ``full`` policy (so it can be
+    evaluated), self-influence and a mislabel experiment's flips, on checkpoints trained once.
+    """
 
     out: Path
-    task: str = "digits-logreg"
+    base: Settings = field(default_factory=lambda: Settings().replaced(flip_fraction=0.1))
     epsilons: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
     modes: Sequence[str] = ("private", "features")
-    clients: int = 10
-    checkpoints: int = 3
-    proj_dim: int = 512
-    train_size: int | None = None
-    query_size: int | None = None
-    flip_fraction: float = 0.1
     subsets: int = 100
     attack_targets: int = 8
-    clip_mode: str = "per-checkpoint"
-    seed: int = 0
     cache_dir: Path = DEFAULT_CACHE
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise FedtrakError on an empty or non-positive epsilon list or an unknown mode."""
@@ -81,26 +76,21 @@ def _point_dir(out: Path, mode: str, eps: float) -> Path:
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     """Run every (mode, epsilon) point and write the table and plot; return the rows."""
     cfg.validate()
-    out = Path(cfg.out)
-    task = load_task(cfg.task, cfg.train_size, cfg.query_size)
-    parts = partition(task.y_train, cfg.clients, "iid", 0.5, 0)
-    flips = flip_spec(cfg.flip_fraction, "", cfg.clients, cfg.seed)
+    out, base = Path(cfg.out), cfg.base
+    p = base.partition
+    task = load_task(base.task.task, base.task.train_size, base.task.query_size)
+    parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():
-        train_checkpoints(corrupted(task, parts, flips), cfg.checkpoints, ckpt_dir, cfg.seed)
+        train_checkpoints(corrupted(task, parts, base.flips()), base.training.checkpoints, ckpt_dir, base.task.seed)
     points = [(mode, eps) for mode in cfg.modes for eps in cfg.epsilons]
     rows = []
     for mode, eps in tqdm(points, desc="sweep", unit="point", disable=not cfg.progress):
         run = _point_dir(out, mode, eps)
-        settings = {
-            "task": cfg.task, "train-size": cfg.train_size or 0, "query-size": cfg.query_size or 0,
-            "clients": cfg.clients, "mode": mode, "policy": "full", "allow-full": True,
-            "self-influence": True, "flip-fraction": cfg.flip_fraction, "checkpoints": cfg.checkpoints,
-            "checkpoint-dir": str(ckpt_dir.resolve()), "proj-dim": cfg.proj_dim, "seed": cfg.seed,
-            "epsilon": 0.0 if math.isinf(eps) else float(eps), "clip-mode": cfg.clip_mode,
-            "out": str(run.resolve()), **cfg.extra,
-        }
-        summary = run_simulation(simulation_config(settings))
+        settings = base.replaced(mode=mode, policy="full", allow_full=True, self_influence=True,
+                                 checkpoint_dir=str(ckpt_dir.resolve()), out=str(run.resolve()),
+                                 epsilon=None if math.isinf(eps) else float(eps))
+        summary = run_simulation(settings)
         block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0,
                                               cache_dir=cfg.cache_dir, progress=False))
         privacy = summary["privacy"]
@@ -116,7 +106,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             **attack, "seconds": summary["seconds"]["total"],
         })
     write_table(rows, out)
-    plot(rows, out / "sweep.png", cfg.task)
+    plot(rows, out / "sweep.png", base.task.task)
     return rows
 
 

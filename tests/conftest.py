@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.checkpoints import load_checkpoints, train_checkpoints
-from shared.datasets import FMNIST_DIR
-from shared.tasks import Task, load_task
+from fedtrak.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.datasets import FMNIST_DIR
+from fedtrak.tasks import Task, load_task
 
 
 def fmnist_available() -> bool:

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from shared.errors import FedtrakError
-from shared.privacy.accountant import sigma_for_plan
-from shared.privacy.mechanisms import DPSettings, release_plan
-from simulations.attacks import metrics
-from simulations.attacks.inversion import InversionSettings
-from simulations.attacks.suite import AttackSetting, attack_setting
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import sigma_for_plan
+from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.simulations.attacks import metrics
+from fedtrak.simulations.attacks.inversion import InversionSettings
+from fedtrak.simulations.attacks.suite import AttackSetting, attack_setting
 
 FAST = InversionSettings(steps=150, restarts=2)
 
@@ -115,10 +115,10 @@ def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, pr
     """The attacker's differentiable features equal what a client computes and releases."""
     import torch
 
-    from shared.settings import ScoreSettings
-    from simulations.attacks.view import ServerView
+    from fedtrak.settings import Settings
+    from fedtrak.simulations.attacks.view import ServerView
 
-    view = ServerView(digits_logreg, logreg_states[0], 0, ScoreSettings(proj_dim=k, projector=projector),
+    view = ServerView(digits_logreg, logreg_states[0], 0, Settings().replaced(proj_dim=k, projector=projector),
                       DPSettings())
     x, y = digits_logreg.x_train[:5], digits_logreg.y_train[:5]
     released, _ = view.client_features(x, y)

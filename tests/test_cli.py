@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from shared.partition import partition
-from shared.scoring import owner_totals
-from shared.tasks import load_task
-from simulations.cli import main
+from fedtrak.partition import partition
+from fedtrak.scoring import owner_totals
+from fedtrak.simulations.cli import main
+from fedtrak.tasks import load_task
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """The README's main job: ``fedtrak attribute`` with every default, as a subprocess."""
     out = tmp_path_factory.mktemp("default") / "run"
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "fedtrak.simulations.cli", "attribute", "--out", str(out),
                            "--quiet"], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -100,7 +100,7 @@ def test_bad_inputs_give_one_line_errors_and_no_results(default_run, tmp_path, c
 
 @pytest.mark.parametrize("flag", [["--proj-dim", "0"], ["--proj-dim", "abc"], ["--clients", "-1"]])
 def test_bad_flags_exit_non_zero_with_one_line(flag, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "attribute", "--out",
+    proc = subprocess.run([sys.executable, "-m", "fedtrak.simulations.cli", "attribute", "--out",
                            str(tmp_path / "x"), *flag], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.checkpoints import load_checkpoints
-from shared.partition import partition
-from shared.tasks import load_task
-from simulations.cli import main
-from simulations.retrain import fedavg_in_process
+from fedtrak.checkpoints import load_checkpoints
+from fedtrak.partition import partition
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.evaluation.retrain import fedavg_in_process
+from fedtrak.tasks import load_task
 
 pytestmark = pytest.mark.flower
 
@@ -85,8 +85,8 @@ def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, 
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "trusted"], "argument --mode: invalid choice"),
     (["--policy", "everything"], "argument --policy: invalid choice"),
-    (["--rounds", "0"], "expected a positive integer"),
-    (["--timeout", "-1"], "expected a positive number"),
+    (["--rounds", "0"], "argument --rounds: rounds must be an integer >= 1, got 0"),
+    (["--timeout", "-1"], "argument --timeout: timeout must be a number > 0, got -1.0"),
 ])
 def test_simulate_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

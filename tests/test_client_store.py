@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.store import FeatureStore
-from shared.errors import FedtrakError
+from fedtrak.client.store import FeatureStore
+from fedtrak.errors import FedtrakError
 
 
 def test_round_trip_is_memory_mapped_and_survives_a_restart(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.device import device_report, format_report, image_shape, write_strip
-from shared.errors import FedtrakError
-from simulations.cli import main
+from fedtrak.client.device import device_report, format_report, image_shape, write_strip
+from fedtrak.errors import FedtrakError
+from fedtrak.simulations.cli import main
 
 
 @pytest.fixture

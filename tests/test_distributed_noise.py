@@ -8,15 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from shared.errors import FedtrakError
-from shared.privacy.accountant import Release, epsilon, sigma_for_plan
-from shared.privacy.distributed import (
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release, epsilon, sigma_for_plan
+from fedtrak.privacy.distributed import (
     NOISE_VARIANCE_TARGET,
     DistributedNoise,
     noise_fraction_bits,
     skellam_noise,
 )
-from shared.privacy.mechanisms import DPSettings
+from fedtrak.privacy.mechanisms import DPSettings
 
 DELTA = 1e-5
 

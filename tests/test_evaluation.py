@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from shared.checkpoints import load_checkpoints
-from shared.errors import FedtrakError
-from shared.settings import ScoreSettings
-from simulations.attribute import AttributeConfig, run_attribute
-from simulations.cli import main
-from simulations.evaluate import EvalOptions, evaluate_run
-from simulations.exact_influence import influence_scores
-from simulations.groundtruth import ground_truth
-from simulations.lds import lds, spearman_rows
-from simulations.mislabel import detection
-from simulations.run_folder import RunFolder
+from fedtrak.checkpoints import load_checkpoints
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import run_attribute
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
+from fedtrak.simulations.evaluation.exact_influence import influence_scores
+from fedtrak.simulations.evaluation.groundtruth import ground_truth
+from fedtrak.simulations.evaluation.lds import lds, spearman_rows
+from fedtrak.simulations.evaluation.mislabel import detection
+from fedtrak.simulations.run_folder import RunFolder
 
 S = 100
 
@@ -38,7 +38,7 @@ def gt_cache(tmp_path_factory) -> Path:
 def trak_run(tmp_path_factory) -> Path:
     """The acceptance setting: digits-logreg, M = 5 centrally trained checkpoints, k = 512."""
     out = tmp_path_factory.mktemp("trak-m5")
-    run_attribute(AttributeConfig(out=out, checkpoints=5, progress=False, score=ScoreSettings(proj_dim=512)))
+    run_attribute(Settings().replaced(out=str(out), checkpoints=5, proj_dim=512), progress=False)
     return out
 
 
@@ -106,8 +106,8 @@ def test_exact_influence_on_logistic_regression_is_at_least_trak(trak_run, trak_
 @pytest.mark.slow
 def test_another_run_reuses_the_ground_truth_and_owner_lds(trak_run, trak_ground_truth, gt_cache, tmp_path):
     other = tmp_path / "k256"
-    run_attribute(AttributeConfig(out=other, checkpoints=1, checkpoint_dir=trak_run / "checkpoints",
-                                  progress=False, score=ScoreSettings(proj_dim=256)))
+    run_attribute(Settings().replaced(out=str(other), checkpoints=1, checkpoint_dir=str(trak_run / "checkpoints"),
+                                      proj_dim=256), progress=False)
     block = evaluate_run(other, EvalOptions(subsets=S, owner_subsets=30, cache_dir=gt_cache, progress=False))
     assert set(block) == {"lds", "owner_lds"}  # what the run supports; no flips, so no mislabel
     assert block["lds"]["ground_truth"]["models_reused"] == S
@@ -165,8 +165,8 @@ def test_evaluate_errors_name_the_problem(tmp_path, capsys):
 
 def test_corrupt_cache_files_are_retrained(tmp_path):
     run = tmp_path / "run"
-    run_attribute(AttributeConfig(out=run, checkpoints=1, progress=False, train_size=300, query_size=50,
-                                  clients=4, score=ScoreSettings(proj_dim=64)))
+    run_attribute(Settings().replaced(out=str(run), checkpoints=1, train_size=300, query_size=50, clients=4,
+                                      proj_dim=64), progress=False)
     recipe = RunFolder.open(run).recipe()
     first = ground_truth(recipe, "examples", 4, cache_root=tmp_path / "c", workers=1)
     assert first.trained == 4

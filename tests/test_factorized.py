@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from shared.errors import FedtrakError
-from shared.factorized import FactorizedProjector, _signs, fallback_gradient_fn
-from shared.featurizer import Featurizer
-from shared.modelout import ClassificationMargin
-from shared.projectors import IdentityProjector, make_projector
+from fedtrak.errors import FedtrakError
+from fedtrak.featurizer import Featurizer
+from fedtrak.modelout import ClassificationMargin
+from fedtrak.projectors import IdentityProjector, make_projector
+from fedtrak.projectors.factorized import FactorizedProjector, _signs, fallback_gradient_fn
 
 OUT = ClassificationMargin()
 

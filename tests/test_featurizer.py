@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared import models
-from shared.errors import FedtrakError
-from shared.featurizer import Featurizer
-from shared.modelout import ClassificationMargin
-from shared.projectors import make_projector
+from fedtrak import models
+from fedtrak.errors import FedtrakError
+from fedtrak.featurizer import Featurizer
+from fedtrak.modelout import ClassificationMargin
+from fedtrak.projectors import make_projector
 
 
 def _loop_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
-from client.device import format_results, read_results
-from server.config import RunConfig
-from shared.errors import FedtrakError
-from shared.partition import partition
-from shared.settings import ScoreSettings
-from simulations.attribute import AttributeConfig, central_scores, run_attribute
-from simulations.cli import main
-from simulations.faults import faulty_client_app
-from simulations.simulate import run_simulation, simulation_config
+from fedtrak.client.device import format_results, read_results
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import partition
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores, run_attribute
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.faults import faulty_handlers
+from fedtrak.simulations.simulate import run_simulation
 
 pytestmark = pytest.mark.flower
 
@@ -44,7 +42,7 @@ def sim_factory(tmp_path_factory, logreg_ckpt_dir):
         key = (clients, scheme, mode, policy)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"sim-{clients}-{scheme}-{mode}-{policy}")
-            cfg = simulation_config(_settings(out, logreg_ckpt_dir, clients, scheme, mode=mode,
+            cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, clients, scheme, mode=mode,
                                               policy=policy, **{"allow-full": policy == "full"}))
             run_simulation(cfg)
             cache[key] = out
@@ -61,9 +59,9 @@ def central_factory(tmp_path_factory, logreg_ckpt_dir):
     def get(clients: int, scheme: str) -> Path:
         if (clients, scheme) not in cache:
             out = tmp_path_factory.mktemp(f"central-{clients}-{scheme}")
-            run_attribute(AttributeConfig(out=out, clients=clients, partition=scheme, alpha=0.5,
-                                          partition_seed=1, checkpoint_dir=logreg_ckpt_dir,
-                                          progress=False, score=ScoreSettings(proj_dim=K)))
+            run_attribute(Settings().replaced(out=str(out), clients=clients, partition=scheme, alpha=0.5,
+                                              partition_seed=1, checkpoint_dir=str(logreg_ckpt_dir), proj_dim=K),
+                          progress=False)
             cache[(clients, scheme)] = out
         return cache[(clients, scheme)]
 
@@ -126,8 +124,8 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     faults = {1: "raise", 2: "gram-shape", 3: "gram-nan", 4: "gram-asym", 5: "gram-not-psd",
               6: "score-shape", 7: "score-nan", 9: "old-protocol", 10: "other-task"}
     settings = _settings(tmp_path, logreg_ckpt_dir, 11, "iid", policy="full", **{"allow-full": True})
-    cfg = simulation_config(settings)
-    run_simulation(cfg, client_app=faulty_client_app(faults, cfg.to_mapping()))
+    cfg = Settings.from_flat(settings)
+    run_simulation(cfg, handlers=faulty_handlers(faults))
     summary = json.loads((tmp_path / "summary.json").read_text())
     reasons = {int(e["owner"]) if e["owner"] else None: e["reason"] for e in summary["excluded"]}
     assert summary["complete"] and not summary["complete_federation"] and "warning" in summary
@@ -138,7 +136,7 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     assert "not positive semi-definite" in reasons[5]
     assert "owner totals have shape" in reasons[6]
     assert "NaN or infinity" in reasons[7]
-    assert "client 9 (node" in reasons[9] and "speaks fedtrak protocol version 1, this side 2" in reasons[9]
+    assert "client 9 (node" in reasons[9] and "speaks fedtrak protocol version 1, this side 3" in reasons[9]
     assert "client 10 (node" in reasons[10] and "has task fingerprint 0000000000000000" in reasons[10]
     assert [o["owner"] for o in summary["owners"]] == ["0", "8"]
     # The kernel holds the Grams of clients 0, 6, 7, 8 (6 and 7 failed only when scoring);
@@ -146,25 +144,22 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     parts = partition(digits_logreg.y_train, 11, "iid", 0.5, 1)
     kernel_idx = np.concatenate([parts.clients[c] for c in (0, 6, 7, 8)])
     ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
-                            digits_logreg.y_train[kernel_idx], ScoreSettings(proj_dim=K))
+                            digits_logreg.y_train[kernel_idx], Settings().replaced(proj_dim=K))
     n0, n_mid = len(parts.clients[0]), len(parts.clients[6]) + len(parts.clients[7])
     want = np.concatenate([ref[:, :n0], ref[:, n0 + n_mid:]], axis=1)
     _assert_close(np.load(tmp_path / "scores.npy"), want)
 
 
 def test_full_policy_is_refused_by_clients_unless_allowed(tmp_path, logreg_ckpt_dir):
-    from shared.errors import FedtrakError
+    from fedtrak.errors import FedtrakError
 
     with pytest.raises(FedtrakError, match="allow-full"):
-        RunConfig.from_mapping({"policy": "full"})
+        Settings.from_flat({"policy": "full"})
     # A server that claims the policy anyway meets clients whose run config forbids it.
-    cfg = simulation_config(_settings(tmp_path, logreg_ckpt_dir, 2, "iid", policy="full",
+    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 2, "iid", policy="full",
                                       **{"allow-full": True}))
-    honest_settings = {**cfg.to_mapping(), "allow-full": False}
-    from client.app import build_client_app
-
     with pytest.raises(FedtrakError, match="no client is left after score.*refused"):
-        run_simulation(cfg, client_app=build_client_app(honest_settings))
+        run_simulation(cfg, node_settings={"allow-full": False})
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -173,24 +168,17 @@ def test_a_run_that_died_after_its_kernels_resumes_without_a_featurize_round(tmp
     """Every client crashes while scoring, so the run dies with its kernels saved; the same run
     config with resume=true reuses the job, the checkpoints and the kernels, scores, and says so."""
     settings = _settings(tmp_path, logreg_ckpt_dir, 3, "iid")
-    cfg = simulation_config(settings)
+    cfg = Settings.from_flat(settings)
     with pytest.raises(FedtrakError, match="no client is left after score"):
-        run_simulation(cfg, client_app=faulty_client_app({0: "score-raise", 1: "score-raise", 2: "score-raise"},
-                                                         cfg.to_mapping()))
+        run_simulation(cfg, handlers=faulty_handlers({0: "score-raise", 1: "score-raise", 2: "score-raise"}))
     assert not (tmp_path / "summary.json").exists() and (tmp_path / ".resume" / "kernels.npz").is_file()
     with pytest.raises(FedtrakError, match=r"other settings for \['proj-dim'\]"):
-        run_simulation(simulation_config({**settings, "resume": True, "proj-dim": 64}))
-    summary = run_simulation(simulation_config({**settings, "resume": True}))
+        run_simulation(Settings.from_flat({**settings, "resume": True, "proj-dim": 64}))
+    summary = run_simulation(Settings.from_flat({**settings, "resume": True}))
     assert "featurize_round" not in summary["seconds"] and "score_round" in summary["seconds"]
     assert summary["resumed"]["reused"][-1] == "the summed kernels of 3 owners (no featurize round)"
     assert not (tmp_path / ".resume").exists()
     _assert_close(np.load(tmp_path / "owner_scores.npy"), np.load(central_factory(3, "iid") / "owner_scores.npy"))
-
-
-def test_run_config_defaults_match_pyproject():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == RunConfig().to_mapping()
-    assert RunConfig.from_mapping(declared) == RunConfig()
 
 
 @pytest.mark.parametrize("policy", ["full", "topk"])
@@ -199,11 +187,11 @@ def test_flipped_labels_and_self_influence_equal_central(tmp_path, logreg_ckpt_d
     client computes its examples' self-influence and releases its owner mean (all of it under
     ``full``; under ``topk`` its most suspicious examples stay on the device)."""
     central = tmp_path / "central"
-    run_attribute(AttributeConfig(out=central, clients=3, partition="iid", partition_seed=1,
-                                  checkpoint_dir=logreg_ckpt_dir, flip_fraction=0.2, flip_clients="1",
-                                  progress=False, score=ScoreSettings(proj_dim=K)))
+    run_attribute(Settings().replaced(out=str(central), clients=3, partition="iid", partition_seed=1,
+                                      checkpoint_dir=str(logreg_ckpt_dir), flip_fraction=0.2, flip_clients=(1,),
+                                      proj_dim=K), progress=False)
     sim = tmp_path / "sim"
-    run_simulation(simulation_config(_settings(sim, logreg_ckpt_dir, 3, "iid", policy=policy,
+    run_simulation(Settings.from_flat(_settings(sim, logreg_ckpt_dir, 3, "iid", policy=policy,
                                                **{"allow-full": policy == "full", "flip-fraction": 0.2,
                                                   "flip-clients": "1"})))
     for name in ("owner_scores", "owner_self_influence"):
@@ -230,8 +218,8 @@ def test_noise_off_equals_the_non_private_run_bit_for_bit(sim_factory, tmp_path,
     """DP settings with no noise (noise multiplier 0, epsilon unset, a clip norm given) change nothing."""
     plain = sim_factory(3, "iid", "private")
     out = tmp_path / "noise-off"
-    run_simulation(simulation_config(_settings(out, logreg_ckpt_dir, 3, "iid", policy="full", **{
-        "allow-full": True, "noise-multiplier": 0.0, "epsilon": 0.0, "clip-norm": 1.0})))
+    run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, "iid", policy="full", **{
+        "allow-full": True, "noise-multiplier": 0.0, "epsilon": "", "clip-norm": 1.0})))
     names = sorted(p.name for p in plain.glob("*.npy"))
     assert names == sorted(p.name for p in out.glob("*.npy")) and "scores.npy" in names
     for name in names:
@@ -245,7 +233,7 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     """A run at epsilon 8 with C chosen under DP: the accounted epsilon is the target, lambda sits
     at the noise floor, the releases are noised (the owner totals differ from the exact ones)."""
     out = tmp_path / "dp"
-    run_simulation(simulation_config(_settings(out, logreg_ckpt_dir, 3, "iid", policy="owner-totals",
+    run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, "iid", policy="owner-totals",
                                                epsilon=8.0, **{"self-influence": True, "clip-quantile": 0.5})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from shared import models
-from shared.errors import FedtrakError
-from shared.kernel import Kernel, lambda_to_traker, precondition, resolve_lambda
-from shared.scoring import ScoreEnsemble, owner_totals, top_k
-from shared.settings import ScoreSettings
-from shared.tasks import Task
-from simulations.attribute import central_scores
+from fedtrak import models
+from fedtrak.errors import FedtrakError
+from fedtrak.kernel import Kernel, lambda_to_traker, precondition, resolve_lambda
+from fedtrak.scoring import ScoreEnsemble, owner_totals, top_k
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores
+from fedtrak.tasks import Task
 
 
 def _tiny_task(rng: np.random.Generator) -> Task:
@@ -60,7 +60,7 @@ def test_identity_scores_equal_brute_force_trak_formula():
     ]
     want = np.mean(kernel_terms, axis=0) * np.mean(qs, axis=0)[None, :]
     got, records, _ = central_scores(task, states, task.x_train, task.y_train,
-                                  ScoreSettings(projector="identity", lam=lam))
+                                  Settings().replaced(projector="identity", lam=lam))
     assert [r["lambda"] for r in records] == [lam, lam]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from server.config import RunConfig
-from shared.errors import FedtrakError
-from shared.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
-from shared.privacy.mechanisms import (
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
+from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
     gram_noise,
@@ -20,8 +19,10 @@ from shared.privacy.mechanisms import (
     owner_summaries,
     release_plan,
 )
-from shared.tasks import load_task
-from simulations.cli import main
+from fedtrak.privacy.plan import resolve_dp
+from fedtrak.settings import Settings
+from fedtrak.simulations.cli import main
+from fedtrak.tasks import load_task
 
 DELTA = 1e-5
 
@@ -88,7 +89,7 @@ def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
 
 
 def test_clip_quantile_from_noised_histograms():
-    from shared.privacy.quantile import (
+    from fedtrak.privacy.quantile import (
         NORM_EDGES,
         noised_histogram,
         norm_histogram,
@@ -107,25 +108,25 @@ def test_clip_quantile_from_noised_histograms():
     with pytest.raises(FedtrakError, match="clip quantile must lie"):
         quantile_from_histogram(np.ones(len(NORM_EDGES) - 1), 1.0)
     with pytest.raises(FedtrakError, match="either clip-norm or clip-quantile"):
-        RunConfig.from_mapping({"clip-norm": 2.0, "clip-quantile": 0.5})
+        Settings.from_flat({"clip-norm": 2.0, "clip-quantile": 0.5})
 
 
 def test_epsilon_resolves_to_the_noise_of_the_whole_plan():
     task = load_task("digits-logreg")
-    dp = RunConfig.from_mapping({"epsilon": 2.0, "checkpoints": 3}).dp_settings(task, 512)
+    dp = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3}), task, 512)
     assert dp.clip_norm == task.clip_norm and dp.noise_multiplier > 0
     plan = release_plan("private", 3, dp, self_influence=False)
     assert sum(r.count for r in plan) == 7
     assert epsilon(plan, DELTA) == pytest.approx(2.0, rel=1e-6)
-    assert not RunConfig().dp_settings(task, 512).active
+    assert not resolve_dp(Settings(), task, 512).active
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epsilon", "0"], "expected a positive number"),
-    (["--epsilon", "-1"], "expected a positive number"),
-    (["--delta", "1"], "expected a delta in (0, 1)"),
-    (["--delta", "0"], "expected a positive number"),
-    (["--clip-norm", "0"], "expected a positive number"),
+    (["--epsilon", "0"], "epsilon must be a number > 0, got 0.0"),
+    (["--epsilon", "-1"], "epsilon must be a number > 0, got -1.0"),
+    (["--delta", "1"], "delta must be a number > 0 and < 1, got 1.0"),
+    (["--delta", "0"], "delta must be a number > 0 and < 1, got 0.0"),
+    (["--clip-norm", "0"], "clip-norm must be a number > 0, got 0.0"),
     (["--clip-mode", "none"], "invalid choice"),
 ])
 def test_bad_privacy_flags_exit_2(flags, message, tmp_path, capsys):
@@ -142,15 +143,15 @@ def test_bad_privacy_settings_fail_before_any_computation(tmp_path, capsys):
     assert not (out / "checkpoints").exists()  # nothing was trained
     assert main(["simulate", "--epsilon", "1", "--noise-multiplier", "2", "--out", str(out), "--quiet"]) == 2
     assert "either epsilon" in capsys.readouterr().err
-    with pytest.raises(FedtrakError, match="must not be negative"):
-        RunConfig.from_mapping({"clip-norm": -1.0})
-    with pytest.raises(FedtrakError, match="delta must lie in"):
-        RunConfig.from_mapping({"delta": 1.5})
+    with pytest.raises(FedtrakError, match="clip-norm must be a number > 0, got -1.0"):
+        Settings.from_flat({"clip-norm": -1.0})
+    with pytest.raises(FedtrakError, match="delta must be a number > 0 and < 1, got 1.5"):
+        Settings.from_flat({"delta": 1.5})
 
 
 @pytest.mark.parametrize("sigma", [0.5, 2.0])
 def test_audit_never_exceeds_the_accountant(sigma):
-    from simulations.audit import audit_gram
+    from fedtrak.simulations.evaluation.audit import audit_gram
 
     res = audit_gram("digits-logreg", noise_multiplier=sigma, releases=8)
     assert res["canaries"] == 8 * 512 and 0 < res["inserted"] < res["canaries"]
@@ -160,7 +161,7 @@ def test_audit_never_exceeds_the_accountant(sigma):
 
 
 def test_audit_catches_a_mechanism_noisier_on_paper_than_in_fact():
-    from simulations.audit import epsilon_lower_bound
+    from fedtrak.simulations.evaluation.audit import epsilon_lower_bound
 
     rng = np.random.default_rng(3)
     inserted = rng.random(20000) < 0.5
@@ -173,8 +174,8 @@ def test_audit_catches_a_mechanism_noisier_on_paper_than_in_fact():
 def test_dp_sgd_trains_and_is_accounted_like_opacus():
     from opacus.accountants import RDPAccountant
 
-    from shared.checkpoints import accuracy, seeded_model
-    from shared.privacy.training import dp_sgd_epochs, local_steps, training_epsilon
+    from fedtrak.checkpoints import accuracy, seeded_model
+    from fedtrak.privacy.training import dp_sgd_epochs, local_steps, training_epsilon
 
     task = load_task("digits-logreg")
     model = seeded_model(task, 0)

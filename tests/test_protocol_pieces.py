@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from client.data import load_client_data
-from client.featurize import featurize_into_store, stored_gram
-from client.store import FeatureStore
-from server.config import RunConfig
-from server.validation import features_release, gram_release, read_info, score_release
-from shared.codecs import pack_upper
-from shared.errors import FedtrakError
-from shared.kernel import gram
-from shared.protocol import INFO_KEY, JobSpec, arrays_to_record, record_to_state, state_to_record
-from shared.settings import checkpoint_featurizer
-from shared.tasks import cached_task
+from fedtrak import wire
+from fedtrak.client.data import load_client_data
+from fedtrak.client.featurize import featurize_into_store, stored_gram
+from fedtrak.client.store import FeatureStore
+from fedtrak.codecs import pack_upper
+from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Job, Resolved
+from fedtrak.kernel import gram
+from fedtrak.server.validation import features_release, gram_release, read_info, score_release
+from fedtrak.settings import Settings
+from fedtrak.tasks import cached_task
+from fedtrak.trak import checkpoint_featurizer
 
-JOB = JobSpec(run_id="r1", task="digits-logreg", proj_dim=64, partition="dirichlet", partition_seed=3)
+JOB = Job("r1", Settings().replaced(proj_dim=64, partition="dirichlet", partition_seed=3), Resolved(64))
 
 
 def test_simulation_client_takes_its_partition():
@@ -66,7 +68,7 @@ def test_device_data_errors_name_the_source(tmp_path):
 def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_path, logreg_states):
     data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 3}, node_id=1)
     task_states = {0: logreg_states[0], 1: logreg_states[1]}
-    from shared.tasks import cached_task
+    from fedtrak.tasks import cached_task
 
     task = cached_task("digits-logreg")
     n = len(data.y)
@@ -84,8 +86,8 @@ def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_pat
 
 def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(tmp_path, logreg_states,
                                                                               monkeypatch):
-    import client.featurize as cf
-    from shared.tasks import cached_task
+    import fedtrak.client.featurize as cf
+    from fedtrak.tasks import cached_task
 
     task = cached_task("digits-logreg")
     data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 2}, node_id=1)
@@ -127,74 +129,66 @@ def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(t
 def test_a_node_refuses_a_job_of_another_protocol_or_task(digits_logreg):
     from dataclasses import replace
 
-    from shared.compat import PROTOCOL_VERSION
-
-    job = replace(JOB, task_fingerprint=JOB.fingerprint(digits_logreg))
+    job = JOB.fingerprinted(digits_logreg)
     job.check_node(digits_logreg)  # the same task and settings: accepted
     with pytest.raises(FedtrakError, match=f"protocol version 1, this side {PROTOCOL_VERSION}"):
         replace(job, protocol_version=1).check_node(digits_logreg)
     with pytest.raises(FedtrakError, match="task fingerprint .* projection settings differ"):
-        replace(job, proj_dim=128).check_node(digits_logreg)  # the server's fingerprint is for k = 64
+        replace(job, resolved=Resolved(128)).check_node(digits_logreg)  # the server's fingerprint is for k = 64
     with pytest.raises(FedtrakError, match="task fingerprint"):
         job.check_node(cached_task("digits-mlp"))  # another model under the same job
-    old = {k: v for k, v in job.to_record().items() if k not in ("protocol_version", "task_fingerprint")}
+    old = {k: v for k, v in wire.encode_job(job).items() if k not in ("protocol-version", "task-fingerprint")}
     with pytest.raises(FedtrakError, match="carries no protocol version: the server runs an older fedtrak"):
-        JobSpec.from_record(old)
+        wire.decode_job(old)
 
 
-def test_job_spec_and_state_round_trip(logreg_states):
-    assert JobSpec.from_record(JOB.to_record()) == JOB
-    with pytest.raises(FedtrakError, match="lacks field 'task'"):
-        JobSpec.from_record({k: v for k, v in JOB.to_record().items() if k != "task"})
-    with pytest.raises(FedtrakError, match="'proj_dim' must be int"):
-        JobSpec.from_record({**JOB.to_record(), "proj_dim": "64"})
-    back = record_to_state(state_to_record(logreg_states[0]))
+def test_job_and_state_round_trip(logreg_states):
+    assert wire.decode_job(wire.encode_job(JOB)) == JOB
+    with pytest.raises(FedtrakError, match=r"lacks setting\(s\) \['task'\]"):
+        wire.decode_job({k: v for k, v in wire.encode_job(JOB).items() if k != "task"})
+    with pytest.raises(FedtrakError, match="proj-dim must be an integer, got '64'"):
+        wire.decode_job({**wire.encode_job(JOB), "proj-dim": "64"})
+    back = wire.record_to_state(wire.state_to_record(logreg_states[0]))
     assert all(np.array_equal(back[k].numpy(), v.numpy()) for k, v in logreg_states[0].items())
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"rounds": 0}, "rounds must be at least 1"),
+    ({"rounds": 0}, "rounds must be an integer >= 1, got 0"),
     ({"mode": "trusted"}, "mode='trusted'"),
     ({"proj-dim": "512"}, "proj-dim must be an integer"),
     ({"allow-full": "yes"}, "allow-full must be true or false"),
-    ({"porj-dim": 5}, "unknown run config key"),
+    ({"porj-dim": 5}, "unknown setting"),
+    ({"secure-agg": True, "clients": 2}, "secure-agg needs mode=private and at least 3 clients"),
+    ({"flip-fraction": 0.1, "flip-clients": "0,12"}, r"flip-clients \[12\] are not client ids"),
 ])
 def test_run_config_errors_name_the_key(config, message):
     with pytest.raises(FedtrakError, match=message):
-        RunConfig.from_mapping(config)
-
-
-def _reply(**records) -> RecordDict:
-    return RecordDict(records)
+        Settings.from_flat(config)
 
 
 def test_server_checks_of_client_releases():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(20, 4))
     g = gram(f)
-    from shared.compat import PROTOCOL_VERSION
-
-    me = {"protocol-version": PROTOCOL_VERSION, "task-fingerprint": "ab" * 8}
-    info = ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 20, **me})
-    ok = _reply(grams=arrays_to_record({"0": pack_upper(g)}), **{INFO_KEY: info})
+    info = wire.ClientInfo("a", 0, 20, PROTOCOL_VERSION, "ab" * 8)
+    ok = wire.encode_grams_reply({0: pack_upper(g)}, info)
     np.testing.assert_allclose(gram_release(ok, [0], 4, "client a")[0], g)
     assert read_info(ok, "client a", "ab" * 8).num_examples == 20
     with pytest.raises(FedtrakError, match="client a has task fingerprint abab"):
         read_info(ok, "client a", "cd" * 8)
     with pytest.raises(FedtrakError, match="client a: no Gram for checkpoint 1"):
         gram_release(ok, [0, 1], 4, "client a")
-    with pytest.raises(FedtrakError, match="message has no array record 'grams'"):
-        gram_release(_reply(), [0], 4, "client a")
+    with pytest.raises(FedtrakError, match="message has no array record"):
+        gram_release(RecordDict(), [0], 4, "client a")
     bad_diag = g.copy()
     bad_diag[2, 2] = -1.0
     with pytest.raises(FedtrakError, match="negative diagonal"):
-        gram_release(_reply(grams=arrays_to_record({"0": pack_upper(bad_diag)})), [0], 4, "client a")
+        gram_release(wire.encode_grams_reply({0: pack_upper(bad_diag)}, info), [0], 4, "client a")
     with pytest.raises(FedtrakError, match="reports 0 examples"):
-        read_info(_reply(**{INFO_KEY: ConfigRecord({"owner": "a", "partition-id": 0, "num-examples": 0, **me})}),
-                  "a")
+        read_info(wire.add_info(RecordDict(), wire.ClientInfo("a", 0, 0, PROTOCOL_VERSION, "ab" * 8)), "a")
 
-    feats = _reply(features=arrays_to_record({"indices": np.arange(3), "features-0": np.ones((3, 4), np.float32),
-                                              "out-to-loss-0": np.array([0.1, 1.5, 0.2], np.float32)}))
+    feats = wire.encode_features_reply(np.arange(3), {0: (np.ones((3, 4), np.float32),
+                                                          np.array([0.1, 1.5, 0.2], np.float32))}, info)
     with pytest.raises(FedtrakError, match="leave \\[0, 1\\]"):
         features_release(feats, [0], 4, 3, "client a")
     with pytest.raises(FedtrakError, match=r"example indices have shape \(3,\), expected \(5,\)"):
@@ -202,9 +196,9 @@ def test_server_checks_of_client_releases():
 
     totals = np.array([1.0, 2.0])
     scores = np.array([[0.5, 0.5, 0.0], [1.0, 1.0, 0.5]])
-    full = _reply(released=arrays_to_record({"owner-totals": totals, "scores": scores, "indices": np.arange(3)}))
+    full = wire.encode_score_reply(wire.ScoreRelease(owner_totals=totals, scores=scores, indices=np.arange(3)), info)
     with pytest.raises(FedtrakError, match="owner totals disagree"):
         score_release(full, "full", 2, 3, "client a")
-    assert score_release(full, "owner-totals", 2, 3, "client a")["owner-totals"].tolist() == [1.0, 2.0]
+    assert score_release(full, "owner-totals", 2, 3, "client a").owner_totals.tolist() == [1.0, 2.0]
     with pytest.raises(FedtrakError, match=r"scores have shape \(2, 3\), expected \(2, 4\)"):
         score_release(full, "full", 2, 4, "client a")

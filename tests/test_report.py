@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 
-from simulations.cli import main
+from fedtrak.simulations.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

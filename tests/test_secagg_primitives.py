@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy.stats import chisquare
 
-from shared.errors import FedtrakError
-from shared.secagg import fixedpoint, masks, shamir
+from fedtrak.errors import FedtrakError
+from fedtrak.secagg import fixedpoint, masks, shamir
 
 
 @pytest.mark.parametrize("clients", [3, 10, 50])

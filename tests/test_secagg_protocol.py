@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
-from shared.errors import FedtrakError
-from shared.secagg import fixedpoint, graph
-from shared.secagg.protocol import Client, unmask_sum
+from fedtrak.errors import FedtrakError
+from fedtrak.secagg import fixedpoint, graph
+from fedtrak.secagg.protocol import Client, unmask_sum
 
 CONTEXT = b"run-7|checkpoint-0"
 LENGTH = 64 * 65 // 2  # a Gram upper triangle at k = 64

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.errors import FedtrakError
-from shared.partition import partition
-from shared.privacy.accountant import Release, epsilon
-from shared.secagg import fixedpoint
-from shared.settings import ScoreSettings
-from simulations.attribute import central_scores
-from simulations.faults import faulty_client_app
-from simulations.simulate import run_simulation, simulation_config
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import partition
+from fedtrak.privacy.accountant import Release, epsilon
+from fedtrak.secagg import fixedpoint
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores
+from fedtrak.simulations.faults import faulty_handlers
+from fedtrak.simulations.simulate import run_simulation
 
 pytestmark = pytest.mark.flower
 
@@ -34,8 +34,8 @@ def test_secure_sum_with_dropouts_and_bad_messages_equals_central(tmp_path, logr
     keys, one before revealing shares. The kernel is exactly the survivors' (within the fixed-point
     bound), every culprit is named, and the server's byte count shows it held masked vectors only."""
     faults = {1: "secagg-forged", 2: "secagg-short", 3: "secagg-drop-input", 4: "secagg-drop-unmask"}
-    cfg = simulation_config(_settings(tmp_path, logreg_ckpt_dir, 10, policy="full", **{"allow-full": True}))
-    run_simulation(cfg, client_app=faulty_client_app(faults, cfg.to_mapping()))
+    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 10, policy="full", **{"allow-full": True}))
+    run_simulation(cfg, handlers=faulty_handlers(faults))
     summary = json.loads((tmp_path / "summary.json").read_text())
     reasons = {int(e["owner"]): e["reason"] for e in summary["excluded"]}
     assert "advertisement signature is invalid" in reasons[1]
@@ -57,7 +57,7 @@ def test_secure_sum_with_dropouts_and_bad_messages_equals_central(tmp_path, logr
     kept = (0, 4, 5, 6, 7, 8, 9)
     idx = np.concatenate([parts.clients[c] for c in kept])
     ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[idx],
-                               digits_logreg.y_train[idx], ScoreSettings(proj_dim=K))
+                               digits_logreg.y_train[idx], Settings().replaced(proj_dim=K))
     n0, n4 = len(parts.clients[0]), len(parts.clients[4])
     want = np.concatenate([ref[:, :n0], ref[:, n0 + n4:]], axis=1)
     got = np.load(tmp_path / "scores.npy")
@@ -69,15 +69,14 @@ def test_too_many_dropouts_or_a_misreported_count_give_no_result(tmp_path, logre
     """3 clients, threshold 2: two dropping after sharing keys leave too few to unmask; a client whose
     masked input claims 100 more examples than it reported spoils the sum, which is refused."""
     out = tmp_path / "dropped"
-    cfg = simulation_config(_settings(out, logreg_ckpt_dir, 3))
+    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3))
     with pytest.raises(FedtrakError, match="only 1 masked inputs for a threshold of 2"):
-        run_simulation(cfg, client_app=faulty_client_app({0: "secagg-drop-input", 2: "secagg-drop-input"},
-                                                         cfg.to_mapping()))
+        run_simulation(cfg, handlers=faulty_handlers({0: "secagg-drop-input", 2: "secagg-drop-input"}))
     assert not (out / "summary.json").exists()
     out = tmp_path / "count"
-    cfg = simulation_config(_settings(out, logreg_ckpt_dir, 3))
+    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3))
     with pytest.raises(FedtrakError, match="securely summed count .* differs"):
-        run_simulation(cfg, client_app=faulty_client_app({1: "secagg-count"}, cfg.to_mapping()))
+        run_simulation(cfg, handlers=faulty_handlers({1: "secagg-count"}))
     assert not (out / "summary.json").exists()
 
 
@@ -86,7 +85,7 @@ def test_distributed_noise_is_sized_for_the_threshold_and_accounted_on_the_survi
     survivors alone give epsilon 8; all 3 survived, so the accounted epsilon is lower, and the kernel
     needs a lower noise floor than 3 clients each adding the full sigma."""
     out = tmp_path / "dp"
-    run_simulation(simulation_config(_settings(out, logreg_ckpt_dir, 3, epsilon=8.0)))
+    run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, epsilon=8.0)))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["secure_aggregation"] and privacy["survivors"] == 3

@@ -8,16 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.local_scoring import score_own_examples
-from shared.checkpoints import model_from_state
-from shared.codecs import pack_upper, unpack_upper
-from shared.errors import FedtrakError
-from shared.featurizer import Featurizer
-from shared.kernel import Kernel, gram, precondition, resolve_lambda
-from shared.partition import partition
-from shared.projectors import derive_seed, make_projector
-from shared.settings import ScoreSettings
-from simulations.attribute import central_scores
+from fedtrak.checkpoints import model_from_state
+from fedtrak.client.local_scoring import score_own_examples
+from fedtrak.codecs import pack_upper, unpack_upper
+from fedtrak.errors import FedtrakError
+from fedtrak.featurizer import Featurizer
+from fedtrak.kernel import Kernel, gram, precondition, resolve_lambda
+from fedtrak.partition import partition
+from fedtrak.projectors import derive_seed, make_projector
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores
 
 K = 128
 
@@ -48,7 +48,7 @@ def test_split_computation_equals_central(digits_logreg, logreg_states, clients,
     )
     order = parts.order()
     central, _, _ = central_scores(task, logreg_states, task.x_train[order], task.y_train[order],
-                                ScoreSettings(proj_dim=K))
+                                Settings().replaced(proj_dim=K))
     np.testing.assert_allclose(split, central, rtol=1e-4, atol=1e-4 * np.abs(central).max())
 
 
@@ -64,9 +64,9 @@ def test_gram_codec_round_trip_and_errors():
 def test_scoring_in_row_chunks_equals_scoring_at_once():
     """The client's chunked pass (totals, kept scores, top-k, self-influence, owner summaries)
     gives what scoring every example at once gives."""
-    from client.local_scoring import score_in_chunks
-    from shared.privacy.mechanisms import owner_summaries
-    from shared.scoring import top_k
+    from fedtrak.client.local_scoring import score_in_chunks
+    from fedtrak.privacy.mechanisms import owner_summaries
+    from fedtrak.scoring import top_k
 
     rng = np.random.default_rng(4)
     feats = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(2)]

@@ -10,7 +10,7 @@ aggregation on (each message runs in a fresh process there, so the clients'
 protocol state must live on their disks), reads the run's status (``flwr
 run`` exits 0 even when the run fails), checks the result against the
 centralized path and that the intruders took no part, and stops every process
-it started (:class:`simulations.deployment.LoopbackDeployment`).
+it started (:class:`fedtrak.simulations.deployment.LoopbackDeployment`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 import numpy as np
 import pytest
 
-from shared.checkpoints import load_checkpoints, train_checkpoints
-from shared.partition import partition
-from shared.settings import ScoreSettings
-from shared.tasks import load_task
-from simulations.attribute import AttributeConfig, central_scores, run_attribute
-from simulations.cli import main
-from simulations.deployment import LoopbackDeployment
+from fedtrak.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.partition import partition
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores, run_attribute
+from fedtrak.simulations.bench.deploy import LoopbackDeployment
+from fedtrak.simulations.cli import main
+from fedtrak.tasks import load_task
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.deployment]
 
@@ -61,8 +61,8 @@ def test_flwr_run_with_tls_and_node_authentication(tmp_path, digits_logreg, logr
     assert "Failed to activate SuperNode" in intruders["unregistered"]  # the SuperLink refused its key
     assert "CERTIFICATE_VERIFY_FAILED" in intruders["wrong-ca"]  # it could not trust the SuperLink
     central = tmp_path / "central"
-    run_attribute(AttributeConfig(out=central, clients=3, partition_seed=1, checkpoint_dir=logreg_ckpt_dir,
-                                  progress=False, score=ScoreSettings(proj_dim=128)))
+    run_attribute(Settings().replaced(out=str(central), clients=3, partition_seed=1,
+                                      checkpoint_dir=str(logreg_ckpt_dir), proj_dim=128), progress=False)
     want = np.load(central / "owner_scores.npy")
     np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
@@ -107,7 +107,7 @@ def test_a_supernode_killed_mid_featurize_comes_back_and_a_lost_one_is_reported(
     assert next(c for c in summary["clients"] if c["owner"] == "1")["rejoined"] == 1
     idx = np.concatenate([parts.clients[0], parts.clients[1]])
     states = [s for _, s in load_checkpoints(task, ckpts, 2)]
-    ref, _, _ = central_scores(task, states, task.x_train[idx], task.y_train[idx], ScoreSettings(proj_dim=2048))
+    ref, _, _ = central_scores(task, states, task.x_train[idx], task.y_train[idx], Settings().replaced(proj_dim=2048))
     n0 = len(parts.clients[0])
     want = np.stack([ref[:, :n0].sum(axis=1), ref[:, n0:].sum(axis=1)], axis=1)
     np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

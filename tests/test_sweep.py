@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from simulations.cli import main
-from simulations.sweep import keeps_fraction
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.sweep import keeps_fraction
 
 
 @pytest.mark.flower

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.checkpoints import accuracy, train_central
-from shared.errors import FedtrakError
-from shared.partition import partition
-from shared.tasks import BUILTIN_TASKS, load_task
+from fedtrak.checkpoints import accuracy, train_central
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import partition
+from fedtrak.tasks import BUILTIN_TASKS, load_task
 
 
 def test_digits_tasks_load_with_fixed_split():
@@ -36,7 +36,7 @@ def test_missing_fmnist_files_give_install_hint(tmp_path, monkeypatch):
 
 def test_a_device_loads_a_builtin_task_without_its_data(tmp_path, monkeypatch):
     """A SuperNode reading its own file needs the model and input shape, not Fashion-MNIST."""
-    from shared.compat import task_fingerprint
+    from fedtrak.compat import task_fingerprint
 
     monkeypatch.setenv("FEDTRAK_FMNIST_DIR", str(tmp_path))  # no files there
     with pytest.raises(FedtrakError, match="Fashion-MNIST files not found"):
@@ -60,7 +60,7 @@ def test_user_task_by_import_path(tmp_path, monkeypatch):
     (tmp_path / "mytask.py").write_text(
         "import numpy as np\n"
         "from shared import models\n"
-        "from shared.tasks import Task\n"
+        "from fedtrak.tasks import Task\n"
         "def make():\n"
         "    rng = np.random.default_rng(0)\n"
         "    return Task('mine', lambda: models.logistic_regression(3, 2),\n"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.kernel import lambda_to_traker
-from shared.settings import ScoreSettings
-from simulations.attribute import central_scores
+from fedtrak.kernel import lambda_to_traker
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import central_scores
 
 pytest.importorskip("trak", reason="traker is a dev dependency (pip install -e '.[dev]')")
-from simulations.traker_reference import traker_scores
+from fedtrak.simulations.evaluation.traker_reference import traker_scores
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -31,7 +31,7 @@ def test_identity_projector_matches_traker(digits_logreg, logreg_states, tmp_pat
     states = logreg_states[:num_ckpts]
     ours, _, _ = central_scores(
         task, states, task.x_train, task.y_train,
-        ScoreSettings(projector="identity", lam=lam, normalize=normalize),
+        Settings().replaced(projector="identity", lam=lam, normalize=normalize),
     )
     theirs = traker_scores(task, states, task.x_train, task.y_train, task.x_query, task.y_query,
                            lambda_to_traker(lam, p, p, "identity"), tmp_path)

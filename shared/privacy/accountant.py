@@ -10,7 +10,7 @@ gives an independent numerical cross-check. Do not use Opacus's
 (DESIGN.md section 4).
 
 Under secure aggregation the Grams carry integer Skellam noise instead
-(:mod:`shared.privacy.distributed`), which is not a Gaussian mechanism. A plan
+(:mod:`fedtrak.privacy.distributed`), which is not a Gaussian mechanism. A plan
 with a Skellam entry is composed in Renyi DP instead: the Skellam bound of
 Agarwal, Kairouz and Liu (NeurIPS 2021) for those entries, ``alpha /
 (2 sigma^2)`` for the Gaussian ones, converted to ``(epsilon, delta)`` with
@@ -30,7 +30,7 @@ from opacus.accountants.analysis.gdp import eps_from_mu
 from opacus.accountants.analysis.rdp import get_privacy_spent
 from scipy.stats import norm
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.privacy.accountant import Release
-from shared.privacy.mechanisms import DPSettings
-from shared.secagg.fixedpoint import FRACTION_BITS
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release
+from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.secagg.fixedpoint import FRACTION_BITS
 
 #: numpy's Poisson sampler loses accuracy for huge means (measured: standard deviation 19% too
 #: large at 1e16, right to 0.1% up to 2^40), so a mean above this is drawn as a sum of parts.

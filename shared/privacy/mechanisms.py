@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.privacy.accountant import Release, check_delta
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release, check_delta
+from fedtrak.settings import CLIP_MODES
 
-CLIP_MODES = ("per-checkpoint", "joint")
 #: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
 #: symmetric Gaussian matrix whose spectral norm is about 2 sigma C^2 sqrt(k * clients).
 NOISE_FLOOR_FACTOR = 2.2

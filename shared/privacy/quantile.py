@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: Bin edges of the norm histogram: 180 bins from 1e-3 to 1e6, each 12% wider than the last.
 NORM_EDGES = np.logspace(-3, 6, 181)

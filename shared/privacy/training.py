@@ -21,8 +21,8 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.errors import FedtrakError
-from shared.tasks import Task, to_tensors
+from fedtrak.errors import FedtrakError
+from fedtrak.tasks import Task, to_tensors
 
 
 def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: Default fractional bits: resolution 2^-24 (6e-8), sums up to 2^39 (5.5e11) in magnitude.
 FRACTION_BITS = 24

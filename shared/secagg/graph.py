@@ -17,14 +17,15 @@ import math
 import secrets
 from collections.abc import Sequence
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import DEFAULT_SECAGG_THRESHOLD
 
 #: Federations up to this size use the complete graph (every client a neighbour of every other).
 COMPLETE_UP_TO = 20
 #: Degree of the sparse graph: the even number at or above ``DEGREE_FACTOR x log2(n)``, twice.
 DEGREE_FACTOR = 1.5
 #: Default share threshold: this fraction of a neighbourhood (the client and its neighbours).
-THRESHOLD_FRACTION = 0.6
+THRESHOLD_FRACTION = DEFAULT_SECAGG_THRESHOLD  # the settings own the default
 
 
 def degree(n: int) -> int:

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.errors import FedtrakError
-from shared.secagg import masks, shamir
+from fedtrak.errors import FedtrakError
+from fedtrak.secagg import masks, shamir
 
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: The field's prime (a Mersenne prime, larger than any 64-byte secret).
 PRIME = 2**521 - 1

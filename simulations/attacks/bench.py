@@ -12,13 +12,13 @@ import math
 import time
 from pathlib import Path
 
-from shared.checkpoints import train_central
-from shared.privacy.accountant import sigma_for_plan
-from shared.privacy.mechanisms import DPSettings, release_plan
-from shared.tasks import Task, load_task
-from simulations.attacks.figure import strip_figure
-from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
-from simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
+from fedtrak.checkpoints import train_central
+from fedtrak.privacy.accountant import sigma_for_plan
+from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.simulations.attacks.figure import strip_figure
+from fedtrak.simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
+from fedtrak.simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
+from fedtrak.tasks import Task, load_task
 
 
 def _dp(task: Task, mode: str, eps: float) -> DPSettings:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from simulations.attacks.metrics import image_shape
+from fedtrak.simulations.attacks.metrics import image_shape
 
 
 def strip_figure(strips: list[tuple[str, np.ndarray, np.ndarray]], input_shape: tuple[int, ...],

@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from simulations.attacks.metrics import image_shape
-from simulations.attacks.view import ServerView
+from fedtrak.simulations.attacks.metrics import image_shape
+from fedtrak.simulations.attacks.view import ServerView
 
 
 @dataclass(frozen=True)

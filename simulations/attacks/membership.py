@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import FedtrakError
-from shared.kernel import gram
-from shared.privacy.accountant import epsilon
-from shared.privacy.mechanisms import release_plan
-from simulations.attacks.view import ServerView
-from simulations.audit import CONFIDENCE, epsilon_lower_bound
+from fedtrak.errors import FedtrakError
+from fedtrak.kernel import gram
+from fedtrak.privacy.accountant import epsilon
+from fedtrak.privacy.mechanisms import release_plan
+from fedtrak.simulations.attacks.view import ServerView
+from fedtrak.simulations.evaluation.audit import CONFIDENCE, epsilon_lower_bound
 
 
 def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.ndarray, x_targets: np.ndarray,

@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from shared.errors import FedtrakError
+from fedtrak.errors import FedtrakError
 
 #: PSNR (dB) at or above which a reconstruction counts as recognizable.
 RECOGNIZABLE_PSNR = 20.0

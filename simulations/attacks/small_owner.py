@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_span
-from simulations.attacks.view import Releases, ServerView
+from fedtrak.simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_span
+from fedtrak.simulations.attacks.view import Releases, ServerView
 
 #: Two reconstructions whose features' directions in the span have |cos| above this are one answer.
 DISTINCT_COS = 0.95

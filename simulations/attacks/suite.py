@@ -17,19 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.checkpoints import atomic_write_json, load_checkpoints
-from shared.errors import FedtrakError
-from shared.privacy.accountant import epsilon
-from shared.privacy.mechanisms import DPSettings, release_plan
-from shared.results import SUMMARY
-from shared.settings import ScoreSettings
-from shared.tasks import Task
-from simulations.attacks import metrics
-from simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings, invert_features
-from simulations.attacks.membership import membership_attack
-from simulations.attacks.small_owner import invert_owner
-from simulations.attacks.view import ServerView
-from simulations.run_folder import RunFolder
+from fedtrak.checkpoints import atomic_write_json, load_checkpoints
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import epsilon
+from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.results import SUMMARY
+from fedtrak.settings import Settings
+from fedtrak.simulations.attacks import metrics
+from fedtrak.simulations.attacks.inversion import (
+    DEFAULT_INVERSION,
+    InversionSettings,
+    invert_features,
+)
+from fedtrak.simulations.attacks.membership import membership_attack
+from fedtrak.simulations.attacks.small_owner import invert_owner
+from fedtrak.simulations.attacks.view import ServerView
+from fedtrak.simulations.run_folder import RunFolder
+from fedtrak.tasks import Task
 
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
 #: Client sizes of the small-owner attack.
@@ -83,7 +87,7 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     unknown = set(kinds) - set(ATTACK_KINDS)
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
-    settings = ScoreSettings(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed)
+    settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed)
     views = [ServerView(task, s, m, settings, setting.dp) for m, s in enumerate(states[: setting.checkpoints])]
     view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
     block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,

@@ -3,7 +3,7 @@
 The server knows a checkpoint's weights, the model, the projection (seeded:
 it can build the same matrix), k, the clip norm and the noise multiplier. The
 releases are made here with the functions the clients run
-(:mod:`shared.privacy.mechanisms`): clipping per checkpoint, Gaussian noise on
+(:mod:`fedtrak.privacy.mechanisms`): clipping per checkpoint, Gaussian noise on
 features, Grams, counts and owner summaries.
 """
 
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.factorized import FactorizedProjector
-from shared.featurizer import Featurizer
-from shared.kernel import gram
-from shared.privacy.mechanisms import (
+from fedtrak.featurizer import Featurizer
+from fedtrak.kernel import gram
+from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
     gram_noise,
@@ -26,9 +25,11 @@ from shared.privacy.mechanisms import (
     noised_owner_summaries,
     owner_summaries,
 )
-from shared.projectors import IdentityProjector
-from shared.settings import ScoreSettings, checkpoint_featurizer
-from shared.tasks import Task
+from fedtrak.projectors import IdentityProjector
+from fedtrak.projectors.factorized import FactorizedProjector
+from fedtrak.settings import Settings
+from fedtrak.tasks import Task
+from fedtrak.trak import checkpoint_featurizer
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Releases:
 class ServerView:
     """Checkpoint ``m`` as the server sees it: a differentiable feature map and the client's releases."""
 
-    def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: ScoreSettings,
+    def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
                  dp: DPSettings) -> None:
         self.task, self.m, self.dp = task, m, dp
         self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)

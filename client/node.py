@@ -1,0 +1,84 @@
+"""What a client handler works with: its node's settings, the run's job, its data and its store.
+
+Settings a node reads (node config first, then the run config, then the
+defaults the ClientApp was built with, see :func:`fedtrak.client.app.client_app`):
+
+``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``)
+``allow-full``  whether the ``full`` release policy may be served (default false)
+``data-path``, ``owner``, ``task``  see :mod:`fedtrak.client.data`
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from fedtrak.client.data import ClientData, job_task, load_client_data
+from fedtrak.client.store import FeatureStore
+from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.job import Job
+from fedtrak.privacy.mechanisms import DPSettings, noise_rng, noised_count
+from fedtrak.tasks import Task
+from fedtrak.wire import ClientInfo
+
+DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"
+
+
+def node_setting(ctx: Context, key: str, fallback: Any) -> Any:
+    """A node's setting: its node config, else the run config, else ``fallback``."""
+    for source in (ctx.node_config, ctx.run_config):
+        if key in source and source[key] not in ("", None):
+            return source[key]
+    return fallback
+
+
+@dataclass
+class Local:
+    """One client's part of one run: the job, its own data, its store and privacy settings."""
+
+    job: Job
+    data: ClientData
+    store: FeatureStore
+    node_id: int
+
+    @classmethod
+    def open(cls, job: Job, ctx: Context) -> Local:
+        """Check the job against this node's install, load its data and open its store.
+
+        Raises:
+            FedtrakError: on a protocol or task mismatch, or data the node cannot load.
+        """
+        job.check_node(job_task(job))
+        data = load_client_data(job, ctx.node_config, ctx.node_id)
+        root = Path(str(node_setting(ctx, "store-dir", DEFAULT_STORE))).expanduser()
+        who = f"partition-{data.partition_id}" if data.partition_id >= 0 else "owner-" + re.sub(
+            r"[^A-Za-z0-9_.-]", "_", data.owner)
+        return cls(job, data, FeatureStore(root / who, job.run_id), int(ctx.node_id))
+
+    @property
+    def task(self) -> Task:
+        """The job's task (its model and output function)."""
+        return job_task(self.job)
+
+    @property
+    def dp(self) -> DPSettings:
+        """How this client clips and noises what it releases."""
+        return self.job.dp()
+
+    def released_count(self) -> int:
+        """The example count this client releases: under DP a release of its own, noised once per
+        run and kept in the store; otherwise the count itself."""
+        if not self.dp.active:
+            return len(self.data.y)
+        return self.store.released_count(lambda: noised_count(len(self.data.y), self.dp, noise_rng()))
+
+    def info(self, count: int | None = None) -> ClientInfo:
+        """Who this client is, its example count (``count``; default :meth:`released_count`), and
+        its protocol version and task fingerprint."""
+        return ClientInfo(self.data.owner, self.data.partition_id,
+                          self.released_count() if count is None else count, PROTOCOL_VERSION,
+                          self.job.fingerprint(self.task))

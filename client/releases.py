@@ -1,0 +1,150 @@
+"""What a client releases at each step, clipped and noised under differential privacy.
+
+Each function computes one release from the client's store, the noise beside
+it (:mod:`fedtrak.privacy.mechanisms`), and keeps a noised release in the
+store, so a step the server sends again gets the same release back instead
+of fresh noise the accountant would not have counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedtrak.client.device import write_strip
+from fedtrak.client.featurize import stored_clip_scales, stored_gram, stored_norms
+from fedtrak.client.local_scoring import ChunkedScores, score_in_chunks
+from fedtrak.client.node import Local
+from fedtrak.codecs import pack_upper, unpack_upper
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.mechanisms import (
+    gram_noise,
+    noise_rng,
+    noised_features,
+    noised_owner_summaries,
+    noised_self_influence_sum,
+)
+from fedtrak.privacy.quantile import noised_histogram, norm_histogram
+from fedtrak.scoring import top_k
+from fedtrak.wire import ScoreRelease, ScoreRequest
+
+#: Queries drawn in the device's PNG strip of its top examples.
+STRIP_QUERIES = 6
+
+
+def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray]:
+    """Each checkpoint's Gram upper triangle: of the clipped features plus Gaussian noise under DP."""
+    dp, store = local.dp, local.store
+    if not dp.active:
+        return {m: pack_upper(stored_gram(store, m)[0]) for m in checkpoints}
+    scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
+
+    def noised(m: int) -> np.ndarray:
+        g = stored_gram(store, m, scales[m])[0]
+        return pack_upper(g + gram_noise(g.shape[0], dp, rng))
+
+    return {m: store.released(f"gram-{m}", lambda m=m: noised(m)) for m in checkpoints}
+
+
+def released_histogram(local: Local, checkpoints: list[int]) -> np.ndarray:
+    """The clip-norm round's noised histogram of the feature norms (under DP only).
+
+    Raises:
+        FedtrakError: if the run adds no noise (the histogram is a DP release).
+    """
+    dp = local.dp
+    if not dp.active:
+        raise FedtrakError("a norm histogram is released only under differential privacy")
+    return local.store.released("norm-histogram", lambda: noised_histogram(
+        norm_histogram(stored_norms(local.store, checkpoints, dp.clip_mode)), dp.noise_multiplier, noise_rng()))
+
+
+def released_features(local: Local, checkpoints: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Trusted-server mode: each checkpoint's features and out-to-loss weights (under DP clipped and
+    noised per value: weak, as each example's presence is not hidden)."""
+    dp, store = local.dp, local.store
+    scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
+    rng = noise_rng()
+    out = {}
+    for m in checkpoints:
+        f, q = (np.asarray(a) for a in store.read(m))
+        if dp.active:
+            both = store.released(f"features-{m}", lambda f=f, q=q, m=m: np.column_stack(
+                noised_features(f * scales[m][:, None], q, dp, rng)))
+            f, q = np.ascontiguousarray(both[:, :-1]), np.ascontiguousarray(both[:, -1])
+        out[m] = (f, q)
+    return out
+
+
+def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> ScoreRelease:
+    """Score this client's examples with the server's preconditioned queries and release what the
+    policy allows: owner totals (under DP: noised owner summaries instead), the owner's summed
+    self-influence, and with ``full`` every score; ``topk`` keeps the best examples on the device.
+
+    Raises:
+        FedtrakError: if the policy is ``full`` and this node does not allow it, or the store does
+            not hold this client's data.
+    """
+    policy, data, store, dp = request.policy, local.data, local.store, local.dp
+    if policy == "full" and not allow_full:
+        raise FedtrakError("release policy 'full' is refused: the run config does not set allow-full")
+    ms = sorted(request.queries)
+    stored = [store.read(m) for m in ms]
+    if stored[0][0].shape[0] != len(data.y):
+        raise FedtrakError(f"local store holds {stored[0][0].shape[0]} examples, the data {len(data.y)}")
+    dim = stored[0][0].shape[1]
+    inverses = None
+    if request.inverses is not None:
+        inverses = [unpack_upper(request.inverses[m], dim, f"kernel inverse {m}") for m in ms]
+    scales = None
+    if dp.active:  # score the clipped features the Grams were made of
+        clip = stored_clip_scales(store, ms, dp)
+        scales = [clip[m] for m in ms]
+    topk = request.topk if policy == "topk" else 0
+    local_scores = score_in_chunks([f for f, _ in stored], [q for _, q in stored], [request.queries[m] for m in ms],
+                                   inverses, scales, keep_scores=policy == "full", topk=topk)
+    rng = noise_rng()
+    totals, summaries, self_sum = local_scores.totals, None, None
+    if dp.active:  # the noised owner summaries instead: the server derives the totals from them
+        totals, summaries = None, store.released("owner-summaries-" + "-".join(map(str, ms)),
+                                                 lambda: noised_owner_summaries(local_scores.summaries, dp, rng))
+    self_infl = local_scores.self_influence
+    if self_infl is not None:
+        total = float(self_infl.sum())
+        if dp.active:
+            total = float(store.released("self-influence-sum", lambda: np.array(
+                [noised_self_influence_sum(total, inverses, dp, rng)]))[0])
+        self_sum = np.array([total])
+    if policy == "topk":
+        keep_topk_on_device(local, local_scores, topk)
+    full = policy == "full"
+    return ScoreRelease(owner_totals=totals, owner_summaries=summaries, self_influence_sum=self_sum,
+                        scores=local_scores.scores if full else None, indices=data.indices if full else None,
+                        self_influence=self_infl if full else None)
+
+
+def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int) -> Path:
+    """Write this client's top proponents and opponents per query to its local results folder,
+    and, with self-influence, its ``k`` most self-influential examples (likely mislabeled); for
+    image tasks also ``topk.png``, the examples themselves for the first queries.
+
+    Nothing of it is released: it is for the data's owner. Returns the ``.npz`` file.
+    """
+    data, store = local.data, local.store
+    (pro_idx, pro_val), (opp_idx, opp_val) = scores.proponents, scores.opponents
+    extra = {}
+    if scores.self_influence is not None:
+        sus_idx, sus_val = top_k(scores.self_influence[None, :], k)
+        extra = {"suspect_ids": data.indices[sus_idx[0]], "suspect_self_influence": sus_val[0]}
+    store.results_dir.mkdir(parents=True, exist_ok=True)
+    path = store.results_dir / "topk.npz"
+    np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
+             opponent_ids=data.indices[opp_idx], opponent_scores=opp_val, **extra)
+    shown = min(STRIP_QUERIES, len(pro_idx))
+    rows = [row for q in range(shown) for row in ((f"query {q} +", pro_idx[q], pro_val[q]),
+                                                    (f"query {q} -", opp_idx[q], opp_val[q]))]
+    if scores.self_influence is not None:
+        rows.append(("self-infl.", sus_idx[0], sus_val[0]))
+    write_strip(store.results_dir / "topk.png", data.x, rows)
+    return path

@@ -1,0 +1,78 @@
+"""Before a run trains or sends anything: load the task, resolve what the settings leave open, check it.
+
+A bad task, projection or privacy setting fails here, naming the setting,
+before Ray starts or a client is contacted. The resolved values (k, sigma,
+C, secure aggregation's threshold) are computed once here
+and travel in the job (:class:`fedtrak.job.Resolved`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Resolved
+from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
+from fedtrak.privacy.plan import planned_threshold, resolve_dp
+from fedtrak.projectors import make_projector
+from fedtrak.settings import Settings
+from fedtrak.tasks import Task, cached_task
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's settings, its task, and what was resolved from them."""
+
+    settings: Settings
+    task: Task
+    resolved: Resolved
+    dp: DPSettings
+
+
+def load_run_task(settings: Settings) -> Task:
+    """The run's task (with its data), loaded once per process.
+
+    Raises:
+        FedtrakError: on an unknown task or a subset size it does not have.
+    """
+    t = settings.task
+    return cached_task(t.task, t.train_size or 0, t.query_size or 0)
+
+
+def preflight(settings: Settings) -> Plan:
+    """Load the task and resolve and check the projection and privacy settings.
+
+    Raises:
+        FedtrakError: naming the bad setting.
+    """
+    task = load_run_task(settings)
+    p = settings.projection
+    proj = make_projector(p.projector, task.num_params, p.proj_dim, settings.task.seed, cache_bytes=0,
+                          model=task.make_model())
+    dp = resolve_dp(settings, task, proj.proj_dim)
+    if settings.privacy.clip_quantile is None:  # otherwise C, and the floor, come after the histograms
+        check_lambda_against_noise(settings, dp, proj.proj_dim)
+    threshold = planned_threshold(settings) if settings.secagg.secure_agg else 0
+    resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold)
+    return Plan(settings, task, resolved, dp)
+
+
+def noise_copies(settings: Settings, clients: int) -> float:
+    """The summed Gram noise's variance in units of ``(sigma C^2)^2``: one per client, or, under
+    secure aggregation, survivors over the threshold the distributed noise is sized for."""
+    return clients / planned_threshold(settings) if settings.secagg.secure_agg else clients
+
+
+def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int) -> None:
+    """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite."""
+    if not dp.active or settings.release.mode != "private":
+        return
+    try:
+        fixed = float(settings.kernel.lam)
+    except ValueError:
+        return  # a rule: raised to the noise floor when it falls below
+    floor = noise_floor(dp, dim, noise_copies(settings, settings.partition.clients))
+    if fixed < floor:
+        raise FedtrakError(
+            f"lambda {fixed:g} is below the DP noise floor {floor:.4g} ({NOISE_FLOOR_FACTOR} sigma C^2 "
+            f"sqrt(k x noise copies)): the noised kernel would be indefinite; use a larger lambda or a rule")

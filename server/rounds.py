@@ -1,0 +1,202 @@
+"""The server's protocol steps, one function each: checkpoints, the clip-norm round, the Gram sum,
+the score round (private mode), and the features round (trusted-server mode)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+
+from fedtrak import wire
+from fedtrak.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
+from fedtrak.codecs import pack_upper
+from fedtrak.errors import FedtrakError
+from fedtrak.featurizer import Features, Featurizer
+from fedtrak.job import Job
+from fedtrak.partition import example_ids
+from fedtrak.privacy.mechanisms import noise_floor
+from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
+from fedtrak.scoring import owner_means, owner_totals
+from fedtrak.server.federation import CountingGrid, Federation
+from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
+from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
+from fedtrak.server.training import train_fedavg_checkpoints
+from fedtrak.server.validation import features_release, gram_release, score_release
+from fedtrak.tasks import Task
+from fedtrak.timing import PhaseTimer
+from fedtrak.trak import checkpoint_featurizer, score_features, solve_checkpoint
+
+log = logging.getLogger("fedtrak.server")
+
+States = list[dict[str, torch.Tensor]]
+
+
+@dataclass
+class Outcome:
+    """What a run produced: scores (where released), owner totals, ids, per-checkpoint
+    records and, where asked, self-influence (per example where released, per owner)."""
+
+    scores: np.ndarray | None
+    owner_totals: np.ndarray
+    ids: np.ndarray | None
+    records: list[dict]
+    self_influence: np.ndarray | None = None
+    owner_self_influence: np.ndarray | None = None
+    secure: SecureSum | None = None
+
+
+def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, num_nodes: int,
+                       timer: PhaseTimer, reuse: bool = False) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+    """Load the settings' checkpoint folder or train checkpoints into ``OUT/checkpoints`` (with
+    ``reuse``, a resumed run, those already there are loaded instead when all of them are)."""
+    t = job.settings.training
+    if t.checkpoint_dir:
+        with timer.phase("load_checkpoints"):
+            return load_checkpoints(task, Path(t.checkpoint_dir).expanduser(), t.checkpoints)
+    ckpt_dir = out_dir / "checkpoints"
+    if reuse and (ckpt_dir / "manifest.json").is_file():
+        try:
+            with timer.phase("load_checkpoints"):
+                return load_checkpoints(task, ckpt_dir, t.checkpoints)
+        except FedtrakError as exc:
+            log.warning("not reusing %s: %s", ckpt_dir, exc)
+    with timer.phase("train"):
+        if t.train == "fedavg":
+            return train_fedavg_checkpoints(grid, task, job, num_nodes, ckpt_dir)
+        train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=job.settings.task.seed, epochs=t.epochs)
+    return load_checkpoints(task, ckpt_dir, t.checkpoints)
+
+
+def estimate_clip_norm(fed: Federation, job: Job, states: States, quantile: float, timer: PhaseTimer) -> float:
+    """The clip norm at ``quantile`` of all clients' feature norms, from their noised histograms
+    (:mod:`fedtrak.privacy.quantile`); clients featurize into their stores on the way."""
+    with timer.phase("clip_round"):
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(job, states, clip_round=True))
+    fed.note_info(replies)
+    total = np.zeros(len(NORM_EDGES) - 1)
+
+    def add(node: int, content: RecordDict) -> None:
+        nonlocal total
+        hist = wire.decode_histogram(content, fed.source(node))
+        if hist is None or hist.shape != total.shape or not np.all(np.isfinite(hist)):
+            raise FedtrakError(f"{fed.source(node)}: norm histogram missing, mis-shaped or not finite")
+        total = total + hist
+
+    fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add)
+    fed.require_clients("the clip-norm round")
+    return quantile_from_histogram(total, quantile)
+
+
+def plain_gram_sum(fed: Federation, job: Job, states: States, ms: list[int], timer: PhaseTimer
+                   ) -> tuple[list[np.ndarray], int, float]:
+    """Featurize without secure aggregation: every client's Gram arrives, checked, and is summed.
+    Returns the sums, the total count and the noise copies (clients) in them."""
+    dim, noiseless = job.resolved.proj_dim, not job.dp().active
+    with timer.phase("featurize_round"):
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(job, states))
+    fed.note_info(replies)
+    sums = [np.zeros((dim, dim)) for _ in ms]
+
+    def add_grams(node: int, content: RecordDict) -> None:
+        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=noiseless).items():
+            sums[m] += g  # only after every checkpoint's Gram of this client passed
+
+    with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
+        fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add_grams)
+    nodes = fed.require_clients("featurize")
+    return sums, sum(fed.clients[n].num_examples for n in nodes), float(len(nodes))
+
+
+def _summed_kernels(fed: Federation, job: Job, states: States, timer: PhaseTimer, state: RunState | None,
+                    saved: SavedKernels | None) -> tuple[list[np.ndarray], int, float, SecureSum | None]:
+    """The summed Grams of every checkpoint: saved (a resumed run), securely summed or summed in the
+    clear; kept in ``state`` as soon as they exist."""
+    ms = list(range(len(states)))
+    if saved is not None:
+        return saved.grams, saved.total, saved.copies, restored_secure_sum(saved)
+    secure = None
+    if job.settings.secagg.secure_agg:
+        secure = secure_gram_sum(fed, job, states, ms, timer)
+        sums, total, copies = secure.grams, round(secure.count), len(secure.survivors) / secure.threshold
+        fed.require_clients("secure aggregation")
+    else:
+        sums, total, copies = plain_gram_sum(fed, job, states, ms, timer)
+    if state is not None:
+        state.save_kernels(SavedKernels(sums, total, copies, [
+            {"owner": fed.clients[n].owner, "partition_id": fed.clients[n].partition_id,
+             "num_examples": fed.clients[n].num_examples} for n in fed.ordered()],
+            None if secure is None else saved_secure_sum(secure)))
+    return sums, total, copies, secure
+
+
+def run_private(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer,
+                state: RunState | None = None, saved: SavedKernels | None = None) -> Outcome:
+    """Private mode: Grams in, preconditioned queries (and, for self-influence, the
+    kernel inverses) out, owner totals (or, with ``full``, scores) back.
+
+    The summed kernels are kept in ``state`` as soon as they exist; with
+    ``saved`` kernels (a resumed run) there is no featurize round."""
+    settings, dp = job.settings, job.dp()
+    featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
+    sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
+    floor = noise_floor(dp, job.resolved.proj_dim, copies) if dp.active else 0.0
+    us, records, inverses = {}, [], {}
+    for m, featurizer in enumerate(featurizers):
+        u, record, kinv = solve_checkpoint(task, featurizer, sums[m], total, settings, m, timer,
+                                           with_inverse=settings.wants_self_influence, noise_floor=floor)
+        featurizer.projector.release()
+        us[m] = u
+        records.append(record)
+        if kinv is not None:
+            inverses[m] = pack_upper(kinv)
+    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None)
+    content = wire.encode_score_request(request)
+    with timer.phase("score_round"):
+        replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
+    if saved is not None:  # no featurize round: who is who comes with the score replies
+        fed.note_info(replies)
+        kernel_owners = {p["owner"] for p in saved.participants}
+        for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
+            fed.exclude(node, "its owner is not among the participants of the saved kernels")
+            del replies[node]
+    nq, policy = len(task.y_query), settings.release.policy
+    released = fed.accept(replies, lambda node, c: score_release(
+        c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active,
+        [us[m] for m in sorted(us)]))
+    nodes = [n for n in fed.require_clients("score") if n in released]
+    out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure)
+    if inverses:  # each owner's mean: its released sum over its released count
+        out.owner_self_influence = np.array([released[n].self_influence_sum[0] / fed.clients[n].num_examples
+                                             for n in nodes])
+    if policy == "full":
+        out.scores = np.concatenate([released[n].scores for n in nodes], axis=1)
+        out.ids = example_ids([released[n].indices for n in nodes])
+        if inverses:
+            out.self_influence = np.concatenate([released[n].self_influence for n in nodes])
+    return out
+
+
+def run_features(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer) -> Outcome:
+    """Trusted-server mode: clients send features, the server scores them."""
+    ms, dim = list(range(len(states))), job.resolved.proj_dim
+    with timer.phase("features_round"):
+        replies = fed.broadcast(wire.FEATURES, lambda node: wire.encode_featurize_request(job, states))
+    fed.note_info(replies)
+    received = fed.accept(replies, lambda node, c: features_release(
+        c, ms, dim, fed.clients[node].num_examples, fed.source(node)))
+    nodes = [n for n in fed.require_clients("features") if n in received]
+
+    def gathered(m: int, featurizer: Featurizer) -> Features:
+        return Features(np.concatenate([received[n][1][m][0] for n in nodes]),
+                        np.concatenate([received[n][1][m][1] for n in nodes]))
+
+    total = sum(fed.clients[n].num_examples for n in nodes)
+    scores, records, self_infl = score_features(task, states, total, gathered, job.settings, timer,
+                                                self_influence=job.settings.wants_self_influence)
+    ids = example_ids([received[n][0] for n in nodes])
+    return Outcome(scores, owner_totals(scores, ids["client"], len(nodes)), ids, records, self_infl,
+                   None if self_infl is None else owner_means(self_infl, ids["client"], len(nodes)))

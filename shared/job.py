@@ -1,0 +1,78 @@
+"""A run's job: the settings every client works under, with the values the server resolved once.
+
+The server resolves what the settings leave open (the projection dimension,
+the noise multiplier an epsilon implies, the clip norm, secure aggregation's
+threshold) once, before anything is trained or sent, and
+records them in the run summary. Every client receives the same
+:class:`Job` with each request (:mod:`fedtrak.wire` encodes it), checks it
+against its own install, and featurizes the server's way without exchanging
+anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from fedtrak.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
+from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.settings import FlipSpec, Settings
+from fedtrak.tasks import Task
+
+#: The sections of the settings a client receives (the run section stays on the server).
+JOB_SECTIONS = ("task", "partition", "training", "projection", "kernel", "privacy", "secagg", "release")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The values a run resolved from its settings, once.
+
+    Attributes:
+        proj_dim: the projection dimension k.
+        noise_multiplier: sigma of every attribution release (0: no noise).
+        clip_norm: the clip norm C of projected features (0: no clipping).
+        threshold: secure aggregation's planned share threshold (0: no secure aggregation).
+    """
+
+    proj_dim: int
+    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0
+    threshold: int = 0
+
+    def describe(self) -> dict:
+        """JSON-ready, for the run summary."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every client needs to know to take part in one run."""
+
+    run_id: str
+    settings: Settings
+    resolved: Resolved
+    task_fingerprint: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+    def dp(self) -> DPSettings:
+        """How this run's releases are clipped and noised (``noise_multiplier`` 0: not at all)."""
+        p = self.settings.privacy
+        dp = DPSettings(self.resolved.noise_multiplier, self.resolved.clip_norm, p.clip_mode, p.delta)
+        dp.validate()
+        return dp
+
+    def flips(self) -> FlipSpec:
+        """The label flips every simulated client applies to its data (none by default)."""
+        return self.settings.flips()
+
+    def fingerprint(self, task: Task) -> str:
+        """The fingerprint of ``task`` under this job's projection settings."""
+        return task_fingerprint(task, self.settings.projection.projector, self.resolved.proj_dim,
+                                self.settings.task.seed)
+
+    def fingerprinted(self, task: Task) -> Job:
+        """This job with ``task``'s fingerprint, which every node checks against its own."""
+        return replace(self, task_fingerprint=self.fingerprint(task))
+
+    def check_node(self, task: Task) -> None:
+        """Refuse the job if this node's protocol version or task fingerprint differs (names both)."""
+        check_compatible(self.protocol_version, self.task_fingerprint, self.fingerprint(task), "the server")

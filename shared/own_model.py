@@ -1,0 +1,128 @@
+"""A task from a user's own PyTorch model and data: arrays, torch Datasets or DataLoaders.
+
+:func:`task_from_model` is the public way in (``fedtrak.task_from_model``): it
+takes an ``nn.Module`` (or a function that builds one) and the training and
+query data, and returns a :class:`~fedtrak.tasks.Task` that
+:func:`fedtrak.attribute`, :func:`fedtrak.simulate` and :func:`fedtrak.register_task`
+accept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtrak.errors import FedtrakError
+from fedtrak.modelout import ClassificationMargin, ModelOutput
+from fedtrak.tasks import Task, TrainConfig
+
+#: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
+#: pairs, or a DataLoader over one.
+Data = tuple[Any, Any] | torch.utils.data.Dataset | torch.utils.data.DataLoader
+
+
+def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A data split as ``(x float32, y int64)`` numpy arrays.
+
+    Raises:
+        FedtrakError: naming ``what`` if it is none of the accepted forms or its items are not
+            ``(input, label)`` pairs.
+    """
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in data)
+    else:
+        if isinstance(data, torch.utils.data.DataLoader):
+            batches = list(data)
+        elif isinstance(data, torch.utils.data.Dataset):
+            batches = list(torch.utils.data.DataLoader(data, batch_size=1024, shuffle=False))
+        else:
+            raise FedtrakError(f"{what} must be (x, y) arrays, a torch Dataset or a DataLoader, got "
+                               f"{type(data).__name__}")
+        try:
+            x = np.concatenate([np.asarray(b[0]) for b in batches])
+            y = np.concatenate([np.asarray(b[1]) for b in batches])
+        except (IndexError, TypeError, ValueError) as exc:
+            raise FedtrakError(f"{what}: items must be (input, label) pairs: {exc}") from exc
+    if not np.issubdtype(y.dtype, np.integer):
+        raise FedtrakError(f"{what}: labels must be integers, got {y.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
+
+
+def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A function returning a freshly initialized copy of ``model``.
+
+    For a module instance: a deep copy whose layers are re-initialized with their own
+    ``reset_parameters`` (under the caller's seed, so checkpoint m starts from its own
+    initialization); a function is used as it is.
+    """
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise FedtrakError(f"model must be an nn.Module or a function returning one, got {type(model).__name__}")
+        return model
+    template = copy.deepcopy(model).cpu()
+
+    def fresh() -> nn.Module:
+        out = copy.deepcopy(template)
+        for module in out.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        return out
+
+    return fresh
+
+
+def task_from_model(
+    name: str,
+    model: nn.Module | Callable[[], nn.Module],
+    train: Data,
+    query: Data,
+    *,
+    num_classes: int | None = None,
+    output: ModelOutput | None = None,
+    training: TrainConfig | None = None,
+    clip_norm: float | None = None,
+) -> Task:
+    """A task from your own model and data.
+
+    Args:
+        name: the task's name (runs and checkpoint manifests record it; register the task under
+            it with :func:`fedtrak.register_task` so that simulated clients find it).
+        model: an ``nn.Module`` (checkpoints are trained from fresh initializations of a copy) or a
+            function that returns a new one.
+        train: the training data attributed to: ``(x, y)`` arrays or tensors, a torch Dataset of
+            ``(input, label)`` pairs, or a DataLoader.
+        query: the queries (test examples) whose predictions are explained, in the same forms.
+        num_classes: number of classes (default: the largest label + 1 over both splits).
+        output: the model output function (default: the classification margin, as TRAK's).
+        training: how fedtrak trains checkpoints when it trains them (default: SGD as
+            :class:`~fedtrak.tasks.TrainConfig`).
+        clip_norm: default clip norm of projected features under differential privacy.
+
+    Raises:
+        FedtrakError: if the data or model are malformed (naming what is wrong).
+    """
+    x_train, y_train = as_arrays(train, "train")
+    x_query, y_query = as_arrays(query, "query")
+    if x_train.shape[1:] != x_query.shape[1:]:
+        raise FedtrakError(f"train inputs have shape {x_train.shape[1:]}, queries {x_query.shape[1:]}")
+    classes = num_classes or int(max(y_train.max(initial=0), y_query.max(initial=0))) + 1
+    task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes,
+                output=output or ClassificationMargin(), training=training or TrainConfig(), clip_norm=clip_norm)
+    task.validate()
+    make = task.make_model()
+    with torch.no_grad():
+        try:
+            logits = make(torch.from_numpy(x_query[:2]))
+        except Exception as exc:
+            raise FedtrakError(f"task {name}: the model cannot take inputs of shape {x_query.shape[1:]}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    if logits.ndim != 2 or logits.shape[1] != classes:
+        raise FedtrakError(f"task {name}: the model returns shape {tuple(logits.shape)}, expected "
+                           f"(batch, {classes}) logits")
+    return task

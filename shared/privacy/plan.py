@@ -1,0 +1,74 @@
+"""A run's privacy plan: the noise its settings ask for, resolved, and what each example is released in.
+
+The server resolves the noise multiplier (from a target epsilon, over every
+release of the plan) and the clip norm once, before the run, and sends them to
+the clients in the job (:mod:`fedtrak.job`); the summary's ledger is
+:func:`run_release_plan` of the same settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release, sigma_for_plan
+from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
+from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.secagg.graph import threshold
+from fedtrak.settings import Settings
+from fedtrak.tasks import Task
+
+
+def planned_threshold(settings: Settings) -> int:
+    """Secure aggregation's threshold if all ``clients`` advertise: the fewest survivors the
+    distributed noise is sized for."""
+    return threshold(settings.partition.clients, settings.secagg.secagg_threshold)
+
+
+def distributed_noise(settings: Settings, dim: int, dp: DPSettings) -> DistributedNoise:
+    """How secure aggregation's clients would share the Gram noise if all ``clients`` advertise."""
+    t = planned_threshold(settings)
+    checkpoints = settings.training.checkpoints
+    return DistributedNoise(dim, checkpoints, t, noise_fraction_bits(dim, checkpoints, t, dp))
+
+
+def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: DistributedNoise | None = None,
+                     survivors: int | None = None) -> list[Release]:
+    """What each training example's data is released in during this run.
+
+    With secure aggregation the Grams are one Skellam release of the
+    ``survivors``' ``noise`` together (defaults: the planned noise and its
+    threshold, the least it is sized for); otherwise each client's Gram is
+    a Gaussian release.
+    """
+    gram = None
+    if settings.secagg.secure_agg and dp.active:
+        noise = noise or distributed_noise(settings, dim, dp)
+        gram = noise.release(dp, noise.threshold if survivors is None else survivors)
+    return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,
+                        settings.privacy.clip_quantile is not None, gram)
+
+
+def resolve_dp(settings: Settings, task: Task, dim: int) -> DPSettings:
+    """The run's privacy settings, resolved: the noise multiplier from ``epsilon`` (over every
+    release of the plan, at projection dimension ``dim``) or as given, the clip norm as given or
+    the task's default (with ``clip-quantile``, a placeholder until the clients' noised norm
+    histograms are in).
+
+    Raises:
+        FedtrakError: if noise is asked for and the task has no default clip norm, or the
+            settings are invalid.
+    """
+    p = settings.privacy
+    if not p.wants_noise:
+        return DPSettings(delta=p.delta, clip_mode=p.clip_mode)
+    clip = p.clip_norm or task.clip_norm or (1.0 if p.clip_quantile is not None else None)
+    if not clip:
+        raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
+    dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta)
+    if p.epsilon is not None:
+        sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim),
+                               p.delta)
+        dp = replace(dp, noise_multiplier=sigma)
+    dp.validate()
+    return dp

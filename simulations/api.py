@@ -1,0 +1,182 @@
+"""fedtrak's Python API: attribute, simulate and evaluate, with results in memory.
+
+``fedtrak.attribute`` (the centralized reference), ``fedtrak.simulate``
+(federated, on Flower's simulation engine) and ``fedtrak.evaluate`` are the
+functions behind ``fedtrak attribute``, ``simulate`` and ``evaluate``: they
+write the same run folder and also return its contents as a :class:`Result`.
+A task is a built-in task's name, a registered name, an import path, or a
+:class:`~fedtrak.tasks.Task` object (for example from
+:func:`fedtrak.task_from_model`), which is registered under its name so that
+the simulation's virtual clients can load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtrak.checkpoints import CheckpointInfo, write_checkpoint
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import Settings
+from fedtrak.tasks import BUILTIN_TASKS, Task, load_task, register_task
+
+#: Checkpoints a user passes in: a folder with a manifest, or models or state dicts.
+Checkpoints = str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class Result:
+    """A finished run, in memory and on disk.
+
+    Attributes:
+        out: the run folder (the same files the CLI writes).
+        summary: its ``summary.json``.
+        owner_scores: ``(queries, owners)``: the sum of each owner's scores.
+        owners: the owner label of each ``owner_scores`` column.
+        scores: ``(queries, training examples)`` where the run released them (``attribute``,
+            features mode, or the ``full`` policy), else ``None``. A positive score means the
+            training example raises the query's margin.
+        ids: per ``scores`` column, its ``(client, local, index)``: owner, position in the
+            owner's data, dataset index (``None`` without scores).
+        self_influence: each training example's score for itself, where computed and released.
+    """
+
+    out: Path
+    summary: dict
+    owner_scores: np.ndarray
+    owners: list[str]
+    scores: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    self_influence: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, out: str | Path) -> Result:
+        """Read a run folder back.
+
+        Raises:
+            FedtrakError: if the folder holds no complete run.
+        """
+        from fedtrak.simulations.run_folder import RunFolder
+
+        folder = RunFolder.open(Path(out))
+        optional = {name: np.load(folder.path / f"{name}.npy") if folder.has(name) else None
+                    for name in ("scores", "example_ids", "self_influence")}
+        summary = folder.summary
+        owners = ([str(o["owner"]) for o in summary["owners"]] if "owners" in summary
+                  else [str(c) for c in range(int(summary["partition"]["num_clients"]))])
+        return cls(folder.path, summary, np.load(folder.path / "owner_scores.npy"), owners,
+                   optional["scores"], optional["example_ids"], optional["self_influence"])
+
+
+def _settings(task: str | Task, settings: Settings | None, out: str | Path | None,
+              overrides: Mapping[str, Any]) -> Settings:
+    """The run's settings: ``settings`` (or the defaults) with the task, folder and field overrides."""
+    if isinstance(task, Task):
+        if task.name not in BUILTIN_TASKS:
+            register_task(task.name, task)
+        name = task.name
+    else:
+        name = str(task)
+    values = dict(overrides)
+    if out is not None:
+        values["out"] = str(out)
+    return (settings or Settings()).replaced(task=name, **values)
+
+
+def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind: str) -> Settings:
+    """Settings that use ``checkpoints``: a folder as it is; models or state dicts saved first
+    into ``OUT/given-checkpoints``."""
+    if checkpoints is None:
+        return settings
+    if isinstance(checkpoints, (str, Path)):
+        return settings.replaced(checkpoint_dir=str(checkpoints))
+    states = [dict(c.state_dict()) if isinstance(c, nn.Module) else dict(c) for c in checkpoints]
+    if not states:
+        raise FedtrakError("checkpoints: give at least one model or state dict")
+    folder = settings.out_dir(kind) / "given-checkpoints"
+    task_name = settings.task.task
+    load_task(task_name, data=False)  # a bad task name fails before anything is written
+    infos: list[CheckpointInfo] = []
+    for m, state in enumerate(states):
+        infos.append(CheckpointInfo(m, f"ckpt_{m:03d}.pt", None, "given", None, None))
+        write_checkpoint(folder, task_name, {k: v.detach().cpu() for k, v in state.items()}, infos)
+    return settings.replaced(checkpoint_dir=str(folder), checkpoints=len(states))
+
+
+def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None = None,
+              out: str | Path | None = None, checkpoints: Checkpoints | None = None, progress: bool = False,
+              **overrides: Any) -> Result:
+    """TRAK attribution on the pooled training data (the centralized reference), in memory.
+
+    Args:
+        task: a built-in task's name, a registered name, an import path, or a :class:`Task`.
+        settings: the run's settings (default: every default); ``overrides`` replace fields of
+            it by name (``proj_dim=1024``, ``clients=5``, ``lam="wd"``).
+        out: the run folder (default ``runs/central``).
+        checkpoints: models or state dicts to attribute with, or a checkpoint folder; without
+            them fedtrak trains ``checkpoints`` models with the task's recipe.
+        progress: show progress bars.
+
+    Raises:
+        FedtrakError: on bad settings, a task or checkpoint that does not fit, or bad data.
+    """
+    from fedtrak.simulations.attribute import run_attribute
+
+    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "central")
+    run_attribute(run, progress=progress)
+    return Result.load(run.out_dir("central"))
+
+
+def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = None,
+             out: str | Path | None = None, checkpoints: Checkpoints | None = None, verbose: bool = False,
+             **overrides: Any) -> Result:
+    """Federated attribution on Flower's simulation engine (``clients`` virtual clients), in memory.
+
+    Arguments as :func:`attribute`; ``out`` defaults to ``runs/sim``. Example scores are in
+    the result only where the run releases them (``mode="features"`` or ``policy="full"``,
+    which sets ``allow_full``); owner scores always are.
+
+    Raises:
+        FedtrakError: on bad settings or a run that failed (with the server's reason).
+    """
+    from fedtrak.simulations.simulate import run_simulation
+
+    if overrides.get("policy") == "full":
+        overrides = {"allow_full": True, **overrides}
+    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "simulation")
+    run_simulation(run, verbose=verbose)
+    return Result.load(run.out_dir("simulation"))
+
+
+def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = False, mislabel: bool = False,
+             subsets: int = 100, owner_subsets: int = 100, alpha: float = 0.5, seed: int = 0,
+             cache_dir: str | Path | None = None, workers: int | None = None, progress: bool = False) -> dict:
+    """Judge a run's attributions against retrained models: LDS (the TRAK paper's linear
+    datamodeling score), owner-level LDS and mislabel detection. Returns the evaluation block
+    (also written into the run's summary).
+
+    Raises:
+        FedtrakError: if the run cannot be evaluated (naming why).
+    """
+    from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
+    from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+
+    folder = run.out if isinstance(run, Result) else Path(run)
+    metrics = tuple(m for m, on in (("lds", lds), ("owner_lds", owner_lds), ("mislabel", mislabel)) if on)
+    if not metrics:
+        raise FedtrakError("evaluate: ask for at least one of lds, owner_lds, mislabel")
+    block = evaluate_run(folder, EvalOptions(metrics, subsets, owner_subsets, alpha, seed,
+                                             Path(cache_dir) if cache_dir else DEFAULT_CACHE, workers,
+                                             progress=progress))
+    if isinstance(run, Result):
+        run.summary = {**run.summary, "evaluation": block}
+    return block
+
+
+__all__ = ["Result", "attribute", "evaluate", "simulate"]

@@ -1,0 +1,163 @@
+"""``fedtrak bench ...``: the benchmarks, run by hand and reported in the docs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from fedtrak.errors import FedtrakError
+from fedtrak.settings import PROJECTORS
+from fedtrak.simulations.cli import OneLineParser
+from fedtrak.simulations.cli.evaluate import epsilons, inversion_args
+from fedtrak.simulations.cli.flags import add_json, add_settings, int_list, positive_int
+
+
+def _featurize(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "proj-dim"], defaults={"task": "digits-mlp", "proj-dim": 2048})
+    p.add_argument("--examples", type=positive_int, default=1500)
+    p.add_argument("--traker-examples", type=positive_int, default=128)
+    p.add_argument("--projectors", default="factorized,rademacher,gaussian",
+                   help="comma-separated fedtrak projectors to measure")
+
+
+def _lds(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "train-size", "query-size"])
+    p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
+    p.add_argument("--proj-dims", default="512,2048", help="comma-separated k values; 'identity' for no projection")
+    p.add_argument("--checkpoints", default="1,5", help="comma-separated M values")
+    p.add_argument("--projectors", default="rademacher", help="comma-separated projectors (each k, M)")
+    p.add_argument("--subsets", type=positive_int, default=100)
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def _memory(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "proj-dim"], defaults={"task": "fmnist-mlp", "proj-dim": 2048})
+    p.add_argument("--sizes", default="10000,60000", help="comma-separated numbers of examples")
+    p.add_argument("--projectors", default="factorized,rademacher")
+
+
+def _scale(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "proj-dim", "projector", "query-size"],
+                 defaults={"task": "fmnist-mlp", "proj-dim": 1024, "projector": "factorized", "query-size": 500})
+    p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
+    p.add_argument("--clients", default="10,100,1000", help="comma-separated client counts")
+
+
+def _deploy(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "proj-dim", "projector", "secure-agg"],
+                 defaults={"task": "fmnist-mlp", "proj-dim": 2048, "projector": "factorized"})
+    p.add_argument("--out", type=Path, required=True, help="working folder (certificates, logs, run)")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--examples", type=positive_int, default=6000, help="examples per SuperNode")
+
+
+def _attacks(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task"])
+    p.add_argument("--proj-dims", default="64,512,identity", help="comma-separated k values of features mode")
+    p.add_argument("--epsilons", default="inf,8,1")
+    p.add_argument("--targets", type=positive_int, default=8)
+    inversion_args(p)
+    p.add_argument("--owner-sizes", default="1,2,4,16,64", help="client sizes of the small-owner attack")
+    p.add_argument("--figure", type=Path, default=None, help="also draw true and rebuilt examples (PNG)")
+
+
+def _secagg(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "clients", "proj-dim", "checkpoints", "epsilon"],
+                 defaults={"task": "digits-mlp", "proj-dim": 2048, "checkpoints": 1})
+    p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
+
+
+#: Benchmark -> (its options, its help).
+BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
+    "featurize": (_featurize, "featurize throughput, fedtrak vs traker"),
+    "lds": (_lds, "LDS across k and M on one task (the baseline table)"),
+    "memory": (_memory, "peak memory of featurizing N examples into a store"),
+    "scale": (_scale, "fedtrak simulate with 10, 100 and 1,000 clients"),
+    "deploy": (_deploy, "a loopback deployment with TLS and node authentication"),
+    "attacks": (_attacks, "what a curious server recovers, per mode, k, epsilon and client size"),
+    "secagg": (_secagg, "cost of secure aggregation in a simulation, against the plain run"),
+}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """One sub-command per benchmark, each with a ``--json`` option."""
+    sub = parser.add_subparsers(dest="bench", required=True, parser_class=OneLineParser)
+    for name, (arguments, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        arguments(p)
+        add_json(p)
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(PROJECTORS))
+    if unknown:
+        raise FedtrakError(f"--projectors: unknown {unknown}; use {', '.join(PROJECTORS)}")
+    return kinds
+
+
+def _run(args: argparse.Namespace) -> tuple[object, str]:
+    """The benchmark's result and its table."""
+    if args.bench == "featurize":
+        from fedtrak.simulations.bench.featurize import bench_featurize, format_table
+
+        rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples, _kinds(args.projectors))
+        return rows, format_table(rows)
+    if args.bench == "lds":
+        from fedtrak.simulations.bench.lds import bench_lds, format_table
+        from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+
+        dims = [d if d == "identity" else int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
+        rows = bench_lds(args.task, args.out, dims, int_list(args.checkpoints, "--checkpoints"), args.subsets,
+                         args.train_size, args.query_size, args.cache_dir or DEFAULT_CACHE,
+                         projectors=_kinds(args.projectors))
+        return rows, format_table(rows)
+    if args.bench in ("memory", "scale"):
+        from fedtrak.simulations.bench.scale import bench_memory, bench_scale, format_rows
+
+        if args.bench == "memory":
+            rows = bench_memory(args.task, int_list(args.sizes, "--sizes"), args.proj_dim, _kinds(args.projectors))
+            return rows, format_rows(rows, ["task", "projector", "examples", "proj_dim", "seconds",
+                                            "resident_before_mb", "featurize_peak_mb", "process_peak_mb"])
+        rows = bench_scale(args.task, args.out, int_list(args.clients, "--clients"), args.proj_dim,
+                           projector=args.projector, query_size=args.query_size)
+        return rows, format_rows(rows, ["clients", "examples_per_client", "wall_seconds", "rounds_seconds",
+                                        "client_seconds_total", "server_compute_seconds", "flower_overhead_seconds",
+                                        "flower_overhead_share", "peak_memory_mb"])
+    if args.bench == "deploy":
+        from fedtrak.simulations.bench.deploy import bench_deploy
+
+        result = bench_deploy(args.out, args.task, args.nodes, args.examples, args.proj_dim, args.projector,
+                              secure_agg=args.secure_agg)
+        return result, json.dumps(result, indent=2)
+    if args.bench == "attacks":
+        from fedtrak.simulations.attacks.bench import bench_attacks, format_table
+        from fedtrak.simulations.attacks.inversion import InversionSettings
+
+        dims = tuple(None if d.strip() == "identity" else positive_int(d) for d in args.proj_dims.split(","))
+        sizes = tuple(positive_int(v) for v in args.owner_sizes.split(","))
+        rows = bench_attacks(args.task, dims, tuple(epsilons(args.epsilons)), args.targets, sizes,
+                             inversion=InversionSettings(steps=args.steps, restarts=args.restarts,
+                                                         label_candidates=args.label_candidates),
+                             figure=args.figure)
+        return rows, format_table(rows)
+    from fedtrak.simulations.bench.secagg import bench_secagg, format_table
+
+    result = bench_secagg(args.task, args.out, args.clients, args.proj_dim, args.checkpoints,
+                          0.0 if args.epsilon is None or math.isinf(args.epsilon) else args.epsilon)
+    return result, format_table(result)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run one benchmark, print its table and (``--json``) write its result."""
+    result, table = _run(args)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"bench": bench}

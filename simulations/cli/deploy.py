@@ -1,0 +1,90 @@
+"""``fedtrak certs``, ``keys`` and ``device``: setting up a deployment and a device owner's view."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fedtrak.errors import FedtrakError
+from fedtrak.simulations.cli import OneLineParser
+from fedtrak.simulations.cli.flags import add_json, add_settings, positive_int
+
+
+def _certs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    p.add_argument("--host", action="append", default=[], required=True,
+                   help="the SuperLink's host name or IP address (repeat for several)")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+
+
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for NAME and NAME.pub")
+    p.add_argument("--name", default="supernode", help="file name of the key pair (default supernode)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="device", required=True, parser_class=OneLineParser)
+    check = sub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
+    add_settings(check, ["task", "proj-dim", "projector", "checkpoints", "noise-multiplier", "clip-norm",
+                         "secure-agg", "policy"])
+    check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
+    check.add_argument("--queries", type=positive_int, default=None,
+                       help="queries the server will score (default 297, the digits query set)")
+    add_json(check, "the report")
+    results = sub.add_parser("results", help="print what a topk run kept on this device")
+    results.add_argument("folder", type=Path, help="the store's run folder, its results folder or the store root")
+    results.add_argument("--queries", type=positive_int, default=5)
+
+
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "certs": _certs_args, "keys": _keys_args, "device": _device_args}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The options of ``command``."""
+    ARGUMENTS[command](parser)
+
+
+def certs(args: argparse.Namespace) -> int:
+    """A CA and a SuperLink certificate for the given host names."""
+    from fedtrak.server.certs import make_certificates
+
+    paths = make_certificates(args.out, args.host, args.force)
+    print(f"wrote {', '.join(str(p) for p in paths.values())} for {', '.join(args.host)}")
+    print(f"  SuperLink: --ssl-ca-certfile {paths['ca.crt']} --ssl-certfile {paths['server.pem']} "
+          f"--ssl-keyfile {paths['server.key']}")
+    print(f"  SuperNodes and flwr: trust {paths['ca.crt']}; keep {paths['ca.key']} offline")
+    return 0
+
+
+def keys(args: argparse.Namespace) -> int:
+    """A SuperNode's authentication key pair."""
+    from fedtrak.client.keys import make_node_keys
+
+    private, public = make_node_keys(args.out, args.name, args.force)
+    print(f"wrote {private} (private, stays on this device) and {public} (register it: "
+          f"flwr supernode register {public} FEDERATION)")
+    return 0
+
+
+def device(args: argparse.Namespace) -> int:
+    """What a device would send in a run (``check``) or kept from one (``results``)."""
+    from fedtrak.client.device import device_report, format_report, format_results, read_results
+
+    if args.device == "results":
+        print(format_results(read_results(args.folder), args.queries))
+        return 0
+    if args.noise_multiplier < 0:
+        raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+    report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
+                           args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"certs": certs, "keys": keys, "device": device}

@@ -1,0 +1,174 @@
+"""``fedtrak evaluate``, ``report``, ``attack``, ``sweep`` and ``audit``: judging a run and its privacy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from fedtrak.errors import FedtrakError
+from fedtrak.simulations.cli.flags import (
+    add_json,
+    add_settings,
+    fraction,
+    positive_int,
+    settings_from,
+)
+
+#: The settings a sweep's points share, offered as its options.
+SWEEP_KEYS = ["task", "train-size", "query-size", "clients", "checkpoints", "proj-dim", "flip-fraction",
+              "clip-mode", "seed"]
+ATTACK_KINDS = ("inversion", "small-owner", "membership")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a run folder written by attribute or simulate")
+    p.add_argument("--lds", action="store_true", help="LDS of the example scores")
+    p.add_argument("--owner-lds", action="store_true", help="LDS of the owner totals")
+    p.add_argument("--mislabel", action="store_true", help="flipped-label detection by self-influence")
+    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models for LDS")
+    p.add_argument("--owner-subsets", type=positive_int, default=100, help="retrained models for owner-level LDS")
+    p.add_argument("--alpha", type=fraction, default=0.5, help="fraction of examples (owners) per subset")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the subsets and their training")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
+    p.add_argument("--workers", type=positive_int, default=None, help="training processes (default: cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a run folder")
+    p.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--queries", type=positive_int, default=4, help="queries shown in the figures")
+
+
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--kind", action="append", choices=ATTACK_KINDS,
+                   help="attack to run (repeatable; default: every one that applies to the run's mode)")
+    p.add_argument("--targets", type=positive_int, default=8, help="examples attacked")
+    p.add_argument("--trials", type=positive_int, default=400, help="membership games")
+    inversion_args(p)
+
+
+def inversion_args(p: argparse.ArgumentParser) -> None:
+    """The budget of a gradient-inversion attack."""
+    p.add_argument("--steps", type=positive_int, default=300, help="optimization steps per inversion")
+    p.add_argument("--restarts", type=positive_int, default=4, help="random starts per label tried")
+    p.add_argument("--label-candidates", type=positive_int, default=2, help="labels tried per target")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    add_settings(p, SWEEP_KEYS, defaults={"flip-fraction": 0.1})
+    p.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated; inf: no noise")
+    p.add_argument("--modes", default="private,features", help="comma-separated modes")
+    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS")
+    p.add_argument("--attack-targets", type=positive_int, default=8,
+                   help="examples attacked at each point (feature inversion)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True, help="folder for the runs, table and plot")
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "clip-norm", "proj-dim", "clients", "delta", "seed"], defaults={"proj-dim": 512})
+    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited Gram release")
+    p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each)")
+    add_json(p, "the result")
+
+
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "evaluate": _evaluate_args, "report": _report_args, "attack": _attack_args, "sweep": _sweep_args,
+    "audit": _audit_args}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The options of ``command``."""
+    ARGUMENTS[command](parser)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """LDS, owner-level LDS and mislabel detection of a run folder."""
+    from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run, format_table
+    from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+
+    chosen = tuple(m for m, on in (("lds", args.lds), ("owner_lds", args.owner_lds),
+                                   ("mislabel", args.mislabel)) if on)
+    opts = EvalOptions(chosen, args.subsets, args.owner_subsets, args.alpha, args.eval_seed,
+                       args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet)
+    block = evaluate_run(args.run_dir, opts)
+    print(format_table({k: block[k] for k in (chosen or block)}))
+    print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """An HTML page with figures of a run."""
+    from fedtrak.simulations.report.page import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, args.queries)}")
+    return 0
+
+
+def attack(args: argparse.Namespace) -> int:
+    """The curious server's attacks on a simulation's releases."""
+    from fedtrak.simulations.attacks.inversion import InversionSettings
+    from fedtrak.simulations.attacks.suite import attack_run, format_block
+
+    block = attack_run(args.run_dir, tuple(args.kind or ATTACK_KINDS), args.targets, args.trials,
+                       InversionSettings(steps=args.steps, restarts=args.restarts,
+                                         label_candidates=args.label_candidates))
+    print(format_block(block))
+    print(f"wrote the attacks block of {args.run_dir / 'summary.json'}")
+    return 0
+
+
+def epsilons(text: str) -> list[float]:
+    """Comma-separated epsilons (``inf``: no noise).
+
+    Raises:
+        FedtrakError: if one is not a number.
+    """
+    try:
+        return [math.inf if e.strip().lower() == "inf" else float(e) for e in text.split(",")]
+    except ValueError:
+        raise FedtrakError(f"--epsilons must be comma-separated numbers or inf, got {text!r}") from None
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Attribution quality against epsilon, per mode."""
+    from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+    from fedtrak.simulations.sweep import SweepConfig, format_table, run_sweep, summary_line
+
+    rows = run_sweep(SweepConfig(
+        out=args.out, base=settings_from(args, SWEEP_KEYS), epsilons=epsilons(args.epsilons),
+        modes=[m.strip() for m in args.modes.split(",")], subsets=args.subsets,
+        attack_targets=args.attack_targets, cache_dir=args.cache_dir or DEFAULT_CACHE))
+    print(format_table(rows))
+    print(summary_line(rows))
+    print(f"wrote {args.out / 'sweep.csv'}, {args.out / 'sweep.md'} and {args.out / 'sweep.png'}")
+    return 0
+
+
+def audit(args: argparse.Namespace) -> int:
+    """A canary audit of one client's Gram release."""
+    from fedtrak.simulations.evaluation.audit import audit_gram
+
+    if not args.noise_multiplier > 0:
+        raise FedtrakError(f"--noise-multiplier must be positive, got {args.noise_multiplier}")
+    res = audit_gram(args.task, args.noise_multiplier, args.clip_norm, args.proj_dim, args.releases,
+                     args.clients, args.delta, args.seed)
+    print(f"Gram release of one client ({res['client_examples']} examples, k={res['proj_dim']}, sigma "
+          f"{res['noise_multiplier']:g}, C {res['clip_norm']:g}): {res['canaries']} canaries over "
+          f"{res['releases']} releases")
+    print(f"  empirical epsilon lower bound ({res['confidence']:.0%}): {res['empirical_epsilon_lower_bound']:.3f}")
+    print(f"  accounted epsilon of one release at delta {res['delta']:g}: "
+          f"{res['accounted_epsilon_one_release']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "evaluate": evaluate, "report": report, "attack": attack, "sweep": sweep, "audit": audit}

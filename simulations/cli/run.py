@@ -1,0 +1,96 @@
+"""``fedtrak simulate``, ``attribute`` and ``train``: the runs themselves."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from fedtrak.simulations.cli.flags import add_settings, flag_keys, settings_from
+
+#: The settings each run command offers as options.
+KEYS = {
+    "simulate": flag_keys(("task", "partition", "training", "projection", "kernel", "privacy", "secagg",
+                           "release", "run")),
+    "attribute": flag_keys(("task", "partition", "training", "projection", "kernel", "release", "run"),
+                           exclude=("train", "rounds", "local-epochs", "dp-train-noise", "dp-train-clip",
+                                    "mode", "policy", "timeout")),
+    "train": ["task", "train-size", "query-size", "seed", "checkpoints", "epochs"],
+}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The options of ``command``: its settings, and how much it prints."""
+    add_settings(parser, KEYS[command])
+    if command == "train":
+        parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+        return
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if command == "simulate":
+        parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """Run the federated attribution on Flower's simulation engine and print what it found."""
+    from fedtrak.simulations.simulate import run_simulation
+
+    settings = settings_from(args, KEYS["simulate"], allow_full=args.policy == "full")
+    summary = run_simulation(settings, verbose=args.verbose)
+    print_federated(summary, settings.out_dir("simulation"))
+    return 0
+
+
+def attribute(args: argparse.Namespace) -> int:
+    """Run the centralized reference attribution."""
+    from fedtrak.simulations.attribute import run_attribute
+
+    settings = settings_from(args, KEYS["attribute"])
+    summary = run_attribute(settings, progress=not args.quiet)
+    print(f"wrote {settings.out_dir('central')}: {summary['num_queries']} queries x {summary['num_train']} "
+          f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, "
+          f"{summary['seconds']['total']:.1f} s, peak {summary['peak_memory_mb']} MiB")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train checkpoints only."""
+    from fedtrak.checkpoints import train_checkpoints
+    from fedtrak.tasks import load_task
+
+    task = load_task(args.task, args.train_size, args.query_size)
+    infos = train_checkpoints(task, args.checkpoints, args.out, args.seed, args.epochs)
+    for info in infos:
+        print(f"{args.out / info.file}: seed {info.seed}, query accuracy {info.accuracy:.4f}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulate": simulate, "attribute": attribute, "train": train}
+
+
+def print_federated(summary: dict, out: Path) -> None:
+    """What a federated run did: its shape, seconds, bytes, privacy and exclusions."""
+    secs = summary["seconds"]
+    clients = summary["clients"]
+    per_client = (summary["bytes"]["sent"] + summary["bytes"]["received"]) / max(len(clients), 1)
+    print(f"wrote {out}: {summary['mode']} mode, release {summary['release_policy']}, "
+          f"{len(summary['owners'])} owners, {summary['num_queries']} queries x {summary['num_train']} "
+          f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, {secs['total']:.1f} s")
+    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items() if k != "total"))
+    print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
+    privacy = summary.get("privacy", {})
+    if privacy.get("dp"):
+        eps = "unbounded" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3g}"
+        print(f"  privacy: epsilon {eps} at delta {privacy['delta']:g} (sigma "
+              f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
+              f"{'; '.join(privacy['not_covered']) or 'nothing'}")
+    secure = summary.get("secure_aggregation")
+    if secure:
+        rounds = ", ".join(f"{k.split('.')[-1]} {v['seconds']:.2f} s" for k, v in secure["rounds"].items())
+        print(f"  secure aggregation: {secure['survivors']} of {secure['clients']} clients in the sum "
+              f"(threshold {secure['threshold']}, {secure['graph']} graph, degree {secure['degree']}); {rounds}")
+    training = summary.get("training_privacy", {})
+    if training.get("dp_sgd"):
+        print(f"  training (DP-SGD, accounted apart): epsilon up to {training['epsilon_max']:.3g} per client")
+    for ex in summary["excluded"]:
+        print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")

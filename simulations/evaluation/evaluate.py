@@ -1,0 +1,143 @@
+"""``fedtrak evaluate RUN_DIR``: how good are a run's attributions? (DESIGN.md section 8)
+
+* ``lds``: linear datamodeling score of the example scores against models
+  retrained on random ``alpha``-subsets of the training examples;
+* ``owner_lds``: the same for owner totals and random subsets of owners;
+* ``mislabel``: detection of flipped labels by self-influence (runs made
+  with ``--flip-fraction``).
+
+Ground truth is retrained with the run's own algorithm and cached
+(:mod:`fedtrak.simulations.evaluation.groundtruth`). The results go into an ``evaluation``
+block of the run's ``summary.json`` (earlier entries of other measures are
+kept) and per-query LDS values into ``evaluation/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fedtrak.errors import FedtrakError
+from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE, ground_truth
+from fedtrak.simulations.evaluation.lds import lds
+from fedtrak.simulations.evaluation.mislabel import mislabel_report
+from fedtrak.simulations.run_folder import RunFolder
+
+MEASURES = ("lds", "owner_lds", "mislabel")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Settings of one evaluation (the flags of ``fedtrak evaluate``).
+
+    ``measures`` empty means every measure the run supports.
+    """
+
+    measures: tuple[str, ...] = ()
+    subsets: int = 100
+    owner_subsets: int = 100
+    alpha: float = 0.5
+    seed: int = 0
+    cache_dir: Path = DEFAULT_CACHE
+    workers: int | None = None
+    bootstrap: int = 1000
+    progress: bool = True
+
+
+def applicable(run: RunFolder) -> tuple[str, ...]:
+    """The measures a run supports: LDS needs released scores, mislabel needs flips."""
+    out = []
+    if run.has("scores"):
+        out.append("lds")
+    out.append("owner_lds")
+    if run.summary.get("flips"):
+        out.append("mislabel")
+    return tuple(out)
+
+
+def _lds_entry(run: RunFolder, opts: EvalOptions, kind: str, bar: Callable[[int], None]) -> dict:
+    recipe = run.recipe()
+    n = opts.subsets if kind == "examples" else opts.owner_subsets
+    gt = ground_truth(recipe, kind, n, opts.alpha, opts.seed, opts.cache_dir, opts.workers, bar)
+    if kind == "examples":
+        why = "LDS (rerun with --policy full or --mode features, or use fedtrak attribute)"
+        scores = np.asarray(run.array("scores", why))
+        index = np.asarray(run.array("example_ids", why)["index"])
+        res = lds(scores, gt.masks[:, index], gt.margins, opts.bootstrap, seed=opts.seed)
+    else:
+        owners = np.asarray(run.array("owner_scores", "owner-level LDS"))
+        res = lds(owners, gt.owner_masks[:, run.owner_partition_ids()], gt.margins, opts.bootstrap,
+                  seed=opts.seed)
+    folder = run.path / "evaluation"
+    folder.mkdir(exist_ok=True)
+    np.save(folder / f"{'lds' if kind == 'examples' else 'owner_lds'}_per_query.npy", res.per_query)
+    return {**res.describe(), "alpha": opts.alpha, "seed": opts.seed,
+            "ground_truth": {"algorithm": recipe.algorithm, "epochs": recipe.epochs, "rounds": recipe.rounds,
+                             "cache": str(gt.folder), "models_reused": gt.reused,
+                             "models_trained": gt.trained, "seconds": round(gt.seconds, 2)}}
+
+
+def _mislabel_entry(run: RunFolder) -> dict:
+    flips = run.summary.get("flips")
+    if not flips:
+        raise FedtrakError(f"{run.path} flipped no labels: make the run with --flip-fraction to measure "
+                           "mislabel detection")
+    flipped = np.asarray(run.array("flipped", "mislabel detection"))
+    per_example = np.asarray(run.array("self_influence", "")) if run.has("self_influence") else None
+    index = np.asarray(run.array("example_ids", "")["index"]) if run.has("example_ids") else None
+    per_owner = (np.asarray(run.array("owner_self_influence", "")) if run.has("owner_self_influence")
+                 else None)
+    report = mislabel_report(per_example, index, per_owner, run.owner_partition_ids(), flipped,
+                             list(flips["clients"]))
+    return {"flip_fraction": flips["fraction"], "flip_clients": flips["clients"], **report}
+
+
+def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
+    """Evaluate a run folder and write the ``evaluation`` block into its summary; return the block.
+
+    Raises:
+        FedtrakError: if a requested measure needs something the run does
+            not have (named in the message); nothing is written then, and the
+            retrained models already cached are kept.
+    """
+    run = RunFolder.open(run_dir)
+    measures = opts.measures or applicable(run)
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise FedtrakError(f"unknown measure(s) {sorted(unknown)}: use {', '.join(MEASURES)}")
+    block = dict(run.summary.get("evaluation", {}))
+    total = (opts.subsets if "lds" in measures else 0) + (opts.owner_subsets if "owner_lds" in measures else 0)
+    with tqdm(total=total, desc="ground-truth models", unit="model", disable=not opts.progress) as bar:
+        results = {}
+        if "lds" in measures:
+            results["lds"] = _lds_entry(run, opts, "examples", bar.update)
+        if "owner_lds" in measures:
+            results["owner_lds"] = _lds_entry(run, opts, "owners", bar.update)
+    if "mislabel" in measures:
+        results["mislabel"] = _mislabel_entry(run)
+    block.update(results)
+    run.write_evaluation(block)
+    return block
+
+
+def format_table(block: dict) -> str:
+    """The evaluation block as a small text table."""
+    rows = [("measure", "value", "95% interval / baseline", "based on")]
+    for key, label in (("lds", "LDS"), ("owner_lds", "owner-level LDS")):
+        if key in block:
+            e = block[key]
+            rows.append((label, f"{e['lds']:.3f}", f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]",
+                         f"{e['num_queries']} queries x {e['num_subsets']} models"))
+    for level in ("examples", "owners"):
+        e = block.get("mislabel", {}).get(level)
+        if e and "auroc" in e:
+            rows.append((f"mislabel AUROC ({level})", f"{e['auroc']:.3f}", "random 0.500",
+                         f"{e['num_flipped']} flipped of {e['num_items']}"))
+            rows.append((f"mislabel recall ({level})", f"{e['recall_at_flip_rate']:.3f}",
+                         f"random {e['random_recall']:.3f}", "top flip-rate fraction"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

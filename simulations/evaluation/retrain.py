@@ -1,0 +1,192 @@
+"""Ground-truth retraining: the run's own learning algorithm, on subsets of its training data.
+
+LDS (DESIGN.md section 8) compares predicted and actual effects of training
+on a subset. "Actual" means: train a fresh model on the subset with the
+*same learning algorithm* as the run's checkpoints, and record each query's
+margin. A :class:`Recipe` names that algorithm:
+
+* ``central-sgd``: the task's SGD recipe on the pooled subset
+  (:func:`fedtrak.checkpoints.train_central`);
+* ``fedavg``: federated averaging over the run's partition, each client
+  training on its own examples that lie in the subset. It is the same
+  computation as Flower's ``FedAvg`` with fedtrak's ClientApp (same local
+  loop and shuffling seeds, :func:`fedtrak.checkpoints.fedavg_local_seed`;
+  weights averaged by example counts in float32 like Flower's
+  ``aggregate_arrayrecords``), run in-process, because a Ray start-up per
+  ground-truth model would cost more than the training itself. A test
+  checks it against a real Flower checkpoint.
+
+Models are trained in worker processes (one torch thread each), one model
+per job; small models train in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtrak.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
+from fedtrak.errors import FedtrakError
+from fedtrak.partition import Partition, partition
+from fedtrak.tasks import Task, cached_task, to_tensors
+
+ALGORITHMS = ("central-sgd", "fedavg")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a run's checkpoints were trained: what ground-truth retraining repeats.
+
+    Attributes:
+        task, train_size, query_size: the task as the run loaded it (sizes 0: whole split).
+        algorithm: ``central-sgd`` or ``fedavg``.
+        epochs: training epochs (``central-sgd``) or local epochs per round (``fedavg``).
+        rounds: FedAvg rounds (0 for ``central-sgd``).
+        partition, num_clients, alpha, partition_seed: the run's partition
+            (who owns what; FedAvg trains per owner, owner subsets pick owners).
+        flip_fraction, flip_clients, flip_seed: label flips applied to the
+            training data before training (see :mod:`fedtrak.corruption`).
+    """
+
+    task: str
+    train_size: int
+    query_size: int
+    algorithm: str
+    epochs: int
+    rounds: int
+    partition: str
+    num_clients: int
+    alpha: float
+    partition_seed: int
+    flip_fraction: float = 0.0
+    flip_clients: tuple[int, ...] = ()
+    flip_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise FedtrakError(
+                f"cannot retrain checkpoints trained by {self.algorithm!r}: ground truth needs one of "
+                f"{', '.join(ALGORITHMS)} (the checkpoint manifest says how they were trained)"
+            )
+        if self.epochs < 1 or (self.algorithm == "fedavg" and self.rounds < 1):
+            raise FedtrakError(f"recipe needs positive epochs (and rounds for FedAvg): {self}")
+
+    def describe(self) -> dict:
+        """JSON-ready form (the cache key is derived from it)."""
+        out = asdict(self)
+        out["flip_clients"] = list(self.flip_clients)
+        return out
+
+    def load(self) -> tuple[Task, Partition]:
+        """The task (labels flipped as the run had them) and the run's partition."""
+        return _load(self)
+
+
+@lru_cache(maxsize=4)
+def _load(recipe: Recipe) -> tuple[Task, Partition]:
+    from fedtrak.corruption import FlipSpec, corrupted
+
+    task = cached_task(recipe.task, recipe.train_size, recipe.query_size)
+    parts = partition(task.y_train, recipe.num_clients, recipe.partition, recipe.alpha,
+                      recipe.partition_seed)
+    flips = FlipSpec(recipe.flip_fraction, recipe.flip_clients, recipe.flip_seed)
+    return corrupted(task, parts, flips), parts
+
+
+def fedavg_in_process(
+    task: Task,
+    client_indices: Sequence[np.ndarray],
+    rounds: int,
+    local_epochs: int,
+    init_seed: int,
+    seed: int,
+    checkpoint: int,
+) -> nn.Module:
+    """FedAvg over clients holding ``task.x_train[client_indices[c]]``; the clients are
+    partitions ``0..C-1`` (their local shuffling seeds depend on it).
+
+    The model starts from ``seeded_model(task, init_seed)``; each round every
+    client with at least one example runs ``local_epochs`` of the task's SGD
+    recipe from the global weights, and the updates are averaged weighted by
+    example counts (in float32, like Flower's ``FedAvg``).
+    """
+    model = seeded_model(task, init_seed)
+    active = [(pid, idx) for pid, idx in enumerate(client_indices) if len(idx)]
+    if not active:
+        raise FedtrakError("FedAvg needs at least one client with data")
+    total = float(sum(len(idx) for _, idx in active))
+    for server_round in range(1, rounds + 1):
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        agg: dict[str, np.ndarray] = {}
+        for pid, idx in active:
+            model.load_state_dict(global_state)
+            local_seed = fedavg_local_seed(seed, checkpoint, server_round, pid)
+            sgd_epochs(task, model, task.x_train[idx], task.y_train[idx], local_epochs, local_seed)
+            weight = len(idx) / total
+            for k, v in model.state_dict().items():
+                term = v.detach().numpy() * weight
+                agg[k] = term if k not in agg else agg[k] + term
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in agg.items()})
+    return model.eval()
+
+
+def train_on_subset(recipe: Recipe, mask: np.ndarray, seed: int) -> nn.Module:
+    """A fresh model trained with ``recipe``'s algorithm on the examples where ``mask`` is true.
+
+    ``seed`` drives initialization and shuffling.
+    """
+    task, parts = recipe.load()
+    if mask.shape != (task.num_train,) or not mask.any():
+        raise FedtrakError(f"subset mask must be a non-empty boolean vector over {task.num_train} examples")
+    if recipe.algorithm == "central-sgd":
+        return train_central(task, seed, task.x_train[mask], task.y_train[mask], recipe.epochs)
+    return fedavg_in_process(task, [idx[mask[idx]] for idx in parts.clients], recipe.rounds,
+                             recipe.epochs, seed, seed, 0)
+
+
+@torch.no_grad()
+def query_margins(task: Task, model: nn.Module, batch_size: int = 2048) -> np.ndarray:
+    """The model output (margin) of every query: ``(Q,)`` float64."""
+    xq, yq = to_tensors(task.x_query, task.y_query)
+    out = [task.output.output(model(xq[i : i + batch_size]), yq[i : i + batch_size])
+           for i in range(0, len(yq), batch_size)]
+    return torch.cat(out).double().numpy()
+
+
+def _margins_job(recipe: Recipe, mask: np.ndarray, seed: int) -> np.ndarray:
+    return query_margins(recipe.load()[0], train_on_subset(recipe, mask, seed))
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def retrain_margins(
+    recipe: Recipe,
+    jobs: Sequence[tuple[int, np.ndarray, int]],
+    workers: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Train one model per job ``(id, mask, seed)`` and yield ``(id, query margins)`` as each finishes.
+
+    ``workers`` processes (default: the machine's cores) share the jobs; with
+    one worker (or one job) they run in this process.
+    """
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        for job_id, mask, seed in jobs:
+            yield job_id, _margins_job(recipe, mask, seed)
+        return
+    ctx = get_context("spawn")  # torch and fork do not mix once threads exist
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = {pool.submit(_margins_job, recipe, mask, seed): job_id for job_id, mask, seed in jobs}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+

@@ -1,0 +1,123 @@
+"""The public Python API: a user's own model and data, attributed from Python with results in memory."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedtrak
+from fedtrak.errors import FedtrakError
+from fedtrak.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    x = rng.normal(size=(n, 5)).astype(np.float32) + np.eye(3, 5, dtype=np.float32)[y] * 2
+    return x, y
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(5, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+@pytest.fixture(scope="module")
+def blob_task() -> fedtrak.Task:
+    return fedtrak.task_from_model("blobs-net", Net(), train=_blobs(120, 0), query=_blobs(20, 1))
+
+
+def test_a_task_from_arrays_datasets_and_loaders_is_the_same(blob_task):
+    x, y = _blobs(120, 0)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    for train in (dataset, torch.utils.data.DataLoader(dataset, batch_size=7)):
+        task = fedtrak.task_from_model("blobs-net", Net(), train=train, query=_blobs(20, 1))
+        np.testing.assert_array_equal(task.x_train, blob_task.x_train)
+        np.testing.assert_array_equal(task.y_train, blob_task.y_train)
+    assert blob_task.num_classes == 3 and blob_task.input_shape == (5,)
+    torch.manual_seed(0)
+    a = blob_task.make_model()
+    torch.manual_seed(1)
+    b = blob_task.make_model()
+    assert not torch.equal(a.hidden.weight, b.hidden.weight)  # each checkpoint starts from its own init
+
+
+def test_bad_models_and_data_are_named():
+    with pytest.raises(FedtrakError, match="returns shape .* expected \\(batch, 3\\) logits"):
+        fedtrak.task_from_model("t", nn.Linear(5, 2), train=_blobs(30, 0), query=_blobs(5, 1), num_classes=3)
+    with pytest.raises(FedtrakError, match="cannot take inputs of shape \\(5,\\)"):
+        fedtrak.task_from_model("t", nn.Linear(4, 3), train=_blobs(30, 0), query=_blobs(5, 1))
+    with pytest.raises(FedtrakError, match="train must be \\(x, y\\) arrays, a torch Dataset or a DataLoader"):
+        fedtrak.task_from_model("t", Net(), train=[1, 2, 3], query=_blobs(5, 1))
+    x, y = _blobs(30, 0)
+    with pytest.raises(FedtrakError, match="train inputs contain NaN"):
+        fedtrak.task_from_model("t", Net(), train=(np.full_like(x, np.nan), y), query=_blobs(5, 1))
+
+
+def test_registered_and_plugged_in_tasks_load_by_name(blob_task, monkeypatch):
+    fedtrak.register_task("my-blobs", blob_task)
+    assert load_task("my-blobs").num_train == 120
+    with pytest.raises(FedtrakError, match="cannot register task 'digits-logreg'"):
+        fedtrak.register_task("digits-logreg", blob_task)
+
+    class Entry:
+        name, value = "plugged-blobs", "somepackage:make"
+
+        def load(self):
+            return lambda: blob_task
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Entry()] if group == "fedtrak.tasks" else [])
+    assert load_task("plugged-blobs").num_train == 120
+    with pytest.raises(FedtrakError, match="unknown task 'nope'.*registered name"):
+        load_task("nope")
+
+
+def test_attribute_in_memory_with_the_users_own_checkpoints(blob_task, tmp_path):
+    torch.manual_seed(3)
+    models = [blob_task.make_model() for _ in range(2)]
+    result = fedtrak.attribute(blob_task, checkpoints=models, out=tmp_path / "run", proj_dim=32, clients=4)
+    assert result.scores.shape == (20, 120) and result.owner_scores.shape == (20, 4)
+    assert result.owners == ["0", "1", "2", "3"] and result.summary["num_checkpoints"] == 2
+    assert result.summary["resolved"]["proj_dim"] == 32 and result.summary["settings"]["projection"]["proj-dim"] == 32
+    again = fedtrak.Result.load(tmp_path / "run")
+    np.testing.assert_array_equal(again.scores, result.scores)
+    np.testing.assert_allclose(result.owner_scores.sum(axis=1), result.scores.sum(axis=1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(FedtrakError, match="unknown setting\\(s\\) \\['proj_dimm'\\]"):
+        fedtrak.attribute(blob_task, out=tmp_path / "bad", proj_dimm=3)
+
+
+def test_import_fedtrak_is_light_and_names_its_api():
+    code = ("import sys, fedtrak\n"
+            "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"
+            "assert sorted(fedtrak.__all__) == sorted(fedtrak._API)\n"
+            "print(fedtrak.attribute.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "attribute", proc.stderr
+
+
+@pytest.mark.flower
+def test_the_own_model_example_runs_and_federated_equals_central(tmp_path):
+    """``examples/own_model``: a user's own model class and data (not a built-in task), attributed
+    with ``fedtrak.attribute`` and ``fedtrak.simulate`` (10 virtual clients); equal to 1e-4."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model" / "run.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "equal to 1e-4" in proc.stdout
+    central = fedtrak.Result.load(tmp_path / "central")
+    federated = fedtrak.Result.load(tmp_path / "federated")
+    assert federated.summary["mode"] == "private" and len(federated.summary["clients"]) == 10
+    np.testing.assert_allclose(federated.scores, central.scores, rtol=1e-4, atol=1e-4 * np.abs(central.scores).max())
