@@ -4,8 +4,7 @@
 when a run sets ``secure-agg``. The server relays advertisements and sealed
 shares, receives only masked vectors, and unmasks their sum with the shares
 the survivors reveal (:mod:`fedtrak.secagg.protocol`); it never holds one
-client's Gram. What it can still check is checked on the sum (DESIGN.md
-section 4): positive semi-definiteness when no noise was added, and that the
+client's Gram. What it can still check is checked on the sum: positive semi-definiteness when no noise was added, and that the
 securely summed counts equal the counts the survivors reported.
 """
 

@@ -1,7 +1,8 @@
 """The server checks every client release before using it.
 
 Clients are trusted to compute honestly on their own data, which nothing
-here can verify (DESIGN.md section 4, threat model), but a release that
+here can verify (the threat model: honest-but-curious server, clients trusted to compute
+honestly), but a release that
 breaks the protocol is refused: a missing or mis-shaped array, a
 non-finite value, a Gram that is not symmetric or (with no noise added) not
 positive semi-definite, a count that disagrees with the arrays. Each check

@@ -27,6 +27,7 @@ def default_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_default_run_writes_complete_consistent_outputs(default_run):
     summary = json.loads((default_run / "summary.json").read_text())
     assert summary["complete"] is True
@@ -49,6 +50,7 @@ def test_default_run_writes_complete_consistent_outputs(default_run):
     assert not list(default_run.glob(".staging-*"))
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_checkpoint_dir_reuse_reproduces_scores(default_run, tmp_path):
     out = tmp_path / "again"
     code = main(["attribute", "--out", str(out), "--quiet",
@@ -58,6 +60,7 @@ def test_checkpoint_dir_reuse_reproduces_scores(default_run, tmp_path):
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(default_run / "scores.npy"))
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_dirichlet_owners_follow_the_partition(default_run, tmp_path):
     out = tmp_path / "dir"
     assert main(["attribute", "--out", str(out), "--quiet", "--checkpoints", "1", "--proj-dim", "64",
@@ -75,6 +78,7 @@ def _fails(argv, capsys, match):
     assert err.startswith("fedtrak: error: ") and "\n" not in err and match in err, err
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_bad_inputs_give_one_line_errors_and_no_results(default_run, tmp_path, capsys):
     out = tmp_path / "bad"
     ckpts = str(default_run / "checkpoints")
@@ -108,6 +112,7 @@ def test_bad_flags_exit_non_zero_with_one_line(flag, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_failed_rerun_keeps_the_previous_complete_result(default_run, tmp_path, capsys):
     out = tmp_path / "keep"
     ckpts = str(default_run / "checkpoints")
@@ -127,6 +132,7 @@ def test_bench_featurize_smoke(capsys):
     assert "fedtrak rademacher, warm" in table and "fedtrak factorized, warm" in table and "traker" in table
 
 
+@pytest.mark.slow  # shares the 10 s default run
 def test_factorized_projector_runs_end_to_end_and_differs_from_dense(default_run, tmp_path):
     """``--projector factorized`` through attribute: same checkpoints, its own projection (so other
     scores than the dense one), finite, and rank-correlated with the dense run's."""

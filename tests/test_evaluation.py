@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md section 8): LDS against retrained models, its sanity checks (random
+"""Evaluation: LDS against retrained models, its sanity checks (random
 scores give about 0, exact influence on a convex task gives at least TRAK's), owner-level LDS,
 mislabel detection, the ground-truth cache, and the errors of ``fedtrak evaluate``."""
 
@@ -142,6 +142,7 @@ def test_detection_metrics_known_values():
         detection(np.ones(3), np.ones(3, bool))
 
 
+@pytest.mark.slow
 def test_evaluate_errors_name_the_problem(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--quiet"]) == 2
     assert f"{tmp_path} is not a run folder" in capsys.readouterr().err

@@ -4,6 +4,7 @@ rule against the folders' bare names, and files of a readable size."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -97,9 +98,11 @@ def test_the_wheel_installs_one_import_name(tmp_path):
     fresh virtual environment outside the repository, and import it there: ``fedtrak`` and its
     parts load from the wheel, and ``server``, ``client``, ``shared`` and ``simulations`` do not
     exist."""
-    dist = tmp_path / "dist"
+    dist, source = tmp_path / "dist", tmp_path / "source"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                                  "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(dist), str(ROOT)], check=True, cwd=tmp_path, capture_output=True)
+                    str(dist), str(source)], check=True, cwd=tmp_path, capture_output=True)
     wheel = next(dist.glob("fedtrak-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"fedtrak"}, tops

@@ -55,6 +55,7 @@ for kind in ("rademacher", "gaussian"):
 """
 
 
+@pytest.mark.slow
 def test_bit_identical_across_processes():
     """Server and clients rebuild P from the seed alone: two fresh processes agree bit for bit."""
     outs = [

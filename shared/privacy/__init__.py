@@ -1,4 +1,4 @@
-"""Differential privacy: clipping, noised releases and their accounting (DESIGN.md section 4).
+"""Differential privacy: clipping, noised releases and their accounting.
 
 ``mechanisms`` holds every noised release a client can make, each beside the
 ledger entry that accounts for it; ``accountant`` composes a run's entries

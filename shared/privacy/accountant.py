@@ -6,8 +6,7 @@ compose exactly under Gaussian differential privacy: ``mu = sqrt(sum 1 /
 sigma_i^2)``, and ``epsilon = eps_from_mu(mu, delta)`` (Dong, Roth and Su;
 Opacus's ``opacus.accountants.analysis.gdp``). Opacus's PRV accountant
 gives an independent numerical cross-check. Do not use Opacus's
-``GaussianAccountant`` at sample rate 1: it is far too loose there
-(DESIGN.md section 4).
+``GaussianAccountant`` at sample rate 1: it is far too loose there.
 
 Under secure aggregation the Grams carry integer Skellam noise instead
 (:mod:`fedtrak.privacy.distributed`), which is not a Gaussian mechanism. A plan

@@ -1,8 +1,8 @@
 """Distributed DP noise for securely aggregated Grams: each client adds a share of Skellam noise.
 
 Continuous Gaussian noise does not survive modular arithmetic, so under
-secure aggregation each client adds integer noise to its fixed-point Gram
-(DESIGN.md section 4): symmetric Skellam, ``Poisson(v/2) - Poisson(v/2)``
+secure aggregation each client adds integer noise to its fixed-point Gram:
+symmetric Skellam, ``Poisson(v/2) - Poisson(v/2)``
 with variance ``v`` per coordinate (Agarwal, Kairouz and Liu, NeurIPS 2021).
 A sum of independent Skellams is Skellam, so ``S`` survivors together add
 Skellam noise of variance ``S v``.

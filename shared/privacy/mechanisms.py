@@ -1,6 +1,6 @@
 """The noised releases of a client, each beside the ledger entry that accounts for it.
 
-Adjacency: adding or removing one training example (DESIGN.md section 4).
+Adjacency: adding or removing one training example.
 Every projected feature is clipped to L2 norm ``C`` *after* projection, on
 the client, before anything is computed from it: per checkpoint (each
 ``||phi_m,i|| <= C``) or jointly (``sum_m ||phi_m,i||^2 <= C^2``). Then:
@@ -112,7 +112,7 @@ def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random
     per coordinate (sensitivity ``C`` per checkpoint, as ``qbar <= 1``).
 
     The server turns them into the owner's total for any query, now or later,
-    by post-processing: ``mean_m U_m s_m`` (DESIGN.md section 4).
+    by post-processing: ``mean_m U_m s_m``.
     """
     return summaries + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=summaries.shape)
 

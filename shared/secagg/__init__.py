@@ -1,4 +1,4 @@
-"""Building blocks of secure aggregation (Bonawitz et al., CCS 2017; DESIGN.md section 5).
+"""Building blocks of secure aggregation (Bonawitz et al., CCS 2017).
 
 Vetted primitives from the ``cryptography`` package only (X25519, HKDF-SHA256,
 ChaCha20, AES-GCM, Ed25519), composed: fixed-point encoding mod 2^64

@@ -1,6 +1,6 @@
 """Attacks of a curious server on what fedtrak releases (``fedtrak attack``).
 
-The server of DESIGN.md section 4 is honest but curious: it knows the
+The server of fedtrak's threat model is honest but curious: it knows the
 checkpoint, the model, the projection seed, k, the clip norm C and the noise
 multiplier sigma, and receives exactly what the protocol releases. These
 modules play that server and measure what it recovers:

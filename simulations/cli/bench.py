@@ -70,6 +70,10 @@ def _secagg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
 
 
+def _cli(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=positive_int, default=5, help="runs of each command (the median is kept)")
+
+
 #: Benchmark -> (its options, its help).
 BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "featurize": (_featurize, "featurize throughput, fedtrak vs traker"),
@@ -79,6 +83,7 @@ BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "deploy": (_deploy, "a loopback deployment with TLS and node authentication"),
     "attacks": (_attacks, "what a curious server recovers, per mode, k, epsilon and client size"),
     "secagg": (_secagg, "cost of secure aggregation in a simulation, against the plain run"),
+    "cli": (_cli, "seconds of fedtrak --help and fedtrak simulate --help (start-up cost)"),
 }
 
 
@@ -99,51 +104,64 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def _run(args: argparse.Namespace) -> tuple[object, str]:
-    """The benchmark's result and its table."""
-    if args.bench == "featurize":
-        from fedtrak.simulations.bench.featurize import bench_featurize, format_table
+def _run_featurize(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.featurize import bench_featurize, format_table
 
-        rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples, _kinds(args.projectors))
-        return rows, format_table(rows)
-    if args.bench == "lds":
-        from fedtrak.simulations.bench.lds import bench_lds, format_table
-        from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+    rows = bench_featurize(args.task, args.proj_dim, args.examples, args.traker_examples, _kinds(args.projectors))
+    return rows, format_table(rows)
 
-        dims = [d if d == "identity" else int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
-        rows = bench_lds(args.task, args.out, dims, int_list(args.checkpoints, "--checkpoints"), args.subsets,
-                         args.train_size, args.query_size, args.cache_dir or DEFAULT_CACHE,
-                         projectors=_kinds(args.projectors))
-        return rows, format_table(rows)
-    if args.bench in ("memory", "scale"):
-        from fedtrak.simulations.bench.scale import bench_memory, bench_scale, format_rows
 
-        if args.bench == "memory":
-            rows = bench_memory(args.task, int_list(args.sizes, "--sizes"), args.proj_dim, _kinds(args.projectors))
-            return rows, format_rows(rows, ["task", "projector", "examples", "proj_dim", "seconds",
-                                            "resident_before_mb", "featurize_peak_mb", "process_peak_mb"])
-        rows = bench_scale(args.task, args.out, int_list(args.clients, "--clients"), args.proj_dim,
-                           projector=args.projector, query_size=args.query_size)
-        return rows, format_rows(rows, ["clients", "examples_per_client", "wall_seconds", "rounds_seconds",
-                                        "client_seconds_total", "server_compute_seconds", "flower_overhead_seconds",
-                                        "flower_overhead_share", "peak_memory_mb"])
-    if args.bench == "deploy":
-        from fedtrak.simulations.bench.deploy import bench_deploy
+def _run_lds(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.lds import bench_lds, format_table
+    from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 
-        result = bench_deploy(args.out, args.task, args.nodes, args.examples, args.proj_dim, args.projector,
-                              secure_agg=args.secure_agg)
-        return result, json.dumps(result, indent=2)
-    if args.bench == "attacks":
-        from fedtrak.simulations.attacks.bench import bench_attacks, format_table
-        from fedtrak.simulations.attacks.inversion import InversionSettings
+    dims = [d if d == "identity" else int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
+    rows = bench_lds(args.task, args.out, dims, int_list(args.checkpoints, "--checkpoints"), args.subsets,
+                     args.train_size, args.query_size, args.cache_dir or DEFAULT_CACHE,
+                     projectors=_kinds(args.projectors))
+    return rows, format_table(rows)
 
-        dims = tuple(None if d.strip() == "identity" else positive_int(d) for d in args.proj_dims.split(","))
-        sizes = tuple(positive_int(v) for v in args.owner_sizes.split(","))
-        rows = bench_attacks(args.task, dims, tuple(epsilons(args.epsilons)), args.targets, sizes,
-                             inversion=InversionSettings(steps=args.steps, restarts=args.restarts,
-                                                         label_candidates=args.label_candidates),
-                             figure=args.figure)
-        return rows, format_table(rows)
+
+def _run_memory(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.scale import bench_memory, format_rows
+
+    rows = bench_memory(args.task, int_list(args.sizes, "--sizes"), args.proj_dim, _kinds(args.projectors))
+    return rows, format_rows(rows, ["task", "projector", "examples", "proj_dim", "seconds", "resident_before_mb",
+                                    "featurize_peak_mb", "process_peak_mb"])
+
+
+def _run_scale(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.scale import bench_scale, format_rows
+
+    rows = bench_scale(args.task, args.out, int_list(args.clients, "--clients"), args.proj_dim,
+                       projector=args.projector, query_size=args.query_size)
+    return rows, format_rows(rows, ["clients", "examples_per_client", "wall_seconds", "rounds_seconds",
+                                    "client_seconds_total", "server_compute_seconds", "flower_overhead_seconds",
+                                    "flower_overhead_share", "peak_memory_mb"])
+
+
+def _run_deploy(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.deploy import bench_deploy
+
+    result = bench_deploy(args.out, args.task, args.nodes, args.examples, args.proj_dim, args.projector,
+                          secure_agg=args.secure_agg)
+    return result, json.dumps(result, indent=2)
+
+
+def _run_attacks(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.attacks.bench import bench_attacks, format_table
+    from fedtrak.simulations.attacks.inversion import InversionSettings
+
+    dims = tuple(None if d.strip() == "identity" else positive_int(d) for d in args.proj_dims.split(","))
+    sizes = tuple(positive_int(v) for v in args.owner_sizes.split(","))
+    rows = bench_attacks(args.task, dims, tuple(epsilons(args.epsilons)), args.targets, sizes,
+                         inversion=InversionSettings(steps=args.steps, restarts=args.restarts,
+                                                     label_candidates=args.label_candidates),
+                         figure=args.figure)
+    return rows, format_table(rows)
+
+
+def _run_secagg(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.secagg import bench_secagg, format_table
 
     result = bench_secagg(args.task, args.out, args.clients, args.proj_dim, args.checkpoints,
@@ -151,9 +169,21 @@ def _run(args: argparse.Namespace) -> tuple[object, str]:
     return result, format_table(result)
 
 
+def _run_cli(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.cli import bench_cli, format_rows
+
+    rows = bench_cli(args.repeats)
+    return rows, format_rows(rows)
+
+
+RUNS: dict[str, Callable[[argparse.Namespace], tuple[object, str]]] = {
+    "featurize": _run_featurize, "lds": _run_lds, "memory": _run_memory, "scale": _run_scale,
+    "deploy": _run_deploy, "attacks": _run_attacks, "secagg": _run_secagg, "cli": _run_cli}
+
+
 def bench(args: argparse.Namespace) -> int:
     """Run one benchmark, print its table and (``--json``) write its result."""
-    result, table = _run(args)
+    result, table = RUNS[args.bench](args)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

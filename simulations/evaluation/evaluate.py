@@ -1,4 +1,4 @@
-"""``fedtrak evaluate RUN_DIR``: how good are a run's attributions? (DESIGN.md section 8)
+"""``fedtrak evaluate RUN_DIR``: how good are a run's attributions?
 
 * ``lds``: linear datamodeling score of the example scores against models
   retrained on random ``alpha``-subsets of the training examples;

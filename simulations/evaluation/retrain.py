@@ -1,6 +1,6 @@
 """Ground-truth retraining: the run's own learning algorithm, on subsets of its training data.
 
-LDS (DESIGN.md section 8) compares predicted and actual effects of training
+LDS compares predicted and actual effects of training
 on a subset. "Actual" means: train a fresh model on the subset with the
 *same learning algorithm* as the run's checkpoints, and record each query's
 margin. A :class:`Recipe` names that algorithm:
