@@ -125,7 +125,8 @@ def test_the_wheel_installs_one_import_name(tmp_path):
         "assert [n for n in ('server', 'client', 'shared', 'simulations') if importlib.util.find_spec(n)] == []\n"
         "assert fedtrak.attribute.__module__ == 'fedtrak.simulations.api'\n"
         "print('ok')\n")
-    proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, check=False)
+    # -I: isolated from this process's PYTHONPATH (Ray sets one to the checkout) and the user site
+    proc = subprocess.run([str(python), "-I", "-c", check], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
