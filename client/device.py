@@ -40,7 +40,7 @@ NUMBER_BYTES = 8
 def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
                   checkpoints: int = 3, queries: int | None = None, noise_multiplier: float = 0.0,
                   clip_norm: float | None = None, secure_agg: bool = False, policy: str = "owner-totals",
-                  batch_size: int = 256) -> dict:
+                  batch_size: int = 256, weighting: str = "curvature") -> dict:
     """What this device would compute and send in a run with these settings.
 
     Raises:
@@ -60,11 +60,14 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
     gram = k * (k + 1) // 2
+    weight = task.output.curvature_bound if weighting == "curvature" else 1.0
+    gram_noise = f"Gaussian, sigma C^2{'' if weight == 1 else f' x {weight:g}'}"
+    kernel = "curvature-weighted Gram" if weighting == "curvature" else "Gram"
     releases = [{"step": FEATURIZE, "what": "masked vector: Gram upper triangles of every checkpoint "
                  "and the count (only their sum is revealed)" if secure_agg else
-                 "Gram upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
+                 f"{kernel} upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
                  else [checkpoints, gram], "bytes": NUMBER_BYTES * (checkpoints * gram + int(secure_agg)),
-                 "noise": ("Skellam share" if secure_agg else "Gaussian, sigma C^2") if noised else "none"},
+                 "noise": ("Skellam share" if secure_agg else gram_noise) if noised else "none"},
                 {"step": FEATURIZE, "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
                  "noise": "Gaussian, sigma (once per run)" if noised else "none"}]
     if noised:

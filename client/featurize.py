@@ -70,23 +70,27 @@ def featurize_into_store(
         done = store.resume_point(m, len(data.y), dim, fp)
         if done:
             log.info("checkpoint %d: resuming after %d stored rows of %d", m, done, len(data.y))
-        chunks = ((c.start, c.features, c.out_to_loss) for c in featurizer.iter_chunks(data.x, data.y, done))
+        chunks = ((c.start, c.features, c.out_to_loss, c.curvature)
+                  for c in featurizer.iter_chunks(data.x, data.y, done))
         store.write_chunks(m, len(data.y), dim, chunks, fp)
         featurizer.projector.release()
         computed[m] = len(data.y) - done
     return computed
 
 
-def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks;
-    each row multiplied by ``scales`` (clipping) where given."""
+def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None,
+                weighted: bool = False) -> tuple[np.ndarray, int]:
+    """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks; each row
+    multiplied by ``scales`` (clipping) where given; ``weighted``: ``Phi^T diag(w) Phi`` with the
+    stored curvature weights."""
     features, _ = store.read(m)
+    curvature = store.read_curvature(m) if weighted else None
     acc = GramAccumulator(features.shape[1])
     for start in range(0, features.shape[0], GRAM_ROWS):
         block = np.asarray(features[start : start + GRAM_ROWS])
         if scales is not None:
             block = block * scales[start : start + GRAM_ROWS, None].astype(block.dtype)
-        acc.add(block)
+        acc.add(block, None if curvature is None else np.asarray(curvature[start : start + GRAM_ROWS]))
     return acc.matrix, acc.count
 
 

@@ -65,6 +65,11 @@ class Local:
         return job_task(self.job)
 
     @property
+    def weighted(self) -> bool:
+        """Whether the run's kernel is curvature-weighted."""
+        return self.job.settings.kernel.weighting == "curvature"
+
+    @property
     def dp(self) -> DPSettings:
         """How this client clips and noises what it releases."""
         return self.job.dp()

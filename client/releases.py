@@ -21,6 +21,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import (
     gram_noise,
     noise_rng,
+    noised_curvature,
     noised_features,
     noised_owner_summaries,
     noised_self_influence_sum,
@@ -35,13 +36,13 @@ STRIP_QUERIES = 6
 
 def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray]:
     """Each checkpoint's Gram upper triangle: of the clipped features plus Gaussian noise under DP."""
-    dp, store = local.dp, local.store
+    dp, store, weighted = local.dp, local.store, local.weighted
     if not dp.active:
-        return {m: pack_upper(stored_gram(store, m)[0]) for m in checkpoints}
+        return {m: pack_upper(stored_gram(store, m, weighted=weighted)[0]) for m in checkpoints}
     scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
 
     def noised(m: int) -> np.ndarray:
-        g = stored_gram(store, m, scales[m])[0]
+        g = stored_gram(store, m, scales[m], weighted)[0]
         return pack_upper(g + gram_noise(g.shape[0], dp, rng))
 
     return {m: store.released(f"gram-{m}", lambda m=m: noised(m)) for m in checkpoints}
@@ -60,20 +61,25 @@ def released_histogram(local: Local, checkpoints: list[int]) -> np.ndarray:
         norm_histogram(stored_norms(local.store, checkpoints, dp.clip_mode)), dp.noise_multiplier, noise_rng()))
 
 
-def released_features(local: Local, checkpoints: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Trusted-server mode: each checkpoint's features and out-to-loss weights (under DP clipped and
-    noised per value: weak, as each example's presence is not hidden)."""
+def released_features(local: Local, checkpoints: list[int]
+                      ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Trusted-server mode: each checkpoint's features, out-to-loss weights and (for the weighted
+    kernel) curvature weights; under DP clipped and noised per value: weak, as each example's
+    presence is not hidden."""
     dp, store = local.dp, local.store
     scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
     rng = noise_rng()
     out = {}
     for m in checkpoints:
         f, q = (np.asarray(a) for a in store.read(m))
+        w = np.asarray(store.read_curvature(m)) if local.weighted else None
         if dp.active:
             both = store.released(f"features-{m}", lambda f=f, q=q, m=m: np.column_stack(
                 noised_features(f * scales[m][:, None], q, dp, rng)))
             f, q = np.ascontiguousarray(both[:, :-1]), np.ascontiguousarray(both[:, -1])
-        out[m] = (f, q)
+            if w is not None:
+                w = store.released(f"curvature-{m}", lambda w=w: noised_curvature(w, dp, rng))
+        out[m] = (f, q, w)
     return out
 
 

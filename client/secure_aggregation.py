@@ -104,7 +104,7 @@ def forget_state(store: FeatureStore) -> None:
 
 
 def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp: DPSettings,
-                  threshold: int, fraction_bits: int) -> tuple[np.ndarray, dict[str, float]]:
+                  threshold: int, fraction_bits: int, weighted: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """The client's input to the secure sum, before masking, and seconds per part.
 
     Layout: the fixed-point upper triangle (``fraction_bits``) of each
@@ -120,7 +120,7 @@ def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp:
                            f"{FRACTION_BITS}]")
     start = time.perf_counter()
     scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
-    grams = [stored_gram(store, m, scales.get(m))[0] for m in checkpoints]
+    grams = [stored_gram(store, m, scales.get(m), weighted)[0] for m in checkpoints]
     gram_s = time.perf_counter() - start
     start = time.perf_counter()
     parts = [fixedpoint.encode(pack_upper(g), fraction_bits) for g in grams]
@@ -175,7 +175,7 @@ def masked_input(local: Local, sealed: list[SealedShares], checkpoints: list[int
     """Round 3: the masked vector of this client's (noised) Grams and count, and seconds per part."""
     client = _client(local)
     values, seconds = encoded_grams(local.store, checkpoints, local.released_count(), local.dp,
-                                    client.threshold, fraction_bits)
+                                    client.threshold, fraction_bits, local.weighted)
     start = time.perf_counter()
     masked = client.masked_input(sealed, values)
     seconds["mask"] = time.perf_counter() - start

@@ -1,7 +1,8 @@
 """A client's local store of features, memory-mapped and keyed by run and checkpoint.
 
 ``ROOT/<run_id>/ckpt_<m>/features.npy`` (float32, ``(n_c, k)``),
-``out_to_loss.npy`` (float32, ``(n_c,)``) and ``fingerprint.txt`` (what the
+``out_to_loss.npy`` and ``curvature.npy`` (float32, ``(n_c,)``: each example's out-to-loss
+and curvature weights) and ``fingerprint.txt`` (what the
 features were computed from: checkpoint weights, projection, data) are
 written chunk by chunk into ``ckpt_<m>.partial/``, with the rows done recorded
 after each chunk, and renamed into place when complete. A restarted client
@@ -26,6 +27,8 @@ import numpy as np
 from fedtrak.errors import FedtrakError
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: The arrays stored per checkpoint (``NAME.npy``).
+ARRAYS = ("features", "out_to_loss", "curvature")
 #: Progress of a checkpoint being written: its fingerprint, shape and rows done.
 PROGRESS_FILE = "progress.json"
 
@@ -118,20 +121,22 @@ class FeatureStore:
     def has(self, m: int, fingerprint: str | None = None) -> bool:
         """Whether checkpoint ``m`` is stored completely (and, if given, from ``fingerprint``)."""
         d = self._ckpt_dir(m)
-        if not ((d / "features.npy").is_file() and (d / "out_to_loss.npy").is_file()):
+        if not all((d / f"{name}.npy").is_file() for name in ARRAYS):
             return False
         if fingerprint is None:
             return True
         stored = d / "fingerprint.txt"
         return stored.is_file() and stored.read_text() == fingerprint
 
-    def write(self, m: int, features: np.ndarray, out_to_loss: np.ndarray, fingerprint: str = "") -> None:
-        """Store checkpoint ``m`` atomically (replacing an older copy)."""
+    def write(self, m: int, features: np.ndarray, out_to_loss: np.ndarray, curvature: np.ndarray | None = None,
+              fingerprint: str = "") -> None:
+        """Store checkpoint ``m`` atomically (replacing an older copy); ``curvature`` defaults to 1s."""
         f = np.asarray(features, dtype=np.float32)
         q = np.asarray(out_to_loss, dtype=np.float32)
-        if f.ndim != 2 or q.shape != (f.shape[0],):
-            raise FedtrakError(f"features {f.shape} and out-to-loss {q.shape} do not match")
-        self.write_chunks(m, f.shape[0], f.shape[1], [(0, f, q)], fingerprint)
+        w = np.ones_like(q) if curvature is None else np.asarray(curvature, dtype=np.float32)
+        if f.ndim != 2 or q.shape != (f.shape[0],) or w.shape != q.shape:
+            raise FedtrakError(f"features {f.shape}, out-to-loss {q.shape} and curvature {w.shape} do not match")
+        self.write_chunks(m, f.shape[0], f.shape[1], [(0, f, q, w)], fingerprint)
 
     def _partial_dir(self, m: int) -> Path:
         return self.dir / f"{self._ckpt_dir(m).name}.partial"
@@ -143,9 +148,9 @@ class FeatureStore:
         try:
             meta = json.loads((part / PROGRESS_FILE).read_text())
             rows = int(meta["rows"])
-            sizes = [(part / "features.npy").stat().st_size, (part / "out_to_loss.npy").stat().st_size]
+            sizes = [(part / f"{name}.npy").stat().st_size for name in ARRAYS]
             if (meta["fingerprint"] == fingerprint and meta["shape"] == [num, dim]
-                    and sizes[0] >= rows * dim * 4 and sizes[1] >= rows * 4):
+                    and sizes[0] >= rows * dim * 4 and min(sizes[1:]) >= rows * 4):
                 return rows
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -157,10 +162,11 @@ class FeatureStore:
         m: int,
         num: int,
         dim: int,
-        chunks: Iterable[tuple[int, np.ndarray, np.ndarray]],
+        chunks: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
         fingerprint: str = "",
     ) -> None:
-        """Store checkpoint ``m`` from ``(start, features, out_to_loss)`` chunks covering ``num`` rows.
+        """Store checkpoint ``m`` from ``(start, features, out_to_loss, curvature)`` chunks covering
+        ``num`` rows.
 
         The chunks start where :meth:`resume_point` says an interrupted run
         stopped (row 0 for a fresh one). Each chunk is appended to the files
@@ -177,18 +183,21 @@ class FeatureStore:
         part.mkdir(parents=True, exist_ok=True)
         try:
             with _Appender(part / "features.npy", (num, dim), filled) as f, \
-                    _Appender(part / "out_to_loss.npy", (num,), filled) as q:
+                    _Appender(part / "out_to_loss.npy", (num,), filled) as q, \
+                    _Appender(part / "curvature.npy", (num,), filled) as w:
                 self._progress(part, fingerprint, num, dim, filled)
-                for start, feats, weights in chunks:
-                    if start != filled or feats.shape[1:] != (dim,) or weights.shape != (len(feats),):
+                for start, feats, weights, curvature in chunks:
+                    if start != filled or feats.shape[1:] != (dim,) or weights.shape != (len(feats),) \
+                            or curvature.shape != weights.shape:
                         raise FedtrakError(
-                            f"feature chunk at row {start} with shapes {feats.shape}/{weights.shape} does "
-                            f"not continue rows 0..{filled} of a ({num}, {dim}) store"
+                            f"feature chunk at row {start} with shapes {feats.shape}/{weights.shape}/"
+                            f"{curvature.shape} does not continue rows 0..{filled} of a ({num}, {dim}) store"
                         )
                     if filled + len(feats) > num:
                         raise FedtrakError(f"feature chunks exceed the {num} rows of checkpoint {m}")
                     f.append(feats)
                     q.append(weights)
+                    w.append(curvature)
                     filled += len(feats)
                     self._progress(part, fingerprint, num, dim, filled)
             if filled != num:
@@ -208,6 +217,22 @@ class FeatureStore:
         tmp = part / (PROGRESS_FILE + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "shape": [num, dim], "rows": rows}))
         os.replace(tmp, part / PROGRESS_FILE)
+
+    def read_curvature(self, m: int) -> np.ndarray:
+        """Memory-mapped curvature weights ``(n_c,)`` of checkpoint ``m``.
+
+        Raises:
+            FedtrakError: if the checkpoint is missing or the file is corrupt.
+        """
+        features, _ = self.read(m)
+        d = self._ckpt_dir(m)
+        try:
+            w = np.load(d / "curvature.npy", mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise FedtrakError(f"corrupt local store entry {d}: {exc}") from exc
+        if w.shape != (features.shape[0],):
+            raise FedtrakError(f"corrupt local store entry {d}: curvature shape {w.shape}")
+        return w
 
     def read(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Memory-mapped ``(features, out_to_loss)`` of checkpoint ``m``.

@@ -186,13 +186,14 @@ def run_features(fed: Federation, task: Task, job: Job, states: States, timer: P
     with timer.phase("features_round"):
         replies = fed.broadcast(wire.FEATURES, lambda node: wire.encode_featurize_request(job, states))
     fed.note_info(replies)
+    bound = job.resolved.weight_bound if job.settings.kernel.weighting == "curvature" else None
     received = fed.accept(replies, lambda node, c: features_release(
-        c, ms, dim, fed.clients[node].num_examples, fed.source(node)))
+        c, ms, dim, fed.clients[node].num_examples, fed.source(node), bound))
     nodes = [n for n in fed.require_clients("features") if n in received]
 
     def gathered(m: int, featurizer: Featurizer) -> Features:
-        return Features(np.concatenate([received[n][1][m][0] for n in nodes]),
-                        np.concatenate([received[n][1][m][1] for n in nodes]))
+        f, q, w = ([received[n][1][m][i] for n in nodes] for i in range(3))
+        return Features(np.concatenate(f), np.concatenate(q), None if bound is None else np.concatenate(w))
 
     total = sum(fed.clients[n].num_examples for n in nodes)
     scores, records, self_infl = score_features(task, states, total, gathered, job.settings, timer,

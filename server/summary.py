@@ -39,6 +39,7 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
     block = {"dp": True, "adjacency": "add or remove one training example",
              "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
              "clip_mode": dp.clip_mode, "delta": dp.delta, "target_epsilon": p.epsilon,
+             "gram_weight": dp.gram_weight, "kernel_weighting": settings.kernel.weighting,
              "epsilon": _json_number(epsilon(plan, dp.delta)),
              "epsilon_prv": _json_number(prv_epsilon(plan, dp.delta)),
              "accountant": "mu-GDP composition of Gaussian mechanisms at sample rate 1 (opacus gdp); "

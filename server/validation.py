@@ -78,16 +78,19 @@ def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, sour
     return out
 
 
-def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, num: int,
-                     source: str) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """``(example indices, {m: (features (num, dim), out-to-loss (num,))})`` from a features reply."""
+def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, num: int, source: str,
+                     weight_bound: float | None = None
+                     ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
+    """``(example indices, {m: (features (num, dim), out-to-loss (num,), curvature (num,) or None)})``
+    from a features reply; with ``weight_bound`` (a weighted kernel), curvature weights in
+    ``[0, weight_bound]`` are required."""
     indices, arrays = wire.decode_features(content, checkpoints, source)
     indices = np.asarray(indices if indices is not None else np.zeros(0))
     if indices.shape != (num,) or not np.issubdtype(indices.dtype, np.integer):
         raise FedtrakError(f"{source}: example indices have shape {indices.shape}, expected ({num},) integers")
     out = {}
     for m in checkpoints:
-        f, q = arrays[m]
+        f, q, w = arrays[m]
         if f is None or q is None:
             raise FedtrakError(f"{source}: no features for checkpoint {m}")
         if f.shape != (num, dim) or q.shape != (num,):
@@ -97,7 +100,14 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
         _finite(q, f"out-to-loss weights of checkpoint {m}", source)
         if np.any(q < 0) or np.any(q > 1):
             raise FedtrakError(f"{source}: out-to-loss weights of checkpoint {m} leave [0, 1]")
-        out[m] = (f, q)
+        if weight_bound is not None:
+            if w is None or w.shape != (num,):
+                raise FedtrakError(f"{source}: curvature weights of checkpoint {m} have shape "
+                                   f"{None if w is None else w.shape}, expected ({num},)")
+            _finite(w, f"curvature weights of checkpoint {m}", source)
+            if np.any(w < 0) or np.any(w > weight_bound * (1 + 1e-6)):
+                raise FedtrakError(f"{source}: curvature weights of checkpoint {m} leave [0, {weight_bound:g}]")
+        out[m] = (f, q, w if weight_bound is not None else None)
     return indices.astype(np.int64), out
 
 

@@ -1,4 +1,4 @@
-"""TRAK features: projected per-example gradients of the model output, and out-to-loss weights.
+"""TRAK features: projected per-example gradients of the model output, out-to-loss and curvature weights.
 
 Per-example gradients come from ``torch.func`` (``vmap(grad(functional_call))``),
 batched; they are gathered into chunks of at most ``chunk_bytes`` of gradient
@@ -33,14 +33,17 @@ class FeatureChunk:
     start: int
     features: np.ndarray  # (b, k) float32
     out_to_loss: np.ndarray  # (b,) float32
+    curvature: np.ndarray  # (b,) float32
 
 
 @dataclass
 class Features:
-    """Features of a whole data set for one checkpoint."""
+    """Features of a whole data set for one checkpoint, with each example's out-to-loss weight
+    and curvature weight (see :mod:`fedtrak.modelout`)."""
 
     features: np.ndarray  # (n, k) float32
     out_to_loss: np.ndarray  # (n,) float32
+    curvature: np.ndarray | None = None  # (n,) float32; None: every weight 1
 
 
 def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,16 +118,25 @@ class Featurizer:
         """Out-to-loss weights ``q`` of a batch: ``(b,)``."""
         return self.output.out_to_loss(self.model(x), y)
 
+    @torch.no_grad()
+    def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Out-to-loss and curvature weights of a batch in one forward pass: ``(b, 2)``."""
+        logits = self.model(x)
+        return torch.stack([self.output.out_to_loss(logits, y), self.output.curvature(logits, y)], dim=1)
+
+    def _batch_weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.weights(x[i : i + self.batch_size], y[i : i + self.batch_size])
+                          for i in range(0, len(y), self.batch_size)])
+
     def _factorized_chunk(self, x: torch.Tensor, y: torch.Tensor, start: int) -> FeatureChunk:
         """Features of one chunk from layer inputs and output gradients (hooks), batch by batch."""
-        phi, q = [], []
+        phi = []
         for i in range(0, len(y), self.batch_size):
             xb, yb = x[i : i + self.batch_size], y[i : i + self.batch_size]
             phi.append(self.projector.features(self.model, self.output.output, xb, yb, self._fallback))
-            q.append(self.out_to_loss(xb, yb))
-        phi_all, q_all = torch.cat(phi), torch.cat(q)
-        _check_finite(phi_all, q_all, start)
-        return FeatureChunk(start, phi_all.numpy(), q_all.numpy().astype(np.float32))
+        phi_all, qw = torch.cat(phi), self._batch_weights(x, y)
+        _check_finite(phi_all, qw, start)
+        return _chunk(start, phi_all, qw)
 
     def iter_chunks(self, x: np.ndarray, y: np.ndarray, first: int = 0) -> Iterator[FeatureChunk]:
         """Yield features chunk by chunk, in input order, from example ``first`` on (a resumed run).
@@ -145,16 +157,11 @@ class Featurizer:
             for i in range(0, stop - start, self.batch_size):  # second copy of the chunk, as a cat would make
                 self._grads_into(grads[i : i + self.batch_size], xc[i : i + self.batch_size],
                                  yc[i : i + self.batch_size])
-            q = torch.cat(
-                [
-                    self.out_to_loss(xc[i : i + self.batch_size], yc[i : i + self.batch_size])
-                    for i in range(0, stop - start, self.batch_size)
-                ]
-            )
-            _check_finite(grads, q, start)
+            qw = self._batch_weights(xc, yc)
+            _check_finite(grads, qw, start)
             phi = self.projector.project(grads, more_to_come=n > self.chunk_examples)
             del grads  # before the next chunk's buffer is allocated: one chunk in memory at a time
-            yield FeatureChunk(start, phi.numpy(), q.numpy().astype(np.float32))
+            yield _chunk(start, phi, qw)
 
     def featurize(
         self, x: np.ndarray, y: np.ndarray, progress: Callable[[int], None] | None = None
@@ -166,20 +173,26 @@ class Featurizer:
         """
         n = len(y)
         feats = np.empty((n, self.projector.proj_dim), dtype=np.float32)
-        q = np.empty(n, dtype=np.float32)
+        q, w = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
         for chunk in self.iter_chunks(x, y):
             b = len(chunk.out_to_loss)
             feats[chunk.start : chunk.start + b] = chunk.features
             q[chunk.start : chunk.start + b] = chunk.out_to_loss
+            w[chunk.start : chunk.start + b] = chunk.curvature
             if progress is not None:
                 progress(b)
-        return Features(feats, q)
+        return Features(feats, q, w)
 
 
-def _check_finite(grads: torch.Tensor, q: torch.Tensor, offset: int) -> None:
+def _chunk(start: int, phi: torch.Tensor, qw: torch.Tensor) -> FeatureChunk:
+    weights = qw.numpy().astype(np.float32)
+    return FeatureChunk(start, phi.numpy(), np.ascontiguousarray(weights[:, 0]), np.ascontiguousarray(weights[:, 1]))
+
+
+def _check_finite(grads: torch.Tensor, qw: torch.Tensor, offset: int) -> None:
     # A row sum is finite only if every entry is (or it overflows, itself a diverged gradient);
     # torch.isfinite on the whole chunk would allocate temporaries 1.5 times its size.
-    bad = (~torch.isfinite(grads.sum(dim=1))) | (~torch.isfinite(q))
+    bad = (~torch.isfinite(grads.sum(dim=1))) | (~torch.isfinite(qw).all(dim=1))
     if bool(bad.any()):
         rows = (torch.nonzero(bad).flatten() + offset).tolist()
         shown = ", ".join(str(r) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")

@@ -31,12 +31,15 @@ class Resolved:
         noise_multiplier: sigma of every attribution release (0: no noise).
         clip_norm: the clip norm C of projected features (0: no clipping).
         threshold: secure aggregation's planned share threshold (0: no secure aggregation).
+        weight_bound: the kernel's largest per-example weight (1 unweighted; the model output's
+            curvature bound for the curvature-weighted kernel): a Gram's sensitivity is ``C^2`` times it.
     """
 
     proj_dim: int
     noise_multiplier: float = 0.0
     clip_norm: float = 0.0
     threshold: int = 0
+    weight_bound: float = 1.0
 
     def describe(self) -> dict:
         """JSON-ready, for the run summary."""
@@ -56,7 +59,8 @@ class Job:
     def dp(self) -> DPSettings:
         """How this run's releases are clipped and noised (``noise_multiplier`` 0: not at all)."""
         p = self.settings.privacy
-        dp = DPSettings(self.resolved.noise_multiplier, self.resolved.clip_norm, p.clip_mode, p.delta)
+        dp = DPSettings(self.resolved.noise_multiplier, self.resolved.clip_norm, p.clip_mode, p.delta,
+                        self.resolved.weight_bound)
         dp.validate()
         return dp
 

@@ -36,26 +36,33 @@ def check_symmetric(matrix: np.ndarray, what: str) -> None:
         raise FedtrakError(f"{what} is not symmetric")
 
 
-def gram(features: np.ndarray) -> np.ndarray:
-    """``Phi^T Phi`` in float64 for an ``(n, k)`` feature matrix."""
+def gram(features: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """``Phi^T Phi`` in float64 for an ``(n, k)`` feature matrix; with ``(n,)`` ``weights``,
+    ``Phi^T diag(w) Phi`` (the curvature-weighted kernel)."""
     f = np.asarray(features, dtype=np.float64)
-    return f.T @ f
+    if weights is None:
+        return f.T @ f
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (f.shape[0],) or np.any(w < 0):
+        raise FedtrakError(f"kernel weights of shape {w.shape} must be ({f.shape[0]},) and non-negative")
+    return (f * w[:, None]).T @ f
 
 
 class GramAccumulator:
-    """Sums ``Phi^T Phi`` over chunks of features (float64) and counts examples."""
+    """Sums ``Phi^T diag(w) Phi`` (``w`` 1 without weights) over chunks of features (float64) and
+    counts examples."""
 
     def __init__(self, proj_dim: int) -> None:
         self.matrix = np.zeros((proj_dim, proj_dim), dtype=np.float64)
         self.count = 0
 
-    def add(self, features: np.ndarray) -> None:
-        """Add one ``(b, k)`` chunk of features."""
+    def add(self, features: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add one ``(b, k)`` chunk of features (and, weighting, its ``(b,)`` weights)."""
         if features.ndim != 2 or features.shape[1] != self.matrix.shape[0]:
             raise FedtrakError(
                 f"features of shape {features.shape} do not match a {self.matrix.shape[0]}-dim kernel"
             )
-        self.matrix += gram(features)
+        self.matrix += gram(features, weights)
         self.count += features.shape[0]
 
 

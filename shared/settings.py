@@ -27,6 +27,9 @@ from fedtrak.flat import Sectioned, setting
 
 PROJECTORS = ("rademacher", "gaussian", "factorized", "identity")
 NORMALIZATIONS = ("none", "traker")
+#: How each example's term of the kernel is weighted: not at all (TRAK's and traker's plain
+#: ``Phi^T Phi``) or by the model output's curvature (``Phi^T diag(w) Phi``).
+WEIGHTINGS = ("curvature", "none")
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
 TRAINING = ("fedavg", "central")
@@ -122,8 +125,11 @@ class ProjectionSettings:
 class KernelSettings:
     """How the kernel is regularized and the checkpoints ensembled."""
 
+    weighting: str = setting("curvature", "kernel weighting: curvature (Phi^T diag(w) Phi, w the model "
+                                          "output's curvature, p(1-p) for the margin) or none (Phi^T Phi, "
+                                          "as traker)", choices=WEIGHTINGS)
     lam: str = setting("auto", "ridge lambda: auto, wd (n*weight_decay*p/k), rel:X (X times the mean "
-                               "diagonal of Phi^T Phi) or a positive number", key="lambda")
+                               "diagonal of the kernel) or a positive number", key="lambda")
     normalize: str = setting("none", "per-checkpoint scaling of K^-1 before ensembling (traker: by its "
                                      "mean absolute entry)", choices=NORMALIZATIONS)
 

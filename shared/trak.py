@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedtrak.checkpoints import model_from_state
+from fedtrak.errors import FedtrakError
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.kernel import GramAccumulator, Kernel, effective_inverse, precondition, resolve_lambda
 from fedtrak.models import count_params
@@ -27,6 +28,19 @@ from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer
+
+
+def kernel_weights(settings: Settings, curvature: np.ndarray | None) -> np.ndarray | None:
+    """The per-example weights of the kernel under the settings' weighting (``None``: unweighted).
+
+    Raises:
+        FedtrakError: if curvature weighting is asked for and the features carry no weights.
+    """
+    if settings.kernel.weighting == "none":
+        return None
+    if curvature is None:
+        raise FedtrakError("the curvature-weighted kernel needs each example's curvature weight")
+    return curvature
 
 
 def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
@@ -106,7 +120,7 @@ def score_features(
             feats = train_features(m, featurizer)
         with timer.phase("kernel"):
             acc = GramAccumulator(featurizer.projector.proj_dim)
-            acc.add(feats.features)
+            acc.add(feats.features, kernel_weights(settings, feats.curvature))
         u, record, kinv = solve_checkpoint(task, featurizer, acc.matrix, acc.count, settings, m, timer,
                                            with_inverse=self_influence)
         featurizer.projector.release()

@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 
 from fedtrak.errors import FedtrakError
-from fedtrak.privacy.accountant import sigma_for_plan
-from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.simulations.attacks import metrics
+from fedtrak.simulations.attacks.bench import attack_dp
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.suite import AttackSetting, attack_setting
 
 FAST = InversionSettings(steps=150, restarts=2)
-
-
-def _dp(task, mode: str, eps: float, checkpoints: int = 1) -> DPSettings:
-    clip = float(task.clip_norm)
-    sigma = sigma_for_plan(eps, lambda s: release_plan(mode, checkpoints, DPSettings(s, clip), False), 1e-5)
-    return DPSettings(sigma, clip)
 
 
 def _data(task, owner: int = 64, outsiders: int = 8):
@@ -65,7 +59,7 @@ def test_at_epsilon_1_no_attack_beats_its_baseline(digits_logreg, logreg_states)
     """DP at epsilon 1 (calibrated on each mode's release plan): reconstructions are no better
     than the class mean within the measured spread, and the membership attack's empirical
     epsilon stays below the accounted one."""
-    feat = AttackSetting(mode="features", proj_dim=64, dp=_dp(digits_logreg, "features", 1.0), targets=6,
+    feat = AttackSetting(mode="features", proj_dim=64, dp=attack_dp(digits_logreg, "features", 1.0), targets=6,
                          inversion=FAST)
     block = attack_setting(digits_logreg, logreg_states, feat, *_data(digits_logreg), kinds=("inversion",))[0]
     assert math.isclose(block["accounted_epsilon"], 1.0, abs_tol=0.01)
@@ -73,7 +67,7 @@ def test_at_epsilon_1_no_attack_beats_its_baseline(digits_logreg, logreg_states)
     assert inv["psnr_mean"] <= inv["baseline"]["psnr_mean"] + inv["baseline"]["psnr_std"]
     assert inv["recovered"] <= inv["baseline"]["recovered"]
 
-    dp = _dp(digits_logreg, "private", 1.0, checkpoints=2)
+    dp = attack_dp(digits_logreg, "private", 1.0, checkpoints=2)
     private = AttackSetting(mode="private", proj_dim=64, dp=dp, checkpoints=2, owner_sizes=(1, 4), targets=8,
                             trials=600, inversion=FAST)
     block = attack_setting(digits_logreg, logreg_states, private, *_data(digits_logreg),
@@ -121,6 +115,6 @@ def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, pr
     view = ServerView(digits_logreg, logreg_states[0], 0, Settings().replaced(proj_dim=k, projector=projector),
                       DPSettings())
     x, y = digits_logreg.x_train[:5], digits_logreg.y_train[:5]
-    released, _ = view.client_features(x, y)
+    released, _, _ = view.client_features(x, y)
     mine = view.features(torch.as_tensor(x), torch.as_tensor(y)).detach().numpy()
     np.testing.assert_allclose(mine, released, rtol=1e-4, atol=1e-5 * np.abs(released).max())

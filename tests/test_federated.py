@@ -28,9 +28,19 @@ SETUPS = [(1, "iid"), (3, "iid"), (3, "dirichlet"), (10, "iid"), (10, "dirichlet
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The plain kernel (traker's ``Phi^T Phi``) is checked on the 10 IID clients; every other setup
+#: uses the default, curvature-weighted kernel.
+PLAIN = (10, "iid")
+
+
+def _weighting(clients: int, scheme: str) -> str:
+    return "none" if (clients, scheme) == PLAIN else "curvature"
+
+
 def _settings(out: Path, ckpts: Path, clients: int, scheme: str, **extra) -> dict:
     return {"clients": clients, "partition": scheme, "alpha": 0.5, "partition-seed": 1,
-            "checkpoint-dir": str(ckpts), "proj-dim": K, "out": str(out), **extra}
+            "checkpoint-dir": str(ckpts), "proj-dim": K, "out": str(out),
+            "weighting": _weighting(clients, scheme), **extra}
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +70,8 @@ def central_factory(tmp_path_factory, logreg_ckpt_dir):
         if (clients, scheme) not in cache:
             out = tmp_path_factory.mktemp(f"central-{clients}-{scheme}")
             run_attribute(Settings().replaced(out=str(out), clients=clients, partition=scheme, alpha=0.5,
-                                              partition_seed=1, checkpoint_dir=str(logreg_ckpt_dir), proj_dim=K),
-                          progress=False)
+                                              partition_seed=1, checkpoint_dir=str(logreg_ckpt_dir), proj_dim=K,
+                                              weighting=_weighting(clients, scheme)), progress=False)
             cache[(clients, scheme)] = out
         return cache[(clients, scheme)]
 

@@ -41,7 +41,10 @@ def _numpy_margin_grads(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarr
     return np.array(grads), np.array(q)
 
 
-def test_identity_scores_equal_brute_force_trak_formula():
+@pytest.mark.parametrize("weighting", ["none", "curvature"])
+def test_identity_scores_equal_brute_force_trak_formula(weighting):
+    """TRAK's formula by hand: ``phi(x)^T (Phi^T W Phi + lambda I)^-1 phi_i``, averaged over
+    checkpoints, times the mean ``1 - p_i``; ``W`` is 1 (plain) or ``p (1 - p)`` (curvature)."""
     rng = np.random.default_rng(0)
     task = _tiny_task(rng)
     states, phis, qs, qphis = [], [], [], []
@@ -55,12 +58,14 @@ def test_identity_scores_equal_brute_force_trak_formula():
         gq, _ = _numpy_margin_grads(w, b, task.x_query.astype(np.float64), task.y_query)
         phis.append(g), qs.append(q), qphis.append(gq)
     lam = 0.5
+    weights = [(1 - q) * q if weighting == "curvature" else np.ones_like(q) for q in qs]
     kernel_terms = [
-        gq @ np.linalg.inv(g.T @ g + lam * np.eye(g.shape[1])) @ g.T for g, gq in zip(phis, qphis)
+        gq @ np.linalg.inv(g.T @ (g * w[:, None]) + lam * np.eye(g.shape[1])) @ g.T
+        for g, gq, w in zip(phis, qphis, weights)
     ]
     want = np.mean(kernel_terms, axis=0) * np.mean(qs, axis=0)[None, :]
     got, records, _ = central_scores(task, states, task.x_train, task.y_train,
-                                  Settings().replaced(projector="identity", lam=lam))
+                                  Settings().replaced(projector="identity", lam=lam, weighting=weighting))
     assert [r["lambda"] for r in records] == [lam, lam]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
@@ -60,6 +61,37 @@ def test_gram_noise_is_symmetric_with_the_stated_scale():
     # its spectral norm is about 2 sigma C^2 sqrt(k): under the lambda floor for one client
     assert np.linalg.norm(noise, 2) < noise_floor(dp, 300, 1)
     assert np.linalg.norm(noise, 2) == pytest.approx(2 * 0.5 * 4 * math.sqrt(300), rel=0.1)
+
+
+def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_logreg):
+    """w = p (1 - p) <= 1/4: one clipped example moves the weighted Gram by at most C^2 / 4, so the
+    noise (Gaussian and Skellam) and the lambda floor are a quarter of the plain kernel's, for the
+    same epsilon; features mode also releases the weights (noised at sensitivity 1/4)."""
+    from fedtrak.privacy.distributed import DistributedNoise
+    from fedtrak.settings import Settings
+
+    weighted = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3}), digits_logreg, 512)
+    plain = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3, "weighting": "none"}),
+                       digits_logreg, 512)
+    assert weighted.gram_weight == 0.25 and plain.gram_weight == 1.0
+    assert weighted.noise_multiplier == plain.noise_multiplier  # the same mechanisms, the same sigma
+    assert weighted.gram_sensitivity == pytest.approx(plain.clip_norm**2 / 4)
+    noise = gram_noise(300, weighted, np.random.default_rng(0))[np.triu_indices(300)]
+    assert noise.std() == pytest.approx(weighted.noise_multiplier * weighted.clip_norm**2 / 4, rel=0.02)
+    assert noise_floor(weighted, 512, 3) == pytest.approx(noise_floor(plain, 512, 3) / 4)
+    rounding = np.sqrt(64 * 65 / 2)  # one unit per coordinate of a k = 64 upper triangle
+    l2_weighted = DistributedNoise(64, 3, 2, 0).sensitivities(weighted)[0]
+    l2_plain = DistributedNoise(64, 3, 2, 0).sensitivities(plain)[0]
+    assert l2_weighted - rounding == pytest.approx((l2_plain - rounding) / 4)
+    # a weighted model output's weights lie in [0, 1/4]
+    logits = torch.randn(100, 10)
+    w = digits_logreg.output.curvature(logits, torch.randint(0, 10, (100,)))
+    assert float(w.min()) >= 0 and float(w.max()) <= 0.25
+    features_plan = {r.what: r.describe()["sensitivity"] for r in release_plan("features", 3, weighted, False,
+                                                                                weighted=True)}
+    assert features_plan["curvature weights"] == "0.25 per checkpoint"
+    private_plan = {r.what: r.describe()["sensitivity"] for r in release_plan("private", 3, weighted, False)}
+    assert private_plan["Gram"] == "C^2 x 0.25 per checkpoint"
 
 
 def test_clipping_bounds_every_norm():

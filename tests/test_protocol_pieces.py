@@ -188,7 +188,7 @@ def test_server_checks_of_client_releases():
         read_info(wire.add_info(RecordDict(), wire.ClientInfo("a", 0, 0, PROTOCOL_VERSION, "ab" * 8)), "a")
 
     feats = wire.encode_features_reply(np.arange(3), {0: (np.ones((3, 4), np.float32),
-                                                          np.array([0.1, 1.5, 0.2], np.float32))}, info)
+                                                          np.array([0.1, 1.5, 0.2], np.float32), None)}, info)
     with pytest.raises(FedtrakError, match="leave \\[0, 1\\]"):
         features_release(feats, [0], 4, 3, "client a")
     with pytest.raises(FedtrakError, match=r"example indices have shape \(3,\), expected \(5,\)"):

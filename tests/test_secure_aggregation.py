@@ -97,7 +97,9 @@ def test_distributed_noise_is_sized_for_the_threshold_and_accounted_on_the_survi
     assert gram["count"] == 3 and gram["l2"] > 0
     # without secure aggregation the same target needs sigma such that 3 full-noise Grams are summed
     for rec in summary["checkpoints"]:
-        floor_plain = 2.2 * sigma * privacy["clip_norm"] ** 2 * np.sqrt(K * 3)
+        # the curvature-weighted Gram's sensitivity is C^2 / 4, and so its noise and floor
+        assert privacy["gram_weight"] == 0.25
+        floor_plain = 2.2 * sigma * privacy["clip_norm"] ** 2 * 0.25 * np.sqrt(K * 3)
         assert rec["lambda_noise_floor"] == pytest.approx(floor_plain / np.sqrt(2), rel=1e-6)
     assert np.all(np.isfinite(np.load(out / "owner_scores.npy")))
     # the Skellam entry composes in RDP; as Gaussian of the same variance it would be a bit tighter

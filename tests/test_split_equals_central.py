@@ -38,7 +38,8 @@ def test_split_computation_equals_central(digits_logreg, logreg_states, clients,
             f = feat.featurize(task.x_train[idx], task.y_train[idx])
             local[c]["F"].append(f.features)
             local[c]["q"].append(f.out_to_loss)
-            g += unpack_upper(pack_upper(gram(f.features)), K)  # what travels, summed on the server
+            g += unpack_upper(pack_upper(gram(f.features, f.curvature)), K)  # what travels (curvature-
+            # weighted, the default kernel), summed on the server
             n += len(idx)
         lam = resolve_lambda("auto", g, n, task.num_params, task.training.weight_decay)
         preconditioned.append(precondition(feat.featurize(task.x_query, task.y_query).features,

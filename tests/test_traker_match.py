@@ -31,7 +31,7 @@ def test_identity_projector_matches_traker(digits_logreg, logreg_states, tmp_pat
     states = logreg_states[:num_ckpts]
     ours, _, _ = central_scores(
         task, states, task.x_train, task.y_train,
-        Settings().replaced(projector="identity", lam=lam, normalize=normalize),
+        Settings().replaced(projector="identity", lam=lam, normalize=normalize, weighting="none"),
     )
     theirs = traker_scores(task, states, task.x_train, task.y_train, task.x_query, task.y_query,
                            lambda_to_traker(lam, p, p, "identity"), tmp_path)

@@ -17,9 +17,10 @@ Sizing: the noise must reach the target ``sigma`` even if only the
 adds ``v = (sigma l2)^2 / t``; ``S >= t`` survivors give the Gaussian-equivalent
 multiplier ``sigma sqrt(S / t)``. Sensitivities are in integer units of the
 fixed-point encoding, rounding included: one example changes a Gram's upper
-triangle by at most ``C^2`` in L2 (``phi phi^T`` with ``||phi|| <= C``), which is
-``C^2 2^f`` after scaling, plus at most 1 per coordinate from rounding, so
-``l2 = C^2 2^f + sqrt(E)`` and ``l1 = min(k C^2 2^f + E, sqrt(E) l2)`` over
+triangle by at most ``C^2 w`` in L2 (``w phi phi^T`` with ``||phi|| <= C`` and
+the kernel weight ``w`` at most its bound, 1 unweighted), which is ``C^2 w 2^f``
+after scaling, plus at most 1 per coordinate from rounding, so
+``l2 = C^2 w 2^f + sqrt(E)`` and ``l1 = min(k C^2 w 2^f + E, sqrt(E) l2)`` over
 the ``E`` coordinates of one release.
 """
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release
-from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.privacy.mechanisms import DPSettings, gram_sensitivity_text
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 
 #: numpy's Poisson sampler loses accuracy for huge means (measured: standard deviation 19% too
@@ -67,7 +68,7 @@ class DistributedNoise:
         (one per checkpoint; one for all of them with joint clipping)."""
         joint = dp.clip_mode == "joint"
         coords = self.entries * (self.checkpoints if joint else 1)
-        scaled = dp.clip_norm**2 * 2.0**self.fraction_bits
+        scaled = dp.gram_sensitivity * 2.0**self.fraction_bits
         l2 = scaled + math.sqrt(coords)
         l1 = min(self.dim * scaled + coords, math.sqrt(coords) * l2)
         return l2, l1, 1 if joint else self.checkpoints
@@ -86,7 +87,8 @@ class DistributedNoise:
         l2, l1, count = self.sensitivities(dp)
         joint = dp.clip_mode == "joint"
         return Release("Gram (secure sum, Skellam)", self.effective_sigma(dp, survivors), count,
-                       ("C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint")
+                       (f"{gram_sensitivity_text(dp)} over all checkpoints jointly" if joint
+                        else f"{gram_sensitivity_text(dp)} per checkpoint")
                        + f", in units of 2^-{self.fraction_bits} with rounding", "skellam", l2, l1)
 
 

@@ -47,17 +47,28 @@ NOISE_FLOOR_FACTOR = 2.2
 
 @dataclass(frozen=True)
 class DPSettings:
-    """How a run's releases are privatized: ``sigma = 0`` means not at all."""
+    """How a run's releases are privatized: ``sigma = 0`` means not at all.
+
+    ``gram_weight`` bounds the kernel's per-example weight (1 for the plain ``Phi^T Phi``; the
+    model output's curvature bound, 1/4 for the margin, for the curvature-weighted kernel): one
+    example moves a Gram by at most ``C^2 gram_weight``, its sensitivity.
+    """
 
     noise_multiplier: float = 0.0
     clip_norm: float = 0.0
     clip_mode: str = "per-checkpoint"
     delta: float = 1e-5
+    gram_weight: float = 1.0
 
     @property
     def active(self) -> bool:
         """Whether releases are clipped and noised."""
         return self.noise_multiplier > 0
+
+    @property
+    def gram_sensitivity(self) -> float:
+        """How far one example can move a Gram: ``C^2`` times the weight bound."""
+        return self.clip_norm**2 * self.gram_weight
 
     def validate(self) -> None:
         """Raise FedtrakError on a negative noise multiplier, a non-positive clip norm
@@ -68,6 +79,8 @@ class DPSettings:
             raise FedtrakError(f"clip norm must be positive, got {self.clip_norm}")
         if self.clip_mode not in CLIP_MODES:
             raise FedtrakError(f"clip mode {self.clip_mode!r}: use one of {', '.join(CLIP_MODES)}")
+        if not 0 < self.gram_weight <= 1:
+            raise FedtrakError(f"the kernel weight bound must lie in (0, 1], got {self.gram_weight}")
         check_delta(self.delta)
 
 
@@ -86,8 +99,9 @@ def clip_scales(norms: np.ndarray, clip_norm: float, mode: str) -> np.ndarray:
 
 
 def gram_noise(dim: int, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
-    """Symmetric noise for one Gram: ``N(0, (sigma C^2)^2)`` on the upper triangle, mirrored."""
-    upper = np.triu(rng.normal(0.0, dp.noise_multiplier * dp.clip_norm**2, size=(dim, dim)))
+    """Symmetric noise for one Gram: ``N(0, (sigma C^2 w)^2)`` on the upper triangle, mirrored
+    (``w`` the kernel weight bound, 1 for the plain Gram)."""
+    upper = np.triu(rng.normal(0.0, dp.noise_multiplier * dp.gram_sensitivity, size=(dim, dim)))
     return upper + np.triu(upper, 1).T
 
 
@@ -133,29 +147,46 @@ def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSetting
     return f.astype(np.float32), q.astype(np.float32)
 
 
+def noised_curvature(curvature: np.ndarray, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
+    """Curvature weights (features mode, weighted kernel) plus ``N(0, (sigma w)^2)``, clamped to
+    ``[0, w]`` (``w`` the weight bound, the sensitivity of one weight)."""
+    noised = curvature + rng.normal(0.0, dp.noise_multiplier * dp.gram_weight, size=curvature.shape)
+    return np.clip(noised, 0.0, dp.gram_weight).astype(np.float32)
+
+
 def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
     """The smallest lambda that keeps a noised kernel positive definite. ``noise_copies``: the
-    summed noise's variance in units of ``(sigma C^2)^2`` (the number of clients without secure
+    summed noise's variance in units of ``(sigma C^2 w)^2`` (the number of clients without secure
     aggregation; survivors over threshold with it)."""
-    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.clip_norm**2 * math.sqrt(dim * noise_copies)
+    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.gram_sensitivity * math.sqrt(dim * noise_copies)
 
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
-                 clip_quantile: bool = False, gram: Release | None = None) -> list[Release]:
+                 clip_quantile: bool = False, gram: Release | None = None, weighted: bool = False) -> list[Release]:
     """The mechanisms each training example takes part in during one run (``gram``: the Grams'
-    entry when they are not one Gaussian release per client, as under secure aggregation)."""
+    entry when they are not one Gaussian release per client, as under secure aggregation;
+    ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights)."""
     sigma = dp.noise_multiplier
     first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
     if mode == "features":
-        return [*first,
+        plan = [*first,
                 Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
                 Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint")]
+        if weighted:
+            plan.append(Release("curvature weights", sigma, checkpoints, f"{dp.gram_weight:g} per checkpoint"))
+        return plan
     joint = dp.clip_mode == "joint"
+    gram_unit = gram_sensitivity_text(dp)
     plan = [*first, gram or Release("Gram", sigma, 1 if joint else checkpoints,
-                             "C^2 over all checkpoints jointly" if joint else "C^2 per checkpoint"),
+                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint"),
             Release("example count", sigma, 1, "1"),
             Release("owner summary", sigma, 1 if joint else checkpoints,
                     "C over all checkpoints jointly" if joint else "C per checkpoint")]
     if self_influence:
         plan.append(Release("self-influence sum", sigma, 1, "C^2 mean_m ||K_m^-1||_2"))
     return plan
+
+
+def gram_sensitivity_text(dp: DPSettings) -> str:
+    """A Gram release's sensitivity in words: ``C^2``, or ``C^2 x 0.25`` for a weighted kernel."""
+    return "C^2" if dp.gram_weight == 1 else f"C^2 x {dp.gram_weight:g}"

@@ -46,7 +46,13 @@ def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: Distri
         noise = noise or distributed_noise(settings, dim, dp)
         gram = noise.release(dp, noise.threshold if survivors is None else survivors)
     return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,
-                        settings.privacy.clip_quantile is not None, gram)
+                        settings.privacy.clip_quantile is not None, gram, settings.kernel.weighting != "none")
+
+
+def weight_bound(settings: Settings, task: Task) -> float:
+    """The kernel's largest per-example weight: the task's model output's curvature bound for the
+    curvature-weighted kernel, 1 for the plain one."""
+    return task.output.curvature_bound if settings.kernel.weighting == "curvature" else 1.0
 
 
 def resolve_dp(settings: Settings, task: Task, dim: int) -> DPSettings:
@@ -61,11 +67,11 @@ def resolve_dp(settings: Settings, task: Task, dim: int) -> DPSettings:
     """
     p = settings.privacy
     if not p.wants_noise:
-        return DPSettings(delta=p.delta, clip_mode=p.clip_mode)
+        return DPSettings(delta=p.delta, clip_mode=p.clip_mode, gram_weight=weight_bound(settings, task))
     clip = p.clip_norm or task.clip_norm or (1.0 if p.clip_quantile is not None else None)
     if not clip:
         raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
-    dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta)
+    dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta, weight_bound(settings, task))
     if p.epsilon is not None:
         sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim),
                                p.delta)

@@ -151,21 +151,26 @@ def add_info(content: RecordDict, info: ClientInfo) -> RecordDict:
     return content
 
 
-def encode_features_reply(indices: np.ndarray, features: Mapping[int, tuple[np.ndarray, np.ndarray]],
+def encode_features_reply(indices: np.ndarray,
+                          features: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
                           info: ClientInfo) -> RecordDict:
-    """Trusted-server mode: the example indices, and each checkpoint's features and out-to-loss weights."""
+    """Trusted-server mode: the example indices, and each checkpoint's features, out-to-loss
+    weights and (for the weighted kernel) curvature weights."""
     arrays = {INDICES: indices}
-    for m, (f, q) in features.items():
+    for m, (f, q, w) in features.items():
         arrays[f"features-{m}"], arrays[f"out-to-loss-{m}"] = f, q
+        if w is not None:
+            arrays[f"curvature-{m}"] = w
     return RecordDict({FEATURES: arrays_to_record(arrays), INFO: _info_record(info)})
 
 
 def decode_features(content: RecordDict, checkpoints: Sequence[int], source: str
-                    ) -> tuple[np.ndarray | None, dict[int, tuple[np.ndarray | None, np.ndarray | None]]]:
-    """The indices and, per checkpoint, the features and out-to-loss weights of a features reply."""
+                    ) -> tuple[np.ndarray | None, dict[int, tuple[np.ndarray | None, ...]]]:
+    """The indices and, per checkpoint, the features, out-to-loss and curvature weights of a
+    features reply (``None`` where missing)."""
     arrays = array_record(content, FEATURES, source)
-    return arrays.get(INDICES), {m: (arrays.get(f"features-{m}"), arrays.get(f"out-to-loss-{m}"))
-                                 for m in checkpoints}
+    return arrays.get(INDICES), {m: (arrays.get(f"features-{m}"), arrays.get(f"out-to-loss-{m}"),
+                                     arrays.get(f"curvature-{m}")) for m in checkpoints}
 
 
 @dataclass(frozen=True)

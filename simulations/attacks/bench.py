@@ -21,12 +21,15 @@ from fedtrak.simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack
 from fedtrak.tasks import Task, load_task
 
 
-def _dp(task: Task, mode: str, eps: float) -> DPSettings:
+def attack_dp(task: Task, mode: str, eps: float, checkpoints: int = 1) -> DPSettings:
+    """The noise of ``checkpoints`` checkpoints' releases at ``eps`` (infinite: none), for the
+    default (curvature-weighted) kernel and the task's clip norm."""
     if math.isinf(eps):
         return DPSettings()
-    clip = float(task.clip_norm or 1.0)
-    sigma = sigma_for_plan(eps, lambda s: release_plan(mode, 1, DPSettings(s, clip), False), 1e-5)
-    return DPSettings(sigma, clip)
+    clip, bound = float(task.clip_norm or 1.0), task.output.curvature_bound
+    sigma = sigma_for_plan(eps, lambda s: release_plan(mode, checkpoints, DPSettings(s, clip, gram_weight=bound),
+                                                         False, weighted=True), 1e-5)
+    return DPSettings(sigma, clip, gram_weight=bound)
 
 
 def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None, ...] = (64, 512, None),
@@ -47,14 +50,14 @@ def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None,
         eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
         for k in proj_dims:
             setting = AttackSetting(mode="features", projector="identity" if k is None else "rademacher",
-                                    proj_dim=k, dp=_dp(task, "features", eps), targets=targets, inversion=inversion)
+                                    proj_dim=k, dp=attack_dp(task, "features", eps), targets=targets, inversion=inversion)
             block, images = attack_setting(task, [state], setting, *data, kinds=("inversion",))
             if k == strip_k:
                 strips.append((f"features, k {block['proj_dim']}\nepsilon {eps_text}", images["inversion_true"],
                                images["inversion_rec"]))
             rows.append({"attack": "inversion (features mode)", "epsilon": eps, "k": block["proj_dim"],
                          "accounted": block["accounted_epsilon"], **_row(block["inversion"])})
-        dp = _dp(task, "private", eps)
+        dp = attack_dp(task, "private", eps)
         for secure in (False, True):
             setting = AttackSetting(mode="private", proj_dim=owner_dim, dp=dp, secure_agg=secure,
                                     owner_sizes=owner_sizes, inversion=inversion)

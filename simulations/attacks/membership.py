@@ -44,26 +44,28 @@ def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.nd
         rest.append(v.client_features(x_rest, y_rest))
         cand.append(v.client_features(x_targets, y_targets))
     # qbar: out-to-loss averaged over checkpoints, per example, as the client computes it
-    qbar_rest = np.mean([q for _, q in rest], axis=0)
-    qbar_cand = np.mean([q for _, q in cand], axis=0)
-    var_gram = (dp.noise_multiplier * dp.clip_norm**2) ** 2 if dp.active else 1.0
+    qbar_rest = np.mean([q for _, q, _ in rest], axis=0)
+    qbar_cand = np.mean([q for _, q, _ in cand], axis=0)
+    var_gram = (dp.noise_multiplier * dp.gram_sensitivity) ** 2 if dp.active else 1.0
     var_summary = (dp.noise_multiplier * dp.clip_norm) ** 2 if dp.active else 1.0
     var_count = dp.noise_multiplier**2 if dp.active else 1.0
     coins = np.random.default_rng([seed, 0x3E3B])
     rng = np.random.default_rng([seed, 0x4015E])
     inserted = coins.random(trials) < 0.5
     # what the rest of the client's data contributes, known to this attacker: once per checkpoint
-    known = [(gram(phi_r), qbar_rest @ phi_r) for phi_r, _ in rest]
+    known = [(gram(phi_r, w_r), qbar_rest @ phi_r) for phi_r, _, w_r in rest]
     scores = np.empty(trials)
     for t in range(trials):
         j = t % len(y_targets)
         score = 0.0
-        for v, (phi_r, _), (phi_c, _), (gram_r, summary_r) in zip(views, rest, cand, known):
+        for v, (phi_r, _, w_r), (phi_c, _, w_c), (gram_r, summary_r) in zip(views, rest, cand, known):
             z = phi_c[j : j + 1]
+            wz = None if w_c is None else w_c[j : j + 1]
             phi = np.vstack([phi_r, z]) if inserted[t] else phi_r
             q = np.append(qbar_rest, qbar_cand[j]) if inserted[t] else qbar_rest
-            rel = v.releases(phi, q, "private", rng)
-            shift_g = np.triu(gram(z))
+            w = None if w_r is None else (np.append(w_r, wz) if inserted[t] else w_r)
+            rel = v.releases(phi, q, "private", rng, w)
+            shift_g = np.triu(gram(z, wz))
             score += float((shift_g * np.triu(rel.gram - gram_r)).sum()) / var_gram
             shift_s = qbar_cand[j] * z[0]
             score += float(shift_s @ (rel.summary - summary_r)) / var_summary

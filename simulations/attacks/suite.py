@@ -50,6 +50,7 @@ class AttackSetting:
     projector: str = "rademacher"
     proj_dim: int | None = 512
     seed: int = 0
+    weighting: str = "curvature"
     dp: DPSettings = field(default_factory=DPSettings)
     secure_agg: bool = False
     checkpoints: int = 1
@@ -63,7 +64,8 @@ def accounted_epsilon(setting: AttackSetting) -> float | None:
     """The accountant's epsilon of one client's releases in this setting (None without noise)."""
     if not setting.dp.active:
         return None
-    plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False)
+    plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False,
+                        weighted=setting.weighting != "none")
     return round(epsilon(plan, setting.dp.delta), 3)
 
 
@@ -87,7 +89,8 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     unknown = set(kinds) - set(ATTACK_KINDS)
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
-    settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed)
+    settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed,
+                                   weighting=setting.weighting)
     views = [ServerView(task, s, m, settings, setting.dp) for m, s in enumerate(states[: setting.checkpoints])]
     view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
     block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,
@@ -101,7 +104,7 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
             block["inversion"] = {"skipped": "private mode releases no per-example features"}
         else:
             start = time.perf_counter()
-            phi, q = view.client_features(x_client[:n], y_client[:n])
+            phi, q, _ = view.client_features(x_client[:n], y_client[:n])
             rel = view.releases(phi, q, "features", rng)
             recs, labels, _ = invert_features(view, rel.features, setting.inversion)
             block["inversion"] = {**_quality(task, x_client[:n], y_client[:n], recs, matched=False),
@@ -117,8 +120,8 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
                 if size > len(y_client):
                     continue
                 start = time.perf_counter()
-                phi, q = view.client_features(x_client[:size], y_client[:size])
-                recs = invert_owner(view, view.releases(phi, q, "private", rng), setting.secure_agg,
+                phi, q, w = view.client_features(x_client[:size], y_client[:size])
+                recs = invert_owner(view, view.releases(phi, q, "private", rng, w), setting.secure_agg,
                                     settings=setting.inversion)
                 rows.append({"client_examples": size,
                              **_quality(task, x_client[:size], y_client[:size], recs, matched=True),
@@ -159,14 +162,16 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     num = int(run.summary["num_checkpoints"])
     states = [s for _, s in load_checkpoints(task, run.checkpoint_folder(), num)]
     priv = run.summary.get("privacy") or {}
+    weighting = str(run.setting("weighting") or "none")
     dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
-                    "per-checkpoint")), float(priv.get("delta", 1e-5))) if priv.get("dp") else DPSettings()
+                    "per-checkpoint")), float(priv.get("delta", 1e-5)), float(priv.get("gram_weight", 1.0))
+                    ) if priv.get("dp") else DPSettings()
     clients = parts.clients
     own = np.asarray(clients[0])
     other = np.setdiff1d(np.arange(task.num_train), own)
     setting = AttackSetting(mode=str(run.summary["mode"]), projector=str(run.summary["projector"]),
                             proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
-                            seed=int(run.setting("seed") or 0), dp=dp,
+                            seed=int(run.setting("seed") or 0), weighting=weighting, dp=dp,
                             secure_agg=bool(run.setting("secure_agg")), checkpoints=num, targets=targets,
                             owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()

@@ -49,6 +49,8 @@ class ServerView:
     def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
                  dp: DPSettings) -> None:
         self.task, self.m, self.dp = task, m, dp
+        #: Whether the run's kernel is curvature-weighted (its Gram releases are ``Phi^T diag(w) Phi``).
+        self.weighted = settings.kernel.weighting == "curvature"
         self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
@@ -74,22 +76,26 @@ class ServerView:
             return g
         return g @ self.matrix if self.matrix is not None else self.featurizer.projector.project(g)
 
-    def client_features(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A client's features and out-to-loss weights, clipped to C when DP is on, as it stores them."""
+    def client_features(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A client's features, out-to-loss weights and kernel weights (``None`` for the plain
+        kernel), the features clipped to C when DP is on, as it stores and releases them."""
         f = self.featurizer.featurize(x, y)
         phi = f.features.astype(np.float64)
         if self.dp.active:
             phi = phi * clip_scales(np.linalg.norm(phi, axis=1)[None], self.dp.clip_norm, "per-checkpoint")[0, :, None]
-        return phi, f.out_to_loss.astype(np.float64)
+        w = f.curvature.astype(np.float64) if self.weighted else None
+        return phi, f.out_to_loss.astype(np.float64), w
 
-    def releases(self, phi: np.ndarray, q: np.ndarray, mode: str, rng: np.random.Generator) -> Releases:
-        """What a client with (clipped) features ``phi`` and weights ``q`` releases in ``mode``
-        (``features``: its features; ``private``: its Gram, count and owner summary)."""
+    def releases(self, phi: np.ndarray, q: np.ndarray, mode: str, rng: np.random.Generator,
+                 w: np.ndarray | None = None) -> Releases:
+        """What a client with (clipped) features ``phi``, out-to-loss weights ``q`` and kernel
+        weights ``w`` releases in ``mode`` (``features``: its features; ``private``: its Gram,
+        count and owner summary)."""
         noisy = self.dp.active
         if mode == "features":
             f, w = noised_features(phi, q, self.dp, rng) if noisy else (phi, q)
             return Releases(features=np.asarray(f, dtype=np.float64), out_to_loss=np.asarray(w, dtype=np.float64))
-        g = gram(phi)
+        g = gram(phi, w)
         s = owner_summaries([phi], q)
         return Releases(gram=g + gram_noise(len(g), self.dp, rng) if noisy else g,
                         count=noised_count(len(q), self.dp, rng) if noisy else float(len(q)),

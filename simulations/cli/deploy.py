@@ -28,8 +28,8 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
 def _device_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="device", required=True, parser_class=OneLineParser)
     check = sub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
-    add_settings(check, ["task", "proj-dim", "projector", "checkpoints", "noise-multiplier", "clip-norm",
-                         "secure-agg", "policy"])
+    add_settings(check, ["task", "proj-dim", "projector", "weighting", "checkpoints", "noise-multiplier",
+                         "clip-norm", "secure-agg", "policy"])
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
     check.add_argument("--queries", type=positive_int, default=None,
                        help="queries the server will score (default 297, the digits query set)")
@@ -80,7 +80,8 @@ def device(args: argparse.Namespace) -> int:
     if args.noise_multiplier < 0:
         raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
     report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
-                           args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy)
+                           args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy,
+                           weighting=args.weighting)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

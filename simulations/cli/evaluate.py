@@ -72,7 +72,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
-    add_settings(p, ["task", "clip-norm", "proj-dim", "clients", "delta", "seed"], defaults={"proj-dim": 512})
+    add_settings(p, ["task", "clip-norm", "proj-dim", "weighting", "clients", "delta", "seed"],
+                 defaults={"proj-dim": 512})
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited Gram release")
     p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each)")
     add_json(p, "the result")
@@ -158,7 +159,7 @@ def audit(args: argparse.Namespace) -> int:
     if not args.noise_multiplier > 0:
         raise FedtrakError(f"--noise-multiplier must be positive, got {args.noise_multiplier}")
     res = audit_gram(args.task, args.noise_multiplier, args.clip_norm, args.proj_dim, args.releases,
-                     args.clients, args.delta, args.seed)
+                     args.clients, args.delta, args.seed, args.weighting)
     print(f"Gram release of one client ({res['client_examples']} examples, k={res['proj_dim']}, sigma "
           f"{res['noise_multiplier']:g}, C {res['clip_norm']:g}): {res['canaries']} canaries over "
           f"{res['releases']} releases")

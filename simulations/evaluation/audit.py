@@ -5,7 +5,9 @@ The auditor plays the strongest curious server: it knows the client's data
 them) and everything but which canaries were inserted. Canaries are
 examples whose projected feature is ``C e_j`` (norm C, along coordinate j:
 the direction in which one example moves the released upper triangle the
-most, by exactly the sensitivity ``C^2``). In each release every coordinate
+most) with the largest kernel weight ``w`` (1 for the plain Gram, the
+curvature bound for the weighted one): each moves the release by exactly
+the sensitivity ``C^2 w``. In each release every coordinate
 gets its canary with probability 1/2; the release is the client's real noised
 Gram (:func:`fedtrak.privacy.mechanisms.gram_noise`); the auditor scores
 canary j by its inner product with the release, ``e_j^T (G~ - G_data) e_j``,
@@ -77,15 +79,18 @@ def audit_gram(
     clients: int = 10,
     delta: float = 1e-5,
     seed: int = 0,
+    weighting: str = "curvature",
 ) -> dict:
-    """Audit the Gram release of client 0 of ``clients`` (a checkpoint trained on the task).
+    """Audit the Gram release of client 0 of ``clients`` (a checkpoint trained on the task) under
+    the kernel ``weighting``.
 
     Returns the empirical epsilon lower bound, the accountant's epsilon of one
     release and the counts behind them.
     """
     task = load_task(task_name)
     clip = clip_norm or task.clip_norm
-    dp = DPSettings(noise_multiplier, float(clip or 0.0), delta=delta)
+    bound = task.output.curvature_bound if weighting == "curvature" else 1.0
+    dp = DPSettings(noise_multiplier, float(clip or 0.0), delta=delta, gram_weight=bound)
     dp.validate()
     if not dp.active:
         raise FedtrakError("the audit needs noise: give a positive noise multiplier")
@@ -93,20 +98,22 @@ def audit_gram(
         raise FedtrakError(f"the audit needs at least one release, got {releases}")
     model = train_central(task, seed)
     idx = partition(task.y_train, clients, "iid", seed=seed).clients[0]
-    features = checkpoint_featurizer(task, model.state_dict(), 0, Settings().replaced(proj_dim=proj_dim, seed=seed))\
-        .featurize(task.x_train[idx], task.y_train[idx]).features.astype(np.float64)
+    featurized = checkpoint_featurizer(task, model.state_dict(), 0, Settings().replaced(proj_dim=proj_dim, seed=seed))\
+        .featurize(task.x_train[idx], task.y_train[idx])
+    features = featurized.features.astype(np.float64)
     features *= clip_scales(np.linalg.norm(features, axis=1)[None, :], dp.clip_norm, dp.clip_mode)[0][:, None]
-    base = gram(features)
+    base = gram(features, featurized.curvature if weighting == "curvature" else None)
     k = base.shape[0]
     rng, coins = noise_rng(), np.random.default_rng([seed, 0xA0D17])
     inserted = coins.random((releases, k)) < 0.5
     scores = np.empty((releases, k))
     for r in range(releases):
-        release = base + np.diag(inserted[r] * dp.clip_norm**2) + gram_noise(k, dp, rng)
-        scores[r] = np.diag(release - base) / dp.clip_norm**2  # canary j's inner product with the release
+        release = base + np.diag(inserted[r] * dp.gram_sensitivity) + gram_noise(k, dp, rng)
+        scores[r] = np.diag(release - base) / dp.gram_sensitivity  # canary j's inner product with the release
     eps_lb, threshold = epsilon_lower_bound(scores.ravel(), inserted.ravel(), delta)
     accounted = epsilon([Release("Gram", noise_multiplier)], delta)
-    return {"task": task_name, "noise_multiplier": noise_multiplier, "clip_norm": dp.clip_norm, "proj_dim": k,
+    return {"task": task_name, "weighting": weighting, "gram_sensitivity": dp.gram_sensitivity,
+            "noise_multiplier": noise_multiplier, "clip_norm": dp.clip_norm, "proj_dim": k,
             "client_examples": len(idx), "releases": releases, "canaries": int(inserted.size),
             "inserted": int(inserted.sum()), "delta": delta, "empirical_epsilon_lower_bound": eps_lb,
             "threshold": threshold, "accounted_epsilon_one_release": accounted,
