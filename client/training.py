@@ -18,7 +18,8 @@ def local_update(local: Local, checkpoint: int, server_round: int,
     model = model_from_state(task, state, "global model")
     seed = fedavg_local_seed(job.settings.task.seed, checkpoint, server_round, data.partition_id)
     if t.dp_train_noise > 0:
-        dp_sgd_epochs(task, model, data.x, data.y, t.local_epochs, seed, t.dp_train_noise, t.dp_train_clip)
+        dp_sgd_epochs(task, model, data.x, data.y, job.resolved.local_epochs, seed, t.dp_train_noise,
+                      t.dp_train_clip)
     else:
-        sgd_epochs(task, model, data.x, data.y, t.local_epochs, seed)
+        sgd_epochs(task, model, data.x, data.y, job.resolved.local_epochs, seed)
     return model.state_dict()

@@ -53,7 +53,8 @@ def preflight(settings: Settings) -> Plan:
     if settings.privacy.clip_quantile is None:  # otherwise C, and the floor, come after the histograms
         check_lambda_against_noise(settings, dp, proj.proj_dim)
     threshold = planned_threshold(settings) if settings.secagg.secure_agg else 0
-    resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight)
+    resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
+                        settings.training.local_epochs or task.training.local_epochs)
     return Plan(settings, task, resolved, dp)
 
 

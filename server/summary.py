@@ -101,7 +101,7 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         "privacy": privacy_block(settings, dp, dim, outcome.secure),
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
         "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
-                                                              for n in nodes}),
+                                                              for n in nodes}, job.resolved.local_epochs),
         "resolved": {**job.resolved.describe(), "lambda": [r["lambda"] for r in records]},
         "settings": settings.nested(),
         "config": settings.flat(),

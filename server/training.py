@@ -54,7 +54,7 @@ def train_fedavg_checkpoints(
         state = record_to_state(result.arrays)
         model = model_from_state(task, state, f"FedAvg checkpoint {m}")
         algorithm = "fedavg-dp-sgd" if t.dp_train_noise > 0 else "fedavg"
-        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, t.rounds * t.local_epochs,
+        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, t.rounds * job.resolved.local_epochs,
                               accuracy(model, task.x_query, task.y_query), rounds=t.rounds)
         infos.append(info)
         write_checkpoint(out_dir, task.name, state, infos)
@@ -62,7 +62,7 @@ def train_fedavg_checkpoints(
     return out
 
 
-def training_privacy(settings: Settings, task: Task, counts: dict[str, int]) -> dict:
+def training_privacy(settings: Settings, task: Task, counts: dict[str, int], local_epochs: int) -> dict:
     """The DP-SGD account of FedAvg training, per client (from its example count), apart from
     the attribution's: every local step of every round of every checkpoint on the client's data."""
     t, delta = settings.training, settings.privacy.delta
@@ -70,7 +70,7 @@ def training_privacy(settings: Settings, task: Task, counts: dict[str, int]) -> 
         return {"dp_sgd": False}
     batch = task.training.batch_size
     per_client = {owner: training_epsilon(t.dp_train_noise, batch, n,
-                                          t.checkpoints * t.rounds * local_steps(n, batch, t.local_epochs),
+                                          t.checkpoints * t.rounds * local_steps(n, batch, local_epochs),
                                           delta) for owner, n in counts.items()}
     return {"dp_sgd": True, "library": "opacus PrivacyEngine (Poisson sampling, RDP accountant)",
             "noise_multiplier": t.dp_train_noise, "max_grad_norm": t.dp_train_clip, "delta": delta,

@@ -33,6 +33,7 @@ class Resolved:
         threshold: secure aggregation's planned share threshold (0: no secure aggregation).
         weight_bound: the kernel's largest per-example weight (1 unweighted; the model output's
             curvature bound for the curvature-weighted kernel): a Gram's sensitivity is ``C^2`` times it.
+        local_epochs: each client's epochs per FedAvg round (as given, or the task's).
     """
 
     proj_dim: int
@@ -40,6 +41,7 @@ class Resolved:
     clip_norm: float = 0.0
     threshold: int = 0
     weight_bound: float = 1.0
+    local_epochs: int = 3
 
     def describe(self) -> dict:
         """JSON-ready, for the run summary."""

@@ -103,7 +103,8 @@ class TrainingSettings:
                                    "(simulate; attribute always trains centrally)", choices=TRAINING)
     checkpoint_dir: str | None = setting(None, "reuse the checkpoints in this folder instead of training")
     rounds: int = setting(10, "FedAvg rounds per checkpoint", minimum=1)
-    local_epochs: int = setting(3, "local epochs per FedAvg round", minimum=1)
+    local_epochs: int | None = setting(None, "local epochs per FedAvg round (default: the task's, 9 for "
+                                              "digits-logreg, 3 for the others)", minimum=1)
     epochs: int | None = setting(None, "centralized training epochs per checkpoint (default: the task's)",
                                  minimum=1)
     dp_train_noise: float = setting(0.0, "DP-SGD (Opacus) noise multiplier for the clients' FedAvg "

@@ -34,6 +34,8 @@ class TrainConfig:
 
     ``weight_decay`` is the coefficient of ``(wd / 2) * ||theta||^2`` added to
     the mean loss; fedtrak's principled default lambda derives from it.
+    ``local_epochs`` is each client's epochs per FedAvg round: enough for
+    FedAvg to converge about as far as centralized training does.
     """
 
     epochs: int = 10
@@ -41,6 +43,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    local_epochs: int = 3
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "digits-logreg": lambda data: _builtin(
         "digits-logreg",
         lambda: models.logistic_regression(64, 10),
-        TrainConfig(epochs=30, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        TrainConfig(epochs=30, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-3, local_epochs=9),
         5.0, data,
     ),
     "digits-mlp": lambda data: _builtin(

@@ -156,10 +156,13 @@ def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = 
 
 def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = False, mislabel: bool = False,
              subsets: int = 100, owner_subsets: int = 100, alpha: float = 0.5, seed: int = 0,
-             cache_dir: str | Path | None = None, workers: int | None = None, progress: bool = False) -> dict:
+             cache_dir: str | Path | None = None, workers: int | None = None, progress: bool = False,
+             ceiling: bool = True) -> dict:
     """Judge a run's attributions against retrained models: LDS (the TRAK paper's linear
     datamodeling score), owner-level LDS and mislabel detection. Returns the evaluation block
-    (also written into the run's summary).
+    (also written into the run's summary). ``ceiling``: also retrain every subset from other
+    seeds and report the seed-noise ceiling, the most LDS any fixed scorer can expect, and LDS
+    over it.
 
     Raises:
         FedtrakError: if the run cannot be evaluated (naming why).
@@ -173,7 +176,7 @@ def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = Fa
         raise FedtrakError("evaluate: ask for at least one of lds, owner_lds, mislabel")
     block = evaluate_run(folder, EvalOptions(metrics, subsets, owner_subsets, alpha, seed,
                                              Path(cache_dir) if cache_dir else DEFAULT_CACHE, workers,
-                                             progress=progress))
+                                             progress=progress, ceiling=ceiling))
     if isinstance(run, Result):
         run.summary = {**run.summary, "evaluation": block}
     return block

@@ -19,6 +19,7 @@ from fedtrak.corruption import corrupted, flipped_indices
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.job import Resolved
 from fedtrak.partition import partition
+from fedtrak.privacy.plan import weight_bound
 from fedtrak.projectors import make_projector
 from fedtrak.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
 from fedtrak.scoring import owner_means, owner_totals
@@ -89,7 +90,7 @@ def run_attribute(settings: Settings, progress: bool = True) -> dict:
         # Check the projection settings before spending time on training.
         proj = make_projector(settings.projection.projector, task.num_params, settings.projection.proj_dim,
                               settings.task.seed, cache_bytes=0, model=task.make_model())
-        resolved = Resolved(proj.proj_dim)
+        resolved = Resolved(proj.proj_dim, weight_bound=weight_bound(settings, task), local_epochs=0)
     checkpoints = obtain_checkpoints(task, settings, out, timer, progress)
     writer = ResultWriter(out)
     try:

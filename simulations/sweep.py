@@ -91,7 +91,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                                  checkpoint_dir=str(ckpt_dir.resolve()), out=str(run.resolve()),
                                  epsilon=None if math.isinf(eps) else float(eps))
         summary = run_simulation(settings)
-        block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0,
+        block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0, ceiling=False,
                                               cache_dir=cfg.cache_dir, progress=False))
         privacy = summary["privacy"]
         mis = block.get("mislabel", {})

@@ -58,7 +58,8 @@ def decode_job(record: Mapping, source: str = "server message") -> Job:
             noise_multiplier=float(values.pop(f"{RESOLVED_PREFIX}noise-multiplier")),
             clip_norm=float(values.pop(f"{RESOLVED_PREFIX}clip-norm")),
             threshold=int(values.pop(f"{RESOLVED_PREFIX}threshold")),
-            weight_bound=float(values.pop(f"{RESOLVED_PREFIX}weight-bound")))
+            weight_bound=float(values.pop(f"{RESOLVED_PREFIX}weight-bound")),
+            local_epochs=int(values.pop(f"{RESOLVED_PREFIX}local-epochs")))
     except KeyError as exc:
         raise FedtrakError(f"{source}: the job lacks field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:

@@ -35,6 +35,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
     p.add_argument("--workers", type=positive_int, default=None, help="training processes (default: cores)")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the seed-noise ceiling (it retrains every subset once more from other seeds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -97,7 +99,8 @@ def evaluate(args: argparse.Namespace) -> int:
     chosen = tuple(m for m, on in (("lds", args.lds), ("owner_lds", args.owner_lds),
                                    ("mislabel", args.mislabel)) if on)
     opts = EvalOptions(chosen, args.subsets, args.owner_subsets, args.alpha, args.eval_seed,
-                       args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet)
+                       args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet,
+                       ceiling=not args.no_ceiling)
     block = evaluate_run(args.run_dir, opts)
     print(format_table({k: block[k] for k in (chosen or block)}))
     print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")

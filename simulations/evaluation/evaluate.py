@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE, ground_truth
-from fedtrak.simulations.evaluation.lds import lds
+from fedtrak.simulations.evaluation.lds import lds, seed_ceiling
 from fedtrak.simulations.evaluation.mislabel import mislabel_report
 from fedtrak.simulations.run_folder import RunFolder
 
@@ -46,6 +46,7 @@ class EvalOptions:
     workers: int | None = None
     bootstrap: int = 1000
     progress: bool = True
+    ceiling: bool = True
 
 
 def applicable(run: RunFolder) -> tuple[str, ...]:
@@ -75,7 +76,13 @@ def _lds_entry(run: RunFolder, opts: EvalOptions, kind: str, bar: Callable[[int]
     folder = run.path / "evaluation"
     folder.mkdir(exist_ok=True)
     np.save(folder / f"{'lds' if kind == 'examples' else 'owner_lds'}_per_query.npy", res.per_query)
-    return {**res.describe(), "alpha": opts.alpha, "seed": opts.seed,
+    ceiling = {}
+    if opts.ceiling:
+        replica = ground_truth(recipe, kind, n, opts.alpha, opts.seed, opts.cache_dir, opts.workers, bar, replica=1)
+        found = seed_ceiling(gt.margins, replica.margins)
+        ceiling = {"ceiling": found,
+                   "lds_over_ceiling": res.mean / found["ceiling"] if found["ceiling"] > 0 else None}
+    return {**res.describe(), **ceiling, "alpha": opts.alpha, "seed": opts.seed,
             "ground_truth": {"algorithm": recipe.algorithm, "epochs": recipe.epochs, "rounds": recipe.rounds,
                              "cache": str(gt.folder), "models_reused": gt.reused,
                              "models_trained": gt.trained, "seconds": round(gt.seconds, 2)}}
@@ -111,6 +118,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
         raise FedtrakError(f"unknown measure(s) {sorted(unknown)}: use {', '.join(MEASURES)}")
     block = dict(run.summary.get("evaluation", {}))
     total = (opts.subsets if "lds" in measures else 0) + (opts.owner_subsets if "owner_lds" in measures else 0)
+    total *= 2 if opts.ceiling else 1
     with tqdm(total=total, desc="ground-truth models", unit="model", disable=not opts.progress) as bar:
         results = {}
         if "lds" in measures:
@@ -132,6 +140,9 @@ def format_table(block: dict) -> str:
             e = block[key]
             rows.append((label, f"{e['lds']:.3f}", f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]",
                          f"{e['num_queries']} queries x {e['num_subsets']} models"))
+            if e.get("lds_over_ceiling") is not None:
+                rows.append((f"{label} ceiling", f"{e['ceiling']['ceiling']:.3f}",
+                             f"LDS / ceiling {e['lds_over_ceiling']:.2f}", "seed noise of retraining"))
     for level in ("examples", "owners"):
         e = block.get("mislabel", {}).get(level)
         if e and "auroc" in e:

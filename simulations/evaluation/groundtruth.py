@@ -81,10 +81,14 @@ def subset_mask(kind: str, parts: Partition, num_train: int, alpha: float, seed:
     return mask, owners
 
 
-def cache_folder(root: Path, recipe: Recipe, kind: str, alpha: float, seed: int) -> tuple[Path, dict]:
-    """Where the ground truth of this key lives, and the key itself."""
+def cache_folder(root: Path, recipe: Recipe, kind: str, alpha: float, seed: int,
+                 replica: int = 0) -> tuple[Path, dict]:
+    """Where the ground truth of this key lives, and the key itself (``replica`` > 0: the same
+    subsets trained from other seeds, for the seed-noise ceiling)."""
     key = {"version": CACHE_VERSION, "recipe": recipe.describe(), "kind": kind, "alpha": alpha,
            "seed": seed}
+    if replica:
+        key["replica"] = replica
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", recipe.task)
     return Path(root) / f"{name}-{kind}-{digest}", key
@@ -120,8 +124,13 @@ def ground_truth(
     cache_root: Path = DEFAULT_CACHE,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    replica: int = 0,
 ) -> GroundTruth:
     """Margins of ``num_subsets`` models retrained on random subsets, from the cache where possible.
+
+    ``replica`` > 0 trains the same subsets (the masks depend on ``seed`` only) from other
+    training seeds: two replicas' margins say how much of a query's margin is seed noise, which
+    no attribution can predict (:func:`fedtrak.simulations.evaluation.lds.seed_ceiling`).
 
     Raises:
         FedtrakError: on a bad kind, alpha or subset count, or a cache folder
@@ -135,7 +144,8 @@ def ground_truth(
         raise FedtrakError(f"LDS needs at least 2 subsets, got {num_subsets}")
     start = time.perf_counter()
     task, parts = recipe.load()
-    folder, key = cache_folder(cache_root, recipe, kind, alpha, seed)
+    folder, key = cache_folder(cache_root, recipe, kind, alpha, seed, replica)
+    train_seed = seed if not replica else derive_seed(seed, 0x5EED0000 + replica)
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "meta.json"
     if meta.exists():
@@ -156,7 +166,7 @@ def ground_truth(
         path = folder / f"subset-{s:05d}.npz"
         got = _read_model(path, mask, nq) if path.exists() else None
         if got is None:
-            todo.append((s, mask, derive_seed(seed, s) % 2**63))
+            todo.append((s, mask, derive_seed(train_seed, s) % 2**63))
         else:
             margins[s] = got
             if progress:

@@ -62,6 +62,31 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (ra * rb).sum(axis=1) / denom, np.nan)
 
 
+def seed_ceiling(margins: np.ndarray, replica_margins: np.ndarray) -> dict:
+    """The most LDS any fixed scorer can expect, given the retraining's own seed noise.
+
+    ``margins`` and ``replica_margins`` ``(S, Q)`` are the query margins of the same subsets
+    trained from two different seeds. Their per-query Spearman correlation ``r`` is the
+    correlation of two noisy copies of the subset effect, so a perfect predictor of the
+    noise-free effect correlates at most ``sqrt(r)`` with either: the ceiling is the mean of
+    ``sqrt(max(r, 0))`` over queries.
+
+    Raises:
+        FedtrakError: on mismatched shapes.
+    """
+    if margins.shape != replica_margins.shape or margins.ndim != 2:
+        raise FedtrakError(f"margins {margins.shape} and their replica {replica_margins.shape} must match")
+    r = spearman_rows(margins.T, replica_margins.T)
+    valid = r[np.isfinite(r)]
+    if not len(valid):
+        raise FedtrakError("no query has a defined correlation between the two retrainings")
+    return {"ceiling": float(np.sqrt(np.maximum(valid, 0.0)).mean()),
+            "replica_spearman": float(valid.mean()), "num_queries": len(valid),
+            "num_subsets": int(margins.shape[0]),
+            "what": "mean over queries of sqrt(Spearman r) between the margins of the same subsets "
+                    "trained from two seeds: the most LDS a fixed scorer can expect"}
+
+
 def lds(
     scores: np.ndarray,
     masks: np.ndarray,
