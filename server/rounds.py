@@ -67,7 +67,8 @@ def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, 
     with timer.phase("train"):
         if t.train == "fedavg":
             return train_fedavg_checkpoints(grid, task, job, num_nodes, ckpt_dir)
-        train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=job.settings.task.seed, epochs=t.epochs)
+        train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=job.settings.task.seed, epochs=t.epochs,
+                          trajectory=t.ensemble == "trajectory")
     return load_checkpoints(task, ckpt_dir, t.checkpoints)
 
 

@@ -11,6 +11,7 @@ centralized ones as soon as it is trained.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.serverapp import Grid
@@ -34,31 +35,51 @@ from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_co
 def train_fedavg_checkpoints(
     grid: Grid, task: Task, job: Job, num_nodes: int, out_dir: Path
 ) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
-    """Train the job's ``checkpoints`` models with FedAvg over the connected clients and save them.
+    """Train the job's ``checkpoints`` models with FedAvg over the connected clients and save them:
+    independent runs (model initialized with ``seed + m``), or, with ``ensemble=trajectory``, one
+    run whose global model is saved after each of its last ``checkpoints`` rounds (a one-run
+    ensemble: the cost of one training).
 
     Raises:
-        FedtrakError: if a round produced no update (every client failed).
+        FedtrakError: if a round produced no update (every client failed), or a trajectory asks
+            for more checkpoints than rounds.
     """
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
                       min_available_nodes=num_nodes, **FEDAVG_KEYS)
     t, timeout = job.settings.training, job.settings.run.timeout
-    out = []
+    algorithm = "fedavg-dp-sgd" if t.dp_train_noise > 0 else "fedavg"
+    out: list[tuple[CheckpointInfo, dict[str, torch.Tensor]]] = []
     infos: list[CheckpointInfo] = []
-    for m in range(t.checkpoints):
-        seed = job.settings.task.seed + m
-        initial = state_to_record(seeded_model(task, seed).state_dict())
-        result = strategy.start(grid, initial, num_rounds=t.rounds, timeout=timeout,
-                                train_config=train_config(job, m))
+
+    def save(state: dict[str, torch.Tensor], seed: int, rounds: int, trajectory: bool) -> None:
+        m = len(infos)
+        model = model_from_state(task, state, f"FedAvg checkpoint {m}")
+        infos.append(CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, rounds * job.resolved.local_epochs,
+                                    accuracy(model, task.x_query, task.y_query), rounds=rounds,
+                                    trajectory=trajectory))
+        write_checkpoint(out_dir, task.name, state, infos)
+        out.append((infos[-1], state))
+
+    def run(m: int, seed: int, keep_from: int | None = None) -> dict[str, torch.Tensor]:
+        def snapshot(server_round: int, arrays: Any) -> None:  # Flower's ArrayRecord of the round's model
+            if keep_from is not None and server_round >= keep_from:
+                save(record_to_state(arrays), seed, server_round, True)
+
+        result = strategy.start(grid, state_to_record(seeded_model(task, seed).state_dict()), num_rounds=t.rounds,
+                                timeout=timeout, train_config=train_config(job, m), evaluate_fn=snapshot)
         if len(result.train_metrics_clientapp) < t.rounds:
             raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update")
-        state = record_to_state(result.arrays)
-        model = model_from_state(task, state, f"FedAvg checkpoint {m}")
-        algorithm = "fedavg-dp-sgd" if t.dp_train_noise > 0 else "fedavg"
-        info = CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, t.rounds * job.resolved.local_epochs,
-                              accuracy(model, task.x_query, task.y_query), rounds=t.rounds)
-        infos.append(info)
-        write_checkpoint(out_dir, task.name, state, infos)
-        out.append((info, state))
+        return record_to_state(result.arrays)
+
+    if t.ensemble == "trajectory":
+        if t.checkpoints > t.rounds:
+            raise FedtrakError(f"a one-run ensemble of {t.checkpoints} checkpoints needs at least as many "
+                               f"rounds, got {t.rounds}")
+        run(0, job.settings.task.seed, keep_from=t.rounds - t.checkpoints + 1)
+        return out
+    for m in range(t.checkpoints):
+        seed = job.settings.task.seed + m
+        save(run(m, seed), seed, t.rounds, False)
     return out
 
 

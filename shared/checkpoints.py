@@ -44,6 +44,8 @@ class CheckpointInfo:
     epochs: int | None
     accuracy: float | None
     rounds: int | None = None
+    #: Taken along one training run (a one-run ensemble) rather than from an independent run.
+    trajectory: bool = False
 
 
 def seeded_model(task: Task, seed: int) -> nn.Module:
@@ -65,10 +67,12 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
 
 
 def sgd_epochs(
-    task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
+    task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
+    after_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` with the task's recipe
-    (minibatch SGD + momentum + weight decay), shuffling deterministically in ``seed``.
+    (minibatch SGD + momentum + weight decay), shuffling deterministically in ``seed``;
+    ``after_epoch(epoch, model)`` (epochs counted from 1) sees the model after each epoch.
 
     Centralized checkpoints and each client's local FedAvg update use this one loop.
     """
@@ -80,13 +84,16 @@ def sgd_epochs(
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(yt), generator=gen)
         for i in range(0, len(yt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             opt.zero_grad()
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
+        if after_epoch is not None:
+            after_epoch(epoch, model.eval())
+            model.train()
     return model.eval()
 
 
@@ -129,16 +136,37 @@ def train_checkpoints(
     base_seed: int = 0,
     epochs: int | None = None,
     progress: Callable[[int], None] | None = None,
+    trajectory: bool = False,
 ) -> list[CheckpointInfo]:
-    """Train ``num`` independent models (seeds ``base_seed + m``) and save them.
+    """Train ``num`` independent models (seeds ``base_seed + m``) and save them; with
+    ``trajectory``, one model (seed ``base_seed``) saved after each of its last ``num`` epochs
+    (a one-run ensemble: the cost of one training).
 
     Each checkpoint and the manifest are written as soon as the model is
     trained, so an interrupted run keeps what it finished.
+
+    Raises:
+        FedtrakError: on fewer than one checkpoint, or a trajectory with more checkpoints than epochs.
     """
     if num < 1:
         raise FedtrakError(f"number of checkpoints must be at least 1, got {num}")
     out_dir.mkdir(parents=True, exist_ok=True)
     infos: list[CheckpointInfo] = []
+    if trajectory:
+        total = task.training.epochs if epochs is None else epochs
+        if num > total:
+            raise FedtrakError(f"a one-run ensemble of {num} checkpoints needs at least {num} epochs, got {total}")
+
+        def keep(epoch: int, model: nn.Module) -> None:
+            if epoch > total - num:
+                infos.append(CheckpointInfo(len(infos), f"ckpt_{len(infos):03d}.pt", base_seed, "central-sgd", epoch,
+                                            accuracy(model, task.x_query, task.y_query), trajectory=True))
+                write_checkpoint(out_dir, task.name, model.state_dict(), infos)
+                if progress is not None:
+                    progress(1)
+
+        sgd_epochs(task, seeded_model(task, base_seed), task.x_train, task.y_train, total, base_seed, keep)
+        return infos
     for m in range(num):
         seed = base_seed + m
         model = train_central(task, seed, epochs=epochs)

@@ -33,6 +33,8 @@ WEIGHTINGS = ("curvature", "none")
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
 TRAINING = ("fedavg", "central")
+#: Where an ensemble's checkpoints come from: independent training runs, or one run's last steps.
+ENSEMBLES = ("trajectory", "independent")
 PARTITIONS = ("iid", "dirichlet")
 CLIP_MODES = ("per-checkpoint", "joint")
 DEFAULT_TASK = "digits-logreg"
@@ -99,6 +101,9 @@ class TrainingSettings:
     """How the M checkpoints are obtained."""
 
     checkpoints: int = setting(3, "number of checkpoints M", minimum=1)
+    ensemble: str = setting("trajectory", "trajectory: one training run, checkpoints from its last M "
+                                          "epochs (SGD) or rounds (FedAvg); independent: M training runs",
+                            choices=ENSEMBLES)
     train: str = setting("fedavg", "how checkpoints are trained when --checkpoint-dir is not given "
                                    "(simulate; attribute always trains centrally)", choices=TRAINING)
     checkpoint_dir: str | None = setting(None, "reuse the checkpoints in this folder instead of training")

@@ -39,7 +39,7 @@ def obtain_checkpoints(task: Task, settings: Settings, out: Path, timer: PhaseTi
     ckpt_dir = out / "checkpoints"
     with timer.phase("train"), tqdm(total=t.checkpoints, desc="train checkpoints", disable=not progress) as bar:
         train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=settings.task.seed, epochs=t.epochs,
-                          progress=bar.update)
+                          progress=bar.update, trajectory=t.ensemble == "trajectory")
     return load_checkpoints(task, ckpt_dir, t.checkpoints)
 
 

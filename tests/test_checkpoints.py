@@ -52,3 +52,25 @@ def test_corrupt_or_missing_checkpoints(digits_logreg, logreg_ckpt_dir, tmp_path
         load_checkpoints(digits_logreg, bad)
     with pytest.raises(FedtrakError, match="does not exist"):
         load_checkpoints(digits_logreg, tmp_path / "nowhere")
+
+
+def test_a_one_run_ensemble_takes_the_last_epochs_of_one_training(digits_logreg, logreg_states, tmp_path):
+    """``trajectory``: one model (seed 0) saved after each of its last M epochs; its last checkpoint
+    is the independent run of seed 0 (the same training, to the bit), and ground truth retrains
+    that whole run."""
+    from fedtrak.simulations.run_folder import RunFolder
+
+    infos = train_checkpoints(digits_logreg, 4, tmp_path / "checkpoints", base_seed=0, trajectory=True)
+    epochs = digits_logreg.training.epochs
+    assert [i.epochs for i in infos] == list(range(epochs - 3, epochs + 1)) and all(i.trajectory for i in infos)
+    states = [s for _, s in load_checkpoints(digits_logreg, tmp_path / "checkpoints")]
+    for k, v in logreg_states[0].items():
+        assert torch.equal(states[-1][k], v)
+    assert not torch.equal(states[0]["1.weight"], states[-1]["1.weight"])
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "complete": True, "num_checkpoints": 4, "config": {"task": "digits-logreg"},
+        "partition": {"scheme": "iid", "num_clients": 10, "seed": 0}}))
+    recipe = RunFolder.open(tmp_path).recipe()
+    assert (recipe.algorithm, recipe.epochs) == ("central-sgd", epochs)
+    with pytest.raises(FedtrakError, match="needs at least 40 epochs"):
+        train_checkpoints(digits_logreg, 40, tmp_path / "more", trajectory=True)

@@ -36,7 +36,8 @@ def _children(pid: int) -> list[int]:
 def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, capsys):
     sim = tmp_path / "sim"
     code = main(["simulate", "--clients", "4", "--partition", "dirichlet", "--checkpoints", "2",
-                 "--rounds", "3", "--local-epochs", "2", "--proj-dim", "256", "--out", str(sim), "--quiet"])
+                 "--rounds", "3", "--local-epochs", "2", "--proj-dim", "256", "--out", str(sim), "--quiet",
+                 "--ensemble", "independent"])
     printed = capsys.readouterr().out
     assert code == 0
     # Short-lived helpers (a `file` call, say) may come and go; a leftover is one that stays.
