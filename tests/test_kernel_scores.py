@@ -132,3 +132,20 @@ def test_owner_totals_and_top_k():
     np.testing.assert_allclose(vals, [[0.7, 0.2], [1.0, 0.5]])
     with pytest.raises(FedtrakError):
         owner_totals(scores, np.array([0, 1]), 2)
+
+
+@pytest.mark.slow
+def test_lambda_is_chosen_without_the_queries(tmp_path, logreg_ckpt_dir):
+    """The default lambda rule reads the training side only (the kernel, n, p, the weight decay):
+    scoring another query set, or none of the evaluated queries at all, leaves every checkpoint's
+    lambda and the training columns' scores unchanged, and the summary records rule and value."""
+    from fedtrak.simulations.attribute import run_attribute
+
+    runs = {}
+    for name, query_size in (("all", None), ("fifty", 50)):
+        runs[name] = run_attribute(Settings().replaced(out=str(tmp_path / name), checkpoint_dir=str(logreg_ckpt_dir),
+                                                       proj_dim=64, query_size=query_size), progress=False)
+    assert runs["all"]["num_queries"] == 297 and runs["fifty"]["num_queries"] == 50
+    assert runs["all"]["lambda"] == runs["fifty"]["lambda"] == runs["all"]["resolved"]["lambda"]
+    rules = {rec["lambda_rule"] for rec in runs["all"]["checkpoints"]}
+    assert len(rules) == 1 and rules.pop().startswith("n*weight_decay*p/k")

@@ -1,10 +1,11 @@
-"""Benchmark: LDS of fedtrak across k and M on one task (the README's baseline table).
+"""Benchmark: LDS of fedtrak across k, M, kernels and ensembles on one task (the baseline table).
 
-``fedtrak bench lds --task T`` trains the largest number of checkpoints once
-(centralized SGD, the task's recipe, seeds 0..M-1) into ``OUT/checkpoints``,
-runs ``fedtrak attribute`` for every (k, M) pair on the first M of them, and
-evaluates each run's LDS against one shared set of ground-truth models (S
-models retrained on random halves; cached, so a second call trains nothing).
+``fedtrak bench lds --task T`` trains the checkpoints once (centralized SGD,
+the task's recipe: independent runs and one-run trajectories), runs
+``fedtrak attribute`` for every (k, M, kernel weighting, ensemble), and
+evaluates each run's LDS and its seed-noise ceiling against one shared set of
+ground-truth models (S models retrained on random halves, and S more from
+other seeds; cached, so a second call trains nothing).
 Every run folder is kept under ``OUT`` with its evaluation in its summary.
 Run by hand; never a timed test.
 """
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedtrak.checkpoints import train_checkpoints
-from fedtrak.settings import Settings
+from fedtrak.settings import WEIGHTINGS, Settings
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
@@ -34,46 +35,69 @@ def bench_lds(
     cache_dir: Path = DEFAULT_CACHE,
     workers: int | None = None,
     projectors: Sequence[str] = ("rademacher",),
+    weightings: Sequence[str] = WEIGHTINGS,
+    ensembles: Sequence[str] = ("trajectory",),
 ) -> list[dict]:
-    """One row per (projector, k, M): LDS, its interval and the attribution's seconds.
+    """One row per (projector, k, M, kernel weighting, ensemble): LDS, its interval, the seed-noise
+    ceiling, the training runs the checkpoints cost and the attribution's seconds.
 
-    A k of ``"identity"`` uses no projection (k = the parameter count: only
-    for small models, e.g. digits-logreg, whose 650 parameters are fewer than 2048).
+    Independent checkpoints are trained once (seeds 0..M-1, the first M used); a trajectory of M is
+    one training run's last M epochs. A k of ``"identity"`` uses no projection (k = the parameter
+    count: only for small models, e.g. digits-logreg, whose 650 parameters are fewer than 2048).
     """
     out = Path(out)
     task = load_task(task_name, train_size, query_size)
-    ckpt_dir = out / "checkpoints"
+    folders: dict[tuple[str, int], Path] = {}
     start = time.perf_counter()
-    if not (ckpt_dir / "manifest.json").exists():
-        train_checkpoints(task, max(checkpoints), ckpt_dir)
+    if "independent" in ensembles:
+        folder = out / "checkpoints"
+        if not (folder / "manifest.json").exists():
+            train_checkpoints(task, max(checkpoints), folder)
+        folders.update({("independent", m): folder for m in checkpoints})
+    for m in checkpoints if "trajectory" in ensembles else ():
+        folder = out / f"trajectory-{m}"
+        if not (folder / "manifest.json").exists():
+            train_checkpoints(task, m, folder, trajectory=True)
+        folders[("trajectory", m)] = folder
     train_seconds = time.perf_counter() - start
     rows = []
     combos = [("identity", "identity") if k == "identity" else (kind, k) for kind in projectors for k in proj_dims]
     for kind, k in dict.fromkeys(combos):
         for m in checkpoints:
-            run = out / (f"k{k}-m{m}" if kind in ("rademacher", "identity") else f"{kind}-k{k}-m{m}")
-            projection = {"projector": "identity"} if k == "identity" else {"projector": kind, "proj_dim": int(k)}
-            summary = run_attribute(Settings().replaced(
-                out=str(run), task=task_name, checkpoints=m, checkpoint_dir=str(ckpt_dir), train_size=train_size,
-                query_size=query_size, **projection), progress=False)
-            block = evaluate_run(run, EvalOptions(("lds",), subsets=subsets, cache_dir=cache_dir,
-                                                  workers=workers, progress=False))
-            e = block["lds"]
-            rows.append({"task": task_name, "num_train": summary["num_train"],
-                         "num_queries": summary["num_queries"], "projector": summary["projector"],
-                         "k": summary["proj_dim"], "M": m, "lds": e["lds"],
-                         "ci_low": e["ci_low"], "ci_high": e["ci_high"], "subsets": e["num_subsets"],
-                         "attribute_seconds": summary["seconds"]["total"],
-                         "ground_truth_seconds": e["ground_truth"]["seconds"],
-                         "checkpoint_seconds": round(train_seconds, 1)})
+            for ensemble in ensembles:
+                for weighting in weightings:
+                    rows.append(_row(task_name, out, kind, k, m, ensemble, weighting, folders[(ensemble, m)],
+                                     train_size, query_size, subsets, cache_dir, workers, train_seconds))
     return rows
+
+
+def _row(task_name: str, out: Path, kind: str, k: int | str, m: int, ensemble: str, weighting: str, ckpts: Path,
+         train_size: int | None, query_size: int | None, subsets: int, cache_dir: Path, workers: int | None,
+         train_seconds: float) -> dict:
+    run = out / f"{kind}-k{k}-m{m}-{ensemble}-{weighting}"
+    projection = {"projector": "identity"} if k == "identity" else {"projector": kind, "proj_dim": int(k)}
+    summary = run_attribute(Settings().replaced(
+        out=str(run), task=task_name, checkpoints=m, checkpoint_dir=str(ckpts), train_size=train_size,
+        query_size=query_size, weighting=weighting, **projection), progress=False)
+    e = evaluate_run(run, EvalOptions(("lds",), subsets=subsets, cache_dir=cache_dir, workers=workers,
+                                      progress=False))["lds"]
+    return {"task": task_name, "num_train": summary["num_train"], "num_queries": summary["num_queries"],
+            "projector": summary["projector"], "k": summary["proj_dim"], "M": m, "ensemble": ensemble,
+            "training_runs": m if ensemble == "independent" else 1, "weighting": weighting,
+            "lambda": summary["lambda"][0], "lds": e["lds"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+            "ceiling": e["ceiling"]["ceiling"], "subsets": e["num_subsets"],
+            "attribute_seconds": summary["seconds"]["total"],
+            "ground_truth_seconds": e["ground_truth"]["seconds"], "checkpoint_seconds": round(train_seconds, 1)}
 
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of :func:`bench_lds` rows."""
-    lines = ["| task | train x queries | k | M | LDS | 95% interval | attribute s |", "|---|---|---|---|---|---|---|"]
+    lines = [("| task | train x queries | k | M | ensemble (training runs) | kernel | LDS | 95% interval | ceiling | "
+             "LDS / ceiling | attribute s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = str(r["k"]) if r["projector"] == "rademacher" else f"{r['k']} ({r['projector']})"
         lines.append(f"| {r['task']} | {r['num_train']} x {r['num_queries']} | {k} | {r['M']} | "
-                     f"{r['lds']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['attribute_seconds']:.1f} |")
+                     f"{r['ensemble']} ({r['training_runs']}) | {r['weighting']} | {r['lds']:.3f} | "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['ceiling']:.3f} | "
+                     f"{r['lds'] / r['ceiling']:.2f} | {r['attribute_seconds']:.1f} |")
     return "\n".join(lines)

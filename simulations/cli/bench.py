@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import PROJECTORS
+from fedtrak.settings import ENSEMBLES, PROJECTORS, WEIGHTINGS
 from fedtrak.simulations.cli import OneLineParser
 from fedtrak.simulations.cli.evaluate import epsilons, inversion_args
 from fedtrak.simulations.cli.flags import add_json, add_settings, int_list, positive_int
@@ -29,6 +29,8 @@ def _lds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proj-dims", default="512,2048", help="comma-separated k values; 'identity' for no projection")
     p.add_argument("--checkpoints", default="1,5", help="comma-separated M values")
     p.add_argument("--projectors", default="rademacher", help="comma-separated projectors (each k, M)")
+    p.add_argument("--weightings", default="curvature,none", help="comma-separated kernel weightings")
+    p.add_argument("--ensembles", default="trajectory", help="comma-separated: trajectory, independent")
     p.add_argument("--subsets", type=positive_int, default=100)
     p.add_argument("--cache-dir", type=Path, default=None)
 
@@ -70,6 +72,15 @@ def _secagg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and both runs")
 
 
+def _lambda(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["task", "proj-dim", "checkpoints"], defaults={"proj-dim": 512, "checkpoints": 5})
+    p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
+    p.add_argument("--factors", default="0.1,0.3,1,3,10", help="comma-separated multiples of the rule's lambda")
+    p.add_argument("--weightings", default="curvature,none", help="comma-separated kernel weightings")
+    p.add_argument("--subsets", type=positive_int, default=100)
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
 def _cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=5, help="runs of each command (the median is kept)")
 
@@ -83,6 +94,7 @@ BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "deploy": (_deploy, "a loopback deployment with TLS and node authentication"),
     "attacks": (_attacks, "what a curious server recovers, per mode, k, epsilon and client size"),
     "secagg": (_secagg, "cost of secure aggregation in a simulation, against the plain run"),
+    "lambda": (_lambda, "LDS against lambda around the default rule's value (a diagnostic)"),
     "cli": (_cli, "seconds of fedtrak --help and fedtrak simulate --help (start-up cost)"),
 }
 
@@ -94,6 +106,14 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         arguments(p)
         add_json(p)
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    chosen = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown or not chosen:
+        raise FedtrakError(f"{flag}: unknown {unknown}; use {', '.join(allowed)}")
+    return chosen
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -118,7 +138,8 @@ def _run_lds(args: argparse.Namespace) -> tuple[object, str]:
     dims = [d if d == "identity" else int_list(d, "--proj-dims")[0] for d in args.proj_dims.split(",")]
     rows = bench_lds(args.task, args.out, dims, int_list(args.checkpoints, "--checkpoints"), args.subsets,
                      args.train_size, args.query_size, args.cache_dir or DEFAULT_CACHE,
-                     projectors=_kinds(args.projectors))
+                     projectors=_kinds(args.projectors), weightings=_choices(args.weightings, WEIGHTINGS, "--weightings"),
+                     ensembles=_choices(args.ensembles, ENSEMBLES, "--ensembles"))
     return rows, format_table(rows)
 
 
@@ -169,6 +190,20 @@ def _run_secagg(args: argparse.Namespace) -> tuple[object, str]:
     return result, format_table(result)
 
 
+def _run_lambda(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.lambdas import bench_lambda, format_table
+    from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f.strip()]
+    except ValueError:
+        raise FedtrakError(f"--factors must be comma-separated numbers, got {args.factors!r}") from None
+    rows = bench_lambda(args.task, args.out, factors, args.checkpoints, args.proj_dim,
+                        _choices(args.weightings, WEIGHTINGS, "--weightings"), args.subsets,
+                        args.cache_dir or DEFAULT_CACHE)
+    return rows, format_table(rows)
+
+
 def _run_cli(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.cli import bench_cli, format_rows
 
@@ -178,7 +213,7 @@ def _run_cli(args: argparse.Namespace) -> tuple[object, str]:
 
 RUNS: dict[str, Callable[[argparse.Namespace], tuple[object, str]]] = {
     "featurize": _run_featurize, "lds": _run_lds, "memory": _run_memory, "scale": _run_scale,
-    "deploy": _run_deploy, "attacks": _run_attacks, "secagg": _run_secagg, "cli": _run_cli}
+    "deploy": _run_deploy, "attacks": _run_attacks, "secagg": _run_secagg, "lambda": _run_lambda, "cli": _run_cli}
 
 
 def bench(args: argparse.Namespace) -> int:
