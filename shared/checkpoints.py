@@ -46,6 +46,8 @@ class CheckpointInfo:
     rounds: int | None = None
     #: Taken along one training run (a one-run ensemble) rather than from an independent run.
     trajectory: bool = False
+    #: SGD steps taken when it was saved (a one-run ensemble's checkpoint).
+    steps: int | None = None
 
 
 def seeded_model(task: Task, seed: int) -> nn.Module:
@@ -68,11 +70,11 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
 
 def sgd_epochs(
     task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
-    after_epoch: Callable[[int, nn.Module], None] | None = None,
+    snapshot: Callable[[int, nn.Module], None] | None = None, at_steps: frozenset[int] = frozenset(),
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` with the task's recipe
     (minibatch SGD + momentum + weight decay), shuffling deterministically in ``seed``;
-    ``after_epoch(epoch, model)`` (epochs counted from 1) sees the model after each epoch.
+    ``snapshot(step, model)`` sees the model after each step in ``at_steps`` (counted from 1).
 
     Centralized checkpoints and each client's local FedAvg update use this one loop.
     """
@@ -84,17 +86,34 @@ def sgd_epochs(
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    for epoch in range(1, epochs + 1):
+    step = 0
+    for _ in range(epochs):
         perm = torch.randperm(len(yt), generator=gen)
         for i in range(0, len(yt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             opt.zero_grad()
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
-        if after_epoch is not None:
-            after_epoch(epoch, model.eval())
-            model.train()
+            step += 1
+            if snapshot is not None and step in at_steps:
+                snapshot(step, model.eval())
+                model.train()
     return model.eval()
+
+
+def trajectory_steps(num: int, epochs: int, steps_per_epoch: int) -> list[int]:
+    """Where a one-run ensemble of ``num`` checkpoints is taken: the ends of the last ``num`` epochs,
+    or, with fewer epochs than checkpoints, ``num`` evenly spaced steps over the last half of training.
+
+    Raises:
+        FedtrakError: if training has fewer steps than checkpoints.
+    """
+    total = epochs * steps_per_epoch
+    if num > total:
+        raise FedtrakError(f"a one-run ensemble of {num} checkpoints needs at least {num} SGD steps, "
+                           f"training has {total}")
+    gap = steps_per_epoch if epochs >= num else max(1, total // (2 * num))
+    return [total - (num - i) * gap for i in range(1, num + 1)]
 
 
 def fedavg_local_seed(seed: int, checkpoint: int, server_round: int, partition_id: int) -> int:
@@ -139,14 +158,14 @@ def train_checkpoints(
     trajectory: bool = False,
 ) -> list[CheckpointInfo]:
     """Train ``num`` independent models (seeds ``base_seed + m``) and save them; with
-    ``trajectory``, one model (seed ``base_seed``) saved after each of its last ``num`` epochs
-    (a one-run ensemble: the cost of one training).
+    ``trajectory``, one model (seed ``base_seed``) saved along its training, after each of its
+    last ``num`` epochs (:func:`trajectory_steps`; a one-run ensemble: the cost of one training).
 
     Each checkpoint and the manifest are written as soon as the model is
     trained, so an interrupted run keeps what it finished.
 
     Raises:
-        FedtrakError: on fewer than one checkpoint, or a trajectory with more checkpoints than epochs.
+        FedtrakError: on fewer than one checkpoint, or a trajectory with more checkpoints than steps.
     """
     if num < 1:
         raise FedtrakError(f"number of checkpoints must be at least 1, got {num}")
@@ -154,18 +173,18 @@ def train_checkpoints(
     infos: list[CheckpointInfo] = []
     if trajectory:
         total = task.training.epochs if epochs is None else epochs
-        if num > total:
-            raise FedtrakError(f"a one-run ensemble of {num} checkpoints needs at least {num} epochs, got {total}")
+        per_epoch = -(-task.num_train // task.training.batch_size)
 
-        def keep(epoch: int, model: nn.Module) -> None:
-            if epoch > total - num:
-                infos.append(CheckpointInfo(len(infos), f"ckpt_{len(infos):03d}.pt", base_seed, "central-sgd", epoch,
-                                            accuracy(model, task.x_query, task.y_query), trajectory=True))
-                write_checkpoint(out_dir, task.name, model.state_dict(), infos)
-                if progress is not None:
-                    progress(1)
+        def keep(step: int, model: nn.Module) -> None:
+            infos.append(CheckpointInfo(len(infos), f"ckpt_{len(infos):03d}.pt", base_seed, "central-sgd",
+                                        -(-step // per_epoch), accuracy(model, task.x_query, task.y_query),
+                                        trajectory=True, steps=step))
+            write_checkpoint(out_dir, task.name, model.state_dict(), infos)
+            if progress is not None:
+                progress(1)
 
-        sgd_epochs(task, seeded_model(task, base_seed), task.x_train, task.y_train, total, base_seed, keep)
+        at = frozenset(trajectory_steps(num, total, per_epoch))
+        sgd_epochs(task, seeded_model(task, base_seed), task.x_train, task.y_train, total, base_seed, keep, at)
         return infos
     for m in range(num):
         seed = base_seed + m

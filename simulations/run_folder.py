@@ -104,7 +104,7 @@ class RunFolder:
         _, infos = read_manifest(self.checkpoint_folder())
         infos = infos[: int(self.summary["num_checkpoints"])]
         if infos and all(i.trajectory for i in infos):  # one run's last steps: retrain that whole run
-            infos = [max(infos, key=lambda i: (i.rounds or 0, i.epochs or 0))]
+            infos = [max(infos, key=lambda i: (i.rounds or 0, i.epochs or 0, i.steps or 0))]
         kinds = {(i.algorithm, i.epochs, i.rounds) for i in infos}
         if len(kinds) != 1:
             raise FedtrakError(f"{self.path}: checkpoints were trained in different ways {sorted(map(str, kinds))}")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fedtrak.checkpoints import MANIFEST, load_checkpoints, train_checkpoints
+from fedtrak.checkpoints import MANIFEST, load_checkpoints, train_checkpoints, trajectory_steps
 from fedtrak.errors import FedtrakError
 from fedtrak.tasks import load_task
 
@@ -72,5 +72,7 @@ def test_a_one_run_ensemble_takes_the_last_epochs_of_one_training(digits_logreg,
         "partition": {"scheme": "iid", "num_clients": 10, "seed": 0}}))
     recipe = RunFolder.open(tmp_path).recipe()
     assert (recipe.algorithm, recipe.epochs) == ("central-sgd", epochs)
-    with pytest.raises(FedtrakError, match="needs at least 40 epochs"):
-        train_checkpoints(digits_logreg, 40, tmp_path / "more", trajectory=True)
+    # fewer epochs than checkpoints: evenly spaced steps over the last half of training
+    assert trajectory_steps(5, 3, 79) == [145, 168, 191, 214, 237]  # 23 steps apart
+    with pytest.raises(FedtrakError, match="needs at least 300 SGD steps, training has 237"):
+        trajectory_steps(300, 3, 79)
