@@ -102,9 +102,11 @@ class RunFolder:
             raise FedtrakError(f"{self.path}: clients were excluded from the run, so its scores do not "
                                "cover the training set that ground truth retrains on")
         _, infos = read_manifest(self.checkpoint_folder())
-        infos = infos[: int(self.summary["num_checkpoints"])]
-        if infos and all(i.trajectory for i in infos):  # one run's last steps: retrain that whole run
+        if infos and all(i.trajectory for i in infos):
+            # steps of one training run, however many of them this run used: retrain that whole run
             infos = [max(infos, key=lambda i: (i.rounds or 0, i.epochs or 0, i.steps or 0))]
+        else:
+            infos = infos[: int(self.summary["num_checkpoints"])]
         kinds = {(i.algorithm, i.epochs, i.rounds) for i in infos}
         if len(kinds) != 1:
             raise FedtrakError(f"{self.path}: checkpoints were trained in different ways {sorted(map(str, kinds))}")
