@@ -31,7 +31,7 @@ log = logging.getLogger("fedtrak.client")
 
 #: Queries assumed when the check is not told how many the server will score (the size of
 #: digits' query set; Fashion-MNIST's test set is 10,000).
-DEFAULT_QUERIES = 297
+DEFAULT_QUERIES = 149
 
 #: Bytes of one released number (float64 arrays, uint64 masked vectors).
 NUMBER_BYTES = 8

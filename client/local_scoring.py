@@ -53,8 +53,9 @@ class ChunkedScores:
     """What a client keeps of its scores after a pass over its store in row chunks.
 
     ``totals`` ``(Q,)``: the owner totals; ``mean_out_to_loss`` ``(n,)``;
-    ``summaries`` ``(M, k)``: ``sum_i qbar_i phi_m,i``; ``scores`` ``(Q, n)``
-    only when kept; ``self_influence`` ``(n,)`` with kernel inverses;
+    ``summaries`` ``(M, k)``: ``sum_i qbar_i phi_m,i`` of the clipped features; ``scores`` ``(Q, n)``
+    only when kept; ``self_influence`` ``(n,)`` with kernel inverses, and ``self_influence_sum``
+    its sum over the clipped features (what an owner's release is made of);
     ``proponents``/``opponents``: ``(indices, values)`` ``(Q, topk)`` when asked.
     """
 
@@ -63,6 +64,7 @@ class ChunkedScores:
     summaries: np.ndarray
     scores: np.ndarray | None = None
     self_influence: np.ndarray | None = None
+    self_influence_sum: float | None = None
     proponents: tuple[np.ndarray, np.ndarray] | None = None
     opponents: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -90,9 +92,11 @@ def score_in_chunks(
 ) -> ChunkedScores:
     """:func:`score_own_examples` over stored (memory-mapped) features, ``rows`` at a time.
 
-    ``scales``: per-checkpoint per-example clip factors (under DP the clipped
-    features are scored). Owner totals, owner summaries and running top-k
-    lists are accumulated; the ``(Q, n)`` scores are kept only if asked.
+    ``scales``: per-checkpoint per-example clip factors (under DP). Per-example scores, owner
+    totals and self-influence use the features as they are: they stay on the device (or, with
+    ``full``, serve evaluation). What an owner releases, its summaries and its summed
+    self-influence, is made of the clipped features. Running top-k lists are accumulated; the
+    ``(Q, n)`` scores are kept only if asked.
     """
     n = features[0].shape[0]
     nq = preconditioned[0].shape[0]
@@ -101,25 +105,31 @@ def score_in_chunks(
     qbar = np.empty(n)
     kept = np.empty((nq, n)) if keep_scores else None
     self_infl = np.empty(n) if kernel_inverses is not None else None
+    self_sum = 0.0
     pro = opp = None
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         chunk = [np.asarray(f[start:stop], dtype=np.float32) for f in features]
-        if scales is not None:
-            chunk = [c * s[start:stop, None].astype(np.float32) for c, s in zip(chunk, scales)]
+        clipped = chunk if scales is None else [c * s[start:stop, None].astype(np.float32)
+                                                for c, s in zip(chunk, scales)]
         weights = [np.asarray(q[start:stop]) for q in out_to_loss]
         scores, si = score_own_examples(chunk, weights, preconditioned, kernel_inverses)
         q_chunk = np.mean([np.asarray(w, dtype=np.float64) for w in weights], axis=0)
         qbar[start:stop] = q_chunk
-        summaries += owner_summaries(chunk, q_chunk)
+        summaries += owner_summaries(clipped, q_chunk)
         totals += scores.sum(axis=1)
         if kept is not None:
             kept[:, start:stop] = scores
         if self_infl is not None:
             self_infl[start:stop] = si
+            if scales is not None:  # the released sum: of the clipped features
+                si = np.mean([self_kernel_term(c, kinv) for c, kinv in zip(clipped, kernel_inverses)],
+                             axis=0) * q_chunk
+            self_sum += float(si.sum())
         if topk:
             pro = _merge_top(pro, scores, start, topk)
             opp = _merge_top(opp, -scores, start, topk)
     if opp is not None:
         opp = (opp[0], -opp[1])
-    return ChunkedScores(totals, qbar, summaries, kept, self_infl, pro, opp)
+    return ChunkedScores(totals, qbar, summaries, kept, self_infl, None if self_infl is None else self_sum,
+                         pro, opp)

@@ -35,8 +35,11 @@ STRIP_QUERIES = 6
 
 
 def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray]:
-    """Each checkpoint's Gram upper triangle: of the clipped features plus Gaussian noise under DP."""
+    """Each checkpoint's Gram upper triangle: of the clipped features plus Gaussian noise under DP;
+    none when the run's kernel is public (the server builds it from its own data)."""
     dp, store, weighted = local.dp, local.store, local.weighted
+    if local.job.resolved.kernel_source == "public":
+        return {}
     if not dp.active:
         return {m: pack_upper(stored_gram(store, m, weighted=weighted)[0]) for m in checkpoints}
     scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
@@ -104,7 +107,7 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     if request.inverses is not None:
         inverses = [unpack_upper(request.inverses[m], dim, f"kernel inverse {m}") for m in ms]
     scales = None
-    if dp.active:  # score the clipped features the Grams were made of
+    if dp.active:  # what is released is made of clipped features; the scores themselves stay here
         clip = stored_clip_scales(store, ms, dp)
         scales = [clip[m] for m in ms]
     topk = request.topk if policy == "topk" else 0
@@ -117,7 +120,7 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
                                                  lambda: noised_owner_summaries(local_scores.summaries, dp, rng))
     self_infl = local_scores.self_influence
     if self_infl is not None:
-        total = float(self_infl.sum())
+        total = float(local_scores.self_influence_sum)
         if dp.active:
             total = float(store.released("self-influence-sum", lambda: np.array(
                 [noised_self_influence_sum(total, inverses, dp, rng)]))[0])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Resolved
+from fedtrak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
 from fedtrak.privacy.plan import planned_threshold, resolve_dp
 from fedtrak.projectors import make_projector
@@ -49,12 +50,15 @@ def preflight(settings: Settings) -> Plan:
     p = settings.projection
     proj = make_projector(p.projector, task.num_params, p.proj_dim, settings.task.seed, cache_bytes=0,
                           model=task.make_model())
-    dp = resolve_dp(settings, task, proj.proj_dim)
+    source = resolve_kernel_source(settings, task)
+    if source in USES_PUBLIC:
+        public_data(settings, task)  # a bad public file fails here, before anything runs
+    dp = resolve_dp(settings, task, proj.proj_dim, source)
     if settings.privacy.clip_quantile is None:  # otherwise C, and the floor, come after the histograms
-        check_lambda_against_noise(settings, dp, proj.proj_dim)
+        check_lambda_against_noise(settings, dp, proj.proj_dim, source)
     threshold = planned_threshold(settings) if settings.secagg.secure_agg else 0
     resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
-                        settings.training.local_epochs or task.training.local_epochs)
+                        settings.training.local_epochs or task.training.local_epochs, source)
     return Plan(settings, task, resolved, dp)
 
 
@@ -64,9 +68,10 @@ def noise_copies(settings: Settings, clients: int) -> float:
     return clients / planned_threshold(settings) if settings.secagg.secure_agg else clients
 
 
-def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int) -> None:
-    """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite."""
-    if not dp.active or settings.release.mode != "private":
+def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int, source: str) -> None:
+    """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite
+    (a private kernel's: a public one has no noise, a hybrid one is made PSD)."""
+    if not dp.active or settings.release.mode != "private" or source != "private":
         return
     try:
         fixed = float(settings.kernel.lam)

@@ -17,6 +17,7 @@ from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.job import Job
+from fedtrak.kernel_sources import USES_PUBLIC, public_data, source_gram
 from fedtrak.partition import example_ids
 from fedtrak.privacy.mechanisms import noise_floor
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
@@ -116,7 +117,7 @@ def _summed_kernels(fed: Federation, job: Job, states: States, timer: PhaseTimer
                     saved: SavedKernels | None) -> tuple[list[np.ndarray], int, float, SecureSum | None]:
     """The summed Grams of every checkpoint: saved (a resumed run), securely summed or summed in the
     clear; kept in ``state`` as soon as they exist."""
-    ms = list(range(len(states)))
+    ms = list(range(len(states))) if job.resolved.kernel_source != "public" else []  # public: counts only
     if saved is not None:
         return saved.grams, saved.total, saved.copies, restored_secure_sum(saved)
     secure = None
@@ -141,14 +142,20 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
 
     The summed kernels are kept in ``state`` as soon as they exist; with
     ``saved`` kernels (a resumed run) there is no featurize round."""
-    settings, dp = job.settings, job.dp()
+    settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
     sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
-    floor = noise_floor(dp, job.resolved.proj_dim, copies) if dp.active else 0.0
+    public = public_data(settings, task) if source in USES_PUBLIC else None
+    floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
+    noise_energy = (dim * dp.noise_multiplier * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
     us, records, inverses = {}, [], {}
     for m, featurizer in enumerate(featurizers):
-        u, record, kinv = solve_checkpoint(task, featurizer, sums[m], total, settings, m, timer,
+        with timer.phase("kernel"):
+            matrix, source_record = source_gram(source, featurizer, sums[m] if sums else None, total, public,
+                                                settings.kernel.weighting == "curvature", noise_energy)
+        u, record, kinv = solve_checkpoint(task, featurizer, matrix, total, settings, m, timer,
                                            with_inverse=settings.wants_self_influence, noise_floor=floor)
+        record.update(source_record)
         featurizer.projector.release()
         us[m] = u
         records.append(record)

@@ -80,7 +80,7 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower") -
     if dp.active and settings.privacy.clip_quantile is not None and resumed is None:
         clip = estimate_clip_norm(fed, job, states, settings.privacy.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, resolved=replace(job.resolved, clip_norm=clip))
-        check_lambda_against_noise(settings, dp, job.resolved.proj_dim)
+        check_lambda_against_noise(settings, dp, job.resolved.proj_dim, job.resolved.kernel_source)
     saved = state.saved_kernels() if resumed is not None else None
     reused = ["the job (run id, resolved settings)", "checkpoints"] if resumed is not None else []
     if saved is not None:

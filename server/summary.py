@@ -27,19 +27,22 @@ def _json_number(value: float) -> float | None:
     return None if math.isinf(value) else value
 
 
-def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSum | None = None) -> dict:
+def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSum | None = None,
+                  source: str = "private") -> dict:
     """The summary's account of what was released and what it cost (``secure``: the secure sum,
-    whose survivors set the Grams' noise)."""
+    whose survivors set the Grams' noise; ``source``: the kernel's, a public one releases no Gram)."""
     if not dp.active:
-        return {"dp": False, "note": "no noise: nothing released is differentially private"}
+        return {"dp": False, "kernel_source": source, "note": "no noise: nothing released is differentially private"}
     p = settings.privacy
-    plan = run_release_plan(settings, dp, dim, *(() if secure is None else (secure.noise, len(secure.survivors))))
+    plan = run_release_plan(settings, dp, dim, *(() if secure is None else (secure.noise, len(secure.survivors))),
+                            source=source)
     rule = (f"DP quantile {p.clip_quantile:g} of the feature norms" if p.clip_quantile is not None
             else "given" if p.clip_norm else "the task's default")
     block = {"dp": True, "adjacency": "add or remove one training example",
              "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
              "clip_mode": dp.clip_mode, "delta": dp.delta, "target_epsilon": p.epsilon,
              "gram_weight": dp.gram_weight, "kernel_weighting": settings.kernel.weighting,
+             "kernel_source": source,
              "epsilon": _json_number(epsilon(plan, dp.delta)),
              "epsilon_prv": _json_number(prv_epsilon(plan, dp.delta)),
              "accountant": "mu-GDP composition of Gaussian mechanisms at sample rate 1 (opacus gdp); "
@@ -47,7 +50,7 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
              "ledger": [r.describe() for r in plan], "secure_aggregation": secure is not None,
              "noise_per_client": "full sigma (no secure aggregation)", "not_covered": []}
     if secure is not None:
-        at_threshold = run_release_plan(settings, dp, dim)
+        at_threshold = run_release_plan(settings, dp, dim, source=source)
         block.update(
             accountant="Renyi DP: Skellam bound (Agarwal, Kairouz and Liu 2021) for the securely summed Grams, "
                        "Gaussian for the rest, converted with opacus get_privacy_spent; PRV cross-check treats "
@@ -98,7 +101,8 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         **({"partition": {"scheme": p.partition, "alpha": p.alpha if p.partition == "dirichlet" else None,
                           "seed": p.partition_seed, "num_clients": p.clients}} if min(pids) >= 0 else {}),
         **flips_block(flips, flipped),
-        "privacy": privacy_block(settings, dp, dim, outcome.secure),
+        "kernel_source": job.resolved.kernel_source,
+        "privacy": privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source),
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
         "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
                                                               for n in nodes}, job.resolved.local_epochs),

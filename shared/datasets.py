@@ -18,16 +18,23 @@ from fedtrak.errors import FedtrakError
 #: with the ``FEDTRAK_FMNIST_DIR`` environment variable.
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-#: Size of the digits training split; the remaining 297 images are queries.
+#: Size of the digits training split; of the remaining 297 images, 149 are queries and 148 the
+#: public split (data the server may hold: disjoint from training and queries).
 DIGITS_TRAIN_SIZE = 1500
+DIGITS_PUBLIC_SIZE = 148
+#: Fashion-MNIST's public split: the last 1,000 of its 10,000 test images (the rest are queries).
+FMNIST_PUBLIC_SIZE = 1000
+
+#: Train inputs and labels, query inputs and labels, public inputs and labels.
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 #: Shape of one input of each built-in data set (digits flattened, Fashion-MNIST as one channel).
 DIGITS_SHAPE = (64,)
 FMNIST_SHAPE = (1, 28, 28)
 
 
-def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], split 1,500 / 297.
+def load_digits_split() -> Split:
+    """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], split 1,500 train / 149 query / 148 public.
 
     The split is a fixed permutation (seed 0), so every machine gets the same
     training order and the same query set.
@@ -38,8 +45,9 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     x = (data.data / 16.0).astype(np.float32)
     y = data.target.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(y))
-    train, query = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
-    return x[train], y[train], x[query], y[query]
+    train, rest = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
+    query, public = rest[:-DIGITS_PUBLIC_SIZE], rest[-DIGITS_PUBLIC_SIZE:]
+    return x[train], y[train], x[query], y[query], x[public], y[public]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -60,8 +68,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def load_fmnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fashion-MNIST (60k train, 10k test) as float32 images of shape (1, 28, 28)."""
+def load_fmnist_split() -> Split:
+    """Fashion-MNIST as float32 images of shape (1, 28, 28): 60,000 train, the first 9,000 test
+    images as queries and the last 1,000 as the public split."""
     root = Path(os.environ.get("FEDTRAK_FMNIST_DIR", FMNIST_DIR))
     names = {
         "xtr": "train-images-idx3-ubyte.gz",
@@ -78,9 +87,5 @@ def load_fmnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
         )
     arrays = {k: _read_idx(root / n) for k, n in names.items()}
     to_x = lambda a: (a.astype(np.float32) / 255.0)[:, None, :, :]
-    return (
-        to_x(arrays["xtr"]),
-        arrays["ytr"].astype(np.int64),
-        to_x(arrays["xte"]),
-        arrays["yte"].astype(np.int64),
-    )
+    x_test, y_test, cut = to_x(arrays["xte"]), arrays["yte"].astype(np.int64), -FMNIST_PUBLIC_SIZE
+    return to_x(arrays["xtr"]), arrays["ytr"].astype(np.int64), x_test[:cut], y_test[:cut], x_test[cut:], y_test[cut:]

@@ -34,6 +34,8 @@ class Resolved:
         weight_bound: the kernel's largest per-example weight (1 unweighted; the model output's
             curvature bound for the curvature-weighted kernel): a Gram's sensitivity is ``C^2`` times it.
         local_epochs: each client's epochs per FedAvg round (as given, or the task's).
+        kernel_source: where the kernel comes from, ``auto`` decided
+            (:mod:`fedtrak.kernel_sources`): clients release no Gram for ``public``.
     """
 
     proj_dim: int
@@ -42,6 +44,7 @@ class Resolved:
     threshold: int = 0
     weight_bound: float = 1.0
     local_epochs: int = 3
+    kernel_source: str = "private"
 
     def describe(self) -> dict:
         """JSON-ready, for the run summary."""

@@ -30,6 +30,9 @@ NORMALIZATIONS = ("none", "traker")
 #: How each example's term of the kernel is weighted: not at all (TRAK's and traker's plain
 #: ``Phi^T Phi``) or by the model output's curvature (``Phi^T diag(w) Phi``).
 WEIGHTINGS = ("curvature", "none")
+#: Where the kernel comes from: the clients' Grams, the server's public data (no Gram released),
+#: or both (the public kernel as a prior for the noised private one); auto picks (see KernelSettings).
+KERNEL_SOURCES = ("auto", "private", "public", "hybrid")
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
 TRAINING = ("fedavg", "central")
@@ -138,6 +141,13 @@ class KernelSettings:
                                "diagonal of the kernel) or a positive number", key="lambda")
     normalize: str = setting("none", "per-checkpoint scaling of K^-1 before ensembling (traker: by its "
                                      "mean absolute entry)", choices=NORMALIZATIONS)
+    kernel_source: str = setting("auto", "where K comes from: private (the clients' Grams), public (the "
+                                         "server's public data: no Gram is released), hybrid (public prior "
+                                         "plus the clients' noised Grams); auto: private without noise, "
+                                         "public under DP when there is public data", choices=KERNEL_SOURCES)
+    public_data: str | None = setting(None, "public data of the public and hybrid kernels: an .npz file "
+                                            "with arrays x and y, or 'queries' (default: the task's "
+                                            "public split)")
 
 
 @dataclass(frozen=True)

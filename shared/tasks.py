@@ -64,6 +64,8 @@ class Task:
         has_data: False for a task loaded for its model only
             (``load_task(..., data=False)``): its data arrays are empty, with
             the right input shape.
+        x_public, y_public: the public split (``None``: none): data the server may hold, disjoint
+            from the training data, from which it can build the kernel at no privacy cost.
     """
 
     name: str
@@ -77,6 +79,8 @@ class Task:
     training: TrainConfig = field(default_factory=TrainConfig)
     clip_norm: float | None = None
     has_data: bool = True
+    x_public: np.ndarray | None = None
+    y_public: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -97,7 +101,15 @@ class Task:
         """Check shapes, dtypes and finiteness of the data; raise FedtrakError if wrong."""
         if not self.has_data:
             return
-        for split, x, y in (("train", self.x_train, self.y_train), ("query", self.x_query, self.y_query)):
+        splits = [("train", self.x_train, self.y_train), ("query", self.x_query, self.y_query)]
+        if self.x_public is not None or self.y_public is not None:
+            if self.x_public is None or self.y_public is None:
+                raise FedtrakError(f"task {self.name}: the public split needs both inputs and labels")
+            if self.x_public.shape[1:] != self.x_train.shape[1:]:
+                raise FedtrakError(f"task {self.name}: public inputs of shape {self.x_public.shape[1:]} do not "
+                                   f"match the training inputs' {self.x_train.shape[1:]}")
+            splits.append(("public", self.x_public, self.y_public))
+        for split, x, y in splits:
             if len(x) != len(y):
                 raise FedtrakError(f"task {self.name}: {split} has {len(x)} inputs but {len(y)} labels")
             if len(y) == 0:
@@ -126,10 +138,10 @@ class Task:
         return task
 
 
-def _no_data(input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Empty train and query arrays of a task loaded without its data."""
+def _no_data(input_shape: tuple[int, ...]) -> datasets.Split:
+    """Empty train, query and public arrays of a task loaded without its data."""
     x, y = np.empty((0, *input_shape), dtype=np.float32), np.empty(0, dtype=np.int64)
-    return x, y, x, y
+    return x, y, x, y, x, y
 
 
 def _builtin(name: str, model: Callable[[], nn.Module], training: TrainConfig, clip: float,
@@ -139,7 +151,9 @@ def _builtin(name: str, model: Callable[[], nn.Module], training: TrainConfig, c
         arrays = datasets.load_digits_split() if digits else datasets.load_fmnist_split()
     else:
         arrays = _no_data(datasets.DIGITS_SHAPE if digits else datasets.FMNIST_SHAPE)
-    return Task(name, model, *arrays, num_classes=10, training=training, clip_norm=clip, has_data=data)
+    x_train, y_train, x_query, y_query, x_public, y_public = arrays
+    return Task(name, model, x_train, y_train, x_query, y_query, num_classes=10, training=training,
+                clip_norm=clip, has_data=data, x_public=x_public, y_public=y_public)
 
 
 #: Built-in tasks: name -> factory (its argument: load the data sets). Each trains on two CPU

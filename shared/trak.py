@@ -22,6 +22,7 @@ from fedtrak.checkpoints import model_from_state
 from fedtrak.errors import FedtrakError
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.kernel import GramAccumulator, Kernel, effective_inverse, precondition, resolve_lambda
+from fedtrak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source, source_gram
 from fedtrak.models import count_params
 from fedtrak.projectors import DEFAULT_CACHE_BYTES, derive_seed, make_projector
 from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
@@ -108,10 +109,13 @@ def score_features(
 
     ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
     features in column order (computed on the spot by the centralized path,
-    received from clients in ``features`` mode). Returns the scores, one
+    received from clients in ``features`` mode). The kernel comes from the
+    settings' source (:mod:`fedtrak.kernel_sources`). Returns the scores, one
     record per checkpoint and, if asked, every example's self-influence ``(n,)``.
     """
     timer = timer or PhaseTimer()
+    source = resolve_kernel_source(settings, task)
+    public = public_data(settings, task) if source in USES_PUBLIC else None
     ensemble = ScoreEnsemble(len(task.y_query), num_train)
     records = []
     for m, state in enumerate(states):
@@ -121,8 +125,11 @@ def score_features(
         with timer.phase("kernel"):
             acc = GramAccumulator(featurizer.projector.proj_dim)
             acc.add(feats.features, kernel_weights(settings, feats.curvature))
-        u, record, kinv = solve_checkpoint(task, featurizer, acc.matrix, acc.count, settings, m, timer,
+            matrix, source_record = source_gram(source, featurizer, acc.matrix, acc.count, public,
+                                                settings.kernel.weighting == "curvature")
+        u, record, kinv = solve_checkpoint(task, featurizer, matrix, acc.count, settings, m, timer,
                                            with_inverse=self_influence)
+        record.update(source_record)
         featurizer.projector.release()
         with timer.phase("score"):
             ensemble.add(kernel_term(feats.features, u), np.asarray(feats.out_to_loss, np.float64),

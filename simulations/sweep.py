@@ -97,7 +97,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         mis = block.get("mislabel", {})
         attack = _attack_measures(run, mode, cfg.attack_targets)
         rows.append({
-            "mode": mode, "epsilon": eps, "sigma": privacy.get("noise_multiplier", 0.0),
+            "mode": mode, "kernel_source": summary.get("kernel_source", "private"), "epsilon": eps,
+            "sigma": privacy.get("noise_multiplier", 0.0),
             "lds": block["lds"]["lds"], "lds_ci_low": block["lds"]["ci_low"], "lds_ci_high": block["lds"]["ci_high"],
             "owner_lds": block["owner_lds"]["lds"], "owner_lds_ci_low": block["owner_lds"]["ci_low"],
             "owner_lds_ci_high": block["owner_lds"]["ci_high"],
@@ -139,11 +140,11 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The sweep as a markdown table."""
-    lines = [("| mode | epsilon | sigma | LDS | owner-level LDS | mislabel AUROC (examples / owners) | "
+    lines = [("| mode (kernel) | epsilon | sigma | LDS | owner-level LDS | mislabel AUROC (examples / owners) | "
               "attack: recovered, PSNR dB (class mean) | membership: empirical epsilon |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
+        lines.append(f"| {r['mode']} ({r.get('kernel_source', 'private')}) | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
                      f"[{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}] | {r['owner_lds']:.3f} "
                      f"[{r['owner_lds_ci_low']:.3f}, {r['owner_lds_ci_high']:.3f}] | "
                      f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} | "

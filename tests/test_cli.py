@@ -37,8 +37,8 @@ def test_default_run_writes_complete_consistent_outputs(default_run):
     scores = np.load(default_run / "scores.npy")
     ids = np.load(default_run / "example_ids.npy")
     owners = np.load(default_run / "owner_scores.npy")
-    assert scores.shape == (297, 1500) and np.isfinite(scores).all()
-    assert owners.shape == (297, 10)
+    assert scores.shape == (149, 1500) and np.isfinite(scores).all()
+    assert owners.shape == (149, 10)
     expected = partition(load_task("digits-logreg").y_train, 10, "iid", seed=0)
     np.testing.assert_array_equal(ids["index"], expected.order())
     np.testing.assert_allclose(owners, owner_totals(scores.astype(np.float64), ids["client"], 10),
@@ -68,7 +68,7 @@ def test_dirichlet_owners_follow_the_partition(default_run, tmp_path):
                  "--checkpoint-dir", str(default_run / "checkpoints")]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partition"]["scheme"] == "dirichlet" and len(summary["partition"]["client_sizes"]) == 4
-    assert np.load(out / "owner_scores.npy").shape == (297, 4)
+    assert np.load(out / "owner_scores.npy").shape == (149, 4)
 
 
 def _fails(argv, capsys, match):

@@ -78,12 +78,12 @@ def test_trak_lds_is_clearly_above_zero(trak_run, trak_ground_truth, gt_cache):
     assert entry["lds"] < ceiling["ceiling"] <= 1 and ceiling["num_subsets"] == S
     assert entry["lds_over_ceiling"] == pytest.approx(entry["lds"] / ceiling["ceiling"])
     assert entry["ci_low"] < entry["lds"] < entry["ci_high"]
-    assert entry["num_queries"] == 297 and entry["num_subsets"] == S
+    assert entry["num_queries"] == 149 and entry["num_subsets"] == S
     assert entry["ground_truth"]["models_trained"] == 0  # the fixture trained them: all reused
     summary = json.loads((trak_run / "summary.json").read_text())
     assert summary["evaluation"]["lds"]["lds"] == entry["lds"] and summary["complete"]
     assert summary["num_checkpoints"] == 5  # the rest of the summary is kept
-    assert np.load(trak_run / "evaluation" / "lds_per_query.npy").shape == (297,)
+    assert np.load(trak_run / "evaluation" / "lds_per_query.npy").shape == (149,)
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_random_scores_give_lds_near_zero(trak_run, trak_ground_truth):
     ids = np.load(trak_run / "example_ids.npy")
     rng = np.random.default_rng(7)
     for _ in range(3):
-        scores = rng.standard_normal((297, len(ids)))
+        scores = rng.standard_normal((149, len(ids)))
         res = lds(scores, trak_ground_truth.masks[:, ids["index"]], trak_ground_truth.margins)
         assert abs(res.mean) < 0.05, res.describe()
 

@@ -170,7 +170,7 @@ def test_bad_privacy_flags_exit_2(flags, message, tmp_path, capsys):
 def test_bad_privacy_settings_fail_before_any_computation(tmp_path, capsys):
     out = tmp_path / "x"
     # a fixed lambda under the noise floor would leave the noised kernel indefinite
-    assert main(["simulate", "--epsilon", "1", "--lambda", "10", "--out", str(out), "--quiet"]) == 2
+    assert main(["simulate", "--epsilon", "1", "--kernel-source", "private", "--lambda", "10", "--out", str(out), "--quiet"]) == 2
     assert "below the DP noise floor" in capsys.readouterr().err
     assert not (out / "checkpoints").exists()  # nothing was trained
     assert main(["simulate", "--epsilon", "1", "--noise-multiplier", "2", "--out", str(out), "--quiet"]) == 2

@@ -85,7 +85,7 @@ def test_distributed_noise_is_sized_for_the_threshold_and_accounted_on_the_survi
     survivors alone give epsilon 8; all 3 survived, so the accounted epsilon is lower, and the kernel
     needs a lower noise floor than 3 clients each adding the full sigma."""
     out = tmp_path / "dp"
-    run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, epsilon=8.0)))
+    run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, epsilon=8.0, **{"kernel-source": "private"})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["secure_aggregation"] and privacy["survivors"] == 3

@@ -76,11 +76,14 @@ def test_scoring_in_row_chunks_equals_scoring_at_once():
     invs = [np.eye(6) * (m + 1) for m in range(2)]
     scales = [rng.uniform(0.5, 1, 50) for _ in range(2)]
     clipped = [f * s[:, None].astype(np.float32) for f, s in zip(feats, scales)]
-    scores, self_infl = score_own_examples(clipped, qs, us, invs)
+    scores, self_infl = score_own_examples(feats, qs, us, invs)  # on the device: the features as they are
+    clipped_self = score_own_examples(clipped, qs, us, invs)[1]  # what is released: of clipped features
     local = score_in_chunks(feats, qs, us, invs, scales, keep_scores=True, topk=4, rows=7)
     np.testing.assert_allclose(local.scores, scores, rtol=1e-10)
     np.testing.assert_allclose(local.totals, scores.sum(axis=1), rtol=1e-10)
     np.testing.assert_allclose(local.self_influence, self_infl, rtol=1e-10)
+    assert local.self_influence_sum == pytest.approx(clipped_self.sum(), rel=1e-10)
+    assert not np.isclose(clipped_self.sum(), self_infl.sum())
     np.testing.assert_allclose(local.summaries, owner_summaries(clipped, np.mean(qs, axis=0)), rtol=1e-6)
     for got, values in ((local.proponents, scores), (local.opponents, -scores)):
         idx, val = top_k(values, 4)

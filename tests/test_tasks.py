@@ -13,7 +13,10 @@ from fedtrak.tasks import BUILTIN_TASKS, load_task
 
 def test_digits_tasks_load_with_fixed_split():
     a, b = load_task("digits-logreg"), load_task("digits-mlp")
-    assert a.x_train.shape == (1500, 64) and a.x_query.shape == (297, 64)
+    assert a.x_train.shape == (1500, 64) and a.x_query.shape == (149, 64) and a.x_public.shape == (148, 64)
+    seen = {row.tobytes() for row in a.x_train}  # the public split is held out from training and queries
+    assert not any(row.tobytes() in seen for row in a.x_public)
+    assert not {row.tobytes() for row in a.x_query} & {row.tobytes() for row in a.x_public}
     np.testing.assert_array_equal(a.y_train, b.y_train)
     assert a.num_params == 650 and b.num_params == 85002
 

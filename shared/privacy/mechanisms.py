@@ -162,10 +162,12 @@ def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
 
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
-                 clip_quantile: bool = False, gram: Release | None = None, weighted: bool = False) -> list[Release]:
+                 clip_quantile: bool = False, gram: Release | None = None, weighted: bool = False,
+                 gram_released: bool = True) -> list[Release]:
     """The mechanisms each training example takes part in during one run (``gram``: the Grams'
     entry when they are not one Gaussian release per client, as under secure aggregation;
-    ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights)."""
+    ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights;
+    ``gram_released`` false: the server's kernel is public, no Gram is released)."""
     sigma = dp.noise_multiplier
     first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
     if mode == "features":
@@ -177,8 +179,9 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
         return plan
     joint = dp.clip_mode == "joint"
     gram_unit = gram_sensitivity_text(dp)
-    plan = [*first, gram or Release("Gram", sigma, 1 if joint else checkpoints,
-                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint"),
+    grams = [gram or Release("Gram", sigma, 1 if joint else checkpoints,
+                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint")]
+    plan = [*first, *(grams if gram_released else []),
             Release("example count", sigma, 1, "1"),
             Release("owner summary", sigma, 1 if joint else checkpoints,
                     "C over all checkpoints jointly" if joint else "C per checkpoint")]

@@ -33,20 +33,21 @@ def distributed_noise(settings: Settings, dim: int, dp: DPSettings) -> Distribut
 
 
 def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: DistributedNoise | None = None,
-                     survivors: int | None = None) -> list[Release]:
+                     survivors: int | None = None, source: str = "private") -> list[Release]:
     """What each training example's data is released in during this run.
 
     With secure aggregation the Grams are one Skellam release of the
     ``survivors``' ``noise`` together (defaults: the planned noise and its
     threshold, the least it is sized for); otherwise each client's Gram is
-    a Gaussian release.
+    a Gaussian release. A ``public`` kernel ``source`` releases no Gram.
     """
     gram = None
-    if settings.secagg.secure_agg and dp.active:
+    if settings.secagg.secure_agg and dp.active and source != "public":
         noise = noise or distributed_noise(settings, dim, dp)
         gram = noise.release(dp, noise.threshold if survivors is None else survivors)
     return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,
-                        settings.privacy.clip_quantile is not None, gram, settings.kernel.weighting != "none")
+                        settings.privacy.clip_quantile is not None, gram, settings.kernel.weighting != "none",
+                        gram_released=source != "public")
 
 
 def weight_bound(settings: Settings, task: Task) -> float:
@@ -55,11 +56,11 @@ def weight_bound(settings: Settings, task: Task) -> float:
     return task.output.curvature_bound if settings.kernel.weighting == "curvature" else 1.0
 
 
-def resolve_dp(settings: Settings, task: Task, dim: int) -> DPSettings:
+def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private") -> DPSettings:
     """The run's privacy settings, resolved: the noise multiplier from ``epsilon`` (over every
     release of the plan, at projection dimension ``dim``) or as given, the clip norm as given or
     the task's default (with ``clip-quantile``, a placeholder until the clients' noised norm
-    histograms are in).
+    histograms are in). ``source``: the resolved kernel source (a public kernel releases no Gram).
 
     Raises:
         FedtrakError: if noise is asked for and the task has no default clip norm, or the
@@ -73,7 +74,8 @@ def resolve_dp(settings: Settings, task: Task, dim: int) -> DPSettings:
         raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
     dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta, weight_bound(settings, task))
     if p.epsilon is not None:
-        sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim),
+        sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
+                                                                     source=source),
                                p.delta)
         dp = replace(dp, noise_multiplier=sigma)
     dp.validate()

@@ -7,6 +7,7 @@ The building blocks the messages of :mod:`fedtrak.wire.attribution` and
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ HANDLER_SECONDS, PEAK_MB = "handler", "peak-mb"
 RUN_ID, VERSION, FINGERPRINT = "run-id", "protocol-version", "task-fingerprint"
 #: Job record keys of the resolved values (``resolved-proj-dim``, ...).
 RESOLVED_PREFIX = "resolved-"
+#: How each resolved value is read back, by its annotation.
+RESOLVED_TYPES = {"int": int, "float": float, "str": str}
 
 
 def encode_job(job: Job) -> ConfigRecord:
@@ -53,13 +56,8 @@ def decode_job(record: Mapping, source: str = "server message") -> Job:
     values = dict(record)
     try:
         meta = (str(values.pop(RUN_ID)), int(values.pop(VERSION)), str(values.pop(FINGERPRINT)))
-        resolved = Resolved(
-            proj_dim=int(values.pop(f"{RESOLVED_PREFIX}proj-dim")),
-            noise_multiplier=float(values.pop(f"{RESOLVED_PREFIX}noise-multiplier")),
-            clip_norm=float(values.pop(f"{RESOLVED_PREFIX}clip-norm")),
-            threshold=int(values.pop(f"{RESOLVED_PREFIX}threshold")),
-            weight_bound=float(values.pop(f"{RESOLVED_PREFIX}weight-bound")),
-            local_epochs=int(values.pop(f"{RESOLVED_PREFIX}local-epochs")))
+        resolved = Resolved(**{f.name: RESOLVED_TYPES[f.type](values.pop(RESOLVED_PREFIX + f.name.replace("_", "-")))
+                               for f in fields(Resolved)})
     except KeyError as exc:
         raise FedtrakError(f"{source}: the job lacks field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:

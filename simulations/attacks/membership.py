@@ -3,8 +3,8 @@
 The question: is example z in this client's data? The attacker is the
 strongest curious server, as in ``fedtrak audit``: it knows z, the rest of the
 client's data, the checkpoints and the projection, and sees one run's
-releases (every checkpoint's Gram, the count and every owner summary, noised
-as the client noises them). For Gaussian releases its best test (Neyman-
+releases (every checkpoint's Gram, unless the kernel is public, the count and
+every owner summary, noised as the client noises them). For Gaussian releases its best test (Neyman-
 Pearson) sums, over releases, the inner product of z's contribution with the
 release minus the rest's, divided by the noise variance. Over many trials with
 z in or out at random, the true and false positive rates at the best
@@ -66,14 +66,15 @@ def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.nd
             w = None if w_r is None else (np.append(w_r, wz) if inserted[t] else w_r)
             rel = v.releases(phi, q, "private", rng, w)
             shift_g = np.triu(gram(z, wz))
-            score += float((shift_g * np.triu(rel.gram - gram_r)).sum()) / var_gram
+            if rel.gram is not None:  # a public kernel: no Gram is released
+                score += float((shift_g * np.triu(rel.gram - gram_r)).sum()) / var_gram
             shift_s = qbar_cand[j] * z[0]
             score += float(shift_s @ (rel.summary - summary_r)) / var_summary
         score += (rel.count - len(y_rest)) / var_count  # the count is released once per run
         scores[t] = score
     eps_lb, threshold = epsilon_lower_bound(scores, inserted, dp.delta)
     pos, neg = scores[inserted], scores[~inserted]
-    plan = release_plan("private", len(views), dp, self_influence=False)
+    plan = release_plan("private", len(views), dp, self_influence=False, gram_released=views[0].gram_released)
     return {"trials": trials, "targets": len(y_targets), "client_examples": len(y_rest),
             "checkpoints": len(views), "noise_multiplier": dp.noise_multiplier,
             "tpr": round(float((pos > threshold).mean()), 3), "fpr": round(float((neg > threshold).mean()), 3),

@@ -28,8 +28,10 @@ DISTINCT_COS = 0.95
 
 
 def span_of_release(rel: Releases, secure_agg: bool) -> np.ndarray:
-    """The orthonormal basis ``(k, r)`` the server reads off a client's releases."""
-    if secure_agg:
+    """The orthonormal basis ``(k, r)`` the server reads off a client's releases: its Gram's top
+    eigenvectors, or its owner summary's direction where it sees no Gram of the client (secure
+    aggregation, or a public kernel)."""
+    if secure_agg or rel.gram is None:
         s = np.asarray(rel.summary, dtype=np.float64)
         return (s / max(np.linalg.norm(s), 1e-300))[:, None]
     n = int(min(max(1, round(float(rel.count))), len(rel.gram)))

@@ -53,6 +53,7 @@ class AttackSetting:
     weighting: str = "curvature"
     dp: DPSettings = field(default_factory=DPSettings)
     secure_agg: bool = False
+    kernel_source: str = "private"
     checkpoints: int = 1
     targets: int = 8
     owner_sizes: tuple[int, ...] = OWNER_SIZES
@@ -65,7 +66,7 @@ def accounted_epsilon(setting: AttackSetting) -> float | None:
     if not setting.dp.active:
         return None
     plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False,
-                        weighted=setting.weighting != "none")
+                        weighted=setting.weighting != "none", gram_released=setting.kernel_source != "public")
     return round(epsilon(plan, setting.dp.delta), 3)
 
 
@@ -90,13 +91,15 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
     settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed,
-                                   weighting=setting.weighting)
+                                   weighting=setting.weighting, kernel_source=setting.kernel_source)
     views = [ServerView(task, s, m, settings, setting.dp) for m, s in enumerate(states[: setting.checkpoints])]
     view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
     block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,
                    "noise_multiplier": setting.dp.noise_multiplier, "clip_norm": setting.dp.clip_norm or None,
-                   "secure_aggregation": setting.secure_agg, "accounted_epsilon": accounted_epsilon(setting),
-                   "checkpoint_attacked": 0}
+                   "secure_aggregation": setting.secure_agg, "kernel_source": setting.kernel_source,
+                   "accounted_epsilon": accounted_epsilon(setting), "checkpoint_attacked": 0}
+    if setting.mode == "private" and not view.gram_released:
+        block["gram"] = {"skipped": "public kernel: clients release no Gram, there is none to attack"}
     images: dict[str, np.ndarray] = {}
     n = min(setting.targets, len(y_client))
     if "inversion" in kinds:
@@ -130,8 +133,8 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
                     idx, _, _ = metrics.best_match(metrics.as_images(x_client[:size], task.input_shape),
                                                    metrics.as_images(recs, task.input_shape))
                     images["small_owner_true"], images["small_owner_rec"] = x_client[:size], recs[idx]
-            block["small_owner"] = {"sizes": rows,
-                                    "release": "owner summary" if setting.secure_agg else "client Gram"}
+            seen = view.gram_released and not setting.secure_agg
+            block["small_owner"] = {"sizes": rows, "release": "client Gram" if seen else "owner summary"}
     if "membership" in kinds:
         if setting.mode != "private":
             block["membership"] = {"skipped": "features mode hides feature values, not their presence"}
@@ -173,6 +176,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
                             proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
                             seed=int(run.setting("seed") or 0), weighting=weighting, dp=dp,
                             secure_agg=bool(run.setting("secure_agg")), checkpoints=num, targets=targets,
+                            kernel_source=str(run.summary.get("kernel_source", "private")),
                             owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],

@@ -51,6 +51,8 @@ class ServerView:
         self.task, self.m, self.dp = task, m, dp
         #: Whether the run's kernel is curvature-weighted (its Gram releases are ``Phi^T diag(w) Phi``).
         self.weighted = settings.kernel.weighting == "curvature"
+        #: Whether clients release Grams (not under a public kernel, which the server builds itself).
+        self.gram_released = settings.kernel.kernel_source != "public"
         self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
@@ -89,14 +91,18 @@ class ServerView:
     def releases(self, phi: np.ndarray, q: np.ndarray, mode: str, rng: np.random.Generator,
                  w: np.ndarray | None = None) -> Releases:
         """What a client with (clipped) features ``phi``, out-to-loss weights ``q`` and kernel
-        weights ``w`` releases in ``mode`` (``features``: its features; ``private``: its Gram,
-        count and owner summary)."""
+        weights ``w`` releases in ``mode`` (``features``: its features; ``private``: its Gram
+        (none under a public kernel), count and owner summary)."""
         noisy = self.dp.active
         if mode == "features":
             f, w = noised_features(phi, q, self.dp, rng) if noisy else (phi, q)
             return Releases(features=np.asarray(f, dtype=np.float64), out_to_loss=np.asarray(w, dtype=np.float64))
         g = gram(phi, w)
         s = owner_summaries([phi], q)
-        return Releases(gram=g + gram_noise(len(g), self.dp, rng) if noisy else g,
+        if not self.gram_released:
+            g = None
+        elif noisy:
+            g = g + gram_noise(len(g), self.dp, rng)
+        return Releases(gram=g,
                         count=noised_count(len(q), self.dp, rng) if noisy else float(len(q)),
                         summary=(noised_owner_summaries(s, self.dp, rng) if noisy else s)[0])

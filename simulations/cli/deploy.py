@@ -32,7 +32,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                          "clip-norm", "secure-agg", "policy"])
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
     check.add_argument("--queries", type=positive_int, default=None,
-                       help="queries the server will score (default 297, the digits query set)")
+                       help="queries the server will score (default 149, the digits query set)")
     add_json(check, "the report")
     results = sub.add_parser("results", help="print what a topk run kept on this device")
     results.add_argument("folder", type=Path, help="the store's run folder, its results folder or the store root")

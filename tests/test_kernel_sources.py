@@ -1,0 +1,125 @@
+"""Kernel sources: the private Grams, the server's public data, and the hybrid of both.
+
+The estimators against their references (Ledoit-Wolf against scikit-learn's), the choice of
+source, the errors, and on Flower's simulation engine: every source equals the centralized run
+without noise, and a public kernel under DP releases no Gram (the ledger and the attacks say so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.covariance import LedoitWolf
+
+from fedtrak.errors import FedtrakError
+from fedtrak.kernel_sources import (
+    hybrid_gram,
+    ledoit_wolf,
+    psd_part,
+    public_data,
+    resolve_kernel_source,
+)
+from fedtrak.settings import Settings
+from fedtrak.simulations.attribute import run_attribute
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.simulate import run_simulation
+
+K = 128
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((40, 60)) * np.linspace(0.1, 3, 60)  # fewer examples than dimensions
+    want = LedoitWolf(assume_centered=True).fit(rows).covariance_
+    np.testing.assert_allclose(ledoit_wolf(rows), want, rtol=1e-10, atol=1e-12)
+    assert np.linalg.eigvalsh(ledoit_wolf(rows)).min() > 0  # well conditioned although rank 40 < 60
+
+
+def test_psd_part_and_hybrid_weight():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((20, 8))
+    exact = a.T @ a
+    noise = rng.standard_normal((8, 8)) * 3
+    noised = exact + (noise + noise.T) / 2
+    psd = psd_part(noised)
+    assert np.linalg.eigvalsh(psd).min() > -1e-9 and np.allclose(psd, psd.T)
+    np.testing.assert_allclose(psd_part(exact), exact, atol=1e-9)  # already PSD: unchanged
+    public = exact * 0.9
+    no_noise, weight = hybrid_gram(exact, public, 0.0)
+    assert weight == 0 and np.allclose(no_noise, exact)
+    drowned, weight = hybrid_gram(noised, public, 1e12)
+    assert weight == 1 and np.allclose(drowned, public)
+    _, weight = hybrid_gram(noised, public, 9.0 * 64 / 2)
+    assert 0 < weight < 1
+
+
+def test_kernel_source_choice_and_errors(digits_logreg, tmp_path):
+    task = digits_logreg
+    assert resolve_kernel_source(Settings(), task) == "private"  # no noise: the exact kernel
+    assert resolve_kernel_source(Settings().replaced(epsilon=1.0), task) == "public"
+    assert resolve_kernel_source(Settings().replaced(epsilon=1.0, secure_agg=True), task) == "hybrid"
+    no_public = replace(task, x_public=None, y_public=None)
+    assert resolve_kernel_source(Settings().replaced(epsilon=1.0), no_public) == "private"
+    with pytest.raises(FedtrakError, match="kernel-source public needs public data"):
+        resolve_kernel_source(Settings().replaced(kernel_source="public"), no_public)
+    with pytest.raises(FedtrakError, match="secure-agg has nothing to sum"):
+        resolve_kernel_source(Settings().replaced(kernel_source="public", secure_agg=True, clients=3), task)
+    assert public_data(Settings().replaced(public_data="queries"), task)[0] is task.x_query
+    good = tmp_path / "pub.npz"
+    np.savez(good, x=task.x_query[:5], y=task.y_query[:5])
+    x, y = public_data(Settings().replaced(public_data=str(good)), task)
+    assert x.shape == (5, 64) and y.dtype == np.int64
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((5, 3)), y=np.zeros(5, dtype=int))
+    with pytest.raises(FedtrakError, match="do not fit task digits-logreg"):
+        public_data(Settings().replaced(public_data=str(bad)), task)
+    (tmp_path / "corrupt.npz").write_bytes(b"not a zip")
+    with pytest.raises(FedtrakError, match="cannot read arrays x and y"):
+        public_data(Settings().replaced(public_data=str(tmp_path / "corrupt.npz")), task)
+
+
+def _run(out: Path, ckpts: Path, source: str, **extra) -> dict:
+    return {"clients": 3, "partition": "iid", "checkpoint-dir": str(ckpts), "proj-dim": K, "out": str(out),
+            "kernel-source": source, **extra}
+
+
+@pytest.mark.flower
+@pytest.mark.parametrize("source", ["public", "hybrid"])
+def test_every_kernel_source_federated_equals_central(tmp_path, logreg_ckpt_dir, source):
+    sim, central = tmp_path / "sim", tmp_path / "central"
+    run_simulation(Settings.from_flat(_run(sim, logreg_ckpt_dir, source, policy="full", **{"allow-full": True})))
+    run_attribute(Settings().replaced(out=str(central), clients=3, checkpoint_dir=str(logreg_ckpt_dir),
+                                      proj_dim=K, kernel_source=source), progress=False)
+    for name in ("scores", "owner_scores"):
+        a, b = np.load(sim / f"{name}.npy"), np.load(central / f"{name}.npy")
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    summary = json.loads((sim / "summary.json").read_text())
+    assert summary["kernel_source"] == source
+    assert all(r["kernel_source"] == source and r["num_public"] == 148 for r in summary["checkpoints"])
+    if source == "hybrid":  # no noise: the private Gram alone
+        assert all(r["prior_weight"] == 0 for r in summary["checkpoints"])
+
+
+@pytest.mark.flower
+def test_a_public_kernel_under_dp_releases_no_gram(tmp_path, logreg_ckpt_dir):
+    out = tmp_path / "dp-public"
+    run_simulation(Settings.from_flat(_run(out, logreg_ckpt_dir, "auto", epsilon=1.0)))
+    summary = json.loads((out / "summary.json").read_text())
+    privacy = summary["privacy"]
+    assert summary["kernel_source"] == privacy["kernel_source"] == "public"  # auto under DP
+    assert privacy["epsilon"] == pytest.approx(1.0, rel=1e-6)
+    assert {r["what"]: r["count"] for r in privacy["ledger"]} == {"example count": 1, "owner summary": 3}
+    assert all("lambda_noise_floor" not in r for r in summary["checkpoints"])  # no noised kernel to floor
+    kept = [{p.name for p in d.iterdir()} for d in (out / "client-stores").glob("*/*/released")]
+    assert len(kept) == 3 and not any(name.startswith("gram") for k in kept for name in k)
+    assert main(["attack", str(out), "--targets", "4", "--trials", "200", "--steps", "50",
+                 "--kind", "small-owner", "--kind", "membership"]) == 0
+    attacks = json.loads((out / "summary.json").read_text())["attacks"]
+    assert attacks["gram"] == {"skipped": "public kernel: clients release no Gram, there is none to attack"}
+    assert attacks["small_owner"]["release"] == "owner summary"
+    mem = attacks["membership"]
+    assert mem["empirical_epsilon_lower_bound"] <= mem["accounted_epsilon"] <= privacy["epsilon"] + 1e-6
