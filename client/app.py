@@ -88,7 +88,7 @@ def _reply(msg: Message, content: RecordDict) -> Message:
 def train(msg: Message, ctx: Context) -> Message:
     """One FedAvg round: local SGD epochs on this client's data from the global weights."""
     job, checkpoint, server_round, state = wire.decode_train_request(msg.content)
-    local = Local.open(job, ctx)
+    local = Local.open(job, ctx, releases=False)  # training is accounted apart (training_privacy)
     return _reply(msg, wire.encode_train_reply(local_update(local, checkpoint, server_round, state),
                                                len(local.data.y)))
 

@@ -40,7 +40,7 @@ NUMBER_BYTES = 8
 def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
                   checkpoints: int = 3, queries: int | None = None, noise_multiplier: float = 0.0,
                   clip_norm: float | None = None, secure_agg: bool = False, policy: str = "owner-totals",
-                  batch_size: int = 256, weighting: str = "curvature") -> dict:
+                  batch_size: int = 256, weighting: str = "curvature", kernel_source: str = "auto") -> dict:
     """What this device would compute and send in a run with these settings.
 
     Raises:
@@ -63,11 +63,15 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     weight = task.output.curvature_bound if weighting == "curvature" else 1.0
     gram_noise = f"Gaussian, sigma C^2{'' if weight == 1 else f' x {weight:g}'}"
     kernel = "curvature-weighted Gram" if weighting == "curvature" else "Gram"
-    releases = [{"step": FEATURIZE, "what": "masked vector: Gram upper triangles of every checkpoint "
+    gram_row = [] if kernel_source == "public" else [
+               {"step": FEATURIZE, "what": "masked vector: Gram upper triangles of every checkpoint "
                  "and the count (only their sum is revealed)" if secure_agg else
                  f"{kernel} upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
                  else [checkpoints, gram], "bytes": NUMBER_BYTES * (checkpoints * gram + int(secure_agg)),
-                 "noise": ("Skellam share" if secure_agg else gram_noise) if noised else "none"},
+                 "noise": ("Skellam share" if secure_agg else gram_noise) if noised else "none"}]
+    if kernel_source == "auto":  # the server decides: under DP with public data it releases none
+        gram_row[0]["what"] += " (none if the server's kernel is public)"
+    releases = [*gram_row,
                 {"step": FEATURIZE, "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
                  "noise": "Gaussian, sigma (once per run)" if noised else "none"}]
     if noised:
@@ -111,6 +115,18 @@ def format_report(report: dict) -> str:
         lines.append(f"  {r['step']}: {r['what']}: shape {r['shape']}, {r['bytes']:,} bytes, noise {r['noise']}")
     lines.append(f"  in all about {report['bytes_sent_total'] / 1e6:.2f} MB (plus Flower's framing)")
     lines += ["kept on this device:"] + [f"  {k}" for k in report["kept_on_device"]]
+    ledger = report.get("ledger")
+    if ledger is not None:
+        spent = "unbounded" if ledger["spent_epsilon"] is None else f"{ledger['spent_epsilon']:.4g}"
+        lines.append(f"privacy ledger {ledger['path']}: {len(ledger['runs'])} run(s), spent epsilon {spent} "
+                     f"and delta {ledger['spent_delta']:g}")
+        for r in ledger["runs"]:
+            eps = "unbounded (no noise)" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
+            lines.append(f"  {r['run_id']}: epsilon {eps}, {r['kernel_source']} kernel, released "
+                         f"{', '.join(r['releases']) or 'exact values'}")
+        if "left_epsilon" in ledger:
+            lines.append(f"  budget epsilon {ledger['budget_epsilon']:g} at delta {ledger['budget_delta']:g}: "
+                         f"left epsilon {ledger['left_epsilon']:.4g}, delta {ledger['left_delta']:g}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,10 @@
 Settings a node reads (node config first, then the run config, then the
 defaults the ClientApp was built with, see :func:`fedtrak.client.app.client_app`):
 
-``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``)
+``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``); the
+                device's privacy ledger is kept beside its store (:mod:`fedtrak.client.ledger`)
+``privacy-budget``, ``privacy-budget-delta``  the owner's total budget over every run (default: none,
+                the ledger only records)
 ``allow-full``  whether the ``full`` release policy may be served (default false)
 ``data-path``, ``owner``, ``task``  see :mod:`fedtrak.client.data`
 """
@@ -18,8 +21,10 @@ from typing import Any
 from flwr.app import Context
 
 from fedtrak.client.data import ClientData, job_task, load_client_data
+from fedtrak.client.ledger import DEFAULT_BUDGET_DELTA, LEDGER_FILE, Budget, PrivacyLedger
 from fedtrak.client.store import FeatureStore
 from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng, noised_count
 from fedtrak.tasks import Task
@@ -36,6 +41,17 @@ def node_setting(ctx: Context, key: str, fallback: Any) -> Any:
     return fallback
 
 
+def node_budget(ctx: Context) -> Budget | None:
+    """The node's privacy budget (node config only: a server cannot set a device's budget)."""
+    eps = ctx.node_config.get("privacy-budget")
+    if eps in (None, ""):
+        return None
+    try:
+        return Budget(float(eps), float(ctx.node_config.get("privacy-budget-delta") or DEFAULT_BUDGET_DELTA))
+    except (TypeError, ValueError) as exc:
+        raise FedtrakError(f"node config privacy-budget {eps!r} is not a number: {exc}") from exc
+
+
 @dataclass
 class Local:
     """One client's part of one run: the job, its own data, its store and privacy settings."""
@@ -44,20 +60,27 @@ class Local:
     data: ClientData
     store: FeatureStore
     node_id: int
+    ledger: PrivacyLedger | None = None
 
     @classmethod
-    def open(cls, job: Job, ctx: Context) -> Local:
-        """Check the job against this node's install, load its data and open its store.
+    def open(cls, job: Job, ctx: Context, releases: bool = True) -> Local:
+        """Check the job against this node's install, load its data and open its store; for a step
+        that ``releases`` anything, charge the run to the device's privacy ledger first.
 
         Raises:
-            FedtrakError: on a protocol or task mismatch, or data the node cannot load.
+            FedtrakError: on a protocol or task mismatch, data the node cannot load, or a run the
+                device's privacy budget cannot pay for.
         """
         job.check_node(job_task(job))
         data = load_client_data(job, ctx.node_config, ctx.node_id)
         root = Path(str(node_setting(ctx, "store-dir", DEFAULT_STORE))).expanduser()
         who = f"partition-{data.partition_id}" if data.partition_id >= 0 else "owner-" + re.sub(
             r"[^A-Za-z0-9_.-]", "_", data.owner)
-        return cls(job, data, FeatureStore(root / who, job.run_id), int(ctx.node_id))
+        local = cls(job, data, FeatureStore(root / who, job.run_id), int(ctx.node_id),
+                    PrivacyLedger(root / who / LEDGER_FILE))
+        if releases:
+            local.ledger.charge(job, node_budget(ctx))
+        return local
 
     @property
     def task(self) -> Task:

@@ -29,8 +29,13 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="device", required=True, parser_class=OneLineParser)
     check = sub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
     add_settings(check, ["task", "proj-dim", "projector", "weighting", "checkpoints", "noise-multiplier",
-                         "clip-norm", "secure-agg", "policy"])
+                         "clip-norm", "secure-agg", "policy", "kernel-source"])
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
+    check.add_argument("--ledger", type=Path, default=None,
+                       help="show the device's privacy ledger: its file, or the store folder holding it")
+    check.add_argument("--privacy-budget", type=float, default=None,
+                       help="the owner's total epsilon (as the node config's privacy-budget), to show what is left")
+    check.add_argument("--privacy-budget-delta", type=float, default=None, help="the budget's total delta")
     check.add_argument("--queries", type=positive_int, default=None,
                        help="queries the server will score (default 149, the digits query set)")
     add_json(check, "the report")
@@ -81,7 +86,20 @@ def device(args: argparse.Namespace) -> int:
         raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
     report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
                            args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy,
-                           weighting=args.weighting)
+                           weighting=args.weighting, kernel_source=args.kernel_source)
+    if args.ledger is not None:
+        from fedtrak.client.ledger import (
+            DEFAULT_BUDGET_DELTA,
+            LEDGER_FILE,
+            Budget,
+            PrivacyLedger,
+            describe_ledger,
+        )
+
+        path = args.ledger / LEDGER_FILE if args.ledger.is_dir() else args.ledger
+        budget = None if args.privacy_budget is None else Budget(
+            args.privacy_budget, args.privacy_budget_delta or DEFAULT_BUDGET_DELTA)
+        report["ledger"] = describe_ledger(PrivacyLedger(path), budget)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

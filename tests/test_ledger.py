@@ -1,0 +1,107 @@
+"""The device's privacy ledger (odometer): runs are charged once, across restarts, and a job the
+owner's budget cannot pay for is refused before anything is released.
+
+The ClientApp's real featurize handler is called with real Flower messages and contexts, as a
+SuperNode calls it; a "restart" is a fresh context and fresh objects over the same disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common import Metadata
+
+from fedtrak import wire
+from fedtrak.client.app import featurize
+from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger, describe_ledger, job_charge
+from fedtrak.errors import FedtrakError
+from fedtrak.job import Job
+from fedtrak.server.preflight import preflight
+from fedtrak.settings import Settings
+from fedtrak.simulations.cli import main
+
+
+def _job(run_id: str, epsilon: float | None, ckpt_dir) -> Job:
+    settings = Settings().replaced(clients=3, checkpoints=1, proj_dim=64, epsilon=epsilon,
+                                   checkpoint_dir=str(ckpt_dir))
+    plan = preflight(settings)
+    return Job(run_id, settings, plan.resolved).fingerprinted(plan.task)
+
+
+def _message(job: Job, states) -> Message:
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=0.0, ttl=3600.0, message_type="query.featurize")
+    return Message(metadata=meta, content=wire.encode_featurize_request(job, states))
+
+
+def _device(store, budget: float | None = 2.0) -> Context:
+    """A freshly started device: a new context over the same store folder."""
+    config = {"store-dir": str(store), "partition-id": 0, "num-partitions": 3}
+    if budget is not None:
+        config["privacy-budget"] = budget
+    return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+
+
+def test_a_budget_of_two_pays_for_two_runs_at_one_and_refuses_the_third(tmp_path, logreg_ckpt_dir, logreg_states):
+    store, states = tmp_path / "store", logreg_states[:1]
+    first, second, third = (_job(f"run-{i}", 1.0, logreg_ckpt_dir) for i in range(3))
+    ledger = PrivacyLedger(store / "partition-0" / LEDGER_FILE)
+
+    reply = featurize(_message(first, states), _device(store))
+    assert not reply.has_error()
+    assert len(ledger.charges()) == 1 and ledger.charges()[0].epsilon == pytest.approx(1.0, abs=1e-6)
+    again = featurize(_message(first, states), _device(store))  # the step sent again, after a restart
+    assert not again.has_error() and len(ledger.charges()) == 1  # charged once
+    assert wire.decode_info(again.content, "c").num_examples == wire.decode_info(reply.content, "c").num_examples
+
+    assert not featurize(_message(second, states), _device(store)).has_error()  # a restarted device
+    spent, delta = ledger.spent()
+    assert spent == pytest.approx(2.0, abs=1e-6) and delta == pytest.approx(2e-5)
+
+    refused = featurize(_message(third, states), _device(store))
+    assert refused.has_error()
+    reason = refused.error.reason
+    assert "privacy budget: run run-2 would cost epsilon 1" in reason and "spent epsilon 2" in reason
+    assert "leaving epsilon 0" in reason and "refused" in reason
+    assert [c.run_id for c in ledger.charges()] == ["run-0", "run-1"]  # the refused run cost nothing
+    assert not (store / "partition-0" / "run-2" / "released").exists()  # and released nothing
+
+    shown = describe_ledger(ledger, Budget(2.0))
+    assert [r["run_id"] for r in shown["runs"]] == ["run-0", "run-1"] and shown["left_epsilon"] < 1e-6
+    assert shown["runs"][0]["releases"] == ["example count", "owner summary"]  # public kernel: no Gram
+
+
+def test_a_run_without_noise_is_refused_under_any_budget_and_recorded_without_one(tmp_path, logreg_ckpt_dir,
+                                                                                   logreg_states):
+    store, job = tmp_path / "store", _job("exact", None, logreg_ckpt_dir)
+    refused = featurize(_message(job, logreg_states[:1]), _device(store, budget=100.0))
+    assert refused.has_error() and "unbounded epsilon (it adds no noise)" in refused.error.reason
+    assert not featurize(_message(job, logreg_states[:1]), _device(store, budget=None)).has_error()
+    (charge,) = PrivacyLedger(store / "partition-0" / LEDGER_FILE).charges()
+    assert charge.epsilon is None and math.isinf(charge.eps) and charge.delta == 0
+
+
+def test_the_ledger_refuses_to_guess_and_device_check_shows_it(tmp_path, logreg_ckpt_dir, capsys):
+    path = tmp_path / LEDGER_FILE
+    ledger = PrivacyLedger(path)
+    ledger.charge(_job("a", 4.0, logreg_ckpt_dir), Budget(5.0))
+    assert job_charge(_job("b", 4.0, logreg_ckpt_dir)).epsilon == pytest.approx(4.0, abs=1e-6)
+    with pytest.raises(FedtrakError, match="would cost epsilon 4"):
+        ledger.charge(_job("b", 4.0, logreg_ckpt_dir), Budget(5.0))
+    with pytest.raises(FedtrakError, match="privacy budget must have epsilon > 0"):
+        Budget(0.0)
+    data = tmp_path / "device.npz"
+    np.savez(data, x=np.random.default_rng(0).random((20, 64)).astype(np.float32), y=np.arange(20) % 10)
+    report = tmp_path / "report.json"
+    assert main(["device", "check", "--task", "digits-logreg", "--data", str(data), "--ledger", str(tmp_path),
+                 "--privacy-budget", "5", "--json", str(report)]) == 0
+    assert "privacy ledger" in capsys.readouterr().out
+    shown = json.loads(report.read_text())["ledger"]
+    assert [r["run_id"] for r in shown["runs"]] == ["a"] and shown["left_epsilon"] == pytest.approx(1.0, abs=1e-6)
+    path.write_text("{not json")
+    with pytest.raises(FedtrakError, match="unreadable"):
+        ledger.charges()
