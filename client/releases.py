@@ -24,7 +24,9 @@ from fedtrak.privacy.mechanisms import (
     noised_curvature,
     noised_features,
     noised_owner_summaries,
+    noised_owner_values,
     noised_self_influence_sum,
+    owner_values,
 )
 from fedtrak.privacy.quantile import noised_histogram, norm_histogram
 from fedtrak.scoring import top_k
@@ -89,7 +91,8 @@ def released_features(local: Local, checkpoints: list[int]
 def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> ScoreRelease:
     """Score this client's examples with the server's preconditioned queries and release what the
     policy allows: owner totals (under DP: noised owner summaries instead), the owner's summed
-    self-influence, and with ``full`` every score; ``topk`` keeps the best examples on the device.
+    self-influence, its values over the server's query groups where asked, and with ``full`` every
+    score; ``topk`` keeps the best examples on the device.
 
     Raises:
         FedtrakError: if the policy is ``full`` and this node does not allow it, or the store does
@@ -125,12 +128,19 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
             total = float(store.released("self-influence-sum", lambda: np.array(
                 [noised_self_influence_sum(total, inverses, dp, rng)]))[0])
         self_sum = np.array([total])
+    values = None
+    if request.groups is not None:  # the owner's value per query group, from its (clipped) summaries
+        groups = [request.groups[m] for m in ms]
+        values = owner_values(local_scores.summaries, groups)
+        if dp.active:
+            values = store.released("owner-values-" + "-".join(map(str, ms)),
+                                    lambda: noised_owner_values(values, groups, dp, rng))
     if policy == "topk":
         keep_topk_on_device(local, local_scores, topk)
     full = policy == "full"
     return ScoreRelease(owner_totals=totals, owner_summaries=summaries, self_influence_sum=self_sum,
                         scores=local_scores.scores if full else None, indices=data.indices if full else None,
-                        self_influence=self_infl if full else None)
+                        self_influence=self_infl if full else None, owner_values=values)
 
 
 def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int) -> Path:

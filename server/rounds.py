@@ -21,6 +21,7 @@ from fedtrak.kernel_sources import USES_PUBLIC, public_data, source_gram
 from fedtrak.partition import example_ids
 from fedtrak.privacy.mechanisms import noise_floor
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
+from fedtrak.results import query_groups
 from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
@@ -48,6 +49,7 @@ class Outcome:
     self_influence: np.ndarray | None = None
     owner_self_influence: np.ndarray | None = None
     secure: SecureSum | None = None
+    owner_values: np.ndarray | None = None  # (G, owners)
 
 
 def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, num_nodes: int,
@@ -161,7 +163,9 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         records.append(record)
         if kinv is not None:
             inverses[m] = pack_upper(kinv)
-    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None)
+    groups = query_groups(settings.release.owner_value, task.y_query)
+    summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
+    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed)
     content = wire.encode_score_request(request)
     with timer.phase("score_round"):
         replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
@@ -174,9 +178,11 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     nq, policy = len(task.y_query), settings.release.policy
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active,
-        [us[m] for m in sorted(us)]))
+        [us[m] for m in sorted(us)], groups))
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure)
+    if groups is not None:
+        out.owner_values = np.stack([released[n].owner_values for n in nodes], axis=1)
     if inverses:  # each owner's mean: its released sum over its released count
         out.owner_self_influence = np.array([released[n].self_influence_sum[0] / fed.clients[n].num_examples
                                              for n in nodes])

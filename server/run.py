@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from fedtrak.corruption import corrupted, flipped_indices
 from fedtrak.job import Job
 from fedtrak.partition import partition
-from fedtrak.results import ResultWriter, add_score_arrays, add_self_influence
+from fedtrak.results import ResultWriter, add_owner_values, add_score_arrays, add_self_influence
 from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
 from fedtrak.server.preflight import check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
@@ -97,6 +97,8 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower") -
         with timer.phase("write"):
             add_score_arrays(writer, outcome.scores, outcome.ids, outcome.owner_totals, settings.release.topk)
             add_self_influence(writer, outcome.self_influence, outcome.owner_self_influence)
+            add_owner_values(writer, settings.release.owner_value, task.y_query, outcome.owner_totals,
+                             outcome.owner_values)
             if flips.active:
                 writer.add_array("flipped", flipped)
         summary = run_summary(job, task, fed, outcome, dp, flips, flipped, timer, len(states))

@@ -113,14 +113,23 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                   source: str, self_influence: bool = False, noised: bool = False,
-                  preconditioned: Sequence[np.ndarray] = ()) -> wire.ScoreRelease:
+                  preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None) -> wire.ScoreRelease:
     """What a score reply releases under ``policy``, validated: owner totals ``(Q,)``, plus
     scores ``(Q, num)`` and indices ``(num,)`` for ``full``; with ``self_influence``, the owner's
     self-influence sum ``(1,)`` and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
     owner releases its noised summaries ``(M, k)`` instead of totals, and the totals are derived
     from them with the ``preconditioned`` queries ``U_m``; the totals are then not checked against
-    the scores, and since the released count is noised too, ``num`` is taken from the scores."""
+    the scores, and since the released count is noised too, ``num`` is taken from the scores.
+    ``groups`` ``(G, Q)`` bool: the owner's values ``(G,)`` are required (without noise, the sums of
+    its totals over each group)."""
     r = wire.decode_score_reply(content, source)
+    values = None
+    if groups is not None:
+        values = r.owner_values
+        if values is None or values.shape != (len(groups),):
+            raise FedtrakError(f"{source}: owner values have shape {None if values is None else values.shape}, "
+                               f"expected ({len(groups)},)")
+        _finite(values, "owner values", source)
     totals = r.owner_totals
     if noised:  # under DP the owner releases its noised summaries; the totals are derived from them
         summaries = r.owner_summaries
@@ -141,8 +150,11 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
         if total is None or total.shape != (1,):
             raise FedtrakError(f"{source}: owner self-influence sum missing or not one number")
         _finite(total, "owner self-influence sum", source)
+    if values is not None and not noised and not np.allclose(
+            values, groups @ totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).sum())):
+        raise FedtrakError(f"{source}: owner values disagree with its owner totals")
     if policy != "full":
-        return wire.ScoreRelease(owner_totals=totals, self_influence_sum=total)
+        return wire.ScoreRelease(owner_totals=totals, self_influence_sum=total, owner_values=values)
     scores, idx, own = r.scores, r.indices, None
     if noised and scores is not None and scores.ndim == 2:
         num = scores.shape[1]
@@ -164,4 +176,4 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                                       atol=1e-9 * max(1.0, np.abs(totals).max())):
         raise FedtrakError(f"{source}: owner totals disagree with the released scores")
     return wire.ScoreRelease(owner_totals=totals, self_influence_sum=total, scores=scores,
-                             indices=idx.astype(np.int64), self_influence=own)
+                             indices=idx.astype(np.int64), self_influence=own, owner_values=values)

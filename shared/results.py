@@ -84,6 +84,27 @@ def add_self_influence(writer: ResultWriter, per_example: np.ndarray | None,
         writer.add_array("owner_self_influence", np.asarray(per_owner, dtype=np.float64))
 
 
+def query_groups(kind: str, labels: np.ndarray) -> np.ndarray | None:
+    """The owner-value groups ``(G, Q)`` bool: none, all queries, or one group per label present."""
+    if kind == "none":
+        return None
+    if kind == "all":
+        return np.ones((1, len(labels)), dtype=bool)
+    return np.stack([labels == c for c in np.unique(labels)])
+
+
+def add_owner_values(writer: ResultWriter, kind: str, labels: np.ndarray, owner_scores: np.ndarray,
+                     released: np.ndarray | None = None) -> None:
+    """Stage ``owner_value.npy`` ``(G, owners)`` and ``owner_value_groups.npy`` ``(G, Q)`` for the
+    settings' owner-value ``kind``: the ``released`` values (private mode), or the sums of the exact
+    ``owner_scores`` over each group (where the server holds them)."""
+    groups = query_groups(kind, labels)
+    if groups is None:
+        return
+    writer.add_array("owner_value", np.asarray(groups @ owner_scores if released is None else released, np.float64))
+    writer.add_array("owner_value_groups", groups)
+
+
 def flips_block(flips: FlipSpec, flipped: np.ndarray) -> dict:
     """The summary's ``flips`` entry of a mislabel experiment (empty when nothing was flipped)."""
     if not flips.active:

@@ -35,6 +35,8 @@ WEIGHTINGS = ("curvature", "none")
 KERNEL_SOURCES = ("auto", "private", "public", "hybrid")
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
+#: Which queries an owner's value sums over: none (no owner values), the whole query set, or each label's.
+OWNER_VALUE_GROUPS = ("none", "all", "label")
 TRAINING = ("fedavg", "central")
 #: Where an ensemble's checkpoints come from: independent training runs, or one run's last steps.
 ENSEMBLES = ("trajectory", "independent")
@@ -196,6 +198,9 @@ class ReleaseSettings:
     topk: int = setting(10, "top examples kept per query", minimum=1)
     self_influence: bool = setting(False, "also score every training example for itself (mislabel "
                                           "detection); on whenever labels are flipped")
+    owner_value: str = setting("none", "also release each owner's value: its total attribution summed over "
+                                       "all queries, or over each label's queries (one number per owner and "
+                                       "group, noised at its own sensitivity under DP)", choices=OWNER_VALUE_GROUPS)
 
 
 @dataclass(frozen=True)

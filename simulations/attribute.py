@@ -21,7 +21,13 @@ from fedtrak.job import Resolved
 from fedtrak.partition import partition
 from fedtrak.privacy.plan import weight_bound
 from fedtrak.projectors import make_projector
-from fedtrak.results import ResultWriter, add_score_arrays, add_self_influence, flips_block
+from fedtrak.results import (
+    ResultWriter,
+    add_owner_values,
+    add_score_arrays,
+    add_self_influence,
+    flips_block,
+)
 from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.preflight import load_run_task
 from fedtrak.settings import Settings
@@ -101,10 +107,11 @@ def run_attribute(settings: Settings, progress: bool = True) -> dict:
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file
         with timer.phase("write"):
-            add_score_arrays(writer, scores, parts.example_ids(),
-                             owner_totals(scores, parts.owners(), parts.num_clients), settings.release.topk)
+            owners = owner_totals(scores, parts.owners(), parts.num_clients)
+            add_score_arrays(writer, scores, parts.example_ids(), owners, settings.release.topk)
             add_self_influence(writer, self_infl, None if self_infl is None else
                                owner_means(self_infl, parts.owners(), parts.num_clients))
+            add_owner_values(writer, settings.release.owner_value, task.y_query, owners)
             if flips.active:
                 writer.add_array("flipped", flipped)
         summary = {

@@ -91,10 +91,11 @@ def _run(out: Path, ckpts: Path, source: str, **extra) -> dict:
 @pytest.mark.parametrize("source", ["public", "hybrid"])
 def test_every_kernel_source_federated_equals_central(tmp_path, logreg_ckpt_dir, source):
     sim, central = tmp_path / "sim", tmp_path / "central"
-    run_simulation(Settings.from_flat(_run(sim, logreg_ckpt_dir, source, policy="full", **{"allow-full": True})))
+    run_simulation(Settings.from_flat(_run(sim, logreg_ckpt_dir, source, policy="full", **{"allow-full": True},
+                                           **{"owner-value": "label"})))
     run_attribute(Settings().replaced(out=str(central), clients=3, checkpoint_dir=str(logreg_ckpt_dir),
-                                      proj_dim=K, kernel_source=source), progress=False)
-    for name in ("scores", "owner_scores"):
+                                      proj_dim=K, kernel_source=source, owner_value="label"), progress=False)
+    for name in ("scores", "owner_scores", "owner_value"):  # owner values: released by the owners
         a, b = np.load(sim / f"{name}.npy"), np.load(central / f"{name}.npy")
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
     summary = json.loads((sim / "summary.json").read_text())
@@ -107,12 +108,16 @@ def test_every_kernel_source_federated_equals_central(tmp_path, logreg_ckpt_dir,
 @pytest.mark.flower
 def test_a_public_kernel_under_dp_releases_no_gram(tmp_path, logreg_ckpt_dir):
     out = tmp_path / "dp-public"
-    run_simulation(Settings.from_flat(_run(out, logreg_ckpt_dir, "auto", epsilon=1.0)))
+    run_simulation(Settings.from_flat(_run(out, logreg_ckpt_dir, "auto", epsilon=1.0, **{"owner-value": "all"})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert summary["kernel_source"] == privacy["kernel_source"] == "public"  # auto under DP
     assert privacy["epsilon"] == pytest.approx(1.0, rel=1e-6)
-    assert {r["what"]: r["count"] for r in privacy["ledger"]} == {"example count": 1, "owner summary": 3}
+    assert {r["what"]: r["count"] for r in privacy["ledger"]} == {"example count": 1, "owner summary": 3,
+                                                                  "owner value": 1}
+    values = np.load(out / "owner_value.npy")
+    derived = np.load(out / "owner_value_groups.npy") @ np.load(out / "owner_scores.npy")  # from noised summaries
+    assert values.shape == derived.shape == (1, 3) and not np.allclose(values, derived)
     assert all("lambda_noise_floor" not in r for r in summary["checkpoints"])  # no noised kernel to floor
     kept = [{p.name for p in d.iterdir()} for d in (out / "client-stores").glob("*/*/released")]
     assert len(kept) == 3 and not any(name.startswith("gram") for k in kept for name in k)

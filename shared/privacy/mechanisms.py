@@ -131,6 +131,30 @@ def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random
     return summaries + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=summaries.shape)
 
 
+def owner_values(summaries: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """An owner's value per query group ``(G,)``: ``mean_m Ubar_m s_m``, ``Ubar_m`` ``(G, k)`` the
+    group's summed preconditioned queries and ``s_m`` the owner summary (its total attribution
+    summed over the group's queries)."""
+    return np.mean([np.asarray(g, dtype=np.float64) @ s for g, s in zip(groups, summaries)], axis=0)
+
+
+def owner_value_sensitivity(groups: Sequence[np.ndarray], dp: DPSettings) -> float:
+    """How far one example moves an owner's values (L2 over groups): it moves each summary ``s_m``
+    by at most ``C`` (``qbar <= 1``), so ``C mean_m ||Ubar_m||_2``; jointly clipped,
+    ``C sqrt(sum_m ||Ubar_m||_2^2) / M``."""
+    norms = np.array([spectral_norm(g) for g in groups])
+    if dp.clip_mode == "joint":
+        return dp.clip_norm * float(np.sqrt(np.sum(norms**2))) / len(norms)
+    return dp.clip_norm * float(norms.mean())
+
+
+def noised_owner_values(values: np.ndarray, groups: Sequence[np.ndarray], dp: DPSettings,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Owner values (of clipped features) plus ``N(0, (sigma Delta)^2)`` per group, ``Delta`` their
+    sensitivity (:func:`owner_value_sensitivity`): one Gaussian release, whatever the groups."""
+    return values + rng.normal(0.0, dp.noise_multiplier * owner_value_sensitivity(groups, dp), size=values.shape)
+
+
 def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
                               rng: np.random.Generator) -> float:
     """An owner's summed self-influence plus noise at its sensitivity ``C^2 mean_m ||K_m^-1||_2``."""
@@ -163,11 +187,12 @@ def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
                  clip_quantile: bool = False, gram: Release | None = None, weighted: bool = False,
-                 gram_released: bool = True) -> list[Release]:
+                 gram_released: bool = True, owner_value: bool = False) -> list[Release]:
     """The mechanisms each training example takes part in during one run (``gram``: the Grams'
     entry when they are not one Gaussian release per client, as under secure aggregation;
     ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights;
-    ``gram_released`` false: the server's kernel is public, no Gram is released)."""
+    ``gram_released`` false: the server's kernel is public, no Gram is released; ``owner_value``:
+    owners also release their values over query groups)."""
     sigma = dp.noise_multiplier
     first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
     if mode == "features":
@@ -187,6 +212,8 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
                     "C over all checkpoints jointly" if joint else "C per checkpoint")]
     if self_influence:
         plan.append(Release("self-influence sum", sigma, 1, "C^2 mean_m ||K_m^-1||_2"))
+    if owner_value:
+        plan.append(Release("owner value", sigma, 1, "C mean_m ||Ubar_m||_2 over the query groups"))
     return plan
 
 

@@ -47,7 +47,7 @@ def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: Distri
         gram = noise.release(dp, noise.threshold if survivors is None else survivors)
     return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,
                         settings.privacy.clip_quantile is not None, gram, settings.kernel.weighting != "none",
-                        gram_released=source != "public")
+                        gram_released=source != "public", owner_value=settings.release.owner_value != "none")
 
 
 def weight_bound(settings: Settings, task: Task) -> float:

@@ -33,14 +33,14 @@ GRAMS = "fedtrak.grams"
 HISTOGRAM, COUNTS = "fedtrak.norm-histogram", "counts"
 FEATURES, INDICES = "fedtrak.features", "indices"
 SCORE_CONFIG, POLICY, TOPK = "fedtrak.score", "policy", "topk"
-QUERIES, INVERSES = "fedtrak.queries", "fedtrak.kernel-inverses"
+QUERIES, INVERSES, GROUPS = "fedtrak.queries", "fedtrak.kernel-inverses", "fedtrak.owner-value-groups"
 RELEASED = "fedtrak.released"
 #: The record keys Flower's FedAvg strategy is told to use, the key it weights updates by, and the
 #: config keys of a train message (``server-round`` is Flower's own).
 ARRAYS, CONFIG, METRICS, NUM_EXAMPLES = "fedtrak.weights", "fedtrak.train", "fedtrak.metrics", "num-examples"
 CHECKPOINT, SERVER_ROUND = "checkpoint", "server-round"
 #: Every record key of the attribution steps' messages (message types and record keys).
-RECORD_KEYS = (INFO, CKPT_PREFIX, CLIP, GRAMS, HISTOGRAM, FEATURES, SCORE_CONFIG, QUERIES, INVERSES, RELEASED,
+RECORD_KEYS = (INFO, CKPT_PREFIX, CLIP, GRAMS, HISTOGRAM, FEATURES, SCORE_CONFIG, QUERIES, INVERSES, GROUPS, RELEASED,
                ARRAYS, CONFIG, METRICS)
 FEDAVG_KEYS = {"arrayrecord_key": ARRAYS, "configrecord_key": CONFIG, "weighted_by_key": NUM_EXAMPLES}
 
@@ -175,14 +175,16 @@ def decode_features(content: RecordDict, checkpoints: Sequence[int], source: str
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """The score step: the preconditioned queries ``U_m``, the release policy, and (for
-    self-influence) the packed kernel inverses the queries used."""
+    """The score step: the preconditioned queries ``U_m``, the release policy, (for
+    self-influence) the packed kernel inverses the queries used, and (for owner values) each
+    query group's summed preconditioned queries ``Ubar_m`` ``(G, k)``."""
 
     job: Job
     policy: str
     topk: int
     queries: dict[int, np.ndarray]
     inverses: dict[int, np.ndarray] | None = None
+    groups: dict[int, np.ndarray] | None = None
 
 
 def encode_score_request(request: ScoreRequest) -> RecordDict:
@@ -192,6 +194,8 @@ def encode_score_request(request: ScoreRequest) -> RecordDict:
                           QUERIES: arrays_to_record({str(m): u for m, u in request.queries.items()})})
     if request.inverses:
         content[INVERSES] = arrays_to_record({str(m): k for m, k in request.inverses.items()})
+    if request.groups:
+        content[GROUPS] = arrays_to_record({str(m): g for m, g in request.groups.items()})
     return content
 
 
@@ -200,8 +204,11 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
     cfg = config_record(content, SCORE_CONFIG, source)
     inverses = (_by_checkpoint(array_record(content, INVERSES, source), source, "kernel inverse")
                 if INVERSES in content.array_records else None)
+    groups = (_by_checkpoint(array_record(content, GROUPS, source), source, "query group")
+              if GROUPS in content.array_records else None)
     return ScoreRequest(job_of(content, source), str(cfg.get(POLICY, "")), int(cfg.get(TOPK, 0)),
-                        _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses)
+                        _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
+                        groups)
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,7 @@ class ScoreRelease:
     scores: np.ndarray | None = None
     indices: np.ndarray | None = None
     self_influence: np.ndarray | None = None
+    owner_values: np.ndarray | None = None
 
 
 def encode_score_reply(release: ScoreRelease, info: ClientInfo) -> RecordDict:

@@ -28,6 +28,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lds", action="store_true", help="LDS of the example scores")
     p.add_argument("--owner-lds", action="store_true", help="LDS of the owner totals")
     p.add_argument("--mislabel", action="store_true", help="flipped-label detection by self-influence")
+    p.add_argument("--owner-value", action="store_true",
+                   help="owner values against each owner's removal effect (runs made with --owner-value)")
+    p.add_argument("--value-seeds", type=positive_int, default=3,
+                   help="model pairs (with and without each owner) per owner for --owner-value")
     p.add_argument("--subsets", type=positive_int, default=100, help="retrained models for LDS")
     p.add_argument("--owner-subsets", type=positive_int, default=100, help="retrained models for owner-level LDS")
     p.add_argument("--alpha", type=fraction, default=0.5, help="fraction of examples (owners) per subset")
@@ -97,10 +101,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 
     chosen = tuple(m for m, on in (("lds", args.lds), ("owner_lds", args.owner_lds),
-                                   ("mislabel", args.mislabel)) if on)
+                                   ("mislabel", args.mislabel), ("owner_value", args.owner_value)) if on)
     opts = EvalOptions(chosen, args.subsets, args.owner_subsets, args.alpha, args.eval_seed,
                        args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet,
-                       ceiling=not args.no_ceiling)
+                       ceiling=not args.no_ceiling, value_seeds=args.value_seeds)
     block = evaluate_run(args.run_dir, opts)
     print(format_table({k: block[k] for k in (chosen or block)}))
     print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")

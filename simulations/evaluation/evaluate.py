@@ -4,7 +4,9 @@
   retrained on random ``alpha``-subsets of the training examples;
 * ``owner_lds``: the same for owner totals and random subsets of owners;
 * ``mislabel``: detection of flipped labels by self-influence (runs made
-  with ``--flip-fraction``).
+  with ``--flip-fraction``);
+* ``owner_value``: owner values against each owner's removal effect (runs made
+  with ``--owner-value``, :mod:`fedtrak.simulations.evaluation.owner_value`).
 
 Ground truth is retrained with the run's own algorithm and cached
 (:mod:`fedtrak.simulations.evaluation.groundtruth`). The results go into an ``evaluation``
@@ -25,9 +27,10 @@ from fedtrak.errors import FedtrakError
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE, ground_truth
 from fedtrak.simulations.evaluation.lds import lds, seed_ceiling
 from fedtrak.simulations.evaluation.mislabel import mislabel_report
+from fedtrak.simulations.evaluation.owner_value import DEFAULT_SEEDS, owner_value_entry
 from fedtrak.simulations.run_folder import RunFolder
 
-MEASURES = ("lds", "owner_lds", "mislabel")
+MEASURES = ("lds", "owner_lds", "mislabel", "owner_value")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class EvalOptions:
     bootstrap: int = 1000
     progress: bool = True
     ceiling: bool = True
+    value_seeds: int = DEFAULT_SEEDS
 
 
 def applicable(run: RunFolder) -> tuple[str, ...]:
@@ -57,6 +61,8 @@ def applicable(run: RunFolder) -> tuple[str, ...]:
     out.append("owner_lds")
     if run.summary.get("flips"):
         out.append("mislabel")
+    if run.has("owner_value"):
+        out.append("owner_value")
     return tuple(out)
 
 
@@ -122,12 +128,16 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     block = dict(run.summary.get("evaluation", {}))
     total = (opts.subsets if "lds" in measures else 0) + (opts.owner_subsets if "owner_lds" in measures else 0)
     total *= 2 if opts.ceiling else 1
+    if "owner_value" in measures:
+        total += opts.value_seeds * (len(run.owner_partition_ids()) + 1)
     with tqdm(total=total, desc="ground-truth models", unit="model", disable=not opts.progress) as bar:
         results = {}
         if "lds" in measures:
             results["lds"] = _lds_entry(run, opts, "examples", bar.update)
         if "owner_lds" in measures:
             results["owner_lds"] = _lds_entry(run, opts, "owners", bar.update)
+        if "owner_value" in measures:
+            results["owner_value"] = owner_value_entry(run, opts.value_seeds, opts.seed, opts.workers, bar.update)
     if "mislabel" in measures:
         results["mislabel"] = _mislabel_entry(run)
     block.update(results)
@@ -146,6 +156,10 @@ def format_table(block: dict) -> str:
             if e.get("lds_over_ceiling") is not None:
                 rows.append((f"{label} ceiling", f"{e['ceiling']['ceiling']:.3f}",
                              f"LDS / ceiling {e['lds_over_ceiling']:.2f}", "seed noise of retraining"))
+    if "owner_value" in block:
+        e = block["owner_value"]
+        rows.append(("owner value Spearman", f"{e['spearman']:.3f}", f"{e['groups']} group(s)",
+                     f"{e['owners']} owners' removal, {e['seeds']} seed pairs"))
     for level in ("examples", "owners"):
         e = block.get("mislabel", {}).get(level)
         if e and "auroc" in e:
