@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtrak.errors import FedtrakError
-from fedtrak.privacy.mechanisms import owner_summaries
+from fedtrak.privacy.mechanisms import clip_rows, owner_summaries, value_contributions
 from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
 
 
@@ -55,7 +55,8 @@ class ChunkedScores:
     ``totals`` ``(Q,)``: the owner totals; ``mean_out_to_loss`` ``(n,)``;
     ``summaries`` ``(M, k)``: ``sum_i qbar_i phi_m,i`` of the clipped features; ``scores`` ``(Q, n)``
     only when kept; ``self_influence`` ``(n,)`` with kernel inverses, and ``self_influence_sum``
-    its sum over the clipped features (what an owner's release is made of);
+    its sum over the clipped features (what an owner's release is made of); ``values`` ``(G,)``
+    the owner's values over query groups (each example's contribution clipped where asked);
     ``proponents``/``opponents``: ``(indices, values)`` ``(Q, topk)`` when asked.
     """
 
@@ -65,6 +66,7 @@ class ChunkedScores:
     scores: np.ndarray | None = None
     self_influence: np.ndarray | None = None
     self_influence_sum: float | None = None
+    values: np.ndarray | None = None
     proponents: tuple[np.ndarray, np.ndarray] | None = None
     opponents: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -89,6 +91,9 @@ def score_in_chunks(
     keep_scores: bool = False,
     topk: int = 0,
     rows: int = SCORE_ROWS,
+    groups: Sequence[np.ndarray] | None = None,
+    value_clip: float = 0.0,
+    self_clip: float = 0.0,
 ) -> ChunkedScores:
     """:func:`score_own_examples` over stored (memory-mapped) features, ``rows`` at a time.
 
@@ -96,7 +101,10 @@ def score_in_chunks(
     totals and self-influence use the features as they are: they stay on the device (or, with
     ``full``, serve evaluation). What an owner releases, its summaries and its summed
     self-influence, is made of the clipped features. Running top-k lists are accumulated; the
-    ``(Q, n)`` scores are kept only if asked.
+    ``(Q, n)`` scores are kept only if asked. With ``groups`` (``Ubar_m`` ``(G, k)`` per checkpoint)
+    the owner's values are summed too, each example's contribution clipped to ``value_clip`` (> 0);
+    ``self_clip`` (> 0) clips each example's self-influence in the owner's sum instead of scoring
+    the clipped features.
     """
     n = features[0].shape[0]
     nq = preconditioned[0].shape[0]
@@ -106,6 +114,7 @@ def score_in_chunks(
     kept = np.empty((nq, n)) if keep_scores else None
     self_infl = np.empty(n) if kernel_inverses is not None else None
     self_sum = 0.0
+    values = None if groups is None else np.zeros(groups[0].shape[0])
     pro = opp = None
     for start in range(0, n, rows):
         stop = min(n, start + rows)
@@ -118,11 +127,16 @@ def score_in_chunks(
         qbar[start:stop] = q_chunk
         summaries += owner_summaries(clipped, q_chunk)
         totals += scores.sum(axis=1)
+        if values is not None:
+            contrib = value_contributions(chunk, q_chunk, groups)
+            values += (clip_rows(contrib, value_clip) if value_clip > 0 else contrib).sum(axis=0)
         if kept is not None:
             kept[:, start:stop] = scores
         if self_infl is not None:
             self_infl[start:stop] = si
-            if scales is not None:  # the released sum: of the clipped features
+            if self_clip > 0:  # the released sum: each example's share clipped
+                si = np.minimum(si, self_clip)
+            elif scales is not None:  # the released sum: of the clipped features
                 si = np.mean([self_kernel_term(c, kinv) for c, kinv in zip(clipped, kernel_inverses)],
                              axis=0) * q_chunk
             self_sum += float(si.sum())
@@ -132,4 +146,4 @@ def score_in_chunks(
     if opp is not None:
         opp = (opp[0], -opp[1])
     return ChunkedScores(totals, qbar, summaries, kept, self_infl, None if self_infl is None else self_sum,
-                         pro, opp)
+                         values, pro, opp)

@@ -114,8 +114,11 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
         clip = stored_clip_scales(store, ms, dp)
         scales = [clip[m] for m in ms]
     topk = request.topk if policy == "topk" else 0
+    groups = None if request.groups is None else [request.groups[m] for m in ms]
+    value_clip, self_clip = (request.value_clip, request.self_clip) if dp.active else (0.0, 0.0)
     local_scores = score_in_chunks([f for f, _ in stored], [q for _, q in stored], [request.queries[m] for m in ms],
-                                   inverses, scales, keep_scores=policy == "full", topk=topk)
+                                   inverses, scales, keep_scores=policy == "full", topk=topk, groups=groups,
+                                   value_clip=value_clip, self_clip=self_clip)
     rng = noise_rng()
     totals, summaries, self_sum = local_scores.totals, None, None
     if dp.active:  # the noised owner summaries instead: the server derives the totals from them
@@ -126,15 +129,15 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
         total = float(local_scores.self_influence_sum)
         if dp.active:
             total = float(store.released("self-influence-sum", lambda: np.array(
-                [noised_self_influence_sum(total, inverses, dp, rng)]))[0])
+                [noised_self_influence_sum(total, inverses, dp, rng, self_clip)]))[0])
         self_sum = np.array([total])
     values = None
-    if request.groups is not None:  # the owner's value per query group, from its (clipped) summaries
-        groups = [request.groups[m] for m in ms]
-        values = owner_values(local_scores.summaries, groups)
+    if groups is not None:  # the owner's value per query group: its contributions clipped, or its summaries
+        values = local_scores.values if value_clip > 0 or not dp.active else owner_values(local_scores.summaries,
+                                                                                           groups)
         if dp.active:
             values = store.released("owner-values-" + "-".join(map(str, ms)),
-                                    lambda: noised_owner_values(values, groups, dp, rng))
+                                    lambda: noised_owner_values(values, groups, dp, rng, value_clip))
     if policy == "topk":
         keep_topk_on_device(local, local_scores, topk)
     full = policy == "full"

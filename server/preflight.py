@@ -14,7 +14,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.job import Resolved
 from fedtrak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
-from fedtrak.privacy.plan import planned_threshold, resolve_dp
+from fedtrak.privacy.plan import planned_threshold, resolve_dp, uses_secure_agg
 from fedtrak.projectors import make_projector
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task, cached_task
@@ -56,16 +56,16 @@ def preflight(settings: Settings) -> Plan:
     dp = resolve_dp(settings, task, proj.proj_dim, source)
     if settings.privacy.clip_quantile is None:  # otherwise C, and the floor, come after the histograms
         check_lambda_against_noise(settings, dp, proj.proj_dim, source)
-    threshold = planned_threshold(settings) if settings.secagg.secure_agg else 0
+    threshold = planned_threshold(settings) if uses_secure_agg(settings, source) else 0
     resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
                         settings.training.local_epochs or task.training.local_epochs, source)
     return Plan(settings, task, resolved, dp)
 
 
-def noise_copies(settings: Settings, clients: int) -> float:
+def noise_copies(settings: Settings, clients: int, source: str) -> float:
     """The summed Gram noise's variance in units of ``(sigma C^2)^2``: one per client, or, under
     secure aggregation, survivors over the threshold the distributed noise is sized for."""
-    return clients / planned_threshold(settings) if settings.secagg.secure_agg else clients
+    return clients / planned_threshold(settings) if uses_secure_agg(settings, source) else clients
 
 
 def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int, source: str) -> None:
@@ -77,7 +77,7 @@ def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int, sou
         fixed = float(settings.kernel.lam)
     except ValueError:
         return  # a rule: raised to the noise floor when it falls below
-    floor = noise_floor(dp, dim, noise_copies(settings, settings.partition.clients))
+    floor = noise_floor(dp, dim, noise_copies(settings, settings.partition.clients, source))
     if fixed < floor:
         raise FedtrakError(
             f"lambda {fixed:g} is below the DP noise floor {floor:.4g} ({NOISE_FLOOR_FACTOR} sigma C^2 "

@@ -19,10 +19,10 @@ from fedtrak.featurizer import Features, Featurizer
 from fedtrak.job import Job
 from fedtrak.kernel_sources import USES_PUBLIC, public_data, source_gram
 from fedtrak.partition import example_ids
-from fedtrak.privacy.mechanisms import noise_floor
+from fedtrak.privacy.mechanisms import noise_floor, public_bound, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from fedtrak.results import query_groups
-from fedtrak.scoring import owner_means, owner_totals
+from fedtrak.scoring import owner_means, owner_totals, self_kernel_term
 from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
@@ -50,6 +50,8 @@ class Outcome:
     owner_self_influence: np.ndarray | None = None
     secure: SecureSum | None = None
     owner_values: np.ndarray | None = None  # (G, owners)
+    value_clip: float = 0.0  # the bound of one example's owner-value contribution (0: none)
+    self_clip: float = 0.0  # the bound of one example's self-influence in an owner's sum (0: none)
 
 
 def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, num_nodes: int,
@@ -123,7 +125,7 @@ def _summed_kernels(fed: Federation, job: Job, states: States, timer: PhaseTimer
     if saved is not None:
         return saved.grams, saved.total, saved.copies, restored_secure_sum(saved)
     secure = None
-    if job.settings.secagg.secure_agg:
+    if job.resolved.threshold > 0:  # secure aggregation (set, or the default under DP)
         secure = secure_gram_sum(fed, job, states, ms, timer)
         sums, total, copies = secure.grams, round(secure.count), len(secure.survivors) / secure.threshold
         fed.require_clients("secure aggregation")
@@ -150,7 +152,10 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     public = public_data(settings, task) if source in USES_PUBLIC else None
     floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
     noise_energy = (dim * dp.noise_multiplier * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
-    us, records, inverses = {}, [], {}
+    groups = query_groups(settings.release.owner_value, task.y_query)
+    bounded = dp.active and (groups is not None or settings.wants_self_influence)
+    bound_data = public_data(settings, task) if bounded else None  # sets the bounds of one example's share
+    us, records, inverses, shares = {}, [], {}, []
     for m, featurizer in enumerate(featurizers):
         with timer.phase("kernel"):
             matrix, source_record = source_gram(source, featurizer, sums[m] if sums else None, total, public,
@@ -158,14 +163,18 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         u, record, kinv = solve_checkpoint(task, featurizer, matrix, total, settings, m, timer,
                                            with_inverse=settings.wants_self_influence, noise_floor=floor)
         record.update(source_record)
+        if bound_data is not None:
+            f = featurizer.featurize(*bound_data)
+            shares.append((f, None if kinv is None else self_kernel_term(f.features, kinv)))
         featurizer.projector.release()
         us[m] = u
         records.append(record)
         if kinv is not None:
             inverses[m] = pack_upper(kinv)
-    groups = query_groups(settings.release.owner_value, task.y_query)
     summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
-    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed)
+    value_clip, self_clip = public_bounds(shares, summed)
+    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed,
+                                value_clip, self_clip)
     content = wire.encode_score_request(request)
     with timer.phase("score_round"):
         replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
@@ -183,6 +192,7 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure)
     if groups is not None:
         out.owner_values = np.stack([released[n].owner_values for n in nodes], axis=1)
+    out.value_clip, out.self_clip = value_clip, self_clip
     if inverses:  # each owner's mean: its released sum over its released count
         out.owner_self_influence = np.array([released[n].self_influence_sum[0] / fed.clients[n].num_examples
                                              for n in nodes])
@@ -192,6 +202,20 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         if inverses:
             out.self_influence = np.concatenate([released[n].self_influence for n in nodes])
     return out
+
+
+def public_bounds(shares: list[tuple[Features, np.ndarray | None]], summed: dict[int, np.ndarray] | None
+                  ) -> tuple[float, float]:
+    """The bounds of one example's share of an owner's values and of its summed self-influence, from
+    the public examples' own shares (``shares``: per checkpoint, their features and self terms);
+    0 where there is no public data or no such release."""
+    if not shares:
+        return 0.0, 0.0
+    qbar = np.mean([f.out_to_loss for f, _ in shares], axis=0)
+    value = 0.0 if summed is None else public_bound(np.linalg.norm(value_contributions(
+        [f.features for f, _ in shares], qbar, [summed[m] for m in sorted(summed)]), axis=1))
+    terms = [t for _, t in shares if t is not None]
+    return value, public_bound(np.mean(terms, axis=0) * qbar) if terms else 0.0
 
 
 def run_features(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer) -> Outcome:

@@ -28,7 +28,7 @@ def _json_number(value: float) -> float | None:
 
 
 def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSum | None = None,
-                  source: str = "private") -> dict:
+                  source: str = "private", value_clip: float = 0.0, self_clip: float = 0.0) -> dict:
     """The summary's account of what was released and what it cost (``secure``: the secure sum,
     whose survivors set the Grams' noise; ``source``: the kernel's, a public one releases no Gram)."""
     if not dp.active:
@@ -61,6 +61,10 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
             gram_sigma_effective=secure.noise.effective_sigma(dp, len(secure.survivors)),
             fraction_bits=secure.noise.fraction_bits,
             epsilon_if_only_threshold_honest=_json_number(epsilon(at_threshold, dp.delta)))
+    if value_clip > 0:
+        block["owner_value_clip"] = value_clip
+    if self_clip > 0:
+        block["self_influence_clip"] = self_clip
     if settings.release.mode == "features":
         block["not_covered"].append("the number of examples each client sends (features mode hides values, "
                                     "not presence)")
@@ -102,7 +106,8 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
                           "seed": p.partition_seed, "num_clients": p.clients}} if min(pids) >= 0 else {}),
         **flips_block(flips, flipped),
         "kernel_source": job.resolved.kernel_source,
-        "privacy": privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source),
+        "privacy": privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source, outcome.value_clip,
+                                 outcome.self_clip),
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
         "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
                                                               for n in nodes}, job.resolved.local_epochs),

@@ -179,8 +179,10 @@ class PrivacySettings:
 class SecAggSettings:
     """Secure aggregation of the clients' Grams."""
 
-    secure_agg: bool = setting(False, "sum the Grams with secure aggregation: the server never sees one "
-                                      "client's Gram (private mode, 3 clients or more)")
+    secure_agg: bool | None = setting(None, "sum the Grams with secure aggregation: the server never sees one "
+                                             "client's Gram (private mode, 3 clients or more; default: on "
+                                             "under DP whenever Grams are released and 3 clients or more "
+                                             "take part)")
     secagg_threshold: float = setting(DEFAULT_SECAGG_THRESHOLD, "share threshold as a fraction of each "
                                                                 "neighbourhood", above=0.5, maximum=1)
 

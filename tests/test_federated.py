@@ -245,7 +245,8 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     out = tmp_path / "dp"
     run_simulation(Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, "iid", policy="owner-totals",
                                                epsilon=8.0, **{"self-influence": True, "clip-quantile": 0.5,
-                                                               "kernel-source": "private"})))
+                                                               "kernel-source": "private",
+                                                               "secure-agg": False})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["dp"] and privacy["epsilon"] == pytest.approx(8.0, rel=1e-6)

@@ -23,6 +23,7 @@ from fedtrak.kernel_sources import (
     public_data,
     resolve_kernel_source,
 )
+from fedtrak.privacy.plan import uses_secure_agg
 from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.cli import main
@@ -62,6 +63,11 @@ def test_kernel_source_choice_and_errors(digits_logreg, tmp_path):
     assert resolve_kernel_source(Settings(), task) == "private"  # no noise: the exact kernel
     assert resolve_kernel_source(Settings().replaced(epsilon=1.0), task) == "public"
     assert resolve_kernel_source(Settings().replaced(epsilon=1.0, secure_agg=True), task) == "hybrid"
+    # secure aggregation is the default under DP wherever Grams are released and 3 clients or more take part
+    dp = Settings().replaced(epsilon=1.0)
+    assert uses_secure_agg(dp, "private") and uses_secure_agg(dp, "hybrid") and not uses_secure_agg(dp, "public")
+    assert not uses_secure_agg(Settings(), "private") and not uses_secure_agg(dp.replaced(clients=2), "private")
+    assert not uses_secure_agg(dp.replaced(secure_agg=False), "private")
     no_public = replace(task, x_public=None, y_public=None)
     assert resolve_kernel_source(Settings().replaced(epsilon=1.0), no_public) == "private"
     with pytest.raises(FedtrakError, match="kernel-source public needs public data"):

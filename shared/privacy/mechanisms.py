@@ -149,17 +149,46 @@ def owner_value_sensitivity(groups: Sequence[np.ndarray], dp: DPSettings) -> flo
 
 
 def noised_owner_values(values: np.ndarray, groups: Sequence[np.ndarray], dp: DPSettings,
-                        rng: np.random.Generator) -> np.ndarray:
-    """Owner values (of clipped features) plus ``N(0, (sigma Delta)^2)`` per group, ``Delta`` their
-    sensitivity (:func:`owner_value_sensitivity`): one Gaussian release, whatever the groups."""
-    return values + rng.normal(0.0, dp.noise_multiplier * owner_value_sensitivity(groups, dp), size=values.shape)
+                        rng: np.random.Generator, value_clip: float = 0.0) -> np.ndarray:
+    """Owner values plus ``N(0, (sigma Delta)^2)`` per group: one Gaussian release, whatever the
+    groups. ``Delta`` is ``value_clip`` where each example's contribution was clipped to it, else
+    the sensitivity of values made of clipped features (:func:`owner_value_sensitivity`)."""
+    sens = value_clip if value_clip > 0 else owner_value_sensitivity(groups, dp)
+    return values + rng.normal(0.0, dp.noise_multiplier * sens, size=values.shape)
+
+
+#: The server's bound on one example's contribution to the owner values: this quantile of the
+#: contributions' norms over its public examples.
+VALUE_CLIP_QUANTILE = 0.95
+
+
+def value_contributions(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray,
+                        groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Each example's contribution to the owner values ``(n, G)``: ``qbar_i mean_m Ubar_m phi_m,i``
+    (its scores summed over each group's queries)."""
+    terms = np.mean([np.asarray(f, dtype=np.float64) @ np.asarray(g, dtype=np.float64).T
+                     for f, g in zip(features, groups)], axis=0)
+    return terms * np.asarray(mean_out_to_loss, dtype=np.float64)[:, None]
+
+
+def clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
+    """Each row scaled down to L2 norm at most ``bound``."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
 
 
 def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
-                              rng: np.random.Generator) -> float:
-    """An owner's summed self-influence plus noise at its sensitivity ``C^2 mean_m ||K_m^-1||_2``."""
-    sens = dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
+                              rng: np.random.Generator, self_clip: float = 0.0) -> float:
+    """An owner's summed self-influence plus noise at its sensitivity: ``self_clip`` where each
+    example's self-influence was clipped to it, else ``C^2 mean_m ||K_m^-1||_2`` (of clipped features)."""
+    sens = self_clip if self_clip > 0 else dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
     return float(total + rng.normal(0.0, dp.noise_multiplier * sens))
+
+
+def public_bound(values: np.ndarray) -> float:
+    """A bound the server sets on one example's share of a release from its public examples' shares
+    (their size at :data:`VALUE_CLIP_QUANTILE`): data it holds, so choosing it costs no privacy."""
+    return float(np.quantile(np.abs(values), VALUE_CLIP_QUANTILE))
 
 
 def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSettings,
@@ -211,9 +240,11 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
             Release("owner summary", sigma, 1 if joint else checkpoints,
                     "C over all checkpoints jointly" if joint else "C per checkpoint")]
     if self_influence:
-        plan.append(Release("self-influence sum", sigma, 1, "C^2 mean_m ||K_m^-1||_2"))
+        plan.append(Release("self-influence sum", sigma, 1, "B_s, each example's self-influence clipped to the "
+                                                            "server's bound (else C^2 mean_m ||K_m^-1||_2)"))
     if owner_value:
-        plan.append(Release("owner value", sigma, 1, "C mean_m ||Ubar_m||_2 over the query groups"))
+        plan.append(Release("owner value", sigma, 1, "B, each example's contribution clipped to the server's "
+                                                     "bound (else C mean_m ||Ubar_m||_2)"))
     return plan
 
 

@@ -19,6 +19,17 @@ from fedtrak.settings import Settings
 from fedtrak.tasks import Task
 
 
+def uses_secure_agg(settings: Settings, source: str) -> bool:
+    """Whether the run sums Grams with secure aggregation: as set, or by default under DP whenever
+    the kernel ``source`` releases Grams (not ``public``) and there are 3 clients or more."""
+    if source == "public":
+        return False
+    if settings.secagg.secure_agg is not None:
+        return settings.secagg.secure_agg
+    return (settings.privacy.wants_noise and settings.release.mode == "private"
+            and settings.partition.clients >= 3)
+
+
 def planned_threshold(settings: Settings) -> int:
     """Secure aggregation's threshold if all ``clients`` advertise: the fewest survivors the
     distributed noise is sized for."""
@@ -42,7 +53,7 @@ def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: Distri
     a Gaussian release. A ``public`` kernel ``source`` releases no Gram.
     """
     gram = None
-    if settings.secagg.secure_agg and dp.active and source != "public":
+    if uses_secure_agg(settings, source) and dp.active:
         noise = noise or distributed_noise(settings, dim, dp)
         gram = noise.release(dp, noise.threshold if survivors is None else survivors)
     return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,

@@ -32,7 +32,7 @@ CLIP = "fedtrak.clip"
 GRAMS = "fedtrak.grams"
 HISTOGRAM, COUNTS = "fedtrak.norm-histogram", "counts"
 FEATURES, INDICES = "fedtrak.features", "indices"
-SCORE_CONFIG, POLICY, TOPK = "fedtrak.score", "policy", "topk"
+SCORE_CONFIG, POLICY, TOPK, VALUE_CLIP, SELF_CLIP = "fedtrak.score", "policy", "topk", "value-clip", "self-clip"
 QUERIES, INVERSES, GROUPS = "fedtrak.queries", "fedtrak.kernel-inverses", "fedtrak.owner-value-groups"
 RELEASED = "fedtrak.released"
 #: The record keys Flower's FedAvg strategy is told to use, the key it weights updates by, and the
@@ -185,12 +185,16 @@ class ScoreRequest:
     queries: dict[int, np.ndarray]
     inverses: dict[int, np.ndarray] | None = None
     groups: dict[int, np.ndarray] | None = None
+    value_clip: float = 0.0  # under DP: each example's contribution to the owner values is clipped to it
+    self_clip: float = 0.0  # under DP: each example's self-influence is clipped to it in the owner's sum
 
 
 def encode_score_request(request: ScoreRequest) -> RecordDict:
     """The score request's records."""
     content = RecordDict({JOB: encode_job(request.job),
-                          SCORE_CONFIG: ConfigRecord({POLICY: request.policy, TOPK: request.topk}),
+                          SCORE_CONFIG: ConfigRecord({POLICY: request.policy, TOPK: request.topk,
+                                                      VALUE_CLIP: float(request.value_clip),
+                                                      SELF_CLIP: float(request.self_clip)}),
                           QUERIES: arrays_to_record({str(m): u for m, u in request.queries.items()})})
     if request.inverses:
         content[INVERSES] = arrays_to_record({str(m): k for m, k in request.inverses.items()})
@@ -208,7 +212,7 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
               if GROUPS in content.array_records else None)
     return ScoreRequest(job_of(content, source), str(cfg.get(POLICY, "")), int(cfg.get(TOPK, 0)),
                         _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
-                        groups)
+                        groups, float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SELF_CLIP, 0.0)))
 
 
 @dataclass(frozen=True)

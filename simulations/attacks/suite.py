@@ -175,7 +175,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     setting = AttackSetting(mode=str(run.summary["mode"]), projector=str(run.summary["projector"]),
                             proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
                             seed=int(run.setting("seed") or 0), weighting=weighting, dp=dp,
-                            secure_agg=bool(run.setting("secure_agg")), checkpoints=num, targets=targets,
+                            secure_agg=bool(priv.get("secure_aggregation")), checkpoints=num, targets=targets,
                             kernel_source=str(run.summary.get("kernel_source", "private")),
                             owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()

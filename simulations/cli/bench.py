@@ -165,7 +165,7 @@ def _run_deploy(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.deploy import bench_deploy
 
     result = bench_deploy(args.out, args.task, args.nodes, args.examples, args.proj_dim, args.projector,
-                          secure_agg=args.secure_agg)
+                          secure_agg=bool(args.secure_agg))
     return result, json.dumps(result, indent=2)
 
 

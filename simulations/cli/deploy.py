@@ -85,7 +85,7 @@ def device(args: argparse.Namespace) -> int:
     if args.noise_multiplier < 0:
         raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
     report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
-                           args.noise_multiplier, args.clip_norm, args.secure_agg, args.policy,
+                           args.noise_multiplier, args.clip_norm, bool(args.secure_agg), args.policy,
                            weighting=args.weighting, kernel_source=args.kernel_source)
     if args.ledger is not None:
         from fedtrak.client.ledger import (

@@ -50,9 +50,9 @@ def add_settings(parser: argparse.ArgumentParser | argparse._ArgumentGroup, keys
     for key in keys:
         spec = specs[key]
         default = defaults.get(key, spec.default)
-        if spec.kind == "bool":
-            parser.add_argument(f"--{key}", dest=spec.name, action="store_true", default=default,
-                                help=_help(spec, default))
+        if spec.kind == "bool":  # an optional one (None: decided by a rule) also gets --no-KEY
+            parser.add_argument(f"--{key}", dest=spec.name, default=default, help=_help(spec, default),
+                                action=argparse.BooleanOptionalAction if spec.optional else "store_true")
         else:
             parser.add_argument(f"--{key}", dest=spec.name, type=_converter(spec), default=default,
                                 choices=spec.choices, help=_help(spec, default),
