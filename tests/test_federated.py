@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedtrak.client.device import format_results, read_results
+from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
 from fedtrak.partition import partition
 from fedtrak.settings import Settings
@@ -146,7 +147,7 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     assert "not positive semi-definite" in reasons[5]
     assert "owner totals have shape" in reasons[6]
     assert "NaN or infinity" in reasons[7]
-    assert "client 9 (node" in reasons[9] and "speaks fedtrak protocol version 1, this side 3" in reasons[9]
+    assert "client 9 (node" in reasons[9] and f"protocol version 1, this side {PROTOCOL_VERSION}" in reasons[9]
     assert "client 10 (node" in reasons[10] and "has task fingerprint 0000000000000000" in reasons[10]
     assert [o["owner"] for o in summary["owners"]] == ["0", "8"]
     # The kernel holds the Grams of clients 0, 6, 7, 8 (6 and 7 failed only when scoring);

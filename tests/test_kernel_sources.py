@@ -114,13 +114,18 @@ def test_every_kernel_source_federated_equals_central(tmp_path, logreg_ckpt_dir,
 @pytest.mark.flower
 def test_a_public_kernel_under_dp_releases_no_gram(tmp_path, logreg_ckpt_dir):
     out = tmp_path / "dp-public"
-    run_simulation(Settings.from_flat(_run(out, logreg_ckpt_dir, "auto", epsilon=1.0, **{"owner-value": "all"})))
+    run_simulation(Settings.from_flat(_run(out, logreg_ckpt_dir, "auto", epsilon=1.0,
+                                           **{"owner-value": "all", "self-influence": True})))
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert summary["kernel_source"] == privacy["kernel_source"] == "public"  # auto under DP
     assert privacy["epsilon"] == pytest.approx(1.0, rel=1e-6)
     assert {r["what"]: r["count"] for r in privacy["ledger"]} == {"example count": 1, "owner summary": 3,
-                                                                  "owner value": 1}
+                                                                  "owner value": 1, "self-influence sum": 1}
+    assert not privacy["secure_aggregation"]  # no Gram released: nothing to aggregate securely
+    # one example's share of an owner value and of its self-influence sum is bounded by the public
+    # examples' shares, far below the worst case the clip norm gives
+    assert 0 < privacy["owner_value_clip"] and 0 < privacy["self_influence_clip"]
     values = np.load(out / "owner_value.npy")
     derived = np.load(out / "owner_value_groups.npy") @ np.load(out / "owner_scores.npy")  # from noised summaries
     assert values.shape == derived.shape == (1, 3) and not np.allclose(values, derived)
