@@ -13,7 +13,11 @@ Gram of checkpoint m           ``sigma C^2`` on the upper triangle   ``C^2`` (jo
                                (Analyze Gauss), mirrored             M Grams together)
 example count                  ``sigma``                             1
 owner summary of checkpoint m  ``sigma C`` per coordinate             ``C`` (jointly: all M)
-self-influence sum             ``sigma C^2 mean_m ||K_m^-1||_2``     ``C^2 mean_m ||K_m^-1||_2``
+self-influence sum             ``sigma B_s`` (else ``sigma C^2 mean_m  ``B_s``: each example's share
+                               ||K_m^-1||_2``)                      clipped to it (else
+                                                                    ``C^2 mean_m ||K_m^-1||_2``)
+owner values (``G`` groups)    ``sigma B`` per group (else ``sigma   ``B``: each example's share
+                               C mean_m ||Ubar_m||_2``)             clipped to it (L2 over groups)
 features (``features`` mode)   ``sigma C`` per coordinate            ``C`` (values only)
 out-to-loss weights            ``sigma``, then clamped to [0, 1]     1
 ============================  ===================================  ====================
@@ -157,9 +161,9 @@ def noised_owner_values(values: np.ndarray, groups: Sequence[np.ndarray], dp: DP
     return values + rng.normal(0.0, dp.noise_multiplier * sens, size=values.shape)
 
 
-#: The server's bound on one example's contribution to the owner values: this quantile of the
-#: contributions' norms over its public examples.
-VALUE_CLIP_QUANTILE = 0.95
+#: The server bounds one example's share of an owner value (or of its summed self-influence) by this
+#: quantile of its public examples' shares.
+SHARE_BOUND_QUANTILE = 0.95
 
 
 def value_contributions(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray,
@@ -187,8 +191,8 @@ def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray
 
 def public_bound(values: np.ndarray) -> float:
     """A bound the server sets on one example's share of a release from its public examples' shares
-    (their size at :data:`VALUE_CLIP_QUANTILE`): data it holds, so choosing it costs no privacy."""
-    return float(np.quantile(np.abs(values), VALUE_CLIP_QUANTILE))
+    (their size at :data:`SHARE_BOUND_QUANTILE`): data it holds, so choosing it costs no privacy."""
+    return float(np.quantile(np.abs(values), SHARE_BOUND_QUANTILE))
 
 
 def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSettings,

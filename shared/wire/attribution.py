@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -210,9 +211,12 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
                 if INVERSES in content.array_records else None)
     groups = (_by_checkpoint(array_record(content, GROUPS, source), source, "query group")
               if GROUPS in content.array_records else None)
+    bounds = float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SELF_CLIP, 0.0))
+    if not all(math.isfinite(b) and b >= 0 for b in bounds):
+        raise FedtrakError(f"{source}: share bounds {bounds} must be finite and >= 0")
     return ScoreRequest(job_of(content, source), str(cfg.get(POLICY, "")), int(cfg.get(TOPK, 0)),
                         _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
-                        groups, float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SELF_CLIP, 0.0)))
+                        groups, *bounds)
 
 
 @dataclass(frozen=True)
