@@ -21,20 +21,23 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys):
                  "--modes", "private", "--subsets", "12", "--cache-dir", str(tmp_path / "gt"),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| private | 2 |" in printed and "| private | inf | 0 |" in printed
+    # under DP the default kernel is the public one; without noise the clients' exact Grams
+    assert "| private (public) | 2 |" in printed and "| private (private) | inf | 0 |" in printed
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert [(r["mode"], r["epsilon"]) for r in rows] == [("private", "2"), ("private", "inf")]
+    assert [(r["mode"], r["kernel_source"], r["epsilon"]) for r in rows] == [
+        ("private", "public", "2"), ("private", "private", "inf")]
     assert float(rows[0]["sigma"]) > 0 and float(rows[1]["sigma"]) == 0
     for r in rows:
         for key in ("lds", "owner_lds", "mislabel_auroc"):
             assert math.isfinite(float(r[key]))
     assert float(rows[1]["mislabel_auroc"]) > 0.8  # no noise: flipped labels stand out
-    # the third measure: a one-example client's Gram gives its digit away without noise, not at epsilon 2
+    # the third measure: a one-example client's Gram gives its digit away without noise; at epsilon 2
+    # (public kernel: no Gram) its noised owner summary does not
     assert float(rows[1]["attack_recovered"]) == 1.0 and float(rows[0]["attack_recovered"]) == 0.0
     assert float(rows[0]["attack_psnr"]) < float(rows[0]["attack_baseline_psnr"])
     assert float(rows[0]["membership_epsilon"]) < 2.0
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "sweep.md").read_text().startswith("| mode | epsilon |")
+    assert (out / "sweep.md").read_text().startswith("| mode (kernel) | epsilon |")
 
 
 def test_keeps_fraction_finds_the_smallest_epsilon():
