@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -201,3 +203,16 @@ def test_owner_values_rank_dirichlet_owners_by_their_removal_effect(tmp_path, lo
     entry = block["owner_value"]
     assert entry["groups"] == 1 and entry["owners"] == 10 and entry["models_trained"] == 33
     assert entry["spearman"] > 0.8, entry  # no noise; measured 0.93 (at epsilon 1 in a simulation: 0.90)
+
+
+def test_a_script_without_a_main_guard_gets_told_why_its_workers_died(tmp_path):
+    script = tmp_path / "unguarded.py"  # spawned workers re-import this file and cannot start
+    script.write_text(
+        "import numpy as np\n"
+        "from fedtrak.simulations.evaluation.retrain import Recipe, retrain_margins\n"
+        "recipe = Recipe('digits-logreg', 0, 0, 'central-sgd', 1, 0, 'iid', 2, 0.5, 0)\n"
+        "mask = np.ones(1500, dtype=bool)\n"
+        "list(retrain_margins(recipe, [(0, mask, 0), (1, mask, 1)], workers=2))\n")
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and 'if __name__ == "__main__":' in done.stderr, done.stderr[-2000:]

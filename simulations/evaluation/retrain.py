@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -185,8 +186,15 @@ def retrain_margins(
             yield job_id, _margins_job(recipe, mask, seed)
         return
     ctx = get_context("spawn")  # torch and fork do not mix once threads exist
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = {pool.submit(_margins_job, recipe, mask, seed): job_id for job_id, mask, seed in jobs}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures = {pool.submit(_margins_job, recipe, mask, seed): job_id for job_id, mask, seed in jobs}
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+    except BrokenProcessPool as exc:
+        raise FedtrakError(
+            "a training process died before finishing its models (models already cached are kept). "
+            "Called from a script? Spawned workers re-import it: put its top-level code under "
+            "`if __name__ == \"__main__\":`, or use one worker (workers=1, --workers 1); otherwise "
+            "the machine may be out of memory") from exc
 
