@@ -57,7 +57,8 @@ class ChunkedScores:
     only when kept; ``self_influence`` ``(n,)`` with kernel inverses, and ``self_influence_sum``
     its sum over the clipped features (what an owner's release is made of); ``values`` ``(G,)``
     the owner's values over query groups (each example's contribution clipped where asked);
-    ``proponents``/``opponents``: ``(indices, values)`` ``(Q, topk)`` when asked.
+    ``proponents``/``opponents``: ``(indices, values)`` ``(Q, topk)`` when asked; ``suspects``: how
+    many examples' self-influence exceeds the suspect threshold (when one is given).
     """
 
     totals: np.ndarray
@@ -69,6 +70,7 @@ class ChunkedScores:
     values: np.ndarray | None = None
     proponents: tuple[np.ndarray, np.ndarray] | None = None
     opponents: tuple[np.ndarray, np.ndarray] | None = None
+    suspects: int = 0
 
 
 def _merge_top(best: tuple[np.ndarray, np.ndarray] | None, values: np.ndarray, offset: int,
@@ -93,7 +95,7 @@ def score_in_chunks(
     rows: int = SCORE_ROWS,
     groups: Sequence[np.ndarray] | None = None,
     value_clip: float = 0.0,
-    self_clip: float = 0.0,
+    suspect_threshold: float = 0.0,
 ) -> ChunkedScores:
     """:func:`score_own_examples` over stored (memory-mapped) features, ``rows`` at a time.
 
@@ -103,8 +105,9 @@ def score_in_chunks(
     self-influence, is made of the clipped features. Running top-k lists are accumulated; the
     ``(Q, n)`` scores are kept only if asked. With ``groups`` (``Ubar_m`` ``(G, k)`` per checkpoint)
     the owner's values are summed too, each example's contribution clipped to ``value_clip`` (> 0);
-    ``self_clip`` (> 0) clips each example's self-influence in the owner's sum instead of scoring
-    the clipped features.
+    ``suspect_threshold`` (> 0): the examples whose self-influence exceeds it are counted as
+    suspects (the owner's screening release under DP); otherwise, under DP, the summed
+    self-influence is of the clipped features.
     """
     n = features[0].shape[0]
     nq = preconditioned[0].shape[0]
@@ -113,7 +116,7 @@ def score_in_chunks(
     qbar = np.empty(n)
     kept = np.empty((nq, n)) if keep_scores else None
     self_infl = np.empty(n) if kernel_inverses is not None else None
-    self_sum = 0.0
+    self_sum, suspects = 0.0, 0
     values = None if groups is None else np.zeros(groups[0].shape[0])
     pro = opp = None
     for start in range(0, n, rows):
@@ -134,8 +137,8 @@ def score_in_chunks(
             kept[:, start:stop] = scores
         if self_infl is not None:
             self_infl[start:stop] = si
-            if self_clip > 0:  # the released sum: each example's share clipped
-                si = np.minimum(si, self_clip)
+            if suspect_threshold > 0:
+                suspects += int(np.count_nonzero(si > suspect_threshold))
             elif scales is not None:  # the released sum: of the clipped features
                 si = np.mean([self_kernel_term(c, kinv) for c, kinv in zip(clipped, kernel_inverses)],
                              axis=0) * q_chunk
@@ -146,4 +149,4 @@ def score_in_chunks(
     if opp is not None:
         opp = (opp[0], -opp[1])
     return ChunkedScores(totals, qbar, summaries, kept, self_infl, None if self_infl is None else self_sum,
-                         values, pro, opp)
+                         values, pro, opp, suspects)

@@ -18,6 +18,7 @@ from fedtrak.client.local_scoring import ChunkedScores, score_in_chunks
 from fedtrak.client.node import Local
 from fedtrak.codecs import pack_upper, unpack_upper
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.budget import HISTOGRAM
 from fedtrak.privacy.mechanisms import (
     gram_noise,
     noise_rng,
@@ -26,6 +27,7 @@ from fedtrak.privacy.mechanisms import (
     noised_owner_summaries,
     noised_owner_values,
     noised_self_influence_sum,
+    noised_suspect_count,
     owner_values,
 )
 from fedtrak.privacy.quantile import noised_histogram, norm_histogram
@@ -63,7 +65,7 @@ def released_histogram(local: Local, checkpoints: list[int]) -> np.ndarray:
     if not dp.active:
         raise FedtrakError("a norm histogram is released only under differential privacy")
     return local.store.released("norm-histogram", lambda: noised_histogram(
-        norm_histogram(stored_norms(local.store, checkpoints, dp.clip_mode)), dp.noise_multiplier, noise_rng()))
+        norm_histogram(stored_norms(local.store, checkpoints, dp.clip_mode)), dp.sigma(HISTOGRAM), noise_rng()))
 
 
 def released_features(local: Local, checkpoints: list[int]
@@ -91,8 +93,9 @@ def released_features(local: Local, checkpoints: list[int]
 def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> ScoreRelease:
     """Score this client's examples with the server's preconditioned queries and release what the
     policy allows: owner totals (under DP: noised owner summaries instead), the owner's summed
-    self-influence, its values over the server's query groups where asked, and with ``full`` every
-    score; ``topk`` keeps the best examples on the device.
+    screening statistic (its summed self-influence; under DP with the server's threshold, its noised
+    count of suspects), its values over the server's query groups where asked, and with ``full``
+    every score; ``topk`` keeps the best examples on the device.
 
     Raises:
         FedtrakError: if the policy is ``full`` and this node does not allow it, or the store does
@@ -115,10 +118,10 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
         scales = [clip[m] for m in ms]
     topk = request.topk if policy == "topk" else 0
     groups = None if request.groups is None else [request.groups[m] for m in ms]
-    value_clip, self_clip = (request.value_clip, request.self_clip) if dp.active else (0.0, 0.0)
+    value_clip, threshold = (request.value_clip, request.suspect_threshold) if dp.active else (0.0, 0.0)
     local_scores = score_in_chunks([f for f, _ in stored], [q for _, q in stored], [request.queries[m] for m in ms],
                                    inverses, scales, keep_scores=policy == "full", topk=topk, groups=groups,
-                                   value_clip=value_clip, self_clip=self_clip)
+                                   value_clip=value_clip, suspect_threshold=threshold)
     rng = noise_rng()
     totals, summaries, self_sum = local_scores.totals, None, None
     if dp.active:  # the noised owner summaries instead: the server derives the totals from them
@@ -127,9 +130,12 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     self_infl = local_scores.self_influence
     if self_infl is not None:
         total = float(local_scores.self_influence_sum)
-        if dp.active:
+        if dp.active and threshold > 0:
+            total = float(store.released("suspect-count", lambda: np.array(
+                [noised_suspect_count(local_scores.suspects, dp, rng)]))[0])
+        elif dp.active:
             total = float(store.released("self-influence-sum", lambda: np.array(
-                [noised_self_influence_sum(total, inverses, dp, rng, self_clip)]))[0])
+                [noised_self_influence_sum(total, inverses, dp, rng)]))[0])
         self_sum = np.array([total])
     values = None
     if groups is not None:  # the owner's value per query group: its contributions clipped, or its summaries
@@ -141,7 +147,7 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     if policy == "topk":
         keep_topk_on_device(local, local_scores, topk)
     full = policy == "full"
-    return ScoreRelease(owner_totals=totals, owner_summaries=summaries, self_influence_sum=self_sum,
+    return ScoreRelease(owner_totals=totals, owner_summaries=summaries, screening=self_sum,
                         scores=local_scores.scores if full else None, indices=data.indices if full else None,
                         self_influence=self_infl if full else None, owner_values=values)
 

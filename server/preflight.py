@@ -58,7 +58,7 @@ def preflight(settings: Settings) -> Plan:
         check_lambda_against_noise(settings, dp, proj.proj_dim, source)
     threshold = planned_threshold(settings) if uses_secure_agg(settings, source) else 0
     resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
-                        settings.training.local_epochs or task.training.local_epochs, source)
+                        settings.training.local_epochs or task.training.local_epochs, source, dp.scales)
     return Plan(settings, task, resolved, dp)
 
 

@@ -17,12 +17,13 @@ from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.job import Job
-from fedtrak.kernel_sources import USES_PUBLIC, public_data, source_gram
+from fedtrak.kernel_sources import USES_PUBLIC, held_out_self_terms, public_data, source_gram
 from fedtrak.partition import example_ids
+from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import noise_floor, public_bound, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from fedtrak.results import query_groups
-from fedtrak.scoring import owner_means, owner_totals, self_kernel_term
+from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
@@ -51,7 +52,7 @@ class Outcome:
     secure: SecureSum | None = None
     owner_values: np.ndarray | None = None  # (G, owners)
     value_clip: float = 0.0  # the bound of one example's owner-value contribution (0: none)
-    self_clip: float = 0.0  # the bound of one example's self-influence in an owner's sum (0: none)
+    suspect_threshold: float = 0.0  # self-influence above it makes an example a suspect (0: none)
 
 
 def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, num_nodes: int,
@@ -146,35 +147,8 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
 
     The summed kernels are kept in ``state`` as soon as they exist; with
     ``saved`` kernels (a resumed run) there is no featurize round."""
-    settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
-    featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
-    sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
-    public = public_data(settings, task) if source in USES_PUBLIC else None
-    floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
-    noise_energy = (dim * dp.noise_multiplier * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
-    groups = query_groups(settings.release.owner_value, task.y_query)
-    bounded = dp.active and (groups is not None or settings.wants_self_influence)
-    bound_data = public_data(settings, task) if bounded else None  # sets the bounds of one example's share
-    us, records, inverses, shares = {}, [], {}, []
-    for m, featurizer in enumerate(featurizers):
-        with timer.phase("kernel"):
-            matrix, source_record = source_gram(source, featurizer, sums[m] if sums else None, total, public,
-                                                settings.kernel.weighting == "curvature", noise_energy)
-        u, record, kinv = solve_checkpoint(task, featurizer, matrix, total, settings, m, timer,
-                                           with_inverse=settings.wants_self_influence, noise_floor=floor)
-        record.update(source_record)
-        if bound_data is not None:
-            f = featurizer.featurize(*bound_data)
-            shares.append((f, None if kinv is None else self_kernel_term(f.features, kinv)))
-        featurizer.projector.release()
-        us[m] = u
-        records.append(record)
-        if kinv is not None:
-            inverses[m] = pack_upper(kinv)
-    summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
-    value_clip, self_clip = public_bounds(shares, summed)
-    request = wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed,
-                                value_clip, self_clip)
+    settings, dp = job.settings, job.dp()
+    request, records, secure = _score_request(fed, task, job, states, timer, state, saved)
     content = wire.encode_score_request(request)
     with timer.phase("score_round"):
         replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
@@ -184,31 +158,73 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
             fed.exclude(node, "its owner is not among the participants of the saved kernels")
             del replies[node]
-    nq, policy = len(task.y_query), settings.release.policy
+    nq, policy, us = len(task.y_query), settings.release.policy, request.queries
+    groups = query_groups(settings.release.owner_value, task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
-        c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(inverses), dp.active,
+        c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
         [us[m] for m in sorted(us)], groups))
     nodes = [n for n in fed.require_clients("score") if n in released]
-    out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure)
+    out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
+                  value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)
     if groups is not None:
         out.owner_values = np.stack([released[n].owner_values for n in nodes], axis=1)
-    out.value_clip, out.self_clip = value_clip, self_clip
-    if inverses:  # each owner's mean: its released sum over its released count
-        out.owner_self_influence = np.array([released[n].self_influence_sum[0] / fed.clients[n].num_examples
+    if request.inverses:  # each owner's screening statistic over its released count: a mean or a fraction
+        out.owner_self_influence = np.array([released[n].screening[0] / fed.clients[n].num_examples
                                              for n in nodes])
     if policy == "full":
         out.scores = np.concatenate([released[n].scores for n in nodes], axis=1)
         out.ids = example_ids([released[n].indices for n in nodes])
-        if inverses:
+        if request.inverses:
             out.self_influence = np.concatenate([released[n].self_influence for n in nodes])
     return out
 
 
+def _score_request(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer,
+                   state: RunState | None, saved: SavedKernels | None
+                   ) -> tuple[wire.ScoreRequest, list[dict], SecureSum | None]:
+    """The kernels of every checkpoint (from the clients' Grams, public data or both), and the score
+    request they give: preconditioned queries, kernel inverses for self-influence, query groups for
+    owner values and, under DP, the bounds the server sets from its public data."""
+    settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
+    weighted = settings.kernel.weighting == "curvature"
+    featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
+    sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
+    groups = query_groups(settings.release.owner_value, task.y_query)
+    bounded = dp.active and (groups is not None or settings.wants_self_influence)
+    public = public_data(settings, task) if source in USES_PUBLIC or bounded else None
+    floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
+    noise_energy = (dim * dp.sigma(GRAM) * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
+    us, records, inverses, shares = {}, [], {}, []
+    for m, featurizer in enumerate(featurizers):
+        private = sums[m] if sums else None
+        with timer.phase("kernel"):
+            pub = None if public is None else featurizer.featurize(*public)  # once per checkpoint
+            matrix, source_record = source_gram(source, private, total, pub if source in USES_PUBLIC else None,
+                                                weighted, noise_energy)
+        u, record, kinv = solve_checkpoint(task, featurizer, matrix, total, settings, m, timer,
+                                           with_inverse=settings.wants_self_influence, noise_floor=floor)
+        record.update(source_record)
+        if bounded and pub is not None:
+            with timer.phase("kernel"):
+                shares.append((pub, None if kinv is None else held_out_self_terms(
+                    source, pub, private, total, weighted, noise_energy, record["lambda"],
+                    settings.kernel.normalize, kinv)))
+        featurizer.projector.release()
+        us[m] = u
+        records.append(record)
+        if kinv is not None:
+            inverses[m] = pack_upper(kinv)
+    summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
+    value_clip, threshold = public_bounds(shares, summed)
+    return (wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed,
+                              value_clip, threshold), records, secure)
+
+
 def public_bounds(shares: list[tuple[Features, np.ndarray | None]], summed: dict[int, np.ndarray] | None
                   ) -> tuple[float, float]:
-    """The bounds of one example's share of an owner's values and of its summed self-influence, from
-    the public examples' own shares (``shares``: per checkpoint, their features and self terms);
-    0 where there is no public data or no such release."""
+    """The bound of one example's share of an owner's values and the suspect threshold of
+    self-influence, from the public examples' own shares (``shares``: per checkpoint, their
+    features and held-out self terms); 0 where there is no public data or no such release."""
     if not shares:
         return 0.0, 0.0
     qbar = np.mean([f.out_to_loss for f, _ in shares], axis=0)

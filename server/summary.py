@@ -28,7 +28,7 @@ def _json_number(value: float) -> float | None:
 
 
 def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSum | None = None,
-                  source: str = "private", value_clip: float = 0.0, self_clip: float = 0.0) -> dict:
+                  source: str = "private", value_clip: float = 0.0, suspect_threshold: float = 0.0) -> dict:
     """The summary's account of what was released and what it cost (``secure``: the secure sum,
     whose survivors set the Grams' noise; ``source``: the kernel's, a public one releases no Gram)."""
     if not dp.active:
@@ -39,7 +39,8 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
     rule = (f"DP quantile {p.clip_quantile:g} of the feature norms" if p.clip_quantile is not None
             else "given" if p.clip_norm else "the task's default")
     block = {"dp": True, "adjacency": "add or remove one training example",
-             "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
+             "noise_multiplier": dp.noise_multiplier, "budget_scales": dp.scales,
+             "budget": p.budget or "default weights", "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
              "clip_mode": dp.clip_mode, "delta": dp.delta, "target_epsilon": p.epsilon,
              "gram_weight": dp.gram_weight, "kernel_weighting": settings.kernel.weighting,
              "kernel_source": source,
@@ -63,8 +64,8 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
             epsilon_if_only_threshold_honest=_json_number(epsilon(at_threshold, dp.delta)))
     if value_clip > 0:
         block["owner_value_clip"] = value_clip
-    if self_clip > 0:
-        block["self_influence_clip"] = self_clip
+    if suspect_threshold > 0:
+        block["suspect_threshold"] = suspect_threshold
     if settings.release.mode == "features":
         block["not_covered"].append("the number of examples each client sends (features mode hides values, "
                                     "not presence)")
@@ -107,7 +108,7 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         **flips_block(flips, flipped),
         "kernel_source": job.resolved.kernel_source,
         "privacy": privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source, outcome.value_clip,
-                                 outcome.self_clip),
+                                 outcome.suspect_threshold),
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
         "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
                                                               for n in nodes}, job.resolved.local_epochs),

@@ -116,7 +116,7 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                   preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None) -> wire.ScoreRelease:
     """What a score reply releases under ``policy``, validated: owner totals ``(Q,)``, plus
     scores ``(Q, num)`` and indices ``(num,)`` for ``full``; with ``self_influence``, the owner's
-    self-influence sum ``(1,)`` and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
+    screening statistic ``(1,)`` (its summed self-influence or count of suspects) and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
     owner releases its noised summaries ``(M, k)`` instead of totals, and the totals are derived
     from them with the ``preconditioned`` queries ``U_m``; the totals are then not checked against
     the scores, and since the released count is noised too, ``num`` is taken from the scores.
@@ -146,15 +146,15 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
     totals = _finite(totals, "owner totals", source)
     total = None
     if self_influence:
-        total = r.self_influence_sum
+        total = r.screening
         if total is None or total.shape != (1,):
-            raise FedtrakError(f"{source}: owner self-influence sum missing or not one number")
-        _finite(total, "owner self-influence sum", source)
+            raise FedtrakError(f"{source}: owner screening statistic missing or not one number")
+        _finite(total, "owner screening statistic", source)
     if values is not None and not noised and not np.allclose(
             values, groups @ totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).sum())):
         raise FedtrakError(f"{source}: owner values disagree with its owner totals")
     if policy != "full":
-        return wire.ScoreRelease(owner_totals=totals, self_influence_sum=total, owner_values=values)
+        return wire.ScoreRelease(owner_totals=totals, screening=total, owner_values=values)
     scores, idx, own = r.scores, r.indices, None
     if noised and scores is not None and scores.ndim == 2:
         num = scores.shape[1]
@@ -175,5 +175,5 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
     if not noised and not np.allclose(scores.sum(axis=1), totals, rtol=1e-6,
                                       atol=1e-9 * max(1.0, np.abs(totals).max())):
         raise FedtrakError(f"{source}: owner totals disagree with the released scores")
-    return wire.ScoreRelease(owner_totals=totals, self_influence_sum=total, scores=scores,
+    return wire.ScoreRelease(owner_totals=totals, screening=total, scores=scores,
                              indices=idx.astype(np.int64), self_influence=own, owner_values=values)

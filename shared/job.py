@@ -28,7 +28,7 @@ class Resolved:
 
     Attributes:
         proj_dim: the projection dimension k.
-        noise_multiplier: sigma of every attribution release (0: no noise).
+        noise_multiplier: the base noise multiplier of the attribution releases (0: no noise).
         clip_norm: the clip norm C of projected features (0: no clipping).
         threshold: secure aggregation's planned share threshold (0: no secure aggregation).
         weight_bound: the kernel's largest per-example weight (1 unweighted; the model output's
@@ -36,6 +36,8 @@ class Resolved:
         local_epochs: each client's epochs per FedAvg round (as given, or the task's).
         kernel_source: where the kernel comes from, ``auto`` decided
             (:mod:`fedtrak.kernel_sources`): clients release no Gram for ``public``.
+        budget_scales: each kind of release's noise multiplier relative to ``noise_multiplier``,
+            the split of a target epsilon (:mod:`fedtrak.privacy.budget`; empty: all equal).
     """
 
     proj_dim: int
@@ -45,6 +47,7 @@ class Resolved:
     weight_bound: float = 1.0
     local_epochs: int = 3
     kernel_source: str = "private"
+    budget_scales: str = ""
 
     def describe(self) -> dict:
         """JSON-ready, for the run summary."""
@@ -65,7 +68,7 @@ class Job:
         """How this run's releases are clipped and noised (``noise_multiplier`` 0: not at all)."""
         p = self.settings.privacy
         dp = DPSettings(self.resolved.noise_multiplier, self.resolved.clip_norm, p.clip_mode, p.delta,
-                        self.resolved.weight_bound)
+                        self.resolved.weight_bound, self.resolved.budget_scales)
         dp.validate()
         return dp
 

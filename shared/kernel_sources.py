@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Featurizer
+from fedtrak.featurizer import Features
+from fedtrak.kernel import Kernel, effective_inverse
+from fedtrak.scoring import self_kernel_term
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task
 
@@ -86,19 +88,18 @@ def resolve_kernel_source(settings: Settings, task: Task) -> str:
     return source
 
 
-def public_gram(featurizer: Featurizer, x: np.ndarray, y: np.ndarray, weighted: bool, count: float) -> np.ndarray:
-    """The public kernel of one checkpoint: the public set's (weighted) Gram scaled to ``count``
-    training examples.
+def public_gram(public: Features, weighted: bool, count: float) -> np.ndarray:
+    """The public kernel of one checkpoint: the ``public`` features' (weighted) Gram scaled to
+    ``count`` training examples.
 
     Raises:
         FedtrakError: if the count is not positive.
     """
     if not count > 0:
         raise FedtrakError(f"the public kernel is scaled to the training examples' count, got {count}")
-    feats = featurizer.featurize(x, y)
-    rows = np.asarray(feats.features, dtype=np.float64)
+    rows = np.asarray(public.features, dtype=np.float64)
     if weighted:
-        rows = rows * np.sqrt(np.asarray(feats.curvature, dtype=np.float64))[:, None]
+        rows = rows * np.sqrt(np.asarray(public.curvature, dtype=np.float64))[:, None]
     return ledoit_wolf(rows) * float(count)
 
 
@@ -134,11 +135,10 @@ def hybrid_gram(noised: np.ndarray, public: np.ndarray, noise_energy: float) -> 
     return weight * public + (1.0 - weight) * psd_part(noised), weight
 
 
-def source_gram(source: str, featurizer: Featurizer, private: np.ndarray | None, count: float,
-                public: tuple[np.ndarray, np.ndarray] | None, weighted: bool,
-                noise_energy: float = 0.0) -> tuple[np.ndarray, dict]:
+def source_gram(source: str, private: np.ndarray | None, count: float, public: Features | None,
+                weighted: bool, noise_energy: float = 0.0) -> tuple[np.ndarray, dict]:
     """One checkpoint's kernel (before lambda) from ``source``: the ``private`` summed Gram, the
-    ``public`` data's Gram scaled to ``count``, or the ``hybrid`` of both (``noise_energy``: the
+    ``public`` features' Gram scaled to ``count``, or the ``hybrid`` of both (``noise_energy``: the
     private Gram's expected squared noise norm). Returns it with a record for the run summary.
 
     Raises:
@@ -150,11 +150,35 @@ def source_gram(source: str, featurizer: Featurizer, private: np.ndarray | None,
         return private, {"kernel_source": "private"}
     if public is None:
         raise FedtrakError(f"kernel-source {source} needs public data")
-    pub = public_gram(featurizer, *public, weighted, count)
-    record = {"kernel_source": source, "num_public": len(public[1]), "scaled_to": float(count)}
+    pub = public_gram(public, weighted, count)
+    record = {"kernel_source": source, "num_public": len(public.out_to_loss), "scaled_to": float(count)}
     if source == "public":
         return pub, record
     if private is None:
         raise FedtrakError("the hybrid kernel needs the clients' summed Gram")
     matrix, weight = hybrid_gram(private, pub, noise_energy)
     return matrix, {**record, "prior_weight": weight}
+
+
+#: Folds of the public set when its examples' self-influence is measured under kernels that did not see them.
+PUBLIC_FOLDS = 5
+
+
+def held_out_self_terms(source: str, public: Features, private: np.ndarray | None, count: float, weighted: bool,
+                        noise_energy: float, lam: float, normalize: str, kernel_inverse: np.ndarray) -> np.ndarray:
+    """Each public example's self term ``phi^T K^-1 phi`` under a kernel that did not see it, as a
+    training example's is (``(n_pub,)``). A private kernel never sees public data: its own
+    ``kernel_inverse``. A public or hybrid kernel is rebuilt without each of :data:`PUBLIC_FOLDS`
+    folds of the public set (same source, count, ``lam`` and ``normalize``): its own examples'
+    terms would be biased low, as its fit includes them."""
+    if source == "private":
+        return self_kernel_term(public.features, kernel_inverse)
+    n = len(public.out_to_loss)
+    out = np.empty(n)
+    for held in np.array_split(np.arange(n), min(PUBLIC_FOLDS, n)):
+        keep = np.setdiff1d(np.arange(n), held)
+        rest = Features(public.features[keep], public.out_to_loss[keep],
+                        None if public.curvature is None else public.curvature[keep])
+        matrix = source_gram(source, private, count, rest, weighted, noise_energy)[0]
+        out[held] = self_kernel_term(public.features[held], effective_inverse(Kernel(matrix, lam), normalize))
+    return out

@@ -24,6 +24,7 @@ from typing import Any
 
 from fedtrak.errors import FedtrakError
 from fedtrak.flat import Sectioned, setting
+from fedtrak.privacy.budget import budget_weights
 
 PROJECTORS = ("rademacher", "gaussian", "factorized", "identity")
 NORMALIZATIONS = ("none", "traker")
@@ -168,6 +169,10 @@ class PrivacySettings:
     clip_quantile: float | None = setting(None, "choose C as this quantile of the feature norms, from the "
                                                 "clients' noised histograms (one more release), instead "
                                                 "of --clip-norm", above=0, below=1)
+    budget: str | None = setting(None, "how a target epsilon is split between the kinds of release: "
+                                       "KIND=WEIGHT pairs over the default weight 1 of each kind, e.g. "
+                                       "'suspects=8' for a mislabel screening run; "
+                                       "kinds: gram, count, summary, value, suspects, histogram, features")
 
     @property
     def wants_noise(self) -> bool:
@@ -244,6 +249,11 @@ class Settings(Sectioned):
         """
         super().check()
         p, r = self.privacy, self.release
+        if p.budget is not None:
+            budget_weights(p.budget)  # names a bad pair
+            if p.noise_multiplier > 0:
+                raise FedtrakError("budget splits a target epsilon; with noise-multiplier every release has "
+                                   "that sigma: drop one of them")
         if p.epsilon is not None and p.noise_multiplier > 0:
             raise FedtrakError("give either epsilon (with delta) or noise-multiplier, not both")
         if p.clip_quantile is not None and p.clip_norm is not None:

@@ -125,7 +125,8 @@ def score_features(
         with timer.phase("kernel"):
             acc = GramAccumulator(featurizer.projector.proj_dim)
             acc.add(feats.features, kernel_weights(settings, feats.curvature))
-            matrix, source_record = source_gram(source, featurizer, acc.matrix, acc.count, public,
+            pub = None if public is None else featurizer.featurize(*public)
+            matrix, source_record = source_gram(source, acc.matrix, acc.count, pub,
                                                 settings.kernel.weighting == "curvature")
         u, record, kinv = solve_checkpoint(task, featurizer, matrix, acc.count, settings, m, timer,
                                            with_inverse=self_influence)

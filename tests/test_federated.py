@@ -254,7 +254,7 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     assert privacy["epsilon_prv"] == pytest.approx(8.0, abs=0.1)
     assert {r["what"]: r["count"] for r in privacy["ledger"]} == {
         "norm histogram (clip quantile)": 1, "Gram": 3, "example count": 1, "owner summary": 3,
-        "self-influence sum": 1}
+        "suspect count": 1}
     # C from the clients' noised norm histograms: near the median feature norm (4.7 measured)
     assert 3.5 < privacy["clip_norm"] < 7 and privacy["clip_norm_rule"].startswith("DP quantile 0.5")
     assert privacy["not_covered"] == [] and "clip_round" in summary["seconds"]

@@ -121,11 +121,12 @@ def test_a_public_kernel_under_dp_releases_no_gram(tmp_path, logreg_ckpt_dir):
     assert summary["kernel_source"] == privacy["kernel_source"] == "public"  # auto under DP
     assert privacy["epsilon"] == pytest.approx(1.0, rel=1e-6)
     assert {r["what"]: r["count"] for r in privacy["ledger"]} == {"example count": 1, "owner summary": 3,
-                                                                  "owner value": 1, "self-influence sum": 1}
+                                                                  "owner value": 1, "suspect count": 1}
     assert not privacy["secure_aggregation"]  # no Gram released: nothing to aggregate securely
-    # one example's share of an owner value and of its self-influence sum is bounded by the public
+    # one example's share of an owner value is bounded by the public examples' shares, and its
+    # self-influence counts as a suspect above their (held-out) quantile
     # examples' shares, far below the worst case the clip norm gives
-    assert 0 < privacy["owner_value_clip"] and 0 < privacy["self_influence_clip"]
+    assert 0 < privacy["owner_value_clip"] and 0 < privacy["suspect_threshold"]
     values = np.load(out / "owner_value.npy")
     derived = np.load(out / "owner_value_groups.npy") @ np.load(out / "owner_scores.npy")  # from noised summaries
     assert values.shape == derived.shape == (1, 3) and not np.allclose(values, derived)

@@ -77,7 +77,7 @@ def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_log
     assert weighted.noise_multiplier == plain.noise_multiplier  # the same mechanisms, the same sigma
     assert weighted.gram_sensitivity == pytest.approx(plain.clip_norm**2 / 4)
     noise = gram_noise(300, weighted, np.random.default_rng(0))[np.triu_indices(300)]
-    assert noise.std() == pytest.approx(weighted.noise_multiplier * weighted.clip_norm**2 / 4, rel=0.02)
+    assert noise.std() == pytest.approx(weighted.sigma("gram") * weighted.clip_norm**2 / 4, rel=0.02)
     assert noise_floor(weighted, 512, 3) == pytest.approx(noise_floor(plain, 512, 3) / 4)
     rounding = np.sqrt(64 * 65 / 2)  # one unit per coordinate of a k = 64 upper triangle
     l2_weighted = DistributedNoise(64, 3, 2, 0).sensitivities(weighted)[0]
@@ -92,6 +92,30 @@ def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_log
     assert features_plan["curvature weights"] == "0.25 per checkpoint"
     private_plan = {r.what: r.describe()["sensitivity"] for r in release_plan("private", 3, weighted, False)}
     assert private_plan["Gram"] == "C^2 x 0.25 per checkpoint"
+
+
+def test_a_target_epsilon_is_split_between_the_kinds_of_release(digits_logreg):
+    """Each kind of release gets a share of mu^2 by its weight (1 each by default); its mechanisms
+    split it. The base multiplier is the sigma one release alone would need."""
+    from fedtrak.privacy.plan import run_release_plan
+
+    s = Settings().replaced(epsilon=1.0, checkpoints=10, self_influence=True, kernel_source="public")
+    dp = resolve_dp(s, digits_logreg, 512, "public")
+    assert epsilon(run_release_plan(s, dp, 512, source="public"), dp.delta) == pytest.approx(1.0, rel=1e-6)
+    assert epsilon([Release("alone", dp.noise_multiplier)], dp.delta) == pytest.approx(1.0, rel=1e-6)
+    total = 3  # count, summary (10 mechanisms), suspects
+    assert dp.sigma("suspects") == pytest.approx(dp.noise_multiplier * math.sqrt(total))
+    assert dp.sigma("summary") == pytest.approx(dp.noise_multiplier * math.sqrt(10 * total))
+    assert dp.sigma("count") == pytest.approx(dp.noise_multiplier * math.sqrt(total))
+    screening = resolve_dp(s.replaced(budget="suspects=8"), digits_logreg, 512, "public")
+    assert screening.noise_multiplier == pytest.approx(dp.noise_multiplier)
+    assert screening.sigma("suspects") == pytest.approx(dp.noise_multiplier * math.sqrt(10 / 8))
+    with pytest.raises(FedtrakError, match="'bogus=1' is not KIND=NUMBER"):
+        Settings().replaced(epsilon=1.0, budget="bogus=1")
+    with pytest.raises(FedtrakError, match="budget splits a target epsilon"):
+        Settings().replaced(noise_multiplier=1.0, budget="suspects=2")
+    with pytest.raises(FedtrakError, match="releases summary, whose weight is 0"):
+        resolve_dp(s.replaced(budget="summary=0"), digits_logreg, 512, "public")
 
 
 def test_clipping_bounds_every_norm():
@@ -114,7 +138,7 @@ def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
     np.testing.assert_allclose(draws.mean(axis=0), want, atol=0.15)
     assert draws.std(axis=0).mean() == pytest.approx(3.0, rel=0.03)
     counts = {r.what: r.count for r in release_plan("private", 3, dp, self_influence=True)}
-    assert counts == {"Gram": 3, "example count": 1, "owner summary": 3, "self-influence sum": 1}
+    assert counts == {"Gram": 3, "example count": 1, "owner summary": 3, "suspect count": 1}
     joint = {r.what: r.count for r in release_plan("private", 3, DPSettings(1.0, 3.0, "joint"), False)}
     assert joint == {"Gram": 1, "example count": 1, "owner summary": 1}
     assert sum(r.count for r in release_plan("features", 3, dp, False)) == 6
@@ -222,3 +246,14 @@ def test_dp_sgd_trains_and_is_accounted_like_opacus():
     assert training_epsilon(0.0, 64, 1500, 10, 1e-5) == math.inf
     with pytest.raises(FedtrakError, match="positive noise multiplier"):
         dp_sgd_epochs(task, model, task.x_train, task.y_train, 1, 0, 0.0, 1.0)
+
+
+def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
+    """The suspect count and the owner value, released by the client's own code with a worst-case
+    canary: the empirical epsilon is positive (the audit has power) and below the accounted one."""
+    from fedtrak.simulations.evaluation.audit import audit_owner_releases
+
+    res = audit_owner_releases(1.0, trials=4000)
+    assert res["owner_value"]["sensitivity_step"] == pytest.approx(res["value_bound"])  # clipped to exactly B
+    for name in ("suspect_count", "owner_value"):
+        assert 1.0 < res[name]["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]

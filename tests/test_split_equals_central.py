@@ -84,6 +84,9 @@ def test_scoring_in_row_chunks_equals_scoring_at_once():
     np.testing.assert_allclose(local.self_influence, self_infl, rtol=1e-10)
     assert local.self_influence_sum == pytest.approx(clipped_self.sum(), rel=1e-10)
     assert not np.isclose(clipped_self.sum(), self_infl.sum())
+    threshold = float(np.quantile(self_infl, 0.8))  # suspects: counted from the device's exact self-influence
+    counted = score_in_chunks(feats, qs, us, invs, scales, rows=7, suspect_threshold=threshold)
+    assert counted.suspects == int((self_infl > threshold).sum()) == 10
     np.testing.assert_allclose(local.summaries, owner_summaries(clipped, np.mean(qs, axis=0)), rtol=1e-6)
     for got, values in ((local.proponents, scores), (local.opponents, -scores)):
         idx, val = top_k(values, 4)

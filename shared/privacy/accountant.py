@@ -40,7 +40,8 @@ class Release:
     summary); ``what`` names the released quantity. A ``"skellam"`` entry is
     integer Skellam noise of variance ``(sigma l2)^2`` per coordinate, with
     ``l2`` and ``l1`` its sensitivities in integer units (``sigma`` is then the
-    multiplier of the Gaussian with the same variance).
+    multiplier of the Gaussian with the same variance). ``kind``: the budget's name for this
+    kind of release (:mod:`fedtrak.privacy.budget`).
     """
 
     what: str
@@ -50,6 +51,7 @@ class Release:
     mechanism: str = "gaussian"
     l2: float = 0.0
     l1: float = 0.0
+    kind: str = ""
 
     def rdp(self, alpha: int) -> float:
         """Renyi DP of order ``alpha`` of the ``count`` mechanisms together."""

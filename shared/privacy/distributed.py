@@ -33,6 +33,7 @@ import numpy as np
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release
+from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import DPSettings, gram_sensitivity_text
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 
@@ -76,11 +77,11 @@ class DistributedNoise:
     def client_variance(self, dp: DPSettings) -> float:
         """Variance per coordinate (integer units) each client adds."""
         l2 = self.sensitivities(dp)[0]
-        return (dp.noise_multiplier * l2) ** 2 / self.threshold
+        return (dp.sigma(GRAM) * l2) ** 2 / self.threshold
 
     def effective_sigma(self, dp: DPSettings, survivors: int) -> float:
         """The Gaussian-equivalent noise multiplier of ``survivors`` clients' noise together."""
-        return dp.noise_multiplier * math.sqrt(survivors / self.threshold)
+        return dp.sigma(GRAM) * math.sqrt(survivors / self.threshold)
 
     def release(self, dp: DPSettings, survivors: int) -> Release:
         """The ledger entry of the aggregated Grams of ``survivors`` clients."""
@@ -89,7 +90,7 @@ class DistributedNoise:
         return Release("Gram (secure sum, Skellam)", self.effective_sigma(dp, survivors), count,
                        (f"{gram_sensitivity_text(dp)} over all checkpoints jointly" if joint
                         else f"{gram_sensitivity_text(dp)} per checkpoint")
-                       + f", in units of 2^-{self.fraction_bits} with rounding", "skellam", l2, l1)
+                       + f", in units of 2^-{self.fraction_bits} with rounding", "skellam", l2, l1, GRAM)
 
 
 def noise_fraction_bits(dim: int, checkpoints: int, threshold: int, dp: DPSettings) -> int:

@@ -13,9 +13,9 @@ Gram of checkpoint m           ``sigma C^2`` on the upper triangle   ``C^2`` (jo
                                (Analyze Gauss), mirrored             M Grams together)
 example count                  ``sigma``                             1
 owner summary of checkpoint m  ``sigma C`` per coordinate             ``C`` (jointly: all M)
-self-influence sum             ``sigma B_s`` (else ``sigma C^2 mean_m  ``B_s``: each example's share
-                               ||K_m^-1||_2``)                      clipped to it (else
-                                                                    ``C^2 mean_m ||K_m^-1||_2``)
+suspect count                  ``sigma``                             1 (without public data: the
+  (else self-influence sum)    (else ``sigma C^2 mean_m ||K_m^-1||``) self-influence sum, ``C^2
+                                                                    mean_m ||K_m^-1||_2``)
 owner values (``G`` groups)    ``sigma B`` per group (else ``sigma   ``B``: each example's share
                                C mean_m ||Ubar_m||_2``)             clipped to it (L2 over groups)
 features (``features`` mode)   ``sigma C`` per coordinate            ``C`` (values only)
@@ -27,7 +27,9 @@ owner summary ``s_c,m = sum_i qbar_i phi_m,i`` (k numbers) stands in for the
 owner's per-query totals: the server computes every total from it, so the
 privacy cost is paid once per checkpoint, not once per query. Each
 is a Gaussian mechanism with noise multiplier ``sigma``; :func:`release_plan`
-lists what a run's example takes part in. Without secure aggregation each
+lists what a run's example takes part in; each kind of release has its own
+``sigma`` (``DPSettings.sigma``), from the run's budget split
+(:mod:`fedtrak.privacy.budget`). Without secure aggregation each
 client adds the full ``sigma``. Noise is drawn from a generator seeded by
 the operating system's entropy (never from a run seed the server knows).
 """
@@ -42,6 +44,16 @@ import numpy as np
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, check_delta
+from fedtrak.privacy.budget import (
+    COUNT,
+    FEATURES,
+    GRAM,
+    HISTOGRAM,
+    SUMMARY,
+    SUSPECTS,
+    VALUE,
+    parse_scales,
+)
 from fedtrak.settings import CLIP_MODES
 
 #: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
@@ -55,7 +67,9 @@ class DPSettings:
 
     ``gram_weight`` bounds the kernel's per-example weight (1 for the plain ``Phi^T Phi``; the
     model output's curvature bound, 1/4 for the margin, for the curvature-weighted kernel): one
-    example moves a Gram by at most ``C^2 gram_weight``, its sensitivity.
+    example moves a Gram by at most ``C^2 gram_weight``, its sensitivity. ``scales``: each kind of
+    release's noise multiplier relative to ``noise_multiplier`` (:mod:`fedtrak.privacy.budget`,
+    ``"gram=4.5,count=20.1,..."``; a kind not named, or none at all, gets ``noise_multiplier``).
     """
 
     noise_multiplier: float = 0.0
@@ -63,6 +77,11 @@ class DPSettings:
     clip_mode: str = "per-checkpoint"
     delta: float = 1e-5
     gram_weight: float = 1.0
+    scales: str = ""
+
+    def sigma(self, kind: str) -> float:
+        """The noise multiplier of one release of ``kind``."""
+        return self.noise_multiplier * (parse_scales(self.scales).get(kind, 1.0) if self.scales else 1.0)
 
     @property
     def active(self) -> bool:
@@ -86,6 +105,8 @@ class DPSettings:
         if not 0 < self.gram_weight <= 1:
             raise FedtrakError(f"the kernel weight bound must lie in (0, 1], got {self.gram_weight}")
         check_delta(self.delta)
+        if self.scales and not all(v > 0 for v in parse_scales(self.scales).values()):
+            raise FedtrakError(f"budget scales must be positive, got {self.scales!r}")
 
 
 def noise_rng() -> np.random.Generator:
@@ -105,13 +126,13 @@ def clip_scales(norms: np.ndarray, clip_norm: float, mode: str) -> np.ndarray:
 def gram_noise(dim: int, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
     """Symmetric noise for one Gram: ``N(0, (sigma C^2 w)^2)`` on the upper triangle, mirrored
     (``w`` the kernel weight bound, 1 for the plain Gram)."""
-    upper = np.triu(rng.normal(0.0, dp.noise_multiplier * dp.gram_sensitivity, size=(dim, dim)))
+    upper = np.triu(rng.normal(0.0, dp.sigma(GRAM) * dp.gram_sensitivity, size=(dim, dim)))
     return upper + np.triu(upper, 1).T
 
 
 def noised_count(count: int, dp: DPSettings, rng: np.random.Generator) -> float:
     """The example count with ``N(0, sigma^2)`` noise."""
-    return float(count + rng.normal(0.0, dp.noise_multiplier))
+    return float(count + rng.normal(0.0, dp.sigma(COUNT)))
 
 
 def spectral_norm(matrix: np.ndarray) -> float:
@@ -132,7 +153,7 @@ def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random
     The server turns them into the owner's total for any query, now or later,
     by post-processing: ``mean_m U_m s_m``.
     """
-    return summaries + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=summaries.shape)
+    return summaries + rng.normal(0.0, dp.sigma(SUMMARY) * dp.clip_norm, size=summaries.shape)
 
 
 def owner_values(summaries: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
@@ -158,11 +179,12 @@ def noised_owner_values(values: np.ndarray, groups: Sequence[np.ndarray], dp: DP
     groups. ``Delta`` is ``value_clip`` where each example's contribution was clipped to it, else
     the sensitivity of values made of clipped features (:func:`owner_value_sensitivity`)."""
     sens = value_clip if value_clip > 0 else owner_value_sensitivity(groups, dp)
-    return values + rng.normal(0.0, dp.noise_multiplier * sens, size=values.shape)
+    return values + rng.normal(0.0, dp.sigma(VALUE) * sens, size=values.shape)
 
 
-#: The server bounds one example's share of an owner value (or of its summed self-influence) by this
-#: quantile of its public examples' shares.
+#: The server bounds one example's share of an owner value by this quantile of its public examples'
+#: shares, and counts an example as a suspect (likely mislabeled) when its self-influence exceeds
+#: this quantile of the public examples' own (held-out) self-influence.
 SHARE_BOUND_QUANTILE = 0.95
 
 
@@ -182,11 +204,17 @@ def clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
 
 
 def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
-                              rng: np.random.Generator, self_clip: float = 0.0) -> float:
-    """An owner's summed self-influence plus noise at its sensitivity: ``self_clip`` where each
-    example's self-influence was clipped to it, else ``C^2 mean_m ||K_m^-1||_2`` (of clipped features)."""
-    sens = self_clip if self_clip > 0 else dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
-    return float(total + rng.normal(0.0, dp.noise_multiplier * sens))
+                              rng: np.random.Generator) -> float:
+    """An owner's summed self-influence (of clipped features) plus noise at its sensitivity
+    ``C^2 mean_m ||K_m^-1||_2``: the screening release where the server holds no public data."""
+    sens = dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
+    return float(total + rng.normal(0.0, dp.sigma(SUSPECTS) * sens))
+
+
+def noised_suspect_count(count: int, dp: DPSettings, rng: np.random.Generator) -> float:
+    """An owner's count of suspects (its examples whose self-influence exceeds the server's threshold)
+    plus ``N(0, sigma^2)``: one example adds or removes at most one suspect."""
+    return float(count + rng.normal(0.0, dp.sigma(SUSPECTS)))
 
 
 def public_bound(values: np.ndarray) -> float:
@@ -199,15 +227,16 @@ def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSetting
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Clipped features plus ``N(0, (sigma C)^2)`` per coordinate, and weights plus
     ``N(0, sigma^2)`` clamped to [0, 1]."""
-    f = features + rng.normal(0.0, dp.noise_multiplier * dp.clip_norm, size=features.shape)
-    q = np.clip(out_to_loss + rng.normal(0.0, dp.noise_multiplier, size=out_to_loss.shape), 0.0, 1.0)
+    sigma = dp.sigma(FEATURES)
+    f = features + rng.normal(0.0, sigma * dp.clip_norm, size=features.shape)
+    q = np.clip(out_to_loss + rng.normal(0.0, sigma, size=out_to_loss.shape), 0.0, 1.0)
     return f.astype(np.float32), q.astype(np.float32)
 
 
 def noised_curvature(curvature: np.ndarray, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
     """Curvature weights (features mode, weighted kernel) plus ``N(0, (sigma w)^2)``, clamped to
     ``[0, w]`` (``w`` the weight bound, the sensitivity of one weight)."""
-    noised = curvature + rng.normal(0.0, dp.noise_multiplier * dp.gram_weight, size=curvature.shape)
+    noised = curvature + rng.normal(0.0, dp.sigma(FEATURES) * dp.gram_weight, size=curvature.shape)
     return np.clip(noised, 0.0, dp.gram_weight).astype(np.float32)
 
 
@@ -215,7 +244,7 @@ def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
     """The smallest lambda that keeps a noised kernel positive definite. ``noise_copies``: the
     summed noise's variance in units of ``(sigma C^2 w)^2`` (the number of clients without secure
     aggregation; survivors over threshold with it)."""
-    return NOISE_FLOOR_FACTOR * dp.noise_multiplier * dp.gram_sensitivity * math.sqrt(dim * noise_copies)
+    return NOISE_FLOOR_FACTOR * dp.sigma(GRAM) * dp.gram_sensitivity * math.sqrt(dim * noise_copies)
 
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
@@ -226,29 +255,34 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
     ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights;
     ``gram_released`` false: the server's kernel is public, no Gram is released; ``owner_value``:
     owners also release their values over query groups)."""
-    sigma = dp.noise_multiplier
-    first = [Release("norm histogram (clip quantile)", sigma, 1, "1")] if clip_quantile else []
+    first = [Release("norm histogram (clip quantile)", dp.sigma(HISTOGRAM), 1, "1", kind=HISTOGRAM)
+             ] if clip_quantile else []
     if mode == "features":
+        sigma = dp.sigma(FEATURES)
         plan = [*first,
-                Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)"),
-                Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint")]
+                Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)",
+                        kind=FEATURES),
+                Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint", kind=FEATURES)]
         if weighted:
-            plan.append(Release("curvature weights", sigma, checkpoints, f"{dp.gram_weight:g} per checkpoint"))
+            plan.append(Release("curvature weights", sigma, checkpoints, f"{dp.gram_weight:g} per checkpoint",
+                                kind=FEATURES))
         return plan
     joint = dp.clip_mode == "joint"
     gram_unit = gram_sensitivity_text(dp)
-    grams = [gram or Release("Gram", sigma, 1 if joint else checkpoints,
-                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint")]
+    grams = [gram or Release("Gram", dp.sigma(GRAM), 1 if joint else checkpoints,
+                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint",
+                             kind=GRAM)]
     plan = [*first, *(grams if gram_released else []),
-            Release("example count", sigma, 1, "1"),
-            Release("owner summary", sigma, 1 if joint else checkpoints,
-                    "C over all checkpoints jointly" if joint else "C per checkpoint")]
+            Release("example count", dp.sigma(COUNT), 1, "1", kind=COUNT),
+            Release("owner summary", dp.sigma(SUMMARY), 1 if joint else checkpoints,
+                    "C over all checkpoints jointly" if joint else "C per checkpoint", kind=SUMMARY)]
     if self_influence:
-        plan.append(Release("self-influence sum", sigma, 1, "B_s, each example's self-influence clipped to the "
-                                                            "server's bound (else C^2 mean_m ||K_m^-1||_2)"))
+        plan.append(Release("suspect count", dp.sigma(SUSPECTS), 1, "1: each example is one suspect or none (without "
+                            "public data, the summed self-influence instead: C^2 mean_m ||K_m^-1||_2)",
+                            kind=SUSPECTS))
     if owner_value:
-        plan.append(Release("owner value", sigma, 1, "B, each example's contribution clipped to the server's "
-                                                     "bound (else C mean_m ||Ubar_m||_2)"))
+        plan.append(Release("owner value", dp.sigma(VALUE), 1, "B, each example's contribution clipped to the "
+                            "server's bound (else C mean_m ||Ubar_m||_2)", kind=VALUE))
     return plan
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, sigma_for_plan
+from fedtrak.privacy.budget import budget_weights, format_scales, kind_scales, kinds_of
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.secagg.graph import threshold
@@ -72,6 +73,8 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     release of the plan, at projection dimension ``dim``) or as given, the clip norm as given or
     the task's default (with ``clip-quantile``, a placeholder until the clients' noised norm
     histograms are in). ``source``: the resolved kernel source (a public kernel releases no Gram).
+    A target epsilon is split between the kinds of release by the ``budget`` weights
+    (:mod:`fedtrak.privacy.budget`); a given noise multiplier is every release's.
 
     Raises:
         FedtrakError: if noise is asked for and the task has no default clip norm, or the
@@ -85,6 +88,9 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
         raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
     dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta, weight_bound(settings, task))
     if p.epsilon is not None:
+        unit = run_release_plan(settings, replace(dp, noise_multiplier=1.0), dim, source=source)
+        dp = replace(dp, scales=format_scales(kind_scales(kinds_of((r.kind, r.count) for r in unit),
+                                                          budget_weights(p.budget))))
         sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
                                                                      source=source),
                                p.delta)

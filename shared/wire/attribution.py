@@ -33,7 +33,8 @@ CLIP = "fedtrak.clip"
 GRAMS = "fedtrak.grams"
 HISTOGRAM, COUNTS = "fedtrak.norm-histogram", "counts"
 FEATURES, INDICES = "fedtrak.features", "indices"
-SCORE_CONFIG, POLICY, TOPK, VALUE_CLIP, SELF_CLIP = "fedtrak.score", "policy", "topk", "value-clip", "self-clip"
+SCORE_CONFIG, POLICY, TOPK, VALUE_CLIP, SUSPECT_THRESHOLD = ("fedtrak.score", "policy", "topk", "value-clip",
+                                                              "suspect-threshold")
 QUERIES, INVERSES, GROUPS = "fedtrak.queries", "fedtrak.kernel-inverses", "fedtrak.owner-value-groups"
 RELEASED = "fedtrak.released"
 #: The record keys Flower's FedAvg strategy is told to use, the key it weights updates by, and the
@@ -187,7 +188,7 @@ class ScoreRequest:
     inverses: dict[int, np.ndarray] | None = None
     groups: dict[int, np.ndarray] | None = None
     value_clip: float = 0.0  # under DP: each example's contribution to the owner values is clipped to it
-    self_clip: float = 0.0  # under DP: each example's self-influence is clipped to it in the owner's sum
+    suspect_threshold: float = 0.0  # under DP: the owner counts its examples whose self-influence exceeds it
 
 
 def encode_score_request(request: ScoreRequest) -> RecordDict:
@@ -195,7 +196,7 @@ def encode_score_request(request: ScoreRequest) -> RecordDict:
     content = RecordDict({JOB: encode_job(request.job),
                           SCORE_CONFIG: ConfigRecord({POLICY: request.policy, TOPK: request.topk,
                                                       VALUE_CLIP: float(request.value_clip),
-                                                      SELF_CLIP: float(request.self_clip)}),
+                                                      SUSPECT_THRESHOLD: float(request.suspect_threshold)}),
                           QUERIES: arrays_to_record({str(m): u for m, u in request.queries.items()})})
     if request.inverses:
         content[INVERSES] = arrays_to_record({str(m): k for m, k in request.inverses.items()})
@@ -211,7 +212,7 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
                 if INVERSES in content.array_records else None)
     groups = (_by_checkpoint(array_record(content, GROUPS, source), source, "query group")
               if GROUPS in content.array_records else None)
-    bounds = float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SELF_CLIP, 0.0))
+    bounds = float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SUSPECT_THRESHOLD, 0.0))
     if not all(math.isfinite(b) and b >= 0 for b in bounds):
         raise FedtrakError(f"{source}: share bounds {bounds} must be finite and >= 0")
     return ScoreRequest(job_of(content, source), str(cfg.get(POLICY, "")), int(cfg.get(TOPK, 0)),
@@ -221,11 +222,13 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
 
 @dataclass(frozen=True)
 class ScoreRelease:
-    """What a client releases in the score step; which fields are set depends on the policy."""
+    """What a client releases in the score step; which fields are set depends on the policy.
+    ``screening`` ``(1,)``: the owner's mislabel screening statistic, its summed self-influence, or
+    under DP with the server's suspect threshold its (noised) count of suspects."""
 
     owner_totals: np.ndarray | None = None
     owner_summaries: np.ndarray | None = None
-    self_influence_sum: np.ndarray | None = None
+    screening: np.ndarray | None = None
     scores: np.ndarray | None = None
     indices: np.ndarray | None = None
     self_influence: np.ndarray | None = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from fedtrak.privacy.budget import FEATURES
 from fedtrak.simulations.attacks.metrics import image_shape
 from fedtrak.simulations.attacks.view import ServerView
 
@@ -92,7 +93,7 @@ def gaussian_objective(view: ServerView, targets: torch.Tensor) -> Objective:
     """Negative log posterior of a noised release ``t = clip_C(phi(x)) + N(0, (sigma C)^2 I)`` under
     a Gaussian prior on ``x`` around its label's mean image (the server's query set), per input
     dimension: the maximum a posteriori attack, which falls back to the prior as noise grows."""
-    sd = view.dp.noise_multiplier * view.dp.clip_norm
+    sd = view.dp.sigma(FEATURES) * view.dp.clip_norm
 
     def objective(phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         clipped = phi * (view.dp.clip_norm / (phi**2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-30)).clamp_max(1.0)

@@ -27,6 +27,7 @@ import numpy as np
 from fedtrak.errors import FedtrakError
 from fedtrak.kernel import gram
 from fedtrak.privacy.accountant import epsilon
+from fedtrak.privacy.budget import COUNT, GRAM, SUMMARY
 from fedtrak.privacy.mechanisms import release_plan
 from fedtrak.simulations.attacks.view import ServerView
 from fedtrak.simulations.evaluation.audit import CONFIDENCE, epsilon_lower_bound
@@ -46,9 +47,9 @@ def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.nd
     # qbar: out-to-loss averaged over checkpoints, per example, as the client computes it
     qbar_rest = np.mean([q for _, q, _ in rest], axis=0)
     qbar_cand = np.mean([q for _, q, _ in cand], axis=0)
-    var_gram = (dp.noise_multiplier * dp.gram_sensitivity) ** 2 if dp.active else 1.0
-    var_summary = (dp.noise_multiplier * dp.clip_norm) ** 2 if dp.active else 1.0
-    var_count = dp.noise_multiplier**2 if dp.active else 1.0
+    var_gram = (dp.sigma(GRAM) * dp.gram_sensitivity) ** 2 if dp.active else 1.0
+    var_summary = (dp.sigma(SUMMARY) * dp.clip_norm) ** 2 if dp.active else 1.0
+    var_count = dp.sigma(COUNT) ** 2 if dp.active else 1.0
     coins = np.random.default_rng([seed, 0x3E3B])
     rng = np.random.default_rng([seed, 0x4015E])
     inserted = coins.random(trials) < 0.5

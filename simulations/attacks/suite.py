@@ -167,8 +167,8 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     priv = run.summary.get("privacy") or {}
     weighting = str(run.setting("weighting") or "none")
     dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
-                    "per-checkpoint")), float(priv.get("delta", 1e-5)), float(priv.get("gram_weight", 1.0))
-                    ) if priv.get("dp") else DPSettings()
+                    "per-checkpoint")), float(priv.get("delta", 1e-5)), float(priv.get("gram_weight", 1.0)),
+                    str(priv.get("budget_scales", ""))) if priv.get("dp") else DPSettings()
     clients = parts.clients
     own = np.asarray(clients[0])
     other = np.setdiff1d(np.arange(task.num_train), own)

@@ -1,4 +1,4 @@
-"""``fedtrak audit``: an empirical lower bound on the epsilon of the Gram release.
+"""``fedtrak audit``: empirical lower bounds on the epsilon of the Gram and of the owner releases.
 
 The auditor plays the strongest curious server: it knows the client's data
 (here the features of one simulated client, clipped as the client clips
@@ -118,3 +118,56 @@ def audit_gram(
             "inserted": int(inserted.sum()), "delta": delta, "empirical_epsilon_lower_bound": eps_lb,
             "threshold": threshold, "accounted_epsilon_one_release": accounted,
             "confidence": CONFIDENCE}
+
+
+def audit_owner_releases(noise_multiplier: float = 1.0, trials: int = 4000, examples: int = 100,
+                         proj_dim: int = 32, delta: float = 1e-5, seed: int = 0) -> dict:
+    """Audit the two one-number owner releases through the client's own code: the suspect count
+    (``noised_suspect_count`` of ``score_in_chunks``'s count) and the owner value (its examples'
+    contributions clipped to the server's bound ``B``, then ``noised_owner_values``).
+
+    In each trial a canary joins the owner's ``examples`` with probability 1/2. It is the worst
+    case for each release: a suspect far above the threshold, and an example whose value
+    contribution is far above ``B`` (clipped to exactly ``B``). The auditor knows everything but
+    the coin, scores a release by its excess over the canary-free value (in units of the
+    sensitivity) and turns the true and false positive rates into an epsilon lower bound
+    (:func:`epsilon_lower_bound`), compared with the accountant's epsilon of one release.
+    """
+    from fedtrak.client.local_scoring import score_in_chunks
+    from fedtrak.privacy.mechanisms import noised_owner_values, noised_suspect_count
+
+    if not noise_multiplier > 0 or trials < 2:
+        raise FedtrakError("the audit needs a positive noise multiplier and at least 2 trials")
+    data = np.random.default_rng([seed, 0xA0D18])
+    features = data.standard_normal((examples, proj_dim)).astype(np.float32)
+    weights = data.uniform(0.0, 1.0, examples).astype(np.float32)
+    queries = data.standard_normal((5, proj_dim))
+    inverse = np.eye(proj_dim) / examples
+    groups = queries.sum(axis=0, keepdims=True)  # one group: every query
+    canary = (50 * groups[0] / np.linalg.norm(groups[0])).astype(np.float32)[None, :]
+    plain = score_in_chunks([features], [weights], [queries], [inverse], groups=[groups])
+    threshold = float(np.max(plain.self_influence)) * 2  # no data example is a suspect; the canary is
+    bound = float(abs(plain.values[0])) / examples  # the server's bound: about one example's mean share
+    dp = DPSettings(noise_multiplier, 1.0, delta=delta)
+    rng, coins = noise_rng(), np.random.default_rng([seed, 0xC014])
+    inserted = coins.random(trials) < 0.5
+    with_canary = score_in_chunks([np.vstack([features, canary])], [np.append(weights, np.float32(1.0))], [queries],
+                                  [inverse], groups=[groups], suspect_threshold=threshold, value_clip=bound)
+    without = score_in_chunks([features], [weights], [queries], [inverse], groups=[groups],
+                              suspect_threshold=threshold, value_clip=bound)
+    if with_canary.suspects != without.suspects + 1:
+        raise FedtrakError("audit set-up: the canary is not a suspect")
+    out = {"noise_multiplier": noise_multiplier, "trials": trials, "inserted": int(inserted.sum()), "delta": delta,
+           "value_bound": bound,
+           "accounted_epsilon_one_release": epsilon([Release("one release", noise_multiplier)], delta),
+           "confidence": CONFIDENCE}
+    releases = {
+        "suspect_count": (lambda s: noised_suspect_count(s.suspects, dp, rng), without.suspects, 1.0),
+        "owner_value": (lambda s: noised_owner_values(s.values, [groups], dp, rng, bound)[0], without.values[0],
+                        float(with_canary.values[0] - without.values[0])),
+    }
+    for name, (release, base, step) in releases.items():
+        scores = np.array([(release(with_canary if i else without) - base) / step for i in inserted])
+        eps_lb, threshold_found = epsilon_lower_bound(scores, inserted, delta)
+        out[name] = {"sensitivity_step": step, "empirical_epsilon_lower_bound": eps_lb, "threshold": threshold_found}
+    return out

@@ -1,0 +1,98 @@
+"""How a run's privacy budget is split between its kinds of release.
+
+A run's releases compose: under Gaussian differential privacy each
+mechanism of noise multiplier ``sigma_r`` spends ``1 / sigma_r^2`` of the
+budget ``mu^2`` (``epsilon = eps_from_mu(mu, delta)``). The rule: every
+*kind* of release present in the run (Grams, owner summaries, owner values,
+the suspect count, ...) gets a share of ``mu^2`` in proportion to its
+weight, and its mechanisms (one per checkpoint for Grams and summaries)
+split that share equally. A kind of ``count`` mechanisms with share ``w``
+then has the noise multiplier ``s sqrt(count / w)``, where ``s`` is the
+run's *base* noise multiplier (the sigma one release would need alone to
+spend the whole budget): the server resolves ``s`` from the target epsilon,
+the clients receive the per-kind multipliers.
+
+The default weight is 1 for every kind: equal shares per kind, rather than
+per mechanism, keep a single number (an owner value, a suspect count) from
+being drowned by the ``M`` checkpoints' summaries and Grams. The example
+count gets a full share too: owners' fractions and means divide by their
+noised counts, and a count of 150 noised at a small share's sigma (tens of
+examples) made clean owners look like mislabeled ones in our measurements.
+A run made for one purpose says so with ``budget``: ``suspects=8`` gives
+mislabel screening 8 times the weight of each other release.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from fedtrak.errors import FedtrakError
+
+#: The kinds of release a run can make, as ``budget`` names them.
+GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES = (
+    "gram", "count", "summary", "value", "suspects", "histogram", "features")
+KINDS = (GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES)
+
+#: Every kind's default weight: equal shares.
+DEFAULT_WEIGHTS = dict.fromkeys(KINDS, 1.0)
+
+
+def parse_pairs(text: str, what: str) -> dict[str, float]:
+    """``"kind=number,kind=number"`` as a dict, every kind known and every number finite and >= 0.
+
+    Raises:
+        FedtrakError: naming the malformed pair, the unknown kind or the bad number.
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in KINDS:
+            raise FedtrakError(f"{what}: {part!r} is not KIND=NUMBER with KIND one of {', '.join(KINDS)}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise FedtrakError(f"{what}: {part!r}: {value.strip()!r} is not a number") from None
+        if not (math.isfinite(number) and number >= 0):
+            raise FedtrakError(f"{what}: {part!r}: the number must be finite and >= 0")
+        out[kind] = number
+    return out
+
+
+def budget_weights(budget: str | None) -> dict[str, float]:
+    """The default weights with the user's ``budget`` (``"suspects=8,count=2"``) over them."""
+    return {**DEFAULT_WEIGHTS, **parse_pairs(budget or "", "budget")}
+
+
+def kind_scales(counts: Mapping[str, int], weights: Mapping[str, float]) -> dict[str, float]:
+    """Each present kind's noise multiplier relative to the base: ``sqrt(count / share)``, with
+    ``share`` its weight over the present kinds' total weight (``counts``: mechanisms per kind).
+
+    Raises:
+        FedtrakError: if a kind the run releases has weight 0.
+    """
+    present = {k: c for k, c in counts.items() if c > 0}
+    zero = sorted(k for k in present if not weights[k] > 0)
+    if zero:
+        raise FedtrakError(f"budget: the run releases {', '.join(zero)}, whose weight is 0")
+    total = sum(weights[k] for k in present)
+    return {k: math.sqrt(c * total / weights[k]) for k, c in present.items()}
+
+
+def format_scales(scales: Mapping[str, float]) -> str:
+    """Scales as the ``"kind=number,..."`` text a job carries (full float precision)."""
+    return ",".join(f"{k}={v!r}" for k, v in sorted(scales.items()))
+
+
+def parse_scales(text: str) -> dict[str, float]:
+    """Back from :func:`format_scales`."""
+    return parse_pairs(text, "budget scales")
+
+
+def kinds_of(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Mechanisms per kind, summed over ``(kind, count)`` entries."""
+    out: dict[str, int] = {}
+    for kind, count in counts:
+        out[kind] = out.get(kind, 0) + count
+    return out
