@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,46 @@ def require_fmnist() -> None:
         if os.environ.get("CI"):
             pytest.fail("Fashion-MNIST files missing in CI: .ci/run must install dataset-fashion-mnist")
         pytest.skip("dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_ray_runtime() -> Iterator[Callable[[], None] | None]:
+    """One Ray runtime for the whole session. Flower's Ray backend starts Ray only when it is not
+    running (``ray.is_initialized``) and shuts it down after every simulation, which costs every
+    simulation a Ray start-up. Here ``ray.shutdown`` waits for the end of the session, so each
+    simulation still creates and kills its own actors, on one runtime. Yields the real shutdown."""
+    try:
+        import ray
+    except ImportError:  # an install without Flower's simulation engine
+        yield None
+        return
+    real = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield real
+    finally:
+        ray.shutdown = real
+        if ray.is_initialized():
+            real()
+
+
+@pytest.fixture
+def own_ray_lifecycle(one_ray_runtime: Callable[[], None] | None) -> Iterator[None]:
+    """For a test of simulate's own clean-up: the session's Ray runtime is shut down, and
+    ``ray.shutdown`` is the real one while the test runs."""
+    import ray
+
+    if one_ray_runtime is None:
+        yield
+        return
+    if ray.is_initialized():
+        one_ray_runtime()
+    shared = ray.shutdown
+    ray.shutdown = one_ray_runtime
+    try:
+        yield
+    finally:
+        ray.shutdown = shared
 
 
 @pytest.fixture(scope="session")

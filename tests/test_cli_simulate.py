@@ -33,7 +33,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, capsys):
+def test_simulate_trains_fedavg_checkpoints_that_attribute_reproduces(tmp_path, capsys, own_ray_lifecycle):
     sim = tmp_path / "sim"
     code = main(["simulate", "--clients", "4", "--partition", "dirichlet", "--checkpoints", "2",
                  "--rounds", "3", "--local-epochs", "2", "--proj-dim", "256", "--out", str(sim), "--quiet",

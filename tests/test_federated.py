@@ -269,7 +269,7 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     # every noised release is kept on the device, so a resent step repeats it instead of drawing fresh noise
     kept = [{p.name for p in d.iterdir()} for d in (out / "client-stores").glob("*/*/released")]
     assert len(kept) == 3 and all({"gram-0.npy", "gram-1.npy", "gram-2.npy", "norm-histogram.npy",
-                                   "owner-summaries-0-1-2.npy", "self-influence-sum.npy"} <= k for k in kept)
+                                   "owner-summaries-0-1-2.npy", "suspect-count.npy"} <= k for k in kept)
 
     # the curious server's attacks on this run's releases, with the run's own C and sigma
     assert main(["attack", str(out), "--targets", "4", "--trials", "300", "--steps", "100"]) == 0
