@@ -257,3 +257,4 @@ def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
     assert res["owner_value"]["sensitivity_step"] == pytest.approx(res["value_bound"])  # clipped to exactly B
     for name in ("suspect_count", "owner_value"):
         assert 1.0 < res[name]["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
+    assert main(["audit", "--release", "owner", "--noise-multiplier", "2"]) == 0

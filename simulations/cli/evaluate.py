@@ -80,8 +80,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _audit_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task", "clip-norm", "proj-dim", "weighting", "clients", "delta", "seed"],
                  defaults={"proj-dim": 512})
-    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited Gram release")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited release")
     p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each)")
+    p.add_argument("--release", choices=("gram", "owner"), default="gram",
+                   help="gram: one client's Gram; owner: its suspect count and owner value (one number each, "
+                        "through the client's own code, 4,000 trials)")
     add_json(p, "the result")
 
 
@@ -160,11 +163,26 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def audit(args: argparse.Namespace) -> int:
-    """A canary audit of one client's Gram release."""
-    from fedtrak.simulations.evaluation.audit import audit_gram
+    """A canary audit of one client's Gram release, or of its owner releases."""
+    from fedtrak.simulations.evaluation.audit import audit_gram, audit_owner_releases
 
     if not args.noise_multiplier > 0:
         raise FedtrakError(f"--noise-multiplier must be positive, got {args.noise_multiplier}")
+    if args.release == "owner":
+        res = audit_owner_releases(args.noise_multiplier, delta=args.delta, seed=args.seed)
+        print(f"owner releases (sigma {args.noise_multiplier:g}, {res['trials']} trials); accounted epsilon of "
+              f"one release at delta {res['delta']:g}: {res['accounted_epsilon_one_release']:.3f}")
+        for name in ("suspect_count", "owner_value"):
+            print(f"  {name}: empirical epsilon lower bound ({res['confidence']:.0%}) "
+                  f"{res[name]['empirical_epsilon_lower_bound']:.3f}")
+    else:
+        res = _audit_gram(args, audit_gram)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _audit_gram(args: argparse.Namespace, audit_gram: Callable[..., dict]) -> dict:
     res = audit_gram(args.task, args.noise_multiplier, args.clip_norm, args.proj_dim, args.releases,
                      args.clients, args.delta, args.seed, args.weighting)
     print(f"Gram release of one client ({res['client_examples']} examples, k={res['proj_dim']}, sigma "
@@ -173,9 +191,7 @@ def audit(args: argparse.Namespace) -> int:
     print(f"  empirical epsilon lower bound ({res['confidence']:.0%}): {res['empirical_epsilon_lower_bound']:.3f}")
     print(f"  accounted epsilon of one release at delta {res['delta']:g}: "
           f"{res['accounted_epsilon_one_release']:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    return 0
+    return res
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
