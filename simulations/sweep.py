@@ -2,8 +2,9 @@
 
 One set of checkpoints is trained first (centralized SGD on the task's
 training data with a fraction of labels flipped on half the clients, so
-mislabel detection can be measured) and shared by every point. At each
-(mode, epsilon) a federated run on Flower's simulation engine attributes
+mislabel detection can be measured) and shared by every point. Each line of
+the sweep is a mode and, in private mode, a kernel source and secure
+aggregation choice (:class:`Variant`). At each (line, epsilon) a federated run on Flower's simulation engine attributes
 with differential privacy at that epsilon (``inf``: no noise), releasing
 full scores for evaluation only; ``fedtrak evaluate`` then measures LDS,
 owner-level LDS (from the noised owner releases) and mislabel detection,
@@ -33,7 +34,7 @@ from fedtrak.checkpoints import train_checkpoints
 from fedtrak.corruption import corrupted
 from fedtrak.errors import FedtrakError
 from fedtrak.partition import partition
-from fedtrak.settings import MODES, Settings
+from fedtrak.settings import KERNEL_SOURCES, MODES, Settings
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
 from fedtrak.simulations.attacks.suite import attack_run
@@ -41,6 +42,45 @@ from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 from fedtrak.simulations.simulate import run_simulation
 from fedtrak.tasks import load_task
+
+#: Secure aggregation choices of a variant: the default rule (on under DP wherever Grams are released), on, off.
+SECURE_AGG_CHOICES = {"default": None, "on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of a sweep: a mode and, in private mode, a kernel source and secure aggregation
+    (``None``: the default rule)."""
+
+    mode: str
+    kernel_source: str = "auto"
+    secure_agg: bool | None = None
+
+    @property
+    def label(self) -> str:
+        """The line's name: the mode alone for the defaults, else with its choices."""
+        if self.mode != "private" or (self.kernel_source, self.secure_agg) == ("auto", None):
+            return self.mode
+        sa = {None: "", True: " secagg", False: " no-secagg"}[self.secure_agg]
+        return f"{self.mode} {self.kernel_source}{sa}"
+
+    @property
+    def slug(self) -> str:
+        """The line's name as a folder name."""
+        return self.label.replace(" ", "-")
+
+
+def variants(modes: Sequence[str], sources: Sequence[str] = ("auto",),
+             secure_aggs: Sequence[bool | None] = (None,)) -> list[Variant]:
+    """Every mode's lines: features mode once; private mode once per kernel source and secure
+    aggregation choice (a public kernel, which releases no Gram, without forced secure aggregation)."""
+    out = []
+    for mode in modes:
+        if mode != "private":
+            out.append(Variant(mode))
+            continue
+        out.extend(Variant(mode, src, sa) for src in sources for sa in secure_aggs if not (src == "public" and sa))
+    return list(dict.fromkeys(out))
 
 
 @dataclass
@@ -55,22 +95,30 @@ class SweepConfig:
     base: Settings = field(default_factory=lambda: Settings().replaced(flip_fraction=0.1))
     epsilons: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
     modes: Sequence[str] = ("private", "features")
+    kernel_sources: Sequence[str] = ("auto",)
+    secure_aggs: Sequence[bool | None] = (None,)
     subsets: int = 100
     attack_targets: int = 8
     cache_dir: Path = DEFAULT_CACHE
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise FedtrakError on an empty or non-positive epsilon list or an unknown mode."""
+        """Raise FedtrakError on an empty or non-positive epsilon list, an unknown mode or kernel
+        source, or no secure aggregation choice."""
         if not self.epsilons or any(not e > 0 for e in self.epsilons):
             raise FedtrakError(f"epsilons must be positive (or inf), got {list(self.epsilons)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise FedtrakError(f"modes {bad or '[]'}: use {', '.join(MODES)}")
+        bad = [k for k in self.kernel_sources if k not in KERNEL_SOURCES]
+        if bad or not self.kernel_sources:
+            raise FedtrakError(f"kernel sources {bad or '[]'}: use {', '.join(KERNEL_SOURCES)}")
+        if not self.secure_aggs:
+            raise FedtrakError("give at least one secure aggregation choice")
 
 
-def _point_dir(out: Path, mode: str, eps: float) -> Path:
-    return out / f"{mode}-eps-{'inf' if math.isinf(eps) else f'{eps:g}'}"
+def _point_dir(out: Path, variant: Variant, eps: float) -> Path:
+    return out / f"{variant.slug}-eps-{'inf' if math.isinf(eps) else f'{eps:g}'}"
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
@@ -83,13 +131,16 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():
         train_checkpoints(corrupted(task, parts, base.flips()), base.training.checkpoints, ckpt_dir, base.task.seed)
-    points = [(mode, eps) for mode in cfg.modes for eps in cfg.epsilons]
+    points = [(v, eps) for v in variants(cfg.modes, cfg.kernel_sources, cfg.secure_aggs) for eps in cfg.epsilons]
     rows = []
-    for mode, eps in tqdm(points, desc="sweep", unit="point", disable=not cfg.progress):
-        run = _point_dir(out, mode, eps)
+    for variant, eps in tqdm(points, desc="sweep", unit="point", disable=not cfg.progress):
+        mode = variant.mode
+        run = _point_dir(out, variant, eps)
         settings = base.replaced(mode=mode, policy="full", allow_full=True, self_influence=True,
                                  checkpoint_dir=str(ckpt_dir.resolve()), out=str(run.resolve()),
-                                 epsilon=None if math.isinf(eps) else float(eps))
+                                 epsilon=None if math.isinf(eps) else float(eps),
+                                 kernel_source=variant.kernel_source if mode == "private" else "auto",
+                                 secure_agg=variant.secure_agg)
         summary = run_simulation(settings)
         block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0, ceiling=False,
                                               cache_dir=cfg.cache_dir, progress=False))
@@ -97,7 +148,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         mis = block.get("mislabel", {})
         attack = _attack_measures(run, mode, cfg.attack_targets)
         rows.append({
-            "mode": mode, "kernel_source": summary.get("kernel_source", "private"), "epsilon": eps,
+            "line": variant.label, "mode": mode, "kernel_source": summary.get("kernel_source", "private"),
+            "secure_aggregation": bool(privacy.get("secure_aggregation", False)), "epsilon": eps,
             "sigma": privacy.get("noise_multiplier", 0.0),
             "lds": block["lds"]["lds"], "lds_ci_low": block["lds"]["ci_low"], "lds_ci_high": block["lds"]["ci_high"],
             "owner_lds": block["owner_lds"]["lds"], "owner_lds_ci_low": block["owner_lds"]["ci_low"],
@@ -144,7 +196,8 @@ def format_table(rows: list[dict]) -> str:
               "attack: recovered, PSNR dB (class mean) | membership: empirical epsilon |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} ({r.get('kernel_source', 'private')}) | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
+        kernel = r.get("kernel_source", "private") + (", secagg" if r.get("secure_aggregation") else "")
+        lines.append(f"| {r.get('line', r['mode'])} ({kernel}) | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
                      f"[{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}] | {r['owner_lds']:.3f} "
                      f"[{r['owner_lds_ci_low']:.3f}, {r['owner_lds_ci_high']:.3f}] | "
                      f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} | "
@@ -165,8 +218,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     panels = [("lds", "LDS"), ("owner_lds", "owner-level LDS"), ("mislabel_auroc", "mislabel AUROC (examples)"),
               ("attack_psnr", "attack: PSNR of rebuilt examples (dB)")]
     for ax, (key, label) in zip(axes, panels):
-        for mode in dict.fromkeys(r["mode"] for r in rows):
-            pts = sorted(((x(r["epsilon"]), r) for r in rows if r["mode"] == mode), key=lambda p: p[0])
+        for mode in dict.fromkeys(_line(r) for r in rows):
+            pts = sorted(((x(r["epsilon"]), r) for r in rows if _line(r) == mode), key=lambda p: p[0])
             xs = [p[0] for p in pts]
             ys = [p[1][key] for p in pts]
             line = ax.plot(xs, ys, marker="o", label=mode)[0]
@@ -197,20 +250,24 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def keeps_fraction(rows: list[dict], mode: str, fraction: float = 0.8) -> float | None:
-    """The smallest epsilon at which ``mode``'s LDS is at least ``fraction`` of its LDS at epsilon inf."""
-    base = [r["lds"] for r in rows if r["mode"] == mode and math.isinf(r["epsilon"])]
+def _line(row: dict) -> str:
+    return row.get("line", row["mode"])
+
+
+def keeps_fraction(rows: list[dict], line: str, fraction: float = 0.8) -> float | None:
+    """The smallest epsilon at which ``line``'s LDS is at least ``fraction`` of its LDS at epsilon inf."""
+    base = [r["lds"] for r in rows if _line(r) == line and math.isinf(r["epsilon"])]
     if not base:
         return None
-    good = [r["epsilon"] for r in rows if r["mode"] == mode and not math.isinf(r["epsilon"])
+    good = [r["epsilon"] for r in rows if _line(r) == line and not math.isinf(r["epsilon"])
             and r["lds"] >= fraction * base[0]]
     return min(good) if good else None
 
 
 def summary_line(rows: list[dict]) -> str:
-    """Where each mode keeps 80% of its non-private LDS."""
+    """Where each line keeps 80% of its non-private LDS."""
     parts = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    for mode in dict.fromkeys(_line(r) for r in rows):
         eps = keeps_fraction(rows, mode)
         parts.append(f"{mode}: LDS keeps 80% of its non-private value from epsilon "
                      f"{'(none measured)' if eps is None else f'{eps:g}'}")

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from fedtrak.simulations.cli import main
-from fedtrak.simulations.sweep import keeps_fraction
+from fedtrak.simulations.sweep import Variant, keeps_fraction, variants
 
 
 @pytest.mark.flower
@@ -49,6 +49,19 @@ def test_keeps_fraction_finds_the_smallest_epsilon():
     assert keeps_fraction(rows, "features", 0.8) is None
 
 
+def test_sweep_lines_cover_kernel_sources_and_secure_aggregation():
+    """Private mode gets a line per kernel source and secure aggregation choice (a public kernel
+    releases no Gram, so it is never forced through secure aggregation); features mode one line."""
+    lines = variants(["private", "features"], ["private", "public", "hybrid"], [True, False])
+    assert [v.label for v in lines] == ["private private secagg", "private private no-secagg",
+                                        "private public no-secagg", "private hybrid secagg",
+                                        "private hybrid no-secagg", "features"]
+    assert Variant("private").label == "private" and Variant("private", "hybrid", True).slug == "private-hybrid-secagg"
+    rows = [{"line": "private public", "mode": "private", "epsilon": e, "lds": v} for e, v in
+            [(1.0, 0.6), (math.inf, 0.7)]] + [{"mode": "private", "epsilon": math.inf, "lds": 0.9}]
+    assert keeps_fraction(rows, "private public") == 1.0 and keeps_fraction(rows, "private") is None
+
+
 def test_sweep_refuses_bad_epsilons(tmp_path, capsys):
     assert main(["sweep", "--epsilons", "1,zero", "--out", str(tmp_path)]) == 2
     assert "--epsilons must be comma-separated" in capsys.readouterr().err
@@ -56,3 +69,7 @@ def test_sweep_refuses_bad_epsilons(tmp_path, capsys):
     assert "epsilons must be positive" in capsys.readouterr().err
     assert main(["sweep", "--modes", "private,secret", "--out", str(tmp_path)]) == 2
     assert "secret" in capsys.readouterr().err
+    assert main(["sweep", "--secure-agg", "maybe", "--out", str(tmp_path)]) == 2
+    assert "--secure-agg 'maybe': use a comma-separated list of default, on, off" in capsys.readouterr().err
+    assert main(["sweep", "--kernel-sources", "secret", "--out", str(tmp_path)]) == 2
+    assert "kernel sources ['secret']" in capsys.readouterr().err

@@ -18,8 +18,8 @@ from fedtrak.simulations.cli.flags import (
 )
 
 #: The settings a sweep's points share, offered as its options.
-SWEEP_KEYS = ["task", "train-size", "query-size", "clients", "checkpoints", "proj-dim", "flip-fraction",
-              "clip-mode", "seed"]
+SWEEP_KEYS = ["task", "train-size", "query-size", "clients", "partition", "alpha", "checkpoints", "proj-dim",
+              "flip-fraction", "clip-mode", "seed"]
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
 
 
@@ -70,6 +70,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, SWEEP_KEYS, defaults={"flip-fraction": 0.1})
     p.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated; inf: no noise")
     p.add_argument("--modes", default="private,features", help="comma-separated modes")
+    p.add_argument("--kernel-sources", default="auto",
+                   help="comma-separated kernel sources of the private-mode lines (auto, private, public, hybrid)")
+    p.add_argument("--secure-agg", default="default",
+                   help="comma-separated secure aggregation choices of the private-mode lines: default (on "
+                        "under DP wherever Grams are released), on, off")
     p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS")
     p.add_argument("--attack-targets", type=positive_int, default=8,
                    help="examples attacked at each point (feature inversion)")
@@ -147,6 +152,21 @@ def epsilons(text: str) -> list[float]:
         raise FedtrakError(f"--epsilons must be comma-separated numbers or inf, got {text!r}") from None
 
 
+def secure_agg_choices(text: str) -> list[bool | None]:
+    """``default,on,off`` as the sweep's secure aggregation choices.
+
+    Raises:
+        FedtrakError: naming an unknown choice.
+    """
+    from fedtrak.simulations.sweep import SECURE_AGG_CHOICES
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in words if w not in SECURE_AGG_CHOICES]
+    if bad or not words:
+        raise FedtrakError(f"--secure-agg {text!r}: use a comma-separated list of {', '.join(SECURE_AGG_CHOICES)}")
+    return [SECURE_AGG_CHOICES[w] for w in words]
+
+
 def sweep(args: argparse.Namespace) -> int:
     """Attribution quality against epsilon, per mode."""
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
@@ -155,6 +175,8 @@ def sweep(args: argparse.Namespace) -> int:
     rows = run_sweep(SweepConfig(
         out=args.out, base=settings_from(args, SWEEP_KEYS), epsilons=epsilons(args.epsilons),
         modes=[m.strip() for m in args.modes.split(",")], subsets=args.subsets,
+        kernel_sources=[k.strip() for k in args.kernel_sources.split(",")],
+        secure_aggs=secure_agg_choices(args.secure_agg),
         attack_targets=args.attack_targets, cache_dir=args.cache_dir or DEFAULT_CACHE))
     print(format_table(rows))
     print(summary_line(rows))
