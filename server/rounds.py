@@ -17,10 +17,11 @@ from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.featurizer import Features, Featurizer
 from fedtrak.job import Job
+from fedtrak.kernel import with_more_ridge
 from fedtrak.kernel_sources import USES_PUBLIC, held_out_self_terms, public_data, source_gram
 from fedtrak.partition import example_ids
 from fedtrak.privacy.budget import GRAM
-from fedtrak.privacy.mechanisms import noise_floor, public_bound, value_contributions
+from fedtrak.privacy.mechanisms import noise_floor, public_bound, summary_ridge, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from fedtrak.results import query_groups
 from fedtrak.scoring import owner_means, owner_totals
@@ -148,7 +149,7 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     The summed kernels are kept in ``state`` as soon as they exist; with
     ``saved`` kernels (a resumed run) there is no featurize round."""
     settings, dp = job.settings, job.dp()
-    request, records, secure = _score_request(fed, task, job, states, timer, state, saved)
+    request, records, secure, owner_us = _score_request(fed, task, job, states, timer, state, saved)
     content = wire.encode_score_request(request)
     with timer.phase("score_round"):
         replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
@@ -158,7 +159,7 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
             fed.exclude(node, "its owner is not among the participants of the saved kernels")
             del replies[node]
-    nq, policy, us = len(task.y_query), settings.release.policy, request.queries
+    nq, policy, us = len(task.y_query), settings.release.policy, owner_us
     groups = query_groups(settings.release.owner_value, task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
@@ -181,10 +182,12 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
 
 def _score_request(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer,
                    state: RunState | None, saved: SavedKernels | None
-                   ) -> tuple[wire.ScoreRequest, list[dict], SecureSum | None]:
+                   ) -> tuple[wire.ScoreRequest, list[dict], SecureSum | None, dict[int, np.ndarray]]:
     """The kernels of every checkpoint (from the clients' Grams, public data or both), and the score
     request they give: preconditioned queries, kernel inverses for self-influence, query groups for
-    owner values and, under DP, the bounds the server sets from its public data."""
+    owner values and, under DP, the bounds the server sets from its public data. Also the queries
+    that turn owner summaries into owner totals: under DP those of each kernel plus the summaries'
+    noise ridge (:func:`fedtrak.privacy.mechanisms.summary_ridge`), else the request's."""
     settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
     weighted = settings.kernel.weighting == "curvature"
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
@@ -194,7 +197,8 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
     public = public_data(settings, task) if source in USES_PUBLIC or bounded else None
     floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
     noise_energy = (dim * dp.sigma(GRAM) * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
-    us, records, inverses, shares = {}, [], {}, []
+    us, records, inverses, shares, owner_us = {}, [], {}, [], {}
+    ridge = summary_ridge(dp, len(fed.active())) if dp.active else 0.0
     for m, featurizer in enumerate(featurizers):
         private = sums[m] if sums else None
         with timer.phase("kernel"):
@@ -210,14 +214,18 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
                     source, pub, private, total, weighted, noise_energy, record["lambda"],
                     settings.kernel.normalize, kinv)))
         featurizer.projector.release()
-        us[m] = u
+        us[m] = owner_us[m] = u
+        if ridge > 0:
+            with timer.phase("kernel"):
+                owner_us[m] = with_more_ridge(u, matrix + record["lambda"] * np.eye(dim), ridge)
+            record["owner_total_ridge"] = ridge
         records.append(record)
         if kinv is not None:
             inverses[m] = pack_upper(kinv)
     summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
     value_clip, threshold = public_bounds(shares, summed)
     return (wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed,
-                              value_clip, threshold), records, secure)
+                              value_clip, threshold), records, secure, owner_us)
 
 
 def public_bounds(shares: list[tuple[Features, np.ndarray | None]], summed: dict[int, np.ndarray] | None

@@ -184,6 +184,14 @@ def precondition(query_features: np.ndarray, kernel: Kernel, normalize: str = "n
     return q @ effective_inverse(kernel, normalize)
 
 
+def with_more_ridge(preconditioned: np.ndarray, regularized: np.ndarray, extra: float) -> np.ndarray:
+    """Queries preconditioned with ``K`` (``regularized``: ``Phi^T Phi + lambda I``, any rescaling
+    kept) turned into queries preconditioned with ``K + extra I``: ``U K (K + extra I)^-1``."""
+    reg = np.asarray(regularized, dtype=np.float64)
+    shifted = reg + extra * np.eye(reg.shape[0])
+    return scipy.linalg.solve(shifted, reg @ np.asarray(preconditioned, dtype=np.float64).T, assume_a="pos").T
+
+
 def effective_inverse(kernel: Kernel, normalize: str = "none") -> np.ndarray:
     """The explicit ``K^{-1}`` queries are preconditioned with (rescaled for ``traker``)."""
     if normalize not in NORMALIZATIONS:

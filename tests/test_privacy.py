@@ -258,3 +258,21 @@ def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
     for name in ("suspect_count", "owner_value"):
         assert 1.0 < res[name]["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
     assert main(["audit", "--release", "owner", "--noise-multiplier", "2"]) == 0
+
+
+def test_owner_totals_under_dp_use_the_wiener_ridge():
+    """Noised owner summaries are turned into totals with K + (sigma_s C)^2 owners I: the same as
+    preconditioning the queries with that kernel, from the queries preconditioned with K alone."""
+    from fedtrak.kernel import with_more_ridge
+    from fedtrak.privacy.mechanisms import summary_ridge
+
+    rng = np.random.default_rng(5)
+    phi = rng.standard_normal((40, 6))
+    kernel = phi.T @ phi + 0.5 * np.eye(6)
+    queries = rng.standard_normal((3, 6))
+    u = np.linalg.solve(kernel, queries.T).T
+    np.testing.assert_allclose(with_more_ridge(u, kernel, 7.0), np.linalg.solve(kernel + 7 * np.eye(6), queries.T).T,
+                               rtol=1e-10)
+    np.testing.assert_allclose(with_more_ridge(u, kernel, 0.0), u, rtol=1e-10)
+    dp = DPSettings(2.0, 5.0, scales="summary=3.0")
+    assert summary_ridge(dp, 10) == pytest.approx((6.0 * 5.0) ** 2 * 10)

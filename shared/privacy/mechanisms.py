@@ -156,6 +156,16 @@ def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random
     return summaries + rng.normal(0.0, dp.sigma(SUMMARY) * dp.clip_norm, size=summaries.shape)
 
 
+def summary_ridge(dp: DPSettings, owners: int) -> float:
+    """The ridge the server adds to each kernel before it turns noised owner summaries into owner
+    totals: ``(sigma_s C)^2 owners``. An owner's summary ``s`` is a sum of ``n_c`` of the ``n``
+    examples' features, whose spread across owners is about ``(n_c / n) K``; the noise is
+    ``(sigma_s C)^2 I``. The best linear estimate of the total ``phi(x)^T K^-1 s`` from ``s + noise``
+    (a Wiener filter) is then ``phi(x)^T (K + (sigma_s C)^2 n / n_c I)^-1 (s + noise)``: the
+    directions where owners differ less than the noise are shrunk instead of amplified."""
+    return (dp.sigma(SUMMARY) * dp.clip_norm) ** 2 * owners
+
+
 def owner_values(summaries: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
     """An owner's value per query group ``(G,)``: ``mean_m Ubar_m s_m``, ``Ubar_m`` ``(G, k)`` the
     group's summed preconditioned queries and ``s_m`` the owner summary (its total attribution
