@@ -159,11 +159,11 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
             fed.exclude(node, "its owner is not among the participants of the saved kernels")
             del replies[node]
-    nq, policy, us = len(task.y_query), settings.release.policy, owner_us
+    nq, policy = len(task.y_query), settings.release.policy
     groups = query_groups(settings.release.owner_value, task.y_query)
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
-        [us[m] for m in sorted(us)], groups))
+        [owner_us[m] for m in sorted(owner_us)], groups))
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
                   value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)
