@@ -16,10 +16,10 @@ def local_update(local: Local, checkpoint: int, server_round: int,
     job, data, task = local.job, local.data, local.task
     t = job.settings.training
     model = model_from_state(task, state, "global model")
-    seed = fedavg_local_seed(job.settings.task.seed, checkpoint, server_round, data.partition_id)
-    if t.dp_train_noise > 0:
-        dp_sgd_epochs(task, model, data.x, data.y, job.resolved.local_epochs, seed, t.dp_train_noise,
+    if t.dp_train_noise > 0:  # sampling and noise from the device's entropy, never the run seed
+        dp_sgd_epochs(task, model, data.x, data.y, job.resolved.local_epochs, t.dp_train_noise,
                       t.dp_train_clip)
     else:
+        seed = fedavg_local_seed(job.settings.task.seed, checkpoint, server_round, data.partition_id)
         sgd_epochs(task, model, data.x, data.y, job.resolved.local_epochs, seed)
     return model.state_dict()

@@ -236,16 +236,24 @@ def test_dp_sgd_trains_and_is_accounted_like_opacus():
     task = load_task("digits-logreg")
     model = seeded_model(task, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dp_sgd_epochs(task, model, task.x_train, task.y_train, 3, seed=0, noise_multiplier=0.5, max_grad_norm=1.0)
+    dp_sgd_epochs(task, model, task.x_train, task.y_train, 3, noise_multiplier=0.5, max_grad_norm=1.0)
     assert set(model.state_dict()) == set(before)  # the plain model, not Opacus's wrapper
     assert accuracy(model, task.x_query, task.y_query) > 0.5  # it learns through the noise
+    # The server knows the run seed and the global torch seed; neither fixes the noise or the batches.
+    twin = seeded_model(task, 0)
+    torch.manual_seed(0)
+    dp_sgd_epochs(task, twin, task.x_train[:200], task.y_train[:200], 1, 0.5, 1.0)
+    again = seeded_model(task, 0)
+    torch.manual_seed(0)
+    dp_sgd_epochs(task, again, task.x_train[:200], task.y_train[:200], 1, 0.5, 1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(twin.state_dict().values(), again.state_dict().values()))
     acc = RDPAccountant()
     acc.history = [(0.5, 64 / 1500, 3 * 24)]
     assert training_epsilon(0.5, 64, 1500, local_steps(1500, 64, 3), 1e-5) == pytest.approx(
         acc.get_epsilon(delta=1e-5))
     assert training_epsilon(0.0, 64, 1500, 10, 1e-5) == math.inf
     with pytest.raises(FedtrakError, match="positive noise multiplier"):
-        dp_sgd_epochs(task, model, task.x_train, task.y_train, 1, 0, 0.0, 1.0)
+        dp_sgd_epochs(task, model, task.x_train, task.y_train, 1, 0.0, 1.0)
 
 
 def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
