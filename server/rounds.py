@@ -20,6 +20,7 @@ from fedtrak.job import Job
 from fedtrak.kernel import with_more_ridge
 from fedtrak.kernel_sources import USES_PUBLIC, held_out_self_terms, public_data, source_gram
 from fedtrak.partition import example_ids
+from fedtrak.privacy.bounds import OwnerLimits, gram_limits, owner_limits
 from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import noise_floor, public_bound, summary_ridge, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
@@ -110,7 +111,8 @@ def plain_gram_sum(fed: Federation, job: Job, states: States, ms: list[int], tim
     sums = [np.zeros((dim, dim)) for _ in ms]
 
     def add_grams(node: int, content: RecordDict) -> None:
-        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless=noiseless).items():
+        limits = None if noiseless else gram_limits(job.dp(), fed.clients[node].num_examples, dim)
+        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless, limits).items():
             sums[m] += g  # only after every checkpoint's Gram of this client passed
 
     with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
@@ -161,9 +163,15 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
             del replies[node]
     nq, policy = len(task.y_query), settings.release.policy
     groups = query_groups(settings.release.owner_value, task.y_query)
+    summed = None if request.groups is None else [request.groups[m] for m in sorted(request.groups)]
+
+    def limits(node: int) -> OwnerLimits | None:
+        return owner_limits(dp, fed.clients[node].num_examples, job.resolved.proj_dim, summed, request.value_clip,
+                            request.suspect_threshold > 0) if dp.active else None
+
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
-        [owner_us[m] for m in sorted(owner_us)], groups))
+        [owner_us[m] for m in sorted(owner_us)], groups, limits(node)))
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
                   value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)

@@ -21,6 +21,7 @@ from fedtrak import wire
 from fedtrak.codecs import unpack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
+from fedtrak.privacy.bounds import gram_limits
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.secagg import fixedpoint, graph
 from fedtrak.secagg.protocol import (
@@ -31,7 +32,7 @@ from fedtrak.secagg.protocol import (
     verify_advert,
 )
 from fedtrak.server.federation import Federation
-from fedtrak.server.validation import check_psd
+from fedtrak.server.validation import check_gram_size, check_psd
 from fedtrak.timing import PhaseTimer
 from fedtrak.wire.secagg import (
     adverts_content,
@@ -129,10 +130,18 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     if abs(count - reported) > 0.5:
         raise FedtrakError(f"the securely summed count {count:.1f} differs from the {reported} examples the "
                            "survivors reported: a client's masked input is not what it claims (no result)")
+    rounding = fixedpoint.quantization_bound(len(survivors), noise.fraction_bits)
     if not dp.active:  # rounding moves each entry by at most the bound: spectral norm at most k times it
-        rounding = dim * fixedpoint.quantization_bound(len(survivors), noise.fraction_bits)
         for m, g in zip(checkpoints, grams):
-            check_psd(g, f"secure sum of the Grams of checkpoint {m}", "secure aggregation", rounding)
+            check_psd(g, f"secure sum of the Grams of checkpoint {m}", "secure aggregation", dim * rounding)
+    else:  # one client's oversized input spoils the sum, and the protocol cannot tell whose it is
+        limits = gram_limits(dp, count, dim, len(survivors) / threshold, rounding, counts=len(survivors))
+        for m, g in zip(checkpoints, grams):
+            try:
+                check_gram_size(g, limits, f"secure sum of the Grams of checkpoint {m}", "secure aggregation")
+            except FedtrakError as exc:
+                raise FedtrakError(f"{exc}: a client's masked input is larger than clipped features and their "
+                                   "noise can make it (no result)") from None
     report = _report(fed, adverts, shared, survivors, noise, hood, length, client_seconds, unmask_seconds, timer)
     return SecureSum(grams, count, survivors, noise, report)
 

@@ -5,7 +5,11 @@ here can verify (the threat model: honest-but-curious server, clients trusted to
 honestly), but a release that
 breaks the protocol is refused: a missing or mis-shaped array, a
 non-finite value, a Gram that is not symmetric or (with no noise added) not
-positive semi-definite, a count that disagrees with the arrays. Each check
+positive semi-definite, a count that disagrees with the arrays, and, under
+differential privacy (where features are clipped), a release larger than
+clipped features and its noise can make it (:mod:`fedtrak.privacy.bounds`):
+a Gram's diagonal, trace, entries and smallest eigenvalue, an owner
+summary's norm, a suspect count, owner values. Each check
 raises :class:`FedtrakError` naming the client; the server then excludes
 that client and goes on with the others.
 """
@@ -22,6 +26,7 @@ from fedtrak import wire
 from fedtrak.codecs import unpack_upper
 from fedtrak.compat import check_compatible
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.bounds import GramLimits, OwnerLimits
 
 #: Relative diagonal jitter under which a noiseless Gram must factorize.
 PSD_JITTER = 1e-9
@@ -56,9 +61,28 @@ def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0
         raise FedtrakError(f"{source}: {what} is not positive semi-definite, so it is no Gram matrix") from None
 
 
+def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str) -> None:
+    """Refuse a Gram (or sum of Grams) outside the range clipped features and their noise allow:
+    its diagonal, trace, largest entry and smallest eigenvalue."""
+    diag = np.diag(matrix)
+    if diag.min(initial=0.0) < limits.diag_low or diag.max(initial=0.0) > limits.diag_high:
+        raise FedtrakError(f"{source}: {what} has diagonal entries in [{diag.min():.4g}, {diag.max():.4g}], "
+                           f"outside [{limits.diag_low:.4g}, {limits.diag_high:.4g}] that its count, the clip "
+                           "norm and the noise allow")
+    if diag.sum() > limits.trace_high:
+        raise FedtrakError(f"{source}: {what} has trace {diag.sum():.4g}, above the {limits.trace_high:.4g} "
+                           "its count, the clip norm and the noise allow")
+    largest = float(np.abs(matrix).max(initial=0.0))
+    if largest > limits.entry_high:
+        raise FedtrakError(f"{source}: {what} has an entry of size {largest:.4g}, above the "
+                           f"{limits.entry_high:.4g} its count, the clip norm and the noise allow")
+    check_psd(matrix, what, source, limits.eig_slack)
+
+
 def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
-                 noiseless: bool = True) -> dict[int, np.ndarray]:
-    """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, validated."""
+                 noiseless: bool = True, limits: GramLimits | None = None) -> dict[int, np.ndarray]:
+    """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, validated; with
+    ``limits`` (clipped features: under DP), also its size (:func:`check_gram_size`)."""
     arrays = wire.decode_grams(content, source)
     out = {}
     for m in checkpoints:
@@ -74,6 +98,8 @@ def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, sour
             if np.any(np.diag(g) < 0):
                 raise FedtrakError(f"{source}: Gram of checkpoint {m} has a negative diagonal entry")
             check_psd(g, f"Gram of checkpoint {m}", source)
+        if limits is not None:
+            check_gram_size(g, limits, f"Gram of checkpoint {m}", source)
         out[m] = g
     return out
 
@@ -113,7 +139,8 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                   source: str, self_influence: bool = False, noised: bool = False,
-                  preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None) -> wire.ScoreRelease:
+                  preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None,
+                  limits: OwnerLimits | None = None) -> wire.ScoreRelease:
     """What a score reply releases under ``policy``, validated: owner totals ``(Q,)``, plus
     scores ``(Q, num)`` and indices ``(num,)`` for ``full``; with ``self_influence``, the owner's
     screening statistic ``(1,)`` (its summed self-influence or count of suspects) and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
@@ -121,7 +148,9 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
     from them with the ``preconditioned`` queries ``U_m``; the totals are then not checked against
     the scores, and since the released count is noised too, ``num`` is taken from the scores.
     ``groups`` ``(G, Q)`` bool: the owner's values ``(G,)`` are required (without noise, the sums of
-    its totals over each group)."""
+    its totals over each group). ``limits``: the range of honest releases under DP
+    (:func:`fedtrak.privacy.bounds.owner_limits`), checked for the summaries, the suspect count
+    and the values."""
     r = wire.decode_score_reply(content, source)
     values = None
     if groups is not None:
@@ -130,6 +159,9 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
             raise FedtrakError(f"{source}: owner values have shape {None if values is None else values.shape}, "
                                f"expected ({len(groups)},)")
         _finite(values, "owner values", source)
+        if limits is not None and np.linalg.norm(values) > limits.values_norm:
+            raise FedtrakError(f"{source}: owner values have norm {np.linalg.norm(values):.4g}, above the "
+                               f"{limits.values_norm:.4g} its count, the bound per example and the noise allow")
     totals = r.owner_totals
     if noised:  # under DP the owner releases its noised summaries; the totals are derived from them
         summaries = r.owner_summaries
@@ -139,6 +171,10 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                                f"{None if summaries is None else summaries.shape}, expected "
                                f"({len(preconditioned)}, {preconditioned[0].shape[1]})")
         _finite(summaries, "owner summaries", source)
+        norms = np.linalg.norm(summaries, axis=1)
+        if limits is not None and norms.max() > limits.summary_norm:
+            raise FedtrakError(f"{source}: an owner summary has norm {norms.max():.4g}, above the "
+                               f"{limits.summary_norm:.4g} its count, the clip norm and the noise allow")
         totals = np.mean([u @ s for u, s in zip(preconditioned, summaries)], axis=0)
     if totals is None or totals.shape != (num_queries,):
         shape = None if totals is None else totals.shape
@@ -150,6 +186,10 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
         if total is None or total.shape != (1,):
             raise FedtrakError(f"{source}: owner screening statistic missing or not one number")
         _finite(total, "owner screening statistic", source)
+        if limits is not None and limits.suspects is not None and not \
+                limits.suspects[0] <= total[0] <= limits.suspects[1]:
+            raise FedtrakError(f"{source}: suspect count {total[0]:.4g} outside the [{limits.suspects[0]:.4g}, "
+                               f"{limits.suspects[1]:.4g}] its count and the noise allow")
     if values is not None and not noised and not np.allclose(
             values, groups @ totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).sum())):
         raise FedtrakError(f"{source}: owner values disagree with its owner totals")

@@ -26,7 +26,10 @@ FAULTS = {
     "gram-nan": ("featurize", "a Gram entry is NaN"),
     "gram-asym": ("featurize", "the Gram is sent as a full matrix that is not symmetric"),
     "gram-not-psd": ("featurize", "an off-diagonal Gram entry is inflated past positive semi-definiteness"),
+    "gram-scaled": ("featurize", "the Gram of checkpoint 0 is multiplied by 1e6 (still PSD)"),
+    "gram-negative": ("featurize", "the Gram of checkpoint 0 is -1e12 times the identity"),
     "score-shape": ("score", "the owner totals have one value too many"),
+    "summary-huge": ("score", "under DP: every owner summary entry is 1e12"),
     "score-raise": ("score", "the ClientApp crashes when scoring"),
     "score-nan": ("score", "an owner total is infinite"),
     "old-protocol": ("featurize", "the reply says it speaks protocol version 1"),
@@ -35,6 +38,7 @@ FAULTS = {
     "secagg-drop-input": ("secagg_input", "secure aggregation: the client crashes after sharing its keys"),
     "secagg-short": ("secagg_input", "secure aggregation: the masked vector loses its last value"),
     "secagg-count": ("secagg_input", "secure aggregation: the masked vector claims 100 more examples"),
+    "secagg-inflate": ("secagg_input", "secure aggregation: the first Gram entry grows by 1e6 (fixed point)"),
     "secagg-drop-unmask": ("secagg_unmask", "secure aggregation: the client crashes before revealing shares"),
 }
 
@@ -53,6 +57,10 @@ def _break_gram(fault: str, grams: dict[int, np.ndarray]) -> dict[int, np.ndarra
         g = full
     elif fault == "gram-not-psd":
         g[1] = 10 * np.sqrt(g[0] * g[k]) + 1.0  # entry (0, 1) against diagonals (0, 0) and (1, 1)
+    elif fault == "gram-scaled":
+        g = g * 1e6
+    elif fault == "gram-negative":
+        g = np.where(np.triu(np.eye(k, dtype=bool))[np.triu_indices(k)], -1e12, 0.0)
     return {**grams, 0: g}
 
 
@@ -79,6 +87,8 @@ def _corrupt_masked(fault: str, content: RecordDict) -> RecordDict:
     vector = np.array(secagg_wire.masked_vector(content, "honest reply"))
     if fault == "secagg-short":
         vector = vector[:-1]
+    elif fault == "secagg-inflate":  # the first value is the Gram's entry (0, 0)
+        vector[0] += np.uint64(10**6 << FRACTION_BITS)
     else:  # the count is the last value, in fixed point
         vector[-1] += np.uint64(100 << FRACTION_BITS)
     return secagg_wire.masked_content(vector)
@@ -86,6 +96,9 @@ def _corrupt_masked(fault: str, content: RecordDict) -> RecordDict:
 
 def _corrupt_score(fault: str, content: RecordDict) -> RecordDict:
     release = wire.decode_score_reply(content, "honest reply")
+    if fault == "summary-huge":
+        release = replace(release, owner_summaries=np.full_like(release.owner_summaries, 1e12))
+        return wire.encode_score_reply(release, wire.decode_info(content, "honest reply"))
     totals = np.array(release.owner_totals, dtype=np.float64)
     if fault == "score-shape":
         totals = np.append(totals, 0.0)

@@ -161,6 +161,23 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     _assert_close(np.load(tmp_path / "scores.npy"), want)
 
 
+def test_oversized_releases_under_dp_are_excluded_by_name(tmp_path, logreg_ckpt_dir):
+    """Under DP (features clipped), a Gram scaled by 1e6, a Gram of -1e12 I and owner summaries of
+    1e12 break the bounds clipping and noise set: their senders are excluded by name, the honest
+    clients' noised releases all pass."""
+    faults = {1: "gram-scaled", 2: "gram-negative", 3: "summary-huge"}
+    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 5, "iid", epsilon=4.0, **{
+        "kernel-source": "private", "secure-agg": False}))
+    run_simulation(cfg, handlers=faulty_handlers(faults))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reasons = {int(e["owner"]): e["reason"] for e in summary["excluded"]}
+    assert sorted(reasons) == [1, 2, 3]
+    assert "client 1 (node" in reasons[1] and "Gram of checkpoint 0 has diagonal entries" in reasons[1]
+    assert "client 2 (node" in reasons[2] and "Gram of checkpoint 0 has diagonal entries" in reasons[2]
+    assert "client 3 (node" in reasons[3] and "an owner summary has norm 1.1" in reasons[3]
+    assert [o["owner"] for o in summary["owners"]] == ["0", "4"]
+
+
 def test_full_policy_is_refused_by_clients_unless_allowed(tmp_path, logreg_ckpt_dir):
     from fedtrak.errors import FedtrakError
 

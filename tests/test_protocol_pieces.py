@@ -215,3 +215,43 @@ def test_score_request_round_trip_and_bad_share_bounds():
         content = wire.encode_score_request(wire.ScoreRequest(JOB, "owner-totals", 5, u, value_clip=bad))
         with pytest.raises(FedtrakError, match="share bounds"):
             wire.decode_score_request(content)
+
+
+def test_release_sizes_are_bounded_by_clipping_and_noise():
+    """Under DP an honest noised Gram, summary, suspect count and owner values pass; a Gram scaled
+    by 1e6, -1e12 I, a summary of 1e12 and a suspect count above the owner's count are refused."""
+    from fedtrak.privacy.bounds import gram_limits, owner_limits
+    from fedtrak.privacy.mechanisms import DPSettings, gram_noise, noised_owner_summaries
+
+    rng = np.random.default_rng(1)
+    dp = DPSettings(noise_multiplier=2.0, clip_norm=1.0)
+    n, k = 50, 32
+    f = rng.normal(size=(n, k))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)  # clipped to C = 1: n C^2 = 50
+    info = wire.ClientInfo("a", 0, n, PROTOCOL_VERSION, "ab" * 8)
+    limits = gram_limits(dp, n, k)
+    for _ in range(20):  # honest releases, fresh noise each time
+        honest = gram(f) + gram_noise(k, dp, rng)
+        gram_release(wire.encode_grams_reply({0: pack_upper(honest)}, info), [0], k, "client a", False, limits)
+    for bad, message in ((gram(f) * 1e6, "diagonal entries"), (-1e12 * np.eye(k), "diagonal entries"),
+                         (gram(f) + 30.0 * (np.ones((k, k)) - np.eye(k)), "not positive semi-definite")):
+        with pytest.raises(FedtrakError, match=f"client a: .*{message}"):
+            gram_release(wire.encode_grams_reply({0: pack_upper(bad)}, info), [0], k, "client a", False, limits)
+
+    us = [rng.normal(size=(3, k))]
+    groups = np.ones((1, 3), dtype=bool)
+    summed = [groups.astype(float) @ us[0]]
+    owner = owner_limits(dp, n, k, summed, value_clip=0.5, suspect_count=True)
+    honest = noised_owner_summaries(f.sum(axis=0, keepdims=True), dp, rng)
+
+    def reply(summaries: np.ndarray, suspects: float = 3.0, values: float = 2.0) -> RecordDict:
+        return wire.encode_score_reply(wire.ScoreRelease(owner_summaries=summaries, screening=np.array([suspects]),
+                                                         owner_values=np.array([values])), info)
+
+    ok = score_release(reply(honest), "owner-totals", 3, n, "client a", True, True, us, groups, owner)
+    np.testing.assert_allclose(ok.owner_totals, us[0] @ honest[0])
+    for bad, message in ((reply(np.full((1, k), 1e12)), "an owner summary has norm"),
+                         (reply(honest, suspects=n + 1e3), "suspect count"),
+                         (reply(honest, values=1e9), "owner values have norm")):
+        with pytest.raises(FedtrakError, match=f"client a: {message}"):
+            score_release(bad, "owner-totals", 3, n, "client a", True, True, us, groups, owner)

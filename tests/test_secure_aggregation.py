@@ -68,7 +68,8 @@ def test_secure_sum_with_dropouts_and_bad_messages_equals_central(tmp_path, logr
 
 def test_too_many_dropouts_or_a_misreported_count_give_no_result(tmp_path, logreg_ckpt_dir):
     """3 clients, threshold 2: two dropping after sharing keys leave too few to unmask; a client whose
-    masked input claims 100 more examples than it reported spoils the sum, which is refused."""
+    masked input claims 100 more examples than it reported spoils the sum, which is refused; so does,
+    under DP, one whose Gram is larger than clipped features and the noise can make it."""
     out = tmp_path / "dropped"
     cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3))
     with pytest.raises(FedtrakError, match="only 1 masked inputs for a threshold of 2"):
@@ -78,6 +79,11 @@ def test_too_many_dropouts_or_a_misreported_count_give_no_result(tmp_path, logre
     cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3))
     with pytest.raises(FedtrakError, match="securely summed count .* differs"):
         run_simulation(cfg, handlers=faulty_handlers({1: "secagg-count"}))
+    assert not (out / "summary.json").exists()
+    out = tmp_path / "inflated"  # under DP, a Gram larger than clipping allows spoils the sum: no result
+    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, epsilon=8.0, **{"kernel-source": "private"}))
+    with pytest.raises(FedtrakError, match="secure sum of the Grams of checkpoint 0 has diagonal entries.*no result"):
+        run_simulation(cfg, handlers=faulty_handlers({2: "secagg-inflate"}))
     assert not (out / "summary.json").exists()
 
 

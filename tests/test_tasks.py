@@ -62,7 +62,7 @@ def test_unknown_task_lists_the_builtins():
 def test_user_task_by_import_path(tmp_path, monkeypatch):
     (tmp_path / "mytask.py").write_text(
         "import numpy as np\n"
-        "from shared import models\n"
+        "from fedtrak import models\n"
         "from fedtrak.tasks import Task\n"
         "def make():\n"
         "    rng = np.random.default_rng(0)\n"

@@ -1,0 +1,117 @@
+"""How large an honest release can be: the server's size checks on what clients send.
+
+Clipping bounds every release by construction. With each feature's norm at
+most ``C``, each curvature weight at most ``w`` and each out-to-loss weight at
+most 1, an owner of ``n`` examples has
+
+- a Gram whose diagonal entries lie in ``[0, n C^2 w]`` (so its trace is at most
+  ``n C^2 w`` too, and every entry at most that in size) and whose eigenvalues
+  are non-negative;
+- an owner summary of norm at most ``n C`` per checkpoint;
+- a suspect count in ``[0, n]``; owner values of norm at most ``n B`` (``B``
+  the server's clip of one example's share).
+
+The noise a release carries widens each interval by a *noise allowance*: a
+tail bound of its Gaussian (``TAIL`` standard deviations per number, about
+1e-15 per check) or, for the smallest eigenvalue, the spectral norm of the
+symmetric noise matrix (``NOISE_FLOOR_FACTOR sigma sqrt(k)``, as for lambda).
+``n`` is the owner's released (noised) count plus its own allowance. A
+release outside its interval was not made by the protocol from clipped
+features: the server refuses it. This catches a scaled, negated or inflated
+release; it cannot catch a client that lies within the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtrak.privacy.budget import COUNT, GRAM, SUMMARY, SUSPECTS, VALUE
+from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, owner_value_sensitivity
+
+#: Standard deviations of the Gaussian tail one number's noise may reach (probability ~1e-15).
+TAIL = 8.0
+
+
+@dataclass(frozen=True)
+class GramLimits:
+    """The range an honest Gram (or sum of Grams) falls in: its diagonal within
+    ``[diag_low, diag_high]``, its trace at most ``trace_high``, each off-diagonal entry at most
+    ``entry_high`` in size, its smallest eigenvalue at least ``-eig_slack``."""
+
+    diag_low: float
+    diag_high: float
+    trace_high: float
+    entry_high: float
+    eig_slack: float
+
+
+def count_ceiling(dp: DPSettings, count: float, copies: float = 1.0) -> float:
+    """The largest true example count a released count is consistent with (``copies``: how many
+    clients' count noise the released number holds)."""
+    noise = dp.sigma(COUNT) * math.sqrt(copies) if dp.active else 0.0
+    return max(count, 0.0) + TAIL * noise
+
+
+def gram_limits(dp: DPSettings, count: float, dim: int, copies: float = 1.0, rounding: float = 0.0,
+                counts: int = 1) -> GramLimits:
+    """The range of an honest Gram of ``count`` (released, possibly noised) examples under ``dp``;
+    ``copies``: the noise's variance in units of one client's Gram noise (survivors over threshold
+    for a secure sum); ``rounding``: a bound on each entry's fixed-point error; ``counts``: how many
+    clients' noised counts ``count`` sums."""
+    unit = dp.gram_sensitivity
+    signal = count_ceiling(dp, count, counts) * unit
+    entry_noise = dp.sigma(GRAM) * unit * math.sqrt(copies) if dp.active else 0.0
+    slack = TAIL * entry_noise + rounding
+    return GramLimits(
+        diag_low=-slack, diag_high=signal + slack,
+        trace_high=signal + TAIL * entry_noise * math.sqrt(dim) + dim * rounding,
+        entry_high=signal + slack,
+        eig_slack=NOISE_FLOOR_FACTOR * entry_noise * math.sqrt(dim) + dim * rounding)
+
+
+@dataclass(frozen=True)
+class OwnerLimits:
+    """The range of an honest owner's score releases under DP: each checkpoint's summary norm at
+    most ``summary_norm``, its suspect count within ``suspects`` (``None``: not a suspect count),
+    its values' norm at most ``values_norm`` (``inf``: not bounded)."""
+
+    summary_norm: float
+    suspects: tuple[float, float] | None = None
+    values_norm: float = math.inf
+
+
+def owner_limits(dp: DPSettings, count: float, dim: int, groups: Sequence[np.ndarray] | None = None,
+                 value_clip: float = 0.0, suspect_count: bool = False) -> OwnerLimits:
+    """The :class:`OwnerLimits` of an owner of ``count`` (released) examples; ``groups``: each
+    checkpoint's summed preconditioned queries per group, when owner values are released."""
+    values = math.inf
+    if groups is not None:
+        per_example = value_clip if value_clip > 0 else owner_value_sensitivity(groups, dp)
+        values = values_norm_ceiling(dp, count, len(groups[0]), per_example)
+    return OwnerLimits(summary_norm_ceiling(dp, count, dim),
+                       suspect_count_range(dp, count) if suspect_count else None, values)
+
+
+def summary_norm_ceiling(dp: DPSettings, count: float, dim: int) -> float:
+    """The largest norm of an honest owner summary of one checkpoint: ``n C`` plus the norm its
+    noise can reach (``sigma C (sqrt(k) + TAIL)``)."""
+    noise = dp.sigma(SUMMARY) * dp.clip_norm * (math.sqrt(dim) + TAIL) if dp.active else 0.0
+    return count_ceiling(dp, count) * dp.clip_norm + noise
+
+
+def suspect_count_range(dp: DPSettings, count: float) -> tuple[float, float]:
+    """The range of an honest noised suspect count of an owner of ``count`` examples."""
+    noise = TAIL * dp.sigma(SUSPECTS) if dp.active else 0.0
+    return -noise, count_ceiling(dp, count) + noise
+
+
+def values_norm_ceiling(dp: DPSettings, count: float, groups: int, per_example: float) -> float:
+    """The largest norm of honest owner values over ``groups`` query groups when one example moves
+    them by at most ``per_example`` (L2 over groups), noise included."""
+    noise = dp.sigma(VALUE) * per_example * (math.sqrt(groups) + TAIL) if dp.active else 0.0
+    return count_ceiling(dp, count) * per_example + noise
+
