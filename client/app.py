@@ -54,10 +54,19 @@ def _owner_visible_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _private(msg: Message) -> bool:
+    """Whether the message's run adds DP noise (or cannot be read: then assume it does)."""
+    try:
+        return wire.job_of(msg.content).dp().active
+    except FedtrakError:
+        return True
+
+
 def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
     """Turn any exception of a handler into an error reply that names it; with ``timed``, add the
     handler's seconds and the process's peak memory to the reply, for the server's account of
-    where a run's time goes."""
+    where a run's time goes, except under DP: then no timing or memory figure leaves the device
+    (they grow with its example count, outside any accountant)."""
 
     def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
@@ -65,7 +74,9 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
             start = time.perf_counter()
             try:
                 reply = fn(msg, ctx)
-                if timed and not reply.has_error():
+                if not reply.has_error() and _private(msg):
+                    wire.drop_timing(reply.content)
+                elif timed and not reply.has_error():
                     wire.add_handler_timing(reply.content, time.perf_counter() - start, peak_memory_mb())
                 return reply
             except FedtrakError as exc:
@@ -88,9 +99,11 @@ def _reply(msg: Message, content: RecordDict) -> Message:
 def train(msg: Message, ctx: Context) -> Message:
     """One FedAvg round: local SGD epochs on this client's data from the global weights."""
     job, checkpoint, server_round, state = wire.decode_train_request(msg.content)
-    local = Local.open(job, ctx, releases=False)  # training is accounted apart (training_privacy)
+    # DP-SGD is accounted apart (training_privacy); under attribution DP the FedAvg weight is the
+    # run's noised count, so the run is charged to the device's ledger here already
+    local = Local.open(job, ctx, releases=job.dp().active)
     return _reply(msg, wire.encode_train_reply(local_update(local, checkpoint, server_round, state),
-                                               len(local.data.y)))
+                                               local.fedavg_weight()))
 
 
 def _featurized(msg: Message, ctx: Context) -> tuple[wire.FeaturizeRequest, Local, float]:

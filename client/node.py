@@ -104,6 +104,15 @@ class Local:
             return len(self.data.y)
         return self.store.released_count(lambda: noised_count(len(self.data.y), self.dp, noise_rng()))
 
+    def fedavg_weight(self) -> int:
+        """The example count FedAvg weights this client's update by. Under attribution DP, the
+        run's noised count (the one release every message repeats, in the ledger); with DP-SGD
+        training alone, 1 (uniform weights: an exact count would be a release no accountant
+        covers); otherwise the exact count."""
+        if self.dp.active:
+            return self.released_count()
+        return 1 if self.job.settings.training.dp_train_noise > 0 else len(self.data.y)
+
     def info(self, count: int | None = None) -> ClientInfo:
         """Who this client is, its example count (``count``; default :meth:`released_count`), and
         its protocol version and task fingerprint."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedtrak.corruption import FlipSpec
 from fedtrak.job import Job
-from fedtrak.privacy.accountant import epsilon, prv_epsilon
+from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.plan import run_release_plan
 from fedtrak.results import flips_block
@@ -83,6 +83,8 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
     pids = [fed.clients[n].partition_id for n in nodes]
     clients = fed.report()
     p = settings.partition
+    privacy = privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source, outcome.value_clip,
+                            outcome.suspect_threshold)
     summary = {
         "mode": settings.release.mode,
         "release_policy": settings.release.policy if settings.release.mode == "private" else "features",
@@ -107,11 +109,11 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
                           "seed": p.partition_seed, "num_clients": p.clients}} if min(pids) >= 0 else {}),
         **flips_block(flips, flipped),
         "kernel_source": job.resolved.kernel_source,
-        "privacy": privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source, outcome.value_clip,
-                                 outcome.suspect_threshold),
+        "privacy": privacy,
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
         "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
-                                                              for n in nodes}, job.resolved.local_epochs),
+                                                              for n in nodes}, job.resolved.local_epochs,
+                                             [Release(**r) for r in privacy.get("ledger", [])]),
         "resolved": {**job.resolved.describe(), "lambda": [r["lambda"] for r in records]},
         "settings": settings.nested(),
         "config": settings.flat(),

@@ -10,6 +10,7 @@ centralized ones as soon as it is trained.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fedtrak.checkpoints import (
 )
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
+from fedtrak.privacy.accountant import Release, epsilon_with_training
 from fedtrak.privacy.training import local_steps, training_epsilon
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task
@@ -83,17 +85,28 @@ def train_fedavg_checkpoints(
     return out
 
 
-def training_privacy(settings: Settings, task: Task, counts: dict[str, int], local_epochs: int) -> dict:
-    """The DP-SGD account of FedAvg training, per client (from its example count), apart from
-    the attribution's: every local step of every round of every checkpoint on the client's data."""
+def training_privacy(settings: Settings, task: Task, counts: dict[str, int], local_epochs: int,
+                     releases: Sequence[Release] = ()) -> dict:
+    """The DP-SGD account of FedAvg training, per client (from its example count): every local
+    step of every round of every checkpoint on the client's data; with the attribution's
+    ``releases`` (a DP attribution run), also both composed, per client."""
     t, delta = settings.training, settings.privacy.delta
     if not t.dp_train_noise > 0 or t.train != "fedavg" or t.checkpoint_dir:
         return {"dp_sgd": False}
     batch = task.training.batch_size
-    per_client = {owner: training_epsilon(t.dp_train_noise, batch, n,
-                                          t.checkpoints * t.rounds * local_steps(n, batch, local_epochs),
-                                          delta) for owner, n in counts.items()}
-    return {"dp_sgd": True, "library": "opacus PrivacyEngine (Poisson sampling, RDP accountant)",
-            "noise_multiplier": t.dp_train_noise, "max_grad_norm": t.dp_train_clip, "delta": delta,
-            "epsilon_per_client": per_client, "epsilon_max": max(per_client.values(), default=None),
-            "note": "accounted apart from the attribution releases; counts as the clients released them"}
+    steps = {owner: t.checkpoints * t.rounds * local_steps(n, batch, local_epochs) for owner, n in counts.items()}
+    per_client = {owner: training_epsilon(t.dp_train_noise, batch, n, steps[owner], delta)
+                  for owner, n in counts.items()}
+    block = {"dp_sgd": True, "library": "opacus PrivacyEngine (Poisson sampling, RDP accountant)",
+             "noise_multiplier": t.dp_train_noise, "max_grad_norm": t.dp_train_clip, "delta": delta,
+             "epsilon_per_client": per_client, "epsilon_max": max(per_client.values(), default=None),
+             "fedavg_weights": "the noised example counts" if releases else "uniform (no count leaves a client)",
+             "note": "training alone; counts as the clients released them"}
+    if releases:
+        both = {owner: epsilon_with_training(releases, delta, t.dp_train_noise, batch / max(n, 1), steps[owner])
+                for owner, n in counts.items()}
+        block.update(epsilon_with_attribution_per_client=both,
+                     epsilon_with_attribution_max=max(both.values(), default=None),
+                     composition="Renyi DP: Opacus's subsampled-Gaussian bound for the DP-SGD steps plus the "
+                                 "attribution ledger's releases, converted once at delta")
+    return block

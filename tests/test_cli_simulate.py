@@ -103,20 +103,30 @@ def test_simulate_bad_task_fails_before_starting_flower(tmp_path, capsys):
     assert "fedtrak: error:" in err and "nope" in err
 
 
-def test_dp_sgd_training_is_accounted_apart(tmp_path, capsys):
-    """Clients train with DP-SGD (Opacus) inside Flower's FedAvg rounds; the run reports the
-    training epsilon per client apart from the attribution's (none here: no release noise)."""
+def test_dp_sgd_training_is_accounted_and_composed_with_the_attribution(tmp_path, capsys):
+    """Clients train with DP-SGD (Opacus) inside Flower's FedAvg rounds, then release noised
+    attribution (epsilon 4): the run reports the training epsilon per client and both composed,
+    which matches Opacus's own RDP accountant over the same history."""
+    from opacus.accountants import RDPAccountant
+
     sim = tmp_path / "dpsgd"
     assert main(["simulate", "--clients", "2", "--checkpoints", "1", "--rounds", "2", "--local-epochs", "1",
-                 "--proj-dim", "64", "--dp-train-noise", "1.0", "--dp-train-clip", "1.0", "--out", str(sim),
-                 "--quiet"]) == 0
-    assert "training (DP-SGD, accounted apart): epsilon up to" in capsys.readouterr().out
+                 "--proj-dim", "64", "--dp-train-noise", "1.0", "--dp-train-clip", "1.0", "--epsilon", "4",
+                 "--out", str(sim), "--quiet"]) == 0
+    assert "training (DP-SGD): epsilon up to" in capsys.readouterr().out
     summary = json.loads((sim / "summary.json").read_text())
-    training = summary["training_privacy"]
+    training, privacy = summary["training_privacy"], summary["privacy"]
     assert training["dp_sgd"] and training["noise_multiplier"] == 1.0
     eps = list(training["epsilon_per_client"].values())
     assert len(eps) == 2 and all(0 < e < 1000 for e in eps) and training["epsilon_max"] == max(eps)
-    assert summary["privacy"]["dp"] is False  # the attribution releases were not noised
+    assert privacy["dp"] and privacy["epsilon"] == pytest.approx(4.0, rel=1e-3)
+    for owner in summary["owners"]:
+        n = owner["num_examples"]  # as released (noised), as the summary's training account uses it
+        acc = RDPAccountant()
+        acc.history = [(1.0, 64 / n, 2 * -(-n // 64))] + [(r["sigma"], 1.0, r["count"]) for r in privacy["ledger"]]
+        both = training["epsilon_with_attribution_per_client"][owner["owner"]]
+        assert both == pytest.approx(acc.get_epsilon(delta=1e-5), rel=0.02)
+        assert max(4.0, training["epsilon_per_client"][owner["owner"]]) < both
     manifest = json.loads((sim / "checkpoints" / "manifest.json").read_text())
     assert manifest["checkpoints"][0]["algorithm"] == "fedavg-dp-sgd"
     # ground truth cannot repeat a noisy training recipe: a clear refusal

@@ -16,7 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common import Metadata
 
 from fedtrak import wire
-from fedtrak.client.app import featurize
+from fedtrak.client.app import featurize, train
 from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger, describe_ledger, job_charge
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
@@ -105,3 +105,41 @@ def test_the_ledger_refuses_to_guess_and_device_check_shows_it(tmp_path, logreg_
     path.write_text("{not json")
     with pytest.raises(FedtrakError, match="unreadable"):
         ledger.charges()
+
+
+def _train_message(job: Job, state) -> Message:
+    meta = Metadata(run_id=1, message_id="t", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=0.0, ttl=3600.0, message_type="train")
+    keys = wire.attribution
+    config = wire.train_config(job, 0)
+    config[keys.SERVER_ROUND] = 1
+    return Message(metadata=meta, content=RecordDict({keys.ARRAYS: wire.state_to_record(state),
+                                                      keys.CONFIG: config}))
+
+
+def test_under_dp_no_timing_leaves_the_device_and_fedavg_weights_by_the_noised_count(tmp_path, logreg_ckpt_dir,
+                                                                                     logreg_states):
+    """Seconds and peak memory grow with a client's data: under DP no reply carries them. FedAvg's
+    weight is then the run's noised count (charged to the ledger), with DP-SGD alone 1, and the
+    exact count only without any DP."""
+    store, states = tmp_path / "store", logreg_states[:1]
+    private, exact = _job("private", 1.0, logreg_ckpt_dir), _job("exact", None, logreg_ckpt_dir)
+    plain = featurize(_message(exact, states), _device(store, None))
+    assert wire.read_handler_timing(plain.content)[1] is not None  # without DP the server sees timing
+    noised = featurize(_message(private, states), _device(store, None))
+    assert not noised.has_error() and wire.read_handler_timing(noised.content) == (0.0, None)
+    assert wire.read_timing(noised.content) == {}
+
+    def weight(job: Job) -> int:
+        reply = train(_train_message(job, states[0]), _device(store, None))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return int(reply.content.metric_records[wire.attribution.METRICS][wire.attribution.NUM_EXAMPLES])
+
+    n = 1500 // 3
+    released = wire.decode_info(noised.content, "c").num_examples
+    assert released != n  # the noised count (sigma is large at epsilon 1)
+    assert weight(private) == released  # the same release, not a fresh draw
+    assert weight(exact) == n
+    dp_sgd = Job("dp-sgd", exact.settings.replaced(dp_train_noise=1.0), exact.resolved,
+                 exact.task_fingerprint)
+    assert weight(dp_sgd) == 1

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.gdp import eps_from_mu
-from opacus.accountants.analysis.rdp import get_privacy_spent
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.stats import norm
 
 from fedtrak.errors import FedtrakError
@@ -108,13 +108,29 @@ def epsilon(releases: Sequence[Release], delta: float) -> float:
     Gaussian composition, or Renyi DP when a release is a Skellam mechanism."""
     if all(r.mechanism == "gaussian" for r in releases):
         return epsilon_from_mu(gdp_mu(releases), delta)
+    return _rdp_epsilon([sum(r.rdp(a) for r in releases) for a in RDP_ORDERS], delta)
+
+
+def _rdp_epsilon(rdp: Sequence[float], delta: float) -> float:
+    """Epsilon at ``delta`` of Renyi DP ``rdp`` over :data:`RDP_ORDERS` (``inf`` if any order's is)."""
     check_delta(delta)
-    rdp = [sum(r.rdp(a) for r in releases) for a in RDP_ORDERS]
     if any(math.isinf(v) for v in rdp):
         return math.inf
     with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": the bound still holds
         warnings.filterwarnings("ignore", message="Optimal order")
-        return float(get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)[0])
+        return float(get_privacy_spent(orders=list(RDP_ORDERS), rdp=list(rdp), delta=delta)[0])
+
+
+def epsilon_with_training(releases: Sequence[Release], delta: float, noise_multiplier: float,
+                          sample_rate: float, steps: int) -> float:
+    """Epsilon of an example that trained the checkpoints by DP-SGD (``steps`` Poisson-subsampled
+    Gaussian steps at ``sample_rate``) and then took part in the attribution's ``releases``: the two
+    composed in Renyi DP (Opacus's subsampled-Gaussian bound for training, each release's own)."""
+    if not noise_multiplier > 0:
+        return math.inf
+    training = compute_rdp(q=min(sample_rate, 1.0), noise_multiplier=noise_multiplier, steps=steps,
+                           orders=list(RDP_ORDERS))
+    return _rdp_epsilon([float(t) + sum(r.rdp(a) for r in releases) for t, a in zip(training, RDP_ORDERS)], delta)
 
 
 def prv_epsilon(releases: Sequence[Release], delta: float) -> float:

@@ -87,6 +87,13 @@ def add_handler_timing(content: RecordDict, seconds: float, peak_mb: float) -> N
     add_timing(content, {HANDLER_SECONDS: seconds, PEAK_MB: peak_mb})
 
 
+def drop_timing(content: RecordDict) -> None:
+    """Remove the reply's seconds and peak memory (under DP they are a side channel: featurizing
+    time grows with a client's example count)."""
+    if TIMING in content:
+        del content[TIMING]
+
+
 def read_timing(content: RecordDict) -> dict[str, float]:
     """The seconds of each part of a client's work a reply reports (the handler's own excluded)."""
     return {k: v for k, v in _timing(content).items() if k not in (HANDLER_SECONDS, PEAK_MB)}
