@@ -38,7 +38,9 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
                             source=source)
     rule = (f"DP quantile {p.clip_quantile:g} of the feature norms" if p.clip_quantile is not None
             else "given" if p.clip_norm else "the task's default")
-    block = {"dp": True, "adjacency": "add or remove one training example",
+    adjacency = ("replace one training example (features mode: the count and example indices leave exactly)"
+                 if settings.release.mode == "features" else "add or remove one training example")
+    block = {"dp": True, "adjacency": adjacency,
              "noise_multiplier": dp.noise_multiplier, "budget_scales": dp.scales,
              "budget": p.budget or "default weights", "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
              "clip_mode": dp.clip_mode, "delta": dp.delta, "target_epsilon": p.epsilon,

@@ -142,6 +142,11 @@ def test_owner_summaries_are_unbiased_and_the_plan_counts_releases():
     joint = {r.what: r.count for r in release_plan("private", 3, DPSettings(1.0, 3.0, "joint"), False)}
     assert joint == {"Gram": 1, "example count": 1, "owner summary": 1}
     assert sum(r.count for r in release_plan("features", 3, dp, False)) == 6
+    # features mode sends the exact count: replace-one adjacency, so a row moves by up to 2C; at sigma 4
+    # and M = 10 that is epsilon 8.60, not the 4.98 an add/remove sensitivity of C would claim
+    assert epsilon(release_plan("features", 10, DPSettings(4.0, 1.0), False), DELTA) == pytest.approx(8.596, abs=1e-3)
+    plain = [Release("features", 4.0, 10), Release("out-to-loss weights", 4.0, 10)]
+    assert epsilon(plain, DELTA) == pytest.approx(4.98, abs=0.01)
 
 
 def test_clip_quantile_from_noised_histograms():

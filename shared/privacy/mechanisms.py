@@ -18,7 +18,8 @@ suspect count                  ``sigma``                             1 (without 
                                                                     mean_m ||K_m^-1||_2``)
 owner values (``G`` groups)    ``sigma B`` per group (else ``sigma   ``B``: each example's share
                                C mean_m ||Ubar_m||_2``)             clipped to it (L2 over groups)
-features (``features`` mode)   ``sigma C`` per coordinate            ``C`` (values only)
+features (``features`` mode)   ``sigma C`` per coordinate            ``2C`` (replace one example:
+                                                                    the count is exact)
 out-to-loss weights            ``sigma``, then clamped to [0, 1]     1
 ============================  ===================================  ====================
 
@@ -267,11 +268,11 @@ def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bo
     owners also release their values over query groups)."""
     first = [Release("norm histogram (clip quantile)", dp.sigma(HISTOGRAM), 1, "1", kind=HISTOGRAM)
              ] if clip_quantile else []
-    if mode == "features":
+    if mode == "features":  # the count and indices leave exactly: replace-one adjacency, so 2C for features
         sigma = dp.sigma(FEATURES)
         plan = [*first,
-                Release("features", sigma, checkpoints, "C per checkpoint (values; presence is not hidden)",
-                        kind=FEATURES),
+                Release("features", sigma / 2, checkpoints, "2C per checkpoint (replace one example: its row "
+                        "moves by up to 2C; presence is not hidden)", kind=FEATURES),
                 Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint", kind=FEATURES)]
         if weighted:
             plan.append(Release("curvature weights", sigma, checkpoints, f"{dp.gram_weight:g} per checkpoint",
