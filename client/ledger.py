@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
 from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.plan import run_release_plan
+from fedtrak.private_files import private_dir, write_private
 
 #: The ledger's file name in a device's store folder.
 LEDGER_FILE = "privacy-ledger.json"
@@ -123,13 +122,8 @@ class PrivacyLedger:
         return new
 
     def _write(self, charges: list[Charge]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"charges": [asdict(c) for c in charges]}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        private_dir(self.path.parent)
+        write_private(self.path, json.dumps({"charges": [asdict(c) for c in charges]}, indent=1).encode())
 
 
 def job_charge(job: Job) -> Charge:

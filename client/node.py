@@ -1,7 +1,8 @@
 """What a client handler works with: its node's settings, the run's job, its data and its store.
 
-Settings a node reads (node config first, then the run config, then the
-defaults the ClientApp was built with, see :func:`fedtrak.client.app.client_app`):
+Settings a node reads (its node config only, then the defaults the ClientApp
+was built with, see :func:`fedtrak.client.app.client_app`; never the run
+config, which the server controls):
 
 ``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``); the
                 device's privacy ledger is kept beside its store (:mod:`fedtrak.client.ledger`)
@@ -34,11 +35,11 @@ DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"
 
 
 def node_setting(ctx: Context, key: str, fallback: Any) -> Any:
-    """A node's setting: its node config, else the run config, else ``fallback``."""
-    for source in (ctx.node_config, ctx.run_config):
-        if key in source and source[key] not in ("", None):
-            return source[key]
-    return fallback
+    """A node's own setting: its node config, else ``fallback``. Never the run config, which the
+    server sets: where a device keeps its data and whether it serves every score are the device's
+    choices."""
+    value = ctx.node_config.get(key)
+    return fallback if value in ("", None) else value
 
 
 def node_budget(ctx: Context) -> Budget | None:

@@ -27,7 +27,7 @@ from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng
-from fedtrak.private_files import write_private
+from fedtrak.private_files import private_dir, write_private
 from fedtrak.secagg import fixedpoint
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 from fedtrak.secagg.protocol import Advertisement, Client, SealedShares, raw_public, secagg_context
@@ -49,7 +49,7 @@ def identity_key(root: Path) -> Ed25519PrivateKey:
             raise FedtrakError(f"{path} holds no Ed25519 key")
         return key
     key = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return key

@@ -14,6 +14,7 @@ Reading memory-maps the arrays: a client with more data than RAM can score.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Self
 import numpy as np
 
 from fedtrak.errors import FedtrakError
+from fedtrak.private_files import private_dir, write_private
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: The arrays stored per checkpoint (``NAME.npy``).
@@ -65,8 +67,8 @@ class FeatureStore:
     def __init__(self, root: Path, run_id: str) -> None:
         if not _RUN_ID.match(run_id) or run_id in {".", ".."}:
             raise FedtrakError(f"run id {run_id!r} must be 1-128 characters of [A-Za-z0-9_.-]")
-        self.dir = Path(root) / run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(root))  # the device's data, features and releases: its owner's only
+        self.dir = private_dir(Path(root) / run_id)
 
     def _ckpt_dir(self, m: int) -> Path:
         if int(m) < 0:
@@ -92,9 +94,7 @@ class FeatureStore:
             except ValueError:
                 pass  # a torn write: make it again
         value = max(1, round(make()))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(value))
-        os.replace(tmp, path)
+        write_private(path, str(value).encode())
         return value
 
     def released(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -104,18 +104,18 @@ class FeatureStore:
         noise, which would cost privacy again."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name):
             raise FedtrakError(f"release name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
-        folder = self.dir / "released"
-        folder.mkdir(exist_ok=True)
+        folder = private_dir(self.dir / "released")
         path = folder / f"{name}.npy"
-        if path.is_file():
+        if path.is_file():  # written atomically: unreadable means damaged, and fresh noise would cost again
             try:
                 return np.load(path, allow_pickle=False)
-            except (OSError, ValueError):
-                pass  # a torn write: make it again
+            except (OSError, ValueError) as exc:
+                raise FedtrakError(f"kept release {path} is unreadable ({exc}): it may already have been sent, "
+                                   "so the device will not draw fresh noise; restore or remove it") from exc
         value = np.asarray(make())
-        tmp = folder / f"{name}.tmp.npy"
-        np.save(tmp, value)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, value)
+        write_private(path, buffer.getvalue())
         return value
 
     def has(self, m: int, fingerprint: str | None = None) -> bool:

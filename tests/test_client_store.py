@@ -51,8 +51,65 @@ def test_a_noised_release_is_made_once_and_repeated(tmp_path):
     again = store.released("gram-0", make)
     assert np.array_equal(first, again) and len(draws) == 1
     assert not np.array_equal(store.released("gram-1", make), first) and len(draws) == 2
-    (store.dir / "released" / "gram-0.npy").write_bytes(b"\x93NUMPY torn")  # a torn write is made again
-    assert store.released("gram-0", make).shape == (3, 4) and len(draws) == 3
+    (store.dir / "released" / "gram-0.npy").write_bytes(b"\x93NUMPY torn")  # damaged: no fresh noise drawn
+    with pytest.raises(FedtrakError, match="gram-0.npy is unreadable.*will not draw fresh noise"):
+        store.released("gram-0", make)
+    assert len(draws) == 2
     assert np.array_equal(FeatureStore(tmp_path, "run-1").released("gram-1", make), store.released("gram-1", make))
     with pytest.raises(FedtrakError, match="release name"):
         store.released("../escape", make)
+
+
+def test_secrets_and_stores_are_the_owners_only_even_with_a_stale_temp_file_or_a_planted_link(tmp_path):
+    """Key files are 0600 whatever lies beside them: a stale world-readable temp file of the old
+    fixed name is not reused, a link planted at the key's path is replaced, not followed; store
+    folders are 0700 and kept releases 0600."""
+    import os
+    import stat
+
+    from fedtrak.client.keys import make_node_keys
+    from fedtrak.client.secure_aggregation import IDENTITY_FILE, identity_key
+    from fedtrak.private_files import write_private
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.lstat(path).st_mode)
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    stale = keys / "supernode.tmp"
+    stale.write_text("stale")
+    os.chmod(stale, 0o644)
+    private, _ = make_node_keys(keys)
+    assert mode(private) == 0o600 and stale.read_text() == "stale"
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    link = tmp_path / "secret"
+    link.symlink_to(victim)
+    write_private(link, b"key bytes")
+    assert victim.read_text() == "not yours"  # the link was replaced, not followed
+    assert not link.is_symlink() and mode(link) == 0o600 and link.read_bytes() == b"key bytes"
+    with pytest.raises(FedtrakError, match="refusing to overwrite"):
+        write_private(link, b"other", overwrite=False)
+
+    root = tmp_path / "store"
+    store = FeatureStore(root, "run-1")
+    store.released("gram-0", lambda: np.ones(3))
+    identity_key(root)
+    assert mode(root) == mode(store.dir) == mode(store.dir / "released") == 0o700
+    assert mode(store.dir / "released" / "gram-0.npy") == 0o600 and mode(root / IDENTITY_FILE) == 0o600
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_where_a_device_keeps_its_store_and_whether_it_serves_every_score_are_node_settings_only():
+    """The run config comes from the server: it can name neither the store root nor allow-full."""
+    from flwr.app import Context, RecordDict
+
+    from fedtrak.client.node import node_setting
+
+    server_says = {"store-dir": "/tmp/the-servers-choice", "allow-full": True}
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=server_says)
+    assert node_setting(ctx, "store-dir", "default") == "default"
+    assert node_setting(ctx, "allow-full", False) is False
+    ctx = Context(run_id=1, node_id=7, node_config={"store-dir": "/mine"}, state=RecordDict(), run_config=server_says)
+    assert node_setting(ctx, "store-dir", "default") == "/mine"
