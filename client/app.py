@@ -159,8 +159,8 @@ def secagg_input(msg: Message, ctx: Context) -> Message:
     """Secure aggregation, round 3: the masked vector of this client's (noised) Grams and count."""
     local = Local.open(secagg_wire.request_job(msg.content), ctx)
     sealed, checkpoints, fraction_bits = secagg_wire.read_input_request(msg.content)
-    masked, seconds = secagg.masked_input(local, sealed, checkpoints, fraction_bits)
-    content = secagg_wire.masked_content(masked)
+    masked, seconds, rejected = secagg.masked_input(local, sealed, checkpoints, fraction_bits)
+    content = secagg_wire.masked_content(masked, rejected)
     wire.add_timing(content, seconds)
     return _reply(msg, content)
 

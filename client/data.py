@@ -29,7 +29,7 @@ from fedtrak.corruption import flip_labels
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
 from fedtrak.partition import Partition, partition
-from fedtrak.tasks import Task, cached_task
+from fedtrak.tasks import Task, cached_task, registered_tasks
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,23 @@ def pooled_task(job: Job) -> Task:
     return cached_task(t.task, t.train_size or 0, t.query_size or 0)
 
 
-def job_task(job: Job) -> Task:
+def job_task(job: Job, node_config: Mapping | None = None) -> Task:
     """The task named by a job, for its model and output function: a built-in task comes
-    without its data sets (a device reads its own file; a simulation's partition loads them)."""
-    return cached_task(job.settings.task.task, data=False)
+    without its data sets (a device reads its own file; a simulation's partition loads them).
+
+    With ``node_config`` (a node checking a job), a task given by import path
+    (``module:function``) is imported only when this process registered it or the node config
+    names it (``task``): the server does not choose what code a device imports.
+
+    Raises:
+        FedtrakError: for an import path the node has not accepted.
+    """
+    name = job.settings.task.task
+    if node_config is not None and ":" in name and name not in registered_tasks() and \
+            str(node_config.get("task") or "") != name:
+        raise FedtrakError(f"the run names the task import path {name!r}; this node imports a task's code "
+                           f"only when its node config names it (task='{name}')")
+    return cached_task(name, data=False)
 
 
 def load_client_data(job: Job, node_config: Mapping, node_id: int) -> ClientData:

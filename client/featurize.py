@@ -79,10 +79,11 @@ def featurize_into_store(
 
 
 def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None,
-                weighted: bool = False) -> tuple[np.ndarray, int]:
+                weighted: bool = False, weight_bound: float = np.inf) -> tuple[np.ndarray, int]:
     """``(Phi^T Phi, n)`` of checkpoint ``m`` from the store, reading it in row chunks; each row
     multiplied by ``scales`` (clipping) where given; ``weighted``: ``Phi^T diag(w) Phi`` with the
-    stored curvature weights."""
+    stored curvature weights, clamped to ``[0, weight_bound]`` (under DP, the bound the Gram's
+    sensitivity assumes, whatever a task's output function returned)."""
     features, _ = store.read(m)
     curvature = store.read_curvature(m) if weighted else None
     acc = GramAccumulator(features.shape[1])
@@ -90,7 +91,7 @@ def stored_gram(store: FeatureStore, m: int, scales: np.ndarray | None = None,
         block = np.asarray(features[start : start + GRAM_ROWS])
         if scales is not None:
             block = block * scales[start : start + GRAM_ROWS, None].astype(block.dtype)
-        acc.add(block, None if curvature is None else np.asarray(curvature[start : start + GRAM_ROWS]))
+        acc.add(block, None if curvature is None else np.clip(curvature[start : start + GRAM_ROWS], 0.0, weight_bound))
     return acc.matrix, acc.count
 
 

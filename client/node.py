@@ -9,13 +9,15 @@ config, which the server controls):
 ``privacy-budget``, ``privacy-budget-delta``  the owner's total budget over every run (default: none,
                 the ledger only records)
 ``allow-full``  whether the ``full`` release policy may be served (default false)
+``min-noise-multiplier``, ``min-secagg-threshold``, ``max-proj-dim``, ``max-clip-norm``  floors
+                the device holds every run to (:mod:`fedtrak.client.policy`)
 ``data-path``, ``owner``, ``task``  see :mod:`fedtrak.client.data`
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from flwr.app import Context
 
 from fedtrak.client.data import ClientData, job_task, load_client_data
 from fedtrak.client.ledger import DEFAULT_BUDGET_DELTA, LEDGER_FILE, Budget, PrivacyLedger
+from fedtrak.client.policy import NodePolicy
 from fedtrak.client.store import FeatureStore
 from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
@@ -62,6 +65,7 @@ class Local:
     store: FeatureStore
     node_id: int
     ledger: PrivacyLedger | None = None
+    policy: NodePolicy = field(default_factory=NodePolicy)
 
     @classmethod
     def open(cls, job: Job, ctx: Context, releases: bool = True) -> Local:
@@ -69,16 +73,19 @@ class Local:
         that ``releases`` anything, charge the run to the device's privacy ledger first.
 
         Raises:
-            FedtrakError: on a protocol or task mismatch, data the node cannot load, or a run the
-                device's privacy budget cannot pay for.
+            FedtrakError: on a job below the node's floors (:mod:`fedtrak.client.policy`), a task
+                import path the node config does not name, a protocol or task mismatch, data the
+                node cannot load, or a run the device's privacy budget cannot pay for.
         """
-        job.check_node(job_task(job))
+        policy = NodePolicy.from_config(ctx.node_config)
+        policy.check(job)  # before anything the job names is imported or loaded
+        job.check_node(job_task(job, ctx.node_config))
         data = load_client_data(job, ctx.node_config, ctx.node_id)
         root = Path(str(node_setting(ctx, "store-dir", DEFAULT_STORE))).expanduser()
         who = f"partition-{data.partition_id}" if data.partition_id >= 0 else "owner-" + re.sub(
             r"[^A-Za-z0-9_.-]", "_", data.owner)
         local = cls(job, data, FeatureStore(root / who, job.run_id), int(ctx.node_id),
-                    PrivacyLedger(root / who / LEDGER_FILE))
+                    PrivacyLedger(root / who / LEDGER_FILE), policy)
         if releases:
             local.ledger.charge(job, node_budget(ctx))
         return local

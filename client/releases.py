@@ -49,7 +49,7 @@ def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray
     scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
 
     def noised(m: int) -> np.ndarray:
-        g = stored_gram(store, m, scales[m], weighted)[0]
+        g = stored_gram(store, m, scales[m], weighted, dp.gram_weight)[0]
         return pack_upper(g + gram_noise(g.shape[0], dp, rng))
 
     return {m: store.released(f"gram-{m}", lambda m=m: noised(m)) for m in checkpoints}
@@ -119,7 +119,9 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     topk = request.topk if policy == "topk" else 0
     groups = None if request.groups is None else [request.groups[m] for m in ms]
     value_clip, threshold = (request.value_clip, request.suspect_threshold) if dp.active else (0.0, 0.0)
-    local_scores = score_in_chunks([f for f, _ in stored], [q for _, q in stored], [request.queries[m] for m in ms],
+    # under DP each out-to-loss weight must lie in [0, 1], as the releases' sensitivities assume
+    weights = [np.clip(q, 0.0, 1.0) if dp.active else q for _, q in stored]
+    local_scores = score_in_chunks([f for f, _ in stored], weights, [request.queries[m] for m in ms],
                                    inverses, scales, keep_scores=policy == "full", topk=topk, groups=groups,
                                    value_clip=value_clip, suspect_threshold=threshold)
     rng = noise_rng()

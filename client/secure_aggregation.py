@@ -29,12 +29,14 @@ from fedtrak.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, ske
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng
 from fedtrak.private_files import private_dir, write_private
 from fedtrak.secagg import fixedpoint
-from fedtrak.secagg.fixedpoint import FRACTION_BITS
+from fedtrak.secagg.fixedpoint import COUNT_FRACTION_BITS, FRACTION_BITS
 from fedtrak.secagg.protocol import Advertisement, Client, SealedShares, raw_public, secagg_context
 from fedtrak.wire.secagg import Revealed
 
 IDENTITY_FILE = "secagg-identity.pem"
 STATE_FILE = "secagg-state.json"
+#: The record of the one input this client contributed to a run's secure sum.
+CONTRIBUTED_FILE = "secagg-contributed.json"
 
 
 def identity_key(root: Path) -> Ed25519PrivateKey:
@@ -110,7 +112,8 @@ def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp:
     Layout: the fixed-point upper triangle (``fraction_bits``) of each
     checkpoint's Gram (of the clipped features under DP, plus this client's
     share of Skellam noise, sized for ``threshold`` survivors), then the
-    example count (the already released, noised one under DP).
+    example count (the already released, noised one under DP), an integer encoded at
+    :data:`~fedtrak.secagg.fixedpoint.COUNT_FRACTION_BITS` so it decodes exactly whatever the Grams' bits.
 
     Raises:
         FedtrakError: on fraction bits outside the range the protocol allows.
@@ -120,7 +123,8 @@ def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp:
                            f"{FRACTION_BITS}]")
     start = time.perf_counter()
     scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
-    grams = [stored_gram(store, m, scales.get(m), weighted)[0] for m in checkpoints]
+    bound = dp.gram_weight if dp.active else np.inf
+    grams = [stored_gram(store, m, scales.get(m), weighted, bound)[0] for m in checkpoints]
     gram_s = time.perf_counter() - start
     start = time.perf_counter()
     parts = [fixedpoint.encode(pack_upper(g), fraction_bits) for g in grams]
@@ -129,7 +133,7 @@ def encoded_grams(store: FeatureStore, checkpoints: list[int], count: float, dp:
         variance = noise.client_variance(dp)
         rng = noise_rng()
         parts = [p + skellam_noise(len(p), variance, rng).view(np.uint64) for p in parts]
-    parts.append(fixedpoint.encode(np.array([count], dtype=np.float64), fraction_bits))
+    parts.append(fixedpoint.encode(np.array([count], dtype=np.float64), COUNT_FRACTION_BITS))
     return np.concatenate(parts), {"gram": gram_s, "encode_and_noise": time.perf_counter() - start}
 
 
@@ -160,6 +164,7 @@ def share(local: Local, adverts: list[tuple[Advertisement, bytes]], threshold: i
         FedtrakError: if the request does not carry this client's own identity key, or a
             signature is invalid.
     """
+    local.policy.check_threshold(threshold)  # the threshold this client's shares and noise are made for
     client = _client(local)
     identities = {a.client: Ed25519PublicKey.from_public_bytes(key) for a, key in adverts}
     own = identities.get(client.client)
@@ -171,16 +176,41 @@ def share(local: Local, adverts: list[tuple[Advertisement, bytes]], threshold: i
 
 
 def masked_input(local: Local, sealed: list[SealedShares], checkpoints: list[int],
-                 fraction_bits: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Round 3: the masked vector of this client's (noised) Grams and count, and seconds per part."""
+                 fraction_bits: int) -> tuple[np.ndarray, dict[str, float], list[int]]:
+    """Round 3: the masked vector of this client's (noised) Grams and count, seconds per part, and
+    the peers whose sealed shares did not open here (it masks with the others only; the server
+    excludes the peers it names).
+
+    A client contributes one input to a run's secure sum. The same request again (a resent
+    message) gets the same vector back; another attempt (new keys, or other senders) is refused:
+    its fresh noise would make a second noised sum the ledger does not count.
+
+    Raises:
+        FedtrakError: if this client already contributed another input to this run's sum.
+    """
     client = _client(local)
-    values, seconds = encoded_grams(local.store, checkpoints, local.released_count(), local.dp,
-                                    client.threshold, fraction_bits, local.weighted)
-    start = time.perf_counter()
-    masked = client.masked_input(sealed, values)
-    seconds["mask"] = time.perf_counter() - start
+    rejected = client.receive(sealed)
+    opened = [s for s in sealed if s.sender in client.received]
+    attempt = {"keys": raw_public(client.c_key.public_key()).hex(), "senders": sorted(client.received),
+               "checkpoints": list(checkpoints), "fraction_bits": fraction_bits}
+    marker = local.store.dir / CONTRIBUTED_FILE
+    if marker.is_file() and json.loads(marker.read_text()) != attempt:
+        raise FedtrakError(f"this client already contributed a noised input to run {local.job.run_id}'s secure sum; "
+                           "another would carry fresh noise no ledger counts: start a new run (charged anew)")
+    write_private(marker, json.dumps(attempt).encode())  # before anything is computed or sent
+    seconds: dict[str, float] = {}
+
+    def make() -> np.ndarray:
+        values, parts = encoded_grams(local.store, checkpoints, local.released_count(), local.dp,
+                                      client.threshold, fraction_bits, local.weighted)
+        start = time.perf_counter()
+        masked = client.masked_input(opened, values)
+        seconds.update(parts, mask=time.perf_counter() - start)
+        return masked
+
+    masked = local.store.released("secagg-masked-input", make)
     save_state(local.store, client)
-    return masked, seconds
+    return masked, seconds, rejected
 
 
 def unmask(local: Local, survivors: list[int]) -> Revealed:

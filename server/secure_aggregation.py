@@ -35,10 +35,12 @@ from fedtrak.server.federation import Federation
 from fedtrak.server.validation import check_gram_size, check_psd
 from fedtrak.timing import PhaseTimer
 from fedtrak.wire.secagg import (
+    Revealed,
     adverts_content,
     input_request,
     read_advert_reply,
     read_masked,
+    read_rejected,
     read_revealed,
     read_sealed,
     survivors_content,
@@ -106,9 +108,12 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     with timer.phase("secagg_input_round"):
         replies = fed.broadcast(wire.SECAGG_INPUT, lambda node: input_request(
             [sealed[v][node] for v in delivered[node]], checkpoints, noise.fraction_bits, job))
-    inputs = fed.accept(replies, lambda node, c: read_masked(c, length, fed.source(node)))
+    got = fed.accept(replies, lambda node, c: (read_masked(c, length, fed.source(node)),
+                                               read_rejected(c, fed.source(node))))
+    inputs = {n: vector for n, (vector, _) in got.items()}
     for n in inputs:
         client_seconds.setdefault(n, {}).update(wire.read_timing(replies[n]))
+    _exclude_accused(fed, {n: rejected for n, (_, rejected) in got.items()}, delivered, inputs)
     survivors = sorted(inputs)
     if len(survivors) < threshold:
         raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
@@ -116,16 +121,13 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
 
     with timer.phase("secagg_unmask_round"):
         replies = fed.broadcast(wire.SECAGG_UNMASK, lambda node: with_job(survivors_content(survivors), job))
-    revealed = fed.accept(replies, lambda node, c: read_revealed(c, fed.source(node)))
+    revealed = fed.accept(replies, lambda node, c: _checked_revealed(c, delivered[node], survivors, fed.source(node)))
     start = time.perf_counter()
     with timer.phase("secagg_unmask"):
         total = unmask_sum([adverts[u][0] for u in shared], inputs, revealed, threshold, length, context,
                            {u: delivered[u] for u in survivors})
     unmask_seconds = time.perf_counter() - start
-    values = fixedpoint.decode(total, noise.fraction_bits)
-    size = dim * (dim + 1) // 2
-    grams = [unpack_upper(values[i * size:(i + 1) * size], dim, "secure sum") for i in range(len(checkpoints))]
-    count = float(values[-1])
+    grams, count = decoded_sum(total, dim, len(checkpoints), noise.fraction_bits)
     reported = sum(fed.clients[n].num_examples for n in survivors)
     if abs(count - reported) > 0.5:
         raise FedtrakError(f"the securely summed count {count:.1f} differs from the {reported} examples the "
@@ -144,6 +146,44 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
                                    "noise can make it (no result)") from None
     report = _report(fed, adverts, shared, survivors, noise, hood, length, client_seconds, unmask_seconds, timer)
     return SecureSum(grams, count, survivors, noise, report)
+
+
+def decoded_sum(total: np.ndarray, dim: int, checkpoints: int, fraction_bits: int) -> tuple[list[np.ndarray], float]:
+    """The summed Grams (``fraction_bits``) and example count (an integer slot) of an unmasked sum."""
+    size = dim * (dim + 1) // 2
+    values = fixedpoint.decode(total[:-1], fraction_bits)
+    grams = [unpack_upper(values[i * size:(i + 1) * size], dim, "secure sum") for i in range(checkpoints)]
+    return grams, float(fixedpoint.decode(total[-1:], fixedpoint.COUNT_FRACTION_BITS)[0])
+
+
+def _exclude_accused(fed: Federation, rejected: dict[int, list[int]], delivered: dict[int, list[int]],
+                     inputs: dict[int, np.ndarray]) -> None:
+    """Exclude each client whose sealed shares did not open at a peer it sealed them to (that peer
+    masked without it), dropping its input: the sum is then unmasked as if it had dropped out."""
+    accusers: dict[int, list[int]] = {}
+    for u, peers in rejected.items():
+        for v in peers:
+            if v in delivered.get(u, []) and v != u:
+                delivered[u].remove(v)
+                accusers.setdefault(v, []).append(u)
+    for v, by in accusers.items():
+        inputs.pop(v, None)
+        fed.exclude(v, "its sealed shares did not open (failed authentication or malformed) at "
+                       + ", ".join(fed.source(u) for u in sorted(by)))
+
+
+def _checked_revealed(content: RecordDict, delivered: list[int], survivors: list[int], source: str) -> Revealed:
+    """A client's revealed shares: one per peer whose shares it was given, of the kind that peer's
+    survival calls for (``b`` for a survivor, ``s`` for a dropped one)."""
+    revealed = read_revealed(content, source)
+    alive = set(survivors)
+    for v, (kind, _) in revealed.items():
+        if v not in delivered:
+            raise FedtrakError(f"{source}: reveals a share of client {v}, whose shares it was never given")
+        want = "b" if v in alive else "s"
+        if kind != want:
+            raise FedtrakError(f"{source}: reveals a {kind!r} share of client {v}, expected {want!r}")
+    return revealed
 
 
 def _checked_advert(content: RecordDict, node: int, context: bytes, source: str) -> tuple[Advertisement, bytes]:

@@ -40,6 +40,8 @@ FAULTS = {
     "secagg-count": ("secagg_input", "secure aggregation: the masked vector claims 100 more examples"),
     "secagg-inflate": ("secagg_input", "secure aggregation: the first Gram entry grows by 1e6 (fixed point)"),
     "secagg-drop-unmask": ("secagg_unmask", "secure aggregation: the client crashes before revealing shares"),
+    "secagg-garbage-shares": ("secagg_share", "secure aggregation: the shares sealed to one peer are garbled"),
+    "secagg-bad-reveal": ("secagg_unmask", "secure aggregation: one revealed share is of the wrong kind"),
 }
 
 
@@ -89,9 +91,25 @@ def _corrupt_masked(fault: str, content: RecordDict) -> RecordDict:
         vector = vector[:-1]
     elif fault == "secagg-inflate":  # the first value is the Gram's entry (0, 0)
         vector[0] += np.uint64(10**6 << FRACTION_BITS)
-    else:  # the count is the last value, in fixed point
-        vector[-1] += np.uint64(100 << FRACTION_BITS)
+    else:  # the count is the last value, an integer
+        vector[-1] += np.uint64(100)
     return secagg_wire.masked_content(vector)
+
+
+def _corrupt_sealed(fault: str, content: RecordDict) -> RecordDict:
+    sealed = secagg_wire.read_sealed(content, "honest reply")
+    victim = next(i for i, s in enumerate(sealed) if s.recipient != s.sender)
+    garbled = bytes([sealed[victim].ciphertext[0] ^ 1]) + sealed[victim].ciphertext[1:]
+    sealed[victim] = replace(sealed[victim], ciphertext=garbled)
+    return secagg_wire.sealed_content(sealed)
+
+
+def _corrupt_revealed(fault: str, content: RecordDict) -> RecordDict:
+    revealed = secagg_wire.read_revealed(content, "honest reply")
+    peer = min(revealed)
+    kind, share = revealed[peer]
+    revealed[peer] = ("s" if kind == "b" else "b", share)
+    return secagg_wire.revealed_content(revealed)
 
 
 def _corrupt_score(fault: str, content: RecordDict) -> RecordDict:
@@ -129,5 +147,6 @@ def faulty_handlers(faults: Mapping[int, str]) -> dict[str, Handler]:
 
         return handler
 
-    corrupters = {"featurize": _corrupt_featurize, "secagg_input": _corrupt_masked, "score": _corrupt_score}
+    corrupters = {"featurize": _corrupt_featurize, "secagg_share": _corrupt_sealed, "secagg_input": _corrupt_masked,
+                  "secagg_unmask": _corrupt_revealed, "score": _corrupt_score}
     return {name: step(name, corrupters.get(name)) for name in QUERIES}

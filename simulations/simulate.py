@@ -52,7 +52,8 @@ def simulation_settings(settings: Settings) -> Settings:
 
 def client_defaults(settings: Settings) -> dict[str, Any]:
     """The node settings every virtual client gets (Flower's simulation has no run config)."""
-    return {"store-dir": settings.run.store_dir, "allow-full": settings.release.allow_full}
+    return {"store-dir": settings.run.store_dir, "allow-full": settings.release.allow_full,
+            "task": settings.task.task}  # one user runs both sides: its nodes accept its task
 
 
 def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[str, Handler] | None = None,

@@ -67,3 +67,27 @@ def test_skellam_accounting_is_close_to_and_above_the_gaussian():
         256, 3, 5, DPSettings(s, 5.0))).release(DPSettings(s, 5.0), 5)], DELTA)
     assert epsilon([DistributedNoise(256, 3, 5, noise_fraction_bits(256, 3, 5, DPSettings(sigma, 5.0)))
                     .release(DPSettings(sigma, 5.0), 5)], DELTA) == pytest.approx(4.0, rel=1e-4)
+
+
+def test_the_count_decodes_exactly_when_the_grams_fraction_bits_go_negative(tmp_path):
+    """C = 1000 at k = 512 under DP pushes the Grams' fixed point below 2^0; the count slot is an
+    integer of its own and decodes exactly."""
+    from fedtrak.client.secure_aggregation import encoded_grams
+    from fedtrak.client.store import FeatureStore
+    from fedtrak.server.secure_aggregation import decoded_sum
+
+    k, n, threshold = 512, 40, 3
+    dp = DPSettings(noise_multiplier=1.0, clip_norm=1000.0)
+    bits = noise_fraction_bits(k, 1, threshold, dp)
+    assert bits < 0
+    store = FeatureStore(tmp_path, "run")
+    rng = np.random.default_rng(0)
+    rows = (rng.normal(size=(n, k)) * 100).astype(np.float32)
+    store.write_chunks(0, n, k, [(0, rows, np.full(n, 0.5, np.float32), np.full(n, 0.25, np.float32))], "fp")
+    vector, _ = encoded_grams(store, [0], 1235, dp, threshold, bits)  # odd: 2^-bits does not divide it
+    grams, count = decoded_sum(vector, k, 1, bits)
+    assert count == 1235.0
+    clipped = rows.astype(np.float64) * np.minimum(1.0, 1000.0 / np.linalg.norm(rows, axis=1))[:, None]
+    noise = grams[0] - clipped.T @ clipped  # only the Skellam noise and rounding are left
+    integer_std = np.sqrt(DistributedNoise(k, 1, threshold, bits).client_variance(dp))
+    assert noise.std() == pytest.approx(integer_std * 2.0**-bits, rel=0.05)

@@ -143,3 +143,104 @@ def test_under_dp_no_timing_leaves_the_device_and_fedavg_weights_by_the_noised_c
     dp_sgd = Job("dp-sgd", exact.settings.replaced(dp_train_noise=1.0), exact.resolved,
                  exact.task_fingerprint)
     assert weight(dp_sgd) == 1
+
+
+def test_a_device_holds_runs_to_its_own_floors_before_it_loads_anything(tmp_path, logreg_ckpt_dir, logreg_states):
+    """Node-config floors on sigma, secure aggregation's threshold, k and C refuse a job before
+    anything is loaded or released; a task import path runs only if the node config names it."""
+    from fedtrak.client.node import Local
+    from fedtrak.client.policy import NodePolicy
+
+    store, states = tmp_path / "store", logreg_states[:1]
+    private = _job("floors", 1.0, logreg_ckpt_dir)
+
+    def refused(job: Job, **floors) -> str:
+        ctx = _device(store, None)
+        ctx.node_config.update(floors)
+        reply = featurize(_message(job, states), ctx)
+        assert reply.has_error()
+        return reply.error.reason
+
+    assert "below this node's min-noise-multiplier 100" in refused(private, **{"min-noise-multiplier": 100.0})
+    assert "adds no noise, below this node's min-noise-multiplier" in refused(
+        _job("exact", None, logreg_ckpt_dir), **{"min-noise-multiplier": 0.5})
+    assert "k = 64, above this node's max-proj-dim 32" in refused(private, **{"max-proj-dim": 32})
+    assert "does not use secure aggregation, below this node's min-secagg-threshold 3" in refused(
+        private, **{"min-secagg-threshold": 3})
+    assert "max-clip-norm must be a positive number" in refused(private, **{"max-clip-norm": "lots"})
+    assert not (store / "partition-0").exists()  # nothing was loaded, charged or released
+    ctx = _device(store, None)
+    ctx.node_config.update({"min-noise-multiplier": 0.1, "max-proj-dim": 64})
+    assert not featurize(_message(private, states), ctx).has_error()  # within the floors
+    with pytest.raises(FedtrakError, match="share threshold of 2, below this node's min-secagg-threshold 4"):
+        NodePolicy(min_threshold=4).check_threshold(2)
+
+    foreign = Job("foreign", private.settings.replaced(task="os:getcwd"), private.resolved, private.task_fingerprint)
+    with pytest.raises(FedtrakError, match="imports a task's code only when its node config names it"):
+        Local.open(foreign, _device(store, None))
+
+
+def test_out_to_loss_weights_above_one_are_clamped_under_dp(tmp_path, logreg_ckpt_dir, logreg_states):
+    """A task whose output function gives q > 1 would break the summaries' sensitivity: under DP
+    the client scores with q clamped to [0, 1] (the full scores show it exactly)."""
+    from fedtrak.client.app import score
+
+    store, states = tmp_path / "store", logreg_states[:1]
+    job = _job("clamped", 1.0, logreg_ckpt_dir)
+    ctx = _device(store, None)
+    ctx.node_config["allow-full"] = True
+    assert not featurize(_message(job, states), ctx).has_error()
+    ckpt = store / "partition-0" / "clamped" / "ckpt_000" / "out_to_loss.npy"
+    queries = {0: np.random.default_rng(0).normal(size=(3, 64))}
+    content = wire.encode_score_request(wire.ScoreRequest(job, "full", 0, queries))
+    meta = Metadata(run_id=1, message_id="s", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=0.0, ttl=3600.0, message_type="query.score")
+
+    def scores(q: float) -> np.ndarray:
+        weights = np.load(ckpt)
+        np.save(ckpt, np.full_like(weights, q))
+        reply = score(Message(metadata=meta, content=content), ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return wire.decode_score_reply(reply.content, "c").scores
+
+    np.testing.assert_array_equal(scores(1.5), scores(1.0))
+    assert not np.array_equal(scores(0.5), scores(1.0))
+
+
+def test_a_client_contributes_one_noised_input_to_a_runs_secure_sum(tmp_path, logreg_ckpt_dir, logreg_states):
+    """Secure aggregation under DP, 3 real clients: a resent input request gets the same masked vector;
+    a second attempt at the run's sum (new keys, as after a server restart) is refused, since its
+    fresh noise would make a second noised sum the ledger does not count."""
+    from fedtrak.client import secure_aggregation as secagg
+    from fedtrak.client.featurize import featurize_into_store
+    from fedtrak.client.node import Local
+
+    store = tmp_path / "store"
+    settings = Settings().replaced(clients=3, checkpoints=1, proj_dim=64, epsilon=1.0, kernel_source="private",
+                                   secure_agg=True, checkpoint_dir=str(logreg_ckpt_dir))
+    plan = preflight(settings)
+    job = Job("secure", settings, plan.resolved).fingerprinted(plan.task)
+    assert job.resolved.threshold == 2  # 3 clients
+
+    def open_client(p: int) -> Local:
+        config = {"store-dir": str(store), "partition-id": p, "num-partitions": 3}
+        local = Local.open(job, Context(run_id=1, node_id=100 + p, node_config=config, state=RecordDict(),
+                                        run_config={}))
+        featurize_into_store(local.task, local.data, job, {0: logreg_states[0]}, local.store)
+        return local
+
+    def attempt() -> tuple[dict[int, Local], dict[int, list]]:
+        clients = {100 + p: open_client(p) for p in range(3)}
+        adverts = [secagg.advertise(local, job.run_id) for local in clients.values()]
+        sealed = [s for local in clients.values() for s in secagg.share(local, adverts, 2)]
+        return clients, {u: [s for s in sealed if s.recipient == u] for u in clients}
+
+    clients, inbox = attempt()
+    first = {u: secagg.masked_input(local, inbox[u], [0], 20) for u, local in clients.items()}
+    assert all(rejected == [] for _, _, rejected in first.values())
+    again, _, _ = secagg.masked_input(clients[100], inbox[100], [0], 20)  # the same request, resent
+    np.testing.assert_array_equal(again, first[100][0])
+    clients, inbox = attempt()  # the server starts the sum over: fresh keys, fresh shares
+    with pytest.raises(FedtrakError, match="already contributed a noised input to run secure's secure sum"):
+        secagg.masked_input(clients[100], inbox[100], [0], 20)
+    assert len(PrivacyLedger(store / "partition-0" / LEDGER_FILE).charges()) == 1  # one run, charged once

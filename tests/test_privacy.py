@@ -289,3 +289,16 @@ def test_owner_totals_under_dp_use_the_wiener_ridge():
     np.testing.assert_allclose(with_more_ridge(u, kernel, 0.0), u, rtol=1e-10)
     dp = DPSettings(2.0, 5.0, scales="summary=3.0")
     assert summary_ridge(dp, 10) == pytest.approx((6.0 * 5.0) ** 2 * 10)
+
+
+def test_clipped_float32_features_never_exceed_the_clip_norm():
+    """Rows scaled in float32, as the client does, stay within C (a float64 target of exactly C
+    overshoots by up to 6e-8 relative after float32 rounding)."""
+    from fedtrak.privacy.mechanisms import clip_scales
+
+    rng = np.random.default_rng(0)
+    rows = (rng.normal(size=(20000, 64)) * rng.uniform(1, 100, size=(20000, 1))).astype(np.float32)
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    for clip in (0.7, 3.0, 1000.0):
+        clipped = rows * clip_scales(norms[None, :], clip, "per-checkpoint")[0][:, None].astype(np.float32)
+        assert np.linalg.norm(clipped.astype(np.float64), axis=1).max() <= clip

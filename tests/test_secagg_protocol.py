@@ -124,13 +124,23 @@ def test_tampered_and_replayed_messages_are_refused_by_name():
     replies = {u: clients[u].unmask(sorted(inputs)) for u in inputs}
     with pytest.raises(FedtrakError, match="client 1: masked input has shape"):
         unmask_sum(adverts, inputs, replies, 2, LENGTH, CONTEXT)
-    # shares tampered in transit fail authentication at their recipient
+    # shares tampered in transit fail authentication at their recipient when they arrive: it names
+    # the sender, masks without it and reveals nothing for it, but still reveals for the others
     clients, adverts, sealed, _ = _setup(3, 2)
     bad = [dataclasses.replace(s, ciphertext=bytes([s.ciphertext[0] ^ 1]) + s.ciphertext[1:])
            if (s.sender, s.recipient) == (2, 0) else s for s in sealed]
-    clients[0].masked_input([s for s in bad if s.recipient == 0], fixedpoint.encode(np.zeros(LENGTH)))
+    assert clients[0].receive([s for s in bad if s.recipient == 0]) == [2]
+    assert sorted(clients[0].unmask([0, 1, 2])) == [0, 1]
     with pytest.raises(FedtrakError, match="client 0: the shares of client 2 fail authentication"):
-        clients[0].unmask([0, 1, 2])
+        clients[0]._open(next(s for s in bad if (s.sender, s.recipient) == (2, 0)))
+    # a revealed share of a client that never shared keys is refused by name, not a KeyError
+    clients, adverts, sealed, _ = _setup(3, 2)
+    inputs = {c.client: c.masked_input([s for s in sealed if s.recipient == c.client],
+                                       fixedpoint.encode(np.zeros(LENGTH))) for c in clients}
+    replies = {u: clients[u].unmask(sorted(inputs)) for u in inputs}
+    replies[1][99] = ("s", (1, 5))
+    with pytest.raises(FedtrakError, match="client 1 revealed a share of client 99, which did not share keys"):
+        unmask_sum(adverts, inputs, replies, 2, LENGTH, CONTEXT)
 
 
 def test_a_single_masked_vector_looks_uniform_and_hides_the_input():

@@ -66,6 +66,31 @@ def test_secure_sum_with_dropouts_and_bad_messages_equals_central(tmp_path, logr
     assert [o["owner"] for o in summary["owners"]] == ["0", "5", "6", "7", "8", "9"]
 
 
+def test_garbled_shares_and_wrong_reveals_exclude_their_sender_and_the_sum_goes_on(tmp_path, logreg_ckpt_dir,
+                                                                                   digits_logreg, logreg_states):
+    """7 clients (threshold 4): client 1 garbles the shares it seals to one peer, which opens them
+    on arrival and masks without it; client 3 reveals a share of the wrong kind. Both are excluded
+    by name; the kernel is exactly the other survivors' plus 3's (its input was in the sum)."""
+    faults = {1: "secagg-garbage-shares", 3: "secagg-bad-reveal"}
+    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 7, policy="full", **{
+        "allow-full": True, "secagg-threshold": 0.51}))
+    run_simulation(cfg, handlers=faulty_handlers(faults))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reasons = {int(e["owner"]): e["reason"] for e in summary["excluded"]}
+    assert sorted(reasons) == [1, 3]
+    assert "its sealed shares did not open (failed authentication or malformed) at client" in reasons[1]
+    assert "client 3 (node" in reasons[3] and "reveals a 's' share of client" in reasons[3]
+    assert summary["secure_aggregation"]["survivors"] == 6 and summary["secure_aggregation"]["threshold"] == 4
+    parts = partition(digits_logreg.y_train, 7, "iid", 0.5, 1)
+    idx = np.concatenate([parts.clients[c] for c in (0, 2, 3, 4, 5, 6)])
+    ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[idx],
+                               digits_logreg.y_train[idx], Settings().replaced(proj_dim=K))
+    n02, n3 = len(parts.clients[0]) + len(parts.clients[2]), len(parts.clients[3])
+    want = np.concatenate([ref[:, :n02], ref[:, n02 + n3:]], axis=1)
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert [o["owner"] for o in summary["owners"]] == ["0", "2", "4", "5", "6"]
+
+
 def test_too_many_dropouts_or_a_misreported_count_give_no_result(tmp_path, logreg_ckpt_dir):
     """3 clients, threshold 2: two dropping after sharing keys leave too few to unmask; a client whose
     masked input claims 100 more examples than it reported spoils the sum, which is refused; so does,

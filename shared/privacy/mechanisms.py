@@ -115,13 +115,20 @@ def noise_rng() -> np.random.Generator:
     return np.random.default_rng()
 
 
+#: Features are clipped to ``C (1 - CLIP_MARGIN)``: scaling float32 rows overshoots the float64 target
+#: by up to about 6e-8 relative, which must not take a row past ``C``.
+CLIP_MARGIN = 1e-6
+
+
 def clip_scales(norms: np.ndarray, clip_norm: float, mode: str) -> np.ndarray:
-    """Per-example scale factors ``(M, n)`` that clip features of norms ``(M, n)`` to ``clip_norm``."""
+    """Per-example scale factors ``(M, n)`` that clip features of norms ``(M, n)`` to ``clip_norm``
+    (a hair below it, :data:`CLIP_MARGIN`, so float32 rounding never exceeds it)."""
     norms = np.asarray(norms, dtype=np.float64)
+    target = clip_norm * (1 - CLIP_MARGIN)
     if mode == "joint":
         total = np.sqrt((norms**2).sum(axis=0, keepdims=True))
-        return np.broadcast_to(np.minimum(1.0, clip_norm / np.maximum(total, 1e-300)), norms.shape).copy()
-    return np.minimum(1.0, clip_norm / np.maximum(norms, 1e-300))
+        return np.broadcast_to(np.minimum(1.0, target / np.maximum(total, 1e-300)), norms.shape).copy()
+    return np.minimum(1.0, target / np.maximum(norms, 1e-300))
 
 
 def gram_noise(dim: int, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:

@@ -16,6 +16,9 @@ from fedtrak.errors import FedtrakError
 
 #: Default fractional bits: resolution 2^-24 (6e-8), sums up to 2^39 (5.5e11) in magnitude.
 FRACTION_BITS = 24
+#: The example count's slot is an integer: encoded without fraction bits, so it decodes exactly even
+#: when the Grams' bits go negative (large clip norms under DP).
+COUNT_FRACTION_BITS = 0
 
 
 def encode(values: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.ndarray:

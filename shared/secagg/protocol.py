@@ -119,18 +119,56 @@ class Client:
             out.append(SealedShares(self.client, v, nonce, AESGCM(key).encrypt(nonce, plain, self._aad(self.client, v))))
         return out
 
-    def masked_input(self, sealed: Sequence[SealedShares], values: np.ndarray) -> np.ndarray:
-        """Round 3: keep the shares sent to it; return its masked fixed-point vector."""
-        self.received = {}
+    def receive(self, sealed: Sequence[SealedShares]) -> list[int]:
+        """Round 3, first half: open each peer's sealed shares now (not at unmask time) and keep those
+        that open; returns the senders whose shares do not (failed authentication, wrong address,
+        malformed), which this client then neither masks with nor reveals for.
+
+        Raises:
+            FedtrakError: on shares meant for another client or from a client that did not advertise
+                (the server's routing, not a peer, is at fault then).
+        """
+        self.received, rejected = {}, []
         for s in sealed:
             if s.recipient != self.client:
                 raise FedtrakError(f"client {self.client}: got shares meant for client {s.recipient}")
             if s.sender not in self.peers:
                 raise FedtrakError(f"client {self.client}: shares from client {s.sender}, which did not advertise")
+            try:
+                self._open(s)
+            except FedtrakError:
+                rejected.append(s.sender)
+                continue
             self.received[s.sender] = s
+        return sorted(rejected)
+
+    def masked_input(self, sealed: Sequence[SealedShares], values: np.ndarray) -> np.ndarray:
+        """Round 3: keep the shares sent to it (:meth:`receive`); return its masked fixed-point vector,
+        masked pairwise with every peer whose shares opened."""
+        self.receive(sealed)
         pair = [masks.pairwise_mask(self.client, v, self._mask_seed(v), len(values))
                 for v in sorted(self.received) if v != self.client]
         return masks.masked(values, self.self_seed, pair)
+
+    def _open(self, sealed: SealedShares) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The ``(b, s)`` shares inside one peer's sealed message.
+
+        Raises:
+            FedtrakError: naming the sender, if they fail authentication or are malformed.
+        """
+        v = sealed.sender
+        try:
+            plain = AESGCM(self._channel_key(v)).decrypt(sealed.nonce, sealed.ciphertext, self._aad(v, self.client))
+        except (InvalidTag, ValueError):
+            raise FedtrakError(f"client {self.client}: the shares of client {v} fail authentication") from None
+        try:
+            sender, recipient, b_share, s_share = plain.split(b"|")
+            if int(sender) != v or int(recipient) != self.client:
+                raise ValueError("addressed wrongly")
+            return _parse_share(b_share), _parse_share(s_share)
+        except ValueError:
+            raise FedtrakError(f"client {self.client}: the shares of client {v} are malformed or "
+                               "addressed wrongly") from None
 
     def unmask(self, survivors: Sequence[int]) -> dict[int, tuple[str, tuple[int, int]]]:
         """Round 4: for each client that shared, its ``b`` share (it survived) or its ``s`` share (it dropped)."""
@@ -141,16 +179,9 @@ class Client:
             raise FedtrakError(f"client {self.client}: only {len(alive)} survivors for a threshold of "
                                f"{self.threshold}; it reveals no share")
         out = {}
-        for v, sealed in self.received.items():
-            try:
-                plain = AESGCM(self._channel_key(v)).decrypt(sealed.nonce, sealed.ciphertext,
-                                                             self._aad(v, self.client))
-            except InvalidTag:
-                raise FedtrakError(f"client {self.client}: the shares of client {v} fail authentication") from None
-            sender, recipient, b_share, s_share = plain.split(b"|")
-            if int(sender) != v or int(recipient) != self.client:
-                raise FedtrakError(f"client {self.client}: shares of client {v} are addressed wrongly")
-            out[v] = ("b", _parse_share(b_share)) if v in alive else ("s", _parse_share(s_share))
+        for v, sealed in self.received.items():  # opened once already when they arrived
+            b_share, s_share = self._open(sealed)
+            out[v] = ("b", b_share) if v in alive else ("s", s_share)
         return out
 
     def _channel_key(self, peer: int) -> bytes:
@@ -191,7 +222,10 @@ def _share_bytes(share: tuple[int, int]) -> bytes:
 
 def _parse_share(raw: bytes) -> tuple[int, int]:
     x, y = raw.split(b":")
-    return int(x), int(y, 16)
+    share = int(x), int(y, 16)
+    if share[0] < 1:
+        raise ValueError(f"share x = {share[0]}")
+    return share
 
 
 def unmask_sum(
@@ -231,6 +265,8 @@ def unmask_sum(
     shares: dict[int, list[tuple[int, int]]] = {v: [] for v in by_id}
     for u, revealed in unmask_replies.items():
         for v, (kind, share) in revealed.items():
+            if v not in shares:
+                raise FedtrakError(f"client {u} revealed a share of client {v}, which did not share keys")
             want = "b" if v in survivors else "s"
             if kind != want:
                 raise FedtrakError(f"client {u} revealed a {kind!r} share of client {v}, expected {want!r}")

@@ -5,7 +5,8 @@ message type             server -> client                                client 
 =======================  ==============================================  ===========================
 ``query.featurize``      the job, checkpoints and ``secagg`` (context)   info and its advertisement
 ``query.secagg_share``   neighbours' advertisements, threshold           shares sealed per neighbour
-``query.secagg_input``   the shares sealed to this client                its masked vector (uint64)
+``query.secagg_input``   the shares sealed to this client                its masked vector (uint64),
+                                                                         peers whose shares failed
 ``query.secagg_unmask``  the survivors                                   one revealed share per peer
 =======================  ==============================================  ===========================
 
@@ -39,8 +40,9 @@ MASKED = "fedtrak.secagg-masked"
 ADVERT_PREFIX = "fedtrak.advert-"
 SEALED_PREFIX = "fedtrak.sealed-"
 REVEALED_PREFIX = "fedtrak.revealed-"
+REJECTED = "fedtrak.secagg-rejected"
 #: Every record key of the secure-aggregation messages.
-RECORD_KEYS = (SECAGG, ADVERT, MASKED, ADVERT_PREFIX, SEALED_PREFIX, REVEALED_PREFIX)
+RECORD_KEYS = (SECAGG, ADVERT, MASKED, ADVERT_PREFIX, SEALED_PREFIX, REVEALED_PREFIX, REJECTED)
 #: Bytes of a Shamir share's y value over the prime 2^521 - 1.
 SHARE_BYTES = 66
 
@@ -160,9 +162,22 @@ def read_sealed(content: RecordDict, source: str) -> list[SealedShares]:
     return out
 
 
-def masked_content(vector: np.ndarray) -> RecordDict:
-    """A masked input vector."""
-    return RecordDict({MASKED: arrays_to_record({"vector": np.asarray(vector, dtype=np.uint64)})})
+def masked_content(vector: np.ndarray, rejected: Sequence[int] = ()) -> RecordDict:
+    """A masked input vector, and the peers whose sealed shares did not open at this client."""
+    content = RecordDict({MASKED: arrays_to_record({"vector": np.asarray(vector, dtype=np.uint64)})})
+    if rejected:
+        content[REJECTED] = ConfigRecord({"peers": [str(v) for v in rejected]})
+    return content
+
+
+def read_rejected(content: RecordDict, source: str) -> list[int]:
+    """The peers a masked-input reply says sent it shares that do not open."""
+    if REJECTED not in content.config_records:
+        return []
+    listed = content.config_records[REJECTED].get("peers")
+    if not isinstance(listed, list):
+        raise FedtrakError(f"{source}: rejected peers are not a list")
+    return [_id(v, "rejected peer", source) for v in listed]
 
 
 def masked_vector(content: RecordDict, source: str) -> np.ndarray:
