@@ -6,13 +6,15 @@ advertisements it accepted and the sealed shares it holds) lives on its own
 disk between the rounds, beside its feature store, in a file only its owner
 can read; it is deleted once the client has revealed its shares. The
 Ed25519 identity key that signs its advertisements is kept under the store
-root (one per client data owner), created on first use.
+root (one per client data owner), created on first use; the identity keys of
+its peers are pinned there on first use, and a changed one is refused.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,8 @@ from fedtrak.wire.secagg import Revealed
 
 IDENTITY_FILE = "secagg-identity.pem"
 STATE_FILE = "secagg-state.json"
+#: Peers' identity keys by node id, pinned on first use (beside the device's own identity key).
+PINS_FILE = "secagg-peers.json"
 #: The record of the one input this client contributed to a run's secure sum.
 CONTRIBUTED_FILE = "secagg-contributed.json"
 
@@ -55,6 +59,30 @@ def identity_key(root: Path) -> Ed25519PrivateKey:
     write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return key
+
+
+def pin_identities(root: Path, keys: Mapping[int, bytes]) -> None:
+    """Trust on first use: remember each peer's identity key by its node id in ``root`` (across runs
+    and servers), and refuse a key that differs from the one pinned. The server relays the keys, so
+    without pins it could put its own in the place of a peer's and read the share channels.
+
+    Raises:
+        FedtrakError: naming the peers whose key changed, or an unreadable pin file.
+    """
+    path = Path(root) / PINS_FILE
+    try:
+        pins = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as exc:
+        raise FedtrakError(f"pinned identity keys {path} are unreadable ({exc}): fix or move the file") from exc
+    changed = sorted(n for n, key in keys.items() if pins.get(str(n), key.hex()) != key.hex())
+    if changed:
+        raise FedtrakError(f"the identity key of client(s) {', '.join(map(str, changed))} differs from the one this "
+                           f"device pinned in {path}: the keys may be substituted in transit, so no shares are "
+                           "sealed (if that device was reinstalled, remove its entry)")
+    if any(str(n) not in pins for n in keys):
+        pins.update({str(n): key.hex() for n, key in keys.items()})
+        private_dir(path.parent)
+        write_private(path, json.dumps(pins, indent=1).encode())
 
 
 def _raw(key: X25519PrivateKey) -> str:
@@ -170,6 +198,7 @@ def share(local: Local, adverts: list[tuple[Advertisement, bytes]], threshold: i
     own = identities.get(client.client)
     if own is None or raw_public(own) != raw_public(client.identity.public_key()):
         raise FedtrakError("the share request does not carry this client's own identity key")
+    pin_identities(local.store.dir.parent, {a.client: key for a, key in adverts})
     sealed = client.share([a for a, _ in adverts], identities, threshold)
     save_state(local.store, client)
     return sealed

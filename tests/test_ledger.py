@@ -244,3 +244,30 @@ def test_a_client_contributes_one_noised_input_to_a_runs_secure_sum(tmp_path, lo
     with pytest.raises(FedtrakError, match="already contributed a noised input to run secure's secure sum"):
         secagg.masked_input(clients[100], inbox[100], [0], 20)
     assert len(PrivacyLedger(store / "partition-0" / LEDGER_FILE).charges()) == 1  # one run, charged once
+    # a server that puts its own identity key in the place of client 101's is refused by client 100
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedtrak.secagg.protocol import Client, raw_public, secagg_context
+    fake = Ed25519PrivateKey.generate()
+    adverts = [secagg.advertise(local, job.run_id) for local in clients.values()]
+    adverts[1] = (Client(101, fake, secagg_context(job.run_id)).advertise(), raw_public(fake.public_key()))
+    with pytest.raises(FedtrakError, match=r"identity key of client\(s\) 101 differs"):
+        secagg.share(clients[100], adverts, 2)
+
+
+def test_a_peers_identity_key_is_pinned_on_first_use_and_a_substituted_one_refused(tmp_path):
+    """The server relays identity keys; a device pins each peer's key by node id and refuses to seal
+    shares to a peer whose key changed, as when the server substitutes its own."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedtrak.client.secure_aggregation import PINS_FILE, pin_identities
+    from fedtrak.secagg.protocol import raw_public
+
+    keys = {n: raw_public(Ed25519PrivateKey.generate().public_key()) for n in (101, 102)}
+    pin_identities(tmp_path, keys)
+    pin_identities(tmp_path, keys)  # the same keys again: fine
+    pin_identities(tmp_path, {**keys, 103: raw_public(Ed25519PrivateKey.generate().public_key())})  # a new peer
+    forged = {**keys, 102: raw_public(Ed25519PrivateKey.generate().public_key())}
+    with pytest.raises(FedtrakError, match="identity key of client\\(s\\) 102 differs from the one this device pinned"):
+        pin_identities(tmp_path, forged)
+    assert json.loads((tmp_path / PINS_FILE).read_text())["102"] == keys[102].hex()  # the pin stands
