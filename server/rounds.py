@@ -30,7 +30,12 @@ from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
 from fedtrak.server.training import train_fedavg_checkpoints
-from fedtrak.server.validation import features_release, gram_release, score_release
+from fedtrak.server.validation import (
+    features_release,
+    gram_release,
+    histogram_release,
+    score_release,
+)
 from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer
 from fedtrak.trak import checkpoint_featurizer, score_features, solve_checkpoint
@@ -90,10 +95,7 @@ def estimate_clip_norm(fed: Federation, job: Job, states: States, quantile: floa
 
     def add(node: int, content: RecordDict) -> None:
         nonlocal total
-        hist = wire.decode_histogram(content, fed.source(node))
-        if hist is None or hist.shape != total.shape or not np.all(np.isfinite(hist)):
-            raise FedtrakError(f"{fed.source(node)}: norm histogram missing, mis-shaped or not finite")
-        total = total + hist
+        total = total + histogram_release(content, len(total), fed.source(node))
 
     fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add)
     fed.require_clients("the clip-norm round")

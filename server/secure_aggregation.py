@@ -190,7 +190,10 @@ def _checked_advert(content: RecordDict, node: int, context: bytes, source: str)
     advert, identity = read_advert_reply(content, source)
     if advert.client != node:
         raise FedtrakError(f"{source}: advertises keys as client {advert.client}")
-    verify_advert(advert, {node: Ed25519PublicKey.from_public_bytes(identity)}, context)
+    try:
+        verify_advert(advert, {node: Ed25519PublicKey.from_public_bytes(identity)}, context)
+    except (FedtrakError, ValueError) as exc:  # ValueError: bytes that are no Ed25519 key
+        raise FedtrakError(f"{source}: {exc}") from None
     return advert, identity
 
 

@@ -79,6 +79,15 @@ def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: s
     check_psd(matrix, what, source, limits.eig_slack)
 
 
+def histogram_release(content: RecordDict, bins: int, source: str) -> np.ndarray:
+    """The clip-norm round's noised histogram ``(bins,)`` of a reply, validated."""
+    hist = wire.decode_histogram(content, source)
+    if hist is None or hist.shape != (bins,) or not np.issubdtype(hist.dtype, np.number) or \
+            not np.all(np.isfinite(hist)):
+        raise FedtrakError(f"{source}: norm histogram missing, mis-shaped or not finite")
+    return hist
+
+
 def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
                  noiseless: bool = True, limits: GramLimits | None = None) -> dict[int, np.ndarray]:
     """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, validated; with

@@ -249,17 +249,20 @@ def model_from_state(task: Task, state: dict[str, torch.Tensor], source: str) ->
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}"
         for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        if k in state and (tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype)
     )
     if missing or extra or wrong:
         parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 f"shape mismatch {wrong[:3]}" if wrong else ""]
+                 f"shape or dtype mismatch {wrong[:3]}" if wrong else ""]
         raise FedtrakError(
             f"checkpoint {source} does not fit the model of task {task.name}: "
             + "; ".join(p for p in parts if p)
         )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise FedtrakError(f"checkpoint {source} has NaN or infinite weights in {bad[:3]}")
     model.load_state_dict(state)
     return model.eval()
 

@@ -205,8 +205,8 @@ def test_server_checks_of_client_releases():
 
 
 def test_score_request_round_trip_and_bad_share_bounds():
-    u = {0: np.arange(6.0).reshape(2, 3)}
-    groups = {0: np.ones((1, 3))}
+    u = {0: np.arange(128.0).reshape(2, 64)}
+    groups = {0: np.ones((1, 64))}
     request = wire.ScoreRequest(JOB, "owner-totals", 5, u, None, groups, value_clip=0.5, suspect_threshold=0.25)
     back = wire.decode_score_request(wire.encode_score_request(request))
     assert (back.value_clip, back.suspect_threshold, back.policy, back.topk) == (0.5, 0.25, "owner-totals", 5)

@@ -53,10 +53,13 @@ class ClientInfo:
 
     owner: str
     partition_id: int
-    num_examples: int | float
+    num_examples: int
     protocol_version: int
     task_fingerprint: str
 
+
+#: The most examples a client may report (a larger count is malformed, not a data set).
+MAX_EXAMPLES = 10**12
 
 _INFO_KEYS = {"owner": "owner", "partition_id": "partition-id", "num_examples": "num-examples",
               "protocol_version": "protocol-version", "task_fingerprint": "task-fingerprint"}
@@ -73,11 +76,16 @@ def decode_info(content: RecordDict, source: str) -> ClientInfo:
         FedtrakError: naming ``source`` if it is missing or malformed.
     """
     record = config_record(content, INFO, source)
-    try:
-        return ClientInfo(str(record["owner"]), int(record["partition-id"]), int(record["num-examples"]),
-                          int(record["protocol-version"]), str(record["task-fingerprint"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedtrakError(f"{source}: malformed info record: {exc}") from exc
+    values = {}
+    for name, key in _INFO_KEYS.items():
+        value = record.get(key)
+        want = str if name in ("owner", "task_fingerprint") else int
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise FedtrakError(f"{source}: malformed info record: {key} is {value!r}, expected {want.__name__}")
+        values[name] = value
+    if not 0 <= values["num_examples"] <= MAX_EXAMPLES:
+        raise FedtrakError(f"{source}: reports {values['num_examples']} examples, outside [0, {MAX_EXAMPLES:.0e}]")
+    return ClientInfo(**values)
 
 
 def claimed_owner(content: RecordDict) -> str:
@@ -212,12 +220,39 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
                 if INVERSES in content.array_records else None)
     groups = (_by_checkpoint(array_record(content, GROUPS, source), source, "query group")
               if GROUPS in content.array_records else None)
-    bounds = float(cfg.get(VALUE_CLIP, 0.0)), float(cfg.get(SUSPECT_THRESHOLD, 0.0))
-    if not all(math.isfinite(b) and b >= 0 for b in bounds):
+    bounds = cfg.get(VALUE_CLIP), cfg.get(SUSPECT_THRESHOLD)
+    if not all(isinstance(b, float) and math.isfinite(b) and b >= 0 for b in bounds):
         raise FedtrakError(f"{source}: share bounds {bounds} must be finite and >= 0")
-    return ScoreRequest(job_of(content, source), str(cfg.get(POLICY, "")), int(cfg.get(TOPK, 0)),
-                        _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
-                        groups, *bounds)
+    policy, topk = cfg.get(POLICY), cfg.get(TOPK)
+    if not isinstance(policy, str) or not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
+        raise FedtrakError(f"{source}: score config has policy {policy!r} and topk {topk!r}")
+    request = ScoreRequest(job_of(content, source), policy, topk,
+                           _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
+                           groups, *bounds)
+    _check_score_arrays(request, source)
+    return request
+
+
+def _check_score_arrays(request: ScoreRequest, source: str) -> None:
+    """The request's arrays, one per checkpoint and each finite floats of its shape: queries
+    ``(Q, k)``, packed kernel inverses ``(k (k + 1) / 2,)``, query groups ``(G, k)``."""
+    k = request.job.resolved.proj_dim
+    checkpoints = sorted(request.queries)
+    num_queries = {u.shape[0] for u in request.queries.values() if u.ndim == 2}
+    shapes = {"query": (request.queries, (max(num_queries, default=0), k))}
+    if request.inverses is not None:
+        shapes["kernel inverse"] = (request.inverses, (k * (k + 1) // 2,))
+    if request.groups is not None:
+        rows = {g.shape[0] for g in request.groups.values() if g.ndim == 2}
+        shapes["query group"] = (request.groups, (max(rows, default=0), k))
+    for what, (arrays, shape) in shapes.items():
+        if sorted(arrays) != checkpoints or not checkpoints:
+            raise FedtrakError(f"{source}: {what} arrays for checkpoints {sorted(arrays)}, queries for {checkpoints}")
+        for m, a in arrays.items():
+            if a.shape != shape or len(num_queries) > 1 or not np.issubdtype(a.dtype, np.floating) or \
+                    not np.all(np.isfinite(a)):
+                raise FedtrakError(f"{source}: {what} of checkpoint {m} has shape {a.shape} and dtype {a.dtype}, "
+                                   f"expected finite floats of shape {shape}")
 
 
 @dataclass(frozen=True)
@@ -261,10 +296,10 @@ def decode_train_request(content: RecordDict, source: str = "server message"
     """The job, checkpoint index, FedAvg round and global weights of a train message."""
     cfg = config_record(content, CONFIG, source)
     job_values = {k: v for k, v in cfg.items() if k not in (CHECKPOINT, SERVER_ROUND)}
-    try:
-        checkpoint, server_round = int(cfg[CHECKPOINT]), int(cfg[SERVER_ROUND])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedtrakError(f"{source}: train config lacks a checkpoint or round: {exc}") from None
+    checkpoint, server_round = cfg.get(CHECKPOINT), cfg.get(SERVER_ROUND)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (checkpoint, server_round)):
+        raise FedtrakError(f"{source}: train config has checkpoint {checkpoint!r} and round {server_round!r}, "
+                           "expected integers >= 0")
     if ARRAYS not in content.array_records:
         raise FedtrakError(f"{source}: train message has no weights")
     return decode_job(job_values, source), checkpoint, server_round, record_to_state(content.array_records[ARRAYS])

@@ -6,6 +6,7 @@ The building blocks the messages of :mod:`fedtrak.wire.attribution` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 
@@ -60,13 +61,27 @@ def decode_job(record: Mapping, source: str = "server message") -> Job:
                                for f in fields(Resolved)})
     except KeyError as exc:
         raise FedtrakError(f"{source}: the job lacks field {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise FedtrakError(f"{source}: malformed job field: {exc}") from None
     missing = sorted(s.key for s in Settings.specs().values() if s.section in JOB_SECTIONS and s.key not in values)
     if missing:
         raise FedtrakError(f"{source}: the job lacks setting(s) {missing}")
     settings = Settings().updated(values)
-    return Job(meta[0], settings, resolved, task_fingerprint=meta[2], protocol_version=meta[1])
+    job = Job(meta[0], settings, resolved, task_fingerprint=meta[2], protocol_version=meta[1])
+    _check_round_trip(record, job, source)
+    return job
+
+
+def _check_round_trip(record: Mapping, job: Job, source: str) -> None:
+    """Refuse a job record that is not exactly what :func:`encode_job` makes of the job it decodes
+    to (a value of the wrong type coerced on the way, a bool for a number) or holds NaN or infinity."""
+    again = encode_job(job)
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FedtrakError(f"{source}: job field {key!r} is {value}")
+        other = again.get(key)
+        if type(value) is not type(other) or value != other:
+            raise FedtrakError(f"{source}: malformed job field {key!r}: {value!r}")
 
 
 def job_of(content: RecordDict, source: str = "server message") -> Job:

@@ -107,10 +107,13 @@ def read_input_request(content: RecordDict, source: str = "server message"
                        ) -> tuple[list[SealedShares], list[int], int]:
     """Back from :func:`input_request`: the sealed shares, the checkpoints and the fraction bits."""
     cfg = config_record(content, SECAGG, source)
-    try:
-        return read_sealed(content, source), [int(m) for m in cfg["checkpoints"]], int(cfg["fraction-bits"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedtrakError(f"{source}: malformed masked-input request: {exc}") from None
+    checkpoints, bits = cfg.get("checkpoints"), cfg.get("fraction-bits")
+    if not isinstance(checkpoints, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+                                                    for m in checkpoints) or \
+            not isinstance(bits, int) or isinstance(bits, bool):
+        raise FedtrakError(f"{source}: malformed masked-input request: checkpoints {checkpoints!r}, "
+                           f"fraction bits {bits!r}")
+    return read_sealed(content, source), list(checkpoints), bits
 
 
 def advert_record(advert: Advertisement, identity: bytes) -> ConfigRecord:
