@@ -20,10 +20,10 @@ from fedtrak.codecs import pack_upper, unpack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.budget import HISTOGRAM
 from fedtrak.privacy.mechanisms import (
-    gram_noise,
     noise_rng,
     noised_curvature,
     noised_features,
+    noised_gram,
     noised_owner_summaries,
     noised_owner_values,
     noised_self_influence_sum,
@@ -50,7 +50,7 @@ def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray
 
     def noised(m: int) -> np.ndarray:
         g = stored_gram(store, m, scales[m], weighted, dp.gram_weight)[0]
-        return pack_upper(g + gram_noise(g.shape[0], dp, rng))
+        return pack_upper(noised_gram(g, dp, rng))
 
     return {m: store.released(f"gram-{m}", lambda m=m: noised(m)) for m in checkpoints}
 

@@ -113,3 +113,27 @@ def test_where_a_device_keeps_its_store_and_whether_it_serves_every_score_are_no
     assert node_setting(ctx, "allow-full", False) is False
     ctx = Context(run_id=1, node_id=7, node_config={"store-dir": "/mine"}, state=RecordDict(), run_config=server_says)
     assert node_setting(ctx, "store-dir", "default") == "/mine"
+
+
+def test_deployment_certificates_carry_key_usage_and_key_identifiers(tmp_path):
+    """The server's leaf certificate says what its key may do (signatures and ECDHE, critical) and
+    names its key (SKI) and its issuer's (AKI); the keys are the owner's only."""
+    import os
+    import stat
+
+    from cryptography import x509
+
+    from fedtrak.server.certs import make_certificates
+
+    paths = make_certificates(tmp_path, ["127.0.0.1", "link.example"])
+    leaf = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
+    ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
+    usage = leaf.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
+    ski = leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example" in names.get_values_for_type(x509.DNSName)
+    assert all(stat.S_IMODE(os.stat(paths[k]).st_mode) == 0o600 for k in ("ca.key", "server.key"))

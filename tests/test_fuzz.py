@@ -32,7 +32,7 @@ from fedtrak import wire
 from fedtrak.codecs import pack_upper
 from fedtrak.kernel import gram
 from fedtrak.privacy.bounds import gram_limits, owner_limits
-from fedtrak.privacy.mechanisms import gram_noise, noised_owner_summaries
+from fedtrak.privacy.mechanisms import noised_gram, noised_owner_summaries
 from fedtrak.server.validation import features_release, gram_release, read_info, score_release
 
 
@@ -43,7 +43,7 @@ def _rows(rng: np.random.Generator) -> np.ndarray:
 
 def test_fuzz_gram_releases():
     rng = np.random.default_rng(0)
-    g = gram(_rows(rng)) + gram_noise(K, DP, rng)
+    g = noised_gram(gram(_rows(rng)), DP, rng)
     valid = wire.encode_grams_reply({0: pack_upper(g)}, INFO)
     limits = gram_limits(DP, N, K)
 

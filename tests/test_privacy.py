@@ -14,8 +14,8 @@ from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_
 from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
-    gram_noise,
     noise_floor,
+    noised_gram,
     noised_owner_summaries,
     owner_summaries,
     release_plan,
@@ -53,7 +53,7 @@ def test_accountant_inverse_and_edges():
 
 def test_gram_noise_is_symmetric_with_the_stated_scale():
     dp = DPSettings(noise_multiplier=0.5, clip_norm=2.0)
-    noise = gram_noise(300, dp, np.random.default_rng(0))
+    noise = noised_gram(np.zeros((300, 300)), dp, np.random.default_rng(0))
     np.testing.assert_array_equal(noise, noise.T)
     upper = noise[np.triu_indices(300)]
     assert upper.std() == pytest.approx(0.5 * 2.0**2, rel=0.02)
@@ -76,7 +76,7 @@ def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_log
     assert weighted.gram_weight == 0.25 and plain.gram_weight == 1.0
     assert weighted.noise_multiplier == plain.noise_multiplier  # the same mechanisms, the same sigma
     assert weighted.gram_sensitivity == pytest.approx(plain.clip_norm**2 / 4)
-    noise = gram_noise(300, weighted, np.random.default_rng(0))[np.triu_indices(300)]
+    noise = noised_gram(np.zeros((300, 300)), weighted, np.random.default_rng(0))[np.triu_indices(300)]
     assert noise.std() == pytest.approx(weighted.sigma("gram") * weighted.clip_norm**2 / 4, rel=0.02)
     assert noise_floor(weighted, 512, 3) == pytest.approx(noise_floor(plain, 512, 3) / 4)
     rounding = np.sqrt(64 * 65 / 2)  # one unit per coordinate of a k = 64 upper triangle
@@ -302,3 +302,33 @@ def test_clipped_float32_features_never_exceed_the_clip_norm():
     for clip in (0.7, 3.0, 1000.0):
         clipped = rows * clip_scales(norms[None, :], clip, "per-checkpoint")[0][:, None].astype(np.float32)
         assert np.linalg.norm(clipped.astype(np.float64), axis=1).max() <= clip
+
+
+def test_noise_comes_from_a_cryptographic_stream_on_a_grid():
+    """SecureRandom's Gaussian and Poisson draws have their distributions; every noised value is a
+    multiple of its power-of-two grid whatever the value was (no low-bit leak), and two sources
+    never repeat each other."""
+    from scipy import stats
+
+    from fedtrak.privacy.sampling import SecureRandom, add_gaussian, grid_step
+
+    rng = SecureRandom()
+    z = rng.normal(0.0, 1.0, size=200_000)
+    assert stats.kstest(z, "norm").pvalue > 1e-3 and abs(z.mean()) < 0.01
+    for lam in (0.7, 5.0, 37.0, 2.0**20):
+        draws = rng.poisson(lam, size=200_000)
+        assert draws.dtype == np.int64 and draws.min() >= 0
+        assert draws.mean() == pytest.approx(lam, rel=0.01 if lam > 1 else 0.03)
+        assert draws.var() == pytest.approx(lam, rel=0.03)
+    small = rng.poisson(5.0, size=100_000)
+    observed = np.bincount(small, minlength=20)[:15]
+    expected = stats.poisson.pmf(np.arange(15), 5.0) * len(small)
+    assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    assert not np.array_equal(SecureRandom().normal(size=8), SecureRandom().normal(size=8))
+
+    values = np.array([0.1, 0.1 + 2e-17, 1234.56789, -3.0])
+    noised = add_gaussian(values, 2.0, rng)
+    step = grid_step(2.0, values)
+    assert step == 2.0**-23 and np.all(noised / step == np.rint(noised / step))
+    spread = np.std([add_gaussian(np.zeros(1), 3.0, rng)[0] for _ in range(20_000)])
+    assert spread == pytest.approx(3.0, rel=0.03)

@@ -221,7 +221,7 @@ def test_release_sizes_are_bounded_by_clipping_and_noise():
     """Under DP an honest noised Gram, summary, suspect count and owner values pass; a Gram scaled
     by 1e6, -1e12 I, a summary of 1e12 and a suspect count above the owner's count are refused."""
     from fedtrak.privacy.bounds import gram_limits, owner_limits
-    from fedtrak.privacy.mechanisms import DPSettings, gram_noise, noised_owner_summaries
+    from fedtrak.privacy.mechanisms import DPSettings, noised_gram, noised_owner_summaries
 
     rng = np.random.default_rng(1)
     dp = DPSettings(noise_multiplier=2.0, clip_norm=1.0)
@@ -231,7 +231,7 @@ def test_release_sizes_are_bounded_by_clipping_and_noise():
     info = wire.ClientInfo("a", 0, n, PROTOCOL_VERSION, "ab" * 8)
     limits = gram_limits(dp, n, k)
     for _ in range(20):  # honest releases, fresh noise each time
-        honest = gram(f) + gram_noise(k, dp, rng)
+        honest = noised_gram(gram(f), dp, rng)
         gram_release(wire.encode_grams_reply({0: pack_upper(honest)}, info), [0], k, "client a", False, limits)
     for bad, message in ((gram(f) * 1e6, "diagonal entries"), (-1e12 * np.eye(k), "diagonal entries"),
                          (gram(f) + 30.0 * (np.ones((k, k)) - np.eye(k)), "not positive semi-definite")):

@@ -35,6 +35,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release
 from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import DPSettings, gram_sensitivity_text
+from fedtrak.privacy.sampling import NoiseSource
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 
 #: numpy's Poisson sampler loses accuracy for huge means (measured: standard deviation 19% too
@@ -104,7 +105,7 @@ def noise_fraction_bits(dim: int, checkpoints: int, threshold: int, dp: DPSettin
     return MIN_FRACTION_BITS
 
 
-def skellam_noise(size: int, variance: float, rng: np.random.Generator) -> np.ndarray:
+def skellam_noise(size: int, variance: float, rng: NoiseSource) -> np.ndarray:
     """``size`` draws of symmetric Skellam noise of ``variance``, as int64.
 
     Raises:

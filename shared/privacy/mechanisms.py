@@ -31,8 +31,10 @@ is a Gaussian mechanism with noise multiplier ``sigma``; :func:`release_plan`
 lists what a run's example takes part in; each kind of release has its own
 ``sigma`` (``DPSettings.sigma``), from the run's budget split
 (:mod:`fedtrak.privacy.budget`). Without secure aggregation each
-client adds the full ``sigma``. Noise is drawn from a generator seeded by
-the operating system's entropy (never from a run seed the server knows).
+client adds the full ``sigma``. Noise comes from a ChaCha20 stream keyed by
+the operating system's entropy (never from a run seed the server knows), on a
+power-of-two grid so that no release leaks through its low bits
+(:mod:`fedtrak.privacy.sampling`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from fedtrak.privacy.budget import (
     VALUE,
     parse_scales,
 )
+from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian, noise_source
 from fedtrak.settings import CLIP_MODES
 
 #: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
@@ -110,9 +113,10 @@ class DPSettings:
             raise FedtrakError(f"budget scales must be positive, got {self.scales!r}")
 
 
-def noise_rng() -> np.random.Generator:
-    """A generator seeded from the operating system's entropy."""
-    return np.random.default_rng()
+def noise_rng() -> SecureRandom:
+    """The source of a release's noise: a ChaCha20 stream keyed by the operating system's entropy
+    (:mod:`fedtrak.privacy.sampling`)."""
+    return noise_source()
 
 
 #: Features are clipped to ``C (1 - CLIP_MARGIN)``: scaling float32 rows overshoots the float64 target
@@ -131,16 +135,16 @@ def clip_scales(norms: np.ndarray, clip_norm: float, mode: str) -> np.ndarray:
     return np.minimum(1.0, target / np.maximum(norms, 1e-300))
 
 
-def gram_noise(dim: int, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
-    """Symmetric noise for one Gram: ``N(0, (sigma C^2 w)^2)`` on the upper triangle, mirrored
-    (``w`` the kernel weight bound, 1 for the plain Gram)."""
-    upper = np.triu(rng.normal(0.0, dp.sigma(GRAM) * dp.gram_sensitivity, size=(dim, dim)))
-    return upper + np.triu(upper, 1).T
+def noised_gram(matrix: np.ndarray, dp: DPSettings, rng: NoiseSource) -> np.ndarray:
+    """One Gram released: ``N(0, (sigma C^2 w)^2)`` on the upper triangle, mirrored (``w`` the kernel
+    weight bound, 1 for the plain Gram), on the grid of :func:`fedtrak.privacy.sampling.add_gaussian`."""
+    noised = add_gaussian(matrix, dp.sigma(GRAM) * dp.gram_sensitivity, rng)
+    return np.triu(noised) + np.triu(noised, 1).T
 
 
-def noised_count(count: int, dp: DPSettings, rng: np.random.Generator) -> float:
+def noised_count(count: int, dp: DPSettings, rng: NoiseSource) -> float:
     """The example count with ``N(0, sigma^2)`` noise."""
-    return float(count + rng.normal(0.0, dp.sigma(COUNT)))
+    return float(add_gaussian(count, dp.sigma(COUNT), rng))
 
 
 def spectral_norm(matrix: np.ndarray) -> float:
@@ -154,14 +158,14 @@ def owner_summaries(features: Sequence[np.ndarray], mean_out_to_loss: np.ndarray
     return np.stack([q @ np.asarray(f, dtype=np.float64) for f in features])
 
 
-def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
+def noised_owner_summaries(summaries: np.ndarray, dp: DPSettings, rng: NoiseSource) -> np.ndarray:
     """Owner summaries (:func:`owner_summaries` of clipped features) plus ``N(0, (sigma C)^2)``
     per coordinate (sensitivity ``C`` per checkpoint, as ``qbar <= 1``).
 
     The server turns them into the owner's total for any query, now or later,
     by post-processing: ``mean_m U_m s_m``.
     """
-    return summaries + rng.normal(0.0, dp.sigma(SUMMARY) * dp.clip_norm, size=summaries.shape)
+    return add_gaussian(summaries, dp.sigma(SUMMARY) * dp.clip_norm, rng)
 
 
 def summary_ridge(dp: DPSettings, owners: int) -> float:
@@ -192,12 +196,12 @@ def owner_value_sensitivity(groups: Sequence[np.ndarray], dp: DPSettings) -> flo
 
 
 def noised_owner_values(values: np.ndarray, groups: Sequence[np.ndarray], dp: DPSettings,
-                        rng: np.random.Generator, value_clip: float = 0.0) -> np.ndarray:
+                        rng: NoiseSource, value_clip: float = 0.0) -> np.ndarray:
     """Owner values plus ``N(0, (sigma Delta)^2)`` per group: one Gaussian release, whatever the
     groups. ``Delta`` is ``value_clip`` where each example's contribution was clipped to it, else
     the sensitivity of values made of clipped features (:func:`owner_value_sensitivity`)."""
     sens = value_clip if value_clip > 0 else owner_value_sensitivity(groups, dp)
-    return values + rng.normal(0.0, dp.sigma(VALUE) * sens, size=values.shape)
+    return add_gaussian(values, dp.sigma(VALUE) * sens, rng)
 
 
 #: The server bounds one example's share of an owner value by this quantile of its public examples'
@@ -222,17 +226,17 @@ def clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
 
 
 def noised_self_influence_sum(total: float, kernel_inverses: Sequence[np.ndarray], dp: DPSettings,
-                              rng: np.random.Generator) -> float:
+                              rng: NoiseSource) -> float:
     """An owner's summed self-influence (of clipped features) plus noise at its sensitivity
     ``C^2 mean_m ||K_m^-1||_2``: the screening release where the server holds no public data."""
     sens = dp.clip_norm**2 * float(np.mean([spectral_norm(k) for k in kernel_inverses]))
-    return float(total + rng.normal(0.0, dp.sigma(SUSPECTS) * sens))
+    return float(add_gaussian(total, dp.sigma(SUSPECTS) * sens, rng))
 
 
-def noised_suspect_count(count: int, dp: DPSettings, rng: np.random.Generator) -> float:
+def noised_suspect_count(count: int, dp: DPSettings, rng: NoiseSource) -> float:
     """An owner's count of suspects (its examples whose self-influence exceeds the server's threshold)
     plus ``N(0, sigma^2)``: one example adds or removes at most one suspect."""
-    return float(count + rng.normal(0.0, dp.sigma(SUSPECTS)))
+    return float(add_gaussian(count, dp.sigma(SUSPECTS), rng))
 
 
 def public_bound(values: np.ndarray) -> float:
@@ -242,19 +246,19 @@ def public_bound(values: np.ndarray) -> float:
 
 
 def noised_features(features: np.ndarray, out_to_loss: np.ndarray, dp: DPSettings,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    rng: NoiseSource) -> tuple[np.ndarray, np.ndarray]:
     """Clipped features plus ``N(0, (sigma C)^2)`` per coordinate, and weights plus
     ``N(0, sigma^2)`` clamped to [0, 1]."""
     sigma = dp.sigma(FEATURES)
-    f = features + rng.normal(0.0, sigma * dp.clip_norm, size=features.shape)
-    q = np.clip(out_to_loss + rng.normal(0.0, sigma, size=out_to_loss.shape), 0.0, 1.0)
+    f = add_gaussian(features, sigma * dp.clip_norm, rng)
+    q = np.clip(add_gaussian(out_to_loss, sigma, rng), 0.0, 1.0)
     return f.astype(np.float32), q.astype(np.float32)
 
 
-def noised_curvature(curvature: np.ndarray, dp: DPSettings, rng: np.random.Generator) -> np.ndarray:
+def noised_curvature(curvature: np.ndarray, dp: DPSettings, rng: NoiseSource) -> np.ndarray:
     """Curvature weights (features mode, weighted kernel) plus ``N(0, (sigma w)^2)``, clamped to
     ``[0, w]`` (``w`` the weight bound, the sensitivity of one weight)."""
-    noised = curvature + rng.normal(0.0, dp.sigma(FEATURES) * dp.gram_weight, size=curvature.shape)
+    noised = add_gaussian(curvature, dp.sigma(FEATURES) * dp.gram_weight, rng)
     return np.clip(noised, 0.0, dp.gram_weight).astype(np.float32)
 
 

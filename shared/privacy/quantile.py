@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.sampling import NoiseSource, add_gaussian
 
 #: Bin edges of the norm histogram: 180 bins from 1e-3 to 1e6, each 12% wider than the last.
 NORM_EDGES = np.logspace(-3, 6, 181)
@@ -28,9 +29,9 @@ def norm_histogram(norms: np.ndarray) -> np.ndarray:
     return np.bincount(idx, minlength=len(NORM_EDGES) - 1).astype(np.float64)
 
 
-def noised_histogram(hist: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """The histogram with ``N(0, sigma^2)`` on every bin (sensitivity 1)."""
-    return hist + rng.normal(0.0, sigma, size=hist.shape)
+def noised_histogram(hist: np.ndarray, sigma: float, rng: NoiseSource) -> np.ndarray:
+    """The histogram with ``N(0, sigma^2)`` on every bin (sensitivity 1), on the noise grid."""
+    return add_gaussian(hist, sigma, rng)
 
 
 def quantile_from_histogram(hist: np.ndarray, quantile: float) -> float:

@@ -19,9 +19,9 @@ from fedtrak.kernel import gram
 from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
-    gram_noise,
     noised_count,
     noised_features,
+    noised_gram,
     noised_owner_summaries,
     owner_summaries,
 )
@@ -102,7 +102,7 @@ class ServerView:
         if not self.gram_released:
             g = None
         elif noisy:
-            g = g + gram_noise(len(g), self.dp, rng)
+            g = noised_gram(g, self.dp, rng)
         return Releases(gram=g,
                         count=noised_count(len(q), self.dp, rng) if noisy else float(len(q)),
                         summary=(noised_owner_summaries(s, self.dp, rng) if noisy else s)[0])

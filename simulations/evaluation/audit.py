@@ -9,7 +9,7 @@ most) with the largest kernel weight ``w`` (1 for the plain Gram, the
 curvature bound for the weighted one): each moves the release by exactly
 the sensitivity ``C^2 w``. In each release every coordinate
 gets its canary with probability 1/2; the release is the client's real noised
-Gram (:func:`fedtrak.privacy.mechanisms.gram_noise`); the auditor scores
+Gram (:func:`fedtrak.privacy.mechanisms.noised_gram`); the auditor scores
 canary j by its inner product with the release, ``e_j^T (G~ - G_data) e_j``,
 and guesses "inserted" above a threshold. From the true and false positive
 counts at the best threshold, Clopper-Pearson 95% bounds give the epsilon
@@ -30,7 +30,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.kernel import gram
 from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
-from fedtrak.privacy.mechanisms import DPSettings, clip_scales, gram_noise, noise_rng
+from fedtrak.privacy.mechanisms import DPSettings, clip_scales, noise_rng, noised_gram
 from fedtrak.settings import Settings
 from fedtrak.tasks import load_task
 from fedtrak.trak import checkpoint_featurizer
@@ -108,7 +108,7 @@ def audit_gram(
     inserted = coins.random((releases, k)) < 0.5
     scores = np.empty((releases, k))
     for r in range(releases):
-        release = base + np.diag(inserted[r] * dp.gram_sensitivity) + gram_noise(k, dp, rng)
+        release = noised_gram(base + np.diag(inserted[r] * dp.gram_sensitivity), dp, rng)
         scores[r] = np.diag(release - base) / dp.gram_sensitivity  # canary j's inner product with the release
     eps_lb, threshold = epsilon_lower_bound(scores.ravel(), inserted.ravel(), delta)
     accounted = epsilon([Release("Gram", noise_multiplier)], delta)
