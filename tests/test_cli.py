@@ -97,7 +97,7 @@ def test_bad_inputs_give_one_line_errors_and_no_results(default_run, tmp_path, c
     state["1.weight"][0, 0] = float("nan")
     torch.save(state, nan_dir / "ckpt_001.pt")
     _fails(["attribute", "--out", str(out), "--checkpoint-dir", str(nan_dir), "--quiet"], capsys,
-           "non-finite gradient")
+           "has NaN or infinite weights in ['1.weight']")
     assert not (out / "summary.json").exists() and not (out / "scores.npy").exists()
     assert not list(out.glob(".staging-*"))
 
