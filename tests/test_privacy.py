@@ -217,7 +217,7 @@ def test_audit_never_exceeds_the_accountant(sigma):
     res = audit_gram("digits-logreg", noise_multiplier=sigma, releases=8)
     assert res["canaries"] == 8 * 512 and 0 < res["inserted"] < res["canaries"]
     assert res["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
-    if sigma == 0.5:  # little noise: the canaries are clearly visible (measured 4.4 of 10.0)
+    if sigma == 0.5:  # little noise: the canaries are clearly visible (measured 3.1-3.5 of 10.0)
         assert res["empirical_epsilon_lower_bound"] > 2.0
 
 
@@ -269,7 +269,7 @@ def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
     res = audit_owner_releases(1.0, trials=4000)
     assert res["owner_value"]["sensitivity_step"] == pytest.approx(res["value_bound"])  # clipped to exactly B
     for name in ("suspect_count", "owner_value"):
-        assert 1.0 < res[name]["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
+        assert 0.5 < res[name]["empirical_epsilon_lower_bound"] <= res["accounted_epsilon_one_release"]
     assert main(["audit", "--release", "owner", "--noise-multiplier", "2"]) == 0
 
 
@@ -332,3 +332,18 @@ def test_noise_comes_from_a_cryptographic_stream_on_a_grid():
     assert step == 2.0**-23 and np.all(noised / step == np.rint(noised / step))
     spread = np.std([add_gaussian(np.zeros(1), 3.0, rng)[0] for _ in range(20_000)])
     assert spread == pytest.approx(3.0, rel=0.03)
+
+
+def test_the_audit_chooses_its_threshold_on_other_trials_than_it_bounds():
+    """With no signal at all, choosing the best of 99 thresholds on the trials it bounds finds a
+    positive 'epsilon' by chance; chosen on one half and bounded on the other it finds none."""
+    from fedtrak.simulations.evaluation.audit import epsilon_lower_bound
+
+    rng = np.random.default_rng(5)
+    found_in_sample = found_held_out = 0
+    for _ in range(40):
+        inserted = rng.random(60) < 0.5
+        scores = rng.normal(size=60)  # the release says nothing about the canaries
+        found_in_sample += epsilon_lower_bound(scores, inserted, DELTA)[0] > 0
+        found_held_out += epsilon_lower_bound(scores, inserted, DELTA, held_out=True)[0] > 0
+    assert found_held_out <= 1 < found_in_sample

@@ -14,7 +14,8 @@ canary j by its inner product with the release, ``e_j^T (G~ - G_data) e_j``,
 and guesses "inserted" above a threshold. From the true and false positive
 counts at the best threshold, Clopper-Pearson 95% bounds give the epsilon
 lower bound ``log((TPR_low - delta) / FPR_high)`` (and the same for the
-negatives). It is compared with the accountant's epsilon of one Gram release;
+negatives); the threshold is chosen on half of the canaries and the bound
+computed on the other half. It is compared with the accountant's epsilon of one Gram release;
 an empirical epsilon above it would be a bug.
 """
 
@@ -47,26 +48,42 @@ def _cp_high(successes: int, trials: int, alpha: float) -> float:
     return 1.0 if successes == trials else float(beta.ppf(1 - alpha, successes + 1, trials - successes))
 
 
-def epsilon_lower_bound(scores: np.ndarray, inserted: np.ndarray, delta: float) -> tuple[float, float]:
-    """The largest empirical epsilon lower bound over thresholds, and its threshold.
-
-    Bounds use one-sided Clopper-Pearson intervals at :data:`CONFIDENCE`,
-    split over the two rates (Bonferroni).
-    """
-    pos, neg = scores[inserted], scores[~inserted]
-    if not len(pos) or not len(neg):
-        raise FedtrakError("the audit needs both inserted and absent canaries")
+def _test_bound(pos: np.ndarray, neg: np.ndarray, t: float, positive: bool, delta: float) -> float:
+    """The epsilon lower bound of one test: "inserted" above ``t`` (``positive``) or "absent" at or
+    below it, from Clopper-Pearson bounds on its two error rates (Bonferroni over the two)."""
     alpha = (1 - CONFIDENCE) / 2
-    best, best_t = 0.0, float("nan")
-    for t in np.quantile(scores, np.linspace(0.01, 0.99, 99)):
-        tp, fp = int((pos > t).sum()), int((neg > t).sum())
-        tn, fn = len(neg) - fp, len(pos) - tp
-        for hit, hits, miss, misses in ((tp, len(pos), fp, len(neg)), (tn, len(neg), fn, len(pos))):
-            low, high = _cp_low(hit, hits, alpha), _cp_high(miss, misses, alpha)
-            if low - delta > 0 and high > 0:
-                value = math.log((low - delta) / high)
-                if value > best:
-                    best, best_t = value, float(t)
+    tp, fp = int((pos > t).sum()), int((neg > t).sum())
+    hit, hits, miss, misses = (tp, len(pos), fp, len(neg)) if positive else \
+        (len(neg) - fp, len(neg), len(pos) - tp, len(pos))
+    low, high = _cp_low(hit, hits, alpha), _cp_high(miss, misses, alpha)
+    return math.log((low - delta) / high) if low - delta > 0 and high > 0 else 0.0
+
+
+def epsilon_lower_bound(scores: np.ndarray, inserted: np.ndarray, delta: float,
+                        held_out: bool = False) -> tuple[float, float]:
+    """The largest empirical epsilon lower bound over thresholds (and the two directions), and its
+    threshold. With ``held_out``, the test is chosen on a random half of the trials and its bound
+    computed on the other half: choosing it on the trials it bounds overstates the bound (the
+    canary audit does this; the membership attack reports the optimistic one)."""
+    scores, inserted = np.asarray(scores), np.asarray(inserted, dtype=bool)
+    if not inserted.any() or inserted.all():
+        raise FedtrakError("the audit needs both inserted and absent canaries")
+    choose = judge = np.ones(len(scores), dtype=bool)
+    if held_out:
+        choose = np.zeros(len(scores), dtype=bool)
+        choose[np.random.default_rng(0xA0D1).permutation(len(scores))[: len(scores) // 2]] = True
+        judge = ~choose
+        if not (inserted[judge].any() and (~inserted[judge]).any()):
+            raise FedtrakError("the audit needs both inserted and absent canaries in each half")
+    pos, neg = scores[choose & inserted], scores[choose & ~inserted]
+    best, best_t, best_dir = 0.0, float("nan"), True
+    for t in np.quantile(scores[choose], np.linspace(0.01, 0.99, 99)):
+        for positive in (True, False):
+            value = _test_bound(pos, neg, float(t), positive, delta)
+            if value > best:
+                best, best_t, best_dir = value, float(t), positive
+    if held_out and best > 0:
+        best = max(0.0, _test_bound(scores[judge & inserted], scores[judge & ~inserted], best_t, best_dir, delta))
     return best, best_t
 
 
@@ -110,7 +127,7 @@ def audit_gram(
     for r in range(releases):
         release = noised_gram(base + np.diag(inserted[r] * dp.gram_sensitivity), dp, rng)
         scores[r] = np.diag(release - base) / dp.gram_sensitivity  # canary j's inner product with the release
-    eps_lb, threshold = epsilon_lower_bound(scores.ravel(), inserted.ravel(), delta)
+    eps_lb, threshold = epsilon_lower_bound(scores.ravel(), inserted.ravel(), delta, held_out=True)
     accounted = epsilon([Release("Gram", noise_multiplier)], delta)
     return {"task": task_name, "weighting": weighting, "gram_sensitivity": dp.gram_sensitivity,
             "noise_multiplier": noise_multiplier, "clip_norm": dp.clip_norm, "proj_dim": k,
@@ -168,6 +185,6 @@ def audit_owner_releases(noise_multiplier: float = 1.0, trials: int = 4000, exam
     }
     for name, (release, base, step) in releases.items():
         scores = np.array([(release(with_canary if i else without) - base) / step for i in inserted])
-        eps_lb, threshold_found = epsilon_lower_bound(scores, inserted, delta)
+        eps_lb, threshold_found = epsilon_lower_bound(scores, inserted, delta, held_out=True)
         out[name] = {"sensitivity_step": step, "empirical_epsilon_lower_bound": eps_lb, "threshold": threshold_found}
     return out
