@@ -27,6 +27,7 @@ from fedtrak.secagg import fixedpoint, graph
 from fedtrak.secagg.protocol import (
     Advertisement,
     SealedShares,
+    check_revealed,
     secagg_context,
     unmask_sum,
     verify_advert,
@@ -176,13 +177,7 @@ def _checked_revealed(content: RecordDict, delivered: list[int], survivors: list
     """A client's revealed shares: one per peer whose shares it was given, of the kind that peer's
     survival calls for (``b`` for a survivor, ``s`` for a dropped one)."""
     revealed = read_revealed(content, source)
-    alive = set(survivors)
-    for v, (kind, _) in revealed.items():
-        if v not in delivered:
-            raise FedtrakError(f"{source}: reveals a share of client {v}, whose shares it was never given")
-        want = "b" if v in alive else "s"
-        if kind != want:
-            raise FedtrakError(f"{source}: reveals a {kind!r} share of client {v}, expected {want!r}")
+    check_revealed(revealed, delivered, set(survivors), source)
     return revealed
 
 

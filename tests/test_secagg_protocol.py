@@ -139,7 +139,7 @@ def test_tampered_and_replayed_messages_are_refused_by_name():
                                        fixedpoint.encode(np.zeros(LENGTH))) for c in clients}
     replies = {u: clients[u].unmask(sorted(inputs)) for u in inputs}
     replies[1][99] = ("s", (1, 5))
-    with pytest.raises(FedtrakError, match="client 1 revealed a share of client 99, which did not share keys"):
+    with pytest.raises(FedtrakError, match="client 1 revealed a share of client 99, whose shares it was not given"):
         unmask_sum(adverts, inputs, replies, 2, LENGTH, CONTEXT)
 
 

@@ -264,12 +264,8 @@ def unmask_sum(
                            f"threshold of {threshold}: the sum cannot be unmasked (no result)")
     shares: dict[int, list[tuple[int, int]]] = {v: [] for v in by_id}
     for u, revealed in unmask_replies.items():
-        for v, (kind, share) in revealed.items():
-            if v not in shares:
-                raise FedtrakError(f"client {u} revealed a share of client {v}, which did not share keys")
-            want = "b" if v in survivors else "s"
-            if kind != want:
-                raise FedtrakError(f"client {u} revealed a {kind!r} share of client {v}, expected {want!r}")
+        check_revealed(revealed, shares, survivors, f"client {u}")
+        for v, (_, share) in revealed.items():
             shares[v].append(share)
     total = np.zeros(length, dtype=np.uint64)
     for y in masked_inputs.values():
@@ -286,6 +282,22 @@ def unmask_sum(
             seed = masks.agreed_seed(s_key, X25519PublicKey.from_public_bytes(by_id[u].s_public), context)
             total = total - masks.pairwise_mask(u, v, seed, length)  # what survivor u added for v
     return total
+
+
+def check_revealed(revealed: Mapping[int, tuple[str, tuple[int, int]]], given: Collection[int],
+                   survivors: Collection[int], who: str) -> None:
+    """Refuse revealed shares of a client whose shares ``who`` was not ``given``, or of the wrong
+    kind (``b`` for a survivor, ``s`` for a dropped client).
+
+    Raises:
+        FedtrakError: naming ``who`` and the share.
+    """
+    for v, (kind, _) in revealed.items():
+        if v not in given:
+            raise FedtrakError(f"{who} revealed a share of client {v}, whose shares it was not given")
+        want = "b" if v in survivors else "s"
+        if kind != want:
+            raise FedtrakError(f"{who} revealed a {kind!r} share of client {v}, expected {want!r}")
 
 
 def _rebuild(shares: list[tuple[int, int]], threshold: int, length: int, client: int) -> bytes:
