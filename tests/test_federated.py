@@ -281,7 +281,7 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     exact = np.load(central_factory(3, "iid") / "owner_scores.npy")
     noised = np.load(out / "owner_scores.npy")
     assert noised.shape == exact.shape and not np.allclose(noised, exact)
-    assert np.all(np.isfinite(noised))  # quality against epsilon: the sweep (README) measures it
+    assert np.all(np.isfinite(noised))  # quality against epsilon: the sweep (docs/results.md) measures it
     assert np.load(out / "owner_self_influence.npy").shape == (3,)
     # every noised release is kept on the device, so a resent step repeats it instead of drawing fresh noise
     kept = [{p.name for p in d.iterdir()} for d in (out / "client-stores").glob("*/*/released")]

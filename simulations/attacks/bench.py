@@ -1,4 +1,4 @@
-"""``fedtrak bench attacks``: the README's table of what a curious server recovers.
+"""``fedtrak bench attacks``: the table of what a curious server recovers (docs/privacy.md).
 
 One centrally trained checkpoint of the task (seed 0); client data are the
 first training examples, outsiders (for membership) the last ones. For each

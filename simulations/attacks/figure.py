@@ -1,4 +1,4 @@
-"""Image strips of true examples above their reconstructions (for the report and the README)."""
+"""Image strips of true examples above their reconstructions (for the report and the docs)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,52 @@
+"""The documentation: a README that is a landing page, docs that link only inside the repository,
+and a command reference that matches the parser."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+#: A Markdown link or image: ``[text](target)``.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _tracked() -> list[Path]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    files = [ROOT / line for line in out.splitlines()] if out else [p for p in ROOT.rglob("*") if ".venv" not in p.parts]
+    return [p for p in files if p.is_file() and p.suffix in {".md", ".py", ".toml", ".txt", ".cfg", ".yml", ""}]
+
+
+def test_the_readme_is_a_landing_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text) <= 12_000, len(text)
+    for page in ("design", "privacy", "deploy", "own-model", "evaluation", "results", "cli"):
+        assert f"(docs/{page}.md)" in text
+
+
+def test_every_link_of_the_docs_resolves_inside_the_repository():
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.is_relative_to(ROOT) or not path.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
+def test_nothing_refers_to_a_file_outside_the_repository():
+    outside = re.compile(r"\.\./shared|DESIGN\.md|\]\(\.\./\.\.")
+    found = [str(p.relative_to(ROOT)) for p in _tracked() if p.exists() and outside.search(p.read_text(errors="ignore"))
+             and p.name != "test_docs.py"]
+    assert not found, found
+
+
+def test_the_command_reference_matches_the_parser():
+    from fedtrak.simulations.cli.docs import cli_markdown
+
+    assert (ROOT / "docs" / "cli.md").read_text() == cli_markdown(), \
+        "docs/cli.md is out of date: python -m fedtrak.simulations.cli.docs docs/cli.md"
