@@ -52,6 +52,7 @@ def _owner_visible_logging() -> None:
         handler.setFormatter(logging.Formatter("fedtrak %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # once: not again through a handler Flower or Ray put on the root logger
 
 
 def _private(msg: Message) -> bool:

@@ -9,10 +9,11 @@ from fedtrak.server.run import run_federated
 from fedtrak.settings import Settings
 
 
-def server_app(settings: Settings | None = None, outcome: list | None = None) -> ServerApp:
+def server_app(settings: Settings | None = None, outcome: list | None = None, progress: bool = False) -> ServerApp:
     """The ServerApp. Without ``settings`` it reads Flower's run config (``flwr run``); with them it
     runs those (:func:`fedtrak.simulate`: Flower's Python simulation entry point leaves the run
-    config empty). ``outcome`` receives the summary or the exception the run ended with."""
+    config empty). ``outcome`` receives the summary or the exception the run ended with;
+    ``progress`` shows progress bars (a simulation's, on a terminal)."""
     app = ServerApp()
 
     @app.main()
@@ -21,7 +22,7 @@ def server_app(settings: Settings | None = None, outcome: list | None = None) ->
             if settings is None:
                 summary = run_federated(grid, Settings.from_flat(dict(context.run_config)), "flower")
             else:
-                summary = run_federated(grid, settings, "simulation")
+                summary = run_federated(grid, settings, "simulation", progress)
         except BaseException as exc:
             if outcome is not None:
                 outcome.append(exc)

@@ -63,7 +63,8 @@ class Outcome:
 
 
 def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, num_nodes: int,
-                       timer: PhaseTimer, reuse: bool = False) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
+                       timer: PhaseTimer, reuse: bool = False, progress: bool = False
+                       ) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
     """Load the settings' checkpoint folder or train checkpoints into ``OUT/checkpoints`` (with
     ``reuse``, a resumed run, those already there are loaded instead when all of them are)."""
     t = job.settings.training
@@ -79,7 +80,7 @@ def obtain_checkpoints(grid: CountingGrid, task: Task, job: Job, out_dir: Path, 
             log.warning("not reusing %s: %s", ckpt_dir, exc)
     with timer.phase("train"):
         if t.train == "fedavg":
-            return train_fedavg_checkpoints(grid, task, job, num_nodes, ckpt_dir)
+            return train_fedavg_checkpoints(grid, task, job, num_nodes, ckpt_dir, progress)
         train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=job.settings.task.seed, epochs=t.epochs,
                           trajectory=t.ensemble == "trajectory")
     return load_checkpoints(task, ckpt_dir, t.checkpoints)

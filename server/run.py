@@ -39,10 +39,11 @@ from fedtrak.timing import PhaseTimer
 log = logging.getLogger("fedtrak.server")
 
 
-def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower") -> dict:
+def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", progress: bool = False) -> dict:
     """Run one federated attribution and write its run folder; returns the summary.
 
-    ``kind`` (``flower`` or ``simulation``) picks the run folder's default.
+    ``kind`` (``flower`` or ``simulation``) picks the run folder's default; ``progress`` shows the
+    training rounds' progress bar (on a terminal).
 
     Raises:
         FedtrakError: on bad settings, too few clients, or no client left;
@@ -73,7 +74,8 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower") -
     with timer.phase("wait_for_clients"):
         nodes = wait_for_nodes(grid, settings.partition.clients, settings.run.wait_for_nodes)
     grid.step = "train"
-    checkpoints = obtain_checkpoints(grid, task, job, out_dir, len(nodes), timer, reuse=resumed is not None)
+    checkpoints = obtain_checkpoints(grid, task, job, out_dir, len(nodes), timer, reuse=resumed is not None,
+                                     progress=progress)
     states = [s for _, s in checkpoints]
     fed = Federation(grid, sorted(grid.get_node_ids()), settings.run.timeout, job.task_fingerprint,
                      settings.run.rejoin_wait)

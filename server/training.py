@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from tqdm import tqdm
 
 from fedtrak.checkpoints import (
     CheckpointInfo,
@@ -35,7 +36,7 @@ from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_co
 
 
 def train_fedavg_checkpoints(
-    grid: Grid, task: Task, job: Job, num_nodes: int, out_dir: Path
+    grid: Grid, task: Task, job: Job, num_nodes: int, out_dir: Path, progress: bool = False
 ) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
     """Train the job's ``checkpoints`` models with FedAvg over the connected clients and save them:
     independent runs (model initialized with ``seed + m``), or, with ``ensemble=trajectory``, one
@@ -64,6 +65,8 @@ def train_fedavg_checkpoints(
 
     def run(m: int, seed: int, keep_from: int | None = None) -> dict[str, torch.Tensor]:
         def snapshot(server_round: int, arrays: Any) -> None:  # Flower's ArrayRecord of the round's model
+            if server_round >= 1:
+                bar.update()
             if keep_from is not None and server_round >= keep_from:
                 save(record_to_state(arrays), seed, server_round, True)
 
@@ -73,15 +76,17 @@ def train_fedavg_checkpoints(
             raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update")
         return record_to_state(result.arrays)
 
-    if t.ensemble == "trajectory":
-        if t.checkpoints > t.rounds:
-            raise FedtrakError(f"a one-run ensemble of {t.checkpoints} checkpoints needs at least as many "
-                               f"rounds, got {t.rounds}")
-        run(0, job.settings.task.seed, keep_from=t.rounds - t.checkpoints + 1)
-        return out
-    for m in range(t.checkpoints):
-        seed = job.settings.task.seed + m
-        save(run(m, seed), seed, t.rounds, False)
+    if t.ensemble == "trajectory" and t.checkpoints > t.rounds:
+        raise FedtrakError(f"a one-run ensemble of {t.checkpoints} checkpoints needs at least as many "
+                           f"rounds, got {t.rounds}")
+    runs = 1 if t.ensemble == "trajectory" else t.checkpoints
+    with tqdm(total=runs * t.rounds, desc="FedAvg rounds", unit="round", disable=None if progress else True) as bar:
+        if t.ensemble == "trajectory":
+            run(0, job.settings.task.seed, keep_from=t.rounds - t.checkpoints + 1)
+            return out
+        for m in range(t.checkpoints):
+            seed = job.settings.task.seed + m
+            save(run(m, seed), seed, t.rounds, False)
     return out
 
 

@@ -43,7 +43,7 @@ def obtain_checkpoints(task: Task, settings: Settings, out: Path, timer: PhaseTi
         with timer.phase("load_checkpoints"):
             return load_checkpoints(task, Path(t.checkpoint_dir).expanduser(), t.checkpoints)
     ckpt_dir = out / "checkpoints"
-    with timer.phase("train"), tqdm(total=t.checkpoints, desc="train checkpoints", disable=not progress) as bar:
+    with timer.phase("train"), tqdm(total=t.checkpoints, desc="train checkpoints", disable=None if progress else True) as bar:
         train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=settings.task.seed, epochs=t.epochs,
                           progress=bar.update, trajectory=t.ensemble == "trajectory")
     return load_checkpoints(task, ckpt_dir, t.checkpoints)
@@ -67,7 +67,7 @@ def central_scores(
     """
 
     def featurize(m: int, featurizer: Featurizer) -> Features:
-        with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=not progress) as bar:
+        with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=None if progress else True) as bar:
             return featurizer.featurize(x_train, y_train, progress=bar.update)
 
     return score_features(task, states, len(y_train), featurize, settings, timer, self_influence)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,8 +58,12 @@ def client_defaults(settings: Settings) -> dict[str, Any]:
 
 
 def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[str, Handler] | None = None,
-                   node_settings: Mapping[str, Any] | None = None) -> dict:
+                   node_settings: Mapping[str, Any] | None = None, progress: bool = False) -> dict:
     """Run ``settings`` with ``clients`` virtual clients; return the run summary.
+
+    Without ``verbose`` Flower's INFO lines, Ray's and the virtual clients' output (its actors'
+    warnings) and deprecation warnings stay hidden; ``progress`` shows the training rounds (on a
+    terminal).
 
     A task registered in this process (:func:`fedtrak.register_task`) travels to the clients.
     ``handlers`` replace some of the clients' query handlers and ``node_settings`` some of their
@@ -80,16 +85,20 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     outcome: list = []
     cpus = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False,
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose,
                              "logging_level": "INFO" if verbose else "ERROR"}}
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:  # Flower's INFO lines and its run_simulation deprecation notice
-        flwr_logger.setLevel(logging.ERROR)
-    with flower_environment(out / ".flwr"):
+    loggers = {name: logging.getLogger(name) for name in ("flwr", "fedtrak")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    if not verbose:  # Flower's INFO lines and its deprecation notice; fedtrak's INFO (the CLI prints the result)
+        loggers["flwr"].setLevel(logging.ERROR)
+        loggers["fedtrak"].setLevel(logging.WARNING)
+    with flower_environment(out / ".flwr"), warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
         try:
             flower_run_simulation(
-                server_app=server_app(settings, outcome),
+                server_app=server_app(settings, outcome, progress),
                 client_app=client_app({**client_defaults(settings), **(node_settings or {})}, tasks, handlers),
                 num_supernodes=settings.partition.clients,
                 backend_config=backend,
@@ -99,7 +108,8 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
                 raise FedtrakError(f"Flower simulation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             _shutdown_ray()
-            flwr_logger.setLevel(level)
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
     if not outcome:
         raise FedtrakError("Flower simulation ended without running the ServerApp")
     if isinstance(outcome[0], BaseException):

@@ -133,7 +133,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         train_checkpoints(corrupted(task, parts, base.flips()), base.training.checkpoints, ckpt_dir, base.task.seed)
     points = [(v, eps) for v in variants(cfg.modes, cfg.kernel_sources, cfg.secure_aggs) for eps in cfg.epsilons]
     rows = []
-    for variant, eps in tqdm(points, desc="sweep", unit="point", disable=not cfg.progress):
+    for variant, eps in tqdm(points, desc="sweep", unit="point", disable=None if cfg.progress else True):
         mode = variant.mode
         run = _point_dir(out, variant, eps)
         settings = base.replaced(mode=mode, policy="full", allow_full=True, self_influence=True,

@@ -146,3 +146,23 @@ def test_factorized_projector_runs_end_to_end_and_differs_from_dense(default_run
     got, dense = np.load(out / "scores.npy"), np.load(default_run / "scores.npy")
     assert got.shape == dense.shape and np.all(np.isfinite(got)) and not np.allclose(got, dense)
     assert np.median([spearmanr(a, b)[0] for a, b in zip(got[:20], dense[:20])]) > 0.5
+
+
+def test_the_answer_names_top_owners_with_their_shares_and_top_examples(tmp_path):
+    """The end of a run's output, from its run folder: shares of the positive attribution, the best
+    examples where scores were released, the privacy line and the next commands."""
+    from fedtrak.simulations.cli.answer import answer_lines, owner_shares
+
+    np.testing.assert_allclose(owner_shares(np.array([3.0, 1.0, -2.0])), [0.75, 0.25, 0.0])
+    np.save(tmp_path / "owner_scores.npy", np.array([[3.0, 1.0, -2.0], [-1.0, -1.0, -1.0]]))
+    np.save(tmp_path / "topk_indices.npy", np.array([[4, 0], [1, 2]]))
+    ids = np.zeros(5, dtype=[("client", "i8"), ("local", "i8"), ("index", "i8")])
+    ids["client"], ids["index"] = [0, 0, 1, 1, 2], [10, 11, 12, 13, 14]
+    np.save(tmp_path / "example_ids.npy", ids)
+    summary = {"mode": "private", "owners": [{"owner": "a"}, {"owner": "b"}, {"owner": "c"}],
+               "privacy": {"dp": False}}
+    lines = answer_lines(tmp_path, summary)
+    assert lines[1] == "  query 0: owner a 75%, owner b 25%; top examples: #14 (owner c), #10 (owner a)"
+    assert lines[2] == "  query 1: no owner raises it; top examples: #11 (owner a), #12 (owner b)"
+    assert lines[3].startswith("privacy: no noise")
+    assert lines[4] == f"next: fedtrak report {tmp_path} | fedtrak evaluate {tmp_path} | fedtrak attack {tmp_path}"

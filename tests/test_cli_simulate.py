@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -132,3 +134,25 @@ def test_dp_sgd_training_is_accounted_and_composed_with_the_attribution(tmp_path
     # ground truth cannot repeat a noisy training recipe: a clear refusal
     assert main(["evaluate", str(sim), "--owner-lds", "--quiet", "--cache-dir", str(tmp_path / "gt")]) == 2
     assert "cannot retrain checkpoints trained by 'fedavg-dp-sgd'" in capsys.readouterr().err
+
+
+def test_the_main_job_ends_with_its_answer_and_prints_each_line_once(tmp_path):
+    """``fedtrak simulate`` as a user runs it (a subprocess, output not a terminal): it ends with the
+    top owners of at least three queries, the privacy line and the next commands; no line appears
+    twice, and neither Ray's actor warnings nor any other warning shows without --verbose."""
+    out = tmp_path / "sim"
+    proc = subprocess.run([sys.executable, "-m", "fedtrak.simulations.cli", "simulate", "--clients", "3",
+                           "--checkpoints", "1", "--rounds", "2", "--local-epochs", "1", "--proj-dim", "64",
+                           "--epsilon", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    assert "ClientAppActor" not in text and "WARNING" not in text and "Warning" not in text, text
+    tail = proc.stdout.splitlines()
+    start = tail.index("top owners per query (share of the positive attribution):")
+    queries = [line for line in tail[start:] if line.startswith("  query ")]
+    assert len(queries) >= 3 and any("%" in q for q in queries), tail[start:]
+    assert any(line.startswith("privacy: epsilon 4 at delta 1e-05 for the whole run (sigma ") for line in tail)
+    assert tail[-1] == f"next: fedtrak report {out} | fedtrak evaluate {out} | fedtrak attack {out}"

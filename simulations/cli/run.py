@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtrak.simulations.cli.answer import answer_lines
 from fedtrak.simulations.cli.flags import add_settings, flag_keys, settings_from
 
 #: The settings each run command offers as options.
@@ -25,9 +26,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     if command == "train":
         parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
         return
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (none either when the output "
+                                                             "is not a terminal)")
     if command == "simulate":
-        parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+        parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs and warnings")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -35,8 +37,10 @@ def simulate(args: argparse.Namespace) -> int:
     from fedtrak.simulations.simulate import run_simulation
 
     settings = settings_from(args, KEYS["simulate"], allow_full=args.policy == "full")
-    summary = run_simulation(settings, verbose=args.verbose)
-    print_federated(summary, settings.out_dir("simulation"))
+    summary = run_simulation(settings, verbose=args.verbose, progress=not args.quiet)
+    out = settings.out_dir("simulation")
+    print_federated(summary, out)
+    print("\n".join(answer_lines(out, summary)))
     return 0
 
 
@@ -46,9 +50,11 @@ def attribute(args: argparse.Namespace) -> int:
 
     settings = settings_from(args, KEYS["attribute"])
     summary = run_attribute(settings, progress=not args.quiet)
-    print(f"wrote {settings.out_dir('central')}: {summary['num_queries']} queries x {summary['num_train']} "
+    out = settings.out_dir("central")
+    print(f"wrote {out}: {summary['num_queries']} queries x {summary['num_train']} "
           f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, "
           f"{summary['seconds']['total']:.1f} s, peak {summary['peak_memory_mb']} MiB")
+    print("\n".join(answer_lines(out, summary)))
     return 0
 
 
@@ -78,12 +84,6 @@ def print_federated(summary: dict, out: Path) -> None:
           f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, {secs['total']:.1f} s")
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items() if k != "total"))
     print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
-    privacy = summary.get("privacy", {})
-    if privacy.get("dp"):
-        eps = "unbounded" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3g}"
-        print(f"  privacy: epsilon {eps} at delta {privacy['delta']:g} (sigma "
-              f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}); not covered: "
-              f"{'; '.join(privacy['not_covered']) or 'nothing'}")
     secure = summary.get("secure_aggregation")
     if secure:
         rounds = ", ".join(f"{k.split('.')[-1]} {v['seconds']:.2f} s" for k, v in secure["rounds"].items())

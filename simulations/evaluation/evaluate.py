@@ -130,7 +130,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     total *= 2 if opts.ceiling else 1
     if "owner_value" in measures:
         total += opts.value_seeds * (len(run.owner_partition_ids()) + 1)
-    with tqdm(total=total, desc="ground-truth models", unit="model", disable=not opts.progress) as bar:
+    with tqdm(total=total, desc="ground-truth models", unit="model", disable=None if opts.progress else True) as bar:
         results = {}
         if "lds" in measures:
             results["lds"] = _lds_entry(run, opts, "examples", bar.update)
