@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import base64
+import html
+import json
+import os
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from fedtrak.simulations.cli import main
 
@@ -14,12 +21,18 @@ def _images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
 
 
-def test_report_of_an_evaluated_mislabel_run(tmp_path, capsys):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def mislabel_run(tmp_path_factory):
+    """An evaluated mislabel run and its report."""
+    run = tmp_path_factory.mktemp("report") / "run"
     assert main(["attribute", "--flip-fraction", "0.1", "--checkpoints", "1", "--out", str(run), "--quiet"]) == 0
     assert main(["evaluate", str(run), "--mislabel", "--quiet"]) == 0
     assert main(["report", str(run), "--queries", "3"]) == 0
-    assert "report.html" in capsys.readouterr().out
+    return run
+
+
+def test_report_of_an_evaluated_mislabel_run(mislabel_run):
+    run = mislabel_run
     page = (run / "report.html").read_text()
     images = _images(page)
     assert len(images) == 3  # proponents, owners, mislabel; LDS not measured yet
@@ -43,3 +56,38 @@ def test_report_without_released_scores_shows_no_examples(tmp_path, capsys):
     assert "a deployed run&#x27;s examples never leave their devices" in page
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+#: What the probe copy of the page records once it has loaded: each figure's state and sizes, and
+#: every resource the page fetched (the Performance API lists them; data URIs are not fetched).
+PROBE = ("<script>window.addEventListener('load',()=>{document.body.setAttribute('data-probe',JSON.stringify({"
+         "figures:[...document.images].map(i=>[i.complete,i.naturalWidth,i.naturalHeight,i.width,i.height]),"
+         "fetched:performance.getEntriesByType('resource').map(e=>e.name)}))});</script>")
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_headless_browser(mislabel_run, tmp_path):
+    """Debian's chromium, headless, loads the page with no external request, shows every figure at
+    its natural size in a 1600-pixel window, and takes a screenshot of it."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs Debian's chromium for this test")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text((mislabel_run / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,2400", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--disable-background-networking", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=False)
+    found = re.search(r'data-probe="([^"]*)"', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    seen = json.loads(html.unescape(found.group(1)))
+    assert seen["fetched"] == []  # nothing fetched: every figure is inline, nothing else is loaded
+    assert len(seen["figures"]) == 3
+    for complete, natural_w, natural_h, width, height in seen["figures"]:
+        assert complete and natural_w > 0 and (width, height) == (natural_w, natural_h)
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, f"--screenshot={shot}", (mislabel_run / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    assert shot.read_bytes().startswith(PNG_MAGIC)

@@ -275,7 +275,7 @@ def _evaluation_rows(ev: dict) -> list[tuple[str, str]]:
     return rows
 
 
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+STYLE = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;
 text-align:left;font-size:14px;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}
 p.note{color:#666;font-size:13px}"""
