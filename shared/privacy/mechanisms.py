@@ -57,7 +57,7 @@ from fedtrak.privacy.budget import (
     VALUE,
     parse_scales,
 )
-from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian, noise_source
+from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian
 from fedtrak.settings import CLIP_MODES
 
 #: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
@@ -116,7 +116,7 @@ class DPSettings:
 def noise_rng() -> SecureRandom:
     """The source of a release's noise: a ChaCha20 stream keyed by the operating system's entropy
     (:mod:`fedtrak.privacy.sampling`)."""
-    return noise_source()
+    return SecureRandom()
 
 
 #: Features are clipped to ``C (1 - CLIP_MARGIN)``: scaling float32 rows overshoots the float64 target

@@ -122,11 +122,6 @@ class SecureRandom:
         return out
 
 
-def noise_source() -> SecureRandom:
-    """A fresh :class:`SecureRandom`."""
-    return SecureRandom()
-
-
 def grid_step(std: float, values: np.ndarray) -> float:
     """The power-of-two grid of a release of noise ``std``: ``2^-GRID_BITS`` of it, coarser only if the
     values are so large that float64 could not hold them on it exactly."""
