@@ -56,6 +56,11 @@ def _deploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=positive_int, default=6000, help="examples per SuperNode")
 
 
+def _noise(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ["proj-dim"], defaults={"proj-dim": 2048})
+    p.add_argument("--repeats", type=positive_int, default=3)
+
+
 def _attacks(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task"])
     p.add_argument("--proj-dims", default="64,512,identity", help="comma-separated k values of features mode")
@@ -96,6 +101,7 @@ BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "secagg": (_secagg, "cost of secure aggregation in a simulation, against the plain run"),
     "lambda": (_lambda, "LDS against lambda around the default rule's value (a diagnostic)"),
     "cli": (_cli, "seconds of fedtrak --help and fedtrak simulate --help (start-up cost)"),
+    "noise": (_noise, "seconds of a noised Gram and a Skellam share from the cryptographic noise source"),
 }
 
 
@@ -211,9 +217,17 @@ def _run_cli(args: argparse.Namespace) -> tuple[object, str]:
     return rows, format_rows(rows)
 
 
+def _run_noise(args: argparse.Namespace) -> tuple[object, str]:
+    from fedtrak.simulations.bench.noise import bench_noise, format_table
+
+    rows = bench_noise(args.proj_dim, args.repeats)
+    return rows, format_table(rows)
+
+
 RUNS: dict[str, Callable[[argparse.Namespace], tuple[object, str]]] = {
     "featurize": _run_featurize, "lds": _run_lds, "memory": _run_memory, "scale": _run_scale,
-    "deploy": _run_deploy, "attacks": _run_attacks, "secagg": _run_secagg, "lambda": _run_lambda, "cli": _run_cli}
+    "deploy": _run_deploy, "attacks": _run_attacks, "secagg": _run_secagg, "lambda": _run_lambda, "cli": _run_cli,
+    "noise": _run_noise}
 
 
 def bench(args: argparse.Namespace) -> int:
