@@ -1,11 +1,15 @@
 """The server's view of the clients of one run: messages out, replies in, who was excluded and why.
 
 Every protocol step goes through :meth:`Federation.broadcast`: it sends one
-message per active client, waits up to the run's timeout, counts the bytes
-each way per client, and excludes (with a logged reason) a client that
-replied with an error or not at all. :meth:`Federation.accept` then runs a
-validator on each reply and excludes a client whose release it refuses.
-Excluded clients take no further part; the summary lists them.
+message per active client, at most ``in-flight`` of them out at once
+(:meth:`CountingGrid.stream`: Flower's push and pull), hands each reply to
+the caller as soon as it arrives (large releases are checked and folded into
+running sums there, so the server never holds every client's reply at
+once), counts the bytes each way per client, and excludes (with a logged
+reason) a client that replied with an error or not at all within the run's
+timeout. :meth:`Federation.accept` runs a validator on collected replies and
+excludes a client whose release it refuses. Excluded clients take no
+further part; the summary lists them.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from tqdm import tqdm
 
 from fedtrak import wire
 from fedtrak.errors import FedtrakError
@@ -31,6 +36,10 @@ T = TypeVar("T")
 REJOIN_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED}
 #: Seconds between looks for a node that went away.
 REJOIN_POLL = 2.0
+#: Shortest and longest pause between pulls while no reply arrives (the pause doubles up to the longest).
+PULL_PAUSE = (0.02, 1.0)
+#: Most replies asked for in one pull (a deployed SuperLink refuses an oversized pull response).
+PULL_AT_ONCE = 64
 
 
 @dataclass
@@ -70,20 +79,73 @@ class CountingGrid:
         self.bytes[node][way] += size
         self.steps[self.step][way] += size
 
+    def _received(self, node: int, reply: Message) -> None:
+        if not reply.has_error():
+            self._count(node, "received", reply.content)
+            seconds, peak_mb = wire.read_handler_timing(reply.content)
+            self.client_seconds[self.step] += seconds
+            if peak_mb is not None:
+                self.client_peak_mb[self.step] = max(self.client_peak_mb[self.step], peak_mb)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Flower's ``send_and_receive``, counting what goes out and what comes back."""
+        """Flower's ``send_and_receive``, counting what goes out and what comes back (Flower's
+        strategies call it; fedtrak's own steps use :meth:`stream`)."""
         messages = list(messages)
         for msg in messages:
             self._count(msg.metadata.dst_node_id, "sent", msg.content)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            if not reply.has_error():
-                self._count(reply.metadata.src_node_id, "received", reply.content)
-                seconds, peak_mb = wire.read_handler_timing(reply.content)
-                self.client_seconds[self.step] += seconds
-                if peak_mb is not None:
-                    self.client_peak_mb[self.step] = max(self.client_peak_mb[self.step], peak_mb)
+            self._received(reply.metadata.src_node_id, reply)
         return replies
+
+    def stream(self, messages: Iterable[Message], timeout: float, in_flight: int = 0
+               ) -> Iterator[tuple[int, Message]]:
+        """Push ``messages`` (consumed lazily) at most ``in_flight`` out at once (0: all at once)
+        and yield ``(destination node, reply)`` for each reply as soon as it is pulled. A message
+        still unanswered ``timeout`` seconds after it was pushed is given up; its node gets no
+        reply from this generator."""
+        source = iter(messages)
+        exhausted = False
+        waiting: dict[str, tuple[float, int]] = {}  # message id -> (deadline, destination)
+        pause, cursor = PULL_PAUSE[0], 0
+        while True:
+            batch: list[Message] = []
+            while not exhausted and (in_flight <= 0 or len(waiting) + len(batch) < in_flight):
+                msg = next(source, None)
+                if msg is None:
+                    exhausted = True
+                else:
+                    batch.append(msg)
+            if batch:
+                for msg in batch:
+                    self._count(msg.metadata.dst_node_id, "sent", msg.content)
+                deadline = time.monotonic() + timeout
+                ids = set(self._grid.push_messages(batch))  # Flower sets each message's id as it pushes
+                for msg in batch:
+                    if msg.metadata.message_id in ids:
+                        waiting[msg.metadata.message_id] = (deadline, msg.metadata.dst_node_id)
+            if not waiting:
+                if exhausted:
+                    return
+                continue
+            keys = list(waiting)
+            start = cursor % len(keys)
+            cursor = start + PULL_AT_ONCE
+            replies = list(self._grid.pull_messages((keys[start:] + keys[:start])[:PULL_AT_ONCE]))
+            for reply in replies:
+                entry = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                self._received(entry[1], reply)
+                yield entry[1], reply
+            now = time.monotonic()
+            for mid in [m for m, (deadline, _) in waiting.items() if deadline < now]:
+                del waiting[mid]
+            if replies:
+                pause = PULL_PAUSE[0]
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, PULL_PAUSE[1])
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -106,11 +168,13 @@ class Federation:
     """Clients of one run and the messages exchanged with them."""
 
     def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float, fingerprint: str = "",
-                 rejoin_wait: float = 0.0) -> None:
+                 rejoin_wait: float = 0.0, in_flight: int = 0, progress: bool = False) -> None:
         self.grid = grid
         self.timeout = timeout
         self.fingerprint = fingerprint
         self.rejoin_wait = rejoin_wait
+        self.in_flight = in_flight
+        self.progress = progress
         self.clients = {n: ClientRecord(n) for n in node_ids}
 
     def active(self) -> list[int]:
@@ -124,16 +188,18 @@ class Federation:
             record.excluded = reason
             log.warning("excluding client %s (node %d): %s", record.owner or "?", node, reason)
 
-    def broadcast(self, message_type: str, content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
+    def broadcast(self, message_type: str, content_for: Callable[[int], RecordDict],
+                  on_reply: Callable[[int, RecordDict], None] | None = None) -> dict[int, RecordDict]:
         """Send ``content_for(node)`` to every active client; return the replies that arrived.
 
-        A client whose SuperNode went away mid-step (Flower reports the node
-        unavailable or its ClientApp crashed) and comes back within
-        ``rejoin_wait`` seconds gets the message once more: a restarted node
-        reuses its finished work from its store. Others are excluded.
+        With ``on_reply``, each reply is handed to it as it arrives and not kept (the returned
+        dict is empty): it checks and folds the reply, and may exclude its client. A client
+        whose SuperNode went away mid-step (Flower reports the node unavailable or its
+        ClientApp crashed) and comes back within ``rejoin_wait`` seconds gets the message once
+        more: a restarted node reuses its finished work from its store. Others are excluded.
         """
         self.grid.step = message_type
-        replies, failed = self._exchange(message_type, content_for, self.active())
+        replies, failed = self._exchange(message_type, content_for, self.active(), on_reply)
         gone = [n for n, (code, _) in failed.items() if code in REJOIN_CODES]
         deadline = time.monotonic() + self.rejoin_wait
         while gone and time.monotonic() < deadline:
@@ -145,37 +211,44 @@ class Federation:
             log.warning("%s: resending to %s, back after going away", message_type,
                         ", ".join(self.source(n) for n in back))
             gone = [n for n in gone if n not in back]
-            again, failed_again = self._exchange(message_type, content_for, back)
+            again, failed_again = self._exchange(message_type, content_for, back, on_reply)
             replies.update(again)
             failed.update(failed_again)
-            for n in again:
+            for n in set(back) - set(failed_again):
                 failed.pop(n, None)
                 self.clients[n].rejoined += 1
         for node, (_, reason) in failed.items():
             self.exclude(node, reason)
         return replies
 
-    def _exchange(self, message_type: str, content_for: Callable[[int], RecordDict],
-                  nodes: list[int]) -> tuple[dict[int, RecordDict], dict[int, tuple[int | None, str]]]:
-        """One send and receive: the replies, and per failed node its Flower error code and a reason."""
-        messages = [Message(content_for(node), dst_node_id=node, message_type=message_type) for node in nodes]
+    def ask(self, message_type: str, content_for: Callable[[int], RecordDict], nodes: list[int]
+            ) -> dict[int, RecordDict]:
+        """One exchange with ``nodes`` alone, outside a step: the replies that arrived (no resend,
+        nobody excluded)."""
+        return self._exchange(message_type, content_for, nodes)[0]
+
+    def _exchange(self, message_type: str, content_for: Callable[[int], RecordDict], nodes: list[int],
+                  on_reply: Callable[[int, RecordDict], None] | None = None
+                  ) -> tuple[dict[int, RecordDict], dict[int, tuple[int | None, str]]]:
+        """One streamed send and receive: the replies (none kept with ``on_reply``), and per failed
+        node its Flower error code and a reason."""
+        messages = (Message(content_for(node), dst_node_id=node, message_type=message_type) for node in nodes)
         replies: dict[int, RecordDict] = {}
         failed: dict[int, tuple[int | None, str]] = {}
-        received = self.grid.send_and_receive(messages, timeout=self.timeout)
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
-        for reply in received:
-            node = reply.metadata.src_node_id
-            if node not in self.clients:  # the SuperLink answers for a node that went away
-                node = sent_to.get(reply.metadata.reply_to_message_id, node)
-            if node not in self.clients:
-                log.warning("ignoring a reply from unknown node %d", node)
-                continue
-            if reply.has_error():
-                failed[node] = (reply.error.code, f"{message_type} failed: {reply.error.reason}")
-                continue
-            replies[node] = reply.content
+        answered: set[int] = set()
+        with tqdm(total=len(nodes), desc=message_type, unit="client", leave=False,
+                  disable=None if self.progress else True) as bar:
+            for node, reply in self.grid.stream(messages, self.timeout, self.in_flight):
+                bar.update()
+                answered.add(node)
+                if reply.has_error():
+                    failed[node] = (reply.error.code, f"{message_type} failed: {reply.error.reason}")
+                elif on_reply is None:
+                    replies[node] = reply.content
+                else:
+                    on_reply(node, reply.content)
         for node in nodes:
-            if node not in replies and node not in failed:
+            if node not in answered:
                 failed[node] = (None, f"no reply to {message_type} within {self.timeout:g} s")
         return replies, failed
 
@@ -190,20 +263,25 @@ class Federation:
         return accepted
 
     def note_info(self, replies: dict[int, RecordDict]) -> None:
-        """Record who each replying client is and its count; exclude (and drop the reply of)
-        a client whose info record is malformed or names another protocol version or task."""
+        """:meth:`note_one` for every reply; a reply whose info is refused is dropped."""
         for node, content in list(replies.items()):
-            claimed = wire.claimed_owner(content)
-            if claimed:
-                self.clients[node].owner = claimed  # so that a refusal names the client
-            try:
-                info = read_info(content, self.source(node), self.fingerprint)
-            except FedtrakError as exc:
-                self.exclude(node, str(exc))
+            if not self.note_one(node, content):
                 del replies[node]
-                continue
-            rec = self.clients[node]
-            rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
+
+    def note_one(self, node: int, content: RecordDict) -> bool:
+        """Record who a replying client is and its count; exclude it (and return False) if its
+        info record is malformed or names another protocol version or task."""
+        claimed = wire.claimed_owner(content)
+        if claimed:
+            self.clients[node].owner = claimed  # so that a refusal names the client
+        try:
+            info = read_info(content, self.source(node), self.fingerprint)
+        except FedtrakError as exc:
+            self.exclude(node, str(exc))
+            return False
+        rec = self.clients[node]
+        rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
+        return True
 
     def require_clients(self, step: str) -> list[int]:
         """The active clients in owner order; an error listing every exclusion if none is left."""

@@ -27,6 +27,7 @@ from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from fedtrak.results import query_groups
 from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.federation import CountingGrid, Federation
+from fedtrak.server.gram_fold import GramFold
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
 from fedtrak.server.training import train_fedavg_checkpoints
@@ -90,7 +91,8 @@ def estimate_clip_norm(fed: Federation, job: Job, states: States, quantile: floa
     """The clip norm at ``quantile`` of all clients' feature norms, from their noised histograms
     (:mod:`fedtrak.privacy.quantile`); clients featurize into their stores on the way."""
     with timer.phase("clip_round"):
-        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(job, states, clip_round=True))
+        request = wire.encode_featurize_request(job, states, clip_round=True)
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request))
     fed.note_info(replies)
     total = np.zeros(len(NORM_EDGES) - 1)
 
@@ -105,21 +107,30 @@ def estimate_clip_norm(fed: Federation, job: Job, states: States, quantile: floa
 
 def plain_gram_sum(fed: Federation, job: Job, states: States, ms: list[int], timer: PhaseTimer
                    ) -> tuple[list[np.ndarray], int, float]:
-    """Featurize without secure aggregation: every client's Gram arrives, checked, and is summed.
-    Returns the sums, the total count and the noise copies (clients) in them."""
-    dim, noiseless = job.resolved.proj_dim, not job.dp().active
+    """Featurize without secure aggregation: every client's Gram is checked and folded into the
+    sums as it arrives (:class:`~fedtrak.server.gram_fold.GramFold`). Returns the sums, the total
+    count and the noise copies (clients) in them."""
+    dim, dp = job.resolved.proj_dim, job.dp()
+    limits = (lambda count, clients: gram_limits(dp, count, dim, clients, counts=clients)) if dp.active else None
+    fold = GramFold(ms, dim, limits, fed.exclude)
+    request = wire.encode_featurize_request(job, states)
+
+    def add(node: int, content: RecordDict) -> None:
+        if not fed.note_one(node, content):
+            return
+        count = fed.clients[node].num_examples
+        try:
+            grams = gram_release(content, ms, dim, fed.source(node), not dp.active,
+                                 gram_limits(dp, count, dim) if dp.active else None, psd=False)
+        except FedtrakError as exc:
+            fed.exclude(node, str(exc))
+            return
+        fold.add(node, fed.source(node), count, grams)
+
     with timer.phase("featurize_round"):
-        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(job, states))
-    fed.note_info(replies)
-    sums = [np.zeros((dim, dim)) for _ in ms]
-
-    def add_grams(node: int, content: RecordDict) -> None:
-        limits = None if noiseless else gram_limits(job.dp(), fed.clients[node].num_examples, dim)
-        for m, g in gram_release(content, ms, dim, fed.source(node), noiseless, limits).items():
-            sums[m] += g  # only after every checkpoint's Gram of this client passed
-
-    with timer.phase("gram_sum"):  # summed in owner order, so a rerun gives the same bits
-        fed.accept({n: replies[n] for n in fed.ordered() if n in replies}, add_grams)
+        fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request), on_reply=add)
+    with timer.phase("gram_sum"):
+        sums = fold.result()
     nodes = fed.require_clients("featurize")
     return sums, sum(fed.clients[n].num_examples for n in nodes), float(len(nodes))
 
@@ -257,7 +268,8 @@ def run_features(fed: Federation, task: Task, job: Job, states: States, timer: P
     """Trusted-server mode: clients send features, the server scores them."""
     ms, dim = list(range(len(states))), job.resolved.proj_dim
     with timer.phase("features_round"):
-        replies = fed.broadcast(wire.FEATURES, lambda node: wire.encode_featurize_request(job, states))
+        request = wire.encode_featurize_request(job, states)
+        replies = fed.broadcast(wire.FEATURES, lambda node: RecordDict(request))
     fed.note_info(replies)
     bound = job.resolved.weight_bound if job.settings.kernel.weighting == "curvature" else None
     received = fed.accept(replies, lambda node, c: features_release(

@@ -42,8 +42,8 @@ log = logging.getLogger("fedtrak.server")
 def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", progress: bool = False) -> dict:
     """Run one federated attribution and write its run folder; returns the summary.
 
-    ``kind`` (``flower`` or ``simulation``) picks the run folder's default; ``progress`` shows the
-    training rounds' progress bar (on a terminal).
+    ``kind`` (``flower`` or ``simulation``) picks the run folder's default; ``progress`` shows progress
+    bars (on a terminal): training rounds, and each step's clients as they reply.
 
     Raises:
         FedtrakError: on bad settings, too few clients, or no client left;
@@ -78,7 +78,7 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
                                      progress=progress)
     states = [s for _, s in checkpoints]
     fed = Federation(grid, sorted(grid.get_node_ids()), settings.run.timeout, job.task_fingerprint,
-                     settings.run.rejoin_wait)
+                     settings.run.rejoin_wait, settings.run.in_flight, progress)
     if dp.active and settings.privacy.clip_quantile is not None and resumed is None:
         clip = estimate_clip_norm(fed, job, states, settings.privacy.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, resolved=replace(job.resolved, clip_norm=clip))

@@ -11,6 +11,7 @@ securely summed counts equal the counts the survivors reported.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.secagg import fixedpoint, graph
 from fedtrak.secagg.protocol import (
     Advertisement,
+    MaskedTotal,
     SealedShares,
     check_revealed,
     secagg_context,
@@ -84,8 +86,8 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     context = secagg_context(job.run_id)
     dim, dp, fraction = job.resolved.proj_dim, job.dp(), job.settings.secagg.secagg_threshold
     with timer.phase("featurize_round"):
-        replies = fed.broadcast(wire.FEATURIZE, lambda node: wire.encode_featurize_request(
-            job, states, secagg_context=job.run_id))
+        request = wire.encode_featurize_request(job, states, secagg_context=job.run_id)
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request))
     fed.note_info(replies)
     client_seconds = {n: wire.read_timing(c) for n, c in replies.items() if wire.read_timing(c)}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
@@ -106,16 +108,27 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
 
     delivered = {u: [v for v in hood[u] if v in sealed] for u in shared}
     length = len(checkpoints) * dim * (dim + 1) // 2 + 1
+    sent = {u: list(peers) for u, peers in delivered.items()}  # each request as first sent, to ask again
+
+    def request(node: int) -> RecordDict:
+        return input_request([sealed[v][node] for v in sent[node]], checkpoints, noise.fraction_bits, job)
+
+    masked, rejected = MaskedTotal(length), {}
+
+    def fold(node: int, content: RecordDict) -> None:  # the server never holds more than one input
+        try:
+            vector, rejected[node] = read_masked(content, length, fed.source(node)), read_rejected(
+                content, fed.source(node))
+        except FedtrakError as exc:
+            fed.exclude(node, str(exc))
+            return
+        masked.add(node, vector)
+        client_seconds.setdefault(node, {}).update(wire.read_timing(content))
+
     with timer.phase("secagg_input_round"):
-        replies = fed.broadcast(wire.SECAGG_INPUT, lambda node: input_request(
-            [sealed[v][node] for v in delivered[node]], checkpoints, noise.fraction_bits, job))
-    got = fed.accept(replies, lambda node, c: (read_masked(c, length, fed.source(node)),
-                                               read_rejected(c, fed.source(node))))
-    inputs = {n: vector for n, (vector, _) in got.items()}
-    for n in inputs:
-        client_seconds.setdefault(n, {}).update(wire.read_timing(replies[n]))
-    _exclude_accused(fed, {n: rejected for n, (_, rejected) in got.items()}, delivered, inputs)
-    survivors = sorted(inputs)
+        fed.broadcast(wire.SECAGG_INPUT, request, on_reply=fold)
+    _exclude_accused(fed, rejected, delivered, masked, request, length)
+    survivors = sorted(masked.members)
     if len(survivors) < threshold:
         raise FedtrakError(f"only {len(survivors)} masked inputs for a threshold of {threshold}: "
                            "the sum cannot be unmasked (no result)")
@@ -125,7 +138,7 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     revealed = fed.accept(replies, lambda node, c: _checked_revealed(c, delivered[node], survivors, fed.source(node)))
     start = time.perf_counter()
     with timer.phase("secagg_unmask"):
-        total = unmask_sum([adverts[u][0] for u in shared], inputs, revealed, threshold, length, context,
+        total = unmask_sum([adverts[u][0] for u in shared], masked, revealed, threshold, length, context,
                            {u: delivered[u] for u in survivors})
     unmask_seconds = time.perf_counter() - start
     grams, count = decoded_sum(total, dim, len(checkpoints), noise.fraction_bits)
@@ -158,9 +171,15 @@ def decoded_sum(total: np.ndarray, dim: int, checkpoints: int, fraction_bits: in
 
 
 def _exclude_accused(fed: Federation, rejected: dict[int, list[int]], delivered: dict[int, list[int]],
-                     inputs: dict[int, np.ndarray]) -> None:
+                     masked: MaskedTotal, request: Callable[[int], RecordDict], length: int) -> None:
     """Exclude each client whose sealed shares did not open at a peer it sealed them to (that peer
-    masked without it), dropping its input: the sum is then unmasked as if it had dropped out."""
+    masked without it) and take its input out of the sum, which is then unmasked as if it had
+    dropped out. Its input was folded in on arrival: the client is asked for it again (a client
+    gives the same stored input to the same request) and it must match what was folded in.
+
+    Raises:
+        FedtrakError: if an accused client's input cannot be taken out (no result).
+    """
     accusers: dict[int, list[int]] = {}
     for u, peers in rejected.items():
         for v in peers:
@@ -168,9 +187,17 @@ def _exclude_accused(fed: Federation, rejected: dict[int, list[int]], delivered:
                 delivered[u].remove(v)
                 accusers.setdefault(v, []).append(u)
     for v, by in accusers.items():
-        inputs.pop(v, None)
         fed.exclude(v, "its sealed shares did not open (failed authentication or malformed) at "
                        + ", ".join(fed.source(u) for u in sorted(by)))
+        if v not in masked.members:
+            continue
+        again = fed.ask(wire.SECAGG_INPUT, request, [v]).get(v)
+        try:
+            if again is None:
+                raise FedtrakError(f"{fed.source(v)} did not send its masked input again")
+            masked.remove(v, read_masked(again, length, fed.source(v)))
+        except FedtrakError as exc:
+            raise FedtrakError(f"{exc}: its input cannot be taken out of the sum (no result)") from None
 
 
 def _checked_revealed(content: RecordDict, delivered: list[int], survivors: list[int], source: str) -> Revealed:

@@ -61,9 +61,9 @@ def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0
         raise FedtrakError(f"{source}: {what} is not positive semi-definite, so it is no Gram matrix") from None
 
 
-def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str) -> None:
+def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str, psd: bool = True) -> None:
     """Refuse a Gram (or sum of Grams) outside the range clipped features and their noise allow:
-    its diagonal, trace, largest entry and smallest eigenvalue."""
+    its diagonal, trace, largest entry and (with ``psd``) smallest eigenvalue."""
     diag = np.diag(matrix)
     if diag.min(initial=0.0) < limits.diag_low or diag.max(initial=0.0) > limits.diag_high:
         raise FedtrakError(f"{source}: {what} has diagonal entries in [{diag.min():.4g}, {diag.max():.4g}], "
@@ -76,7 +76,24 @@ def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: s
     if largest > limits.entry_high:
         raise FedtrakError(f"{source}: {what} has an entry of size {largest:.4g}, above the "
                            f"{limits.entry_high:.4g} its count, the clip norm and the noise allow")
-    check_psd(matrix, what, source, limits.eig_slack)
+    if psd:
+        check_psd(matrix, what, source, limits.eig_slack)
+
+
+def check_minors(matrix: np.ndarray, what: str, source: str) -> None:
+    """Refuse a noiseless Gram with a negative diagonal entry or an entry larger than the geometric
+    mean of its two diagonal entries (a 2 x 2 principal minor below 0): necessary for PSD, and
+    O(k^2) where the full test is a factorization."""
+    diag = np.diag(matrix)
+    if np.any(diag < 0):
+        raise FedtrakError(f"{source}: {what} has a negative diagonal entry")
+    root = np.sqrt(diag)
+    bound = np.outer(root, root)
+    bound *= 1 + PSD_JITTER
+    bound += PSD_JITTER * float(diag.max(initial=0.0))
+    if np.any(np.abs(matrix) > bound):
+        raise FedtrakError(f"{source}: {what} has an entry larger than its two diagonal entries allow, so it "
+                           "is not positive semi-definite and no Gram matrix")
 
 
 def histogram_release(content: RecordDict, bins: int, source: str) -> np.ndarray:
@@ -89,9 +106,12 @@ def histogram_release(content: RecordDict, bins: int, source: str) -> np.ndarray
 
 
 def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
-                 noiseless: bool = True, limits: GramLimits | None = None) -> dict[int, np.ndarray]:
+                 noiseless: bool = True, limits: GramLimits | None = None, psd: bool = True
+                 ) -> dict[int, np.ndarray]:
     """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, validated; with
-    ``limits`` (clipped features: under DP), also its size (:func:`check_gram_size`)."""
+    ``limits`` (clipped features: under DP), also its size (:func:`check_gram_size`). Without
+    ``psd`` the factorization is left out (the caller checks a batch's sum instead:
+    :mod:`fedtrak.server.gram_fold`); the O(k^2) checks stay."""
     arrays = wire.decode_grams(content, source)
     out = {}
     for m in checkpoints:
@@ -104,11 +124,11 @@ def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, sour
                                f"expected its packed upper triangle of {dim * (dim + 1) // 2} values")
         g = unpack_upper(packed, dim, source=f"{source} checkpoint {m}")
         if noiseless:  # a noised Gram may have negative entries anywhere
-            if np.any(np.diag(g) < 0):
-                raise FedtrakError(f"{source}: Gram of checkpoint {m} has a negative diagonal entry")
-            check_psd(g, f"Gram of checkpoint {m}", source)
+            check_minors(g, f"Gram of checkpoint {m}", source)
+            if psd:
+                check_psd(g, f"Gram of checkpoint {m}", source)
         if limits is not None:
-            check_gram_size(g, limits, f"Gram of checkpoint {m}", source)
+            check_gram_size(g, limits, f"Gram of checkpoint {m}", source, psd)
         out[m] = g
     return out
 

@@ -7,6 +7,8 @@ client sent: length, finiteness; symmetry then holds by construction.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from fedtrak.errors import FedtrakError
@@ -21,7 +23,7 @@ def pack_upper(matrix: np.ndarray) -> np.ndarray:
     """
     m = np.asarray(matrix, dtype=np.float64)
     check_symmetric(m, "Gram matrix")
-    return m[np.triu_indices(m.shape[0])]
+    return m[_upper(m.shape[0])]
 
 
 def unpack_upper(packed: np.ndarray, dim: int, source: str = "payload") -> np.ndarray:
@@ -36,8 +38,17 @@ def unpack_upper(packed: np.ndarray, dim: int, source: str = "payload") -> np.nd
         raise FedtrakError(f"{source}: Gram upper triangle has shape {v.shape}, expected ({want},) for k={dim}")
     if not np.all(np.isfinite(v)):
         raise FedtrakError(f"{source}: Gram contains NaN or infinity")
-    out = np.zeros((dim, dim), dtype=np.float64)
-    rows, cols = np.triu_indices(dim)
+    out = np.empty((dim, dim), dtype=np.float64)
+    rows, cols = _upper(dim)
     out[rows, cols] = v
     out[cols, rows] = v
     return out
+
+
+@lru_cache(maxsize=4)
+def _upper(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The upper triangle's row and column indices (row-major), computed once per ``dim``."""
+    rows, cols = np.triu_indices(dim)
+    rows.setflags(write=False)
+    cols.setflags(write=False)
+    return rows, cols

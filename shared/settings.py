@@ -222,6 +222,8 @@ class RunSettings:
     resume: bool = setting(False, "resume the run saved in the run folder (same run config)", flag=False)
     rejoin_wait: float = setting(180.0, "seconds a client that went away mid-step may take to come back "
                                         "(0: never resend)", minimum=0, flag=False)
+    in_flight: int = setting(256, "most messages of a step out at once; replies are checked and summed as "
+                                  "they arrive (0: all at once)", minimum=0, flag=False)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,13 @@ def client_defaults(settings: Settings) -> dict[str, Any]:
 
 
 def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[str, Handler] | None = None,
-                   node_settings: Mapping[str, Any] | None = None, progress: bool = False) -> dict:
+                   node_settings: Mapping[str, Any] | None = None, progress: bool = False,
+                   ray_address: str | None = None) -> dict:
     """Run ``settings`` with ``clients`` virtual clients; return the run summary.
+
+    The virtual clients run on a Ray runtime started for this run on this machine's cores, or,
+    with ``ray_address`` (``HOST:PORT`` of a running head node, or ``auto``), on that existing
+    Ray cluster, one CPU per client at a time; every node needs fedtrak installed alike.
 
     Without ``verbose`` Flower's INFO lines, Ray's and the virtual clients' output (its actors'
     warnings) and deprecation warnings stay hidden; ``progress`` shows the training rounds (on a
@@ -84,9 +89,9 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     tasks = {name: f for name, f in registered_tasks().items() if name == settings.task.task}
     outcome: list = []
     cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose,
-                             "logging_level": "INFO" if verbose else "ERROR"}}
+    init = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    init.update({"address": ray_address} if ray_address else {"num_cpus": cpus})
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
     loggers = {name: logging.getLogger(name) for name in ("flwr", "fedtrak")}
     levels = {name: logger.level for name, logger in loggers.items()}
     if not verbose:  # Flower's INFO lines and its deprecation notice; fedtrak's INFO (the CLI prints the result)

@@ -27,6 +27,7 @@ returned from an incomplete unmasking.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,9 +229,47 @@ def _parse_share(raw: bytes) -> tuple[int, int]:
     return share
 
 
+class MaskedTotal:
+    """The running sum mod 2^64 of masked inputs, folded as they arrive, and a SHA-256 digest of
+    each input in it: an input can be taken out again only by presenting the same vector."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.total = np.zeros(length, dtype=np.uint64)
+        self.digests: dict[int, bytes] = {}
+
+    def _checked(self, client: int, vector: np.ndarray) -> np.ndarray:
+        y = np.asarray(vector)
+        if y.shape != (self.length,) or y.dtype != np.uint64:
+            raise FedtrakError(f"client {client}: masked input has shape {y.shape} and dtype {y.dtype}, "
+                               f"expected ({self.length},) uint64")
+        return y
+
+    def add(self, client: int, vector: np.ndarray) -> None:
+        """Fold in one client's masked input (once)."""
+        y = self._checked(client, vector)
+        if client in self.digests:
+            raise FedtrakError(f"client {client}: a second masked input")
+        self.total += y
+        self.digests[client] = hashlib.sha256(y.tobytes()).digest()
+
+    def remove(self, client: int, vector: np.ndarray) -> None:
+        """Take a folded input out again; ``vector`` must be the very one folded in."""
+        y = self._checked(client, vector)
+        if self.digests.get(client) != hashlib.sha256(y.tobytes()).digest():
+            raise FedtrakError(f"client {client}: the masked input given back is not the one it sent")
+        self.total -= y
+        del self.digests[client]
+
+    @property
+    def members(self) -> set[int]:
+        """The clients whose inputs are in the total."""
+        return set(self.digests)
+
+
 def unmask_sum(
     adverts: Sequence[Advertisement],
-    masked_inputs: Mapping[int, np.ndarray],
+    masked_inputs: Mapping[int, np.ndarray] | MaskedTotal,
     unmask_replies: Mapping[int, Mapping[int, tuple[str, tuple[int, int]]]],
     threshold: int,
     length: int,
@@ -240,7 +279,7 @@ def unmask_sum(
     """The server's last step: the sum mod 2^64 of the survivors' inputs.
 
     ``adverts`` are those the clients shared among; ``masked_inputs`` maps each
-    survivor to its masked vector; ``unmask_replies`` maps each replying
+    survivor to its masked vector (or is their :class:`MaskedTotal`); ``unmask_replies`` maps each replying
     survivor to its revealed shares; ``delivered`` maps each survivor to the
     clients whose shares the server delivered to it (its mask partners, with
     a sparse neighbour graph; default: every client that shared).
@@ -251,13 +290,18 @@ def unmask_sum(
             wrong kind of share, or shares that do not rebuild a secret.
     """
     by_id = {a.client: a for a in adverts}
-    for u, y in masked_inputs.items():
+    if isinstance(masked_inputs, MaskedTotal):
+        folded = masked_inputs
+        if folded.length != length:
+            raise FedtrakError(f"masked inputs of length {folded.length}, expected {length}")
+    else:
+        folded = MaskedTotal(length)
+        for u, y in masked_inputs.items():
+            folded.add(u, y)
+    for u in folded.members:
         if u not in by_id:
             raise FedtrakError(f"client {u} sent a masked input but did not share keys")
-        if np.asarray(y).shape != (length,) or np.asarray(y).dtype != np.uint64:
-            raise FedtrakError(f"client {u}: masked input has shape {np.asarray(y).shape} and dtype "
-                               f"{np.asarray(y).dtype}, expected ({length},) uint64")
-    survivors = set(masked_inputs)
+    survivors = folded.members
     dropped = set(by_id) - survivors
     if len(survivors) < threshold or len(unmask_replies) < threshold:
         raise FedtrakError(f"only {len(survivors)} inputs and {len(unmask_replies)} unmask replies for a "
@@ -267,9 +311,7 @@ def unmask_sum(
         check_revealed(revealed, shares, survivors, f"client {u}")
         for v, (_, share) in revealed.items():
             shares[v].append(share)
-    total = np.zeros(length, dtype=np.uint64)
-    for y in masked_inputs.values():
-        total = total + y
+    total = folded.total.copy()
     for v in survivors:
         seed = _rebuild(shares[v], threshold, masks.SEED_BYTES, v)
         total = total - masks.expand(seed, length)

@@ -30,6 +30,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                                                              "is not a terminal)")
     if command == "simulate":
         parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs and warnings")
+        parser.add_argument("--ray-address", metavar="HOST:PORT", help="run the virtual clients on this running "
+                            "Ray cluster (its head node's address, or auto) instead of this machine's cores")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def simulate(args: argparse.Namespace) -> int:
     from fedtrak.simulations.simulate import run_simulation
 
     settings = settings_from(args, KEYS["simulate"], allow_full=args.policy == "full")
-    summary = run_simulation(settings, verbose=args.verbose, progress=not args.quiet)
+    summary = run_simulation(settings, verbose=args.verbose, progress=not args.quiet, ray_address=args.ray_address)
     out = settings.out_dir("simulation")
     print_federated(summary, out)
     print("\n".join(answer_lines(out, summary)))
