@@ -160,7 +160,9 @@ def _summed_kernels(fed: Federation, job: Job, states: States, timer: PhaseTimer
 def run_private(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer,
                 state: RunState | None = None, saved: SavedKernels | None = None) -> Outcome:
     """Private mode: Grams in, preconditioned queries (and, for self-influence, the
-    kernel inverses) out, owner totals (or, with ``full``, scores) back.
+    kernel inverses) out, owner totals (or, with ``full``, scores) back. Under DP, and for
+    ``owner-totals`` with at least k queries, clients get no queries and release owner summaries
+    instead (the summary route), from which the server derives the totals.
 
     The summed kernels are kept in ``state`` as soon as they exist; with
     ``saved`` kernels (a resumed run) there is no featurize round."""
@@ -183,9 +185,10 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         return owner_limits(dp, fed.clients[node].num_examples, job.resolved.proj_dim, summed, request.value_clip,
                             request.suspect_threshold > 0) if dp.active else None
 
+    summarized = dp.active or next(iter(request.queries.values())).shape[0] == 0
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
-        [owner_us[m] for m in sorted(owner_us)], groups, limits(node)))
+        [owner_us[m] for m in sorted(owner_us)], groups, limits(node), summarized))
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
                   value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)
@@ -246,6 +249,8 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
             inverses[m] = pack_upper(kinv)
     summed = None if groups is None else {m: groups.astype(np.float64) @ u for m, u in us.items()}
     value_clip, threshold = public_bounds(shares, summed)
+    if settings.release.policy == "owner-totals" and (dp.active or len(task.y_query) >= dim):
+        us = {m: u[:0] for m, u in us.items()}  # the summary route: no queries leave the server
     return (wire.ScoreRequest(job, settings.release.policy, settings.release.topk, us, inverses or None, summed,
                               value_clip, threshold), records, secure, owner_us)
 

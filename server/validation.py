@@ -169,7 +169,7 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                   source: str, self_influence: bool = False, noised: bool = False,
                   preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None,
-                  limits: OwnerLimits | None = None) -> wire.ScoreRelease:
+                  limits: OwnerLimits | None = None, summarized: bool = False) -> wire.ScoreRelease:
     """What a score reply releases under ``policy``, validated: owner totals ``(Q,)``, plus
     scores ``(Q, num)`` and indices ``(num,)`` for ``full``; with ``self_influence``, the owner's
     screening statistic ``(1,)`` (its summed self-influence or count of suspects) and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
@@ -179,7 +179,8 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
     ``groups`` ``(G, Q)`` bool: the owner's values ``(G,)`` are required (without noise, the sums of
     its totals over each group). ``limits``: the range of honest releases under DP
     (:func:`fedtrak.privacy.bounds.owner_limits`), checked for the summaries, the suspect count
-    and the values."""
+    and the values. ``summarized`` (implied by ``noised``): the reply carries owner summaries
+    instead of totals (the summary route)."""
     r = wire.decode_score_reply(content, source)
     values = None
     if groups is not None:
@@ -192,7 +193,7 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
             raise FedtrakError(f"{source}: owner values have norm {np.linalg.norm(values):.4g}, above the "
                                f"{limits.values_norm:.4g} its count, the bound per example and the noise allow")
     totals = r.owner_totals
-    if noised:  # under DP the owner releases its noised summaries; the totals are derived from them
+    if noised or summarized:  # owner summaries (noised under DP); the totals are derived from them
         summaries = r.owner_summaries
         if summaries is None or summaries.ndim != 2 or len(preconditioned) != summaries.shape[0] or \
                 summaries.shape[1] != preconditioned[0].shape[1]:

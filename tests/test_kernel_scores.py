@@ -149,3 +149,25 @@ def test_lambda_is_chosen_without_the_queries(tmp_path, logreg_ckpt_dir):
     assert runs["all"]["lambda"] == runs["fifty"]["lambda"] == runs["all"]["resolved"]["lambda"]
     rules = {rec["lambda_rule"] for rec in runs["all"]["checkpoints"]}
     assert len(rules) == 1 and rules.pop().startswith("n*weight_decay*p/k")
+
+
+def test_float32_queries_on_the_wire_move_scores_by_under_1e_6_of_the_largest(digits_logreg, logreg_states):
+    """The score request sends U as float32: on digits-logreg (k = 512, the weighted kernel, every
+    checkpoint) the scores a client computes from it differ from float64's by under 1e-6 of the
+    largest score (measured: about 1e-7)."""
+    from fedtrak.kernel import gram
+    from fedtrak.scoring import kernel_term
+    from fedtrak.timing import PhaseTimer
+    from fedtrak.trak import checkpoint_featurizer, solve_checkpoint
+
+    settings = Settings().replaced(proj_dim=512)
+    worst = 0.0
+    for m, state in enumerate(logreg_states):
+        featurizer = checkpoint_featurizer(digits_logreg, state, m, settings)
+        train = featurizer.featurize(digits_logreg.x_train, digits_logreg.y_train)
+        g = gram(train.features, train.curvature)
+        u, _, _ = solve_checkpoint(digits_logreg, featurizer, g, len(train.features), settings, m, PhaseTimer())
+        exact = kernel_term(train.features, u)
+        wire = kernel_term(train.features, u.astype(np.float32))
+        worst = max(worst, float(np.abs(wire - exact).max() / np.abs(exact).max()))
+    assert 0 < worst < 1e-6
