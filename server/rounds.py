@@ -33,8 +33,8 @@ from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
 from fedtrak.server.training import train_fedavg_checkpoints
 from fedtrak.server.validation import (
     features_release,
-    gram_release,
     histogram_release,
+    packed_gram_release,
     score_release,
 )
 from fedtrak.tasks import Task
@@ -119,13 +119,14 @@ def plain_gram_sum(fed: Federation, job: Job, states: States, ms: list[int], tim
         if not fed.note_one(node, content):
             return
         count = fed.clients[node].num_examples
-        try:
-            grams = gram_release(content, ms, dim, fed.source(node), not dp.active,
-                                 gram_limits(dp, count, dim) if dp.active else None, psd=False)
-        except FedtrakError as exc:
-            fed.exclude(node, str(exc))
-            return
-        fold.add(node, fed.source(node), count, grams)
+        with timer.phase("gram_sum"):  # inside the round: the server's own share of it
+            try:
+                grams = packed_gram_release(content, ms, dim, fed.source(node), not dp.active,
+                                            gram_limits(dp, count, dim) if dp.active else None)
+            except FedtrakError as exc:
+                fed.exclude(node, str(exc))
+                return
+            fold.add(node, fed.source(node), count, grams)
 
     with timer.phase("featurize_round"):
         fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request), on_reply=add)

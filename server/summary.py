@@ -120,6 +120,7 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         "settings": settings.nested(),
         "config": settings.flat(),
         "seconds": timer.report(),
+        "server_cpu_seconds": {k: round(v, 3) for k, v in timer.cpu_seconds.items()},
         "peak_memory_mb": peak_memory_mb(),
     }
     if not clients["complete_federation"]:

@@ -23,13 +23,15 @@ import scipy.linalg
 from flwr.app import RecordDict
 
 from fedtrak import wire
-from fedtrak.codecs import unpack_upper
+from fedtrak.codecs import diagonal_positions, unpack_upper, upper_indices
 from fedtrak.compat import check_compatible
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.bounds import GramLimits, OwnerLimits
 
 #: Relative diagonal jitter under which a noiseless Gram must factorize.
 PSD_JITTER = 1e-9
+#: Relative slack of the 2 x 2 minor test (its bound is computed in float32).
+MINOR_TOLERANCE = 1e-5
 
 
 def read_info(content: RecordDict, source: str, fingerprint: str = "") -> wire.ClientInfo:
@@ -61,10 +63,14 @@ def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0
         raise FedtrakError(f"{source}: {what} is not positive semi-definite, so it is no Gram matrix") from None
 
 
-def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str, psd: bool = True) -> None:
+def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str) -> None:
     """Refuse a Gram (or sum of Grams) outside the range clipped features and their noise allow:
-    its diagonal, trace, largest entry and (with ``psd``) smallest eigenvalue."""
-    diag = np.diag(matrix)
+    its diagonal, trace, largest entry and smallest eigenvalue."""
+    _check_size(np.diag(matrix), float(np.abs(matrix).max(initial=0.0)), limits, what, source)
+    check_psd(matrix, what, source, limits.eig_slack)
+
+
+def _check_size(diag: np.ndarray, largest: float, limits: GramLimits, what: str, source: str) -> None:
     if diag.min(initial=0.0) < limits.diag_low or diag.max(initial=0.0) > limits.diag_high:
         raise FedtrakError(f"{source}: {what} has diagonal entries in [{diag.min():.4g}, {diag.max():.4g}], "
                            f"outside [{limits.diag_low:.4g}, {limits.diag_high:.4g}] that its count, the clip "
@@ -72,26 +78,24 @@ def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: s
     if diag.sum() > limits.trace_high:
         raise FedtrakError(f"{source}: {what} has trace {diag.sum():.4g}, above the {limits.trace_high:.4g} "
                            "its count, the clip norm and the noise allow")
-    largest = float(np.abs(matrix).max(initial=0.0))
     if largest > limits.entry_high:
         raise FedtrakError(f"{source}: {what} has an entry of size {largest:.4g}, above the "
                            f"{limits.entry_high:.4g} its count, the clip norm and the noise allow")
-    if psd:
-        check_psd(matrix, what, source, limits.eig_slack)
 
 
-def check_minors(matrix: np.ndarray, what: str, source: str) -> None:
-    """Refuse a noiseless Gram with a negative diagonal entry or an entry larger than the geometric
-    mean of its two diagonal entries (a 2 x 2 principal minor below 0): necessary for PSD, and
-    O(k^2) where the full test is a factorization."""
-    diag = np.diag(matrix)
+def check_minors(packed: np.ndarray, dim: int, what: str, source: str) -> None:
+    """Refuse a noiseless Gram (its packed upper triangle) with a negative diagonal entry or an
+    entry larger than the geometric mean of its two diagonal entries (a 2 x 2 principal minor
+    below 0): necessary for PSD, and O(k^2) where the full test is a factorization."""
+    diag = packed[diagonal_positions(dim)]
     if np.any(diag < 0):
         raise FedtrakError(f"{source}: {what} has a negative diagonal entry")
-    root = np.sqrt(diag)
-    bound = np.outer(root, root)
-    bound *= 1 + PSD_JITTER
-    bound += PSD_JITTER * float(diag.max(initial=0.0))
-    if np.any(np.abs(matrix) > bound):
+    root = np.sqrt(diag).astype(np.float32)  # float32: a quarter of the memory traffic, tolerance 1e-5
+    _, cols = upper_indices(dim)
+    bound = np.repeat(root, np.arange(dim, 0, -1)) * root[cols]  # row i holds entries (i, i..k-1)
+    bound *= np.float32(1 + MINOR_TOLERANCE)
+    bound += np.float32(PSD_JITTER * float(diag.max(initial=0.0)))
+    if np.any(np.abs(packed).astype(np.float32) > bound):
         raise FedtrakError(f"{source}: {what} has an entry larger than its two diagonal entries allow, so it "
                            "is not positive semi-definite and no Gram matrix")
 
@@ -105,14 +109,15 @@ def histogram_release(content: RecordDict, bins: int, source: str) -> np.ndarray
     return hist
 
 
-def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
-                 noiseless: bool = True, limits: GramLimits | None = None, psd: bool = True
-                 ) -> dict[int, np.ndarray]:
-    """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, validated; with
-    ``limits`` (clipped features: under DP), also its size (:func:`check_gram_size`). Without
-    ``psd`` the factorization is left out (the caller checks a batch's sum instead:
-    :mod:`fedtrak.server.gram_fold`); the O(k^2) checks stay."""
+def packed_gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
+                        noiseless: bool = True, limits: GramLimits | None = None) -> dict[int, np.ndarray]:
+    """The packed upper triangle ``(dim (dim + 1) / 2,)`` of every checkpoint's Gram from a
+    featurize reply, given the O(k^2) checks: shape, finiteness; without noise the diagonal and
+    the 2 x 2 minors (:func:`check_minors`); with ``limits`` (under DP) the diagonal, trace and
+    entries. Positive semi-definiteness is left to the caller (:func:`gram_release`, or a
+    batch's sum: :mod:`fedtrak.server.gram_fold`)."""
     arrays = wire.decode_grams(content, source)
+    want = dim * (dim + 1) // 2
     out = {}
     for m in checkpoints:
         if m not in arrays:
@@ -121,14 +126,30 @@ def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, sour
         if packed.ndim == 2 and packed.shape[0] == packed.shape[1]:
             what = "a full matrix" if np.allclose(packed, packed.T) else "not symmetric"
             raise FedtrakError(f"{source}: Gram of checkpoint {m} is {what} of shape {packed.shape}; "
-                               f"expected its packed upper triangle of {dim * (dim + 1) // 2} values")
-        g = unpack_upper(packed, dim, source=f"{source} checkpoint {m}")
+                               f"expected its packed upper triangle of {want} values")
+        if packed.ndim != 1 or packed.shape[0] != want:
+            raise FedtrakError(f"{source} checkpoint {m}: Gram upper triangle has shape {packed.shape}, expected "
+                               f"({want},) for k={dim}")
+        packed = packed.astype(np.float64, copy=False)
         if noiseless:  # a noised Gram may have negative entries anywhere
-            check_minors(g, f"Gram of checkpoint {m}", source)
-            if psd:
-                check_psd(g, f"Gram of checkpoint {m}", source)
+            check_minors(packed, dim, f"Gram of checkpoint {m}", source)
         if limits is not None:
-            check_gram_size(g, limits, f"Gram of checkpoint {m}", source, psd)
+            _check_size(packed[diagonal_positions(dim)], float(np.abs(packed).max(initial=0.0)), limits,
+                        f"Gram of checkpoint {m}", source)
+        out[m] = packed
+    return out
+
+
+def gram_release(content: RecordDict, checkpoints: Sequence[int], dim: int, source: str,
+                 noiseless: bool = True, limits: GramLimits | None = None) -> dict[int, np.ndarray]:
+    """The ``(dim, dim)`` Gram of every checkpoint from a featurize reply, given every check:
+    :func:`packed_gram_release`'s, then positive semi-definiteness (under DP within the noise's
+    allowance)."""
+    out = {}
+    for m, packed in packed_gram_release(content, checkpoints, dim, source, noiseless, limits).items():
+        g = unpack_upper(packed, dim, source=f"{source} checkpoint {m}")
+        if noiseless or limits is not None:
+            check_psd(g, f"Gram of checkpoint {m}", source, 0.0 if limits is None else limits.eig_slack)
         out[m] = g
     return out
 

@@ -45,10 +45,24 @@ def unpack_upper(packed: np.ndarray, dim: int, source: str = "payload") -> np.nd
     return out
 
 
+def upper_indices(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each entry of a packed upper triangle (read-only, cached)."""
+    return _upper(dim)
+
+
+@lru_cache(maxsize=4)
+def diagonal_positions(dim: int) -> np.ndarray:
+    """Where the diagonal entries sit in a packed upper triangle (read-only, cached)."""
+    i = np.arange(dim)
+    out = i * dim - i * (i - 1) // 2
+    out.setflags(write=False)
+    return out
+
+
 @lru_cache(maxsize=4)
 def _upper(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The upper triangle's row and column indices (row-major), computed once per ``dim``."""
-    rows, cols = np.triu_indices(dim)
+    rows, cols = (i.astype(np.int32) for i in np.triu_indices(dim))  # int32: half the memory traffic
     rows.setflags(write=False)
     cols.setflags(write=False)
     return rows, cols

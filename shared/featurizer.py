@@ -121,25 +121,35 @@ class Featurizer:
     @torch.no_grad()
     def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Out-to-loss and curvature weights of a batch in one forward pass: ``(b, 2)``."""
-        logits = self.model(x)
+        return self._weights_of(self.model(x), y)
+
+    @torch.no_grad()
+    def _weights_of(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.output.out_to_loss(logits, y), self.output.curvature(logits, y)], dim=1)
 
     def _batch_weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.weights(x[i : i + self.batch_size], y[i : i + self.batch_size])
                           for i in range(0, len(y), self.batch_size)])
 
-    def _factorized_chunk(self, x: torch.Tensor, y: torch.Tensor, start: int) -> FeatureChunk:
-        """Features of one chunk from layer inputs and output gradients (hooks), batch by batch."""
-        phi = []
-        for i in range(0, len(y), self.batch_size):
+    def _factorized_chunk(self, x: torch.Tensor, y: torch.Tensor, start: int,
+                          out: np.ndarray | None = None) -> FeatureChunk:
+        """Features of one chunk from layer inputs and output gradients (hooks), batch by batch
+        (into ``out``, ``(len(y), k)`` float32, when given)."""
+        phi_all = (torch.empty((len(y), self.projector.proj_dim), dtype=torch.float32) if out is None
+                   else torch.from_numpy(out))
+        qw = torch.empty((len(y), 2), dtype=torch.float32)
+        for i in range(0, len(y), self.batch_size):  # written in place: no concatenation
             xb, yb = x[i : i + self.batch_size], y[i : i + self.batch_size]
-            phi.append(self.projector.features(self.model, self.output.output, xb, yb, self._fallback))
-        phi_all, qw = torch.cat(phi), self._batch_weights(x, y)
+            _, logits = self.projector.features_and_logits(self.model, self.output.output, xb, yb, self._fallback,
+                                                           out=phi_all[i : i + self.batch_size])
+            qw[i : i + self.batch_size] = self._weights_of(logits, yb)  # the same forward pass's logits
         _check_finite(phi_all, qw, start)
         return _chunk(start, phi_all, qw)
 
-    def iter_chunks(self, x: np.ndarray, y: np.ndarray, first: int = 0) -> Iterator[FeatureChunk]:
-        """Yield features chunk by chunk, in input order, from example ``first`` on (a resumed run).
+    def iter_chunks(self, x: np.ndarray, y: np.ndarray, first: int = 0,
+                    out: np.ndarray | None = None) -> Iterator[FeatureChunk]:
+        """Yield features chunk by chunk, in input order, from example ``first`` on (a resumed run);
+        with ``out`` (``(n, k)`` float32), the factorized projector writes them into it.
 
         Raises:
             FedtrakError: if a gradient or out-to-loss weight is NaN or infinite
@@ -151,7 +161,7 @@ class Featurizer:
             xc = torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32))
             yc = torch.from_numpy(np.ascontiguousarray(y[start:stop], dtype=np.int64))
             if self._factorized:
-                yield self._factorized_chunk(xc, yc, start)
+                yield self._factorized_chunk(xc, yc, start, None if out is None else out[start:stop])
                 continue
             grads = torch.empty((stop - start, self.grad_dim), dtype=torch.float32)  # filled in place: no
             for i in range(0, stop - start, self.batch_size):  # second copy of the chunk, as a cat would make
@@ -174,9 +184,10 @@ class Featurizer:
         n = len(y)
         feats = np.empty((n, self.projector.proj_dim), dtype=np.float32)
         q, w = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
-        for chunk in self.iter_chunks(x, y):
+        for chunk in self.iter_chunks(x, y, out=feats):
             b = len(chunk.out_to_loss)
-            feats[chunk.start : chunk.start + b] = chunk.features
+            if not np.shares_memory(chunk.features, feats):  # the factorized projector wrote in place
+                feats[chunk.start : chunk.start + b] = chunk.features
             q[chunk.start : chunk.start + b] = chunk.out_to_loss
             w[chunk.start : chunk.start + b] = chunk.curvature
             if progress is not None:

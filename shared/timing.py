@@ -11,20 +11,24 @@ from contextlib import contextmanager
 
 
 class PhaseTimer:
-    """Accumulates seconds per named phase (a phase may run several times)."""
+    """Accumulates seconds per named phase (a phase may run several times): wall-clock seconds,
+    and the calling thread's CPU seconds (what the phase itself computed, however busy the
+    machine's other processes keep the cores)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
         self._start = time.perf_counter()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the enclosed block and add it to ``name``."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - t0
+            self.cpu_seconds[name] += time.thread_time() - c0
 
     def report(self) -> dict[str, float]:
         """Seconds per phase (rounded) plus the total since creation."""

@@ -4,6 +4,7 @@ the same bits whatever the arrival order, and the client-facing checks it keeps.
 import numpy as np
 import pytest
 
+from fedtrak.codecs import pack_upper
 from fedtrak.privacy.bounds import gram_limits
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.server.gram_fold import CompensatedSum, GramFold, batch_size
@@ -31,11 +32,11 @@ def _not_psd_but_minors_pass() -> np.ndarray:
 def test_a_batch_failing_its_sum_is_checked_client_by_client_and_only_the_culprit_is_excluded():
     honest = _grams(7)
     bad = 1e4 * _not_psd_but_minors_pass()
-    check_minors(bad, "Gram", "client 3")  # the cheap per-client check lets it through
+    check_minors(pack_upper(bad), K, "Gram", "client 3")  # the cheap per-client check lets it through
     excluded = {}
     fold = GramFold([0], K, None, lambda node, why: excluded.setdefault(node, why), batch=4)
     for node, g in enumerate(honest[:3] + [bad] + honest[3:]):
-        fold.add(node, f"client {node}", 5.0, {0: g})
+        fold.add(node, f"client {node}", 5.0, {0: pack_upper(g)})
     (total,) = fold.result()
     assert list(excluded) == [3] and "not positive semi-definite" in excluded[3]
     assert fold.included == [0, 1, 2, 4, 5, 6, 7] and fold.count == 35.0
@@ -48,7 +49,7 @@ def test_the_sum_has_the_same_bits_whatever_the_arrival_order():
     for order in (range(200), reversed(range(200)), np.random.default_rng(2).permutation(200)):
         fold = GramFold([0], K, None, lambda node, why: pytest.fail(why), batch=7)
         for i in order:
-            fold.add(int(i), "c", 1.0, {0: grams[i]})
+            fold.add(int(i), "c", 1.0, {0: pack_upper(grams[i])})
         sums.append(fold.result()[0])
     np.testing.assert_array_equal(sums[0], sums[1])
     np.testing.assert_array_equal(sums[0], sums[2])
@@ -77,10 +78,10 @@ def test_under_dp_the_batch_sum_is_held_to_the_range_of_that_many_noised_grams()
         g = x.T @ x + np.triu(noise) + np.triu(noise, 1).T
         if node == 7:
             g = 20 * (np.eye(K) - 4 / K * np.ones((K, K)))  # diagonal 6.7, trace 40, an eigenvalue -60
-        fold.add(node, f"client {node}", 20.0, {0: g})
+        fold.add(node, f"client {node}", 20.0, {0: pack_upper(g)})
     fold.result()
     assert list(excluded) == [7] and "positive semi-definite" in excluded[7]
 
 
 def test_batch_size_keeps_a_batch_within_its_memory():
-    assert batch_size(1024, 1) == 32 and batch_size(1024, 3) == 10 and batch_size(8192, 2) == 1
+    assert batch_size(1024, 1) == 63 and batch_size(1024, 3) == 21 and batch_size(8192, 2) == 1

@@ -179,13 +179,24 @@ class FactorizedProjector(Projector):
             w = torch.cat([w, grads[:, slices[layer.params[1]]].unsqueeze(2)], dim=2)
         return w
 
-    def _combine(self, g_proj: torch.Tensor, a_proj: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """``(b, k_l)`` from projected output gradients ``(b, [T,] k_out)`` and inputs ``(b, [T,] k_in)``."""
+    def _combine(self, g_proj: torch.Tensor, a_proj: torch.Tensor, layer: _Layer,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(b, k_l)`` from projected output gradients ``(b, [T,] k_out)`` and inputs ``(b, [T,] k_in)``
+        (written into ``out`` when given)."""
+        a_proj = a_proj * (1.0 / math.sqrt(layer.proj_dim))  # the scale on the small side
+        if g_proj.ndim == 2 and out is not None:  # straight into out: full rows of k_in, then the rest
+            rows, rest = divmod(layer.proj_dim, layer.k_in)
+            torch.mul(g_proj[:, :rows, None], a_proj[:, None, :], out=out[:, : rows * layer.k_in].unflatten(1, (
+                rows, layer.k_in)))
+            if rest:
+                torch.mul(g_proj[:, rows, None], a_proj[:, :rest], out=out[:, rows * layer.k_in:])
+            return out
         if g_proj.ndim == 2:
             kron = g_proj[:, :, None] * a_proj[:, None, :]
         else:
-            kron = torch.einsum("bto,bti->boi", g_proj, a_proj)
-        return kron.reshape(len(kron), -1)[:, : layer.proj_dim] * (1.0 / math.sqrt(layer.proj_dim))
+            kron = torch.bmm(g_proj.transpose(1, 2), a_proj)
+        coords = kron.reshape(len(kron), -1)[:, : layer.proj_dim]
+        return coords if out is None else out.copy_(coords)
 
     def project(self, grads: torch.Tensor, more_to_come: bool = True) -> torch.Tensor:
         """Project flattened per-example gradients ``(b, p)`` (the dense equivalent of the hooks)."""
@@ -209,6 +220,28 @@ class FactorizedProjector(Projector):
 
     # -- the fast path: hooks on one batched forward and backward --
 
+    @staticmethod
+    def _in_side(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
+        """``P_in^T a'`` for a layer's inputs: ``(b, k_in)``, or ``(b, T, k_in)`` over a convolution's
+        output positions. For a convolution the unfolded patches are never formed: projecting every
+        patch with ``P_in`` is the convolution of the input with ``P_in``'s columns as filters."""
+        p_in = layer.p_in
+        weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias else (p_in, None)
+        if isinstance(layer.module, nn.Conv2d):
+            m = layer.module
+            filters = weights.T.reshape(layer.k_in, *m.weight.shape[1:]).contiguous()
+            out = F.conv2d(a, filters, None, m.stride, m.padding, m.dilation).flatten(2).transpose(1, 2)
+        else:
+            out = a @ weights
+        return out if bias_row is None else out + bias_row
+
+    @staticmethod
+    def _out_side(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
+        """``P_out^T g`` for the gradients at a layer's output: ``(b, k_out)`` or ``(b, T, k_out)``."""
+        if isinstance(layer.module, nn.Conv2d):
+            g = g.flatten(2).transpose(1, 2)
+        return g @ layer.p_out
+
     def features(self, model: nn.Module, output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  x: torch.Tensor, y: torch.Tensor,
                  fallback_grads: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -218,6 +251,14 @@ class FactorizedProjector(Projector):
         ``fallback_grads(x, y)`` the flattened per-example gradients of the
         fallback parameters (needed only when there are some).
         """
+        return self.features_and_logits(model, output_fn, x, y, fallback_grads)[0]
+
+    def features_and_logits(self, model: nn.Module, output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                            x: torch.Tensor, y: torch.Tensor,
+                            fallback_grads: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`features` written into ``out`` (``(b, k)``, when given: no concatenation), and the
+        batch's logits from the same forward pass (detached), for the out-to-loss weights."""
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
         handles = []
@@ -234,23 +275,20 @@ class FactorizedProjector(Projector):
         finally:
             for h in handles:
                 h.remove()
-        parts = []
+        if self.fallback is not None and fallback_grads is None:
+            raise FedtrakError("this model has parameters outside Linear/Conv2d layers: the factorized "
+                               "projector needs their per-example gradients")
+        if out is None:
+            out = torch.empty((len(x), self.proj_dim), dtype=torch.float32)
+        start = 0
         with torch.no_grad():
             for layer, g in zip(self.layers, grads):
-                a = inputs[layer.index]
-                if isinstance(layer.module, nn.Conv2d):
-                    m = layer.module
-                    a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-                    g = g.flatten(2).transpose(1, 2)
-                if layer.has_bias:
-                    a = torch.cat([a, torch.ones(*a.shape[:-1], 1)], dim=-1)
-                parts.append(self._combine(g @ layer.p_out, a @ layer.p_in, layer))
+                self._combine(self._out_side(layer, g), self._in_side(layer, inputs[layer.index]), layer,
+                              out[:, start:start + layer.proj_dim])
+                start += layer.proj_dim
         if self.fallback is not None:
-            if fallback_grads is None:
-                raise FedtrakError("this model has parameters outside Linear/Conv2d layers: the factorized "
-                                   "projector needs their per-example gradients")
-            parts.append(self.fallback.project(fallback_grads(x, y), more_to_come=True))
-        return torch.cat(parts, dim=1)
+            out[:, start:] = self.fallback.project(fallback_grads(x, y), more_to_come=True)
+        return out, logits.detach()
 
 
 def fallback_gradient_fn(model: nn.Module, names: list[str],

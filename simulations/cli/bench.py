@@ -45,7 +45,7 @@ def _scale(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task", "proj-dim", "projector", "query-size"],
                  defaults={"task": "fmnist-mlp", "proj-dim": 1024, "projector": "factorized", "query-size": 500})
     p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
-    p.add_argument("--clients", default="10,100,1000", help="comma-separated client counts")
+    p.add_argument("--clients", default="10,100,1000,10000", help="comma-separated client counts")
 
 
 def _deploy(p: argparse.ArgumentParser) -> None:
@@ -95,7 +95,7 @@ BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "featurize": (_featurize, "featurize throughput, fedtrak vs traker"),
     "lds": (_lds, "LDS across k and M on one task (the baseline table)"),
     "memory": (_memory, "peak memory of featurizing N examples into a store"),
-    "scale": (_scale, "fedtrak simulate with 10, 100 and 1,000 clients"),
+    "scale": (_scale, "fedtrak simulate with 10 to 10,000 clients: wall time, server work, peak memory"),
     "deploy": (_deploy, "a loopback deployment with TLS and node authentication"),
     "attacks": (_attacks, "what a curious server recovers, per mode, k, epsilon and client size"),
     "secagg": (_secagg, "cost of secure aggregation in a simulation, against the plain run"),

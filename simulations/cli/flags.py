@@ -38,6 +38,8 @@ def _help(spec: Spec, default: Any) -> str:
     shown = default if default is not None else None
     if isinstance(shown, tuple):
         shown = ",".join(map(str, shown))
+    if shown is not None and "default" in spec.help and f"default {shown}" not in spec.help:  # the command's own
+        return f"{spec.help}; here default {shown}"
     return spec.help if shown is None or "default" in spec.help else f"{spec.help} (default {shown})"
 
 
