@@ -32,6 +32,7 @@ from fedtrak.client.releases import (
 )
 from fedtrak.client.training import local_update
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import visible_logging
 from fedtrak.tasks import Task, register_task, registered_tasks
 from fedtrak.timing import peak_memory_mb
 from fedtrak.wire import secagg as secagg_wire
@@ -42,17 +43,6 @@ log = logging.getLogger("fedtrak.client")
 HANDLER_ERROR = 1001
 
 Handler = Callable[[Message, Context], Message]
-
-
-def _owner_visible_logging() -> None:
-    """fedtrak's client messages (reused work, refusals) on the SuperNode's output, at INFO."""
-    logger = logging.getLogger("fedtrak")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("fedtrak %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # once: not again through a handler Flower or Ray put on the root logger
 
 
 def _private(msg: Message) -> bool:
@@ -215,7 +205,7 @@ def client_app(defaults: Mapping[str, Any] | None = None,
     return app
 
 
-_owner_visible_logging()
+visible_logging()
 
 #: The ClientApp that ``flwr run`` and SuperNodes load (``fedtrak.client.app:app`` in pyproject.toml).
 app = client_app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtrak.logs import visible_logging
 from fedtrak.server.run import run_federated
 from fedtrak.settings import Settings
 
@@ -19,7 +20,8 @@ def server_app(settings: Settings | None = None, outcome: list | None = None, pr
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            if settings is None:
+            if settings is None:  # deployed: the operator reads this process's log (flwr run --stream)
+                visible_logging()
                 summary = run_federated(grid, Settings.from_flat(dict(context.run_config)), "flower")
             else:
                 summary = run_federated(grid, settings, "simulation", progress)

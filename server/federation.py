@@ -148,19 +148,38 @@ class CountingGrid:
                 pause = min(2 * pause, PULL_PAUSE[1])
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
-    """The connected node ids once ``wanted`` are connected.
+#: Seconds between "waiting for N more" log lines while the server waits for SuperNodes.
+WAIT_LOG_EVERY = 10.0
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0, at_least: bool = False
+                   ) -> list[int]:
+    """The node ids the run uses: ``wanted`` of the connected ones once that many are connected
+    (with ``at_least``: every connected one). Logs how many it still waits for every
+    :data:`WAIT_LOG_EVERY` seconds.
 
     Raises:
         FedtrakError: if fewer than ``wanted`` connect within ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    logged = start
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= wanted:
+            if len(nodes) > wanted and not at_least:
+                log.warning("%d SuperNodes are connected, the run config's clients=%d: using %d of them "
+                            "(all-connected=true uses every connected one)", len(nodes), wanted, wanted)
+                return nodes[:wanted]
             return nodes
-        if time.monotonic() > deadline:
-            raise FedtrakError(f"only {len(nodes)} of {wanted} clients connected within {timeout:g} s")
+        now = time.monotonic()
+        if now - start > timeout:
+            raise FedtrakError(f"only {len(nodes)} of {wanted} clients (SuperNodes) connected within {timeout:g} s: "
+                               "start more SuperNodes, or lower the run config's clients (with all-connected=true "
+                               "it is a minimum)")
+        if now - logged >= WAIT_LOG_EVERY:
+            log.info("waiting for %d more of %d SuperNodes (%d connected, %.0f s of %g)", wanted - len(nodes),
+                        wanted, len(nodes), now - start, timeout)
+            logged = now
         time.sleep(poll)
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 import numpy as np
 from flwr.serverapp import Grid
 
+from fedtrak.answer import answer_lines
 from fedtrak.corruption import corrupted, flipped_indices
 from fedtrak.job import Job
 from fedtrak.partition import partition
@@ -72,12 +73,13 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
         flipped = flipped_indices(task.y_train, parts, flips)
         task = corrupted(task, parts, flips)
     with timer.phase("wait_for_clients"):
-        nodes = wait_for_nodes(grid, settings.partition.clients, settings.run.wait_for_nodes)
+        nodes = wait_for_nodes(grid, settings.partition.clients, settings.run.wait_for_nodes,
+                               at_least=settings.run.all_connected)
     grid.step = "train"
     checkpoints = obtain_checkpoints(grid, task, job, out_dir, len(nodes), timer, reuse=resumed is not None,
                                      progress=progress)
     states = [s for _, s in checkpoints]
-    fed = Federation(grid, sorted(grid.get_node_ids()), settings.run.timeout, job.task_fingerprint,
+    fed = Federation(grid, nodes, settings.run.timeout, job.task_fingerprint,
                      settings.run.rejoin_wait, settings.run.in_flight, progress)
     if dp.active and settings.privacy.clip_quantile is not None and resumed is None:
         clip = estimate_clip_norm(fed, job, states, settings.privacy.clip_quantile, timer)
@@ -109,6 +111,11 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
         writer.commit(summary)
         state.clear()
         log.info("fedtrak: wrote %s", out_dir)
+        if kind == "flower":  # the operator reads the ServerApp's log (flwr run --stream): say where and what next
+            where = (f"results: {out_dir} on the SuperLink host (summary.json, owner_scores.npy and the rest of "
+                     "the run folder)")
+            for line in [where, *answer_lines(out_dir, summary)]:
+                log.info("%s", line)
         return summary
     except BaseException:
         writer.discard()

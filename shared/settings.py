@@ -222,6 +222,8 @@ class RunSettings:
     resume: bool = setting(False, "resume the run saved in the run folder (same run config)", flag=False)
     rejoin_wait: float = setting(180.0, "seconds a client that went away mid-step may take to come back "
                                         "(0: never resend)", minimum=0, flag=False)
+    all_connected: bool = setting(False, "deployment: start with every SuperNode connected once clients of "
+                                         "them are (clients is then a minimum, not an exact count)", flag=False)
     in_flight: int = setting(256, "most messages of a step out at once; replies are checked and summed as "
                                   "they arrive (0: all at once)", minimum=0, flag=False)
 
@@ -263,7 +265,8 @@ class Settings(Sectioned):
         if r.policy == "full" and not r.allow_full:
             raise FedtrakError("policy full needs allow-full=true (simulation and evaluation only)")
         if self.secagg.secure_agg and (r.mode != "private" or self.partition.clients < 3):
-            raise FedtrakError("secure-agg needs mode=private and at least 3 clients "
+            raise FedtrakError("secure-agg needs mode=private and at least 3 clients (SuperNodes): its share "
+                               "threshold cannot protect fewer; with 2 devices run without secure-agg "
                                f"(got mode={r.mode}, clients={self.partition.clients})")
         flips = self.partition.flip_clients or ()
         bad = [c for c in flips if not 0 <= c < self.partition.clients]

@@ -44,11 +44,21 @@ def flower_environment(home: Path) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def simulation_settings(settings: Settings) -> Settings:
+#: Messages in flight per local CPU in a simulation: Flower's simulation engine scans every stored
+#: message for every virtual node ten times a second, so more than its actors can take only costs.
+IN_FLIGHT_PER_CPU = 4
+
+
+def simulation_settings(settings: Settings, cpus: int | None = None) -> Settings:
     """A simulation's settings: ``clients`` virtual SuperNodes whose stores live under the run folder
-    (unless ``store-dir`` says otherwise), its folder ``runs/sim`` unless given."""
+    (unless ``store-dir`` says otherwise), its folder ``runs/sim`` unless given; on ``cpus`` local
+    CPUs, at most :data:`IN_FLIGHT_PER_CPU` messages in flight per CPU."""
     out = settings.out_dir("simulation")
-    return settings.replaced(out=str(out), store_dir=settings.run.store_dir or str(out / "client-stores"))
+    in_flight = settings.run.in_flight
+    if cpus is not None:
+        in_flight = min(in_flight or IN_FLIGHT_PER_CPU * cpus, IN_FLIGHT_PER_CPU * cpus)
+    return settings.replaced(out=str(out), store_dir=settings.run.store_dir or str(out / "client-stores"),
+                             in_flight=in_flight)
 
 
 def client_defaults(settings: Settings) -> dict[str, Any]:
@@ -82,7 +92,7 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
                            "pip install 'fedtrak[simulation]'")
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    settings = simulation_settings(settings)
+    settings = simulation_settings(settings, None if ray_address else os.cpu_count() or 1)
     preflight(settings)  # a bad task or privacy setting fails here, before Ray starts
     out = settings.out_dir("simulation")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
-"""A real Flower deployment on 127.0.0.1: a SuperLink with TLS and node authentication, SuperNodes
-with their own data files, and ``flwr run``; every process it starts is stopped on exit.
+"""A real Flower deployment: a SuperLink with TLS and node authentication, SuperNodes with their own
+data files and Flower homes, and ``flwr run``; every process it starts is stopped on exit.
 
-Used by the deployment test and by ``fedtrak bench deploy``. Everything goes through the public
-commands a user runs (``fedtrak certs``/``keys``, ``flower-superlink``, ``flwr supernode
+By default everything runs on 127.0.0.1. Given network namespaces, the SuperLink (and the
+operator's ``flwr`` commands) run in one and listen on an address there, and the SuperNodes run in
+another and reach it over the link between them (the deployment tests make two namespaces joined by
+a veth pair). Used by the deployment tests and by ``fedtrak bench deploy``. Everything goes through
+the public commands a user runs (``fedtrak certs``/``keys``, ``flower-superlink``, ``flwr supernode
 register``, ``flower-supernode``, ``flwr run``, ``flwr ls``), each in its own session.
 """
 
@@ -49,16 +52,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LoopbackDeployment:
-    """One SuperLink and its SuperNodes under ``work``; use as a context manager."""
+def in_namespace(namespace: str | None) -> list[str]:
+    """The command prefix that runs a command in a network namespace (none: here)."""
+    return ["ip", "netns", "exec", namespace] if namespace else []
 
-    def __init__(self, work: Path) -> None:
+
+class Deployment:
+    """One SuperLink and its SuperNodes under ``work``; use as a context manager.
+
+    ``host``: the address the SuperLink listens on and its certificate names; ``link_ns`` and
+    ``node_ns``: the network namespaces of the SuperLink (with the operator's ``flwr`` commands)
+    and of the SuperNodes (``None``: this one)."""
+
+    def __init__(self, work: Path, host: str = "127.0.0.1", link_ns: str | None = None,
+                 node_ns: str | None = None, app: Path | None = None) -> None:
         self.work = Path(work)
+        self.host, self.link_ns, self.node_ns = host, link_ns, node_ns
+        self.app = app
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.commands: dict[str, list[str]] = {}
         self.by_name: dict[str, subprocess.Popen] = {}
+        self.envs: dict[str, dict[str, str]] = {}
         self.node_ids: dict[str, int] = {}
         self.certs = self.work / "certs"
         self.home = self.work / "flwr-home"
@@ -66,13 +82,19 @@ class LoopbackDeployment:
                     "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` of the SuperLink, as SuperNodes and ``flwr`` reach it."""
+        return f"{self.host}:{self.port}"
+
     def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
-        make_certificates(self.certs, ["127.0.0.1", "localhost"])
+        make_certificates(self.certs, [self.host, "localhost"] if self.host == "127.0.0.1" else [self.host])
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
-        link = self.start("superlink", [str(BIN / "flower-superlink"), "--port", str(self.port),
+            f'address = "{self.address}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
+        link = self.start("superlink", [*in_namespace(self.link_ns), str(BIN / "flower-superlink"),
+                                        "--host", self.host, "--port", str(self.port),
                                         "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                                         "--ssl-certfile", str(self.certs / "server.pem"),
                                         "--ssl-keyfile", str(self.certs / "server.key"),
@@ -83,13 +105,14 @@ class LoopbackDeployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start a process in its own session, its output in ``work/NAME.log``."""
         log = self.work / f"{name}.log"
         self.logs.append(log)
-        self.procs.append(subprocess.Popen(cmd, cwd=self.work, env=self.env, stdout=log.open("w"),
+        self.procs.append(subprocess.Popen(cmd, cwd=self.work, env=env or self.env, stdout=log.open("w"),
                                            stderr=subprocess.STDOUT, start_new_session=True))
         self.commands.setdefault(name, cmd)
+        self.envs.setdefault(name, env or self.env)
         self.by_name[name] = self.procs[-1]
         return self.procs[-1]
 
@@ -104,12 +127,11 @@ class LoopbackDeployment:
 
     def restart(self, name: str) -> subprocess.Popen:
         """Start a killed process again with its first command; its output goes to NAME-restarted.log."""
-        return self.start(f"{name}-restarted", self.commands[name])
+        return self.start(f"{name}-restarted", self.commands[name], self.envs[name])
 
     def node_status(self, name: str) -> str:
         """The SuperLink's status of a registered SuperNode (``flwr supernode list``)."""
-        out = subprocess.run([str(BIN / "flwr"), "supernode", "list", FEDERATION, "--format", "json"],
-                             env=self.env, capture_output=True, text=True, timeout=60, check=False)
+        out = self.flwr("supernode", "list", FEDERATION, "--format", "json")
         nodes = json.loads(out.stdout).get("nodes", []) if out.stdout.strip().startswith("{") else []
         return next((n["status"] for n in nodes if int(n["node-id"]) == self.node_ids[name]), "unknown")
 
@@ -117,33 +139,46 @@ class LoopbackDeployment:
         """A SuperNode key pair (``fedtrak keys``), registered with ``flwr supernode register``."""
         private, public = make_node_keys(self.work / "keys", name)
         if register:
-            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), FEDERATION,
-                                  "--format", "json"],
-                                 env=self.env, capture_output=True, text=True, timeout=60, check=False)
+            reg = self.flwr("supernode", "register", str(public), FEDERATION, "--format", "json")
             node_id = re.search(r'"node-id":\s*"?(\d+)', reg.stdout)
             if reg.returncode != 0 or not node_id:
                 raise FedtrakError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
             self.node_ids[name] = int(node_id.group(1))
         return private
 
-    def supernode(self, name: str, x: np.ndarray, y: np.ndarray, key: Path, ca: Path | None = None) -> None:
-        """Start a SuperNode with its own data file (and node key, trusting ``ca``, default ours)."""
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """A ``flwr`` command of the operator's, where the SuperLink runs."""
+        return subprocess.run([*in_namespace(self.link_ns), str(BIN / "flwr"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def supernode(self, name: str, x: np.ndarray, y: np.ndarray, key: Path, ca: Path | None = None,
+                  node_config: str = "") -> None:
+        """Start a SuperNode with its own data file, Flower home and store (and node key, trusting
+        ``ca``, default ours); ``node_config``: more of its node config."""
         data = self.work / f"{name}.npz"
         np.savez(data, x=x, y=y)
-        node_config = f"data-path='{data}' owner='{name}' store-dir='{self.work / f'store-{name}'}'"
-        self.start(name, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        config = f"data-path='{data}' owner='{name}' store-dir='{self.work / f'store-{name}'}' {node_config}"
+        home = self.work / f"flwr-home-{name}"
+        home.mkdir(parents=True, exist_ok=True)
+        self.start(name, [*in_namespace(self.node_ns), str(BIN / "flower-supernode"), "--superlink", self.address,
                           "--root-certificates", str(ca or self.certs / "ca.crt"),
                           "--auth-supernode-private-key", str(key), "--port", str(free_port()),
-                          "--node-config", node_config])
+                          "--node-config", config.strip()], {**self.env, "FLWR_HOME": str(home)})
 
     def run(self, run_config: str, timeout: float = 400) -> dict:
-        """``flwr run`` the app, wait for the run to finish, return its ``flwr ls`` record.
+        """``flwr run --stream`` the app (the ServerApp's log goes to ``work/flwr-run.log``), wait
+        for the run to finish, return its ``flwr ls`` record.
 
         Raises:
             FedtrakError: if it cannot be launched or does not complete (with the logs' tails).
         """
-        launched = subprocess.run([str(BIN / "flwr"), "run", str(app_dir()), FEDERATION, "--run-config", run_config],
-                                  env=self.env, capture_output=True, text=True, timeout=180, check=False)
+        launched = self.flwr("run", str(self.app or app_dir()), FEDERATION, "--run-config", run_config, "--stream",
+                             timeout=timeout)
+        log = self.work / "flwr-run.log"
+        with log.open("a") as f:
+            f.write(launched.stdout + launched.stderr)
+        if log not in self.logs:
+            self.logs.append(log)
         run_id = re.search(r"run (\d+)", launched.stdout + launched.stderr)
         if launched.returncode != 0 or not run_id:
             raise FedtrakError(f"flwr run failed: {launched.stdout}{launched.stderr}")
@@ -187,20 +222,25 @@ class LoopbackDeployment:
 
     def _wait_for_port(self, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
+        probe = f"import socket, sys; sys.exit(socket.socket().connect_ex(({self.host!r}, {self.port})))"
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise FedtrakError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+            if self.link_ns:  # reachable only from inside its namespace
+                if subprocess.run([*in_namespace(self.link_ns), sys.executable, "-c", probe],
+                                  check=False, timeout=30).returncode == 0:
                     return
+            else:
+                with socket.socket() as s:
+                    if s.connect_ex((self.host, self.port)) == 0:
+                        return
             time.sleep(0.3)
         raise FedtrakError(f"nothing listens on port {self.port} after {timeout} s:\n{log.read_text()[-3000:]}")
 
     def _run_status(self, run_id: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([str(BIN / "flwr"), "ls", FEDERATION, "--format", "json"], env=self.env,
-                                 capture_output=True, text=True, timeout=60, check=False)
+            out = self.flwr("ls", FEDERATION, "--format", "json")
             runs = json.loads(out.stdout).get("runs", []) if out.stdout.strip().startswith("{") else []
             for run in runs:
                 if str(run["run-id"]) == run_id and run["status"].startswith("finished"):
@@ -223,7 +263,7 @@ def bench_deploy(work: Path, task_name: str = "fmnist-mlp", nodes: int = 1, exam
     if not (ckpts / "manifest.json").exists():
         train_checkpoints(task, checkpoints, ckpts)
     out = work / "run"
-    with LoopbackDeployment(work) as dep:
+    with Deployment(work) as dep:
         for i in range(nodes):
             rows = slice(i * examples, (i + 1) * examples)
             dep.supernode(f"node{i}", task.x_train[rows], task.y_train[rows], dep.keys(f"node{i}"))

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtrak.simulations.cli.answer import answer_lines
+from fedtrak.answer import answer_lines
 from fedtrak.simulations.cli.flags import add_settings, flag_keys, settings_from
 
 #: The settings each run command offers as options.

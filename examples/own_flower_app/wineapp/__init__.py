@@ -1,0 +1,1 @@
+"""A user's Flower app around fedtrak: their task, fedtrak's apps."""

@@ -1,0 +1,47 @@
+"""The user's own task: nothing here is fedtrak's but the last function.
+
+scikit-learn's wine data set (178 wines, 13 chemical measurements, 3 cultivars), standardized,
+split into training examples (each device holds its own share of them) and the queries the
+operator asks about, and a small PyTorch classifier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import load_wine
+from torch import nn
+
+import fedtrak
+
+#: The name the run config's ``task`` gives.
+TASK = "wine-mlp"
+
+
+class WineNet(nn.Module):
+    """One hidden layer; logits for the three cultivars."""
+
+    def __init__(self, features: int = 13, hidden: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def wine_data(queries: int = 28, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(x_train, y_train), (x_query, y_query)``, standardized on the training part."""
+    x, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    test, train = order[:queries], order[queries:]
+    mean, std = x[train].mean(axis=0), x[train].std(axis=0)
+    x = ((x - mean) / std).astype(np.float32)
+    return (x[train], y[train].astype(np.int64)), (x[test], y[test].astype(np.int64))
+
+
+def wine_task() -> fedtrak.Task:
+    """The task fedtrak attributes: this model and this data."""
+    train, query = wine_data()
+    return fedtrak.task_from_model(TASK, WineNet(), train=train, query=query,
+                                   training=fedtrak.TrainConfig(epochs=40, batch_size=16, lr=0.05,
+                                                                weight_decay=1e-3))
