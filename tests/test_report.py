@@ -58,6 +58,34 @@ def test_report_without_released_scores_shows_no_examples(tmp_path, capsys):
     assert "is not a run folder" in capsys.readouterr().err
 
 
+def test_report_of_a_task_whose_examples_are_not_images_has_a_table(tmp_path):
+    """A user's tabular task: top proponents and opponents as a table of index, label and score; the
+    owner bars name each query's label."""
+    import numpy as np
+    from torch import nn
+
+    import fedtrak
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    fedtrak.register_task("report-tabular", fedtrak.task_from_model(
+        "report-tabular", nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)), train=(x[:100], y[:100]),
+        query=(x[100:], y[100:]), training=fedtrak.TrainConfig(epochs=5, batch_size=20, lr=0.1)))
+    run = tmp_path / "run"
+    assert main(["attribute", "--task", "report-tabular", "--clients", "2", "--checkpoints", "1", "--proj-dim",
+                 "32", "--out", str(run), "--quiet"]) == 0
+    assert main(["report", str(run), "--queries", "2"]) == 0
+    page = (run / "report.html").read_text()
+    assert "<th>training index</th><th>label</th><th>score</th>" in page
+    scores = np.load(run / "scores.npy")
+    best = int(np.argmax(scores[0]))
+    index = int(np.load(run / "example_ids.npy")["index"][best])
+    assert f"<td>0</td><td>{y[100]}</td><td>proponent</td><td>{index}</td>" in page  # query 0's best example
+    assert "Not available for this run" not in page.split("<h2>Owner-level")[0]
+    assert len(_images(page)) == 1  # the owner bars
+
+
 #: What the probe copy of the page records once it has loaded: each figure's state and sizes, and
 #: every resource the page fetched (the Performance API lists them; data URIs are not fetched).
 PROBE = ("<script>window.addEventListener('load',()=>{document.body.setAttribute('data-probe',JSON.stringify({"

@@ -95,18 +95,47 @@ def proponent_figure(run: RunFolder, task: Task, queries: np.ndarray) -> bytes |
     return _png(fig)
 
 
-def owner_figure(run: RunFolder, queries: np.ndarray) -> bytes:
-    """Owner totals for the chosen queries, and each owner's mean total over all queries."""
+def proponent_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | None:
+    """For examples that are not images: each query's top proponents and opponents as a table of
+    training index, label and score (``None`` without released scores)."""
+    if _image_shape(task) is not None or not run.has("scores") or not run.has("example_ids"):
+        return None
+    scores = run.array("scores", "the proponent table")
+    index = np.asarray(run.array("example_ids", "the proponent table")["index"])
+    rows = []
+    for q in queries:
+        s = np.asarray(scores[q], dtype=np.float64)
+        order = np.argsort(-s, kind="stable")
+        for kind, picks in (("proponent", order[:TOP]), ("opponent", order[::-1][:TOP])):
+            rows += [(f"{q}", f"{task.y_query[q]}", kind, f"{index[j]}", f"{task.y_train[index[j]]}", f"{s[j]:+.4g}")
+                     for j in picks]
+    head = "".join(f"<th>{h}</th>" for h in ("query", "query label", "", "training index", "label", "score"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) -> bytes:
+    """Owner totals for the chosen queries (each under its query: the image, or its label; the
+    server owns the queries), and each owner's mean total over all queries."""
     owners = np.asarray(run.array("owner_scores", "the owner figure"), dtype=np.float64)
     names = [str(o.get("owner")) for o in run.summary.get("owners", [])] or [
         str(c) for c in range(owners.shape[1])]
     cols = len(queries) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(3.0 * cols, 2.8), squeeze=False)
+    shape = None if task is None else _image_shape(task)
+    fig, grid = plt.subplots(2 if shape else 1, cols, figsize=(3.0 * cols, 5.0 if shape else 2.8), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.6]} if shape else None)
+    axes = grid[-1:]
+    if shape:
+        for ax, q in zip(grid[0], queries):
+            ax.imshow(np.asarray(task.x_query[q], dtype=np.float32).reshape(shape), cmap="gray_r")
+            ax.set_axis_off()
+        grid[0][-1].set_axis_off()
     pos = np.arange(owners.shape[1])
     for ax, q in zip(axes[0], queries):
         vals = owners[q]
         ax.bar(pos, vals, color=np.where(vals >= 0, "tab:green", "tab:red"))
-        ax.set_title(f"query {q}", fontsize=9)
+        label = "" if task is None or q >= len(task.y_query) else f", label {task.y_query[q]}"
+        ax.set_title(f"query {q}{label}", fontsize=9)
     mean = owners.mean(axis=0)
     ax = axes[0][-1]
     ax.bar(pos, mean, color="tab:blue")
@@ -294,13 +323,14 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     owners = np.asarray(run.array("owner_scores", "a report"))
     queries = pick_queries(owners.shape[0], num_queries)
     task = _run_task(run)
-    # (title, figure or None, caption, why it may be missing)
-    sections: list[tuple[str, bytes | None, str, str]] = [
-        ("Top proponents and opponents", proponent_figure(run, task, queries) if task else None,
+    table = proponent_table(run, task, queries) if task else None
+    # (title, figure (or a table's HTML) or None, caption, why it may be missing)
+    sections: list[tuple[str, bytes | str | None, str, str]] = [
+        ("Top proponents and opponents", (proponent_figure(run, task, queries) or table) if task else None,
          "The training examples with the highest and lowest scores for each query.",
          ("Shown only where the run released example scores and the examples are the task's own "
           "(a simulation or the centralized path); a deployed run's examples never leave their devices.")),
-        ("Owner-level attribution", owner_figure(run, queries),
+        ("Owner-level attribution", owner_figure(run, queries, task),
          ("Each owner's total score for a query: the sum of its examples' scores (positive: the owner's "
           "data raises the query's margin)."), ""),
         ("LDS", lds_figure(run),
@@ -330,6 +360,10 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
         if png is None:
             (figures_dir / name).unlink(missing_ok=True)
             parts.append(f"<p class='note'>Not available for this run. {html.escape(missing)}</p>")
+            continue
+        if isinstance(png, str):  # a table, for examples that are not images
+            (figures_dir / name).unlink(missing_ok=True)
+            parts.append(f"{png}<p class='note'>{html.escape(caption)}</p>")
             continue
         (figures_dir / name).write_bytes(png)
         data = base64.b64encode(png).decode()
