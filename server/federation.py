@@ -40,6 +40,8 @@ REJOIN_POLL = 2.0
 PULL_PAUSE = (0.02, 1.0)
 #: Most replies asked for in one pull (a deployed SuperLink refuses an oversized pull response).
 PULL_AT_ONCE = 64
+#: Seconds between looks at the SuperNodes' activation times while replies are awaited.
+ACTIVATION_CHECK = 5.0
 
 
 @dataclass
@@ -98,16 +100,27 @@ class CountingGrid:
             self._received(reply.metadata.src_node_id, reply)
         return replies
 
+    def _activations(self) -> dict[int, str]:
+        """When each SuperNode last (re)connected, where the SuperLink says (a deployment)."""
+        try:
+            return {int(n.node_id): str(n.last_activated_at or "") for n in self._grid.get_nodes()}
+        except Exception:  # noqa: BLE001 - a grid without node details: nothing to compare
+            return {}
+
     def stream(self, messages: Iterable[Message], timeout: float, in_flight: int = 0
-               ) -> Iterator[tuple[int, Message]]:
+               ) -> Iterator[tuple[int, Message | None]]:
         """Push ``messages`` (consumed lazily) at most ``in_flight`` out at once (0: all at once)
         and yield ``(destination node, reply)`` for each reply as soon as it is pulled. A message
         still unanswered ``timeout`` seconds after it was pushed is given up; its node gets no
-        reply from this generator."""
+        reply from this generator. A node that connects again after its message was pushed (a
+        restarted SuperNode; Flower does not deliver the message to it again) gets ``None``
+        instead of a reply, so that the caller can send the message again."""
         source = iter(messages)
         exhausted = False
-        waiting: dict[str, tuple[float, int]] = {}  # message id -> (deadline, destination)
+        waiting: dict[str, tuple[float, int, str]] = {}  # message id -> (deadline, destination, activation)
         pause, cursor = PULL_PAUSE[0], 0
+        activations: dict[int, str] = {}
+        checked = time.monotonic()
         while True:
             batch: list[Message] = []
             while not exhausted and (in_flight <= 0 or len(waiting) + len(batch) < in_flight):
@@ -120,10 +133,12 @@ class CountingGrid:
                 for msg in batch:
                     self._count(msg.metadata.dst_node_id, "sent", msg.content)
                 deadline = time.monotonic() + timeout
+                activations = activations or self._activations()
                 ids = set(self._grid.push_messages(batch))  # Flower sets each message's id as it pushes
                 for msg in batch:
                     if msg.metadata.message_id in ids:
-                        waiting[msg.metadata.message_id] = (deadline, msg.metadata.dst_node_id)
+                        dst = msg.metadata.dst_node_id
+                        waiting[msg.metadata.message_id] = (deadline, dst, activations.get(dst, ""))
             if not waiting:
                 if exhausted:
                     return
@@ -139,8 +154,14 @@ class CountingGrid:
                 self._received(entry[1], reply)
                 yield entry[1], reply
             now = time.monotonic()
-            for mid in [m for m, (deadline, _) in waiting.items() if deadline < now]:
+            for mid in [m for m, (deadline, _, _) in waiting.items() if deadline < now]:
                 del waiting[mid]
+            if waiting and now - checked >= ACTIVATION_CHECK:
+                checked, activations = now, self._activations()
+                for mid, (_, node, before) in list(waiting.items()):
+                    if before and activations.get(node, before) != before:
+                        del waiting[mid]
+                        yield node, None
             if replies:
                 pause = PULL_PAUSE[0]
             else:
@@ -260,7 +281,10 @@ class Federation:
             for node, reply in self.grid.stream(messages, self.timeout, self.in_flight):
                 bar.update()
                 answered.add(node)
-                if reply.has_error():
+                if reply is None:
+                    lost = f"{message_type} lost: the node connected again after it was sent"
+                    failed[node] = (ErrorCode.NODE_UNAVAILABLE, lost)
+                elif reply.has_error():
                     failed[node] = (reply.error.code, f"{message_type} failed: {reply.error.reason}")
                 elif on_reply is None:
                     replies[node] = reply.content
