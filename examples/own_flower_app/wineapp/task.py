@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.datasets import load_wine
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import fedtrak
@@ -32,11 +34,10 @@ class WineNet(nn.Module):
 def wine_data(queries: int = 28, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``(x_train, y_train), (x_query, y_query)``, standardized on the training part."""
     x, y = load_wine(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    test, train = order[:queries], order[queries:]
-    mean, std = x[train].mean(axis=0), x[train].std(axis=0)
-    x = ((x - mean) / std).astype(np.float32)
-    return (x[train], y[train].astype(np.int64)), (x[test], y[test].astype(np.int64))
+    x_train, x_query, y_train, y_query = train_test_split(x, y, test_size=queries, random_state=seed, stratify=y)
+    scaler = StandardScaler().fit(x_train)
+    return ((scaler.transform(x_train).astype(np.float32), y_train.astype(np.int64)),
+            (scaler.transform(x_query).astype(np.float32), y_query.astype(np.int64)))
 
 
 def wine_task() -> fedtrak.Task:
