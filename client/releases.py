@@ -90,17 +90,10 @@ def released_features(local: Local, checkpoints: list[int]
     return out
 
 
-def summary_route(request: ScoreRequest) -> bool:
-    """Whether the server asks for owner summaries instead of totals: an ``owner-totals`` request
-    that carries no query rows (the server has at least k queries, so the totals would determine
-    the summaries anyway, and the clients need no queries)."""
-    return request.policy == "owner-totals" and next(iter(request.queries.values())).shape[0] == 0
-
-
 def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> ScoreRelease:
     """Score this client's examples with the server's preconditioned queries and release what the
     policy allows: owner totals (under DP: noised owner summaries instead; on the
-    :func:`summary_route`, exact summaries), the owner's summed
+    :attr:`~fedtrak.wire.ScoreRequest.summary_route`, exact summaries), the owner's summed
     screening statistic (its summed self-influence; under DP with the server's threshold, its noised
     count of suspects), its values over the server's query groups where asked, and with ``full``
     every score; ``topk`` keeps the best examples on the device.
@@ -137,7 +130,7 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     if dp.active:  # the noised owner summaries instead: the server derives the totals from them
         totals, summaries = None, store.released("owner-summaries-" + "-".join(map(str, ms)),
                                                  lambda: noised_owner_summaries(local_scores.summaries, dp, rng))
-    elif summary_route(request):  # no queries sent: the summaries, from which the server derives the totals
+    elif request.summary_route:  # no queries sent: the summaries, from which the server derives the totals
         totals, summaries = None, local_scores.summaries
     self_infl = local_scores.self_influence
     if self_infl is not None:

@@ -186,7 +186,7 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         return owner_limits(dp, fed.clients[node].num_examples, job.resolved.proj_dim, summed, request.value_clip,
                             request.suspect_threshold > 0) if dp.active else None
 
-    summarized = dp.active or next(iter(request.queries.values())).shape[0] == 0
+    summarized = dp.active or request.summary_route
     released = fed.accept(replies, lambda node, c: score_release(
         c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
         [owner_us[m] for m in sorted(owner_us)], groups, limits(node), summarized))

@@ -198,10 +198,17 @@ class ScoreRequest:
     value_clip: float = 0.0  # under DP: each example's contribution to the owner values is clipped to it
     suspect_threshold: float = 0.0  # under DP: the owner counts its examples whose self-influence exceeds it
 
+    @property
+    def summary_route(self) -> bool:
+        """Whether owner summaries are asked for instead of totals: an ``owner-totals`` request that
+        carries no query rows (the server has at least k queries, so the totals would determine the
+        summaries anyway, and the clients need no queries)."""
+        return self.policy == "owner-totals" and next(iter(self.queries.values())).shape[0] == 0
+
 
 def encode_score_request(request: ScoreRequest) -> RecordDict:
     """The score request's records. The preconditioned queries travel as float32 (half the bytes;
-    the scores move by about 1e-7 of their largest value: ``tests/test_kernel_scores.py``); kernel
+    the scores move by about 1e-8 of their largest value: ``tests/test_kernel_scores.py``); kernel
     inverses and query groups stay float64."""
     content = RecordDict({JOB: encode_job(request.job),
                           SCORE_CONFIG: ConfigRecord({POLICY: request.policy, TOPK: request.topk,
