@@ -7,7 +7,8 @@
 ``ca.crt``     the CA certificate: SuperNodes trust it (``--root-certificates``), and
                ``flwr`` names it in its federation config (``root-certificates``)
 ``ca.key``     the CA's private key (owner-only): keep it offline; it signs server certificates
-``server.pem`` the SuperLink's certificate, for every given host name and IP address
+``server.pem`` the SuperLink's certificate, for every given host name and IP address (and the
+               loopback address and name, which the SuperLink's own helpers use)
 ``server.key`` its private key (owner-only)
 =============  ===========================================================================
 
@@ -35,9 +36,14 @@ SERVER_DAYS = 825
 FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
 
 
+#: Names every SuperLink certificate carries besides the given hosts: a SuperLink listening on every
+#: interface (``--host 0.0.0.0``) starts its own helper processes against 127.0.0.1, over TLS.
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
-    for host in hosts:
+    for host in [*hosts, *(h for h in LOOPBACK if h not in hosts)]:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:

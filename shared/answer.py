@@ -57,4 +57,5 @@ def privacy_line(summary: dict) -> str:
                 f"{'; '.join(privacy['not_covered']) or 'nothing'})")
     if summary.get("mode") in (None, "central"):
         return "privacy: none (the centralized reference: all data in one place)"
-    return "privacy: no noise (every release is exact; --epsilon E makes the run E-differentially private)"
+    return ("privacy: no noise (every release is exact; --epsilon E, or epsilon=E in a run config, makes the "
+            "run E-differentially private)")

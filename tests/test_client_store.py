@@ -125,7 +125,7 @@ def test_deployment_certificates_carry_key_usage_and_key_identifiers(tmp_path):
 
     from fedtrak.server.certs import make_certificates
 
-    paths = make_certificates(tmp_path, ["127.0.0.1", "link.example"])
+    paths = make_certificates(tmp_path, ["10.0.0.5", "link.example"])
     leaf = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
     ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
     usage = leaf.extensions.get_extension_for_class(x509.KeyUsage)
@@ -135,5 +135,7 @@ def test_deployment_certificates_carry_key_usage_and_key_identifiers(tmp_path):
     aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "link.example" in names.get_values_for_type(x509.DNSName)
+    assert names.get_values_for_type(x509.DNSName) == ["link.example", "localhost"]
+    # the loopback address too: a SuperLink on 0.0.0.0 starts its helpers against 127.0.0.1
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
     assert all(stat.S_IMODE(os.stat(paths[k]).st_mode) == 0o600 for k in ("ca.key", "server.key"))

@@ -1,6 +1,6 @@
 """Deployment across hosts: the SuperLink in one network namespace, two SuperNodes in another,
-joined by a veth pair with addresses of their own (no loopback between them), TLS and node
-authentication, the operator's ``flwr run`` on the SuperLink's side. The owner totals equal the
+joined by a veth pair with addresses of their own (no loopback between them), the SuperLink listening
+on every interface (``--host 0.0.0.0``, as the deploy docs say), TLS and node authentication, the operator's ``flwr run`` on the SuperLink's side. The owner totals equal the
 centralized path's. The namespaces (and the veth pair with them) are removed afterwards, even on
 failure. Needs root (``ip netns``); skipped, saying so, where it is not allowed."""
 
@@ -59,7 +59,7 @@ def test_superlink_and_supernodes_on_two_hosts_with_tls_and_node_authentication(
     parts = partition(digits_logreg.y_train, 2, "iid", 0.5, 1)
     x, y = digits_logreg.x_train, digits_logreg.y_train
     out = tmp_path / "run"
-    with Deployment(tmp_path, host=link_ip, link_ns=link_ns, node_ns=node_ns) as dep:
+    with Deployment(tmp_path, host=link_ip, link_ns=link_ns, node_ns=node_ns, listen="0.0.0.0") as dep:
         assert not ipaddress.ip_address(dep.host).is_loopback
         for c in range(2):
             dep.supernode(str(c), x[parts.clients[c]], y[parts.clients[c]], dep.keys(str(c)))

@@ -60,14 +60,16 @@ def in_namespace(namespace: str | None) -> list[str]:
 class Deployment:
     """One SuperLink and its SuperNodes under ``work``; use as a context manager.
 
-    ``host``: the address the SuperLink listens on and its certificate names; ``link_ns`` and
+    ``host``: the address devices reach the SuperLink at, which its certificate names; ``listen``:
+    its ``--host`` (default ``host``; ``0.0.0.0``: every interface); ``link_ns`` and
     ``node_ns``: the network namespaces of the SuperLink (with the operator's ``flwr`` commands)
     and of the SuperNodes (``None``: this one)."""
 
     def __init__(self, work: Path, host: str = "127.0.0.1", link_ns: str | None = None,
-                 node_ns: str | None = None, app: Path | None = None) -> None:
+                 node_ns: str | None = None, app: Path | None = None, listen: str | None = None) -> None:
         self.work = Path(work)
         self.host, self.link_ns, self.node_ns = host, link_ns, node_ns
+        self.listen = listen or host  # the SuperLink's --host: its address, or 0.0.0.0 for every interface
         self.app = app
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
@@ -89,12 +91,12 @@ class Deployment:
 
     def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
-        make_certificates(self.certs, [self.host, "localhost"] if self.host == "127.0.0.1" else [self.host])
+        make_certificates(self.certs, [self.host])
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
             f'address = "{self.address}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
         link = self.start("superlink", [*in_namespace(self.link_ns), str(BIN / "flower-superlink"),
-                                        "--host", self.host, "--port", str(self.port),
+                                        "--host", self.listen, "--port", str(self.port),
                                         "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                                         "--ssl-certfile", str(self.certs / "server.pem"),
                                         "--ssl-keyfile", str(self.certs / "server.key"),
