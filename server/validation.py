@@ -91,11 +91,14 @@ def check_minors(packed: np.ndarray, dim: int, what: str, source: str) -> None:
     if np.any(diag < 0):
         raise FedtrakError(f"{source}: {what} has a negative diagonal entry")
     root = np.sqrt(diag).astype(np.float32)  # float32: a quarter of the memory traffic, tolerance 1e-5
+    root *= np.float32(np.sqrt(1 + MINOR_TOLERANCE))
     _, cols = upper_indices(dim)
-    bound = np.repeat(root, np.arange(dim, 0, -1)) * root[cols]  # row i holds entries (i, i..k-1)
-    bound *= np.float32(1 + MINOR_TOLERANCE)
+    bound = np.repeat(root, np.arange(dim, 0, -1))  # row i holds entries (i, i..k-1)
+    bound *= root[cols]
     bound += np.float32(PSD_JITTER * float(diag.max(initial=0.0)))
-    if np.any(np.abs(packed).astype(np.float32) > bound):
+    entries = packed.astype(np.float32)
+    np.abs(entries, out=entries)
+    if np.any(entries > bound):
         raise FedtrakError(f"{source}: {what} has an entry larger than its two diagonal entries allow, so it "
                            "is not positive semi-definite and no Gram matrix")
 
