@@ -1,0 +1,46 @@
+"""The ServerApp waiting for SuperNodes: how many it still waits for, an exact count against
+``all-connected`` (a minimum), and the error that says what to do."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fedtrak.errors import FedtrakError
+from fedtrak.server import federation
+from fedtrak.server.federation import wait_for_nodes
+
+
+class Arrivals:
+    """What a Flower Grid tells the server about its nodes: ``get_node_ids``, one more node
+    connecting at each look until ``last`` are there."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.connected, self.last = first, last
+
+    def get_node_ids(self) -> list[int]:
+        ids = list(range(100, 100 + self.connected))
+        self.connected = min(self.last, self.connected + 1)
+        return ids
+
+
+def test_it_says_how_many_it_waits_for_and_uses_exactly_clients_of_them(monkeypatch, caplog):
+    monkeypatch.setattr(federation, "WAIT_LOG_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="fedtrak.server"):
+        nodes = wait_for_nodes(Arrivals(1, 5), 3, timeout=30, poll=0.01)
+    assert nodes == [100, 101, 102]
+    assert "waiting for 2 more of 3 SuperNodes (1 connected" in caplog.text
+
+
+def test_more_nodes_than_clients_use_clients_of_them_unless_all_connected(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedtrak.server"):
+        assert wait_for_nodes(Arrivals(5, 5), 3, timeout=30, poll=0.01) == [100, 101, 102]
+    assert "5 SuperNodes are connected, the run config's clients=3: using 3 of them" in caplog.text
+    assert wait_for_nodes(Arrivals(5, 5), 3, timeout=30, poll=0.01, at_least=True) == [100, 101, 102, 103, 104]
+
+
+def test_too_few_nodes_fail_with_what_to_do():
+    with pytest.raises(FedtrakError, match=r"only 2 of 3 clients \(SuperNodes\) connected within 0.05 s: start more "
+                                           r"SuperNodes, or lower the run config's clients"):
+        wait_for_nodes(Arrivals(2, 2), 3, timeout=0.05, poll=0.01)
