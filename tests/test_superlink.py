@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,10 +28,9 @@ from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores, run_attribute
 from fedtrak.simulations.bench.deploy import Deployment
 from fedtrak.simulations.cli import main
-from fedtrak.tasks import load_task, register_task
+from fedtrak.tasks import load_task
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.deployment]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flwr_run_with_tls_and_node_authentication(tmp_path, digits_logreg, logreg_ckpt_dir):
@@ -116,33 +114,3 @@ def test_a_supernode_killed_mid_featurize_comes_back_and_a_lost_one_is_reported(
     want = np.stack([ref[:, :n0].sum(axis=1), ref[:, n0:].sum(axis=1)], axis=1)
     np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
-
-def test_a_users_own_flower_app_runs_through_flwr_run(tmp_path):
-    """examples/own_flower_app (a wine classifier of the user's, fedtrak's apps around it) is shipped
-    by ``flwr run`` to a SuperLink with two SuperNodes, each with its own share of the data; the
-    owner totals equal the centralized path's on the same checkpoints."""
-    import sys
-
-    app = ROOT / "examples" / "own_flower_app"
-    sys.path.insert(0, str(app))
-    try:
-        from wineapp.task import TASK, wine_task
-    finally:
-        sys.path.remove(str(app))
-    register_task(TASK, wine_task)
-    task = load_task(TASK)
-    ckpts = tmp_path / "ckpts"
-    train_checkpoints(task, 2, ckpts)
-    parts = partition(task.y_train, 2, "iid", 0.5, 1)
-    out = tmp_path / "run"
-    with Deployment(tmp_path, app=app) as dep:
-        for c in range(2):
-            dep.supernode(str(c), task.x_train[parts.clients[c]], task.y_train[parts.clients[c]], dep.keys(str(c)))
-        dep.run(f"clients=2 checkpoints=2 checkpoint-dir='{ckpts}' out='{out}'")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == TASK and summary["complete"] and [o["owner"] for o in summary["owners"]] == ["0", "1"]
-    central = tmp_path / "central"
-    run_attribute(Settings().replaced(task=TASK, out=str(central), clients=2, partition_seed=1, checkpoints=2,
-                                      checkpoint_dir=str(ckpts), proj_dim=64), progress=False)
-    want = np.load(central / "owner_scores.npy")
-    np.testing.assert_allclose(np.load(out / "owner_scores.npy"), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
