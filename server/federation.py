@@ -156,7 +156,8 @@ class CountingGrid:
             now = time.monotonic()
             for mid in [m for m, (deadline, _, _) in waiting.items() if deadline < now]:
                 del waiting[mid]
-            if waiting and now - checked >= ACTIVATION_CHECK:
+            # only where the SuperLink gives activation times (a deployment; a simulation's grid gives none)
+            if now - checked >= ACTIVATION_CHECK and any(before for _, _, before in waiting.values()):
                 checked, activations = now, self._activations()
                 for mid, (_, node, before) in list(waiting.items()):
                     if before and activations.get(node, before) != before:
@@ -199,7 +200,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0, a
                                "it is a minimum)")
         if now - logged >= WAIT_LOG_EVERY:
             log.info("waiting for %d more of %d SuperNodes (%d connected, %.0f s of %g)", wanted - len(nodes),
-                        wanted, len(nodes), now - start, timeout)
+                     wanted, len(nodes), now - start, timeout)
             logged = now
         time.sleep(poll)
 
