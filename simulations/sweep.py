@@ -13,12 +13,14 @@ measures what a curious server rebuilds from the same releases (features
 mode: feature inversion; private mode: a one-example client's Gram, or its
 owner summary under secure aggregation, and membership inference). The table goes to
 ``sweep.csv`` and ``sweep.md``, the plot to ``sweep.png``; every run folder
-is kept under ``OUT``.
+is kept under ``OUT``, with its row in ``sweep-point.json``: run the same sweep again
+(after a crash, or with more epsilons) and finished points are not measured again.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,6 +143,11 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                                  epsilon=None if math.isinf(eps) else float(eps),
                                  kernel_source=variant.kernel_source if mode == "private" else "auto",
                                  secure_agg=variant.secure_agg)
+        key = {"settings": settings.flat(), "subsets": cfg.subsets, "attack_targets": cfg.attack_targets}
+        done = _finished_row(run, key)
+        if done is not None:
+            rows.append(done)
+            continue
         summary = run_simulation(settings)
         block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0, ceiling=False,
                                               cache_dir=cfg.cache_dir, progress=False))
@@ -158,9 +165,31 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             "mislabel_auroc_owners": mis.get("owners", {}).get("auroc", float("nan")),
             **attack, "seconds": summary["seconds"]["total"],
         })
+        (run / POINT_FILE).write_text(json.dumps({**key, "row": rows[-1]}, default=_json_number))
     write_table(rows, out)
     plot(rows, out / "sweep.png", base.task.task)
     return rows
+
+
+#: A finished point's row and what it was measured with, beside its run folder: a sweep run again
+#: (after a crash, or with more epsilons) reuses it instead of measuring the point again.
+POINT_FILE = "sweep-point.json"
+
+
+def _json_number(v: object) -> object:
+    return float(v)  # numpy scalars
+
+
+def _finished_row(run: Path, key: dict) -> dict | None:
+    """The row stored for this point if it was measured with the same settings, else None."""
+    try:
+        stored = json.loads((run / POINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: stored.get(k) for k in key} != json.loads(json.dumps(key, default=_json_number)):
+        return None
+    row = stored["row"]
+    return {**row, "epsilon": float(row["epsilon"])}
 
 
 def _attack_measures(run: Path, mode: str, targets: int) -> dict:

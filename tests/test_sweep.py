@@ -14,12 +14,13 @@ from fedtrak.simulations.sweep import Variant, keeps_fraction, variants
 
 @pytest.mark.flower
 @pytest.mark.slow
-def test_small_sweep_writes_table_and_plot(tmp_path, capsys):
+def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--task", "digits-logreg", "--train-size", "400", "--query-size", "60",
-                 "--clients", "4", "--checkpoints", "1", "--proj-dim", "64", "--epsilons", "2,inf",
-                 "--modes", "private", "--subsets", "12", "--cache-dir", str(tmp_path / "gt"),
-                 "--out", str(out)]) == 0
+    args = ["sweep", "--task", "digits-logreg", "--train-size", "400", "--query-size", "60",
+            "--clients", "4", "--checkpoints", "1", "--proj-dim", "64", "--epsilons", "2,inf",
+            "--modes", "private", "--subsets", "12", "--cache-dir", str(tmp_path / "gt"),
+            "--out", str(out)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     # under DP the default kernel is the public one; without noise the clients' exact Grams
     assert "| private (public) | 2 |" in printed and "| private (private) | inf | 0 |" in printed
@@ -38,6 +39,12 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys):
     assert float(rows[0]["membership_epsilon"]) < 2.0
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "sweep.md").read_text().startswith("| mode (kernel) | epsilon |")
+    # run again: finished points are reused, not measured again (the simulation is not called)
+    table = (out / "sweep.md").read_text()
+    monkeypatch.setattr("fedtrak.simulations.sweep.run_simulation",
+                        lambda settings: pytest.fail("a finished point was simulated again"))
+    assert main(args) == 0
+    assert (out / "sweep.md").read_text() == table
 
 
 def test_keeps_fraction_finds_the_smallest_epsilon():
