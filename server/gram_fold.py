@@ -17,7 +17,8 @@ client's Gram that is not PSD on its own can pass inside a batch whose other
 Grams outweigh it, but never one that fails the 2 x 2 minors or the size
 bounds.
 
-The sums are compensated (Knuth's two-sum), so the result does not depend on
+The sums are compensated (Knuth's two-sum, a batch's Grams added block by
+block so the running sum stays in cache), so the result does not depend on
 the order in which replies arrive beyond the last bit of a few entries in a
 billion: a rerun gives the same kernel. Everything is kept packed (half a
 Gram's entries); only a batch's sum is unpacked, for its factorization.
@@ -49,25 +50,41 @@ class CompensatedSum:
     """A running float64 sum of arrays with Knuth's two-sum compensation: the error of the sum
     is of the order of one rounding whatever the number or order of the terms."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self._sum, self._carry = np.zeros(shape), np.zeros(shape)
-        self._next, self._z, self._w = np.empty(shape), np.empty(shape), np.empty(shape)
+    #: Entries summed at a time: a block of the sum, its carry and the scratch stay in the core's
+    #: cache while every term of a batch is added to it.
+    BLOCK = 65536
 
-    def add(self, term: np.ndarray) -> None:
-        """Add one term: t = s + x, z = t - s, carry += (s - (t - z)) + (x - z), s = t (in place)."""
-        s, t, z, w = self._sum, self._next, self._z, self._w
-        np.add(s, term, out=t)
-        np.subtract(t, s, out=z)
-        np.subtract(t, z, out=w)
-        np.subtract(s, w, out=w)
-        np.subtract(term, z, out=z)
-        np.add(w, z, out=w)
-        np.add(self._carry, w, out=self._carry)
-        self._sum, self._next = t, s
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._sum, self._carry = np.zeros(shape).reshape(-1), np.zeros(shape).reshape(-1)
+        self._shape = shape
+        n = min(self.BLOCK, self._sum.size)
+        self._scratch = (np.empty(n), np.empty(n), np.empty(n))
+
+    def add(self, *terms: np.ndarray) -> None:
+        """Add terms, in order, block by block: per entry t = s + x, z = t - s,
+        carry += (s - (t - z)) + (x - z), s = t."""
+        flat = [np.asarray(x, dtype=np.float64).reshape(-1) for x in terms]
+        size = self._sum.size
+        for a in range(0, size, self.BLOCK):
+            b = min(size, a + self.BLOCK)
+            s, carry = self._sum[a:b], self._carry[a:b]
+            t, z, w = (buf[: b - a] for buf in self._scratch)
+            for x in flat:
+                x = x[a:b]
+                np.add(s, x, out=t)
+                np.subtract(t, s, out=z)
+                np.subtract(t, z, out=w)
+                np.subtract(s, w, out=w)
+                np.subtract(x, z, out=z)
+                np.add(w, z, out=w)
+                np.add(carry, w, out=carry)
+                s, t = t, s  # the new sum is t; s's buffer is the next scratch
+            if len(flat) % 2:  # the block's sum ended in the scratch buffer
+                self._sum[a:b] = s
 
     def value(self) -> np.ndarray:
         """The sum so far."""
-        return self._sum + self._carry
+        return (self._sum + self._carry).reshape(self._shape)
 
 
 class GramFold:
@@ -121,9 +138,9 @@ class GramFold:
                     self.exclude(node, str(exc))
         for m in self.checkpoints:
             self._batch_sum[m].fill(0.0)
-        for node, _, count, packed in passed:
-            for m in self.checkpoints:
-                self.sums[m].add(packed[m])
+        for m in self.checkpoints:
+            self.sums[m].add(*(packed[m] for _, _, _, packed in passed))
+        for node, _, count, _ in passed:
             self.included.append(node)
             self.count += count
 
@@ -131,9 +148,9 @@ class GramFold:
         for m in self.checkpoints:
             total = unpack_upper(packed[m], self.dim, source)
             if self.limits is None:
-                check_psd(total, f"{what} of checkpoint {m}", source)
+                check_psd(total, f"{what} of checkpoint {m}", source, overwrite=True)
             else:
-                check_gram_size(total, self.limits(count, clients), f"{what} of checkpoint {m}", source)
+                check_gram_size(total, self.limits(count, clients), f"{what} of checkpoint {m}", source, overwrite=True)
 
     def result(self) -> list[np.ndarray]:
         """The sums, per checkpoint in order, after the last batch is checked."""

@@ -17,10 +17,12 @@ that client and goes on with the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import scipy.linalg
 from flwr.app import RecordDict
+from threadpoolctl import ThreadpoolController
 
 from fedtrak import wire
 from fedtrak.codecs import diagonal_positions, unpack_upper, upper_indices
@@ -53,21 +55,33 @@ def _finite(array: np.ndarray, what: str, source: str) -> np.ndarray:
     return array
 
 
-def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0) -> None:
+def check_psd(matrix: np.ndarray, what: str, source: str, tolerance: float = 0.0, overwrite: bool = False) -> None:
     """Refuse a Gram that is not positive semi-definite (within float round-off, plus ``tolerance``:
-    a bound on the spectral norm of any known error, such as fixed-point rounding)."""
+    a bound on the spectral norm of any known error, such as fixed-point rounding). ``overwrite``:
+    factorize ``matrix`` in place (a scratch copy the caller no longer needs)."""
     jitter = PSD_JITTER * max(float(np.abs(np.diag(matrix)).max(initial=0.0)), 1e-300) + tolerance
+    work = matrix if overwrite else matrix.copy()
+    work[np.diag_indices_from(work)] += jitter
     try:
-        scipy.linalg.cholesky(matrix + jitter * np.eye(len(matrix)), lower=True, check_finite=False)
+        with _blas().limit(limits=1, user_api="blas"):
+            scipy.linalg.cholesky(work, lower=True, check_finite=False, overwrite_a=True)
     except np.linalg.LinAlgError:
         raise FedtrakError(f"{source}: {what} is not positive semi-definite, so it is no Gram matrix") from None
 
 
-def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str) -> None:
+@lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries loaded (scipy's among them). The server factorizes on one thread: it
+    checks a batch while replies arrive (beside a simulation's clients on the same cores), and a
+    team of BLAS threads left waiting spins on every other core, costing more CPU than it saves."""
+    return ThreadpoolController()
+
+
+def check_gram_size(matrix: np.ndarray, limits: GramLimits, what: str, source: str, overwrite: bool = False) -> None:
     """Refuse a Gram (or sum of Grams) outside the range clipped features and their noise allow:
-    its diagonal, trace, largest entry and smallest eigenvalue."""
+    its diagonal, trace, largest entry and smallest eigenvalue (``overwrite``: as :func:`check_psd`)."""
     _check_size(np.diag(matrix), float(np.abs(matrix).max(initial=0.0)), limits, what, source)
-    check_psd(matrix, what, source, limits.eig_slack)
+    check_psd(matrix, what, source, limits.eig_slack, overwrite)
 
 
 def _check_size(diag: np.ndarray, largest: float, limits: GramLimits, what: str, source: str) -> None:

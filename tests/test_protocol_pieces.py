@@ -3,6 +3,8 @@ store reuse, the run config and job spec, and the server's checks of client rele
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from flwr.app import RecordDict
@@ -255,3 +257,23 @@ def test_release_sizes_are_bounded_by_clipping_and_noise():
                          (reply(honest, values=1e9), "owner values have norm")):
         with pytest.raises(FedtrakError, match=f"client a: {message}"):
             score_release(bad, "owner-totals", 3, n, "client a", True, True, us, groups, owner)
+
+
+def test_grams_are_read_without_a_copy_and_broken_bytes_are_refused():
+    """The server reads Grams as views over the message's bytes: the same values, read-only; a
+    truncated payload or an object array (a pickle) is refused by name, as numpy's own reader does."""
+    g = pack_upper(gram(np.random.default_rng(1).normal(size=(5, 4))))
+    info = wire.ClientInfo("a", 0, 5, PROTOCOL_VERSION, "ab" * 8)
+    reply = wire.encode_grams_reply({0: g}, info)
+    view = wire.decode_grams(reply, "client a")[0]
+    np.testing.assert_array_equal(view, g)
+    assert not view.flags.writeable
+    array = reply.array_records[wire.attribution.GRAMS]["0"]
+    array.data = array.data[:-8]
+    with pytest.raises(FedtrakError, match=r"client a: unreadable array in 'fedtrak.grams': 72 bytes of data"):
+        wire.decode_grams(reply, "client a")
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    array.data = buf.getvalue()
+    with pytest.raises(FedtrakError, match="client a: unreadable array .* holds Python objects"):
+        wire.decode_grams(reply, "client a")

@@ -141,8 +141,9 @@ def encode_grams_reply(grams: Mapping[int, np.ndarray], info: ClientInfo) -> Rec
 
 
 def decode_grams(content: RecordDict, source: str) -> dict[int, np.ndarray]:
-    """The packed Grams of a featurize reply, by checkpoint (unchecked: see the server's validation)."""
-    return _by_checkpoint(array_record(content, GRAMS, source), source, "Gram")
+    """The packed Grams of a featurize reply, by checkpoint (unchecked: see the server's validation;
+    read-only views over the message's bytes)."""
+    return _by_checkpoint(array_record(content, GRAMS, source, view=True), source, "Gram")
 
 
 def encode_histogram_reply(counts: np.ndarray, info: ClientInfo) -> RecordDict:

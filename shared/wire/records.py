@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import fields
+from io import BytesIO
 
 import numpy as np
 import torch
@@ -140,15 +141,41 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def array_record(content: RecordDict, key: str, source: str) -> dict[str, np.ndarray]:
-    """The numpy arrays of ArrayRecord ``key`` in a message, or a clear error naming ``source``."""
+def array_record(content: RecordDict, key: str, source: str, view: bool = False) -> dict[str, np.ndarray]:
+    """The numpy arrays of ArrayRecord ``key`` in a message, or a clear error naming ``source``.
+
+    ``view``: read-only arrays over the message's own bytes (:func:`array_view`) instead of copies,
+    for large arrays that are only read (a server folding thousands of Grams).
+    """
     record = content.array_records.get(key) if hasattr(content, "array_records") else None
     if record is None:
         raise FedtrakError(f"{source}: message has no array record {key!r}")
     try:
-        return {k: a.numpy() for k, a in record.items()}
+        return {k: array_view(a) if view else a.numpy() for k, a in record.items()}
     except Exception as exc:  # a malformed payload can fail deep inside numpy
         raise FedtrakError(f"{source}: unreadable array in {key!r}: {exc}") from exc
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A Flower Array as a read-only numpy array over its serialized bytes (no copy): the ``.npy``
+    header read and checked as :func:`numpy.load` reads it, object arrays refused, the data's
+    length checked against the header's shape."""
+    if array.stype != Array(np.zeros(0)).stype:
+        raise ValueError(f"serialization type {array.stype!r} is not numpy's")
+    data = array.data
+    stream = BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f".npy format version {version} is not supported")
+    shape, fortran, dtype = read_header[version](stream)
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects")
+    count = math.prod(shape)
+    if len(data) - stream.tell() != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - stream.tell()} bytes of data for shape {shape} of {dtype}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def config_record(content: RecordDict, key: str, source: str) -> ConfigRecord:
