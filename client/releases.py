@@ -8,6 +8,7 @@ of fresh noise the accountant would not have counted.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,30 +151,37 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
             values = store.released("owner-values-" + "-".join(map(str, ms)),
                                     lambda: noised_owner_values(values, groups, dp, rng, value_clip))
     if policy == "topk":
-        keep_topk_on_device(local, local_scores, topk)
+        keep_topk_on_device(local, local_scores, topk, request.query_offset if request.batched else None)
     full = policy == "full"
     return ScoreRelease(owner_totals=totals, owner_summaries=summaries, screening=self_sum,
                         scores=local_scores.scores if full else None, indices=data.indices if full else None,
                         self_influence=self_infl if full else None, owner_values=values)
 
 
-def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int) -> Path:
+def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int, offset: int | None = None) -> Path:
     """Write this client's top proponents and opponents per query to its local results folder,
     and, with self-influence, its ``k`` most self-influential examples (likely mislabeled); for
     image tasks also ``topk.png``, the examples themselves for the first queries.
 
-    Nothing of it is released: it is for the data's owner. Returns the ``.npz`` file.
+    ``offset``: the scores are one batch of the queries, starting at that row; each batch is kept
+    in ``topk-batches/`` (the first one clears it) and ``topk.npz`` holds the batches received so
+    far from row 0 on. Nothing of it is released: it is for the data's owner. Returns the ``.npz`` file.
     """
     data, store = local.data, local.store
     (pro_idx, pro_val), (opp_idx, opp_val) = scores.proponents, scores.opponents
+    rows = {"proponent_ids": data.indices[pro_idx], "proponent_scores": pro_val,
+            "opponent_ids": data.indices[opp_idx], "opponent_scores": opp_val}
     extra = {}
     if scores.self_influence is not None:
         sus_idx, sus_val = top_k(scores.self_influence[None, :], k)
         extra = {"suspect_ids": data.indices[sus_idx[0]], "suspect_self_influence": sus_val[0]}
     store.results_dir.mkdir(parents=True, exist_ok=True)
     path = store.results_dir / "topk.npz"
-    np.savez(path, proponent_ids=data.indices[pro_idx], proponent_scores=pro_val,
-             opponent_ids=data.indices[opp_idx], opponent_scores=opp_val, **extra)
+    if offset is not None:
+        rows, extra = _joined_batches(store.results_dir / "topk-batches", offset, rows, extra)
+    np.savez(path, **rows, **extra)
+    if offset:  # the strip shows the first queries: drawn with the first batch
+        return path
     shown = min(STRIP_QUERIES, len(pro_idx))
     rows = [row for q in range(shown) for row in ((f"query {q} +", pro_idx[q], pro_val[q]),
                                                     (f"query {q} -", opp_idx[q], opp_val[q]))]
@@ -181,3 +189,27 @@ def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int) -> Path:
         rows.append(("self-infl.", sus_idx[0], sus_val[0]))
     write_strip(store.results_dir / "topk.png", data.x, rows)
     return path
+
+
+def _joined_batches(folder: Path, offset: int, rows: dict[str, np.ndarray], extra: dict[str, np.ndarray]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Keep one batch's top-k rows (and, from the first batch, the suspects) in ``folder``; return
+    the rows of every batch kept there that follows on from row 0, in order, and the suspects."""
+    if offset == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"rows-{offset:010d}.npz", **rows)
+    if extra:
+        np.savez(folder / "suspects.npz", **extra)
+    parts, start = [], 0
+    for path in sorted(folder.glob("rows-*.npz")):
+        if int(path.stem.split("-")[1]) != start:
+            break
+        with np.load(path) as part:
+            parts.append({key: part[key] for key in rows})
+        start += len(parts[-1]["proponent_ids"])
+    kept = folder / "suspects.npz"
+    if not extra and kept.exists():
+        with np.load(kept) as part:
+            extra = {key: part[key] for key in part.files}
+    return {key: np.concatenate([p[key] for p in parts]) for key in rows}, extra

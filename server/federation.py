@@ -59,7 +59,8 @@ class ClientRecord:
 
 
 class CountingGrid:
-    """A Flower Grid that counts the payload bytes of every message, per node and per step.
+    """A Flower Grid that counts the payload bytes of every message, per node and per step (and
+    each step's largest message out).
 
     Everything goes through it, Flower's FedAvg strategy included, so the
     summary's bytes cover the whole run. ``step`` names what is counted now.
@@ -69,7 +70,7 @@ class CountingGrid:
         self._grid = grid
         self.step = "setup"
         self.bytes: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
-        self.steps: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
+        self.steps: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0, "largest_sent": 0})
         self.client_seconds: dict[str, float] = defaultdict(float)
         self.client_peak_mb: dict[str, float] = defaultdict(float)
 
@@ -79,7 +80,10 @@ class CountingGrid:
     def _count(self, node: int, way: str, content: RecordDict) -> None:
         size = wire.payload_bytes(content)
         self.bytes[node][way] += size
-        self.steps[self.step][way] += size
+        step = self.steps[self.step]
+        step[way] += size
+        if way == "sent":
+            step["largest_sent"] = max(step["largest_sent"], size)
 
     def _received(self, node: int, reply: Message) -> None:
         if not reply.has_error():

@@ -28,10 +28,12 @@ from fedtrak.results import query_groups
 from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.gram_fold import GramFold
+from fedtrak.server.query_batches import batch_request, batch_rows, joined_releases
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
 from fedtrak.server.training import train_fedavg_checkpoints
 from fedtrak.server.validation import (
+    check_values_agree,
     features_release,
     histogram_release,
     packed_gram_release,
@@ -167,29 +169,11 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
 
     The summed kernels are kept in ``state`` as soon as they exist; with
     ``saved`` kernels (a resumed run) there is no featurize round."""
-    settings, dp = job.settings, job.dp()
+    settings = job.settings
     request, records, secure, owner_us = _score_request(fed, task, job, states, timer, state, saved)
-    content = wire.encode_score_request(request)
-    with timer.phase("score_round"):
-        replies = fed.broadcast(wire.SCORE, lambda node: RecordDict(content))
-    if saved is not None:  # no featurize round: who is who comes with the score replies
-        fed.note_info(replies)
-        kernel_owners = {p["owner"] for p in saved.participants}
-        for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
-            fed.exclude(node, "its owner is not among the participants of the saved kernels")
-            del replies[node]
-    nq, policy = len(task.y_query), settings.release.policy
     groups = query_groups(settings.release.owner_value, task.y_query)
-    summed = None if request.groups is None else [request.groups[m] for m in sorted(request.groups)]
-
-    def limits(node: int) -> OwnerLimits | None:
-        return owner_limits(dp, fed.clients[node].num_examples, job.resolved.proj_dim, summed, request.value_clip,
-                            request.suspect_threshold > 0) if dp.active else None
-
-    summarized = dp.active or request.summary_route
-    released = fed.accept(replies, lambda node, c: score_release(
-        c, policy, nq, fed.clients[node].num_examples, fed.source(node), bool(request.inverses), dp.active,
-        [owner_us[m] for m in sorted(owner_us)], groups, limits(node), summarized))
+    released = _score_replies(fed, job, request, owner_us, groups, timer, saved)
+    policy = settings.release.policy
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
                   value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)
@@ -204,6 +188,55 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
         if request.inverses:
             out.self_influence = np.concatenate([released[n].self_influence for n in nodes])
     return out
+
+
+def _score_replies(fed: Federation, job: Job, request: wire.ScoreRequest, owner_us: dict[int, np.ndarray],
+                   groups: np.ndarray | None, timer: PhaseTimer, saved: SavedKernels | None
+                   ) -> dict[int, wire.ScoreRelease]:
+    """Send the score request (in query batches where the queries are large:
+    :mod:`fedtrak.server.query_batches`) and return each client's checked release, joined over the
+    batches. With ``saved`` kernels, clients whose owner is not among their participants are
+    excluded."""
+    dp, policy = job.dp(), job.settings.release.policy
+    summed = None if request.groups is None else [request.groups[m] for m in sorted(request.groups)]
+
+    def limits(node: int) -> OwnerLimits | None:
+        return owner_limits(dp, fed.clients[node].num_examples, job.resolved.proj_dim, summed, request.value_clip,
+                            request.suspect_threshold > 0) if dp.active else None
+
+    summarized = dp.active or request.summary_route
+    num_queries = next(iter(request.queries.values())).shape[0]
+    rows = batch_rows(num_queries, job.resolved.proj_dim, len(owner_us), job.settings.release.query_batch)
+    whole = len(rows) == 1
+    parts = []
+    for start, stop in rows:
+        batch = request if whole else batch_request(request, start, stop, num_queries)
+        content = wire.encode_score_request(batch)
+        with timer.phase("score_round"):
+            replies = fed.broadcast(wire.SCORE, lambda node, content=content: RecordDict(content))
+        if saved is not None and start == 0:  # no featurize round: who is who comes with the score replies
+            fed.note_info(replies)
+            kernel_owners = {p["owner"] for p in saved.participants}
+            for node in [n for n in replies if fed.clients[n].owner not in kernel_owners]:
+                fed.exclude(node, "its owner is not among the participants of the saved kernels")
+                del replies[node]
+        span = slice(None) if whole else slice(start, stop)
+        us = [owner_us[m][span] for m in sorted(owner_us)]
+        parts.append(fed.accept(replies, lambda node, c, batch=batch, us=us: score_release(
+            c, policy, us[0].shape[0], fed.clients[node].num_examples, fed.source(node), bool(batch.inverses), dp.active, us,
+            groups if batch.query_offset == 0 else None, limits(node), summarized, whole)))
+    if whole:
+        return parts[0]
+    released = joined_releases(parts, fed.source, fed.exclude)
+    if groups is not None and not dp.active:  # the values against the totals, now that all are in
+        for node in list(released):
+            try:
+                check_values_agree(released[node].owner_values, groups, released[node].owner_totals,
+                                   fed.source(node))
+            except FedtrakError as exc:
+                fed.exclude(node, str(exc))
+                del released[node]
+    return released
 
 
 def _score_request(fed: Federation, task: Task, job: Job, states: States, timer: PhaseTimer,

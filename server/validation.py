@@ -207,7 +207,8 @@ def features_release(content: RecordDict, checkpoints: Sequence[int], dim: int, 
 def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                   source: str, self_influence: bool = False, noised: bool = False,
                   preconditioned: Sequence[np.ndarray] = (), groups: np.ndarray | None = None,
-                  limits: OwnerLimits | None = None, summarized: bool = False) -> wire.ScoreRelease:
+                  limits: OwnerLimits | None = None, summarized: bool = False,
+                  totals_complete: bool = True) -> wire.ScoreRelease:
     """What a score reply releases under ``policy``, validated: owner totals ``(Q,)``, plus
     scores ``(Q, num)`` and indices ``(num,)`` for ``full``; with ``self_influence``, the owner's
     screening statistic ``(1,)`` (its summed self-influence or count of suspects) and, for ``full``, each example's ``(num,)``. ``noised`` (DP): the
@@ -218,7 +219,9 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
     its totals over each group). ``limits``: the range of honest releases under DP
     (:func:`fedtrak.privacy.bounds.owner_limits`), checked for the summaries, the suspect count
     and the values. ``summarized`` (implied by ``noised``): the reply carries owner summaries
-    instead of totals (the summary route)."""
+    instead of totals (the summary route). ``totals_complete=False`` (one batch of the queries):
+    the values are checked against the totals only once every batch is in
+    (:func:`check_values_agree`)."""
     r = wire.decode_score_reply(content, source)
     values = None
     if groups is not None:
@@ -258,9 +261,8 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
                 limits.suspects[0] <= total[0] <= limits.suspects[1]:
             raise FedtrakError(f"{source}: suspect count {total[0]:.4g} outside the [{limits.suspects[0]:.4g}, "
                                f"{limits.suspects[1]:.4g}] its count and the noise allow")
-    if values is not None and not noised and not np.allclose(
-            values, groups @ totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).sum())):
-        raise FedtrakError(f"{source}: owner values disagree with its owner totals")
+    if values is not None and not noised and totals_complete:
+        check_values_agree(values, groups, totals, source)
     if policy != "full":
         return wire.ScoreRelease(owner_totals=totals, screening=total, owner_values=values)
     scores, idx, own = r.scores, r.indices, None
@@ -285,3 +287,14 @@ def score_release(content: RecordDict, policy: str, num_queries: int, num: int,
         raise FedtrakError(f"{source}: owner totals disagree with the released scores")
     return wire.ScoreRelease(owner_totals=totals, screening=total, scores=scores,
                              indices=idx.astype(np.int64), self_influence=own, owner_values=values)
+
+
+def check_values_agree(values: np.ndarray, groups: np.ndarray, totals: np.ndarray, source: str) -> None:
+    """Refuse an owner's values (without noise) that are not the sums of its totals over each
+    query group (``groups`` ``(G, Q)``).
+
+    Raises:
+        FedtrakError: naming ``source``.
+    """
+    if not np.allclose(values, groups @ totals, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(totals).sum())):
+        raise FedtrakError(f"{source}: owner values disagree with its owner totals")

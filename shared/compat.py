@@ -17,7 +17,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.tasks import Task
 
 #: The wire protocol's version: bumped whenever a message's meaning changes.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 
 def task_fingerprint(task: Task, projector: str, proj_dim: int, seed: int) -> str:

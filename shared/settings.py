@@ -208,6 +208,9 @@ class ReleaseSettings:
     owner_value: str = setting("none", "also release each owner's value: its total attribution summed over "
                                        "all queries, or over each label's queries (one number per owner and "
                                        "group, noised at its own sensitivity under DP)", choices=OWNER_VALUE_GROUPS)
+    query_batch: int = setting(0, "most queries sent to a client in one score message; a client scores "
+                                  "the batches one at a time and never holds all of them (0: as many as "
+                                  "fit 64 MiB of float32 queries over the checkpoints)", minimum=0)
 
 
 @dataclass(frozen=True)

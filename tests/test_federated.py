@@ -317,3 +317,34 @@ def test_attack_cli_on_a_features_run_rebuilds_the_images(sim_factory, tmp_path,
     assert "<h2>Attacks</h2>" in page and "feature inversion" in page
     assert (run / "report" / "figure-5.png").read_bytes().startswith(b"\x89PNG")
     assert main(["attack", str(central_factory(3, "iid"))]) == 2
+
+
+def test_queries_in_batches_give_the_same_answers(tmp_path, logreg_ckpt_dir, central_factory, sim_factory):
+    """``query-batch`` 40 of 149 queries: four score messages per client, each a fraction of all of
+    U; owner totals, values and each client's top-k file (joined on the device by offset) are those
+    of the whole request, and self-influence is scored once."""
+    central = central_factory(3, "dirichlet")
+    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 3, "dirichlet", policy="topk",
+                                       **{"query-batch": 40, "owner-value": "all", "self-influence": True}))
+    run_simulation(cfg)
+    _assert_close(np.load(tmp_path / "owner_scores.npy"), np.load(central / "owner_scores.npy"))
+    values = np.load(tmp_path / "owner_value.npy")
+    _assert_close(values[0], np.load(central / "owner_scores.npy").sum(axis=0))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    whole = json.loads((sim_factory(3, "dirichlet", "private") / "summary.json").read_text())
+    step, one = summary["bytes"]["per_step"]["query.score"], whole["bytes"]["per_step"]["query.score"]
+    m, all_of_u = summary["num_checkpoints"], 149 * K * 4 * summary["num_checkpoints"]  # float32
+    inverses = m * K * (K + 1) // 2 * 8  # the first batch's packed kernel inverses (self-influence)
+    assert one["largest_sent"] > all_of_u and step["largest_sent"] - inverses < all_of_u * 0.3
+    assert step["sent"] > 3 * all_of_u  # every client got every row, batch by batch
+    assert summary["excluded"] == [] and summary["complete"]
+    scores, ids = np.load(central / "scores.npy"), np.load(central / "example_ids.npy")
+    for owner in range(3):
+        kept = np.load(tmp_path / "client-stores" / f"partition-{owner}" / summary["run_id"] / "results" / "topk.npz")
+        mine = scores[:, ids["client"] == owner]
+        assert kept["proponent_ids"].shape[0] == 149
+        np.testing.assert_array_equal(kept["proponent_ids"][:, 0],
+                                      ids["index"][ids["client"] == owner][np.argmax(mine, axis=1)])
+        np.testing.assert_array_equal(kept["opponent_ids"][:, 0],
+                                      ids["index"][ids["client"] == owner][np.argmin(mine, axis=1)])
+        assert kept["suspect_ids"].shape == (10,)

@@ -3,6 +3,7 @@ store reuse, the run config and job spec, and the server's checks of client rele
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -18,6 +19,7 @@ from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job, Resolved
 from fedtrak.kernel import gram
+from fedtrak.server.query_batches import batch_request, batch_rows, joined_releases
 from fedtrak.server.validation import features_release, gram_release, read_info, score_release
 from fedtrak.settings import Settings
 from fedtrak.tasks import cached_task
@@ -217,6 +219,42 @@ def test_score_request_round_trip_and_bad_share_bounds():
         content = wire.encode_score_request(wire.ScoreRequest(JOB, "owner-totals", 5, u, value_clip=bad))
         with pytest.raises(FedtrakError, match="share bounds"):
             wire.decode_score_request(content)
+
+
+def test_query_batches_split_join_and_refuse_what_does_not_fit():
+    """Batches of rows cover the queries once (by bytes by default); a batch request round-trips
+    with its offset; one that claims rows past the run's queries, or inverses after the first
+    batch, is refused; the server joins each client's batches and drops a client whose example
+    indices change between them."""
+    assert batch_rows(10, 64, 1, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_rows(0, 64, 1) == [(0, 0)]
+    rows = batch_rows(20_000, 2048, 2)  # 64 MiB of float32 over two checkpoints: 4,096 rows a batch
+    assert rows[0] == (0, 4096) and rows[-1][1] == 20_000 and len(rows) == 5
+    u = {0: np.arange(640.0).reshape(10, 64)}
+    whole = wire.ScoreRequest(JOB, "topk", 3, u, {0: np.zeros(64 * 65 // 2)})
+    second = batch_request(whole, 4, 8, 10)
+    assert second.inverses is None and second.batched
+    back = wire.decode_score_request(wire.encode_score_request(second))
+    assert (back.query_offset, back.query_count) == (4, 10)
+    np.testing.assert_array_equal(back.queries[0], u[0][4:8])
+    first = wire.decode_score_request(wire.encode_score_request(batch_request(whole, 0, 4, 10)))
+    assert first.inverses is not None and first.query_offset == 0
+    for bad in (dataclasses.replace(second, query_count=6),
+                dataclasses.replace(second, inverses=whole.inverses),
+                dataclasses.replace(second, query_count=0)):
+        with pytest.raises(FedtrakError, match="does not fit the run's queries"):
+            wire.decode_score_request(wire.encode_score_request(bad))
+    rel = wire.ScoreRelease
+    parts = [{1: rel(owner_totals=np.array([1.0, 2.0]), scores=np.ones((2, 3)), indices=np.arange(3),
+                     screening=np.array([5.0])),
+              2: rel(owner_totals=np.zeros(2), scores=np.zeros((2, 3)), indices=np.arange(3))},
+             {1: rel(owner_totals=np.array([3.0]), scores=np.full((1, 3), 2.0), indices=np.arange(3)),
+              2: rel(owner_totals=np.zeros(1), scores=np.zeros((1, 3)), indices=np.arange(1, 4))}]
+    excluded = []
+    joined = joined_releases(parts, lambda n: f"client {n}", lambda n, why: excluded.append((n, why)))
+    assert list(joined) == [1] and joined[1].owner_totals.tolist() == [1.0, 2.0, 3.0]
+    assert joined[1].scores.shape == (3, 3) and joined[1].screening.tolist() == [5.0]
+    assert excluded == [(2, "client 2: its example indices change between query batches")]
 
 
 def test_release_sizes_are_bounded_by_clipping_and_noise():

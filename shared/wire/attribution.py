@@ -35,6 +35,7 @@ HISTOGRAM, COUNTS = "fedtrak.norm-histogram", "counts"
 FEATURES, INDICES = "fedtrak.features", "indices"
 SCORE_CONFIG, POLICY, TOPK, VALUE_CLIP, SUSPECT_THRESHOLD = ("fedtrak.score", "policy", "topk", "value-clip",
                                                               "suspect-threshold")
+QUERY_OFFSET, QUERY_COUNT = "query-offset", "query-count"
 QUERIES, INVERSES, GROUPS = "fedtrak.queries", "fedtrak.kernel-inverses", "fedtrak.owner-value-groups"
 RELEASED = "fedtrak.released"
 #: The record keys Flower's FedAvg strategy is told to use, the key it weights updates by, and the
@@ -188,7 +189,11 @@ def decode_features(content: RecordDict, checkpoints: Sequence[int], source: str
 class ScoreRequest:
     """The score step: the preconditioned queries ``U_m``, the release policy, (for
     self-influence) the packed kernel inverses the queries used, and (for owner values) each
-    query group's summed preconditioned queries ``Ubar_m`` ``(G, k)``."""
+    query group's summed preconditioned queries ``Ubar_m`` ``(G, k)``.
+
+    Queries in batches: ``queries`` holds rows ``query_offset ..`` of the run's ``query_count``
+    (0: all of them, one request). Only the first batch (offset 0) carries the kernel inverses and
+    query groups, and asks for what does not depend on the queries (screening, owner values)."""
 
     job: Job
     policy: str
@@ -198,6 +203,13 @@ class ScoreRequest:
     groups: dict[int, np.ndarray] | None = None
     value_clip: float = 0.0  # under DP: each example's contribution to the owner values is clipped to it
     suspect_threshold: float = 0.0  # under DP: the owner counts its examples whose self-influence exceeds it
+    query_offset: int = 0
+    query_count: int = 0
+
+    @property
+    def batched(self) -> bool:
+        """Whether this request holds one batch of the run's queries, not all of them."""
+        return self.query_count > 0
 
     @property
     def summary_route(self) -> bool:
@@ -214,7 +226,9 @@ def encode_score_request(request: ScoreRequest) -> RecordDict:
     content = RecordDict({JOB: encode_job(request.job),
                           SCORE_CONFIG: ConfigRecord({POLICY: request.policy, TOPK: request.topk,
                                                       VALUE_CLIP: float(request.value_clip),
-                                                      SUSPECT_THRESHOLD: float(request.suspect_threshold)}),
+                                                      SUSPECT_THRESHOLD: float(request.suspect_threshold),
+                                                      QUERY_OFFSET: request.query_offset,
+                                                      QUERY_COUNT: request.query_count}),
                           QUERIES: arrays_to_record({str(m): np.asarray(u, dtype=np.float32)
                                                      for m, u in request.queries.items()})})
     if request.inverses:
@@ -235,13 +249,27 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
     if not all(isinstance(b, float) and math.isfinite(b) and b >= 0 for b in bounds):
         raise FedtrakError(f"{source}: share bounds {bounds} must be finite and >= 0")
     policy, topk = cfg.get(POLICY), cfg.get(TOPK)
-    if not isinstance(policy, str) or not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
+    if not isinstance(policy, str) or not _count(topk):
         raise FedtrakError(f"{source}: score config has policy {policy!r} and topk {topk!r}")
+    offset, count = cfg.get(QUERY_OFFSET), cfg.get(QUERY_COUNT)
+    if not (_count(offset) and _count(count)):
+        raise FedtrakError(f"{source}: score config has query offset {offset!r} and count {count!r}, "
+                           "expected integers >= 0")
     request = ScoreRequest(job_of(content, source), policy, topk,
                            _by_checkpoint(array_record(content, QUERIES, source), source, "query"), inverses,
-                           groups, *bounds)
+                           groups, *bounds, offset, count)
     _check_score_arrays(request, source)
+    rows = next(iter(request.queries.values())).shape[0]
+    if (count == 0 and offset > 0) or (count > 0 and (rows == 0 or offset + rows > count)) or \
+            (offset > 0 and (inverses is not None or groups is not None)):
+        raise FedtrakError(f"{source}: a batch of {rows} queries at offset {offset} of {count} "
+                           f"{'with kernel inverses or query groups ' if offset else ''}does not fit the run's "
+                           "queries (only the first batch carries inverses and groups)")
     return request
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_score_arrays(request: ScoreRequest, source: str) -> None:
