@@ -170,8 +170,8 @@ class PrivacySettings:
                                                 "clients' noised histograms (one more release), instead "
                                                 "of --clip-norm", above=0, below=1)
     budget: str | None = setting(None, "how a target epsilon is split between the kinds of release: "
-                                       "KIND=WEIGHT pairs over the default weight 1 of each kind, e.g. "
-                                       "'suspects=8' for a mislabel screening run; "
+                                       "KIND=WEIGHT pairs over the default weights (1 each, 3 for "
+                                       "suspects), e.g. 'suspects=8' for a mislabel screening run; "
                                        "kinds: gram, count, summary, value, suspects, histogram, features")
 
     @property

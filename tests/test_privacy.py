@@ -95,16 +95,16 @@ def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_log
 
 
 def test_a_target_epsilon_is_split_between_the_kinds_of_release(digits_logreg):
-    """Each kind of release gets a share of mu^2 by its weight (1 each by default); its mechanisms
-    split it. The base multiplier is the sigma one release alone would need."""
+    """Each kind of release gets a share of mu^2 by its weight (1 each by default, 3 for the suspect
+    count); its mechanisms split it. The base multiplier is the sigma one release alone would need."""
     from fedtrak.privacy.plan import run_release_plan
 
     s = Settings().replaced(epsilon=1.0, checkpoints=10, self_influence=True, kernel_source="public")
     dp = resolve_dp(s, digits_logreg, 512, "public")
     assert epsilon(run_release_plan(s, dp, 512, source="public"), dp.delta) == pytest.approx(1.0, rel=1e-6)
     assert epsilon([Release("alone", dp.noise_multiplier)], dp.delta) == pytest.approx(1.0, rel=1e-6)
-    total = 3  # count, summary (10 mechanisms), suspects
-    assert dp.sigma("suspects") == pytest.approx(dp.noise_multiplier * math.sqrt(total))
+    total = 5  # count 1, summary (10 mechanisms) 1, suspects 3
+    assert dp.sigma("suspects") == pytest.approx(dp.noise_multiplier * math.sqrt(total / 3))
     assert dp.sigma("summary") == pytest.approx(dp.noise_multiplier * math.sqrt(10 * total))
     assert dp.sigma("count") == pytest.approx(dp.noise_multiplier * math.sqrt(total))
     screening = resolve_dp(s.replaced(budget="suspects=8"), digits_logreg, 512, "public")

@@ -12,14 +12,20 @@ run's *base* noise multiplier (the sigma one release would need alone to
 spend the whole budget): the server resolves ``s`` from the target epsilon,
 the clients receive the per-kind multipliers.
 
-The default weight is 1 for every kind: equal shares per kind, rather than
-per mechanism, keep a single number (an owner value, a suspect count) from
-being drowned by the ``M`` checkpoints' summaries and Grams. The example
-count gets a full share too: owners' fractions and means divide by their
-noised counts, and a count of 150 noised at a small share's sigma (tens of
-examples) made clean owners look like mislabeled ones in our measurements.
-A run made for one purpose says so with ``budget``: ``suspects=8`` gives
-mislabel screening 8 times the weight of each other release.
+The default weight is 1 for every kind but the suspect count's, 3: equal shares
+per kind, rather than per mechanism, keep a single number (an owner value, a
+suspect count) from being drowned by the ``M`` checkpoints' summaries and
+Grams. The example count gets a full share too: owners' fractions and means
+divide by their noised counts, and a count of 150 noised at a small share's
+sigma (tens of examples) made clean owners look like mislabeled ones in our
+measurements. The suspect count (released only by a run that screens for
+mislabeled data) gets three: its signal is the few flipped examples an owner
+holds, and on digits-logreg (10 owners of 150, 10% flipped on half of them,
+epsilon 1, 6 noise draws each) owner screening AUROC was 0.94 on average at
+weight 1, 0.94 at 2 and 0.98 at 3, while the owner summaries keep a fifth of
+the budget. A run made for one purpose says so with ``budget``:
+``suspects=8`` gives mislabel screening 8 times the weight of each other
+release, ``suspects=1`` equal shares.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES = (
     "gram", "count", "summary", "value", "suspects", "histogram", "features")
 KINDS = (GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES)
 
-#: Every kind's default weight: equal shares.
-DEFAULT_WEIGHTS = dict.fromkeys(KINDS, 1.0)
+#: Every kind's default weight: equal shares, three for the suspect count (module docstring).
+DEFAULT_WEIGHTS = {**dict.fromkeys(KINDS, 1.0), SUSPECTS: 3.0}
 
 
 def parse_pairs(text: str, what: str) -> dict[str, float]:
