@@ -14,6 +14,7 @@ from io import BytesIO
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
@@ -160,7 +161,7 @@ def array_view(array: Array) -> np.ndarray:
     """A Flower Array as a read-only numpy array over its serialized bytes (no copy): the ``.npy``
     header read and checked as :func:`numpy.load` reads it, object arrays refused, the data's
     length checked against the header's shape."""
-    if array.stype != Array(np.zeros(0)).stype:
+    if array.stype != SType.NUMPY:
         raise ValueError(f"serialization type {array.stype!r} is not numpy's")
     data = array.data
     stream = BytesIO(data)
