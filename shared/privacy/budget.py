@@ -22,7 +22,7 @@ measurements. The suspect count (released only by a run that screens for
 mislabeled data) gets three: its signal is the few flipped examples an owner
 holds, and on digits-logreg (10 owners of 150, 10% flipped on half of them,
 epsilon 1, 6 noise draws each) owner screening AUROC was 0.94 on average at
-weight 1, 0.94 at 2 and 0.98 at 3, while the owner summaries keep a fifth of
+weight 1, 0.95 at 2 and 0.98 at 3, while the owner summaries keep a fifth of
 the budget. A run made for one purpose says so with ``budget``:
 ``suspects=8`` gives mislabel screening 8 times the weight of each other
 release, ``suspects=1`` equal shares.
