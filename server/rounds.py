@@ -173,7 +173,6 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     request, records, secure, owner_us = _score_request(fed, task, job, states, timer, state, saved)
     groups = query_groups(settings.release.owner_value, task.y_query)
     released = _score_replies(fed, job, request, owner_us, groups, timer, saved)
-    policy = settings.release.policy
     nodes = [n for n in fed.require_clients("score") if n in released]
     out = Outcome(None, np.stack([released[n].owner_totals for n in nodes], axis=1), None, records, secure=secure,
                   value_clip=request.value_clip, suspect_threshold=request.suspect_threshold)
@@ -182,7 +181,7 @@ def run_private(fed: Federation, task: Task, job: Job, states: States, timer: Ph
     if request.inverses:  # each owner's screening statistic over its released count: a mean or a fraction
         out.owner_self_influence = np.array([released[n].screening[0] / fed.clients[n].num_examples
                                              for n in nodes])
-    if policy == "full":
+    if settings.release.policy == "full":
         out.scores = np.concatenate([released[n].scores for n in nodes], axis=1)
         out.ids = example_ids([released[n].indices for n in nodes])
         if request.inverses:
@@ -223,8 +222,8 @@ def _score_replies(fed: Federation, job: Job, request: wire.ScoreRequest, owner_
         span = slice(None) if whole else slice(start, stop)
         us = [owner_us[m][span] for m in sorted(owner_us)]
         parts.append(fed.accept(replies, lambda node, c, batch=batch, us=us: score_release(
-            c, policy, us[0].shape[0], fed.clients[node].num_examples, fed.source(node), bool(batch.inverses), dp.active, us,
-            groups if batch.query_offset == 0 else None, limits(node), summarized, whole)))
+            c, policy, us[0].shape[0], fed.clients[node].num_examples, fed.source(node), bool(batch.inverses),
+            dp.active, us, groups if batch.query_offset == 0 else None, limits(node), summarized, whole)))
     if whole:
         return parts[0]
     released = joined_releases(parts, fed.source, fed.exclude)
