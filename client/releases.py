@@ -208,6 +208,9 @@ def _joined_batches(folder: Path, offset: int, rows: dict[str, np.ndarray], extr
         with np.load(path) as part:
             parts.append({key: part[key] for key in rows})
         start += len(parts[-1]["proponent_ids"])
+    if not parts:
+        raise FedtrakError(f"query batch at offset {offset} came before the first batch (offset 0): this device "
+                           "keeps no top-k rows to join it to")
     kept = folder / "suspects.npz"
     if not extra and kept.exists():
         with np.load(kept) as part:

@@ -315,3 +315,24 @@ def test_grams_are_read_without_a_copy_and_broken_bytes_are_refused():
     array.data = buf.getvalue()
     with pytest.raises(FedtrakError, match="client a: unreadable array .* holds Python objects"):
         wire.decode_grams(reply, "client a")
+
+
+def test_a_device_joins_its_topk_batches_by_offset(tmp_path):
+    """Each batch's top-k rows are kept; the joined file holds the rows that follow on from row 0
+    (a batch that arrives early waits for the one before it); a later batch with no first batch kept
+    is refused by name."""
+    from fedtrak.client.releases import _joined_batches
+
+    def rows(start: int, n: int) -> dict:
+        ids = np.arange(start, start + n)[:, None].repeat(2, axis=1)
+        return {"proponent_ids": ids, "proponent_scores": ids * 1.0, "opponent_ids": -ids, "opponent_scores": -ids * 1.0}
+
+    folder = tmp_path / "topk-batches"
+    with pytest.raises(FedtrakError, match="query batch at offset 3 came before the first batch"):
+        _joined_batches(folder, 3, rows(3, 2), {})
+    joined, extra = _joined_batches(folder, 0, rows(0, 3), {"suspect_ids": np.arange(4)})
+    assert joined["proponent_ids"][:, 0].tolist() == [0, 1, 2] and extra["suspect_ids"].tolist() == [0, 1, 2, 3]
+    joined, _ = _joined_batches(folder, 5, rows(5, 1), {})  # rows 3-4 not here yet
+    assert joined["proponent_ids"][:, 0].tolist() == [0, 1, 2]
+    joined, extra = _joined_batches(folder, 3, rows(3, 2), {})
+    assert joined["opponent_ids"][:, 0].tolist() == [0, -1, -2, -3, -4, -5] and extra["suspect_ids"].size == 4
