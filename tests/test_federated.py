@@ -46,15 +46,15 @@ def _settings(out: Path, ckpts: Path, clients: int, scheme: str, **extra) -> dic
 
 @pytest.fixture(scope="session")
 def sim_factory(tmp_path_factory, logreg_ckpt_dir):
-    """Runs (and caches) a simulation per (clients, scheme, mode, policy)."""
+    """Runs (and caches) a simulation per (clients, scheme, mode, policy, extra settings)."""
     cache: dict = {}
 
-    def get(clients: int, scheme: str, mode: str, policy: str = "full") -> Path:
-        key = (clients, scheme, mode, policy)
+    def get(clients: int, scheme: str, mode: str, policy: str = "full", **extra) -> Path:
+        key = (clients, scheme, mode, policy, tuple(sorted(extra.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"sim-{clients}-{scheme}-{mode}-{policy}")
             cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, clients, scheme, mode=mode,
-                                              policy=policy, **{"allow-full": policy == "full"}))
+                                              policy=policy, **{"allow-full": policy == "full"}, **extra))
             run_simulation(cfg)
             cache[key] = out
         return cache[key]
@@ -98,10 +98,14 @@ def test_simulate_equals_attribute(sim_factory, central_factory, clients, scheme
     assert summary["seconds"]["total"] > 0
 
 
+#: The topk run also sends its 149 queries in batches of 40 and releases owner values and screening.
+BATCHED = {"query-batch": 40, "owner-value": "all", "self-influence": True}
+
+
 def test_owner_totals_and_topk_policies_release_no_scores(sim_factory, central_factory):
     central = central_factory(3, "dirichlet")
     for policy in ("owner-totals", "topk"):
-        sim = sim_factory(3, "dirichlet", "private", policy)
+        sim = sim_factory(3, "dirichlet", "private", policy, **(BATCHED if policy == "topk" else {}))
         _assert_close(np.load(sim / "owner_scores.npy"), np.load(central / "owner_scores.npy"))
         assert not (sim / "scores.npy").exists() and not (sim / "example_ids.npy").exists()
         summary = json.loads((sim / "summary.json").read_text())
@@ -112,16 +116,24 @@ def test_owner_totals_and_topk_policies_release_no_scores(sim_factory, central_f
         if policy == "owner-totals":  # 149 queries >= k = 128: the summary route, no queries sent
             assert summary["bytes"]["per_step"]["query.score"]["sent"] < \
                 full["bytes"]["per_step"]["query.score"]["sent"] / 10
-    # topk: each client kept its best examples per query on the device, for its owner
+    # topk: each client kept its best examples per query on the device, for its owner, joining the
+    # four query batches by offset; owner values and screening were released once
     scores = np.load(central / "scores.npy")
     ids = np.load(central / "example_ids.npy")
     for owner in range(3):
         kept = np.load(sim / "client-stores" / f"partition-{owner}" / summary["run_id"] / "results" / "topk.npz")
         mine = scores[:, ids["client"] == owner]
+        assert kept["proponent_ids"].shape[0] == 149 and kept["suspect_ids"].shape == (10,)
         best = ids["index"][ids["client"] == owner][np.argmax(mine, axis=1)]
         np.testing.assert_array_equal(kept["proponent_ids"][:, 0], best)
         worst = ids["index"][ids["client"] == owner][np.argmin(mine, axis=1)]
         np.testing.assert_array_equal(kept["opponent_ids"][:, 0], worst)
+    _assert_close(np.load(sim / "owner_value.npy")[0], np.load(central / "owner_scores.npy").sum(axis=0))
+    step, one = summary["bytes"]["per_step"]["query.score"], full["bytes"]["per_step"]["query.score"]
+    m = summary["num_checkpoints"]
+    all_of_u, inverses = 149 * K * 4 * m, m * K * (K + 1) // 2 * 8  # float32 U; the first batch's inverses
+    assert one["largest_sent"] > all_of_u and step["largest_sent"] - inverses < all_of_u * 0.3
+    assert step["sent"] > 3 * all_of_u  # every client got every row, batch by batch
     # the owner's own view: `fedtrak device results` reads it, with the images of the examples
     store = sim / "client-stores" / "partition-0"
     text = format_results(read_results(store))
@@ -318,33 +330,3 @@ def test_attack_cli_on_a_features_run_rebuilds_the_images(sim_factory, tmp_path,
     assert (run / "report" / "figure-5.png").read_bytes().startswith(b"\x89PNG")
     assert main(["attack", str(central_factory(3, "iid"))]) == 2
 
-
-def test_queries_in_batches_give_the_same_answers(tmp_path, logreg_ckpt_dir, central_factory, sim_factory):
-    """``query-batch`` 40 of 149 queries: four score messages per client, each a fraction of all of
-    U; owner totals, values and each client's top-k file (joined on the device by offset) are those
-    of the whole request, and self-influence is scored once."""
-    central = central_factory(3, "dirichlet")
-    cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 3, "dirichlet", policy="topk",
-                                       **{"query-batch": 40, "owner-value": "all", "self-influence": True}))
-    run_simulation(cfg)
-    _assert_close(np.load(tmp_path / "owner_scores.npy"), np.load(central / "owner_scores.npy"))
-    values = np.load(tmp_path / "owner_value.npy")
-    _assert_close(values[0], np.load(central / "owner_scores.npy").sum(axis=0))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    whole = json.loads((sim_factory(3, "dirichlet", "private") / "summary.json").read_text())
-    step, one = summary["bytes"]["per_step"]["query.score"], whole["bytes"]["per_step"]["query.score"]
-    m, all_of_u = summary["num_checkpoints"], 149 * K * 4 * summary["num_checkpoints"]  # float32
-    inverses = m * K * (K + 1) // 2 * 8  # the first batch's packed kernel inverses (self-influence)
-    assert one["largest_sent"] > all_of_u and step["largest_sent"] - inverses < all_of_u * 0.3
-    assert step["sent"] > 3 * all_of_u  # every client got every row, batch by batch
-    assert summary["excluded"] == [] and summary["complete"]
-    scores, ids = np.load(central / "scores.npy"), np.load(central / "example_ids.npy")
-    for owner in range(3):
-        kept = np.load(tmp_path / "client-stores" / f"partition-{owner}" / summary["run_id"] / "results" / "topk.npz")
-        mine = scores[:, ids["client"] == owner]
-        assert kept["proponent_ids"].shape[0] == 149
-        np.testing.assert_array_equal(kept["proponent_ids"][:, 0],
-                                      ids["index"][ids["client"] == owner][np.argmax(mine, axis=1)])
-        np.testing.assert_array_equal(kept["opponent_ids"][:, 0],
-                                      ids["index"][ids["client"] == owner][np.argmin(mine, axis=1)])
-        assert kept["suspect_ids"].shape == (10,)
