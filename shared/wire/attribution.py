@@ -20,6 +20,7 @@ from fedtrak.wire.records import (
     decode_job,
     encode_job,
     has_config,
+    is_count,
     job_of,
     record_to_state,
     state_to_record,
@@ -249,10 +250,10 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
     if not all(isinstance(b, float) and math.isfinite(b) and b >= 0 for b in bounds):
         raise FedtrakError(f"{source}: share bounds {bounds} must be finite and >= 0")
     policy, topk = cfg.get(POLICY), cfg.get(TOPK)
-    if not isinstance(policy, str) or not _count(topk):
+    if not isinstance(policy, str) or not is_count(topk):
         raise FedtrakError(f"{source}: score config has policy {policy!r} and topk {topk!r}")
     offset, count = cfg.get(QUERY_OFFSET), cfg.get(QUERY_COUNT)
-    if not (_count(offset) and _count(count)):
+    if not (is_count(offset) and is_count(count)):
         raise FedtrakError(f"{source}: score config has query offset {offset!r} and count {count!r}, "
                            "expected integers >= 0")
     request = ScoreRequest(job_of(content, source), policy, topk,
@@ -266,10 +267,6 @@ def decode_score_request(content: RecordDict, source: str = "server message") ->
                            f"{'with kernel inverses or query groups ' if offset else ''}does not fit the run's "
                            "queries (only the first batch carries inverses and groups)")
     return request
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_score_arrays(request: ScoreRequest, source: str) -> None:
@@ -336,7 +333,7 @@ def decode_train_request(content: RecordDict, source: str = "server message"
     cfg = config_record(content, CONFIG, source)
     job_values = {k: v for k, v in cfg.items() if k not in (CHECKPOINT, SERVER_ROUND)}
     checkpoint, server_round = cfg.get(CHECKPOINT), cfg.get(SERVER_ROUND)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (checkpoint, server_round)):
+    if not all(is_count(v) for v in (checkpoint, server_round)):
         raise FedtrakError(f"{source}: train config has checkpoint {checkpoint!r} and round {server_round!r}, "
                            "expected integers >= 0")
     if ARRAYS not in content.array_records:

@@ -142,6 +142,11 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def is_count(value: object) -> bool:
+    """Whether a config value is an integer >= 0 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def array_record(content: RecordDict, key: str, source: str, view: bool = False) -> dict[str, np.ndarray]:
     """The numpy arrays of ArrayRecord ``key`` in a message, or a clear error naming ``source``.
 

@@ -31,6 +31,7 @@ from fedtrak.wire.records import (
     arrays_to_record,
     config_record,
     encode_job,
+    is_count,
     job_of,
 )
 
@@ -108,8 +109,7 @@ def read_input_request(content: RecordDict, source: str = "server message"
     """Back from :func:`input_request`: the sealed shares, the checkpoints and the fraction bits."""
     cfg = config_record(content, SECAGG, source)
     checkpoints, bits = cfg.get("checkpoints"), cfg.get("fraction-bits")
-    if not isinstance(checkpoints, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
-                                                    for m in checkpoints) or \
+    if not isinstance(checkpoints, list) or not all(is_count(m) for m in checkpoints) or \
             not isinstance(bits, int) or isinstance(bits, bool):
         raise FedtrakError(f"{source}: malformed masked-input request: checkpoints {checkpoints!r}, "
                            f"fraction bits {bits!r}")
