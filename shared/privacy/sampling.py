@@ -12,26 +12,39 @@ in for it in tests.
 A Gaussian release added in floating point leaks its value through the low
 bits of the result (Mironov, CCS 2012): the set of floats ``x + noise`` can
 take depends on ``x``. :func:`add_gaussian` therefore works on a grid: the
-value is rounded to a power-of-two grid ``2^-GRID_BITS`` of the noise's
-standard deviation, and the noise is a Gaussian rounded to the same grid, so
-every result is a multiple of the grid whatever ``x`` was. The rounding moves
-a value by at most half a grid step, far below the noise; the rounded Gaussian
-on so fine a grid is, to within that step, the continuous one the accountant
-assumes. Skellam noise (secure aggregation) is integer-valued already.
+value is rounded to a power-of-two grid, ``2^-GRID_BITS`` of the noise's
+standard deviation (rounded down to a power of two), and the noise is a
+Gaussian rounded to the same grid, so every result is a multiple of the grid
+whatever ``x`` was. The grid depends on the standard deviation alone, never on
+the values (a step that grew with ``max |x|`` would itself tell the size of
+the data); values too large to be held on it exactly in float64 (``|x|`` of
+``2^52`` steps or more) are refused, not put on a coarser grid. The rounding
+moves a value by at most half a grid step, far below the noise; the rounded
+Gaussian on so fine a grid is, to within that step, the continuous one the
+accountant assumes. A standard deviation that is not a normal positive float
+(zero, subnormal, NaN or infinite: say ``sigma`` times a sensitivity that
+underflowed) is refused too, never answered with the exact value. Skellam
+noise (secure aggregation) is integer-valued already.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.special import gammaln
 
+from fedtrak.errors import FedtrakError
+
 #: The grid is 2^-GRID_BITS of the noise's standard deviation (rounded down to a power of two).
 GRID_BITS = 24
+#: The values a grid can hold exactly: fewer than 2^VALUE_BITS steps in size, so that value plus noise
+#: (under 2^53 steps) is an integer float64 represents exactly.
+VALUE_BITS = 52
 #: Below this mean, Poisson draws are by inversion; at or above it by PTRS.
 PTRS_MIN_MEAN = 10.0
 
@@ -122,21 +135,44 @@ class SecureRandom:
         return out
 
 
-def grid_step(std: float, values: np.ndarray) -> float:
-    """The power-of-two grid of a release of noise ``std``: ``2^-GRID_BITS`` of it, coarser only if the
-    values are so large that float64 could not hold them on it exactly."""
-    step = 2.0 ** (math.floor(math.log2(std)) - GRID_BITS)
-    largest = float(np.abs(values).max(initial=0.0))
-    if largest > 0:
-        step = max(step, 2.0 ** (math.ceil(math.log2(largest)) - 50))
+def grid_step(std: float, values: np.ndarray | float | None = None) -> float:
+    """The power-of-two grid of a release of noise ``std``: ``2^(floor(log2 std) - GRID_BITS)``,
+    from ``std`` alone.
+
+    Raises:
+        FedtrakError: if ``std`` is not a normal, finite, positive float, or the step is not a
+            normal float; with ``values``, if they are not finite or if the largest is
+            ``2^VALUE_BITS`` steps or more (float64 could not hold it on the grid exactly).
+    """
+    std = float(std)
+    if not (math.isfinite(std) and std >= sys.float_info.min):
+        raise FedtrakError(f"noise standard deviation {std!r} is not a normal, finite, positive float: "
+                           "refusing to release the value without its noise")
+    step = math.ldexp(1.0, math.frexp(std)[1] - 1 - GRID_BITS)  # frexp: std = m 2^e, 0.5 <= m < 1
+    if step < sys.float_info.min:
+        raise FedtrakError(f"noise standard deviation {std!r} gives the grid step {step!r}, not a normal float")
+    if values is not None:
+        x = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise FedtrakError("a value to be noised is NaN or infinite")
+        ratio = float(np.abs(x).max(initial=0.0)) / step
+        if ratio >= 2.0**VALUE_BITS:
+            raise FedtrakError(f"a value to be noised is {ratio:.4g} grid steps (of noise std {std:.4g}) in size, "
+                               f"beyond the 2^{VALUE_BITS} float64 holds exactly on the grid")
     return step
 
 
 def add_gaussian(values: np.ndarray | float, std: float, rng: NoiseSource) -> np.ndarray:
-    """``values`` plus Gaussian noise of ``std``, both on the grid :func:`grid_step` (see the module)."""
+    """``values`` plus Gaussian noise of ``std``, both on the grid :func:`grid_step` (see the module).
+
+    Raises:
+        FedtrakError: as :func:`grid_step` (a ``std`` that is not a normal positive float, values
+            too large for the grid), or if the result overflows.
+    """
     x = np.asarray(values, dtype=np.float64)
-    if not std > 0:
-        return x.copy()
     step = grid_step(std, x)
     noise = np.rint(np.asarray(rng.normal(0.0, std / step, size=x.shape)))
-    return (np.rint(x / step) + noise) * step
+    out = (np.rint(x / step) + noise) * step
+    if not np.all(np.isfinite(out)):
+        raise FedtrakError(f"a value plus noise of std {std:.4g} overflows float64")
+    return out
