@@ -77,7 +77,7 @@ def test_under_dp_the_batch_sum_is_held_to_the_range_of_that_many_noised_grams()
         noise = rng.normal(scale=sigma, size=(K, K))
         g = x.T @ x + np.triu(noise) + np.triu(noise, 1).T
         if node == 7:
-            g = 20 * (np.eye(K) - 4 / K * np.ones((K, K)))  # diagonal 6.7, trace 40, an eigenvalue -60
+            g = 30 * (np.eye(K) - 5 / K * np.ones((K, K)))  # diagonal 5, trace 30, an eigenvalue -120
         fold.add(node, f"client {node}", 20.0, {0: pack_upper(g)})
     fold.result()
     assert list(excluded) == [7] and "positive semi-definite" in excluded[7]

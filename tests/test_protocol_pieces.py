@@ -274,7 +274,7 @@ def test_release_sizes_are_bounded_by_clipping_and_noise():
         honest = noised_gram(gram(f), dp, rng)
         gram_release(wire.encode_grams_reply({0: pack_upper(honest)}, info), [0], k, "client a", False, limits)
     for bad, message in ((gram(f) * 1e6, "diagonal entries"), (-1e12 * np.eye(k), "diagonal entries"),
-                         (gram(f) + 30.0 * (np.ones((k, k)) - np.eye(k)), "not positive semi-definite")):
+                         (gram(f) + 45.0 * (np.ones((k, k)) - np.eye(k)), "not positive semi-definite")):
         with pytest.raises(FedtrakError, match=f"client a: .*{message}"):
             gram_release(wire.encode_grams_reply({0: pack_upper(bad)}, info), [0], k, "client a", False, limits)
 
