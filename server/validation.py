@@ -12,6 +12,12 @@ a Gram's diagonal, trace, entries and smallest eigenvalue, an owner
 summary's norm, a suspect count, owner values. Each check
 raises :class:`FedtrakError` naming the client; the server then excludes
 that client and goes on with the others.
+
+Every size bound is relative to the example count the client itself reports:
+a client that claims a million times its examples may send releases a
+million times larger. Only the operator can close that: where it declares the
+most examples any one device holds, :func:`check_example_count` refuses a
+larger claim (plus, under DP, the count noise's tail allowance).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from fedtrak import wire
 from fedtrak.codecs import diagonal_positions, unpack_upper, upper_indices
 from fedtrak.compat import check_compatible
 from fedtrak.errors import FedtrakError
-from fedtrak.privacy.bounds import GramLimits, OwnerLimits
+from fedtrak.privacy.bounds import GramLimits, OwnerLimits, count_ceiling
+from fedtrak.privacy.mechanisms import DPSettings
 
 #: Relative diagonal jitter under which a noiseless Gram must factorize.
 PSD_JITTER = 1e-9
@@ -36,15 +43,43 @@ PSD_JITTER = 1e-9
 MINOR_TOLERANCE = 1e-5
 
 
-def read_info(content: RecordDict, source: str, fingerprint: str = "") -> wire.ClientInfo:
+def read_info(content: RecordDict, source: str, fingerprint: str = "", max_examples: int | None = None,
+              dp: DPSettings | None = None) -> wire.ClientInfo:
     """The info record of a reply; with ``fingerprint``, the client's protocol version and task
-    fingerprint must match this server's."""
+    fingerprint must match this server's; with ``max_examples``, its count must not exceed the
+    operator's declaration (:func:`check_example_count`, under ``dp``)."""
     info = wire.decode_info(content, source)
     if info.num_examples < 1:
         raise FedtrakError(f"{source}: reports {info.num_examples} examples")
     if fingerprint:
         check_compatible(info.protocol_version, info.task_fingerprint, fingerprint, source)
+    check_example_count(info.num_examples, max_examples, dp, source)
     return info
+
+
+def check_example_count(count: float, max_examples: int | None, dp: DPSettings | None, source: str) -> None:
+    """Refuse a client's reported example count above ``max_examples``, the most examples the
+    operator declares any one device holds (``None``: no declaration, nothing to check), plus,
+    under DP (``dp`` active), the tail allowance of the count's noise
+    (:func:`fedtrak.privacy.bounds.count_ceiling`: ``TAIL`` standard deviations).
+
+    Every size bound of :mod:`fedtrak.privacy.bounds` grows with the count a client reports, so
+    without a declaration a client may claim a larger count and send releases as much larger.
+
+    Raises:
+        FedtrakError: naming ``source`` and the declaration, or naming the declaration itself if it
+            is not a whole number >= 1.
+    """
+    if max_examples is None:
+        return
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise FedtrakError(f"max-client-examples must be a whole number >= 1, got {max_examples!r}")
+    dp = dp if dp is not None else DPSettings()
+    ceiling = count_ceiling(dp, float(max_examples))
+    if count > ceiling:
+        noise = f" plus {ceiling - max_examples:.4g} for the count's noise" if ceiling > max_examples else ""
+        raise FedtrakError(f"{source}: reports {count:g} examples, above the {max_examples} the operator declares "
+                           f"any one device holds (max-client-examples){noise}")
 
 
 def _finite(array: np.ndarray, what: str, source: str) -> np.ndarray:

@@ -14,10 +14,10 @@ from fedtrak.codecs import pack_upper
 from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
 from fedtrak.kernel import gram
-from fedtrak.privacy.bounds import gram_limits
+from fedtrak.privacy.bounds import TAIL, gram_limits, owner_limits
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.sampling import GRID_BITS, add_gaussian, grid_step
-from fedtrak.server.validation import check_psd, gram_release
+from fedtrak.server.validation import check_psd, gram_release, read_info, score_release
 
 
 @pytest.mark.parametrize("std", [5e-324, sys.float_info.min / 2, 0.0, -1.0, math.nan, math.inf, -math.inf])
@@ -101,3 +101,47 @@ def test_honest_noised_grams_pass_the_psd_check_20000_times(k):
     assert np.sum(smallest < -old) > 10
     with pytest.raises(FedtrakError, match="not positive semi-definite"):
         check_psd(worst, "Gram", "client a", old)
+
+
+def test_a_count_above_the_operators_declaration_is_refused_by_name():
+    """Finding 7: every size bound grows with the count the client claims, so a count x1e6 with a
+    Gram and a summary x1e6 passed; with the most examples per device declared, the claim is
+    refused by name (beyond the count noise's allowance under DP)."""
+    from fedtrak.server.validation import check_example_count
+
+    dp = DPSettings(noise_multiplier=2.0, clip_norm=1.0)
+    rng = np.random.default_rng(7)
+    n, k, scale = 20, 16, 10**6
+    features = rng.normal(size=(n, k))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    noise = rng.normal(scale=2.0, size=(k, k))
+    inflated_gram = scale * gram(features) + np.triu(noise) + np.triu(noise, 1).T
+    inflated_summary = scale * features.sum(axis=0, keepdims=True) + rng.normal(scale=2.0, size=(1, k))
+    info = wire.ClientInfo("a", 0, n * scale, PROTOCOL_VERSION, "ab" * 8)
+    grams = wire.encode_grams_reply({0: pack_upper(inflated_gram)}, info)
+    us = [rng.normal(size=(3, k))]
+    summaries = wire.encode_score_reply(wire.ScoreRelease(owner_summaries=inflated_summary), info)
+
+    # No declaration: the bounds follow the claim, and the inflated releases pass.
+    claimed = read_info(grams, "client a").num_examples
+    assert claimed == n * scale
+    gram_release(grams, [0], k, "client a", False, gram_limits(dp, claimed, k))
+    score_release(summaries, "owner-totals", 3, claimed, "client a", False, True, us, None,
+                  owner_limits(dp, claimed, k))
+
+    # Declared: at most 100 examples per device; the count's noise may add TAIL sigma = 16.
+    for reply in (grams, summaries):
+        with pytest.raises(FedtrakError, match=r"client a: reports 2e\+07 examples, above the 100 the operator "
+                                               r"declares any one device holds \(max-client-examples\) plus 16 for "
+                                               r"the count's noise"):
+            read_info(reply, "client a", max_examples=100, dp=dp)
+    check_example_count(100 + TAIL * 2.0, 100, dp, "client a")  # an honest count's noise may reach this
+    with pytest.raises(FedtrakError, match=r"client a: reports 117 examples, above the 100"):
+        check_example_count(117, 100, dp, "client a")
+    check_example_count(100, 100, None, "client a")  # without DP the count is exact
+    with pytest.raises(FedtrakError, match=r"client a: reports 101 examples, above the 100 .*\(max-client-examples\)$"):
+        check_example_count(101, 100, DPSettings(), "client a")
+    check_example_count(10**12, None, dp, "client a")  # no declaration: nothing to check
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(FedtrakError, match="max-client-examples must be a whole number >= 1"):
+            check_example_count(5, bad, dp, "client a")
