@@ -103,6 +103,21 @@ def test_honest_noised_grams_pass_the_psd_check_20000_times(k):
         check_psd(worst, "Gram", "client a", old)
 
 
+def test_the_eigenvalue_allowance_is_never_below_the_rule_before():
+    """Above k = 465 the Tracy-Widom allowance is smaller than 2.2 s sqrt(k); the larger is kept
+    (room for noise a caller underestimates), and the rounding term is still added."""
+    from fedtrak.privacy.bounds import eigenvalue_allowance
+
+    s = 3.0
+    for k in (1, 32, 465, 466, 2048, 8192):
+        assert eigenvalue_allowance(s, k) >= 2.2 * s * math.sqrt(k)
+    assert eigenvalue_allowance(s, 2048) == pytest.approx(2.2 * s * math.sqrt(2048))
+    assert eigenvalue_allowance(s, 32) == pytest.approx(s * (2 * math.sqrt(32) + 12 * 32 ** (-1 / 6)))
+    assert eigenvalue_allowance(0.0, 32) == 0.0
+    dp = DPSettings(noise_multiplier=1.0, clip_norm=1.0)
+    assert gram_limits(dp, 5, 64, rounding=1e-3).eig_slack == pytest.approx(eigenvalue_allowance(1.0, 64) + 0.064)
+
+
 def test_a_count_above_the_operators_declaration_is_refused_by_name():
     """Finding 7: every size bound grows with the count the client claims, so a count x1e6 with a
     Gram and a summary x1e6 passed; with the most examples per device declared, the claim is
