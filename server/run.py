@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedtrak.answer import answer_lines
 from fedtrak.corruption import corrupted, flipped_indices
+from fedtrak.errors import RunFailed
 from fedtrak.job import Job
 from fedtrak.partition import partition
 from fedtrak.results import ResultWriter, add_owner_values, add_score_arrays, add_self_influence
@@ -33,7 +34,7 @@ from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
 from fedtrak.server.preflight import check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
 from fedtrak.server.rounds import estimate_clip_norm, obtain_checkpoints, run_features, run_private
-from fedtrak.server.summary import run_summary
+from fedtrak.server.summary import failure_summary, run_summary
 from fedtrak.settings import Settings
 from fedtrak.timing import PhaseTimer
 
@@ -47,6 +48,9 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
     bars (on a terminal): training rounds, and each step's clients as they reply.
 
     Raises:
+        RunFailed: when the server ends the run on purpose (too few clients for secure
+            aggregation): ``summary.json`` then records why, with ``"complete": false``, and no
+            result array is written.
         FedtrakError: on bad settings, too few clients, or no client left;
             no result files are written then (trained checkpoints are kept).
     """
@@ -117,6 +121,11 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
             for line in [where, *answer_lines(out_dir, summary)]:
                 log.info("%s", line)
         return summary
+    except RunFailed as exc:  # ended on purpose: the run folder says why
+        path = writer.fail(failure_summary(job, fed, exc.failure, timer))
+        if kind == "flower":  # the operator reads the ServerApp's log; a simulation's caller gets the error
+            log.error("no result: %s (recorded in %s on the SuperLink host)", exc, path)
+        raise RunFailed(f"{exc} (recorded in {path})", exc.failure) from None
     except BaseException:
         writer.discard()
         raise

@@ -5,7 +5,10 @@ when a run sets ``secure-agg``. The server relays advertisements and sealed
 shares, receives only masked vectors, and unmasks their sum with the shares
 the survivors reveal (:mod:`fedtrak.secagg.protocol`); it never holds one
 client's Gram. What it can still check is checked on the sum: positive semi-definiteness when no noise was added, and that the
-securely summed counts equal the counts the survivors reported.
+securely summed counts equal the counts the survivors reported. Too few
+advertised keys end the run right after the first round
+(:func:`check_advertised`), before any client is asked for shares or a masked
+input; the run folder records why (:class:`fedtrak.errors.RunFailed`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from flwr.app import RecordDict
 
 from fedtrak import wire
 from fedtrak.codecs import unpack_upper
-from fedtrak.errors import FedtrakError
+from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.job import Job
 from fedtrak.privacy.bounds import gram_limits
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
@@ -51,6 +54,8 @@ from fedtrak.wire.secagg import (
 )
 
 ROUNDS = (wire.FEATURIZE, wire.SECAGG_SHARE, wire.SECAGG_INPUT, wire.SECAGG_UNMASK)
+#: The fewest clients a secure sum runs with: its share threshold (at least 2) cannot protect fewer.
+MIN_CLIENTS = 3
 
 
 @dataclass
@@ -80,8 +85,10 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     checked for being PSD.
 
     Raises:
-        FedtrakError: with fewer than 3 clients, fewer survivors than the
-            threshold, or a sum that fails its checks; no sum is returned then.
+        RunFailed: when too few clients advertised keys (:func:`check_advertised`):
+            no client was asked for shares or a masked input.
+        FedtrakError: with fewer survivors than the threshold, or a sum that
+            fails its checks; no sum is returned then.
     """
     context = secagg_context(job.run_id)
     dim, dp, fraction = job.resolved.proj_dim, job.dp(), job.settings.secagg.secagg_threshold
@@ -91,9 +98,8 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     fed.note_info(replies)
     client_seconds = {n: wire.read_timing(c) for n, c in replies.items() if wire.read_timing(c)}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
+    check_advertised(fed, job, adverts)  # before any client is asked for shares or a masked input
     nodes = fed.require_clients("the secure-aggregation advertisements")
-    if len(nodes) < 3:
-        raise FedtrakError(f"secure aggregation needs at least 3 clients, {len(nodes)} advertised keys")
     threshold = graph.threshold(len(nodes), fraction)
     noise = DistributedNoise(dim, len(checkpoints), threshold,
                              noise_fraction_bits(dim, len(checkpoints), threshold, dp))
@@ -160,6 +166,54 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
                                    "noise can make it (no result)") from None
     report = _report(fed, adverts, shared, survivors, noise, hood, length, client_seconds, unmask_seconds, timer)
     return SecureSum(grams, count, survivors, noise, report)
+
+
+def advertisement_shortfall(advertised: int, threshold: int) -> str | None:
+    """Why ``advertised`` clients are too few for a secure sum whose job announced the share
+    ``threshold``, or ``None`` when they are enough: at least :data:`MIN_CLIENTS`, and at least the
+    threshold the job announced (the one each device admitted the run at, against its
+    ``min-secagg-threshold``): fewer would sum at a lower threshold than the devices agreed to."""
+    if advertised < MIN_CLIENTS:
+        return f"fewer than the {MIN_CLIENTS} a secure sum needs"
+    if advertised < threshold:
+        return f"fewer than the run's share threshold {threshold}"
+    return None
+
+
+def clients_for_dropouts(fraction: float, dropouts: int = 1) -> int:
+    """The fewest clients a secure sum at the share-threshold ``fraction`` can be planned with so
+    that it still runs after ``dropouts`` of them refuse the job or go away before advertising keys
+    (:func:`advertisement_shortfall` of the rest against the planned threshold)."""
+    n = MIN_CLIENTS + dropouts
+    while advertisement_shortfall(n - dropouts, graph.threshold(n, fraction)) is not None:
+        n += 1
+    return n
+
+
+def check_advertised(fed: Federation, job: Job, adverts: dict[int, tuple[Advertisement, bytes]]) -> None:
+    """End the run when too few clients advertised keys (:func:`advertisement_shortfall`), right
+    after the advertisement round: before any client is asked for shares or a masked input, so no
+    client has sent anything of its data.
+
+    Raises:
+        RunFailed: naming how many of the run's clients advertised keys, what the sum needs, and each
+            excluded client with its reason; its ``failure`` holds the same for the run folder.
+    """
+    threshold, fraction = job.resolved.threshold, job.settings.secagg.secagg_threshold
+    advertised = [n for n in fed.ordered() if n in adverts]
+    why = advertisement_shortfall(len(advertised), threshold)
+    if why is None:
+        return
+    excluded = [{"node_id": n, "owner": c.owner, "reason": c.excluded}
+                for n, c in fed.clients.items() if c.excluded is not None]
+    names = "; ".join(f"{fed.source(e['node_id'])} ({(e['reason'].splitlines() or [''])[0]})" for e in excluded)
+    need, slack = max(MIN_CLIENTS, threshold), clients_for_dropouts(fraction)
+    message = (f"secure aggregation: {len(advertised)} of {len(fed.clients)} clients advertised keys, {why}; "
+               f"excluded: {names or 'none'}. No client was asked for shares or a masked input (no result); "
+               f"plan at least {slack} clients (secagg-threshold {fraction:g}), so that one can drop out")
+    raise RunFailed(message, {"step": "secure aggregation: advertisements", "clients": len(fed.clients),
+                              "advertised": [fed.source(n) for n in advertised], "needed": need,
+                              "threshold": threshold, "clients_for_one_dropout": slack, "excluded": excluded})
 
 
 def decoded_sum(total: np.ndarray, dim: int, checkpoints: int, fraction_bits: int) -> tuple[list[np.ndarray], float]:

@@ -127,3 +127,22 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         summary["warning"] = (f"{len(clients['excluded'])} client(s) excluded: results cover only the "
                               f"{len(nodes)} listed owners")
     return summary
+
+
+def failure_summary(job: Job, fed: Federation, failure: dict[str, Any], timer: PhaseTimer) -> dict[str, Any]:
+    """The ``summary.json`` of a run the server ended without results
+    (:class:`fedtrak.errors.RunFailed`; written with ``"complete": false``): why (``failure``: its
+    ``reason``, the step and that step's details), every client with the exclusions and their
+    reasons, the settings and the seconds spent."""
+    settings = job.settings
+    return {
+        "failure": failure,
+        "mode": settings.release.mode,
+        "task": settings.task.task,
+        "run_id": job.run_id,
+        **fed.report(),
+        "resolved": job.resolved.describe(),
+        "settings": settings.nested(),
+        "config": settings.flat(),
+        "seconds": timer.report(),
+    }

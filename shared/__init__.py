@@ -26,13 +26,13 @@ _API = {
     "ModelOutput": "fedtrak.modelout", "ClassificationMargin": "fedtrak.modelout",
     "task_from_model": "fedtrak.own_model",
     "Settings": "fedtrak.settings",
-    "FedtrakError": "fedtrak.errors",
+    "FedtrakError": "fedtrak.errors", "RunFailed": "fedtrak.errors",
     "Result": "fedtrak.simulations.api", "attribute": "fedtrak.simulations.api",
     "simulate": "fedtrak.simulations.api", "evaluate": "fedtrak.simulations.api",
 }
 
-__all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Result", "Settings", "Task", "TrainConfig",
-           "attribute", "evaluate", "load_task", "register_task", "simulate", "task_from_model"]
+__all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Result", "RunFailed", "Settings", "Task",
+           "TrainConfig", "attribute", "evaluate", "load_task", "register_task", "simulate", "task_from_model"]
 __version__ = "0.2.0"
 
 

@@ -1,4 +1,8 @@
-"""The one exception type fedtrak raises for bad input."""
+"""The exceptions fedtrak raises for bad input and for runs it ends on purpose."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class FedtrakError(ValueError):
@@ -7,3 +11,18 @@ class FedtrakError(ValueError):
     The message is one line that names the problem; the CLI prints it as
     ``fedtrak: error: <message>`` and exits non-zero.
     """
+
+
+class RunFailed(FedtrakError):
+    """A federated run the server ended on purpose, without results, for a reason it records.
+
+    The run folder's ``summary.json`` then says ``"complete": false`` and holds ``failure``
+    (:meth:`fedtrak.results.ResultWriter.fail`): the reason, the step it ended at and the
+    details in ``failure``. The message is one line, as for every :class:`FedtrakError`.
+    """
+
+    def __init__(self, message: str, failure: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        #: What the run folder records: ``reason`` (the message) first, then the step's details.
+        self.failure: dict[str, Any] = {"reason": message, **(failure or {})}
+

@@ -6,7 +6,10 @@ index), ``owner_scores.npy`` (queries x owners), ``topk_indices.npy`` /
 ``topk_scores.npy`` and ``summary.json``. Results are staged in a hidden
 folder and moved into place only when the whole run succeeded, with
 ``summary.json`` last: a folder whose summary says ``"complete": true`` holds
-a consistent result, and a failed run never leaves a partial one behind.
+a consistent result, and a failed run never leaves a partial one behind. A
+federated run the server ended on purpose (:class:`fedtrak.errors.RunFailed`)
+writes a ``summary.json`` that says ``"complete": false`` and why, in its
+``failure`` block (:meth:`ResultWriter.fail`), and no arrays.
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ class ResultWriter:
     def discard(self) -> None:
         """Drop everything staged (after a failure)."""
         shutil.rmtree(self._stage, ignore_errors=True)
+
+    def fail(self, summary: dict) -> Path:
+        """Drop everything staged and write ``summary.json`` with ``"complete": false``: the record of
+        a run that ended without results (``summary`` says why, in its ``failure`` block). It replaces
+        an older run's summary, so that the folder describes its latest run; any older arrays stay,
+        and readers refuse them (:class:`fedtrak.simulations.run_folder.RunFolder` reads complete
+        runs only)."""
+        self.discard()
+        tmp = self.out_dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps({**summary, "complete": False}, indent=2, default=_json_default))
+        os.replace(tmp, self.out_dir / SUMMARY)
+        return self.out_dir / SUMMARY
 
 
 def add_score_arrays(

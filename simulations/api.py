@@ -143,6 +143,8 @@ def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = 
     which sets ``allow_full``); owner scores always are.
 
     Raises:
+        RunFailed: a run the server ended without results (its ``failure`` says why, as does
+            the run folder's ``summary.json``, which :meth:`Result.load` then refuses by that reason).
         FedtrakError: on bad settings or a run that failed (with the server's reason).
     """
     from fedtrak.simulations.simulate import run_simulation

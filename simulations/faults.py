@@ -12,16 +12,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 from fedtrak import wire
-from fedtrak.client.app import QUERIES, Handler
+from fedtrak.client.app import HANDLER_ERROR, QUERIES, Handler
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 from fedtrak.wire import secagg as secagg_wire
 
 #: Fault name -> (the step it breaks, what it does).
 FAULTS = {
     "raise": ("featurize", "the ClientApp raises an exception"),
+    "refuse": ("featurize", "the client refuses the job by name, as a device whose budget cannot pay does"),
     "gram-shape": ("featurize", "the Gram upper triangle of checkpoint 0 loses its last value"),
     "gram-nan": ("featurize", "a Gram entry is NaN"),
     "gram-asym": ("featurize", "the Gram is sent as a full matrix that is not symmetric"),
@@ -66,6 +67,8 @@ def _break_gram(fault: str, grams: dict[int, np.ndarray]) -> dict[int, np.ndarra
     return {**grams, 0: g}
 
 
+#: Faults that refuse the step as fedtrak's handlers refuse a job (a Flower error reply naming why).
+REFUSALS = {"refuse": "injected refusal: this node's privacy budget cannot pay for the run: the job is refused"}
 #: Faults that crash the client at their step, and what the crash says.
 CRASHES = {"raise": "this client crashed", "score-raise": "this client crashed while scoring",
            "secagg-drop-input": "this client crashed after sharing its keys",
@@ -140,6 +143,8 @@ def faulty_handlers(faults: Mapping[int, str]) -> dict[str, Handler]:
             fault = fault if fault and FAULTS[fault][0] == name else None
             if fault in CRASHES:
                 raise RuntimeError(f"injected fault: {CRASHES[fault]}")
+            if fault in REFUSALS:
+                return Message(Error(HANDLER_ERROR, f"{name}: {REFUSALS[fault]}"), reply_to=msg)
             reply = honest(msg, ctx)
             if fault and corrupt and not reply.has_error():
                 return Message(corrupt(fault, reply.content), reply_to=msg)

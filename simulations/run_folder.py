@@ -37,7 +37,8 @@ class RunFolder:
 
         Raises:
             FedtrakError: if the folder or its summary is missing, unreadable
-                or marks an incomplete run.
+                or marks an incomplete run (one the server ended without results:
+                naming its recorded reason).
         """
         path = Path(path)
         file = path / SUMMARY
@@ -47,6 +48,9 @@ class RunFolder:
             summary = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise FedtrakError(f"cannot read {file}: {exc}") from exc
+        failure = summary.get("failure") if isinstance(summary, dict) else None
+        if isinstance(failure, dict) and summary.get("complete") is False:
+            raise FedtrakError(f"{file} records a run that ended without results: {failure.get('reason')}")
         if not isinstance(summary, dict) or summary.get("complete") is not True:
             raise FedtrakError(f"{file} does not describe a complete run")
         return cls(path, summary)

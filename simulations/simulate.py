@@ -85,6 +85,8 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     node settings (tests use misbehaving clients).
 
     Raises:
+        RunFailed: the server ended the run without results; the run folder's ``summary.json``
+            records why (``"complete": false``, its ``failure`` block).
         FedtrakError: with the server's reason if the run failed.
     """
     if importlib.util.find_spec("ray") is None:  # a device install has no Ray

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrak.errors import FedtrakError
+from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
 from fedtrak.privacy.budget import parse_scales
 from fedtrak.secagg import fixedpoint
 from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores
+from fedtrak.simulations.cli import main
 from fedtrak.simulations.faults import faulty_handlers
 from fedtrak.simulations.simulate import run_simulation
 
@@ -110,6 +111,39 @@ def test_too_many_dropouts_or_a_misreported_count_give_no_result(tmp_path, logre
     with pytest.raises(FedtrakError, match="secure sum of the Grams of checkpoint 0 has diagonal entries.*no result"):
         run_simulation(cfg, handlers=faulty_handlers({2: "secagg-inflate"}))
     assert not (out / "summary.json").exists()
+
+
+def test_too_few_advertised_keys_end_the_run_before_any_share_and_the_run_folder_says_why(tmp_path, logreg_ckpt_dir,
+                                                                                           capfd):
+    """3 clients, one of which refuses the job (as a device whose privacy budget cannot pay does):
+    2 advertised keys are fewer than the 3 a secure sum needs. The run ends right after the
+    advertisement round, before any client is asked for shares or a masked input, with one line
+    naming the shortfall and the refusing node, no traceback, and a summary.json (complete: false)
+    that the readers of run folders refuse by that reason."""
+    out = tmp_path / "refused"
+    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, checkpoints=1))
+    shortfall = (r"secure aggregation: 2 of 3 clients advertised keys, fewer than the 3 a secure sum needs; "
+                 r"excluded: node \d+ \(query.featurize failed: featurize: injected refusal: this node's privacy "
+                 r"budget cannot pay for the run: the job is refused\)\. No client was asked for shares or a masked "
+                 r"input \(no result\); plan at least 4 clients \(secagg-threshold 0.6\), so that one can drop out")
+    with pytest.raises(RunFailed, match=shortfall + r" \(recorded in .*summary.json\)$"):
+        run_simulation(cfg, handlers=faulty_handlers({1: "refuse"}))
+    assert "Traceback" not in capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    failure = summary["failure"]
+    assert summary["complete"] is False and summary["run_id"] and summary["config"]["secure-agg"] is True
+    assert failure["step"] == "secure aggregation: advertisements"
+    assert (failure["clients"], len(failure["advertised"]), failure["needed"], failure["threshold"],
+            failure["clients_for_one_dropout"]) == (3, 2, 3, 2, 4)
+    assert [e["reason"] for e in failure["excluded"]] == [e["reason"] for e in summary["excluded"]]
+    assert "injected refusal" in failure["excluded"][0]["reason"]
+    steps = summary["bytes"]["per_step"]  # nobody was sent a share request or an input request
+    assert "query.featurize" in steps and not {"query.secagg_share", "query.secagg_input"} & set(steps)
+    assert not (out / "owner_scores.npy").exists() and not list(out.glob(".staging-*"))
+    assert main(["report", str(out)]) == 2  # the CLI reads the record and says why there is nothing to show
+    err = capfd.readouterr().err
+    assert "records a run that ended without results: secure aggregation: 2 of 3 clients" in err
+    assert "Traceback" not in err
 
 
 def test_distributed_noise_is_sized_for_the_threshold_and_accounted_on_the_survivors(tmp_path, logreg_ckpt_dir):
