@@ -115,19 +115,65 @@ def format_report(report: dict) -> str:
         lines.append(f"  {r['step']}: {r['what']}: shape {r['shape']}, {r['bytes']:,} bytes, noise {r['noise']}")
     lines.append(f"  in all about {report['bytes_sent_total'] / 1e6:.2f} MB (plus Flower's framing)")
     lines += ["kept on this device:"] + [f"  {k}" for k in report["kept_on_device"]]
-    ledger = report.get("ledger")
-    if ledger is not None:
-        spent = "unbounded" if ledger["spent_epsilon"] is None else f"{ledger['spent_epsilon']:.4g}"
-        lines.append(f"privacy ledger {ledger['path']}: {len(ledger['runs'])} run(s), spent epsilon {spent} "
-                     f"and delta {ledger['spent_delta']:g}")
-        for r in ledger["runs"]:
-            eps = "unbounded (no noise)" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
-            lines.append(f"  {r['run_id']}: epsilon {eps}, {r['kernel_source']} kernel, released "
-                         f"{', '.join(r['releases']) or 'exact values'}")
-        if "left_epsilon" in ledger:
-            lines.append(f"  budget epsilon {ledger['budget_epsilon']:g} at delta {ledger['budget_delta']:g}: "
-                         f"left epsilon {ledger['left_epsilon']:.4g}, delta {ledger['left_delta']:g}")
+    for ledger in report.get("ledgers", []):
+        lines += format_ledger(ledger)
     return "\n".join(lines)
+
+
+def format_ledger(ledger: dict) -> list[str]:
+    """One privacy ledger (an entry of :func:`describe_ledgers`) as lines for its owner."""
+    spent = "unbounded" if ledger["spent_epsilon"] is None else f"{ledger['spent_epsilon']:.4g}"
+    lines = [(f"privacy ledger of {ledger['owner_folder']} ({ledger['path']}): {len(ledger['runs'])} run(s), "
+              f"spent epsilon {spent} and delta {ledger['spent_delta']:g}")]
+    for r in ledger["runs"]:
+        eps = "unbounded (no noise)" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
+        lines.append(f"  {r['run_id']}: epsilon {eps}, {r['kernel_source']} kernel, released "
+                     f"{', '.join(r['releases']) or 'exact values'}")
+    if "left_epsilon" in ledger:
+        lines.append(f"  budget epsilon {ledger['budget_epsilon']:g} at delta {ledger['budget_delta']:g}: "
+                     f"left epsilon {ledger['left_epsilon']:.4g}, delta {ledger['left_delta']:g}")
+    return lines
+
+
+def find_ledgers(path: Path) -> list[Path]:
+    """Every privacy ledger ``fedtrak device check --ledger PATH`` shows: ``PATH`` itself if it is
+    a file; in a folder, its own ledger (``PATH/privacy-ledger.json``) and one per owner folder in it
+    (``PATH/*/privacy-ledger.json``: a device's ``store-dir`` holds one folder per owner,
+    ``owner-<name>/`` or ``partition-<i>/``, each with its ledger, :mod:`fedtrak.client.node`).
+
+    Raises:
+        FedtrakError: naming ``PATH`` if it does not exist, or is a folder with no ledger in it or
+            in any folder just below it.
+    """
+    from fedtrak.client.ledger import LEDGER_FILE
+
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FedtrakError(f"--ledger {path} does not exist: give the device's store-dir (a ledger per owner "
+                           f"lies in its owner-<name>/{LEDGER_FILE}) or a ledger file")
+    found = [p for p in [path / LEDGER_FILE, *sorted(path.glob(f"*/{LEDGER_FILE}"))] if p.is_file()]
+    if not found:
+        raise FedtrakError(f"--ledger {path} holds no privacy ledger: neither {path / LEDGER_FILE} nor "
+                           f"{path}/*/{LEDGER_FILE} exists (give the device's store-dir, whose owner folders, "
+                           "owner-<name>/ or partition-<i>/, hold one each, or a ledger file)")
+    return found
+
+
+def describe_ledgers(path: Path, budget_epsilon: float | None = None, budget_delta: float | None = None
+                     ) -> list[dict]:
+    """Each ledger :func:`find_ledgers` finds under ``path``, as
+    :func:`fedtrak.client.ledger.describe_ledger` shows it (with what is left of the budget
+    ``budget_epsilon`` at ``budget_delta``, where given), plus ``owner_folder``: the folder it lies in.
+
+    Raises:
+        FedtrakError: as :func:`find_ledgers`, on a bad budget, or on a ledger that cannot be read.
+    """
+    from fedtrak.client.ledger import DEFAULT_BUDGET_DELTA, Budget, PrivacyLedger, describe_ledger
+
+    budget = None if budget_epsilon is None else Budget(budget_epsilon, budget_delta or DEFAULT_BUDGET_DELTA)
+    return [{"owner_folder": p.parent.name, **describe_ledger(PrivacyLedger(p), budget)} for p in find_ledgers(path)]
 
 
 def image_shape(x: np.ndarray) -> tuple[int, int] | None:

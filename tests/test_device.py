@@ -49,3 +49,60 @@ def test_image_strips_for_image_tasks_only(tmp_path):
     path = write_strip(tmp_path / "s.png", x, [("q0 +", np.array([1, 2]), np.array([0.5, 0.2]))])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_strip(tmp_path / "t.png", np.zeros((3, 10)), [("q", np.array([0]), np.array([1.0]))]) is None
+
+
+def test_device_check_finds_every_ledger_of_a_store_and_names_a_path_without_one(tmp_path, device_file, capsys):
+    """--ledger takes a ledger file, or a folder: its own ledger and one per owner folder in it (a
+    store-dir's owner-<name>/ and partition-<i>/); a missing path, or a folder with no ledger in
+    either place, is an error naming the path, not an empty ledger."""
+    from fedtrak.client.device import find_ledgers
+    from fedtrak.client.ledger import LEDGER_FILE
+
+    store = tmp_path / "store"
+    for folder in ("owner-clinic-0", "partition-1", "owner-no-ledger"):
+        (store / folder).mkdir(parents=True)
+    for path in (store / "owner-clinic-0" / LEDGER_FILE, store / "partition-1" / LEDGER_FILE):
+        path.write_text("{}")  # only found here, not read
+    assert find_ledgers(store) == [store / "owner-clinic-0" / LEDGER_FILE, store / "partition-1" / LEDGER_FILE]
+    assert find_ledgers(store / "partition-1") == [store / "partition-1" / LEDGER_FILE]
+    assert find_ledgers(store / "partition-1" / LEDGER_FILE) == [store / "partition-1" / LEDGER_FILE]
+    (store / LEDGER_FILE).write_text("{}")
+    assert find_ledgers(store)[0] == store / LEDGER_FILE and len(find_ledgers(store)) == 3
+    check = ["device", "check", "--task", "digits-logreg", "--data", str(device_file), "--ledger"]
+    assert main([*check, str(tmp_path / "missing")]) == 2
+    assert f"--ledger {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert main([*check, str(store / "owner-no-ledger")]) == 2
+    err = capsys.readouterr().err
+    assert f"--ledger {store / 'owner-no-ledger'} holds no privacy ledger" in err and "0 run(s)" not in err
+
+
+@pytest.mark.flower
+def test_device_check_shows_each_owners_ledger_of_a_store_dir_after_a_run(tmp_path, device_file, logreg_ckpt_dir,
+                                                                          capsys):
+    """After a run without noise, each owner of the store-dir has it in its ledger at unbounded
+    epsilon: device check given the store-dir shows both owners' ledgers, not an empty one."""
+    import json
+
+    from fedtrak.settings import Settings
+    from fedtrak.simulations.simulate import run_simulation
+
+    store = tmp_path / "store"
+    summary = run_simulation(Settings.from_flat({
+        "clients": 2, "partition": "iid", "checkpoint-dir": str(logreg_ckpt_dir), "checkpoints": 1,
+        "proj-dim": 32, "out": str(tmp_path / "run"), "store-dir": str(store)}))
+    report = tmp_path / "report.json"
+    check = ["device", "check", "--task", "digits-logreg", "--data", str(device_file), "--proj-dim", "32"]
+    assert main([*check, "--ledger", str(store), "--privacy-budget", "5", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    for owner in ("partition-0", "partition-1"):
+        assert f"privacy ledger of {owner} ({store / owner}" in out
+    assert out.count("1 run(s), spent epsilon unbounded") == 2
+    ledgers = json.loads(report.read_text())["ledgers"]
+    assert [led["owner_folder"] for led in ledgers] == ["partition-0", "partition-1"]
+    for led in ledgers:
+        assert [r["run_id"] for r in led["runs"]] == [summary["run_id"]]
+        assert led["spent_epsilon"] is None and led["left_epsilon"] == 0 and led["budget_epsilon"] == 5
+    assert main([*check, "--ledger", str(store / "partition-1"), "--json", str(report)]) == 0
+    shown = json.loads(report.read_text())
+    assert [led["owner_folder"] for led in shown["ledgers"]] == ["partition-1"]
+    assert shown["ledger"]["runs"][0]["run_id"] == summary["run_id"]

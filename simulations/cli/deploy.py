@@ -32,7 +32,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                          "clip-norm", "secure-agg", "policy", "kernel-source"])
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
     check.add_argument("--ledger", type=Path, default=None,
-                       help="show the device's privacy ledger: its file, or the store folder holding it")
+                       help="show the device's privacy ledgers: its store-dir (one ledger per owner folder in "
+                            "it) or one ledger file")
     check.add_argument("--privacy-budget", type=float, default=None,
                        help="the owner's total epsilon (as the node config's privacy-budget), to show what is left")
     check.add_argument("--privacy-budget-delta", type=float, default=None, help="the budget's total delta")
@@ -77,29 +78,29 @@ def keys(args: argparse.Namespace) -> int:
 
 def device(args: argparse.Namespace) -> int:
     """What a device would send in a run (``check``) or kept from one (``results``)."""
-    from fedtrak.client.device import device_report, format_report, format_results, read_results
+    from fedtrak.client.device import (
+        describe_ledgers,
+        device_report,
+        format_report,
+        format_results,
+        read_results,
+    )
 
     if args.device == "results":
         print(format_results(read_results(args.folder), args.queries))
         return 0
     if args.noise_multiplier < 0:
         raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+    # every owner's ledger in a store-dir, or the one file given; a path without any fails first
+    ledgers = None if args.ledger is None else describe_ledgers(args.ledger, args.privacy_budget,
+                                                                args.privacy_budget_delta)
     report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
                            args.noise_multiplier, args.clip_norm, bool(args.secure_agg), args.policy,
                            weighting=args.weighting, kernel_source=args.kernel_source)
-    if args.ledger is not None:
-        from fedtrak.client.ledger import (
-            DEFAULT_BUDGET_DELTA,
-            LEDGER_FILE,
-            Budget,
-            PrivacyLedger,
-            describe_ledger,
-        )
-
-        path = args.ledger / LEDGER_FILE if args.ledger.is_dir() else args.ledger
-        budget = None if args.privacy_budget is None else Budget(
-            args.privacy_budget, args.privacy_budget_delta or DEFAULT_BUDGET_DELTA)
-        report["ledger"] = describe_ledger(PrivacyLedger(path), budget)
+    if ledgers is not None:
+        report["ledgers"] = ledgers
+        if len(ledgers) == 1:  # the report's former key, for one ledger
+            report["ledger"] = ledgers[0]
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
