@@ -50,3 +50,36 @@ def test_the_command_reference_matches_the_parser():
 
     assert (ROOT / "docs" / "cli.md").read_text() == cli_markdown(), \
         "docs/cli.md is out of date: python -m fedtrak.simulations.cli.docs docs/cli.md"
+
+
+def _run_config(text: str) -> dict:
+    """A ``--run-config`` string as Flower reads it: ``key=value`` pairs, TOML values."""
+    import shlex
+    import tomllib
+
+    flat = {}
+    for item in shlex.split(text):
+        key, value = item.split("=", 1)
+        try:
+            flat[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:  # a path whose quotes the shell took off
+            flat[key] = value
+    return flat
+
+
+def test_the_deploy_walkthrough_runs_private_and_warns_about_runs_without_noise():
+    """Every device charges each run to its ledger, and a run without noise at unbounded epsilon:
+    the walk-through's own runs add noise (and pass the server's checks), and its first step says
+    what a run without noise does to a budget set later."""
+    from fedtrak.server.preflight import preflight
+    from fedtrak.settings import Settings
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    step1 = text.split("**1. Operator")[1].split("**2. Each device")[0]
+    assert "unbounded" in step1 and "epsilon" in step1 and "`privacy-budget`" in step1
+    runs = re.findall(r'flwr run \. mylink --stream --run-config "([^"]*)"', text)
+    assert runs
+    for config in runs:
+        settings = Settings.from_flat(_run_config(config))
+        assert settings.privacy.wants_noise, f"docs/deploy.md runs without noise: {config}"
+        assert preflight(settings).dp.active
