@@ -23,15 +23,15 @@ from flwr.clientapp import ClientApp
 from fedtrak import wire
 from fedtrak.client import secure_aggregation as secagg
 from fedtrak.client.featurize import featurize_into_store
-from fedtrak.client.node import Local, node_setting
+from fedtrak.client.node import Local
 from fedtrak.client.releases import (
     released_features,
     released_grams,
     released_histogram,
     released_scores,
 )
-from fedtrak.client.training import local_update
-from fedtrak.errors import FedtrakError
+from fedtrak.client.training import released_update
+from fedtrak.errors import FedtrakError, Refused
 from fedtrak.logs import visible_logging
 from fedtrak.tasks import Task, register_task, registered_tasks
 from fedtrak.timing import peak_memory_mb
@@ -70,16 +70,27 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
                 elif timed and not reply.has_error():
                     wire.add_handler_timing(reply.content, time.perf_counter() - start, peak_memory_mb())
                 return reply
+            except Refused as exc:  # decided from the job and the node's settings: says nothing of the data
+                reason = sent = f"{step}: {exc}"
             except FedtrakError as exc:
                 reason = f"{step}: {exc}"
+                sent = _generic(step, exc) if _private(msg) else reason
             except Exception as exc:  # noqa: BLE001 - reported to the server, not swallowed
                 reason = f"{step}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+                sent = _generic(step, exc) if _private(msg) else reason
             log.error("node %s: %s", ctx.node_id, reason)
-            return Message(Error(HANDLER_ERROR, reason), reply_to=msg)
+            return Message(Error(HANDLER_ERROR, sent), reply_to=msg)
 
         return handler
 
     return wrap
+
+
+def _generic(step: str, exc: Exception) -> str:
+    """The reason a private run's server is told for a failure that may depend on the device's data
+    (a count, a shape, a path): its step and kind only; the whole reason stays in the device's log."""
+    return (f"{step}: the device failed ({type(exc).__name__}); under differential privacy the reason stays in "
+            "the device's own log")
 
 
 def _reply(msg: Message, content: RecordDict) -> Message:
@@ -90,11 +101,9 @@ def _reply(msg: Message, content: RecordDict) -> Message:
 def train(msg: Message, ctx: Context) -> Message:
     """One FedAvg round: local SGD epochs on this client's data from the global weights."""
     job, checkpoint, server_round, state = wire.decode_train_request(msg.content)
-    # DP-SGD is accounted apart (training_privacy); under attribution DP the FedAvg weight is the
-    # run's noised count, so the run is charged to the device's ledger here already
-    local = Local.open(job, ctx, releases=job.dp().active)
-    return _reply(msg, wire.encode_train_reply(local_update(local, checkpoint, server_round, state),
-                                               local.fedavg_weight()))
+    local = Local.open(job, ctx)
+    update = released_update(local, checkpoint, server_round, state)  # charged to the ledger as it leaves
+    return _reply(msg, wire.encode_train_reply(update, local.fedavg_weight()))
 
 
 def _featurized(msg: Message, ctx: Context) -> tuple[wire.FeaturizeRequest, Local, float]:
@@ -113,10 +122,11 @@ def featurize(msg: Message, ctx: Context) -> Message:
     ms = list(request.states)
     if request.clip_round:
         return _reply(msg, wire.encode_histogram_reply(released_histogram(local, ms), local.info()))
-    if request.secagg_context is not None:
+    if request.secagg_context is not None:  # keys only: the count leaves with the masked input
+        local.contract.check_checkpoints(ms)
         content = secagg_wire.advert_reply(*secagg.advertise(local, request.secagg_context))
         wire.add_timing(content, {"featurize": seconds})
-        return _reply(msg, wire.add_info(content, local.info()))
+        return _reply(msg, wire.add_info(content, local.info(count=0)))
     return _reply(msg, wire.encode_grams_reply(released_grams(local, ms), local.info()))
 
 
@@ -133,7 +143,7 @@ def score(msg: Message, ctx: Context) -> Message:
     """Score own examples from the preconditioned queries; release what the policy allows."""
     request = wire.decode_score_request(msg.content)
     local = Local.open(request.job, ctx)
-    release = released_scores(local, request, bool(node_setting(ctx, "allow-full", False)))
+    release = released_scores(local, request)
     return _reply(msg, wire.encode_score_reply(release, local.info()))
 
 
@@ -153,7 +163,7 @@ def secagg_input(msg: Message, ctx: Context) -> Message:
     masked, seconds, rejected = secagg.masked_input(local, sealed, checkpoints, fraction_bits)
     content = secagg_wire.masked_content(masked, rejected)
     wire.add_timing(content, seconds)
-    return _reply(msg, content)
+    return _reply(msg, wire.add_info(content, local.info()))
 
 
 @_guard("secagg_unmask")

@@ -1,94 +1,94 @@
-"""What a client handler works with: its node's settings, the run's job, its data and its store.
+"""What a client handler works with: its node's settings, the run's job, its data, its store and contract.
 
-Settings a node reads (its node config only, then the defaults the ClientApp
-was built with, see :func:`fedtrak.client.app.client_app`; never the run
-config, which the server controls):
-
-``store-dir``   root of the local feature store (default ``~/.cache/fedtrak/store``); the
-                device's privacy ledger is kept beside its store (:mod:`fedtrak.client.ledger`)
-``privacy-budget``, ``privacy-budget-delta``  the owner's total budget over every run (default: none,
-                the ledger only records)
-``allow-full``  whether the ``full`` release policy may be served (default false)
-``min-noise-multiplier``, ``min-secagg-threshold``, ``max-proj-dim``, ``max-clip-norm``  floors
-                the device holds every run to (:mod:`fedtrak.client.policy`)
-``data-path``, ``owner``, ``task``  see :mod:`fedtrak.client.data`
+A node reads its own node config only (:mod:`fedtrak.client.node_settings`,
+then the defaults the ClientApp was built with, see
+:func:`fedtrak.client.app.client_app`), never the run config, which the server
+controls. Every release leaves through :meth:`Local.release`: allowed by the
+contract of the job the run bound at first contact
+(:mod:`fedtrak.client.contract`), charged to the device's ledger
+(:mod:`fedtrak.client.ledger`) as it leaves, and kept, so that a step sent again
+gets the same release back.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
+import numpy as np
 from flwr.app import Context
 
+from fedtrak.client.contract import Contract, job_digest
 from fedtrak.client.data import ClientData, job_task, load_client_data
-from fedtrak.client.ledger import DEFAULT_BUDGET_DELTA, LEDGER_FILE, Budget, PrivacyLedger
+from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger
+from fedtrak.client.node_settings import NodeSettings
 from fedtrak.client.policy import NodePolicy
 from fedtrak.client.store import FeatureStore
 from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
+from fedtrak.privacy.accountant import Release
+from fedtrak.privacy.kinds import COUNT
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng, noised_count
 from fedtrak.tasks import Task
 from fedtrak.wire import ClientInfo
 
-DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"
+
+def node_settings(ctx: Context) -> NodeSettings:
+    """The node's own settings (its node config only: a server cannot set them).
+
+    Raises:
+        FedtrakError: naming an unknown key or a malformed value.
+    """
+    return NodeSettings.from_config(ctx.node_config)
 
 
-def node_setting(ctx: Context, key: str, fallback: Any) -> Any:
-    """A node's own setting: its node config, else ``fallback``. Never the run config, which the
-    server sets: where a device keeps its data and whether it serves every score are the device's
-    choices."""
-    value = ctx.node_config.get(key)
-    return fallback if value in ("", None) else value
-
-
-def node_budget(ctx: Context) -> Budget | None:
-    """The node's privacy budget (node config only: a server cannot set a device's budget)."""
-    eps = ctx.node_config.get("privacy-budget")
-    if eps in (None, ""):
-        return None
-    try:
-        return Budget(float(eps), float(ctx.node_config.get("privacy-budget-delta") or DEFAULT_BUDGET_DELTA))
-    except (TypeError, ValueError) as exc:
-        raise FedtrakError(f"node config privacy-budget {eps!r} is not a number: {exc}") from exc
+def node_budget(settings: NodeSettings) -> Budget | None:
+    """The node's privacy budget, if its config sets one."""
+    n = settings.fields
+    return None if n.privacy_budget is None else Budget(n.privacy_budget, n.privacy_budget_delta)
 
 
 @dataclass
 class Local:
-    """One client's part of one run: the job, its own data, its store and privacy settings."""
+    """One client's part of one run: the job, its own data, its store, ledger and contract."""
 
     job: Job
     data: ClientData
     store: FeatureStore
     node_id: int
-    ledger: PrivacyLedger | None = None
+    ledger: PrivacyLedger
+    contract: Contract
+    budget: Budget | None = None
     policy: NodePolicy = field(default_factory=NodePolicy)
 
     @classmethod
-    def open(cls, job: Job, ctx: Context, releases: bool = True) -> Local:
-        """Check the job against this node's install, load its data and open its store; for a step
-        that ``releases`` anything, charge the run to the device's privacy ledger first.
+    def open(cls, job: Job, ctx: Context) -> Local:
+        """Check the job against this node's settings and install, load its data, open its store
+        and bind the run to the job in the device's ledger (at first contact; later the job must be
+        the same, and the run's whole plan must fit the budget at first contact).
 
         Raises:
             FedtrakError: on a job below the node's floors (:mod:`fedtrak.client.policy`), a task
                 import path the node config does not name, a protocol or task mismatch, data the
-                node cannot load, or a run the device's privacy budget cannot pay for.
+                node cannot load, a changed job, or a run the device's budget cannot pay for.
         """
-        policy = NodePolicy.from_config(ctx.node_config)
+        settings = node_settings(ctx)
+        policy = NodePolicy.from_settings(settings)
         policy.check(job)  # before anything the job names is imported or loaded
-        job.check_node(job_task(job, ctx.node_config))
+        task = job_task(job, ctx.node_config)
+        job.check_node(task)
         data = load_client_data(job, ctx.node_config, ctx.node_id)
-        root = Path(str(node_setting(ctx, "store-dir", DEFAULT_STORE))).expanduser()
         who = f"partition-{data.partition_id}" if data.partition_id >= 0 else "owner-" + re.sub(
             r"[^A-Za-z0-9_.-]", "_", data.owner)
-        local = cls(job, data, FeatureStore(root / who, job.run_id), int(ctx.node_id),
-                    PrivacyLedger(root / who / LEDGER_FILE), policy)
-        if releases:
-            local.ledger.charge(job, node_budget(ctx))
-        return local
+        root = settings.store_root / who
+        contract = Contract.of(job, task, len(data.y), settings.fields.serve_full)
+        ledger, budget = PrivacyLedger(root / LEDGER_FILE), node_budget(settings)
+        noised = contract.dp.active or contract.train_sigma > 0
+        ledger.bind(job.run_id, job_digest(job), contract.planned(), job.settings.privacy.delta if noised else 0.0,
+                    job.resolved.kernel_source, budget)
+        return cls(job, data, FeatureStore(root, job.run_id), int(ctx.node_id), ledger, contract, budget, policy)
 
     @property
     def task(self) -> Task:
@@ -102,15 +102,58 @@ class Local:
 
     @property
     def dp(self) -> DPSettings:
-        """How this client clips and noises what it releases."""
-        return self.job.dp()
+        """How this client clips and noises what it releases (the weight bound its own task gives)."""
+        return self.contract.dp
+
+    def charge(self, items: dict[str, Release]) -> None:
+        """Charge ``items`` to the device's ledger as they leave.
+
+        Raises:
+            Refused: if the budget cannot pay for them.
+        """
+        self.ledger.charge(self.job.run_id, items, self.budget)
+
+    def release(self, kind: str, checkpoints: list[int] | None, make: Callable[[], np.ndarray | dict],
+                unit: Release | None = None) -> np.ndarray | dict:
+        """One release of ``kind`` (over ``checkpoints``, for a per-checkpoint kind): refused unless
+        the bound job plans it; under DP kept in the store (a step sent again gets the same draws back)
+        and charged once, as it leaves; without noise made afresh and charged as unbounded.
+        ``make`` returns the release (per-checkpoint kinds: a dict by checkpoint); ``unit``: its
+        ledger entry per item, where it is not the plan's (a secure sum's Skellam Grams).
+
+        Raises:
+            Refused: for a release outside the job's plan or the budget.
+        """
+        items = self.contract.items(kind, checkpoints)
+        entry = unit or self.contract.unit(kind)
+        if not self.dp.active:
+            value = make()
+            self.charge(dict.fromkeys(items, entry))
+            return value
+        if checkpoints is not None and kind != COUNT:
+            names = {m: f"{kind}-{m}" for m in checkpoints}
+            if all(self.store.has_release(n) for n in names.values()):
+                return {m: self.store.released(n, _never) for m, n in names.items()}
+            value = make()
+            self.charge(dict.fromkeys(items, entry))
+            return {m: self.store.released(n, lambda m=m: value[m]) for m, n in names.items()}
+        if self.store.has_release(kind):
+            return self.store.released(kind, _never)
+        value = make()
+        self.charge(dict.fromkeys(items, entry))
+        return self.store.released(kind, lambda: value)
 
     def released_count(self) -> int:
         """The example count this client releases: under DP a release of its own, noised once per
-        run and kept in the store; otherwise the count itself."""
-        if not self.dp.active:
+        run, kept in the store and charged as it leaves; otherwise the count itself (charged as
+        unbounded; in features mode the count is public and charged nothing)."""
+        if COUNT not in self.contract.planned_kinds():  # features mode: the count is public (replace one)
             return len(self.data.y)
-        return self.store.released_count(lambda: noised_count(len(self.data.y), self.dp, noise_rng()))
+        charge = lambda: self.charge({COUNT: self.contract.unit(COUNT)})
+        if not self.dp.active:
+            charge()
+            return len(self.data.y)
+        return self.store.released_count(lambda: noised_count(len(self.data.y), self.dp, noise_rng()), charge)
 
     def fedavg_weight(self) -> int:
         """The example count FedAvg weights this client's update by. Under attribution DP, the
@@ -119,7 +162,7 @@ class Local:
         covers); otherwise the exact count."""
         if self.dp.active:
             return self.released_count()
-        return 1 if self.job.settings.training.dp_train_noise > 0 else len(self.data.y)
+        return 1 if self.contract.trains_privately else len(self.data.y)
 
     def info(self, count: int | None = None) -> ClientInfo:
         """Who this client is, its example count (``count``; default :meth:`released_count`), and
@@ -127,3 +170,7 @@ class Local:
         return ClientInfo(self.data.owner, self.data.partition_id,
                           self.released_count() if count is None else count, PROTOCOL_VERSION,
                           self.job.fingerprint(self.task))
+
+
+def _never() -> np.ndarray:
+    raise FedtrakError("a kept release went missing between two reads of the store")

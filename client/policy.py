@@ -16,13 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fedtrak.errors import FedtrakError
+from fedtrak.client.node_settings import NodeSettings
+from fedtrak.errors import Refused
 from fedtrak.job import Job
 from fedtrak.privacy.plan import run_release_plan
-
-#: Node-config keys of the floors, by field name.
-KEYS = {"min_sigma": "min-noise-multiplier", "min_threshold": "min-secagg-threshold",
-        "max_proj_dim": "max-proj-dim", "max_clip_norm": "max-clip-norm"}
 
 
 @dataclass(frozen=True)
@@ -35,25 +32,19 @@ class NodePolicy:
     max_clip_norm: float | None = None
 
     @classmethod
+    def from_settings(cls, settings: NodeSettings) -> NodePolicy:
+        """The floors a node's settings set."""
+        n = settings.fields
+        return cls(n.min_noise_multiplier, n.min_secagg_threshold, n.max_proj_dim, n.max_clip_norm)
+
+    @classmethod
     def from_config(cls, node_config: Mapping) -> NodePolicy:
         """The floors a node config sets.
 
         Raises:
-            FedtrakError: naming a key whose value is not a positive number.
+            FedtrakError: naming a key whose value is malformed.
         """
-        values = {}
-        for field, key in KEYS.items():
-            raw = node_config.get(key)
-            if raw in (None, ""):
-                continue
-            try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not value > 0 or value == float("inf"):
-                raise FedtrakError(f"node config {key} must be a positive number, got {raw!r}")
-            values[field] = int(value) if field in ("min_threshold", "max_proj_dim") else value
-        return cls(**values)
+        return cls.from_settings(NodeSettings.from_config(node_config))
 
     def check(self, job: Job) -> None:
         """Refuse ``job`` if it falls below a floor.
@@ -63,20 +54,20 @@ class NodePolicy:
         """
         r = job.resolved
         if self.max_proj_dim is not None and r.proj_dim > self.max_proj_dim:
-            raise FedtrakError(f"the run projects to k = {r.proj_dim}, above this node's max-proj-dim "
+            raise Refused(f"the run projects to k = {r.proj_dim}, above this node's max-proj-dim "
                                f"{self.max_proj_dim}: the job is refused")
         if self.min_threshold is not None:
             self.check_threshold(r.threshold)
         dp = job.dp()
         if self.max_clip_norm is not None and dp.active and dp.clip_norm > self.max_clip_norm:
-            raise FedtrakError(f"the run clips to C = {dp.clip_norm:g}, above this node's max-clip-norm "
+            raise Refused(f"the run clips to C = {dp.clip_norm:g}, above this node's max-clip-norm "
                                f"{self.max_clip_norm:g}: the job is refused")
         if self.min_sigma is not None:
             plan = run_release_plan(job.settings, dp, r.proj_dim, source=r.kernel_source) if dp.active else []
             least = min((rel.sigma for rel in plan), default=0.0)
             if least < self.min_sigma:
                 what = "adds no noise" if not dp.active else f"has a release at noise multiplier {least:.4g}"
-                raise FedtrakError(f"the run {what}, below this node's min-noise-multiplier {self.min_sigma:g}: "
+                raise Refused(f"the run {what}, below this node's min-noise-multiplier {self.min_sigma:g}: "
                                    "the job is refused")
 
     def check_threshold(self, threshold: int) -> None:
@@ -87,5 +78,5 @@ class NodePolicy:
         """
         if self.min_threshold is not None and threshold < self.min_threshold:
             what = "does not use secure aggregation" if threshold == 0 else f"has a share threshold of {threshold}"
-            raise FedtrakError(f"the run {what}, below this node's min-secagg-threshold {self.min_threshold}: "
+            raise Refused(f"the run {what}, below this node's min-secagg-threshold {self.min_threshold}: "
                                "the job is refused")

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtrak.client.contract import SCORES
 from fedtrak.client.device import write_strip
 from fedtrak.client.featurize import stored_clip_scales, stored_gram, stored_norms
 from fedtrak.client.local_scoring import ChunkedScores, score_in_chunks
 from fedtrak.client.node import Local
 from fedtrak.codecs import pack_upper, unpack_upper
-from fedtrak.errors import FedtrakError
-from fedtrak.privacy.budget import HISTOGRAM
+from fedtrak.errors import FedtrakError, Refused
+from fedtrak.privacy.kinds import COUNT, FEATURES, GRAM, HISTOGRAM, SUMMARY, SUSPECTS, VALUE
 from fedtrak.privacy.mechanisms import (
     noise_rng,
     noised_curvature,
@@ -32,6 +33,7 @@ from fedtrak.privacy.mechanisms import (
     owner_values,
 )
 from fedtrak.privacy.quantile import noised_histogram, norm_histogram
+from fedtrak.privacy.sampling import NoiseSource
 from fedtrak.scoring import top_k
 from fedtrak.wire import ScoreRelease, ScoreRequest
 
@@ -41,31 +43,41 @@ STRIP_QUERIES = 6
 
 def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray]:
     """Each checkpoint's Gram upper triangle: of the clipped features plus Gaussian noise under DP;
-    none when the run's kernel is public (the server builds it from its own data)."""
+    none when the run's kernel is public (the server builds it from its own data).
+
+    Raises:
+        Refused: when the bound job releases no Gram, or sums Grams with secure aggregation.
+    """
     dp, store, weighted = local.dp, local.store, local.weighted
     if local.job.resolved.kernel_source == "public":
+        local.contract.items(COUNT)  # private mode: the count is all that leaves here
+        local.contract.check_checkpoints(checkpoints)
         return {}
+    local.contract.allow_plain_gram()
     if not dp.active:
-        return {m: pack_upper(stored_gram(store, m, weighted=weighted)[0]) for m in checkpoints}
-    scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
+        return local.release(GRAM, checkpoints, lambda: {
+            m: pack_upper(stored_gram(store, m, weighted=weighted)[0]) for m in checkpoints})
 
-    def noised(m: int) -> np.ndarray:
-        g = stored_gram(store, m, scales[m], weighted, dp.gram_weight)[0]
-        return pack_upper(noised_gram(g, dp, rng))
+    def noised() -> dict[int, np.ndarray]:
+        scales, rng = stored_clip_scales(store, checkpoints, dp), noise_rng()
+        return {m: pack_upper(noised_gram(stored_gram(store, m, scales[m], weighted, dp.gram_weight)[0], dp, rng))
+                for m in checkpoints}
 
-    return {m: store.released(f"gram-{m}", lambda m=m: noised(m)) for m in checkpoints}
+    return local.release(GRAM, checkpoints, noised)
 
 
 def released_histogram(local: Local, checkpoints: list[int]) -> np.ndarray:
     """The clip-norm round's noised histogram of the feature norms (under DP only).
 
     Raises:
-        FedtrakError: if the run adds no noise (the histogram is a DP release).
+        Refused: if the run adds no noise or sets no clip quantile (the histogram is a DP release
+            of a clip-quantile run only).
     """
     dp = local.dp
     if not dp.active:
-        raise FedtrakError("a norm histogram is released only under differential privacy")
-    return local.store.released("norm-histogram", lambda: noised_histogram(
+        raise Refused("a norm histogram is released only under differential privacy")
+    local.contract.items(HISTOGRAM, checkpoints)
+    return local.release(HISTOGRAM, None, lambda: noised_histogram(
         norm_histogram(stored_norms(local.store, checkpoints, dp.clip_mode)), dp.sigma(HISTOGRAM), noise_rng()))
 
 
@@ -73,43 +85,66 @@ def released_features(local: Local, checkpoints: list[int]
                       ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Trusted-server mode: each checkpoint's features, out-to-loss weights and (for the weighted
     kernel) curvature weights; under DP clipped and noised per value: weak, as each example's
-    presence is not hidden."""
-    dp, store = local.dp, local.store
-    scales = stored_clip_scales(store, checkpoints, dp) if dp.active else {}
-    rng = noise_rng()
-    out = {}
-    for m in checkpoints:
+    presence is not hidden.
+
+    Raises:
+        Refused: unless the bound job is in features mode.
+    """
+    dp, store, weighted = local.dp, local.store, local.weighted
+
+    def exact(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         f, q = (np.asarray(a) for a in store.read(m))
-        w = np.asarray(store.read_curvature(m)) if local.weighted else None
-        if dp.active:
-            both = store.released(f"features-{m}", lambda f=f, q=q, m=m: np.column_stack(
-                noised_features(f * scales[m][:, None], q, dp, rng)))
-            f, q = np.ascontiguousarray(both[:, :-1]), np.ascontiguousarray(both[:, -1])
-            if w is not None:
-                w = store.released(f"curvature-{m}", lambda w=w: noised_curvature(w, dp, rng))
-        out[m] = (f, q, w)
-    return out
+        return f, q, np.asarray(store.read_curvature(m)) if weighted else None
+
+    if not dp.active:
+        return local.release(FEATURES, checkpoints, lambda: {m: exact(m) for m in checkpoints})
+
+    def noised() -> dict[int, np.ndarray]:
+        scales, rng, out = stored_clip_scales(store, checkpoints, dp), noise_rng(), {}
+        for m in checkpoints:
+            f, q, w = exact(m)
+            f, q = noised_features(f * scales[m][:, None], q, dp, rng)
+            columns = [f, q[:, None]] + ([noised_curvature(w, dp, rng)[:, None]] if w is not None else [])
+            out[m] = np.column_stack(columns)
+        return out
+
+    dim = local.job.resolved.proj_dim
+    kept = local.release(FEATURES, checkpoints, noised)
+    return {m: (np.ascontiguousarray(a[:, :dim]), np.ascontiguousarray(a[:, dim]),
+                np.ascontiguousarray(a[:, dim + 1]) if weighted else None) for m, a in kept.items()}
 
 
-def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> ScoreRelease:
+def released_scores(local: Local, request: ScoreRequest) -> ScoreRelease:
     """Score this client's examples with the server's preconditioned queries and release what the
     policy allows: owner totals (under DP: noised owner summaries instead; on the
     :attr:`~fedtrak.wire.ScoreRequest.summary_route`, exact summaries), the owner's summed
     screening statistic (its summed self-influence; under DP with the server's threshold, its noised
     count of suspects), its values over the server's query groups where asked, and with ``full``
-    every score; ``topk`` keeps the best examples on the device.
+    every score; ``topk`` keeps the best examples on the device. Each release is one the bound job
+    plans (:mod:`fedtrak.client.contract`), charged as it leaves.
 
     Raises:
-        FedtrakError: if the policy is ``full`` and this node does not allow it, or the store does
-            not hold this client's data.
+        Refused: for a release outside the bound job's plan (the ``full`` policy where this node
+            does not serve it, self-influence or owner values the job does not ask for, checkpoints
+            other than the job's).
+        FedtrakError: if the store does not hold this client's data.
     """
-    policy, data, store, dp = request.policy, local.data, local.store, local.dp
-    if policy == "full" and not allow_full:
-        raise FedtrakError("release policy 'full' is refused: the run config does not set allow-full")
+    policy, data, store, dp, contract = request.policy, local.data, local.store, local.dp, local.contract
     ms = sorted(request.queries)
+    contract.items(SUMMARY, ms)  # the checkpoints are the job's, and owner-level results are planned
+    if policy != local.job.settings.release.policy:
+        raise Refused(f"the request asks for policy {policy!r}; the job this run bound has "
+                      f"{local.job.settings.release.policy!r}")
+    if policy == "full":
+        contract.allow(SCORES)
+    wants_self = request.inverses is not None
+    if wants_self and not local.job.settings.wants_self_influence:
+        raise Refused("the job does not screen for mislabeled data: no self-influence is released")
+    if request.groups is not None:
+        contract.allow(VALUE)
     stored = [store.read(m) for m in ms]
     if stored[0][0].shape[0] != len(data.y):
-        raise FedtrakError(f"local store holds {stored[0][0].shape[0]} examples, the data {len(data.y)}")
+        raise FedtrakError("the local store does not match this device's data: featurize again")
     dim = stored[0][0].shape[1]
     inverses = None
     if request.inverses is not None:
@@ -129,33 +164,50 @@ def released_scores(local: Local, request: ScoreRequest, allow_full: bool) -> Sc
     rng = noise_rng()
     totals, summaries, self_sum = local_scores.totals, None, None
     if dp.active:  # the noised owner summaries instead: the server derives the totals from them
-        totals, summaries = None, store.released("owner-summaries-" + "-".join(map(str, ms)),
-                                                 lambda: noised_owner_summaries(local_scores.summaries, dp, rng))
-    elif request.summary_route:  # no queries sent: the summaries, from which the server derives the totals
-        totals, summaries = None, local_scores.summaries
+        totals = None
+        kept = local.release(SUMMARY, ms, lambda: dict(zip(ms, noised_owner_summaries(local_scores.summaries, dp,
+                                                                                        rng))))
+        summaries = np.stack([kept[m] for m in ms])
+    else:
+        local.release(SUMMARY, ms, dict)  # exact owner totals or summaries: charged as unbounded
+        if request.summary_route:  # no queries sent: the summaries, from which the server derives the totals
+            totals, summaries = None, local_scores.summaries
     self_infl = local_scores.self_influence
     if self_infl is not None:
-        total = float(local_scores.self_influence_sum)
-        if dp.active and threshold > 0:
-            total = float(store.released("suspect-count", lambda: np.array(
-                [noised_suspect_count(local_scores.suspects, dp, rng)]))[0])
-        elif dp.active:
-            total = float(store.released("self-influence-sum", lambda: np.array(
-                [noised_self_influence_sum(total, inverses, dp, rng)]))[0])
-        self_sum = np.array([total])
+        self_sum = np.array([_screening(local, local_scores, inverses, threshold, rng)])
     values = None
     if groups is not None:  # the owner's value per query group: its contributions clipped, or its summaries
         values = local_scores.values if value_clip > 0 or not dp.active else owner_values(local_scores.summaries,
                                                                                            groups)
-        if dp.active:
-            values = store.released("owner-values-" + "-".join(map(str, ms)),
-                                    lambda: noised_owner_values(values, groups, dp, rng, value_clip))
+        exact_values = values
+        values = local.release(VALUE, None, lambda: noised_owner_values(exact_values, groups, dp, rng, value_clip)
+                               if dp.active else exact_values)
     if policy == "topk":
         keep_topk_on_device(local, local_scores, topk, request.query_offset if request.batched else None)
     full = policy == "full"
+    if full:
+        local.release(SCORES, None, lambda: np.zeros(0))
     return ScoreRelease(owner_totals=totals, owner_summaries=summaries, screening=self_sum,
                         scores=local_scores.scores if full else None, indices=data.indices if full else None,
                         self_influence=self_infl if full else None, owner_values=values)
+
+
+def _screening(local: Local, scores: ChunkedScores, inverses: list[np.ndarray] | None, threshold: float,
+               rng: NoiseSource) -> float:
+    """The owner's screening statistic, one release of kind ``suspects`` per run: under DP its noised
+    suspect count (with the server's threshold) or noised summed self-influence, whichever the first
+    request asked for (a later request for the other is refused); otherwise the summed self-influence."""
+    dp = local.dp
+    if not dp.active:
+        return float(local.release(SUSPECTS, None, lambda: np.array([scores.self_influence_sum, 0.0]))[0])
+    counted = threshold > 0
+    kept = local.release(SUSPECTS, None, lambda: np.array([
+        noised_suspect_count(scores.suspects, dp, rng) if counted else
+        noised_self_influence_sum(float(scores.self_influence_sum), inverses, dp, rng), float(counted)]))
+    if bool(kept[1]) != counted:
+        raise Refused("this run's screening statistic was released as "
+                      f"{'a suspect count' if kept[1] else 'a summed self-influence'}; the other is refused")
+    return float(kept[0])
 
 
 def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int, offset: int | None = None) -> Path:

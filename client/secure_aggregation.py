@@ -28,6 +28,7 @@ from fedtrak.client.store import FeatureStore
 from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
+from fedtrak.privacy.kinds import GRAM
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng
 from fedtrak.private_files import private_dir, write_private
 from fedtrak.secagg import fixedpoint
@@ -177,6 +178,7 @@ def advertise(local: Local, context: str) -> tuple[Advertisement, bytes]:
     Raises:
         FedtrakError: if the protocol's ``context`` is not this run's.
     """
+    local.contract.allow_secure_gram()
     if context != local.job.run_id:
         raise FedtrakError("secure-aggregation context does not match the run")
     identity = identity_key(local.store.dir.parent)
@@ -217,6 +219,8 @@ def masked_input(local: Local, sealed: list[SealedShares], checkpoints: list[int
     Raises:
         FedtrakError: if this client already contributed another input to this run's sum.
     """
+    local.contract.allow_secure_gram()
+    items = local.contract.items(GRAM, checkpoints)
     client = _client(local)
     rejected = client.receive(sealed)
     opened = [s for s in sealed if s.sender in client.received]
@@ -235,6 +239,8 @@ def masked_input(local: Local, sealed: list[SealedShares], checkpoints: list[int
         start = time.perf_counter()
         masked = client.masked_input(opened, values)
         seconds.update(parts, mask=time.perf_counter() - start)
+        # charged as it leaves: the Grams at the noise this device's share guarantees with threshold survivors
+        local.charge(dict.fromkeys(items, local.contract.secure_unit(client.threshold, fraction_bits)))
         return masked
 
     masked = local.store.released("secagg-masked-input", make)

@@ -80,12 +80,12 @@ class FeatureStore:
         """Where results kept on the device for its owner go (``ROOT/<run_id>/results``)."""
         return self.dir / "results"
 
-    def released_count(self, make: Callable[[], float]) -> int:
+    def released_count(self, make: Callable[[], float], charge: Callable[[], None] = lambda: None) -> int:
         """The example count this client releases in this run, at least 1.
 
-        Made once by ``make`` (a noised count under differential privacy) and
-        kept in ``released_count.txt``, so every later message repeats the same
-        release instead of drawing fresh noise (which would cost privacy again).
+        Made once by ``make`` (a noised count under differential privacy), charged once by
+        ``charge`` (before it is kept) and kept in ``released_count.txt``, so every later message
+        repeats the same release instead of drawing fresh noise (which would cost privacy again).
         """
         path = self.dir / "released_count.txt"
         if path.is_file():
@@ -94,8 +94,13 @@ class FeatureStore:
             except ValueError:
                 pass  # a torn write: make it again
         value = max(1, round(make()))
+        charge()
         write_private(path, str(value).encode())
         return value
+
+    def has_release(self, name: str) -> bool:
+        """Whether release ``name`` of this run is kept (it has left the device before)."""
+        return (self.dir / "released" / f"{name}.npy").is_file()
 
     def released(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
         """A noised release of this run (a Gram, features, owner summaries), made once by ``make``

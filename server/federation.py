@@ -310,25 +310,28 @@ class Federation:
                 self.exclude(node, str(exc))
         return accepted
 
-    def note_info(self, replies: dict[int, RecordDict]) -> None:
+    def note_info(self, replies: dict[int, RecordDict], counted: bool = True) -> None:
         """:meth:`note_one` for every reply; a reply whose info is refused is dropped."""
         for node, content in list(replies.items()):
-            if not self.note_one(node, content):
+            if not self.note_one(node, content, counted):
                 del replies[node]
 
-    def note_one(self, node: int, content: RecordDict) -> bool:
-        """Record who a replying client is and its count; exclude it (and return False) if its
-        info record is malformed or names another protocol version or task."""
+    def note_one(self, node: int, content: RecordDict, counted: bool = True) -> bool:
+        """Record who a replying client is and (``counted``: the reply releases it) its count; exclude
+        it (and return False) if its info record is malformed or names another protocol version or
+        task. A reply that releases no count (secure aggregation's keys) reports 0."""
         claimed = wire.claimed_owner(content)
         if claimed:
             self.clients[node].owner = claimed  # so that a refusal names the client
         try:
-            info = read_info(content, self.source(node), self.fingerprint)
+            info = read_info(content, self.source(node), self.fingerprint, counted=counted)
         except FedtrakError as exc:
             self.exclude(node, str(exc))
             return False
         rec = self.clients[node]
-        rec.owner, rec.partition_id, rec.num_examples = info.owner, info.partition_id, info.num_examples
+        rec.owner, rec.partition_id = info.owner, info.partition_id
+        if counted:
+            rec.num_examples = info.num_examples
         return True
 
     def require_clients(self, step: str) -> list[int]:

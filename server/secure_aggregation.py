@@ -95,7 +95,7 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     with timer.phase("featurize_round"):
         request = wire.encode_featurize_request(job, states, secagg_context=job.run_id)
         replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request))
-    fed.note_info(replies)
+    fed.note_info(replies, counted=False)  # the keys carry no count: it leaves with the masked input
     client_seconds = {n: wire.read_timing(c) for n, c in replies.items() if wire.read_timing(c)}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))
     check_advertised(fed, job, adverts)  # before any client is asked for shares or a masked input
@@ -127,6 +127,8 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
                 content, fed.source(node))
         except FedtrakError as exc:
             fed.exclude(node, str(exc))
+            return
+        if not fed.note_one(node, content):  # the client's count leaves with its masked input, not its keys
             return
         masked.add(node, vector)
         client_seconds.setdefault(node, {}).update(wire.read_timing(content))

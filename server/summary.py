@@ -12,6 +12,7 @@ from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.plan import run_release_plan
+from fedtrak.privacy.training import trains_openly
 from fedtrak.results import flips_block
 from fedtrak.server.federation import Federation
 from fedtrak.server.rounds import Outcome
@@ -77,6 +78,24 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
     return block
 
 
+def with_training(privacy: dict, settings: Settings, training: dict) -> None:
+    """Make ``privacy``'s epsilon the whole run's, training included: under a target epsilon with
+    DP-SGD sized on the devices, that target; at a given DP-SGD noise multiplier, the largest
+    composed per client; plain FedAvg updates of a private run are listed as not covered."""
+    privacy["training"] = training.get("how", "")
+    if not privacy.get("dp"):
+        return
+    privacy["epsilon_attribution"] = privacy["epsilon"]
+    if training.get("dp_sgd") and training.get("epsilon_with_attribution_max") is not None:
+        privacy["epsilon"] = _json_number(float(training["epsilon_with_attribution_max"]))
+    elif trains_openly(settings):
+        privacy["not_covered"].append("the FedAvg model updates (dp-train off): each round's update leaves every "
+                                      "device without noise")
+    elif settings.training.train == "central" and not settings.training.checkpoint_dir:
+        privacy["not_covered"].append("central training on the pooled data (simulation only): the checkpoints "
+                                      "were trained without differential privacy")
+
+
 def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPSettings, flips: FlipSpec,
                 flipped: np.ndarray, timer: PhaseTimer, num_checkpoints: int) -> dict[str, Any]:
     """The ``summary.json`` of a federated run (the run folder's format: :mod:`fedtrak.results`)."""
@@ -87,6 +106,9 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
     p = settings.partition
     privacy = privacy_block(settings, dp, dim, outcome.secure, job.resolved.kernel_source, outcome.value_clip,
                             outcome.suspect_threshold)
+    training = training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples for n in nodes},
+                                job.resolved.local_epochs, [Release(**r) for r in privacy.get("ledger", [])])
+    with_training(privacy, settings, training)
     summary = {
         "mode": settings.release.mode,
         "release_policy": settings.release.policy if settings.release.mode == "private" else "features",
@@ -113,9 +135,7 @@ def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPS
         "kernel_source": job.resolved.kernel_source,
         "privacy": privacy,
         **({"secure_aggregation": outcome.secure.report} if outcome.secure else {}),
-        "training_privacy": training_privacy(settings, task, {fed.clients[n].owner: fed.clients[n].num_examples
-                                                              for n in nodes}, job.resolved.local_epochs,
-                                             [Release(**r) for r in privacy.get("ledger", [])]),
+        "training_privacy": training,
         "resolved": {**job.resolved.describe(), "lambda": [r["lambda"] for r in records]},
         "settings": settings.nested(),
         "config": settings.flat(),

@@ -29,7 +29,15 @@ from fedtrak.checkpoints import (
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release, epsilon_with_training
-from fedtrak.privacy.training import local_steps, training_epsilon
+from fedtrak.privacy.training import (
+    attribution_epsilon,
+    local_steps,
+    sized_to_target,
+    training_epsilon,
+    training_rounds,
+    trains_openly,
+    trains_privately,
+)
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task
 from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_config
@@ -50,7 +58,7 @@ def train_fedavg_checkpoints(
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
                       min_available_nodes=num_nodes, **FEDAVG_KEYS)
     t, timeout = job.settings.training, job.settings.run.timeout
-    algorithm = "fedavg-dp-sgd" if t.dp_train_noise > 0 else "fedavg"
+    algorithm = "fedavg-dp-sgd" if trains_privately(job.settings) else "fedavg"
     out: list[tuple[CheckpointInfo, dict[str, torch.Tensor]]] = []
     infos: list[CheckpointInfo] = []
 
@@ -92,23 +100,41 @@ def train_fedavg_checkpoints(
 
 def training_privacy(settings: Settings, task: Task, counts: dict[str, int], local_epochs: int,
                      releases: Sequence[Release] = ()) -> dict:
-    """The DP-SGD account of FedAvg training, per client (from its example count): every local
-    step of every round of every checkpoint on the client's data; with the attribution's
-    ``releases`` (a DP attribution run), also both composed, per client."""
+    """How the run's checkpoints were trained, and what that cost: ``how`` in words, and, for
+    DP-SGD at a given noise multiplier, the account per client (from its released example count):
+    every local step of every round of every checkpoint on the client's data; with the
+    attribution's ``releases`` (a DP attribution run), also both composed, per client. Under a
+    target epsilon each device sets its own DP-SGD noise so that the whole run costs that epsilon
+    (:func:`fedtrak.privacy.training.device_train_sigma`)."""
     t, delta = settings.training, settings.privacy.delta
-    if not t.dp_train_noise > 0 or t.train != "fedavg" or t.checkpoint_dir:
-        return {"dp_sgd": False}
+    if t.checkpoint_dir:
+        return {"dp_sgd": False, "how": "given checkpoints: not trained by this run, no training cost"}
+    if t.train != "fedavg":
+        return {"dp_sgd": False, "how": "central (simulation only: the server trained on the pooled data; no "
+                                        "device released a model update)"}
+    if not trains_privately(settings):
+        return {"dp_sgd": False, "how": "plain FedAvg: the model updates carry no noise" + (
+            " (dp-train off: not covered by the account)" if trains_openly(settings) else "")}
     batch = task.training.batch_size
-    steps = {owner: t.checkpoints * t.rounds * local_steps(n, batch, local_epochs) for owner, n in counts.items()}
-    per_client = {owner: training_epsilon(t.dp_train_noise, batch, n, steps[owner], delta)
-                  for owner, n in counts.items()}
     block = {"dp_sgd": True, "library": "opacus PrivacyEngine (Poisson sampling, RDP accountant)",
-             "noise_multiplier": t.dp_train_noise, "max_grad_norm": t.dp_train_clip, "delta": delta,
-             "epsilon_per_client": per_client, "epsilon_max": max(per_client.values(), default=None),
-             "fedavg_weights": "the noised example counts" if releases else "uniform (no count leaves a client)",
-             "note": "training alone; counts as the clients released them"}
+             "max_grad_norm": t.dp_train_clip, "delta": delta, "rounds_per_device": len(training_rounds(settings)),
+             "fedavg_weights": "the noised example counts" if releases else "uniform (no count leaves a client)"}
+    if sized_to_target(settings):
+        block.update(noise_multiplier="set on each device from its own example count (smaller devices add more)",
+                     how=f"DP-SGD sized on each device: the attribution releases cost epsilon "
+                         f"{attribution_epsilon(settings):.4g} (1 - train-share {settings.privacy.train_share:g} of "
+                         f"{settings.privacy.epsilon:g}), and each device's DP-SGD noise takes its whole run, composed "
+                         f"in Renyi DP, to epsilon {settings.privacy.epsilon:g}",
+                     epsilon_with_attribution_max=settings.privacy.epsilon)
+        return block
+    sigma = t.dp_train_noise or settings.privacy.noise_multiplier
+    steps = {owner: len(training_rounds(settings)) * local_steps(n, batch, local_epochs) for owner, n in counts.items()}
+    per_client = {owner: training_epsilon(sigma, batch, n, steps[owner], delta) for owner, n in counts.items()}
+    block.update(noise_multiplier=sigma, how=f"DP-SGD at noise multiplier {sigma:g}",
+                 epsilon_per_client=per_client, epsilon_max=max(per_client.values(), default=None),
+                 note="training alone; counts as the clients released them")
     if releases:
-        both = {owner: epsilon_with_training(releases, delta, t.dp_train_noise, batch / max(n, 1), steps[owner])
+        both = {owner: epsilon_with_training(releases, delta, sigma, batch / max(n, 1), steps[owner])
                 for owner, n in counts.items()}
         block.update(epsilon_with_attribution_per_client=both,
                      epsilon_with_attribution_max=max(both.values(), default=None),

@@ -44,13 +44,15 @@ MINOR_TOLERANCE = 1e-5
 
 
 def read_info(content: RecordDict, source: str, fingerprint: str = "", max_examples: int | None = None,
-              dp: DPSettings | None = None) -> wire.ClientInfo:
+              dp: DPSettings | None = None, counted: bool = True) -> wire.ClientInfo:
     """The info record of a reply; with ``fingerprint``, the client's protocol version and task
     fingerprint must match this server's; with ``max_examples``, its count must not exceed the
-    operator's declaration (:func:`check_example_count`, under ``dp``)."""
+    operator's declaration (:func:`check_example_count`, under ``dp``). A ``counted`` reply releases
+    the client's count (at least 1); one that is not (secure aggregation's keys) reports 0."""
     info = wire.decode_info(content, source)
-    if info.num_examples < 1:
-        raise FedtrakError(f"{source}: reports {info.num_examples} examples")
+    if (info.num_examples < 1) if counted else (info.num_examples != 0):
+        raise FedtrakError(f"{source}: reports {info.num_examples} examples"
+                           + ("" if counted else " with its keys, which carry no count"))
     if fingerprint:
         check_compatible(info.protocol_version, info.task_fingerprint, fingerprint, source)
     check_example_count(info.num_examples, max_examples, dp, source)

@@ -26,3 +26,9 @@ class RunFailed(FedtrakError):
         #: What the run folder records: ``reason`` (the message) first, then the step's details.
         self.failure: dict[str, Any] = {"reason": message, **(failure or {})}
 
+
+class Refused(FedtrakError):
+    """A device's refusal of a job or a request, decided from the job and the device's own settings
+    alone (a floor, its budget, a request outside the job's plan): its message says nothing about the
+    device's data, so it may reach the server even under differential privacy, where other errors
+    reach it only by their step."""

@@ -39,6 +39,11 @@ POLICIES = ("owner-totals", "topk", "full")
 #: Which queries an owner's value sums over: none (no owner values), the whole query set, or each label's.
 OWNER_VALUE_GROUPS = ("none", "all", "label")
 TRAINING = ("fedavg", "central")
+#: Whether a private run's FedAvg training is DP-SGD (auto) or plain updates outside the account (off).
+DP_TRAIN = ("auto", "off")
+#: The share of a target epsilon the attribution releases are sized for when the run also trains by
+#: DP-SGD; training takes the rest (the whole run composed: docs/results.md has the measurements).
+DEFAULT_TRAIN_SHARE = 0.5
 #: Where an ensemble's checkpoints come from: independent training runs, or one run's last steps.
 ENSEMBLES = ("trajectory", "independent")
 PARTITIONS = ("iid", "dirichlet")
@@ -118,8 +123,13 @@ class TrainingSettings:
                                               "digits-logreg, 3 for the others)", minimum=1)
     epochs: int | None = setting(None, "centralized training epochs per checkpoint (default: the task's)",
                                  minimum=1)
-    dp_train_noise: float = setting(0.0, "DP-SGD (Opacus) noise multiplier for the clients' FedAvg "
-                                         "training (0: plain SGD)", minimum=0)
+    dp_train: str = setting("auto", "auto: under DP (epsilon or noise-multiplier) the clients' FedAvg training "
+                                    "is DP-SGD inside the run's budget; off: plain FedAvg updates, outside every "
+                                    "account (the summary lists them in not_covered)", choices=DP_TRAIN)
+    dp_train_noise: float = setting(0.0, "DP-SGD (Opacus) noise multiplier for the clients' FedAvg training "
+                                         "(0: under --epsilon, each device sets it from its own example count "
+                                         "so that training and attribution together cost epsilon; under "
+                                         "--noise-multiplier, that one; otherwise plain SGD)", minimum=0)
     dp_train_clip: float = setting(1.0, "DP-SGD per-example gradient clip norm", above=0)
 
 
@@ -169,6 +179,10 @@ class PrivacySettings:
     clip_quantile: float | None = setting(None, "choose C as this quantile of the feature norms, from the "
                                                 "clients' noised histograms (one more release), instead "
                                                 "of --clip-norm", above=0, below=1)
+    train_share: float = setting(DEFAULT_TRAIN_SHARE, "when the run trains its checkpoints by DP-SGD under "
+                                                      "--epsilon: the attribution releases are sized for "
+                                                      "(1 - train-share) x epsilon, and each device's DP-SGD "
+                                                      "noise takes the whole run to epsilon", minimum=0, below=1)
     budget: str | None = setting(None, "how a target epsilon is split between the kinds of release: "
                                        "KIND=WEIGHT pairs over the default weights (1 each, 3 for "
                                        "suspects), e.g. 'suspects=8' for a mislabel screening run; "

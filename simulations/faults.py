@@ -96,7 +96,7 @@ def _corrupt_masked(fault: str, content: RecordDict) -> RecordDict:
         vector[0] += np.uint64(10**6 << FRACTION_BITS)
     else:  # the count is the last value, an integer
         vector[-1] += np.uint64(100)
-    return secagg_wire.masked_content(vector)
+    return wire.add_info(secagg_wire.masked_content(vector), wire.decode_info(content, "honest reply"))
 
 
 def _corrupt_sealed(fault: str, content: RecordDict) -> RecordDict:

@@ -63,7 +63,7 @@ def simulation_settings(settings: Settings, cpus: int | None = None) -> Settings
 
 def client_defaults(settings: Settings) -> dict[str, Any]:
     """The node settings every virtual client gets (Flower's simulation has no run config)."""
-    return {"store-dir": settings.run.store_dir, "allow-full": settings.release.allow_full,
+    return {"store-dir": settings.run.store_dir, "serve-full": settings.release.allow_full,
             "task": settings.task.task}  # one user runs both sides: its nodes accept its task
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -102,17 +104,25 @@ def test_secrets_and_stores_are_the_owners_only_even_with_a_stale_temp_file_or_a
 
 
 def test_where_a_device_keeps_its_store_and_whether_it_serves_every_score_are_node_settings_only():
-    """The run config comes from the server: it can name neither the store root nor allow-full."""
+    """The run config comes from the server: it can name neither the store root nor serve-full; the
+    node config's own values are typed strictly ('false' is false; an unknown or renamed key is refused)."""
     from flwr.app import Context, RecordDict
 
-    from fedtrak.client.node import node_setting
+    from fedtrak.client.node import node_settings
+    from fedtrak.client.node_settings import DEFAULT_STORE
 
-    server_says = {"store-dir": "/tmp/the-servers-choice", "allow-full": True}
+    server_says = {"store-dir": "/tmp/the-servers-choice", "serve-full": True}
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=server_says)
-    assert node_setting(ctx, "store-dir", "default") == "default"
-    assert node_setting(ctx, "allow-full", False) is False
-    ctx = Context(run_id=1, node_id=7, node_config={"store-dir": "/mine"}, state=RecordDict(), run_config=server_says)
-    assert node_setting(ctx, "store-dir", "default") == "/mine"
+    assert node_settings(ctx).store_root == DEFAULT_STORE and node_settings(ctx).fields.serve_full is False
+    ctx = Context(run_id=1, node_id=7, node_config={"store-dir": "/mine", "serve-full": "false"}, state=RecordDict(),
+                  run_config=server_says)
+    assert str(node_settings(ctx).store_root) == "/mine" and node_settings(ctx).fields.serve_full is False
+    for bad, named in [({"serve-full": "maybe"}, "serve-full must be true or false"),
+                       ({"allow-full": True}, "allow-full is now serve-full"),
+                       ({"privacy-budgte": 1.0}, "unknown setting(s) ['privacy-budgte']"),
+                       ({"privacy-budget": "-1"}, "privacy-budget must be a number > 0")]:
+        with pytest.raises(FedtrakError, match=re.escape(named)):
+            node_settings(Context(run_id=1, node_id=7, node_config=bad, state=RecordDict(), run_config={}))
 
 
 def test_deployment_certificates_carry_key_usage_and_key_identifiers(tmp_path):

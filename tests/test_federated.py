@@ -202,7 +202,7 @@ def test_full_policy_is_refused_by_clients_unless_allowed(tmp_path, logreg_ckpt_
     cfg = Settings.from_flat(_settings(tmp_path, logreg_ckpt_dir, 2, "iid", policy="full",
                                       **{"allow-full": True}))
     with pytest.raises(FedtrakError, match="no client is left after score.*refused"):
-        run_simulation(cfg, node_settings={"allow-full": False})
+        run_simulation(cfg, node_settings={"serve-full": False})
     assert not (tmp_path / "summary.json").exists()
 
 

@@ -42,13 +42,17 @@ def _refused(reply: Message, step: str, what: str) -> None:
 def test_fuzz_client_handlers(tmp_path, logreg_ckpt_dir, logreg_states):
     """featurize, features, score and FedAvg's train, given broken server messages."""
     job, states = _job("fuzz", logreg_ckpt_dir), logreg_states[:1]
+    # each step under a job that plans it (a job is bound to its run id at first contact)
+    features_job = _job("fuzz-features", logreg_ckpt_dir, mode="features")
+    trained = Settings().replaced(clients=3, checkpoints=1, rounds=1, proj_dim=K, epsilon=1.0)
+    train_job = Job("fuzz-train", trained, preflight(trained).resolved).fingerprinted(preflight(trained).task)
     ctx = _context(tmp_path, 7, 0)
     queries = {0: np.random.default_rng(0).normal(size=(4, K))}
     train_content = RecordDict({wire.attribution.ARRAYS: wire.state_to_record(states[0]),
-                                wire.attribution.CONFIG: ConfigRecord({**wire.train_config(job, 0),
+                                wire.attribution.CONFIG: ConfigRecord({**wire.train_config(train_job, 0),
                                                                       wire.attribution.SERVER_ROUND: 1})})
     bases = {"featurize": (QUERIES["featurize"], wire.encode_featurize_request(job, states)),
-             "features": (QUERIES["features"], wire.encode_featurize_request(job, states)),
+             "features": (QUERIES["features"], wire.encode_featurize_request(features_job, states)),
              "score": (QUERIES["score"], wire.encode_score_request(wire.ScoreRequest(job, "owner-totals", 0, queries))),
              "train": (train, train_content)}
     mutations = [structural, config_junk, array_junk]

@@ -1,5 +1,5 @@
-"""The device's privacy ledger (odometer): runs are charged once, across restarts, and a job the
-owner's budget cannot pay for is refused before anything is released.
+"""The device's privacy ledger (odometer): each release is charged once, as it leaves, across
+restarts, and a job the owner's budget cannot pay for is refused before anything is released.
 
 The ClientApp's real featurize handler is called with real Flower messages and contexts, as a
 SuperNode calls it; a "restart" is a fresh context and fresh objects over the same disk.
@@ -16,8 +16,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common import Metadata
 
 from fedtrak import wire
-from fedtrak.client.app import featurize, train
-from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger, describe_ledger, job_charge
+from fedtrak.client.app import featurize, score, train
+from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger, describe_ledger
 from fedtrak.errors import FedtrakError
 from fedtrak.job import Job
 from fedtrak.privacy.mechanisms import noise_rng, noised_count
@@ -26,9 +26,9 @@ from fedtrak.settings import Settings
 from fedtrak.simulations.cli import main
 
 
-def _job(run_id: str, epsilon: float | None, ckpt_dir) -> Job:
+def _job(run_id: str, epsilon: float | None, ckpt_dir, **more) -> Job:
     settings = Settings().replaced(clients=3, checkpoints=1, proj_dim=64, epsilon=epsilon,
-                                   checkpoint_dir=str(ckpt_dir))
+                                   checkpoint_dir=str(ckpt_dir) if ckpt_dir else None, **more)
     plan = preflight(settings)
     return Job(run_id, settings, plan.resolved).fingerprinted(plan.task)
 
@@ -37,6 +37,15 @@ def _message(job: Job, states) -> Message:
     meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="",
                     group_id="", created_at=0.0, ttl=3600.0, message_type="query.featurize")
     return Message(metadata=meta, content=wire.encode_featurize_request(job, states))
+
+
+def _score_message(job: Job, queries: int = 0) -> Message:
+    """The score step as the server sends it (under DP: owner summaries, no query rows)."""
+    meta = Metadata(run_id=1, message_id="s", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=0.0, ttl=3600.0, message_type="query.score")
+    us = {m: np.random.default_rng(m).normal(size=(queries, 64)) for m in range(job.settings.training.checkpoints)}
+    return Message(metadata=meta, content=wire.encode_score_request(
+        wire.ScoreRequest(job, job.settings.release.policy, 0, us)))
 
 
 def _device(store, budget: float | None = 2.0) -> Context:
@@ -54,12 +63,17 @@ def test_a_budget_of_two_pays_for_two_runs_at_one_and_refuses_the_third(tmp_path
 
     reply = featurize(_message(first, states), _device(store))
     assert not reply.has_error()
-    assert len(ledger.charges()) == 1 and ledger.charges()[0].epsilon == pytest.approx(1.0, abs=1e-6)
+    (bound,) = ledger.charges()  # bound at first contact, charged only the count that left
+    assert bound.planned_epsilon == pytest.approx(1.0, abs=1e-6) and 0 < bound.epsilon < 0.9
+    assert [r["item"] for r in bound.releases] == ["count"]
     again = featurize(_message(first, states), _device(store))  # the step sent again, after a restart
-    assert not again.has_error() and len(ledger.charges()) == 1  # charged once
+    assert not again.has_error() and ledger.charges() == [bound]  # nothing new left: nothing new charged
     assert wire.decode_info(again.content, "c").num_examples == wire.decode_info(reply.content, "c").num_examples
+    assert not score(_score_message(first), _device(store)).has_error()
+    assert ledger.charges()[0].epsilon == pytest.approx(1.0, abs=1e-6)  # the whole run, once it all left
 
     assert not featurize(_message(second, states), _device(store)).has_error()  # a restarted device
+    assert not score(_score_message(second), _device(store)).has_error()
     spent, delta = ledger.spent()
     assert spent == pytest.approx(2.0, abs=1e-6) and delta == pytest.approx(2e-5)
 
@@ -73,7 +87,7 @@ def test_a_budget_of_two_pays_for_two_runs_at_one_and_refuses_the_third(tmp_path
 
     shown = describe_ledger(ledger, Budget(2.0))
     assert [r["run_id"] for r in shown["runs"]] == ["run-0", "run-1"] and shown["left_epsilon"] < 1e-6
-    assert shown["runs"][0]["releases"] == ["example count", "owner summary"]  # public kernel: no Gram
+    assert shown["runs"][0]["releases"] == ["count", "summary-0"]  # public kernel: no Gram
 
 
 def test_a_run_without_noise_is_refused_under_any_budget_and_recorded_without_one(tmp_path, logreg_ckpt_dir,
@@ -87,12 +101,17 @@ def test_a_run_without_noise_is_refused_under_any_budget_and_recorded_without_on
 
 
 def test_the_ledger_refuses_to_guess_and_device_check_shows_it(tmp_path, logreg_ckpt_dir, capsys):
+    from fedtrak.privacy.accountant import Release, sigma_for_epsilon
+
     path = tmp_path / LEDGER_FILE
     ledger = PrivacyLedger(path)
-    ledger.charge(_job("a", 4.0, logreg_ckpt_dir), Budget(5.0))
-    assert job_charge(_job("b", 4.0, logreg_ckpt_dir)).epsilon == pytest.approx(4.0, abs=1e-6)
+    gram = Release("Gram", sigma_for_epsilon(4.0, 1, 1e-5), 1, kind="gram")
+    ledger.bind("a", "digest-a", [gram], 1e-5, "private", Budget(5.0))
+    assert ledger.charge("a", {"gram-0": gram}, Budget(5.0)).epsilon == pytest.approx(4.0, abs=1e-6)
     with pytest.raises(FedtrakError, match="would cost epsilon 4"):
-        ledger.charge(_job("b", 4.0, logreg_ckpt_dir), Budget(5.0))
+        ledger.bind("b", "digest-b", [gram], 1e-5, "private", Budget(5.0))
+    with pytest.raises(FedtrakError, match="run a was bound at first contact to another job"):
+        ledger.bind("a", "digest-changed", [gram], 1e-5, "private", Budget(5.0))
     with pytest.raises(FedtrakError, match="privacy budget must have epsilon > 0"):
         Budget(0.0)
     data = tmp_path / "device.npz"
@@ -124,7 +143,8 @@ def test_under_dp_no_timing_leaves_the_device_and_fedavg_weights_by_the_noised_c
     weight is then the run's noised count (charged to the ledger), with DP-SGD alone 1, and the
     exact count only without any DP."""
     store, states = tmp_path / "store", logreg_states[:1]
-    private, exact = _job("private", 1.0, logreg_ckpt_dir), _job("exact", None, logreg_ckpt_dir)
+    # jobs that train their checkpoints (train messages are refused by a job that does not)
+    private, exact = _job("private", 1.0, None, rounds=1), _job("exact", None, None, rounds=1)
     plain = featurize(_message(exact, states), _device(store, None))
     assert wire.read_handler_timing(plain.content)[1] is not None  # without DP the server sees timing
     noised = featurize(_message(private, states), _device(store, None))
@@ -169,7 +189,7 @@ def test_a_device_holds_runs_to_its_own_floors_before_it_loads_anything(tmp_path
     assert "k = 64, above this node's max-proj-dim 32" in refused(private, **{"max-proj-dim": 32})
     assert "does not use secure aggregation, below this node's min-secagg-threshold 3" in refused(
         private, **{"min-secagg-threshold": 3})
-    assert "max-clip-norm must be a positive number" in refused(private, **{"max-clip-norm": "lots"})
+    assert "node config: max-clip-norm must be a number, got 'lots'" in refused(private, **{"max-clip-norm": "lots"})
     assert not (store / "partition-0").exists()  # nothing was loaded, charged or released
     ctx = _device(store, None)
     ctx.node_config.update({"min-noise-multiplier": 0.1, "max-proj-dim": 64})
@@ -188,9 +208,9 @@ def test_out_to_loss_weights_above_one_are_clamped_under_dp(tmp_path, logreg_ckp
     from fedtrak.client.app import score
 
     store, states = tmp_path / "store", logreg_states[:1]
-    job = _job("clamped", 1.0, logreg_ckpt_dir)
+    job = _job("clamped", 1.0, logreg_ckpt_dir, policy="full", allow_full=True)
     ctx = _device(store, None)
-    ctx.node_config["allow-full"] = True
+    ctx.node_config["serve-full"] = True
     assert not featurize(_message(job, states), ctx).has_error()
     ckpt = store / "partition-0" / "clamped" / "ckpt_000" / "out_to_loss.npy"
     queries = {0: np.random.default_rng(0).normal(size=(3, 64))}

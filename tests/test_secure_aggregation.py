@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtrak.client.ledger import LEDGER_FILE, PrivacyLedger
 from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
@@ -121,7 +122,8 @@ def test_too_few_advertised_keys_end_the_run_before_any_share_and_the_run_folder
     naming the shortfall and the refusing node, no traceback, and a summary.json (complete: false)
     that the readers of run folders refuse by that reason."""
     out = tmp_path / "refused"
-    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, checkpoints=1))
+    cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, 3, checkpoints=1, epsilon=1.0,
+                                       **{"kernel-source": "private"}))
     shortfall = (r"secure aggregation: 2 of 3 clients advertised keys, fewer than the 3 a secure sum needs; "
                  r"excluded: node \d+ \(query.featurize failed: featurize: injected refusal: this node's privacy "
                  r"budget cannot pay for the run: the job is refused\)\. No client was asked for shares or a masked "
@@ -140,6 +142,9 @@ def test_too_few_advertised_keys_end_the_run_before_any_share_and_the_run_folder
     steps = summary["bytes"]["per_step"]  # nobody was sent a share request or an input request
     assert "query.featurize" in steps and not {"query.secagg_share", "query.secagg_input"} & set(steps)
     assert not (out / "owner_scores.npy").exists() and not list(out.glob(".staging-*"))
+    ledgers = [PrivacyLedger(p) for p in sorted((out / "client-stores").glob(f"*/{LEDGER_FILE}"))]
+    assert len(ledgers) == 2  # the two devices that advertised keys bound the run and released nothing
+    assert all(c.releases == [] and c.epsilon == 0 for ledger in ledgers for c in ledger.charges())
     assert main(["report", str(out)]) == 2  # the CLI reads the record and says why there is nothing to show
     err = capfd.readouterr().err
     assert "records a run that ended without results: secure aggregation: 2 of 3 clients" in err

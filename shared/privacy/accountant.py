@@ -34,14 +34,16 @@ from fedtrak.errors import FedtrakError
 
 @dataclass(frozen=True)
 class Release:
-    """One ledger entry: ``count`` Gaussian mechanisms of noise multiplier ``sigma``.
+    """One ledger entry: ``count`` mechanisms of noise multiplier ``sigma``.
 
     ``sensitivity`` says in words what one example can change (for the
-    summary); ``what`` names the released quantity. A ``"skellam"`` entry is
-    integer Skellam noise of variance ``(sigma l2)^2`` per coordinate, with
-    ``l2`` and ``l1`` its sensitivities in integer units (``sigma`` is then the
-    multiplier of the Gaussian with the same variance). ``kind``: the budget's name for this
-    kind of release (:mod:`fedtrak.privacy.budget`).
+    summary); ``what`` names the released quantity. ``mechanism`` names its
+    accountant (:data:`MECHANISMS`): ``"gaussian"``; ``"skellam"``, integer
+    Skellam noise of variance ``(sigma l2)^2`` per coordinate, with ``l2`` and
+    ``l1`` its sensitivities in integer units (``sigma`` is then the multiplier
+    of the Gaussian with the same variance); ``"subsampled-gaussian"``, ``count``
+    DP-SGD steps of Poisson ``sample_rate``. ``kind``: the kind of release
+    (:mod:`fedtrak.privacy.kinds`).
     """
 
     what: str
@@ -52,21 +54,81 @@ class Release:
     l2: float = 0.0
     l1: float = 0.0
     kind: str = ""
+    sample_rate: float = 1.0
 
     def rdp(self, alpha: int) -> float:
         """Renyi DP of order ``alpha`` of the ``count`` mechanisms together."""
-        if not self.sigma > 0:
-            return math.inf
-        gaussian = alpha / (2 * self.sigma**2)
-        if self.mechanism == "gaussian":
-            return self.count * gaussian
-        mu = (self.sigma * self.l2) ** 2  # Agarwal, Kairouz and Liu (2021), multi-dimensional Skellam
-        extra = min(((2 * alpha - 1) * self.l2**2 + 6 * self.l1) / (4 * mu**2), 3 * self.l1 / (2 * mu))
-        return self.count * (gaussian + extra)
+        return float(accountant_of(self.mechanism).rdp(self, [alpha])[0])
 
     def describe(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
+
+
+class Mechanism:
+    """An accountant of one kind of mechanism: its Renyi DP, and its mu-GDP where that is exact."""
+
+    def rdp(self, r: Release, orders: Sequence[int]) -> list[float]:
+        """Renyi DP of ``r``'s ``count`` mechanisms at each order (``inf`` without noise)."""
+        raise NotImplementedError
+
+    def gdp_mu_squared(self, r: Release) -> float | None:
+        """``mu^2`` of ``r`` under Gaussian DP when that composition is exact for it, else ``None``."""
+        return None
+
+
+class GaussianMechanism(Mechanism):
+    """The Gaussian mechanism: ``alpha / (2 sigma^2)`` per use; exactly ``1 / sigma^2`` of ``mu^2``."""
+
+    def rdp(self, r: Release, orders: Sequence[int]) -> list[float]:
+        return [r.count * a / (2 * r.sigma**2) if r.sigma > 0 else math.inf for a in orders]
+
+    def gdp_mu_squared(self, r: Release) -> float | None:
+        return r.count / r.sigma**2 if r.sigma > 0 else math.inf
+
+
+class SkellamMechanism(Mechanism):
+    """Multi-dimensional Skellam noise (Agarwal, Kairouz and Liu, NeurIPS 2021)."""
+
+    def rdp(self, r: Release, orders: Sequence[int]) -> list[float]:
+        if not r.sigma > 0:
+            return [math.inf] * len(orders)
+        mu = (r.sigma * r.l2) ** 2
+        return [r.count * (a / (2 * r.sigma**2) + min(((2 * a - 1) * r.l2**2 + 6 * r.l1) / (4 * mu**2),
+                                                       3 * r.l1 / (2 * mu))) for a in orders]
+
+
+#: Highest order at which the subsampled Gaussian's RDP is computed (Opacus's series grows costly
+#: beyond it; an infinite value at higher orders is a valid, unused bound for epsilon >= 0.1).
+SUBSAMPLED_MAX_ORDER = 512
+
+
+class SubsampledGaussianMechanism(Mechanism):
+    """DP-SGD steps: the Poisson-subsampled Gaussian mechanism (Opacus's RDP bound)."""
+
+    def rdp(self, r: Release, orders: Sequence[int]) -> list[float]:
+        if not r.sigma > 0:
+            return [math.inf] * len(orders)
+        low = [a for a in orders if a <= SUBSAMPLED_MAX_ORDER]
+        values = compute_rdp(q=min(r.sample_rate, 1.0), noise_multiplier=r.sigma, steps=r.count, orders=low)
+        return [float(v) for v in values] + [math.inf] * (len(orders) - len(low))
+
+
+#: The accountants by mechanism name: the extension point for a new mechanism.
+MECHANISMS: dict[str, Mechanism] = {"gaussian": GaussianMechanism(), "skellam": SkellamMechanism(),
+                                    "subsampled-gaussian": SubsampledGaussianMechanism()}
+
+
+def accountant_of(mechanism: str) -> Mechanism:
+    """The accountant of ``mechanism``.
+
+    Raises:
+        FedtrakError: for a mechanism no accountant knows (it is never guessed).
+    """
+    try:
+        return MECHANISMS[mechanism]
+    except KeyError:
+        raise FedtrakError(f"no accountant for mechanism {mechanism!r}; known: {', '.join(MECHANISMS)}") from None
 
 
 def check_delta(delta: float) -> None:
@@ -76,12 +138,17 @@ def check_delta(delta: float) -> None:
 
 
 def gdp_mu(releases: Sequence[Release]) -> float:
-    """The composed mu of the releases (0 for none; ``inf`` if one has no noise)."""
+    """The composed mu of Gaussian releases (0 for none; ``inf`` if one has no noise).
+
+    Raises:
+        FedtrakError: if a release's mechanism does not compose exactly under Gaussian DP.
+    """
     total = 0.0
     for r in releases:
-        if not r.sigma > 0:
-            return math.inf
-        total += r.count / r.sigma**2
+        part = accountant_of(r.mechanism).gdp_mu_squared(r)
+        if part is None:
+            raise FedtrakError(f"release {r.what!r} ({r.mechanism}) has no exact Gaussian-DP composition")
+        total += part
     return math.sqrt(total)
 
 
@@ -105,20 +172,34 @@ RDP_ORDERS = tuple(range(2, 64)) + tuple(range(64, 257, 4)) + tuple(range(256, 4
 
 def epsilon(releases: Sequence[Release], delta: float) -> float:
     """Epsilon of the composed releases at ``delta`` (``inf`` if one is not noised): exact
-    Gaussian composition, or Renyi DP when a release is a Skellam mechanism."""
-    if all(r.mechanism == "gaussian" for r in releases):
+    Gaussian composition when every mechanism has one, else Renyi DP over :data:`RDP_ORDERS`.
+
+    Raises:
+        FedtrakError: on a mechanism no accountant knows.
+    """
+    accountants = [accountant_of(r.mechanism) for r in releases]
+    if all(a.gdp_mu_squared(r) is not None for a, r in zip(accountants, releases)):
         return epsilon_from_mu(gdp_mu(releases), delta)
-    return _rdp_epsilon([sum(r.rdp(a) for r in releases) for a in RDP_ORDERS], delta)
+    per = [a.rdp(r, RDP_ORDERS) for a, r in zip(accountants, releases)]
+    return _rdp_epsilon([sum(p[i] for p in per) for i in range(len(RDP_ORDERS))], delta)
 
 
 def _rdp_epsilon(rdp: Sequence[float], delta: float) -> float:
-    """Epsilon at ``delta`` of Renyi DP ``rdp`` over :data:`RDP_ORDERS` (``inf`` if any order's is)."""
+    """Epsilon at ``delta`` of Renyi DP ``rdp`` over :data:`RDP_ORDERS`, from the orders where it is
+    finite (``inf`` if it is nowhere)."""
     check_delta(delta)
-    if any(math.isinf(v) for v in rdp):
+    finite = [(a, v) for a, v in zip(RDP_ORDERS, rdp) if math.isfinite(v)]
+    if not finite:
         return math.inf
     with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": the bound still holds
         warnings.filterwarnings("ignore", message="Optimal order")
-        return float(get_privacy_spent(orders=list(RDP_ORDERS), rdp=list(rdp), delta=delta)[0])
+        return float(get_privacy_spent(orders=[a for a, _ in finite], rdp=[v for _, v in finite], delta=delta)[0])
+
+
+def training_release(noise_multiplier: float, sample_rate: float, steps: int) -> Release:
+    """The ledger entry of ``steps`` DP-SGD steps at Poisson ``sample_rate``."""
+    return Release("model updates (DP-SGD)", noise_multiplier, steps, "the DP-SGD clip norm per step",
+                   "subsampled-gaussian", kind="update", sample_rate=sample_rate)
 
 
 def epsilon_with_training(releases: Sequence[Release], delta: float, noise_multiplier: float,
@@ -126,11 +207,7 @@ def epsilon_with_training(releases: Sequence[Release], delta: float, noise_multi
     """Epsilon of an example that trained the checkpoints by DP-SGD (``steps`` Poisson-subsampled
     Gaussian steps at ``sample_rate``) and then took part in the attribution's ``releases``: the two
     composed in Renyi DP (Opacus's subsampled-Gaussian bound for training, each release's own)."""
-    if not noise_multiplier > 0:
-        return math.inf
-    training = compute_rdp(q=min(sample_rate, 1.0), noise_multiplier=noise_multiplier, steps=steps,
-                           orders=list(RDP_ORDERS))
-    return _rdp_epsilon([float(t) + sum(r.rdp(a) for r in releases) for t, a in zip(training, RDP_ORDERS)], delta)
+    return epsilon([*releases, training_release(noise_multiplier, sample_rate, steps)], delta)
 
 
 def prv_epsilon(releases: Sequence[Release], delta: float) -> float:
@@ -139,7 +216,7 @@ def prv_epsilon(releases: Sequence[Release], delta: float) -> float:
     if any(not r.sigma > 0 for r in releases):
         return math.inf
     acc = PRVAccountant()
-    acc.history = [(float(r.sigma), 1.0, int(r.count)) for r in releases]
+    acc.history = [(float(r.sigma), float(r.sample_rate), int(r.count)) for r in releases]
     with warnings.catch_warnings():  # its log(1 - q) at q = 1, and its RDP domain bound, warn harmlessly
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.filterwarnings("ignore", message="Optimal order")

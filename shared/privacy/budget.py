@@ -34,14 +34,23 @@ import math
 from collections.abc import Iterable, Mapping
 
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.kinds import (  # noqa: F401 - the kinds' names, re-exported
+    BUDGET_KINDS,
+    COUNT,
+    FEATURES,
+    GRAM,
+    HISTOGRAM,
+    SUMMARY,
+    SUSPECTS,
+    VALUE,
+)
+from fedtrak.privacy.kinds import KINDS as KIND_REGISTRY
 
-#: The kinds of release a run can make, as ``budget`` names them.
-GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES = (
-    "gram", "count", "summary", "value", "suspects", "histogram", "features")
-KINDS = (GRAM, COUNT, SUMMARY, VALUE, SUSPECTS, HISTOGRAM, FEATURES)
+#: The kinds of release a run's budget is split over, as ``budget`` names them (:mod:`fedtrak.privacy.kinds`).
+KINDS = BUDGET_KINDS
 
 #: Every kind's default weight: equal shares, three for the suspect count (module docstring).
-DEFAULT_WEIGHTS = {**dict.fromkeys(KINDS, 1.0), SUSPECTS: 3.0}
+DEFAULT_WEIGHTS = {name: KIND_REGISTRY[name].weight for name in KINDS}
 
 
 def parse_pairs(text: str, what: str) -> dict[str, float]:

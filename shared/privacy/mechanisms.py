@@ -47,16 +47,8 @@ import numpy as np
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, check_delta
-from fedtrak.privacy.budget import (
-    COUNT,
-    FEATURES,
-    GRAM,
-    HISTOGRAM,
-    SUMMARY,
-    SUSPECTS,
-    VALUE,
-    parse_scales,
-)
+from fedtrak.privacy.budget import parse_scales
+from fedtrak.privacy.kinds import COUNT, FEATURES, GRAM, HISTOGRAM, KINDS, SUMMARY, SUSPECTS, VALUE
 from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian
 from fedtrak.settings import CLIP_MODES
 
@@ -269,42 +261,47 @@ def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
     return NOISE_FLOOR_FACTOR * dp.sigma(GRAM) * dp.gram_sensitivity * math.sqrt(dim * noise_copies)
 
 
+def planned_counts(mode: str, checkpoints: int, joint: bool, self_influence: bool, clip_quantile: bool = False,
+                   gram_released: bool = True, owner_value: bool = False) -> dict[str, int]:
+    """How many releases of each kind (:mod:`fedtrak.privacy.kinds`) one run makes, per client:
+    per-checkpoint kinds once per checkpoint (once for all under ``joint`` clipping), the others once.
+    Attribution only; training's model updates are planned by :mod:`fedtrak.privacy.training`."""
+    per_checkpoint = 1 if joint else checkpoints
+    counts = {HISTOGRAM: int(clip_quantile)}
+    if mode == "features":  # the count and indices leave exactly (replace-one adjacency)
+        return {**counts, FEATURES: checkpoints}
+    return {**counts, GRAM: per_checkpoint if gram_released else 0, COUNT: 1, SUMMARY: per_checkpoint,
+            SUSPECTS: int(self_influence), VALUE: int(owner_value)}
+
+
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,
                  clip_quantile: bool = False, gram: Release | None = None, weighted: bool = False,
                  gram_released: bool = True, owner_value: bool = False) -> list[Release]:
-    """The mechanisms each training example takes part in during one run (``gram``: the Grams'
-    entry when they are not one Gaussian release per client, as under secure aggregation;
-    ``weighted``: the kernel is curvature-weighted, so features mode also releases the weights;
-    ``gram_released`` false: the server's kernel is public, no Gram is released; ``owner_value``:
-    owners also release their values over query groups)."""
-    first = [Release("norm histogram (clip quantile)", dp.sigma(HISTOGRAM), 1, "1", kind=HISTOGRAM)
-             ] if clip_quantile else []
-    if mode == "features":  # the count and indices leave exactly: replace-one adjacency, so 2C for features
-        sigma = dp.sigma(FEATURES)
-        plan = [*first,
-                Release("features", sigma / 2, checkpoints, "2C per checkpoint (replace one example: its row "
-                        "moves by up to 2C; presence is not hidden)", kind=FEATURES),
-                Release("out-to-loss weights", sigma, checkpoints, "1 per checkpoint", kind=FEATURES)]
-        if weighted:
-            plan.append(Release("curvature weights", sigma, checkpoints, f"{dp.gram_weight:g} per checkpoint",
-                                kind=FEATURES))
-        return plan
+    """The mechanisms each training example takes part in during one run, kind by kind
+    (:func:`planned_counts`; ``gram``: the Grams' entry when they are not one Gaussian release per
+    client, as under secure aggregation; ``weighted``: the kernel is curvature-weighted, so features
+    mode also releases the weights; ``gram_released`` false: the server's kernel is public, no Gram
+    is released; ``owner_value``: owners also release their values over query groups)."""
     joint = dp.clip_mode == "joint"
-    gram_unit = gram_sensitivity_text(dp)
-    grams = [gram or Release("Gram", dp.sigma(GRAM), 1 if joint else checkpoints,
-                             f"{gram_unit} over all checkpoints jointly" if joint else f"{gram_unit} per checkpoint",
-                             kind=GRAM)]
-    plan = [*first, *(grams if gram_released else []),
-            Release("example count", dp.sigma(COUNT), 1, "1", kind=COUNT),
-            Release("owner summary", dp.sigma(SUMMARY), 1 if joint else checkpoints,
-                    "C over all checkpoints jointly" if joint else "C per checkpoint", kind=SUMMARY)]
-    if self_influence:
-        plan.append(Release("suspect count", dp.sigma(SUSPECTS), 1, "1: each example is one suspect or none (without "
-                            "public data, the summed self-influence instead: C^2 mean_m ||K_m^-1||_2)",
-                            kind=SUSPECTS))
-    if owner_value:
-        plan.append(Release("owner value", dp.sigma(VALUE), 1, "B, each example's contribution clipped to the "
-                            "server's bound (else C mean_m ||Ubar_m||_2)", kind=VALUE))
+    counts = planned_counts(mode, checkpoints, joint, self_influence, clip_quantile, gram_released, owner_value)
+    jointly = " over all checkpoints jointly" if joint else " per checkpoint"
+    plan: list[Release] = []
+    for name, count in counts.items():
+        if not count:
+            continue
+        k, sigma = KINDS[name], dp.sigma(name)
+        if name == FEATURES:  # presence is not hidden: replace-one adjacency, 2C per row
+            plan += [Release("features", sigma / 2, count, "2C per checkpoint (replace one example: its row "
+                             "moves by up to 2C; presence is not hidden)", kind=name),
+                     Release("out-to-loss weights", sigma, count, "1 per checkpoint", kind=name)]
+            if weighted:
+                plan.append(Release("curvature weights", sigma, count, f"{dp.gram_weight:g} per checkpoint",
+                                    kind=name))
+        elif name == GRAM and gram is not None:
+            plan.append(gram)
+        else:
+            words = {GRAM: gram_sensitivity_text(dp) + jointly, SUMMARY: "C" + jointly}.get(name, k.sensitivity)
+            plan.append(Release(k.title, sigma, count, words, k.mechanism, kind=name))
     return plan
 
 

@@ -15,6 +15,7 @@ from fedtrak.privacy.accountant import Release, sigma_for_plan
 from fedtrak.privacy.budget import budget_weights, format_scales, kind_scales, kinds_of
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
+from fedtrak.privacy.training import attribution_epsilon
 from fedtrak.secagg.graph import threshold
 from fedtrak.settings import Settings
 from fedtrak.tasks import Task
@@ -74,7 +75,9 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     the task's default (with ``clip-quantile``, a placeholder until the clients' noised norm
     histograms are in). ``source``: the resolved kernel source (a public kernel releases no Gram).
     A target epsilon is split between the kinds of release by the ``budget`` weights
-    (:mod:`fedtrak.privacy.budget`); a given noise multiplier is every release's.
+    (:mod:`fedtrak.privacy.budget`), after training's share when the devices train by DP-SGD sized
+    to it (:func:`fedtrak.privacy.training.attribution_epsilon`); a given noise multiplier is every
+    release's.
 
     Raises:
         FedtrakError: if noise is asked for and the task has no default clip norm, or the
@@ -87,11 +90,12 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     if not clip:
         raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")
     dp = DPSettings(p.noise_multiplier or 1.0, float(clip), p.clip_mode, p.delta, weight_bound(settings, task))
-    if p.epsilon is not None:
+    target = attribution_epsilon(settings)
+    if target is not None:
         unit = run_release_plan(settings, replace(dp, noise_multiplier=1.0), dim, source=source)
         dp = replace(dp, scales=format_scales(kind_scales(kinds_of((r.kind, r.count) for r in unit),
                                                           budget_weights(p.budget))))
-        sigma = sigma_for_plan(p.epsilon, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
+        sigma = sigma_for_plan(target, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
                                                                      source=source),
                                p.delta)
         dp = replace(dp, noise_multiplier=sigma)

@@ -4,9 +4,16 @@ A client trains its local FedAvg epochs with Opacus's ``PrivacyEngine``:
 per-example gradients clipped to ``max_grad_norm``, Gaussian noise of
 ``noise_multiplier * max_grad_norm`` added to their sum, batches drawn by
 Poisson sampling at rate ``batch_size / n``. This protects the *training*
-of the checkpoints; its epsilon is accounted separately from the
-attribution's releases (:func:`training_epsilon`), over every local step of
-every round of every checkpoint the client's data was used in.
+of the checkpoints: each round's model update is a release, composed with the
+attribution's releases in one account (Renyi DP over every local step of every
+round of every checkpoint the client's data was used in).
+
+Under a target epsilon the run's training is DP-SGD by default
+(:func:`trains_privately`): the attribution releases are sized for ``(1 -
+train-share)`` of epsilon (:func:`attribution_epsilon`), and each device sets
+its own DP-SGD noise multiplier from its own example count so that training
+and attribution together cost exactly epsilon (:func:`device_train_sigma`).
+The server never chooses it, and never needs a device's count to.
 
 Both sources of DP-SGD's randomness, the Poisson sampling of batches and the
 Gaussian noise, come from generators seeded with 63 bits of the operating
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,6 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.accountant import Release, epsilon, training_release
+from fedtrak.settings import Settings
 from fedtrak.tasks import Task, to_tensors
 
 
@@ -94,3 +104,90 @@ def training_epsilon(noise_multiplier: float, batch_size: int, num_examples: int
 def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
     """Expected DP-SGD steps of ``epochs`` local epochs (one per expected batch)."""
     return epochs * max(1, math.ceil(num_examples / batch_size))
+
+
+def trains_privately(settings: Settings) -> bool:
+    """Whether the run's own FedAvg training is DP-SGD: a given ``dp-train-noise``, or, with
+    ``dp-train=auto``, any run that noises its attribution (the run trains what it attributes)."""
+    t = settings.training
+    if t.train != "fedavg" or t.checkpoint_dir:
+        return False
+    return t.dp_train_noise > 0 or (t.dp_train == "auto" and settings.privacy.wants_noise)
+
+
+def trains_openly(settings: Settings) -> bool:
+    """Whether a private run trains its checkpoints with plain FedAvg updates (``dp-train=off``):
+    updates no account covers."""
+    t = settings.training
+    return settings.privacy.wants_noise and t.train == "fedavg" and not t.checkpoint_dir and \
+        not trains_privately(settings)
+
+
+def sized_to_target(settings: Settings) -> bool:
+    """Whether each device sizes its DP-SGD noise to the run's target epsilon (no noise multiplier given)."""
+    return trains_privately(settings) and settings.training.dp_train_noise == 0 and \
+        settings.privacy.epsilon is not None and not math.isinf(settings.privacy.epsilon)
+
+
+def attribution_epsilon(settings: Settings) -> float | None:
+    """The epsilon the attribution releases are sized for: the run's target, less training's share
+    when the devices size their DP-SGD noise to that target (``None``: no target)."""
+    p = settings.privacy
+    if p.epsilon is None:
+        return None
+    return p.epsilon * (1 - p.train_share) if sized_to_target(settings) else p.epsilon
+
+
+def training_rounds(settings: Settings) -> list[tuple[int, int]]:
+    """The ``(checkpoint run, round)`` pairs a run's FedAvg training sends a device (rounds count from
+    1, as Flower's do): one run for a trajectory ensemble, one per checkpoint otherwise."""
+    t = settings.training
+    if t.train != "fedavg" or t.checkpoint_dir:
+        return []
+    runs = 1 if t.ensemble == "trajectory" else t.checkpoints
+    return [(m, r) for m in range(runs) for r in range(1, t.rounds + 1)]
+
+
+def round_release(noise_multiplier: float, num_examples: int, batch_size: int, epochs: int) -> Release:
+    """One FedAvg round's model update of a device with ``num_examples`` examples: ``epochs`` local
+    epochs of DP-SGD steps at Poisson rate ``batch_size / n`` (noise multiplier 0: a plain update,
+    unbounded)."""
+    return training_release(noise_multiplier, min(1.0, batch_size / max(num_examples, 1)),
+                            local_steps(num_examples, batch_size, epochs))
+
+
+def device_train_sigma(settings: Settings, attribution: Sequence[Release], num_examples: int, batch_size: int,
+                       epochs: int) -> float:
+    """The DP-SGD noise multiplier a device trains with (0: plain SGD), decided on the device: as
+    given; under a target epsilon, the smallest whose rounds composed with the ``attribution``
+    releases cost at most that epsilon on this device's ``num_examples``; else the run's noise
+    multiplier.
+
+    Raises:
+        FedtrakError: if the attribution releases alone already cost the whole target.
+    """
+    if not trains_privately(settings):
+        return 0.0
+    t, p = settings.training, settings.privacy
+    if t.dp_train_noise > 0:
+        return t.dp_train_noise
+    if not sized_to_target(settings):
+        return p.noise_multiplier
+    rounds = len(training_rounds(settings))
+
+    def cost(sigma: float) -> float:
+        step = round_release(sigma, num_examples, batch_size, epochs)
+        return epsilon([*attribution, Release(step.what, sigma, step.count * rounds, step.sensitivity,
+                                              step.mechanism, kind=step.kind, sample_rate=step.sample_rate)],
+                       p.delta)
+
+    lo, hi = 0.05, 1e4
+    if cost(hi) > p.epsilon:
+        raise FedtrakError(f"the attribution releases leave no room for DP-SGD training within epsilon {p.epsilon:g} "
+                           "(lower train-share, or set dp-train-noise)")
+    if cost(lo) <= p.epsilon:
+        return lo
+    while hi / lo > 1 + 1e-4:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if cost(mid) > p.epsilon else (lo, mid)
+    return hi

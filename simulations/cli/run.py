@@ -93,8 +93,8 @@ def print_federated(summary: dict, out: Path) -> None:
               f"(threshold {secure['threshold']}, {secure['graph']} graph, degree {secure['degree']}); {rounds}")
     training = summary.get("training_privacy", {})
     if training.get("dp_sgd"):
-        both = training.get("epsilon_with_attribution_max")
-        print(f"  training (DP-SGD): epsilon up to {training['epsilon_max']:.3g} per client"
-              + ("" if both is None else f"; with the attribution releases, up to {both:.3g}"))
+        both, alone = training.get("epsilon_with_attribution_max"), training.get("epsilon_max")
+        print("  training (DP-SGD): " + (f"epsilon up to {alone:.3g} per client; " if alone is not None else "")
+              + ("" if both is None else f"with the attribution releases, up to {both:.3g}"))
     for ex in summary["excluded"]:
         print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")
