@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fedtrak import wire
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.server.validation import read_info
 
 log = logging.getLogger("fedtrak.server")
@@ -213,8 +214,10 @@ class Federation:
     """Clients of one run and the messages exchanged with them."""
 
     def __init__(self, grid: CountingGrid, node_ids: Iterable[int], timeout: float, fingerprint: str = "",
-                 rejoin_wait: float = 0.0, in_flight: int = 0, progress: bool = False) -> None:
+                 rejoin_wait: float = 0.0, in_flight: int = 0, progress: bool = False,
+                 max_examples: int | None = None, dp: DPSettings | None = None) -> None:
         self.grid = grid
+        self.max_examples, self.dp = max_examples, dp  # the operator's declared most examples per device
         self.timeout = timeout
         self.fingerprint = fingerprint
         self.rejoin_wait = rejoin_wait
@@ -324,7 +327,7 @@ class Federation:
         if claimed:
             self.clients[node].owner = claimed  # so that a refusal names the client
         try:
-            info = read_info(content, self.source(node), self.fingerprint, counted=counted)
+            info = read_info(content, self.source(node), self.fingerprint, self.max_examples, self.dp, counted)
         except FedtrakError as exc:
             self.exclude(node, str(exc))
             return False

@@ -84,7 +84,8 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
                                      progress=progress)
     states = [s for _, s in checkpoints]
     fed = Federation(grid, nodes, settings.run.timeout, job.task_fingerprint,
-                     settings.run.rejoin_wait, settings.run.in_flight, progress)
+                     settings.run.rejoin_wait, settings.run.in_flight, progress,
+                     settings.run.max_client_examples, dp)
     if dp.active and settings.privacy.clip_quantile is not None and resumed is None:
         clip = estimate_clip_norm(fed, job, states, settings.privacy.clip_quantile, timer)
         dp, job = replace(dp, clip_norm=clip), replace(job, resolved=replace(job.resolved, clip_norm=clip))

@@ -241,6 +241,11 @@ class RunSettings:
                                         "(0: never resend)", minimum=0, flag=False)
     all_connected: bool = setting(False, "deployment: start with every SuperNode connected once clients of "
                                          "them are (clients is then a minimum, not an exact count)", flag=False)
+    max_client_examples: int | None = setting(None, "the most training examples any one device holds, as the "
+                                                    "operator declares it: a client that reports more (under "
+                                                    "DP, more than that plus 8 standard deviations of the "
+                                                    "count's noise) is excluded; without it every size bound "
+                                                    "follows the count each client claims", minimum=1)
     in_flight: int = setting(256, "most messages of a step out at once; replies are checked and summed as "
                                   "they arrive (0: all at once)", minimum=0, flag=False)
 

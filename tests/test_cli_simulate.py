@@ -121,7 +121,9 @@ def test_dp_sgd_training_is_accounted_and_composed_with_the_attribution(tmp_path
     assert training["dp_sgd"] and training["noise_multiplier"] == 1.0
     eps = list(training["epsilon_per_client"].values())
     assert len(eps) == 2 and all(0 < e < 1000 for e in eps) and training["epsilon_max"] == max(eps)
-    assert privacy["dp"] and privacy["epsilon"] == pytest.approx(4.0, rel=1e-3)
+    # the attribution is sized for 4; at a given DP-SGD noise the whole run is both composed
+    assert privacy["dp"] and privacy["epsilon_attribution"] == pytest.approx(4.0, rel=1e-3)
+    assert privacy["epsilon"] == pytest.approx(training["epsilon_with_attribution_max"])
     for owner in summary["owners"]:
         n = owner["num_examples"]  # as released (noised), as the summary's training account uses it
         acc = RDPAccountant()
@@ -137,13 +139,15 @@ def test_dp_sgd_training_is_accounted_and_composed_with_the_attribution(tmp_path
 
 
 def test_the_main_job_ends_with_its_answer_and_prints_each_line_once(tmp_path):
-    """``fedtrak simulate`` as a user runs it (a subprocess, output not a terminal): it ends with the
-    top owners of at least three queries, the privacy line and the next commands; no line appears
-    twice, and neither Ray's actor warnings nor any other warning shows without --verbose."""
+    """``fedtrak simulate --epsilon 1`` as a user runs it (a subprocess, output not a terminal): it ends
+    with the top owners of at least three queries, the privacy line and the next commands; no line
+    appears twice, and neither Ray's actor warnings nor any other warning shows without --verbose.
+    The README's privacy paragraph holds: the training is DP-SGD inside the account, the whole run
+    costs at most 1 with nothing left uncovered, and every device's ledger charged exactly that."""
     out = tmp_path / "sim"
     proc = subprocess.run([sys.executable, "-m", "fedtrak.simulations.cli", "simulate", "--clients", "3",
                            "--checkpoints", "1", "--rounds", "2", "--local-epochs", "1", "--proj-dim", "64",
-                           "--epsilon", "4", "--out", str(out)],
+                           "--epsilon", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
@@ -154,5 +158,15 @@ def test_the_main_job_ends_with_its_answer_and_prints_each_line_once(tmp_path):
     start = tail.index("top owners per query (share of the positive attribution):")
     queries = [line for line in tail[start:] if line.startswith("  query ")]
     assert len(queries) >= 3 and any("%" in q for q in queries), tail[start:]
-    assert any(line.startswith("privacy: epsilon 4 at delta 1e-05 for the whole run (sigma ") for line in tail)
+    assert any(line.startswith("privacy: epsilon 1 at delta 1e-05 for the whole run (sigma ") for line in tail)
     assert tail[-1] == f"next: fedtrak report {out} | fedtrak evaluate {out} | fedtrak attack {out}"
+    summary = json.loads((out / "summary.json").read_text())
+    privacy, training = summary["privacy"], summary["training_privacy"]
+    assert training["dp_sgd"] and privacy["not_covered"] == [] and privacy["epsilon"] <= 1.0
+    assert privacy["epsilon_attribution"] == pytest.approx(0.5, rel=1e-6)  # train-share 0.5
+    ledgers = sorted((out / "client-stores").glob("*/privacy-ledger.json"))
+    assert len(ledgers) == 3
+    for path in ledgers:
+        (run,) = json.loads(path.read_text())["charges"]
+        assert run["epsilon"] == pytest.approx(run["planned_epsilon"]) and 0.99 < run["epsilon"] <= 1.0 + 1e-9
+        assert {"update-0-1", "update-0-2", "count", "summary-0"} <= {r["item"] for r in run["releases"]}

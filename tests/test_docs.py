@@ -83,3 +83,10 @@ def test_the_deploy_walkthrough_runs_private_and_warns_about_runs_without_noise(
         settings = Settings.from_flat(_run_config(config))
         assert settings.privacy.wants_noise, f"docs/deploy.md runs without noise: {config}"
         assert preflight(settings).dp.active
+
+
+def test_the_release_table_of_the_privacy_page_is_the_release_kinds_own():
+    from fedtrak.privacy.kinds import release_table
+
+    assert release_table() in (ROOT / "docs" / "privacy.md").read_text(), \
+        "docs/privacy.md's release table differs from shared/privacy/kinds.py: paste release_table()"

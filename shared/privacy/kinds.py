@@ -11,10 +11,13 @@ the message field it travels in and the server's size check. The release plan
 (:mod:`fedtrak.client.contract`) and the release table of the docs
 (:func:`release_table`) are all read from :data:`KINDS`.
 
-A new kind of release touches this registry, the function that computes it on
-the device (:mod:`fedtrak.client.releases`), the line of
-:func:`fedtrak.privacy.mechanisms.planned_counts` that says when a run makes it,
-and the server's check of it (:mod:`fedtrak.server.validation`).
+A new kind of release touches four files: this one (its entry in :data:`KINDS`
+and the line of :func:`planned_counts` that says when a run makes it), the
+device's function that computes and noises it (:mod:`fedtrak.client.releases`,
+through :meth:`fedtrak.client.node.Local.release`, which checks it against the
+bound job and charges it), its field in the wire format
+(:class:`fedtrak.wire.ScoreRelease` or the featurize reply) and the server's
+check of it (:mod:`fedtrak.server.validation`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,19 @@ KINDS: dict[str, ReleaseKind] = {k.name: k for k in (
 BUDGET_KINDS = tuple(name for name, kind in KINDS.items() if kind.budgeted)
 
 
+def planned_counts(mode: str, checkpoints: int, joint: bool, self_influence: bool, clip_quantile: bool = False,
+                   gram_released: bool = True, owner_value: bool = False) -> dict[str, int]:
+    """How many releases of each kind  one run makes, per client:
+    per-checkpoint kinds once per checkpoint (once for all under ``joint`` clipping), the others once.
+    Attribution only; training's model updates are planned by :mod:`fedtrak.privacy.training`."""
+    per_checkpoint = 1 if joint else checkpoints
+    counts = {HISTOGRAM: int(clip_quantile)}
+    if mode == "features":  # the count and indices leave exactly (replace-one adjacency)
+        return {**counts, FEATURES: checkpoints}
+    return {**counts, GRAM: per_checkpoint if gram_released else 0, COUNT: 1, SUMMARY: per_checkpoint,
+            SUSPECTS: int(self_influence), VALUE: int(owner_value)}
+
+
 def kind(name: str) -> ReleaseKind:
     """The kind called ``name``.
 
@@ -112,6 +128,6 @@ def release_table() -> str:
             "|---|---|---|---|---|---|---|---|"]
     for k in KINDS.values():
         made = "per checkpoint" if k.per_checkpoint else "once per run" if k.name != UPDATE else "per round"
-        rows.append(f"| {k.title} | `{k.name}` | {k.noise} | {k.sensitivity} | {k.mechanism} | {made} | {k.wire} | "
-                    f"{k.server_check} |")
+        cells = [k.title, f"`{k.name}`", k.noise, k.sensitivity, k.mechanism, made, k.wire, k.server_check]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"

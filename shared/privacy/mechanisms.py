@@ -48,7 +48,16 @@ import numpy as np
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, check_delta
 from fedtrak.privacy.budget import parse_scales
-from fedtrak.privacy.kinds import COUNT, FEATURES, GRAM, HISTOGRAM, KINDS, SUMMARY, SUSPECTS, VALUE
+from fedtrak.privacy.kinds import (
+    COUNT,
+    FEATURES,
+    GRAM,
+    KINDS,
+    SUMMARY,
+    SUSPECTS,
+    VALUE,
+    planned_counts,
+)
 from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian
 from fedtrak.settings import CLIP_MODES
 
@@ -259,19 +268,6 @@ def noise_floor(dp: DPSettings, dim: int, noise_copies: float) -> float:
     summed noise's variance in units of ``(sigma C^2 w)^2`` (the number of clients without secure
     aggregation; survivors over threshold with it)."""
     return NOISE_FLOOR_FACTOR * dp.sigma(GRAM) * dp.gram_sensitivity * math.sqrt(dim * noise_copies)
-
-
-def planned_counts(mode: str, checkpoints: int, joint: bool, self_influence: bool, clip_quantile: bool = False,
-                   gram_released: bool = True, owner_value: bool = False) -> dict[str, int]:
-    """How many releases of each kind (:mod:`fedtrak.privacy.kinds`) one run makes, per client:
-    per-checkpoint kinds once per checkpoint (once for all under ``joint`` clipping), the others once.
-    Attribution only; training's model updates are planned by :mod:`fedtrak.privacy.training`."""
-    per_checkpoint = 1 if joint else checkpoints
-    counts = {HISTOGRAM: int(clip_quantile)}
-    if mode == "features":  # the count and indices leave exactly (replace-one adjacency)
-        return {**counts, FEATURES: checkpoints}
-    return {**counts, GRAM: per_checkpoint if gram_released else 0, COUNT: 1, SUMMARY: per_checkpoint,
-            SUSPECTS: int(self_influence), VALUE: int(owner_value)}
 
 
 def release_plan(mode: str, checkpoints: int, dp: DPSettings, self_influence: bool,

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtrak.client.node_settings import node_specs
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.cli import OneLineParser
 from fedtrak.simulations.cli.flags import add_json, add_settings, positive_int
@@ -34,9 +35,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     check.add_argument("--ledger", type=Path, default=None,
                        help="show the device's privacy ledgers: its store-dir (one ledger per owner folder in "
                             "it) or one ledger file")
-    check.add_argument("--privacy-budget", type=float, default=None,
-                       help="the owner's total epsilon (as the node config's privacy-budget), to show what is left")
-    check.add_argument("--privacy-budget-delta", type=float, default=None, help="the budget's total delta")
+    add_settings(check, ["privacy-budget", "privacy-budget-delta"], specs=node_specs())  # as in the node config
     check.add_argument("--queries", type=positive_int, default=None,
                        help="queries the server will score (default 149, the digits query set)")
     add_json(check, "the report")

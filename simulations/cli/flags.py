@@ -44,10 +44,11 @@ def _help(spec: Spec, default: Any) -> str:
 
 
 def add_settings(parser: argparse.ArgumentParser | argparse._ArgumentGroup, keys: Iterable[str],
-                 defaults: Mapping[str, Any] | None = None) -> None:
+                 defaults: Mapping[str, Any] | None = None, specs: Mapping[str, Spec] | None = None) -> None:
     """Add the options of the settings ``keys`` (flat keys), with ``defaults`` overriding the
-    settings' own where a command has its own."""
-    specs = Settings.specs()
+    settings' own where a command has its own; ``specs``: another settings model's fields (a
+    device's node settings) instead of the run's."""
+    specs = specs or Settings.specs()
     defaults = defaults or {}
     for key in keys:
         spec = specs[key]
