@@ -43,7 +43,7 @@ TRAINING = ("fedavg", "central")
 DP_TRAIN = ("auto", "off")
 #: The share of a target epsilon the attribution releases are sized for when the run also trains by
 #: DP-SGD; training takes the rest (the whole run composed: docs/results.md has the measurements).
-DEFAULT_TRAIN_SHARE = 0.5
+DEFAULT_TRAIN_SHARE = 0.75
 #: Where an ensemble's checkpoints come from: independent training runs, or one run's last steps.
 ENSEMBLES = ("trajectory", "independent")
 PARTITIONS = ("iid", "dirichlet")

@@ -115,7 +115,7 @@ class RunFolder:
         if len(kinds) != 1:
             raise FedtrakError(f"{self.path}: checkpoints were trained in different ways {sorted(map(str, kinds))}")
         algorithm, epochs, rounds = kinds.pop()
-        if algorithm == "fedavg":
+        if algorithm.startswith("fedavg"):
             if not rounds or not epochs or epochs % rounds:
                 raise FedtrakError(f"{self.path}: FedAvg checkpoints without a whole number of local epochs")
             epochs //= rounds
@@ -128,7 +128,27 @@ class RunFolder:
             alpha=float(part["alpha"]) if part["scheme"] == "dirichlet" else 0.0,
             partition_seed=int(part["seed"]), flip_fraction=float(flips.get("fraction", 0.0)),
             flip_clients=tuple(int(c) for c in flips.get("clients", ())), flip_seed=int(flips.get("seed", 0)),
+            **(self._dp_sgd(int(part["num_clients"])) if algorithm == "fedavg-dp-sgd" else {}),
         )
+
+    def _dp_sgd(self, num_clients: int) -> dict[str, Any]:
+        """Each simulated client's DP-SGD noise multiplier in this run, as its device set it (the
+        contract of the run's job on the client's partition) and the clip norm."""
+        from fedtrak.client.contract import Contract
+        from fedtrak.job import Job, Resolved
+        from fedtrak.settings import Settings
+
+        settings = Settings.from_flat(self.summary["config"])
+        resolved = Resolved(**{k: v for k, v in self.summary["resolved"].items()
+                               if k in Resolved.__dataclass_fields__})
+        job = Job(str(self.summary.get("run_id", "")), settings, resolved)
+        task, parts = Recipe(task=settings.task.task, train_size=settings.task.train_size or 0,
+                             query_size=settings.task.query_size or 0, algorithm="central-sgd", epochs=1, rounds=0,
+                             partition=settings.partition.partition, num_clients=num_clients,
+                             alpha=settings.partition.alpha if settings.partition.partition == "dirichlet" else 0.0,
+                             partition_seed=settings.partition.partition_seed).load()
+        sigmas = tuple(Contract.of(job, task, len(idx)).train_sigma for idx in parts.clients)
+        return {"dp_sigmas": sigmas, "dp_clip": settings.training.dp_train_clip}
 
     def task_and_partition(self) -> tuple[Task, Partition | None]:
         """The run's task with its training labels as the run saw them (flipped where it flipped

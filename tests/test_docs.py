@@ -90,3 +90,9 @@ def test_the_release_table_of_the_privacy_page_is_the_release_kinds_own():
 
     assert release_table() in (ROOT / "docs" / "privacy.md").read_text(), \
         "docs/privacy.md's release table differs from shared/privacy/kinds.py: paste release_table()"
+
+
+def test_the_privacy_page_names_the_noise_source_the_code_uses():
+    """Audit finding 11: the page said the noise came from numpy's generator; it is a ChaCha20 stream."""
+    text = (ROOT / "docs" / "privacy.md").read_text()
+    assert "numpy's generator" not in text and "ChaCha20" in text

@@ -300,8 +300,8 @@ def test_private_mode_with_dp_noise(tmp_path, logreg_ckpt_dir, central_factory):
     assert np.load(out / "owner_self_influence.npy").shape == (3,)
     # every noised release is kept on the device, so a resent step repeats it instead of drawing fresh noise
     kept = [{p.name for p in d.iterdir()} for d in (out / "client-stores").glob("*/*/released")]
-    assert len(kept) == 3 and all({"gram-0.npy", "gram-1.npy", "gram-2.npy", "norm-histogram.npy",
-                                   "owner-summaries-0-1-2.npy", "suspect-count.npy"} <= k for k in kept)
+    assert len(kept) == 3 and all({"gram-0.npy", "gram-1.npy", "gram-2.npy", "histogram.npy", "summary-0.npy",
+                                   "summary-1.npy", "summary-2.npy", "suspects.npy"} <= k for k in kept)
 
     # the curious server's attacks on this run's releases, with the run's own C and sigma
     assert main(["attack", str(out), "--targets", "4", "--trials", "300", "--steps", "100"]) == 0

@@ -99,7 +99,8 @@ def test_a_target_epsilon_is_split_between_the_kinds_of_release(digits_logreg):
     count); its mechanisms split it. The base multiplier is the sigma one release alone would need."""
     from fedtrak.privacy.plan import run_release_plan
 
-    s = Settings().replaced(epsilon=1.0, checkpoints=10, self_influence=True, kernel_source="public")
+    s = Settings().replaced(epsilon=1.0, checkpoints=10, self_influence=True, kernel_source="public",
+                            dp_train="off")  # no training share: the attribution gets the whole epsilon
     dp = resolve_dp(s, digits_logreg, 512, "public")
     assert epsilon(run_release_plan(s, dp, 512, source="public"), dp.delta) == pytest.approx(1.0, rel=1e-6)
     assert epsilon([Release("alone", dp.noise_multiplier)], dp.delta) == pytest.approx(1.0, rel=1e-6)
@@ -178,7 +179,11 @@ def test_epsilon_resolves_to_the_noise_of_the_whole_plan():
     assert dp.clip_norm == task.clip_norm and dp.noise_multiplier > 0
     plan = release_plan("private", 3, dp, self_influence=False)
     assert sum(r.count for r in plan) == 7
-    assert epsilon(plan, DELTA) == pytest.approx(2.0, rel=1e-6)
+    # the run trains its checkpoints by DP-SGD: the attribution is sized for 1 - train-share of epsilon
+    assert epsilon(plan, DELTA) == pytest.approx(2.0 * (1 - 0.75), rel=1e-6)
+    given = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3, "secure-agg": False,
+                                           "checkpoint-dir": "ckpts"}), task, 512)  # nothing trained
+    assert epsilon(release_plan("private", 3, given, self_influence=False), DELTA) == pytest.approx(2.0, rel=1e-6)
     assert not resolve_dp(Settings(), task, 512).active
 
 

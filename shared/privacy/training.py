@@ -24,6 +24,7 @@ weights it receives.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -158,6 +159,13 @@ def round_release(noise_multiplier: float, num_examples: int, batch_size: int, e
 
 def device_train_sigma(settings: Settings, attribution: Sequence[Release], num_examples: int, batch_size: int,
                        epochs: int) -> float:
+    """See :func:`_device_train_sigma` (solved once per run and device in a process)."""
+    return _device_train_sigma(settings, tuple(attribution), num_examples, batch_size, epochs)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_train_sigma(settings: Settings, attribution: tuple[Release, ...], num_examples: int, batch_size: int,
+                        epochs: int) -> float:
     """The DP-SGD noise multiplier a device trains with (0: plain SGD), decided on the device: as
     given; under a target epsilon, the smallest whose rounds composed with the ``attribution``
     releases cost at most that epsilon on this device's ``num_examples``; else the run's noise

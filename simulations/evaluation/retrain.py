@@ -37,9 +37,10 @@ from torch import nn
 from fedtrak.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
 from fedtrak.errors import FedtrakError
 from fedtrak.partition import Partition, partition
+from fedtrak.privacy.training import dp_sgd_epochs
 from fedtrak.tasks import Task, cached_task, to_tensors
 
-ALGORITHMS = ("central-sgd", "fedavg")
+ALGORITHMS = ("central-sgd", "fedavg", "fedavg-dp-sgd")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Recipe:
             (who owns what; FedAvg trains per owner, owner subsets pick owners).
         flip_fraction, flip_clients, flip_seed: label flips applied to the
             training data before training (see :mod:`fedtrak.corruption`).
+        dp_sigmas, dp_clip: ``fedavg-dp-sgd``: each client's DP-SGD noise multiplier in the run (a
+            device sets its own from its count) and the per-example clip norm; a retrained model's
+            clients train at those, with fresh noise.
     """
 
     task: str
@@ -70,6 +74,8 @@ class Recipe:
     flip_fraction: float = 0.0
     flip_clients: tuple[int, ...] = ()
     flip_seed: int = 0
+    dp_sigmas: tuple[float, ...] = ()
+    dp_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -77,13 +83,19 @@ class Recipe:
                 f"cannot retrain checkpoints trained by {self.algorithm!r}: ground truth needs one of "
                 f"{', '.join(ALGORITHMS)} (the checkpoint manifest says how they were trained)"
             )
-        if self.epochs < 1 or (self.algorithm == "fedavg" and self.rounds < 1):
+        if self.epochs < 1 or (self.algorithm.startswith("fedavg") and self.rounds < 1):
             raise FedtrakError(f"recipe needs positive epochs (and rounds for FedAvg): {self}")
+        if self.algorithm == "fedavg-dp-sgd" and (len(self.dp_sigmas) != self.num_clients or self.dp_clip <= 0
+                                                  or not all(s > 0 for s in self.dp_sigmas)):
+            raise FedtrakError(f"a DP-SGD recipe needs a positive noise multiplier per client and a clip norm: {self}")
 
     def describe(self) -> dict:
         """JSON-ready form (the cache key is derived from it)."""
         out = asdict(self)
         out["flip_clients"] = list(self.flip_clients)
+        out["dp_sigmas"] = list(self.dp_sigmas)
+        if self.algorithm != "fedavg-dp-sgd":  # the cache keys of older recipes stay as they were
+            del out["dp_sigmas"], out["dp_clip"]
         return out
 
     def load(self) -> tuple[Task, Partition]:
@@ -110,6 +122,8 @@ def fedavg_in_process(
     init_seed: int,
     seed: int,
     checkpoint: int,
+    dp_sigmas: Sequence[float] = (),
+    dp_clip: float = 0.0,
 ) -> nn.Module:
     """FedAvg over clients holding ``task.x_train[client_indices[c]]``; the clients are
     partitions ``0..C-1`` (their local shuffling seeds depend on it).
@@ -117,7 +131,9 @@ def fedavg_in_process(
     The model starts from ``seeded_model(task, init_seed)``; each round every
     client with at least one example runs ``local_epochs`` of the task's SGD
     recipe from the global weights, and the updates are averaged weighted by
-    example counts (in float32, like Flower's ``FedAvg``).
+    example counts (in float32, like Flower's ``FedAvg``). With ``dp_sigmas`` each client trains by
+    DP-SGD at its own noise multiplier and clip norm ``dp_clip`` instead (fresh noise each time);
+    the updates are still averaged by example counts (a private run weights them by its noised counts).
     """
     model = seeded_model(task, init_seed)
     active = [(pid, idx) for pid, idx in enumerate(client_indices) if len(idx)]
@@ -128,11 +144,18 @@ def fedavg_in_process(
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         agg: dict[str, np.ndarray] = {}
         for pid, idx in active:
-            model.load_state_dict(global_state)
-            local_seed = fedavg_local_seed(seed, checkpoint, server_round, pid)
-            sgd_epochs(task, model, task.x_train[idx], task.y_train[idx], local_epochs, local_seed)
+            local = model
+            if dp_sigmas:  # Opacus hooks a module once: a fresh one per client and round
+                local = seeded_model(task, init_seed)
+                local.load_state_dict(global_state)
+                dp_sgd_epochs(task, local, task.x_train[idx], task.y_train[idx], local_epochs, dp_sigmas[pid],
+                              dp_clip)
+            else:
+                model.load_state_dict(global_state)
+                local_seed = fedavg_local_seed(seed, checkpoint, server_round, pid)
+                sgd_epochs(task, model, task.x_train[idx], task.y_train[idx], local_epochs, local_seed)
             weight = len(idx) / total
-            for k, v in model.state_dict().items():
+            for k, v in local.state_dict().items():
                 term = v.detach().numpy() * weight
                 agg[k] = term if k not in agg else agg[k] + term
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in agg.items()})
@@ -150,7 +173,7 @@ def train_on_subset(recipe: Recipe, mask: np.ndarray, seed: int) -> nn.Module:
     if recipe.algorithm == "central-sgd":
         return train_central(task, seed, task.x_train[mask], task.y_train[mask], recipe.epochs)
     return fedavg_in_process(task, [idx[mask[idx]] for idx in parts.clients], recipe.rounds,
-                             recipe.epochs, seed, seed, 0)
+                             recipe.epochs, seed, seed, 0, recipe.dp_sigmas, recipe.dp_clip)
 
 
 @torch.no_grad()
