@@ -239,7 +239,10 @@ class Sectioned:
             raise FedtrakError(f"unknown setting(s) {unknown}; known: {sorted(by_name)}")
         changes: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
-            changes.setdefault(by_name[name].section, {})[name] = value
+            spec = by_name[name]
+            if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # Python's 1 where 1.0 is meant: the job's wire form is exact
+            changes.setdefault(spec.section, {})[name] = value
         sections = {name: dataclasses.replace(getattr(self, name), **vals) for name, vals in changes.items()}
         return dataclasses.replace(self, **sections)
 

@@ -336,3 +336,16 @@ def test_a_device_joins_its_topk_batches_by_offset(tmp_path):
     assert joined["proponent_ids"][:, 0].tolist() == [0, 1, 2]
     joined, extra = _joined_batches(folder, 3, rows(3, 2), {})
     assert joined["opponent_ids"][:, 0].tolist() == [0, -1, -2, -3, -4, -5] and extra["suspect_ids"].size == 4
+
+
+def test_an_integer_for_a_float_setting_survives_the_job_round_trip():
+    """``epsilon=1`` from Python (an int where a float is meant) once made every client refuse the job
+    as malformed; the settings hold it as 1.0, and the job decodes to the same settings."""
+    from fedtrak.job import Job, Resolved
+    from fedtrak.settings import Settings
+    from fedtrak.wire import decode_job, encode_job
+
+    settings = Settings().replaced(epsilon=1, clip_norm=5, delta=1e-5)
+    assert isinstance(settings.privacy.epsilon, float) and isinstance(settings.privacy.clip_norm, float)
+    job = Job("r", settings, Resolved(64))
+    assert decode_job(encode_job(job)).settings == settings

@@ -9,7 +9,7 @@ Skellam noise of variance ``S v``.
 
 Resolution: the noise dwarfs any rounding, so under DP the fixed-point
 resolution is coarsened (fewer fraction bits ``f``) until each client's
-variance is near :data:`NOISE_VARIANCE_TARGET`, where numpy's Poisson
+variance is near :data:`NOISE_VARIANCE_TARGET`, where the Poisson
 sampler is exact (:func:`noise_fraction_bits`); the server sends ``f``.
 
 Sizing: the noise must reach the target ``sigma`` even if only the
@@ -38,7 +38,8 @@ from fedtrak.privacy.mechanisms import DPSettings, gram_sensitivity_text
 from fedtrak.privacy.sampling import NoiseSource
 from fedtrak.secagg.fixedpoint import FRACTION_BITS
 
-#: numpy's Poisson sampler loses accuracy for huge means (measured: standard deviation 19% too
+#: The Poisson sampler (fedtrak's PTRS on a ChaCha20 stream, as numpy's own) loses accuracy for huge means
+#: (measured: standard deviation 19% too
 #: large at 1e16, right to 0.1% up to 2^40), so a mean above this is drawn as a sum of parts.
 POISSON_PART = 2.0**36
 #: Fixed-point resolution under DP is chosen so each client's noise variance stays near this.
