@@ -130,18 +130,16 @@ class Local:
             value = make()
             self.charge(dict.fromkeys(items, entry))
             return value
-        if checkpoints is not None and kind != COUNT:
-            names = {m: f"{kind}-{m}" for m in checkpoints}
-            if all(self.store.has_release(n) for n in names.values()):
-                return {m: self.store.released(n, _never) for m, n in names.items()}
+        per_checkpoint = checkpoints is not None
+        names = {m: f"{kind}-{m}" for m in checkpoints} if per_checkpoint else {None: kind}
+        if not all(self.store.has_release(n) for n in names.values()):
             value = make()
             self.charge(dict.fromkeys(items, entry))
-            return {m: self.store.released(n, lambda m=m: value[m]) for m, n in names.items()}
-        if self.store.has_release(kind):
-            return self.store.released(kind, _never)
-        value = make()
-        self.charge(dict.fromkeys(items, entry))
-        return self.store.released(kind, lambda: value)
+            parts = value if per_checkpoint else {None: value}
+            for m, n in names.items():
+                self.store.released(n, lambda m=m: parts[m])
+        kept = {m: self.store.released(n, _never) for m, n in names.items()}
+        return kept if per_checkpoint else kept[None]
 
     def released_count(self) -> int:
         """The example count this client releases: under DP a release of its own, noised once per
