@@ -22,6 +22,7 @@ import numpy as np
 from fedtrak.checkpoints import seeded_model
 from fedtrak.client.data import read_device_data
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.kinds import COUNT, GRAM, KINDS, SUMMARY, planned_counts
 from fedtrak.settings import Settings
 from fedtrak.tasks import load_task
 from fedtrak.trak import checkpoint_featurizer
@@ -35,6 +36,38 @@ DEFAULT_QUERIES = 149
 
 #: Bytes of one released number (float64 arrays, uint64 masked vectors).
 NUMBER_BYTES = 8
+
+
+def _release_rows(checkpoints: int, k: int, queries: int, examples: int, noised: bool, secure_agg: bool,
+                  policy: str, kernel_source: str, weight: float) -> list[dict]:
+    """The rows of :func:`device_report`: one per kind of release the run's plan makes
+    (:func:`fedtrak.privacy.kinds.planned_counts`), its noise in the kind's own words
+    (:data:`fedtrak.privacy.kinds.KINDS`), its shape and bytes."""
+    counts = planned_counts("private", checkpoints, False, False, gram_released=kernel_source != "public")
+    gram = k * (k + 1) // 2
+    kernel = "curvature-weighted Gram" if weight != 1 else "Gram"
+    rows = {
+        GRAM: ("masked vector: Gram upper triangles of every checkpoint and the count (only their sum is revealed)"
+               if secure_agg else f"{kernel} upper triangle per checkpoint",
+               [checkpoints * gram + 1] if secure_agg else [checkpoints, gram], FEATURIZE),
+        COUNT: ("example count", [1], FEATURIZE),
+        SUMMARY: ("owner summaries (the server derives owner totals)", [checkpoints, k], SCORE) if noised
+        else ("owner total per query", [queries], SCORE),
+    }
+    out = []
+    for name, count in counts.items():
+        if not count or name not in rows:
+            continue
+        what, shape, step = rows[name]
+        noise = KINDS[name].noise + (f" (w = {weight:g})" if name == GRAM else "")
+        out.append({"step": step, "what": what, "shape": shape, "bytes": NUMBER_BYTES * math.prod(shape),
+                    "noise": ("Skellam share" if name == GRAM and secure_agg else noise) if noised else "none"})
+    if kernel_source == "auto" and counts[GRAM]:  # the server decides: under DP with public data, none
+        out[0]["what"] += " (none if the server's kernel is public)"
+    if policy == "full":
+        out.append({"step": SCORE, "what": "full score matrix (simulation and evaluation only)",
+                    "shape": [queries, examples], "bytes": NUMBER_BYTES * queries * examples, "noise": "none"})
+    return out
 
 
 def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
@@ -59,31 +92,8 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     noised = noise_multiplier > 0
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
-    gram = k * (k + 1) // 2
     weight = task.output.curvature_bound if weighting == "curvature" else 1.0
-    gram_noise = f"Gaussian, sigma C^2{'' if weight == 1 else f' x {weight:g}'}"
-    kernel = "curvature-weighted Gram" if weighting == "curvature" else "Gram"
-    gram_row = [] if kernel_source == "public" else [
-               {"step": FEATURIZE, "what": "masked vector: Gram upper triangles of every checkpoint "
-                 "and the count (only their sum is revealed)" if secure_agg else
-                 f"{kernel} upper triangle per checkpoint", "shape": [checkpoints * gram + 1] if secure_agg
-                 else [checkpoints, gram], "bytes": NUMBER_BYTES * (checkpoints * gram + int(secure_agg)),
-                 "noise": ("Skellam share" if secure_agg else gram_noise) if noised else "none"}]
-    if kernel_source == "auto":  # the server decides: under DP with public data it releases none
-        gram_row[0]["what"] += " (none if the server's kernel is public)"
-    releases = [*gram_row,
-                {"step": FEATURIZE, "what": "example count", "shape": [1], "bytes": NUMBER_BYTES,
-                 "noise": "Gaussian, sigma (once per run)" if noised else "none"}]
-    if noised:
-        releases.append({"step": SCORE, "what": "owner summaries (the server derives owner totals)",
-                         "shape": [checkpoints, k], "bytes": NUMBER_BYTES * checkpoints * k,
-                         "noise": "Gaussian, sigma C"})
-    else:
-        releases.append({"step": SCORE, "what": "owner total per query", "shape": [nq],
-                         "bytes": NUMBER_BYTES * nq, "noise": "none"})
-    if policy == "full":
-        releases.append({"step": SCORE, "what": "full score matrix (simulation and evaluation only)",
-                         "shape": [nq, len(y)], "bytes": NUMBER_BYTES * nq * len(y), "noise": "none"})
+    releases = _release_rows(checkpoints, k, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
     kept = ["features of every example, per checkpoint (the local store)"]
     if policy == "topk":
         kept.append("top proponents and opponents per query (results/topk.npz), never released")
