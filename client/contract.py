@@ -31,7 +31,7 @@ from fedtrak.errors import Refused
 from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release
 from fedtrak.privacy.distributed import DistributedNoise
-from fedtrak.privacy.kinds import FEATURES, GRAM, HISTOGRAM, KINDS, SUMMARY, UPDATE
+from fedtrak.privacy.kinds import FEATURES, GRAM, HISTOGRAM, KINDS, UPDATE
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.plan import run_release_plan, uses_secure_agg, weight_bound
 from fedtrak.privacy.training import (
@@ -216,5 +216,3 @@ class Contract:
         """Whether this device trains the run's checkpoints with DP-SGD."""
         return trains_privately(self.job.settings) and self.train_sigma > 0
 
-
-__all__ = ["MUTABLE", "SCORES", "SUMMARY", "Contract", "job_digest"]
