@@ -23,7 +23,8 @@ from fedtrak.checkpoints import seeded_model
 from fedtrak.client.data import read_device_data
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.kinds import COUNT, GRAM, KINDS, SUMMARY, planned_counts
-from fedtrak.settings import Settings
+from fedtrak.privacy.plan import kernel_weight_bound
+from fedtrak.settings import Settings, releases_gram
 from fedtrak.tasks import load_task
 from fedtrak.trak import checkpoint_featurizer
 from fedtrak.wire.records import FEATURIZE, SCORE
@@ -43,7 +44,7 @@ def _release_rows(checkpoints: int, k: int, queries: int, examples: int, noised:
     """The rows of :func:`device_report`: one per kind of release the run's plan makes
     (:func:`fedtrak.privacy.kinds.planned_counts`), its noise in the kind's own words
     (:data:`fedtrak.privacy.kinds.KINDS`), its shape and bytes."""
-    counts = planned_counts("private", checkpoints, False, False, gram_released=kernel_source != "public")
+    counts = planned_counts("private", checkpoints, False, False, gram_released=releases_gram(kernel_source))
     gram = k * (k + 1) // 2
     kernel = "curvature-weighted Gram" if weight != 1 else "Gram"
     rows = {
@@ -92,7 +93,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     noised = noise_multiplier > 0
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
-    weight = task.output.curvature_bound if weighting == "curvature" else 1.0
+    weight = kernel_weight_bound(weighting == "curvature", task)
     releases = _release_rows(checkpoints, k, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
     kept = ["features of every example, per checkpoint (the local store)"]
     if policy == "topk":

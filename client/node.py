@@ -98,7 +98,7 @@ class Local:
     @property
     def weighted(self) -> bool:
         """Whether the run's kernel is curvature-weighted."""
-        return self.job.settings.kernel.weighting == "curvature"
+        return self.job.settings.kernel.weighted
 
     @property
     def dp(self) -> DPSettings:

@@ -35,6 +35,7 @@ from fedtrak.privacy.mechanisms import (
 from fedtrak.privacy.quantile import noised_histogram, norm_histogram
 from fedtrak.privacy.sampling import NoiseSource
 from fedtrak.scoring import top_k
+from fedtrak.settings import releases_gram
 from fedtrak.wire import ScoreRelease, ScoreRequest
 
 #: Queries drawn in the device's PNG strip of its top examples.
@@ -49,7 +50,7 @@ def released_grams(local: Local, checkpoints: list[int]) -> dict[int, np.ndarray
         Refused: when the bound job releases no Gram, or sums Grams with secure aggregation.
     """
     dp, store, weighted = local.dp, local.store, local.weighted
-    if local.job.resolved.kernel_source == "public":
+    if not releases_gram(local.job.resolved.kernel_source):
         local.contract.items(COUNT)  # private mode: the count is all that leaves here
         local.contract.check_checkpoints(checkpoints)
         return {}

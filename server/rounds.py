@@ -39,6 +39,7 @@ from fedtrak.server.validation import (
     packed_gram_release,
     score_release,
 )
+from fedtrak.settings import releases_gram
 from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer
 from fedtrak.trak import checkpoint_featurizer, score_features, solve_checkpoint
@@ -142,7 +143,7 @@ def _summed_kernels(fed: Federation, job: Job, states: States, timer: PhaseTimer
                     saved: SavedKernels | None) -> tuple[list[np.ndarray], int, float, SecureSum | None]:
     """The summed Grams of every checkpoint: saved (a resumed run), securely summed or summed in the
     clear; kept in ``state`` as soon as they exist."""
-    ms = list(range(len(states))) if job.resolved.kernel_source != "public" else []  # public: counts only
+    ms = list(range(len(states))) if releases_gram(job.resolved.kernel_source) else []  # public: counts only
     if saved is not None:
         return saved.grams, saved.total, saved.copies, restored_secure_sum(saved)
     secure = None
@@ -247,7 +248,7 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
     that turn owner summaries into owner totals: under DP those of each kernel plus the summaries'
     noise ridge (:func:`fedtrak.privacy.mechanisms.summary_ridge`), else the request's."""
     settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
-    weighted = settings.kernel.weighting == "curvature"
+    weighted = settings.kernel.weighted
     featurizers = [checkpoint_featurizer(task, s, m, settings) for m, s in enumerate(states)]
     sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
     groups = query_groups(settings.release.owner_value, task.y_query)
@@ -309,7 +310,7 @@ def run_features(fed: Federation, task: Task, job: Job, states: States, timer: P
         request = wire.encode_featurize_request(job, states)
         replies = fed.broadcast(wire.FEATURES, lambda node: RecordDict(request))
     fed.note_info(replies)
-    bound = job.resolved.weight_bound if job.settings.kernel.weighting == "curvature" else None
+    bound = job.resolved.weight_bound if job.settings.kernel.weighted else None
     received = fed.accept(replies, lambda node, c: features_release(
         c, ms, dim, fed.clients[node].num_examples, fed.source(node), bound))
     nodes = [n for n in fed.require_clients("features") if n in received]

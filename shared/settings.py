@@ -34,6 +34,13 @@ WEIGHTINGS = ("curvature", "none")
 #: Where the kernel comes from: the clients' Grams, the server's public data (no Gram released),
 #: or both (the public kernel as a prior for the noised private one); auto picks (see KernelSettings).
 KERNEL_SOURCES = ("auto", "private", "public", "hybrid")
+
+
+def releases_gram(source: str) -> bool:
+    """Whether the clients of a run with this (resolved) kernel source release Grams: all but a
+    public kernel's, which the server builds from its own data."""
+    return source != "public"
+
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
 #: Which queries an owner's value sums over: none (no owner values), the whole query set, or each label's.
@@ -146,6 +153,11 @@ class ProjectionSettings:
 @dataclass(frozen=True)
 class KernelSettings:
     """How the kernel is regularized and the checkpoints ensembled."""
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the kernel is curvature-weighted (``Phi^T diag(w) Phi``) rather than plain."""
+        return self.weighting == "curvature"
 
     weighting: str = setting("curvature", "kernel weighting: curvature (Phi^T diag(w) Phi, w the model "
                                           "output's curvature, p(1-p) for the margin) or none (Phi^T Phi, "

@@ -127,7 +127,7 @@ def score_features(
             acc.add(feats.features, kernel_weights(settings, feats.curvature))
             pub = None if public is None else featurizer.featurize(*public)
             matrix, source_record = source_gram(source, acc.matrix, acc.count, pub,
-                                                settings.kernel.weighting == "curvature")
+                                                settings.kernel.weighted)
         u, record, kinv = solve_checkpoint(task, featurizer, matrix, acc.count, settings, m, timer,
                                            with_inverse=self_influence)
         record.update(source_record)

@@ -17,14 +17,14 @@ from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.privacy.training import attribution_epsilon
 from fedtrak.secagg.graph import threshold
-from fedtrak.settings import Settings
+from fedtrak.settings import Settings, releases_gram
 from fedtrak.tasks import Task
 
 
 def uses_secure_agg(settings: Settings, source: str) -> bool:
     """Whether the run sums Grams with secure aggregation: as set, or by default under DP whenever
     the kernel ``source`` releases Grams (not ``public``) and there are 3 clients or more."""
-    if source == "public":
+    if not releases_gram(source):
         return False
     if settings.secagg.secure_agg is not None:
         return settings.secagg.secure_agg
@@ -59,14 +59,20 @@ def run_release_plan(settings: Settings, dp: DPSettings, dim: int, noise: Distri
         noise = noise or distributed_noise(settings, dim, dp)
         gram = noise.release(dp, noise.threshold if survivors is None else survivors)
     return release_plan(settings.release.mode, settings.training.checkpoints, dp, settings.wants_self_influence,
-                        settings.privacy.clip_quantile is not None, gram, settings.kernel.weighting != "none",
-                        gram_released=source != "public", owner_value=settings.release.owner_value != "none")
+                        settings.privacy.clip_quantile is not None, gram, settings.kernel.weighted,
+                        gram_released=releases_gram(source), owner_value=settings.release.owner_value != "none")
 
 
 def weight_bound(settings: Settings, task: Task) -> float:
     """The kernel's largest per-example weight: the task's model output's curvature bound for the
     curvature-weighted kernel, 1 for the plain one."""
-    return task.output.curvature_bound if settings.kernel.weighting == "curvature" else 1.0
+    return kernel_weight_bound(settings.kernel.weighted, task)
+
+
+def kernel_weight_bound(weighted: bool, task: Task) -> float:
+    """The largest per-example weight of a kernel: the task's model output's curvature bound when
+    it is ``weighted``, 1 for the plain one."""
+    return task.output.curvature_bound if weighted else 1.0
 
 
 def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private") -> DPSettings:

@@ -22,7 +22,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.results import SUMMARY
-from fedtrak.settings import Settings
+from fedtrak.settings import Settings, releases_gram
 from fedtrak.simulations.attacks import metrics
 from fedtrak.simulations.attacks.inversion import (
     DEFAULT_INVERSION,
@@ -66,7 +66,7 @@ def accounted_epsilon(setting: AttackSetting) -> float | None:
     if not setting.dp.active:
         return None
     plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False,
-                        weighted=setting.weighting != "none", gram_released=setting.kernel_source != "public")
+                        weighted=setting.weighting != "none", gram_released=releases_gram(setting.kernel_source))
     return round(epsilon(plan, setting.dp.delta), 3)
 
 

@@ -27,7 +27,7 @@ from fedtrak.privacy.mechanisms import (
 )
 from fedtrak.projectors import IdentityProjector
 from fedtrak.projectors.factorized import FactorizedProjector
-from fedtrak.settings import Settings
+from fedtrak.settings import Settings, releases_gram
 from fedtrak.tasks import Task
 from fedtrak.trak import checkpoint_featurizer
 
@@ -50,9 +50,9 @@ class ServerView:
                  dp: DPSettings) -> None:
         self.task, self.m, self.dp = task, m, dp
         #: Whether the run's kernel is curvature-weighted (its Gram releases are ``Phi^T diag(w) Phi``).
-        self.weighted = settings.kernel.weighting == "curvature"
+        self.weighted = settings.kernel.weighted
         #: Whether clients release Grams (not under a public kernel, which the server builds itself).
-        self.gram_released = settings.kernel.kernel_source != "public"
+        self.gram_released = releases_gram(settings.kernel.kernel_source)
         self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim

@@ -32,6 +32,7 @@ from fedtrak.kernel import gram
 from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
 from fedtrak.privacy.mechanisms import DPSettings, clip_scales, noise_rng, noised_gram
+from fedtrak.privacy.plan import kernel_weight_bound
 from fedtrak.settings import Settings
 from fedtrak.tasks import load_task
 from fedtrak.trak import checkpoint_featurizer
@@ -106,7 +107,7 @@ def audit_gram(
     """
     task = load_task(task_name)
     clip = clip_norm or task.clip_norm
-    bound = task.output.curvature_bound if weighting == "curvature" else 1.0
+    bound = kernel_weight_bound(weighting == "curvature", task)
     dp = DPSettings(noise_multiplier, float(clip or 0.0), delta=delta, gram_weight=bound)
     dp.validate()
     if not dp.active:
