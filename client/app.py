@@ -31,9 +31,9 @@ from fedtrak.client.releases import (
     released_scores,
 )
 from fedtrak.client.training import released_update
+from fedtrak.data.tasks import Task, register_task, registered_tasks
 from fedtrak.errors import FedtrakError, Refused
 from fedtrak.logs import visible_logging
-from fedtrak.tasks import Task, register_task, registered_tasks
 from fedtrak.timing import peak_memory_mb
 from fedtrak.wire import secagg as secagg_wire
 

@@ -27,8 +27,8 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
+from fedtrak.data.tasks import Task
 from fedtrak.errors import Refused
-from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release
 from fedtrak.privacy.distributed import DistributedNoise
 from fedtrak.privacy.kinds import FEATURES, GRAM, HISTOGRAM, KINDS, UPDATE
@@ -40,7 +40,7 @@ from fedtrak.privacy.training import (
     training_rounds,
     trains_privately,
 )
-from fedtrak.tasks import Task
+from fedtrak.wire.job import Job
 from fedtrak.wire.records import encode_job
 
 #: Job fields that may change within a run: the clip norm a clip-quantile run resolves from the

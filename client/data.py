@@ -3,7 +3,7 @@
 In simulation a virtual client takes its partition of the task's training
 set: Flower sets ``partition-id`` and ``num-partitions`` in its node config,
 and the server's job spec says how the data is split (the same
-deterministic :func:`fedtrak.partition.partition` the centralized path
+deterministic :func:`fedtrak.data.partition.partition` the centralized path
 uses). On a device, the node config names the data instead::
 
     flower-supernode ... --node-config "data-path='/data/mine.npz' owner='clinic-a'"
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.corruption import flip_labels
+from fedtrak.data.corruption import flip_labels
+from fedtrak.data.partition import Partition, partition
+from fedtrak.data.tasks import Task, cached_task, registered_tasks
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
-from fedtrak.partition import Partition, partition
-from fedtrak.tasks import Task, cached_task, registered_tasks
+from fedtrak.wire.job import Job
 
 
 @dataclass(frozen=True)

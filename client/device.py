@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.checkpoints import seeded_model
 from fedtrak.client.data import read_device_data
+from fedtrak.config.settings import Settings, releases_gram
+from fedtrak.data.checkpoints import seeded_model
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.kinds import COUNT, GRAM, KINDS, SUMMARY, planned_counts
 from fedtrak.privacy.plan import kernel_weight_bound
-from fedtrak.settings import Settings, releases_gram
-from fedtrak.tasks import load_task
-from fedtrak.trak import checkpoint_featurizer
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer
 from fedtrak.wire.records import FEATURIZE, SCORE
 
 log = logging.getLogger("fedtrak.client")

@@ -19,11 +19,11 @@ import torch
 
 from fedtrak.client.data import ClientData
 from fedtrak.client.store import FeatureStore
-from fedtrak.job import Job
-from fedtrak.kernel import GramAccumulator
+from fedtrak.data.tasks import Task
 from fedtrak.privacy.mechanisms import DPSettings, clip_scales
-from fedtrak.tasks import Task
-from fedtrak.trak import checkpoint_featurizer
+from fedtrak.trak.kernel import GramAccumulator
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+from fedtrak.wire.job import Job
 
 log = logging.getLogger("fedtrak.client")
 

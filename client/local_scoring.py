@@ -16,7 +16,7 @@ import numpy as np
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import clip_rows, owner_summaries, value_contributions
-from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
+from fedtrak.trak.scoring import ScoreEnsemble, kernel_term, self_kernel_term, top_k
 
 
 def score_own_examples(

@@ -25,14 +25,14 @@ from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger
 from fedtrak.client.node_settings import NodeSettings
 from fedtrak.client.policy import NodePolicy
 from fedtrak.client.store import FeatureStore
-from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release
 from fedtrak.privacy.kinds import COUNT
 from fedtrak.privacy.mechanisms import DPSettings, noise_rng, noised_count
-from fedtrak.tasks import Task
 from fedtrak.wire import ClientInfo
+from fedtrak.wire.compat import PROTOCOL_VERSION
+from fedtrak.wire.job import Job
 
 
 def node_settings(ctx: Context) -> NodeSettings:

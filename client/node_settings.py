@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtrak.config.flat import Sectioned, Spec, setting
 from fedtrak.errors import FedtrakError, Refused
-from fedtrak.flat import Sectioned, Spec, setting
 
 #: Where a device keeps its feature store (and its privacy ledger) when its node config names none.
 DEFAULT_STORE = Path.home() / ".cache" / "fedtrak" / "store"

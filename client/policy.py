@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from fedtrak.client.node_settings import NodeSettings
 from fedtrak.errors import Refused
-from fedtrak.job import Job
 from fedtrak.privacy.plan import run_release_plan
+from fedtrak.wire.job import Job
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from fedtrak.client.device import write_strip
 from fedtrak.client.featurize import stored_clip_scales, stored_gram, stored_norms
 from fedtrak.client.local_scoring import ChunkedScores, score_in_chunks
 from fedtrak.client.node import Local
-from fedtrak.codecs import pack_upper, unpack_upper
+from fedtrak.config.settings import releases_gram
 from fedtrak.errors import FedtrakError, Refused
 from fedtrak.privacy.kinds import COUNT, FEATURES, GRAM, HISTOGRAM, SUMMARY, SUSPECTS, VALUE
 from fedtrak.privacy.mechanisms import (
@@ -34,9 +34,9 @@ from fedtrak.privacy.mechanisms import (
 )
 from fedtrak.privacy.quantile import noised_histogram, norm_histogram
 from fedtrak.privacy.sampling import NoiseSource
-from fedtrak.scoring import top_k
-from fedtrak.settings import releases_gram
+from fedtrak.trak.scoring import top_k
 from fedtrak.wire import ScoreRelease, ScoreRequest
+from fedtrak.wire.codecs import pack_upper, unpack_upper
 
 #: Queries drawn in the device's PNG strip of its top examples.
 STRIP_QUERIES = 6

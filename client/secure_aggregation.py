@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedtrak.client.featurize import stored_clip_scales, stored_gram
 from fedtrak.client.node import Local
 from fedtrak.client.store import FeatureStore
-from fedtrak.codecs import pack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.distributed import MIN_FRACTION_BITS, DistributedNoise, skellam_noise
 from fedtrak.privacy.kinds import GRAM
@@ -34,6 +33,7 @@ from fedtrak.private_files import private_dir, write_private
 from fedtrak.secagg import fixedpoint
 from fedtrak.secagg.fixedpoint import COUNT_FRACTION_BITS, FRACTION_BITS
 from fedtrak.secagg.protocol import Advertisement, Client, SealedShares, raw_public, secagg_context
+from fedtrak.wire.codecs import pack_upper
 from fedtrak.wire.secagg import Revealed
 
 IDENTITY_FILE = "secagg-identity.pem"

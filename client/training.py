@@ -14,8 +14,8 @@ import io
 
 import torch
 
-from fedtrak.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from fedtrak.client.node import Local
+from fedtrak.data.checkpoints import fedavg_local_seed, model_from_state, sgd_epochs
 from fedtrak.errors import FedtrakError, Refused
 from fedtrak.privacy.kinds import UPDATE
 from fedtrak.privacy.training import dp_sgd_epochs, training_rounds

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtrak.config.settings import Settings
 from fedtrak.logs import visible_logging
 from fedtrak.server.run import run_federated
-from fedtrak.settings import Settings
 
 
 def server_app(settings: Settings | None = None, outcome: list | None = None, progress: bool = False) -> ServerApp:

@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedtrak.codecs import unpack_upper
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.bounds import GramLimits
 from fedtrak.server.validation import check_gram_size, check_psd
+from fedtrak.wire.codecs import unpack_upper
 
 #: Memory one batch of pending Grams may take (packed float64), and the most Grams in a batch.
 BATCH_BYTES = 256 * 2**20

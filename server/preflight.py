@@ -3,21 +3,21 @@
 A bad task, projection or privacy setting fails here, naming the setting,
 before Ray starts or a client is contacted. The resolved values (k, sigma,
 C, secure aggregation's threshold) are computed once here
-and travel in the job (:class:`fedtrak.job.Resolved`).
+and travel in the job (:class:`fedtrak.wire.job.Resolved`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Resolved
-from fedtrak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
 from fedtrak.privacy.plan import planned_threshold, resolve_dp, uses_secure_agg
-from fedtrak.projectors import make_projector
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task, cached_task
+from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
+from fedtrak.trak.projectors import make_projector
+from fedtrak.wire.job import Resolved
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak import wire
-from fedtrak.checkpoints import atomic_write_json
+from fedtrak.data.checkpoints import atomic_write_json
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
 from fedtrak.privacy.distributed import DistributedNoise
 from fedtrak.server.secure_aggregation import SecureSum
+from fedtrak.wire.job import Job
 
 STATE_DIR = ".resume"
 #: Run-config keys that may differ between a run and its resumption.

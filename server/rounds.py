@@ -12,20 +12,16 @@ import torch
 from flwr.app import RecordDict
 
 from fedtrak import wire
-from fedtrak.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
-from fedtrak.codecs import pack_upper
+from fedtrak.config.settings import releases_gram
+from fedtrak.data.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
+from fedtrak.data.partition import example_ids
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Features, Featurizer
-from fedtrak.job import Job
-from fedtrak.kernel import with_more_ridge
-from fedtrak.kernel_sources import USES_PUBLIC, held_out_self_terms, public_data, source_gram
-from fedtrak.partition import example_ids
 from fedtrak.privacy.bounds import OwnerLimits, gram_limits, owner_limits
 from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import noise_floor, public_bound, summary_ridge, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
-from fedtrak.results import query_groups
-from fedtrak.scoring import owner_means, owner_totals
+from fedtrak.results.folder import query_groups
 from fedtrak.server.federation import CountingGrid, Federation
 from fedtrak.server.gram_fold import GramFold
 from fedtrak.server.query_batches import batch_request, batch_rows, joined_releases
@@ -39,10 +35,14 @@ from fedtrak.server.validation import (
     packed_gram_release,
     score_release,
 )
-from fedtrak.settings import releases_gram
-from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer
-from fedtrak.trak import checkpoint_featurizer, score_features, solve_checkpoint
+from fedtrak.trak.featurizer import Features, Featurizer
+from fedtrak.trak.kernel import with_more_ridge
+from fedtrak.trak.kernel_sources import USES_PUBLIC, held_out_self_terms, public_data, source_gram
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer, score_features, solve_checkpoint
+from fedtrak.trak.scoring import owner_means, owner_totals
+from fedtrak.wire.codecs import pack_upper
+from fedtrak.wire.job import Job
 
 log = logging.getLogger("fedtrak.server")
 

@@ -24,19 +24,24 @@ from dataclasses import replace
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedtrak.answer import answer_lines
-from fedtrak.corruption import corrupted, flipped_indices
+from fedtrak.config.settings import Settings
+from fedtrak.data.corruption import corrupted, flipped_indices
+from fedtrak.data.partition import partition
 from fedtrak.errors import RunFailed
-from fedtrak.job import Job
-from fedtrak.partition import partition
-from fedtrak.results import ResultWriter, add_owner_values, add_score_arrays, add_self_influence
+from fedtrak.results.answer import answer_lines
+from fedtrak.results.folder import (
+    ResultWriter,
+    add_owner_values,
+    add_score_arrays,
+    add_self_influence,
+)
 from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
 from fedtrak.server.preflight import check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
 from fedtrak.server.rounds import estimate_clip_norm, obtain_checkpoints, run_features, run_private
 from fedtrak.server.summary import failure_summary, run_summary
-from fedtrak.settings import Settings
 from fedtrak.timing import PhaseTimer
+from fedtrak.wire.job import Job
 
 log = logging.getLogger("fedtrak.server")
 

@@ -22,9 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import RecordDict
 
 from fedtrak import wire
-from fedtrak.codecs import unpack_upper
 from fedtrak.errors import FedtrakError, RunFailed
-from fedtrak.job import Job
 from fedtrak.privacy.bounds import gram_limits
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.secagg import fixedpoint, graph
@@ -40,6 +38,8 @@ from fedtrak.secagg.protocol import (
 from fedtrak.server.federation import Federation
 from fedtrak.server.validation import check_gram_size, check_psd
 from fedtrak.timing import PhaseTimer
+from fedtrak.wire.codecs import unpack_upper
+from fedtrak.wire.job import Job
 from fedtrak.wire.secagg import (
     Revealed,
     adverts_content,

@@ -7,20 +7,20 @@ from typing import Any
 
 import numpy as np
 
-from fedtrak.corruption import FlipSpec
-from fedtrak.job import Job
+from fedtrak.config.settings import Settings
+from fedtrak.data.corruption import FlipSpec
+from fedtrak.data.tasks import Task
 from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.plan import run_release_plan
 from fedtrak.privacy.training import trains_openly
-from fedtrak.results import flips_block
+from fedtrak.results.folder import flips_block
 from fedtrak.server.federation import Federation
 from fedtrak.server.rounds import Outcome
 from fedtrak.server.secure_aggregation import SecureSum
 from fedtrak.server.training import training_privacy
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer, peak_memory_mb
+from fedtrak.wire.job import Job
 
 
 def _json_number(value: float) -> float | None:
@@ -98,7 +98,7 @@ def with_training(privacy: dict, settings: Settings, training: dict) -> None:
 
 def run_summary(job: Job, task: Task, fed: Federation, outcome: Outcome, dp: DPSettings, flips: FlipSpec,
                 flipped: np.ndarray, timer: PhaseTimer, num_checkpoints: int) -> dict[str, Any]:
-    """The ``summary.json`` of a federated run (the run folder's format: :mod:`fedtrak.results`)."""
+    """The ``summary.json`` of a federated run (the run folder's format: :mod:`fedtrak.results.folder`)."""
     settings, records, nodes = job.settings, outcome.records, fed.ordered()
     dim = job.resolved.proj_dim
     pids = [fed.clients[n].partition_id for n in nodes]

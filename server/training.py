@@ -3,7 +3,7 @@
 Checkpoint m is an independent FedAvg run from the task's model initialized
 under seed ``seed + m``: ``rounds`` rounds in which every connected client
 runs ``local-epochs`` epochs of the task's SGD recipe on its own data
-(:func:`fedtrak.checkpoints.sgd_epochs`) and Flower's ``FedAvg`` averages the
+(:func:`fedtrak.data.checkpoints.sgd_epochs`) and Flower's ``FedAvg`` averages the
 updates weighted by example counts. Each checkpoint is saved like the
 centralized ones as soon as it is trained.
 """
@@ -19,15 +19,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm import tqdm
 
-from fedtrak.checkpoints import (
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import (
     CheckpointInfo,
     accuracy,
     model_from_state,
     seeded_model,
     write_checkpoint,
 )
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release, epsilon_with_training
 from fedtrak.privacy.training import (
     attribution_epsilon,
@@ -38,9 +39,8 @@ from fedtrak.privacy.training import (
     trains_openly,
     trains_privately,
 )
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task
 from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_config
+from fedtrak.wire.job import Job
 
 
 def train_fedavg_checkpoints(

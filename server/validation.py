@@ -31,11 +31,11 @@ from flwr.app import RecordDict
 from threadpoolctl import ThreadpoolController
 
 from fedtrak import wire
-from fedtrak.codecs import diagonal_positions, unpack_upper, upper_indices
-from fedtrak.compat import check_compatible
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.bounds import GramLimits, OwnerLimits, count_ceiling
 from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.wire.codecs import diagonal_positions, unpack_upper, upper_indices
+from fedtrak.wire.compat import check_compatible
 
 #: Relative diagonal jitter under which a noiseless Gram must factorize.
 PSD_JITTER = 1e-9

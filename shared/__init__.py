@@ -21,11 +21,11 @@ from typing import Any
 
 #: Public name -> the module that defines it.
 _API = {
-    "Task": "fedtrak.tasks", "TrainConfig": "fedtrak.tasks", "load_task": "fedtrak.tasks",
-    "register_task": "fedtrak.tasks",
-    "ModelOutput": "fedtrak.modelout", "ClassificationMargin": "fedtrak.modelout",
-    "task_from_model": "fedtrak.own_model",
-    "Settings": "fedtrak.settings",
+    "Task": "fedtrak.data.tasks", "TrainConfig": "fedtrak.data.tasks", "load_task": "fedtrak.data.tasks",
+    "register_task": "fedtrak.data.tasks",
+    "ModelOutput": "fedtrak.data.modelout", "ClassificationMargin": "fedtrak.data.modelout",
+    "task_from_model": "fedtrak.data.own_model",
+    "Settings": "fedtrak.config.settings",
     "FedtrakError": "fedtrak.errors", "RunFailed": "fedtrak.errors",
     "Result": "fedtrak.simulations.api", "attribute": "fedtrak.simulations.api",
     "simulate": "fedtrak.simulations.api", "evaluate": "fedtrak.simulations.api",

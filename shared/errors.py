@@ -17,7 +17,7 @@ class RunFailed(FedtrakError):
     """A federated run the server ended on purpose, without results, for a reason it records.
 
     The run folder's ``summary.json`` then says ``"complete": false`` and holds ``failure``
-    (:meth:`fedtrak.results.ResultWriter.fail`): the reason, the step it ended at and the
+    (:meth:`fedtrak.results.folder.ResultWriter.fail`): the reason, the step it ended at and the
     details in ``failure``. The message is one line, as for every :class:`FedtrakError`.
     """
 

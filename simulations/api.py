@@ -5,7 +5,7 @@
 functions behind ``fedtrak attribute``, ``simulate`` and ``evaluate``: they
 write the same run folder and also return its contents as a :class:`Result`.
 A task is a built-in task's name, a registered name, an import path, or a
-:class:`~fedtrak.tasks.Task` object (for example from
+:class:`~fedtrak.data.tasks.Task` object (for example from
 :func:`fedtrak.task_from_model`), which is registered under its name so that
 the simulation's virtual clients can load it.
 """
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrak.checkpoints import CheckpointInfo, write_checkpoint
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import CheckpointInfo, write_checkpoint
+from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import Settings
-from fedtrak.tasks import BUILTIN_TASKS, Task, load_task, register_task
 
 #: Checkpoints a user passes in: a folder with a manifest, or models or state dicts.
 Checkpoints = str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]

@@ -3,7 +3,7 @@
 ``fedtrak attribute`` trains (or loads) M checkpoints, featurizes every
 training example in global-id order (the same owners the federated runs
 use), builds one kernel per checkpoint, scores the task's query set and
-writes the run folder described in :mod:`fedtrak.results`. The federated
+writes the run folder described in :mod:`fedtrak.results.folder`. The federated
 modes must reproduce its numbers.
 """
 
@@ -14,26 +14,26 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fedtrak.checkpoints import load_checkpoints, train_checkpoints
-from fedtrak.corruption import corrupted, flipped_indices
-from fedtrak.featurizer import Features, Featurizer
-from fedtrak.job import Resolved
-from fedtrak.partition import partition
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.data.corruption import corrupted, flipped_indices
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import Task
 from fedtrak.privacy.plan import weight_bound
-from fedtrak.projectors import make_projector
-from fedtrak.results import (
+from fedtrak.results.folder import (
     ResultWriter,
     add_owner_values,
     add_score_arrays,
     add_self_influence,
     flips_block,
 )
-from fedtrak.scoring import owner_means, owner_totals
 from fedtrak.server.preflight import load_run_task
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer, peak_memory_mb
-from fedtrak.trak import score_features
+from fedtrak.trak.featurizer import Features, Featurizer
+from fedtrak.trak.per_checkpoint import score_features
+from fedtrak.trak.projectors import make_projector
+from fedtrak.trak.scoring import owner_means, owner_totals
+from fedtrak.wire.job import Resolved
 
 
 def obtain_checkpoints(task: Task, settings: Settings, out: Path, timer: PhaseTimer, progress: bool) -> list:

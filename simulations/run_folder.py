@@ -2,7 +2,7 @@
 
 Both the centralized path (``fedtrak attribute``) and federated runs
 (``fedtrak simulate``, ``flwr run``) write the format of
-:mod:`fedtrak.results`; evaluation and reports read it here. Config keys
+:mod:`fedtrak.results.folder`; evaluation and reports read it here. Config keys
 differ in spelling between the two (``train_size`` vs ``train-size``);
 :meth:`RunFolder.setting` reads either.
 """
@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from fedtrak.checkpoints import atomic_write_json, read_manifest
+from fedtrak.data.checkpoints import atomic_write_json, read_manifest
+from fedtrak.data.partition import Partition, partition
+from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import Partition, partition
-from fedtrak.results import SUMMARY
+from fedtrak.results.folder import SUMMARY
 from fedtrak.simulations.evaluation.retrain import Recipe
-from fedtrak.tasks import Task, cached_task
 
 
 @dataclass
@@ -135,8 +135,8 @@ class RunFolder:
         """Each simulated client's DP-SGD noise multiplier in this run, as its device set it (the
         contract of the run's job on the client's partition) and the clip norm."""
         from fedtrak.client.contract import Contract
-        from fedtrak.job import Job, Resolved
-        from fedtrak.settings import Settings
+        from fedtrak.config.settings import Settings
+        from fedtrak.wire.job import Job, Resolved
 
         settings = Settings.from_flat(self.summary["config"])
         resolved = Resolved(**{k: v for k, v in self.summary["resolved"].items()

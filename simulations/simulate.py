@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from fedtrak.client.app import Handler, client_app
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import registered_tasks
 from fedtrak.errors import FedtrakError
 from fedtrak.server.app import server_app
 from fedtrak.server.preflight import preflight
-from fedtrak.settings import Settings
-from fedtrak.tasks import registered_tasks
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 

@@ -32,18 +32,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from tqdm import tqdm
 
-from fedtrak.checkpoints import train_checkpoints
-from fedtrak.corruption import corrupted
+from fedtrak.config.settings import KERNEL_SOURCES, MODES, Settings
+from fedtrak.data.checkpoints import train_checkpoints
+from fedtrak.data.corruption import corrupted
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import partition
-from fedtrak.settings import KERNEL_SOURCES, MODES, Settings
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
 from fedtrak.simulations.attacks.suite import attack_run
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 from fedtrak.simulations.simulate import run_simulation
-from fedtrak.tasks import load_task
 
 #: Secure aggregation choices of a variant: the default rule (on under DP wherever Grams are released), on, off.
 SECURE_AGG_CHOICES = {"default": None, "on": True, "off": False}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtrak.checkpoints import load_checkpoints, train_checkpoints
-from fedtrak.datasets import FMNIST_DIR
-from fedtrak.tasks import Task, load_task
+from fedtrak.data.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.data.datasets import FMNIST_DIR
+from fedtrak.data.tasks import Task, load_task
 
 
 def fmnist_available() -> bool:

@@ -7,9 +7,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Metadata
 
 from fedtrak import wire
-from fedtrak.job import Job
+from fedtrak.config.settings import Settings
 from fedtrak.server.preflight import preflight
-from fedtrak.settings import Settings
+from fedtrak.wire.job import Job
 
 K = 64
 

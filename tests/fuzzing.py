@@ -9,9 +9,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedtrak import wire
-from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.wire.compat import PROTOCOL_VERSION
 
 ROUNDS = 1000
 SOURCE = "client a (node 7)"

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import fedtrak
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
-from fedtrak.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -109,7 +109,7 @@ def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, pr
     """The attacker's differentiable features equal what a client computes and releases."""
     import torch
 
-    from fedtrak.settings import Settings
+    from fedtrak.config.settings import Settings
     from fedtrak.simulations.attacks.view import ServerView
 
     view = ServerView(digits_logreg, logreg_states[0], 0, Settings().replaced(proj_dim=k, projector=projector),

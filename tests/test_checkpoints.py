@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from fedtrak.checkpoints import MANIFEST, load_checkpoints, train_checkpoints, trajectory_steps
+from fedtrak.data.checkpoints import MANIFEST, load_checkpoints, train_checkpoints, trajectory_steps
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
-from fedtrak.tasks import load_task
 
 
 def test_manifest_describes_trained_checkpoints(logreg_ckpt_dir):

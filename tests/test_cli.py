@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrak.partition import partition
-from fedtrak.scoring import owner_totals
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.cli import main
-from fedtrak.tasks import load_task
+from fedtrak.trak.scoring import owner_totals
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_factorized_projector_runs_end_to_end_and_differs_from_dense(default_run
 def test_the_answer_names_top_owners_with_their_shares_and_top_examples(tmp_path):
     """The end of a run's output, from its run folder: shares of the positive attribution, the best
     examples where scores were released, the privacy line and the next commands."""
-    from fedtrak.answer import answer_lines, owner_shares
+    from fedtrak.results.answer import answer_lines, owner_shares
 
     np.testing.assert_allclose(owner_shares(np.array([3.0, 1.0, -2.0])), [0.75, 0.25, 0.0])
     np.save(tmp_path / "owner_scores.npy", np.array([[3.0, 1.0, -2.0], [-1.0, -1.0, -1.0]]))

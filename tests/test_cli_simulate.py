@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrak.checkpoints import load_checkpoints
-from fedtrak.partition import partition
+from fedtrak.data.checkpoints import load_checkpoints
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.evaluation.retrain import fedavg_in_process
-from fedtrak.tasks import load_task
 
 pytestmark = pytest.mark.flower
 

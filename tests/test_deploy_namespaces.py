@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrak.checkpoints import train_checkpoints
-from fedtrak.partition import partition
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import train_checkpoints
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task, register_task
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.bench.deploy import Deployment, in_namespace
-from fedtrak.tasks import load_task, register_task
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.deployment]
 APP = Path(__file__).resolve().parents[1] / "examples" / "own_flower_app"

@@ -83,7 +83,7 @@ def test_device_check_shows_each_owners_ledger_of_a_store_dir_after_a_run(tmp_pa
     epsilon: device check given the store-dir shows both owners' ledgers, not an empty one."""
     import json
 
-    from fedtrak.settings import Settings
+    from fedtrak.config.settings import Settings
     from fedtrak.simulations.simulate import run_simulation
 
     store = tmp_path / "store"

@@ -15,10 +15,10 @@ import pytest
 from fedtrak import wire
 from fedtrak.client.app import features, featurize, score, train
 from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger
-from fedtrak.codecs import pack_upper
-from fedtrak.job import Job
 from fedtrak.privacy.accountant import Release, epsilon
 from fedtrak.privacy.plan import run_release_plan
+from fedtrak.wire.codecs import pack_upper
+from fedtrak.wire.job import Job
 
 
 def _ledger(store, partition: int = 0) -> PrivacyLedger:

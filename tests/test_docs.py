@@ -71,8 +71,8 @@ def test_the_deploy_walkthrough_runs_private_and_warns_about_runs_without_noise(
     """Every device charges each run to its ledger, and a run without noise at unbounded epsilon:
     the walk-through's own runs add noise (and pass the server's checks), and its first step says
     what a run without noise does to a budget set later."""
+    from fedtrak.config.settings import Settings
     from fedtrak.server.preflight import preflight
-    from fedtrak.settings import Settings
 
     text = (ROOT / "docs" / "deploy.md").read_text()
     step1 = text.split("**1. Operator")[1].split("**2. Each device")[0]

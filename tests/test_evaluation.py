@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from fedtrak.checkpoints import load_checkpoints
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import load_checkpoints
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run

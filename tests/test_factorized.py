@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from fedtrak.data.modelout import ClassificationMargin
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Featurizer
-from fedtrak.modelout import ClassificationMargin
-from fedtrak.projectors import IdentityProjector, make_projector
-from fedtrak.projectors.factorized import FactorizedProjector, _signs, fallback_gradient_fn
+from fedtrak.trak.featurizer import Featurizer
+from fedtrak.trak.projectors import IdentityProjector, make_projector
+from fedtrak.trak.projectors.factorized import FactorizedProjector, _signs, fallback_gradient_fn
 
 OUT = ClassificationMargin()
 

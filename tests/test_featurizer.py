@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrak import models
+from fedtrak.data import models
+from fedtrak.data.modelout import ClassificationMargin
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Featurizer
-from fedtrak.modelout import ClassificationMargin
-from fedtrak.projectors import make_projector
+from fedtrak.trak.featurizer import Featurizer
+from fedtrak.trak.projectors import make_projector
 
 
 def _loop_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

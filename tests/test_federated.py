@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from fedtrak.client.device import format_results, read_results
-from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.config.settings import Settings
+from fedtrak.data.partition import partition
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import partition
-from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores, run_attribute
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.faults import faulty_handlers
 from fedtrak.simulations.simulate import run_simulation
+from fedtrak.wire.compat import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.flower
 

@@ -29,11 +29,11 @@ from fuzzing import (
 )
 
 from fedtrak import wire
-from fedtrak.codecs import pack_upper
-from fedtrak.kernel import gram
 from fedtrak.privacy.bounds import gram_limits, owner_limits
 from fedtrak.privacy.mechanisms import noised_gram, noised_owner_summaries
 from fedtrak.server.validation import features_release, gram_release, read_info, score_release
+from fedtrak.trak.kernel import gram
+from fedtrak.wire.codecs import pack_upper
 
 
 def _rows(rng: np.random.Generator) -> np.ndarray:

@@ -10,9 +10,9 @@ from fuzzing import ROUNDS, K, array_junk, config_junk, structural
 
 from fedtrak import wire
 from fedtrak.client.app import QUERIES, train
-from fedtrak.job import Job
+from fedtrak.config.settings import Settings
 from fedtrak.server.preflight import preflight
-from fedtrak.settings import Settings
+from fedtrak.wire.job import Job
 
 
 def _job(run_id: str, ckpt_dir, **settings) -> Job:

@@ -4,11 +4,11 @@ the same bits whatever the arrival order, and the client-facing checks it keeps.
 import numpy as np
 import pytest
 
-from fedtrak.codecs import pack_upper
 from fedtrak.privacy.bounds import gram_limits
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.server.gram_fold import CompensatedSum, GramFold, batch_size
 from fedtrak.server.validation import check_minors
+from fedtrak.wire.codecs import pack_upper
 
 K = 6
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrak import models
+from fedtrak.config.settings import Settings
+from fedtrak.data import models
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel import Kernel, lambda_to_traker, precondition, resolve_lambda
-from fedtrak.scoring import ScoreEnsemble, owner_totals, top_k
-from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores
-from fedtrak.tasks import Task
+from fedtrak.trak.kernel import Kernel, lambda_to_traker, precondition, resolve_lambda
+from fedtrak.trak.scoring import ScoreEnsemble, owner_totals, top_k
 
 
 def _tiny_task(rng: np.random.Generator) -> Task:
@@ -155,10 +155,10 @@ def test_float32_queries_on_the_wire_move_scores_by_under_1e_6_of_the_largest(di
     """The score request sends U as float32: on digits-logreg (k = 512, the weighted kernel, every
     checkpoint) the scores a client computes from it differ from float64's by under 1e-6 of the
     largest score (measured: about 1e-7)."""
-    from fedtrak.kernel import gram
-    from fedtrak.scoring import kernel_term
     from fedtrak.timing import PhaseTimer
-    from fedtrak.trak import checkpoint_featurizer, solve_checkpoint
+    from fedtrak.trak.kernel import gram
+    from fedtrak.trak.per_checkpoint import checkpoint_featurizer, solve_checkpoint
+    from fedtrak.trak.scoring import kernel_term
 
     settings = Settings().replaced(proj_dim=512)
     worst = 0.0

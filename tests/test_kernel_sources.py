@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
+from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel_sources import (
+from fedtrak.privacy.plan import uses_secure_agg
+from fedtrak.simulations.attribute import run_attribute
+from fedtrak.simulations.cli import main
+from fedtrak.simulations.simulate import run_simulation
+from fedtrak.trak.kernel_sources import (
     hybrid_gram,
     ledoit_wolf,
     psd_part,
     public_data,
     resolve_kernel_source,
 )
-from fedtrak.privacy.plan import uses_secure_agg
-from fedtrak.settings import Settings
-from fedtrak.simulations.attribute import run_attribute
-from fedtrak.simulations.cli import main
-from fedtrak.simulations.simulate import run_simulation
 
 K = 128
 
@@ -146,10 +146,10 @@ def test_public_examples_self_influence_is_measured_held_out():
     """A public kernel's own examples have lower self terms than examples it never saw; the
     cross-fitted terms put the public examples back among the unseen ones (their means agree
     within 10%, where the in-sample terms are far lower)."""
-    from fedtrak.featurizer import Features
-    from fedtrak.kernel import Kernel, effective_inverse
-    from fedtrak.kernel_sources import held_out_self_terms, source_gram
-    from fedtrak.scoring import self_kernel_term
+    from fedtrak.trak.featurizer import Features
+    from fedtrak.trak.kernel import Kernel, effective_inverse
+    from fedtrak.trak.kernel_sources import held_out_self_terms, source_gram
+    from fedtrak.trak.scoring import self_kernel_term
 
     rng = np.random.default_rng(7)
     spread = np.linspace(0.2, 3.0, 100)  # 60 public examples in 100 dimensions of unequal spread

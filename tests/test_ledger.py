@@ -18,12 +18,12 @@ from flwr.common import Metadata
 from fedtrak import wire
 from fedtrak.client.app import featurize, score, train
 from fedtrak.client.ledger import LEDGER_FILE, Budget, PrivacyLedger, describe_ledger
+from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
 from fedtrak.privacy.mechanisms import noise_rng, noised_count
 from fedtrak.server.preflight import preflight
-from fedtrak.settings import Settings
 from fedtrak.simulations.cli import main
+from fedtrak.wire.job import Job
 
 
 def _job(run_id: str, epsilon: float | None, ckpt_dir, **more) -> Job:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedtrak import wire
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("shared", "server", "client", "simulations")

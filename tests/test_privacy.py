@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
 from fedtrak.privacy.mechanisms import (
@@ -21,9 +23,7 @@ from fedtrak.privacy.mechanisms import (
     release_plan,
 )
 from fedtrak.privacy.plan import resolve_dp
-from fedtrak.settings import Settings
 from fedtrak.simulations.cli import main
-from fedtrak.tasks import load_task
 
 DELTA = 1e-5
 
@@ -67,8 +67,8 @@ def test_the_curvature_weighted_gram_has_a_quarter_of_the_sensitivity(digits_log
     """w = p (1 - p) <= 1/4: one clipped example moves the weighted Gram by at most C^2 / 4, so the
     noise (Gaussian and Skellam) and the lambda floor are a quarter of the plain kernel's, for the
     same epsilon; features mode also releases the weights (noised at sensitivity 1/4)."""
+    from fedtrak.config.settings import Settings
     from fedtrak.privacy.distributed import DistributedNoise
-    from fedtrak.settings import Settings
 
     weighted = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3}), digits_logreg, 512)
     plain = resolve_dp(Settings.from_flat({"epsilon": 2.0, "checkpoints": 3, "weighting": "none"}),
@@ -112,7 +112,7 @@ def test_a_target_epsilon_is_split_between_the_kinds_of_release(digits_logreg):
     assert screening.noise_multiplier == pytest.approx(dp.noise_multiplier)
     assert screening.sigma("suspects") == pytest.approx(dp.noise_multiplier * math.sqrt(10 / 8))
     with pytest.raises(FedtrakError, match="'bogus=1' is not KIND=NUMBER"):
-        Settings().replaced(epsilon=1.0, budget="bogus=1")
+        resolve_dp(s.replaced(budget="bogus=1"), digits_logreg, 512, "public")
     with pytest.raises(FedtrakError, match="budget splits a target epsilon"):
         Settings().replaced(noise_multiplier=1.0, budget="suspects=2")
     with pytest.raises(FedtrakError, match="releases summary, whose weight is 0"):
@@ -240,7 +240,7 @@ def test_audit_catches_a_mechanism_noisier_on_paper_than_in_fact():
 def test_dp_sgd_trains_and_is_accounted_like_opacus():
     from opacus.accountants import RDPAccountant
 
-    from fedtrak.checkpoints import accuracy, seeded_model
+    from fedtrak.data.checkpoints import accuracy, seeded_model
     from fedtrak.privacy.training import dp_sgd_epochs, local_steps, training_epsilon
 
     task = load_task("digits-logreg")
@@ -281,8 +281,8 @@ def test_the_canary_audit_of_the_owner_releases_stays_below_the_accountant():
 def test_owner_totals_under_dp_use_the_wiener_ridge():
     """Noised owner summaries are turned into totals with K + (sigma_s C)^2 owners I: the same as
     preconditioning the queries with that kernel, from the queries preconditioned with K alone."""
-    from fedtrak.kernel import with_more_ridge
     from fedtrak.privacy.mechanisms import summary_ridge
+    from fedtrak.trak.kernel import with_more_ridge
 
     rng = np.random.default_rng(5)
     phi = rng.standard_normal((40, 6))

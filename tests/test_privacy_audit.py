@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from fedtrak import wire
-from fedtrak.codecs import pack_upper
-from fedtrak.compat import PROTOCOL_VERSION
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel import gram
 from fedtrak.privacy.bounds import TAIL, gram_limits, owner_limits
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.privacy.sampling import GRID_BITS, add_gaussian, grid_step
 from fedtrak.server.validation import check_psd, gram_release, read_info, score_release
+from fedtrak.trak.kernel import gram
+from fedtrak.wire.codecs import pack_upper
+from fedtrak.wire.compat import PROTOCOL_VERSION
 
 
 @pytest.mark.parametrize("std", [5e-324, sys.float_info.min / 2, 0.0, -1.0, math.nan, math.inf, -math.inf])

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedtrak.config.seeds import derive_seed
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors import BLOCK_ROWS, derive_seed, make_projector
+from fedtrak.trak.projectors import BLOCK_ROWS, make_projector
 
 P_DIM = 2 * BLOCK_ROWS + 123  # three blocks, the last one partial
 
@@ -48,7 +49,7 @@ def test_seeds_give_distinct_matrices():
 
 _HASH_SCRIPT = """
 import hashlib, sys
-from fedtrak.projectors import make_projector
+from fedtrak.trak.projectors import make_projector
 for kind in ("rademacher", "gaussian"):
     m = make_projector(kind, {p}, 64, seed=12345, cache_bytes=0).matrix().numpy()
     print(kind, hashlib.sha256(m.tobytes()).hexdigest())

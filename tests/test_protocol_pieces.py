@@ -14,16 +14,16 @@ from fedtrak import wire
 from fedtrak.client.data import load_client_data
 from fedtrak.client.featurize import featurize_into_store, stored_gram
 from fedtrak.client.store import FeatureStore
-from fedtrak.codecs import pack_upper
-from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import cached_task
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job, Resolved
-from fedtrak.kernel import gram
 from fedtrak.server.query_batches import batch_request, batch_rows, joined_releases
 from fedtrak.server.validation import features_release, gram_release, read_info, score_release
-from fedtrak.settings import Settings
-from fedtrak.tasks import cached_task
-from fedtrak.trak import checkpoint_featurizer
+from fedtrak.trak.kernel import gram
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+from fedtrak.wire.codecs import pack_upper
+from fedtrak.wire.compat import PROTOCOL_VERSION
+from fedtrak.wire.job import Job, Resolved
 
 JOB = Job("r1", Settings().replaced(proj_dim=64, partition="dirichlet", partition_seed=3), Resolved(64))
 
@@ -72,7 +72,7 @@ def test_device_data_errors_name_the_source(tmp_path):
 def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_path, logreg_states):
     data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 3}, node_id=1)
     task_states = {0: logreg_states[0], 1: logreg_states[1]}
-    from fedtrak.tasks import cached_task
+    from fedtrak.data.tasks import cached_task
 
     task = cached_task("digits-logreg")
     n = len(data.y)
@@ -91,7 +91,7 @@ def test_restarted_client_reuses_its_store_and_recomputes_on_new_weights(tmp_pat
 def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(tmp_path, logreg_states,
                                                                               monkeypatch):
     import fedtrak.client.featurize as cf
-    from fedtrak.tasks import cached_task
+    from fedtrak.data.tasks import cached_task
 
     task = cached_task("digits-logreg")
     data = load_client_data(JOB, {"partition-id": 0, "num-partitions": 2}, node_id=1)
@@ -341,9 +341,9 @@ def test_a_device_joins_its_topk_batches_by_offset(tmp_path):
 def test_an_integer_for_a_float_setting_survives_the_job_round_trip():
     """``epsilon=1`` from Python (an int where a float is meant) once made every client refuse the job
     as malformed; the settings hold it as 1.0, and the job decodes to the same settings."""
-    from fedtrak.job import Job, Resolved
-    from fedtrak.settings import Settings
+    from fedtrak.config.settings import Settings
     from fedtrak.wire import decode_job, encode_job
+    from fedtrak.wire.job import Job, Resolved
 
     settings = Settings().replaced(epsilon=1, clip_norm=5, delta=1e-5)
     assert isinstance(settings.privacy.epsilon, float) and isinstance(settings.privacy.clip_norm, float)

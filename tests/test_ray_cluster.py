@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fedtrak.client.app import QUERIES
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.simulate import run_simulation
 

@@ -10,7 +10,7 @@ import pytest
 
 import fedtrak
 from fedtrak.errors import FedtrakError, RunFailed
-from fedtrak.results import SUMMARY, ResultWriter
+from fedtrak.results.folder import SUMMARY, ResultWriter
 from fedtrak.secagg.graph import threshold
 from fedtrak.server.secure_aggregation import (
     MIN_CLIENTS,

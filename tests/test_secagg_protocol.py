@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
+from fedtrak.config.settings import DEFAULT_SECAGG_THRESHOLD as F
 from fedtrak.errors import FedtrakError
 from fedtrak.secagg import fixedpoint, graph
 from fedtrak.secagg.protocol import Client, unmask_sum
@@ -65,15 +66,15 @@ def test_the_neighbour_graph_is_complete_when_small_and_sparse_regular_when_larg
         assert all(len(vs) == d and c not in vs for c, vs in g.items())
         assert all(c in g[v] for c, vs in g.items() for v in vs)  # symmetric
     assert graph.neighbours(range(50)) != graph.neighbours(range(50))  # a fresh random graph per run
-    assert graph.threshold(3) == 2 and graph.threshold(10) == 6 and graph.threshold(50) == 12
+    assert graph.threshold(3, F) == 2 and graph.threshold(10, F) == 6 and graph.threshold(50, F) == 12
     with pytest.raises(FedtrakError, match="at least 3 clients"):
-        graph.threshold(2)
+        graph.threshold(2, F)
 
 
 @pytest.mark.parametrize("drop_inputs, drop_unmask", [(set(), set()), ({0, 7, 33}, set()), ({5}, {6, 40})])
 def test_sparse_graph_of_50_clients_sums_exactly_with_dropouts(drop_inputs, drop_unmask):
     g = graph.neighbours(range(50))
-    t = graph.threshold(50)
+    t = graph.threshold(50, F)
     got, want, inputs = _run(50, t, drop_inputs, drop_unmask, graph=g)
     assert len(inputs) == 50 - len(drop_inputs)
     assert np.abs(got - want).max() <= fixedpoint.quantization_bound(50) + 1e-9
@@ -81,7 +82,7 @@ def test_sparse_graph_of_50_clients_sums_exactly_with_dropouts(drop_inputs, drop
 
 def test_sparse_graph_fails_by_name_when_a_neighbourhood_loses_too_many():
     g = graph.neighbours(range(50))
-    t = graph.threshold(50)
+    t = graph.threshold(50, F)
     victim = 0
     gone = set(g[victim][: len(g[victim]) + 1 - t + 1])  # leaves victim with t - 1 holders of its shares
     with pytest.raises(FedtrakError, match=f"shares of client {victim} for a threshold of {t}"):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from fedtrak.client.ledger import LEDGER_FILE, PrivacyLedger
+from fedtrak.config.settings import Settings
+from fedtrak.data.partition import partition
 from fedtrak.errors import FedtrakError, RunFailed
-from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
 from fedtrak.privacy.budget import parse_scales
 from fedtrak.secagg import fixedpoint
-from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.faults import faulty_handlers

@@ -8,16 +8,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtrak.checkpoints import model_from_state
 from fedtrak.client.local_scoring import score_own_examples
-from fedtrak.codecs import pack_upper, unpack_upper
+from fedtrak.config.seeds import derive_seed
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import model_from_state
+from fedtrak.data.partition import partition
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Featurizer
-from fedtrak.kernel import Kernel, gram, precondition, resolve_lambda
-from fedtrak.partition import partition
-from fedtrak.projectors import derive_seed, make_projector
-from fedtrak.settings import Settings
 from fedtrak.simulations.attribute import central_scores
+from fedtrak.trak.featurizer import Featurizer
+from fedtrak.trak.kernel import Kernel, gram, precondition, resolve_lambda
+from fedtrak.trak.projectors import make_projector
+from fedtrak.wire.codecs import pack_upper, unpack_upper
 
 K = 128
 
@@ -67,7 +68,7 @@ def test_scoring_in_row_chunks_equals_scoring_at_once():
     gives what scoring every example at once gives."""
     from fedtrak.client.local_scoring import score_in_chunks
     from fedtrak.privacy.mechanisms import owner_summaries
-    from fedtrak.scoring import top_k
+    from fedtrak.trak.scoring import top_k
 
     rng = np.random.default_rng(4)
     feats = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(2)]

@@ -22,13 +22,13 @@ import time
 import numpy as np
 import pytest
 
-from fedtrak.checkpoints import load_checkpoints, train_checkpoints
-from fedtrak.partition import partition
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import load_checkpoints, train_checkpoints
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.attribute import central_scores, run_attribute
 from fedtrak.simulations.bench.deploy import Deployment
 from fedtrak.simulations.cli import main
-from fedtrak.tasks import load_task
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.deployment]
 

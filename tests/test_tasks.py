@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtrak.checkpoints import accuracy, train_central
+from fedtrak.data.checkpoints import accuracy, train_central
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import BUILTIN_TASKS, load_task
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import partition
-from fedtrak.tasks import BUILTIN_TASKS, load_task
 
 
 def test_digits_tasks_load_with_fixed_split():
@@ -39,7 +39,7 @@ def test_missing_fmnist_files_give_install_hint(tmp_path, monkeypatch):
 
 def test_a_device_loads_a_builtin_task_without_its_data(tmp_path, monkeypatch):
     """A SuperNode reading its own file needs the model and input shape, not Fashion-MNIST."""
-    from fedtrak.compat import task_fingerprint
+    from fedtrak.wire.compat import task_fingerprint
 
     monkeypatch.setenv("FEDTRAK_FMNIST_DIR", str(tmp_path))  # no files there
     with pytest.raises(FedtrakError, match="Fashion-MNIST files not found"):
@@ -62,8 +62,8 @@ def test_unknown_task_lists_the_builtins():
 def test_user_task_by_import_path(tmp_path, monkeypatch):
     (tmp_path / "mytask.py").write_text(
         "import numpy as np\n"
-        "from fedtrak import models\n"
-        "from fedtrak.tasks import Task\n"
+        "from fedtrak.data import models\n"
+        "from fedtrak.data.tasks import Task\n"
         "def make():\n"
         "    rng = np.random.default_rng(0)\n"
         "    return Task('mine', lambda: models.logistic_regression(3, 2),\n"

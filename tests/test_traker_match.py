@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtrak.kernel import lambda_to_traker
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
 from fedtrak.simulations.attribute import central_scores
+from fedtrak.trak.kernel import lambda_to_traker
 
 pytest.importorskip("trak", reason="traker is a dev dependency (pip install -e '.[dev]')")
 from fedtrak.simulations.evaluation.traker_reference import traker_scores

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtrak.config.settings import CLIP_MODES
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, check_delta
 from fedtrak.privacy.budget import parse_scales
@@ -59,7 +60,6 @@ from fedtrak.privacy.kinds import (
     planned_counts,
 )
 from fedtrak.privacy.sampling import NoiseSource, SecureRandom, add_gaussian
-from fedtrak.settings import CLIP_MODES
 
 #: lambda is at least this times ``sigma C^2 sqrt(k * clients)``: the summed Gram noise is a
 #: symmetric Gaussian matrix whose spectral norm is about 2 sigma C^2 sqrt(k * clients).

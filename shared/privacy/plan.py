@@ -2,7 +2,7 @@
 
 The server resolves the noise multiplier (from a target epsilon, over every
 release of the plan) and the clip norm once, before the run, and sends them to
-the clients in the job (:mod:`fedtrak.job`); the summary's ledger is
+the clients in the job (:mod:`fedtrak.wire.job`); the summary's ledger is
 :func:`run_release_plan` of the same settings.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fedtrak.config.settings import Settings, releases_gram
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, sigma_for_plan
 from fedtrak.privacy.budget import budget_weights, format_scales, kind_scales, kinds_of
@@ -17,8 +19,6 @@ from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.privacy.training import attribution_epsilon
 from fedtrak.secagg.graph import threshold
-from fedtrak.settings import Settings, releases_gram
-from fedtrak.tasks import Task
 
 
 def uses_secure_agg(settings: Settings, source: str) -> bool:
@@ -90,6 +90,7 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
             settings are invalid.
     """
     p = settings.privacy
+    weights = budget_weights(p.budget)  # names a bad pair, whether or not the run is private
     if not p.wants_noise:
         return DPSettings(delta=p.delta, clip_mode=p.clip_mode, gram_weight=weight_bound(settings, task))
     clip = p.clip_norm or task.clip_norm or (1.0 if p.clip_quantile is not None else None)
@@ -100,7 +101,7 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     if target is not None:
         unit = run_release_plan(settings, replace(dp, noise_multiplier=1.0), dim, source=source)
         dp = replace(dp, scales=format_scales(kind_scales(kinds_of((r.kind, r.count) for r in unit),
-                                                          budget_weights(p.budget))))
+                                                          weights)))
         sigma = sigma_for_plan(target, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
                                                                      source=source),
                                p.delta)

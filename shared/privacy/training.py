@@ -37,10 +37,10 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import Task, to_tensors
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon, training_release
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task, to_tensors
 
 
 def secret_generator() -> torch.Generator:

@@ -18,14 +18,11 @@ import secrets
 from collections.abc import Sequence
 
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import DEFAULT_SECAGG_THRESHOLD
 
 #: Federations up to this size use the complete graph (every client a neighbour of every other).
 COMPLETE_UP_TO = 20
 #: Degree of the sparse graph: the even number at or above ``DEGREE_FACTOR x log2(n)``, twice.
 DEGREE_FACTOR = 1.5
-#: Default share threshold: this fraction of a neighbourhood (the client and its neighbours).
-THRESHOLD_FRACTION = DEFAULT_SECAGG_THRESHOLD  # the settings own the default
 
 
 def degree(n: int) -> int:
@@ -35,8 +32,10 @@ def degree(n: int) -> int:
     return min(n - 1, 2 * math.ceil(DEGREE_FACTOR * math.log2(n)))
 
 
-def threshold(n: int, fraction: float = THRESHOLD_FRACTION) -> int:
-    """Shares needed to rebuild a client's secrets: ``ceil(fraction x (degree + 1))``, at least 2.
+def threshold(n: int, fraction: float) -> int:
+    """Shares needed to rebuild a client's secrets: ``ceil(fraction x (degree + 1))``, at least 2
+    (``fraction``: the run's ``secagg-threshold``, a fraction of a neighbourhood: the client and its
+    neighbours).
 
     Raises:
         FedtrakError: on fewer than 3 clients or a fraction outside (0.5, 1].

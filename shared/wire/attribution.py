@@ -11,7 +11,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
+from fedtrak.wire.job import Job
 from fedtrak.wire.records import (
     JOB,
     array_record,

@@ -16,10 +16,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedtrak.compat import PROTOCOL_VERSION
+from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
-from fedtrak.job import JOB_SECTIONS, Job, Resolved
-from fedtrak.settings import Settings
+from fedtrak.wire.compat import PROTOCOL_VERSION
+from fedtrak.wire.job import JOB_SECTIONS, Job, Resolved
 
 FEATURIZE = "query.featurize"
 FEATURES = "query.features"
@@ -31,7 +31,7 @@ TRAIN = "train"
 
 #: Record keys of the contents every step shares (every record key of the wire format starts
 #: with ``fedtrak.``, so that no other module can spell one by accident: a test checks).
-JOB = "fedtrak.job"
+JOB = "fedtrak.wire.job"
 TIMING = "fedtrak.timing"
 #: The timing record's entries of every handler: its seconds and its process's peak memory.
 HANDLER_SECONDS, PEAK_MB = "handler", "peak-mb"

@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtrak.errors import FedtrakError
-from fedtrak.job import Job
 from fedtrak.secagg.protocol import Advertisement, SealedShares
+from fedtrak.wire.job import Job
 from fedtrak.wire.records import (
     JOB,
     array_record,

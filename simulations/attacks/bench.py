@@ -12,13 +12,13 @@ import math
 import time
 from pathlib import Path
 
-from fedtrak.checkpoints import train_central
+from fedtrak.data.checkpoints import train_central
+from fedtrak.data.tasks import Task, load_task
 from fedtrak.privacy.accountant import sigma_for_plan
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.simulations.attacks.figure import strip_figure
 from fedtrak.simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
 from fedtrak.simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
-from fedtrak.tasks import Task, load_task
 
 
 def attack_dp(task: Task, mode: str, eps: float, checkpoints: int = 1) -> DPSettings:

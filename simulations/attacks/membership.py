@@ -25,12 +25,12 @@ from __future__ import annotations
 import numpy as np
 
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel import gram
 from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.budget import COUNT, GRAM, SUMMARY
 from fedtrak.privacy.mechanisms import release_plan
 from fedtrak.simulations.attacks.view import ServerView
 from fedtrak.simulations.evaluation.audit import CONFIDENCE, epsilon_lower_bound
+from fedtrak.trak.kernel import gram
 
 
 def membership_attack(views: list[ServerView], x_rest: np.ndarray, y_rest: np.ndarray, x_targets: np.ndarray,

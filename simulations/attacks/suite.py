@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.checkpoints import atomic_write_json, load_checkpoints
+from fedtrak.config.settings import Settings, releases_gram
+from fedtrak.data.checkpoints import atomic_write_json, load_checkpoints
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
-from fedtrak.results import SUMMARY
-from fedtrak.settings import Settings, releases_gram
+from fedtrak.results.folder import SUMMARY
 from fedtrak.simulations.attacks import metrics
 from fedtrak.simulations.attacks.inversion import (
     DEFAULT_INVERSION,
@@ -33,7 +34,6 @@ from fedtrak.simulations.attacks.membership import membership_attack
 from fedtrak.simulations.attacks.small_owner import invert_owner
 from fedtrak.simulations.attacks.view import ServerView
 from fedtrak.simulations.run_folder import RunFolder
-from fedtrak.tasks import Task
 
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
 #: Client sizes of the small-owner attack.

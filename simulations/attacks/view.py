@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedtrak.featurizer import Featurizer
-from fedtrak.kernel import gram
+from fedtrak.config.settings import Settings, releases_gram
+from fedtrak.data.tasks import Task
 from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
@@ -25,11 +25,11 @@ from fedtrak.privacy.mechanisms import (
     noised_owner_summaries,
     owner_summaries,
 )
-from fedtrak.projectors import IdentityProjector
-from fedtrak.projectors.factorized import FactorizedProjector
-from fedtrak.settings import Settings, releases_gram
-from fedtrak.tasks import Task
-from fedtrak.trak import checkpoint_featurizer
+from fedtrak.trak.featurizer import Featurizer
+from fedtrak.trak.kernel import gram
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+from fedtrak.trak.projectors import IdentityProjector
+from fedtrak.trak.projectors.factorized import FactorizedProjector
 
 
 @dataclass

@@ -256,8 +256,8 @@ def bench_deploy(work: Path, task_name: str = "fmnist-mlp", nodes: int = 1, exam
                  secure_agg: bool = False) -> dict:
     """A loopback deployment with TLS and node authentication: seconds per protocol round and the
     SuperNodes' ClientApp peak memory (from their replies), for ``examples`` examples per node."""
-    from fedtrak.checkpoints import train_checkpoints
-    from fedtrak.tasks import load_task
+    from fedtrak.data.checkpoints import train_checkpoints
+    from fedtrak.data.tasks import load_task
 
     work = Path(work)
     task = load_task(task_name, nodes * examples, 100)

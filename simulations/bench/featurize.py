@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.checkpoints import seeded_model
-from fedtrak.featurizer import Featurizer
-from fedtrak.models import count_params
-from fedtrak.projectors import DEFAULT_CACHE_BYTES, make_projector
-from fedtrak.projectors.dense import _MATRIX_POOL
-from fedtrak.tasks import load_task
+from fedtrak.data.checkpoints import seeded_model
+from fedtrak.data.models import count_params
+from fedtrak.data.tasks import load_task
+from fedtrak.trak.featurizer import Featurizer
+from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
+from fedtrak.trak.projectors.dense import _MATRIX_POOL
 
 
 def _rate(num: int, seconds: float) -> float:

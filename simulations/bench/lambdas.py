@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtrak.checkpoints import train_checkpoints
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import train_checkpoints
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
-from fedtrak.tasks import load_task
 
 
 def bench_lambda(task_name: str, out: Path, factors: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0),

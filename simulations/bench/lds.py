@@ -16,12 +16,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtrak.checkpoints import train_checkpoints
-from fedtrak.settings import WEIGHTINGS, Settings
+from fedtrak.config.settings import WEIGHTINGS, Settings
+from fedtrak.data.checkpoints import train_checkpoints
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
-from fedtrak.tasks import load_task
 
 
 def bench_lds(

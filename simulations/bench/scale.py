@@ -32,11 +32,11 @@ from fedtrak.timing import peak_memory_mb
 
 
 def _featurize_child(task_name: str, num: int, proj_dim: int, projector: str, queue: mp.Queue) -> None:
-    from fedtrak.checkpoints import seeded_model
     from fedtrak.client.store import FeatureStore
-    from fedtrak.settings import Settings
-    from fedtrak.tasks import load_task
-    from fedtrak.trak import checkpoint_featurizer
+    from fedtrak.config.settings import Settings
+    from fedtrak.data.checkpoints import seeded_model
+    from fedtrak.data.tasks import load_task
+    from fedtrak.trak.per_checkpoint import checkpoint_featurizer
 
     task = load_task(task_name, num, 1)
     state = seeded_model(task, 0).state_dict()
@@ -82,10 +82,10 @@ def bench_memory(task_name: str = "fmnist-mlp", sizes: Sequence[int] = (10_000, 
 def bench_scale(task_name: str, out: Path, clients: Sequence[int] = (10, 100, 1000, 10000), proj_dim: int = 1024,
                 checkpoints: int = 1, projector: str = "factorized", query_size: int = 500) -> list[dict]:
     """One simulation per client count; each row splits its wall time (see the module doc)."""
-    from fedtrak.checkpoints import train_checkpoints
-    from fedtrak.settings import Settings
+    from fedtrak.config.settings import Settings
+    from fedtrak.data.checkpoints import train_checkpoints
+    from fedtrak.data.tasks import load_task
     from fedtrak.simulations.simulate import run_simulation
-    from fedtrak.tasks import load_task
 
     out = Path(out)
     ckpt_dir = out / "checkpoints"

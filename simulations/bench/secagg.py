@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.checkpoints import train_checkpoints
-from fedtrak.settings import Settings
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import train_checkpoints
+from fedtrak.data.tasks import load_task
 from fedtrak.simulations.simulate import run_simulation
-from fedtrak.tasks import load_task
 
 
 def bench_secagg(task_name: str, out: Path, clients: int = 10, proj_dim: int = 2048, checkpoints: int = 1,

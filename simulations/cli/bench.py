@@ -8,8 +8,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtrak.config.settings import ENSEMBLES, PROJECTORS, WEIGHTINGS
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import ENSEMBLES, PROJECTORS, WEIGHTINGS
 from fedtrak.simulations.cli import OneLineParser
 from fedtrak.simulations.cli.evaluate import epsilons, inversion_args
 from fedtrak.simulations.cli.flags import add_json, add_settings, int_list, positive_int

@@ -3,7 +3,7 @@
 A settings field becomes the option ``--KEY`` (its flat key), with the
 field's type, choices, bounds, help and default; its value lands in
 ``args.<field name>``. :func:`settings_from` turns the parsed options back
-into :class:`~fedtrak.settings.Settings`.
+into :class:`~fedtrak.config.settings.Settings`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedtrak.config.flat import Spec
+from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
-from fedtrak.flat import Spec
-from fedtrak.settings import Settings
 
 
 def _converter(spec: Spec) -> Callable[[str], Any]:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtrak.answer import answer_lines
+from fedtrak.results.answer import answer_lines
 from fedtrak.simulations.cli.flags import add_settings, flag_keys, settings_from
 
 #: The settings each run command offers as options.
@@ -62,8 +62,8 @@ def attribute(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train checkpoints only."""
-    from fedtrak.checkpoints import train_checkpoints
-    from fedtrak.tasks import load_task
+    from fedtrak.data.checkpoints import train_checkpoints
+    from fedtrak.data.tasks import load_task
 
     task = load_task(args.task, args.train_size, args.query_size)
     infos = train_checkpoints(task, args.checkpoints, args.out, args.seed, args.epochs)

@@ -26,16 +26,16 @@ import math
 import numpy as np
 from scipy.stats import beta
 
-from fedtrak.checkpoints import train_central
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import train_central
+from fedtrak.data.partition import partition
+from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel import gram
-from fedtrak.partition import partition
 from fedtrak.privacy.accountant import Release, epsilon
 from fedtrak.privacy.mechanisms import DPSettings, clip_scales, noise_rng, noised_gram
 from fedtrak.privacy.plan import kernel_weight_bound
-from fedtrak.settings import Settings
-from fedtrak.tasks import load_task
-from fedtrak.trak import checkpoint_featurizer
+from fedtrak.trak.kernel import gram
+from fedtrak.trak.per_checkpoint import checkpoint_featurizer
 
 #: Confidence of the Clopper-Pearson bounds.
 CONFIDENCE = 0.95

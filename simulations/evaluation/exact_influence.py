@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, hessian, vmap
 
-from fedtrak.checkpoints import model_from_state
+from fedtrak.data.checkpoints import model_from_state
+from fedtrak.data.tasks import Task, to_tensors
 from fedtrak.errors import FedtrakError
-from fedtrak.tasks import Task, to_tensors
 
 MAX_PARAMS = 5000
 

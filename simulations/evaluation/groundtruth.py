@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.checkpoints import atomic_write_json
+from fedtrak.config.seeds import derive_seed
+from fedtrak.data.checkpoints import atomic_write_json
+from fedtrak.data.partition import Partition
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import Partition
-from fedtrak.projectors import derive_seed
 from fedtrak.simulations.evaluation.retrain import Recipe, retrain_margins
 
 KINDS = ("examples", "owners")

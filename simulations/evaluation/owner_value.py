@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedtrak.config.seeds import derive_seed
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors import derive_seed
 from fedtrak.simulations.evaluation.lds import spearman_rows
 from fedtrak.simulations.evaluation.retrain import Recipe, retrain_margins
 from fedtrak.simulations.run_folder import RunFolder

@@ -6,11 +6,11 @@ on a subset. "Actual" means: train a fresh model on the subset with the
 margin. A :class:`Recipe` names that algorithm:
 
 * ``central-sgd``: the task's SGD recipe on the pooled subset
-  (:func:`fedtrak.checkpoints.train_central`);
+  (:func:`fedtrak.data.checkpoints.train_central`);
 * ``fedavg``: federated averaging over the run's partition, each client
   training on its own examples that lie in the subset. It is the same
   computation as Flower's ``FedAvg`` with fedtrak's ClientApp (same local
-  loop and shuffling seeds, :func:`fedtrak.checkpoints.fedavg_local_seed`;
+  loop and shuffling seeds, :func:`fedtrak.data.checkpoints.fedavg_local_seed`;
   weights averaged by example counts in float32 like Flower's
   ``aggregate_arrayrecords``), run in-process, because a Ray start-up per
   ground-truth model would cost more than the training itself. A test
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrak.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
+from fedtrak.data.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
+from fedtrak.data.partition import Partition, partition
+from fedtrak.data.tasks import Task, cached_task, to_tensors
 from fedtrak.errors import FedtrakError
-from fedtrak.partition import Partition, partition
 from fedtrak.privacy.training import dp_sgd_epochs
-from fedtrak.tasks import Task, cached_task, to_tensors
 
 ALGORITHMS = ("central-sgd", "fedavg", "fedavg-dp-sgd")
 
@@ -55,7 +55,7 @@ class Recipe:
         partition, num_clients, alpha, partition_seed: the run's partition
             (who owns what; FedAvg trains per owner, owner subsets pick owners).
         flip_fraction, flip_clients, flip_seed: label flips applied to the
-            training data before training (see :mod:`fedtrak.corruption`).
+            training data before training (see :mod:`fedtrak.data.corruption`).
         dp_sigmas, dp_clip: ``fedavg-dp-sgd``: each client's DP-SGD noise multiplier in the run (a
             device sets its own from its count) and the per-example clip norm; a retrained model's
             clients train at those, with fresh noise.
@@ -105,7 +105,7 @@ class Recipe:
 
 @lru_cache(maxsize=4)
 def _load(recipe: Recipe) -> tuple[Task, Partition]:
-    from fedtrak.corruption import FlipSpec, corrupted
+    from fedtrak.data.corruption import FlipSpec, corrupted
 
     task = cached_task(recipe.task, recipe.train_size, recipe.query_size)
     parts = partition(task.y_train, recipe.num_clients, recipe.partition, recipe.alpha,

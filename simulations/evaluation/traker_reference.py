@@ -3,7 +3,7 @@
 traker is an optional (test and benchmark) dependency; these helpers import
 it lazily and raise :class:`ImportError` when it is missing. traker's
 conventions, which the callers must match: it divides projected gradients by
-``sqrt(p)`` (so lambda converts with :func:`fedtrak.kernel.lambda_to_traker`),
+``sqrt(p)`` (so lambda converts with :func:`fedtrak.trak.kernel.lambda_to_traker`),
 rescales each ``(Phi^T Phi + lambda I)^-1`` by its mean absolute entry
 (fedtrak's ``normalize="traker"``), and returns scores as
 (training examples x queries).
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.tasks import Task, to_tensors
+from fedtrak.data.tasks import Task, to_tensors
 
 
 def _traker(task: Task, projector, num_train: int, save_dir: Path, lam: float, proj_dim: int):

@@ -29,11 +29,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.attacks.figure import strip_figure
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
 from fedtrak.simulations.run_folder import RunFolder
-from fedtrak.tasks import Task
 
 TOP = 5
 

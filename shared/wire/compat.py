@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.tasks import Task
 
 #: The wire protocol's version: bumped whenever a message's meaning changes.
 PROTOCOL_VERSION = 7

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from fedtrak.partition import Partition
-from fedtrak.settings import FlipSpec
-from fedtrak.tasks import Task
+from fedtrak.config.settings import FlipSpec
+from fedtrak.data.partition import Partition
+from fedtrak.data.tasks import Task
 
 
 def flipped_indices(labels: np.ndarray, parts: Partition, flips: FlipSpec) -> np.ndarray:

@@ -1,12 +1,12 @@
 """The settings of a run, defined once: nested, typed sections with their defaults and checks.
 
 Every other form of the settings is derived from :class:`Settings` by the
-generic conversion of :mod:`fedtrak.flat`:
+generic conversion of :mod:`fedtrak.config.flat`:
 
 - the command line (``fedtrak simulate --proj-dim 1024``: :mod:`fedtrak.simulations.cli.flags`);
 - Flower's flat run config (``flwr run . --run-config "proj-dim=1024"``) and
   ``[tool.flwr.app.config]`` in ``pyproject.toml``;
-- the job a client receives (:class:`fedtrak.job.Job`).
+- the job a client receives (:class:`fedtrak.wire.job.Job`).
 
 Each setting has one name everywhere (the field ``proj_dim`` is the flag
 ``--proj-dim`` and the run-config key ``proj-dim``; ``lam`` is ``lambda``)
@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtrak.config.flat import Sectioned, setting
 from fedtrak.errors import FedtrakError
-from fedtrak.flat import Sectioned, setting
-from fedtrak.privacy.budget import budget_weights
 
 PROJECTORS = ("rademacher", "gaussian", "factorized", "identity")
 NORMALIZATIONS = ("none", "traker")
@@ -280,18 +279,16 @@ class Settings(Sectioned):
         self.check()
 
     def check(self) -> None:
-        """The checks that involve more than one setting; each field's own are in :mod:`fedtrak.flat`.
+        """The checks that involve more than one setting; each field's own are in :mod:`fedtrak.config.flat`.
 
         Raises:
             FedtrakError: naming the settings that conflict.
         """
         super().check()
         p, r = self.privacy, self.release
-        if p.budget is not None:
-            budget_weights(p.budget)  # names a bad pair
-            if p.noise_multiplier > 0:
-                raise FedtrakError("budget splits a target epsilon; with noise-multiplier every release has "
-                                   "that sigma: drop one of them")
+        if p.budget is not None and p.noise_multiplier > 0:  # its pairs are checked by the privacy plan
+            raise FedtrakError("budget splits a target epsilon; with noise-multiplier every release has "
+                               "that sigma: drop one of them")
         if p.epsilon is not None and p.noise_multiplier > 0:
             raise FedtrakError("give either epsilon (with delta) or noise-multiplier, not both")
         if p.clip_quantile is not None and p.clip_norm is not None:
@@ -354,5 +351,5 @@ def run_config_toml(settings: Settings | None = None) -> str:
     return "[tool.flwr.app.config]\n" + "".join(f"{k} = {value(v)}\n" for k, v in flat.items())
 
 
-if __name__ == "__main__":  # python -m fedtrak.settings: the pyproject.toml run-config table
+if __name__ == "__main__":  # python -m fedtrak.config.settings: the pyproject.toml run-config table
     print(run_config_toml(), end="")

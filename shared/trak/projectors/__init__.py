@@ -1,8 +1,8 @@
 """Projectors: per-example gradients ``(batch, p)`` to features ``(batch, k)``, by name.
 
-:mod:`~fedtrak.projectors.base` holds the interface and the seeds,
-:mod:`~fedtrak.projectors.dense` the seeded dense projections (generated
-block by block) and the identity, :mod:`~fedtrak.projectors.factorized` the
+:mod:`~fedtrak.trak.projectors.base` holds the interface and the seeds,
+:mod:`~fedtrak.trak.projectors.dense` the seeded dense projections (generated
+block by block) and the identity, :mod:`~fedtrak.trak.projectors.factorized` the
 per-layer (Kronecker) projection that never forms a per-example gradient.
 """
 
@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from fedtrak.config.settings import DEFAULT_PROJ_DIM, PROJECTORS
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors.base import BLOCK_ROWS, Projector, derive_seed
-from fedtrak.projectors.dense import (
+from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
+from fedtrak.trak.projectors.dense import (
     DEFAULT_CACHE_BYTES,
     BlockRandomProjector,
     GaussianProjector,
     IdentityProjector,
     RademacherProjector,
 )
-from fedtrak.projectors.factorized import FactorizedProjector
-from fedtrak.settings import DEFAULT_PROJ_DIM, PROJECTORS
+from fedtrak.trak.projectors.factorized import FactorizedProjector
 
 __all__ = ["BLOCK_ROWS", "DEFAULT_CACHE_BYTES", "DEFAULT_PROJ_DIM", "BlockRandomProjector", "FactorizedProjector",
-           "GaussianProjector", "IdentityProjector", "Projector", "RademacherProjector", "derive_seed",
+           "GaussianProjector", "IdentityProjector", "Projector", "RademacherProjector",
            "make_projector"]
 
 
@@ -35,7 +35,7 @@ def make_projector(
 
     ``proj_dim=None`` means the number of parameters for the identity and
     :data:`DEFAULT_PROJ_DIM` for the random projections. ``factorized``
-    (:mod:`fedtrak.projectors.factorized`) is built from the ``model``'s layers.
+    (:mod:`fedtrak.trak.projectors.factorized`) is built from the ``model``'s layers.
     """
     if kind == "identity":
         return IdentityProjector(grad_dim, proj_dim, seed)

@@ -18,17 +18,24 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from fedtrak.checkpoints import model_from_state
+from fedtrak.config.seeds import derive_seed
+from fedtrak.config.settings import Settings
+from fedtrak.data.checkpoints import model_from_state
+from fedtrak.data.models import count_params
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Features, Featurizer
-from fedtrak.kernel import GramAccumulator, Kernel, effective_inverse, precondition, resolve_lambda
-from fedtrak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source, source_gram
-from fedtrak.models import count_params
-from fedtrak.projectors import DEFAULT_CACHE_BYTES, derive_seed, make_projector
-from fedtrak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task
 from fedtrak.timing import PhaseTimer
+from fedtrak.trak.featurizer import Features, Featurizer
+from fedtrak.trak.kernel import (
+    GramAccumulator,
+    Kernel,
+    effective_inverse,
+    precondition,
+    resolve_lambda,
+)
+from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source, source_gram
+from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
+from fedtrak.trak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 
 
 def kernel_weights(settings: Settings, curvature: np.ndarray | None) -> np.ndarray | None:
@@ -74,7 +81,7 @@ def solve_checkpoint(
 
     Returns ``(U_m, record, K_m^-1 or None)``; the record (lambda, its rule,
     seed, dims) goes into the run summary; the explicit inverse (as the
-    queries used it, see :func:`fedtrak.kernel.effective_inverse`) only
+    queries used it, see :func:`fedtrak.trak.kernel.effective_inverse`) only
     ``with_inverse``, for self-influence. Under DP lambda is at least
     ``noise_floor``, so the noised kernel stays positive definite.
     """
@@ -110,7 +117,7 @@ def score_features(
     ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
     features in column order (computed on the spot by the centralized path,
     received from clients in ``features`` mode). The kernel comes from the
-    settings' source (:mod:`fedtrak.kernel_sources`). Returns the scores, one
+    settings' source (:mod:`fedtrak.trak.kernel_sources`). Returns the scores, one
     record per checkpoint and, if asked, every example's self-influence ``(n,)``.
     """
     timer = timer or PhaseTimer()

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from fedtrak.errors import FedtrakError
-from fedtrak.kernel import check_symmetric
+from fedtrak.trak.kernel import check_symmetric
 
 
 def pack_upper(matrix: np.ndarray) -> np.ndarray:

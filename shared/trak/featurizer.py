@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedtrak.data.modelout import ModelOutput
 from fedtrak.errors import FedtrakError
-from fedtrak.modelout import ModelOutput
-from fedtrak.projectors import Projector
-from fedtrak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
+from fedtrak.trak.projectors import Projector
+from fedtrak.trak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
 
 #: Default gradient memory per projected chunk.
 DEFAULT_CHUNK_BYTES = 256 << 20
@@ -39,7 +39,7 @@ class FeatureChunk:
 @dataclass
 class Features:
     """Features of a whole data set for one checkpoint, with each example's out-to-loss weight
-    and curvature weight (see :mod:`fedtrak.modelout`)."""
+    and curvature weight (see :mod:`fedtrak.data.modelout`)."""
 
     features: np.ndarray  # (n, k) float32
     out_to_loss: np.ndarray  # (n,) float32

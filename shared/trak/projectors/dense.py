@@ -12,7 +12,7 @@ Scale versus traker: traker's entries are +-1 / N(0, 1) and it divides every
 projected gradient by ``sqrt(p)``. fedtrak's features are therefore
 ``sqrt(p / k)`` times traker's, and a lambda ``lam`` here corresponds to
 ``lam * k / p`` in traker (and ``lam / p`` for the identity projector, which is
-not scaled; see :func:`fedtrak.kernel.lambda_to_traker`).
+not scaled; see :func:`fedtrak.trak.kernel.lambda_to_traker`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors.base import BLOCK_ROWS, Projector
+from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
 
 #: Default memory budget for keeping the whole generated matrix in memory. Generating the blocks
 #: again for every chunk costs little (measured: no slower on digits-mlp and fmnist-mlp at k = 2048),

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.corruption import FlipSpec
-from fedtrak.scoring import top_k
+from fedtrak.data.corruption import FlipSpec
+from fedtrak.trak.scoring import top_k
 
 SUMMARY = "summary.json"
 

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedtrak.config.seeds import derive_seed
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors.base import Projector, derive_seed
-from fedtrak.projectors.dense import RademacherProjector
+from fedtrak.trak.projectors.base import Projector
+from fedtrak.trak.projectors.dense import RademacherProjector
 
 #: Seed stream of the dense projector of parameters outside supported layers.
 FALLBACK_STREAM = 1_000_003

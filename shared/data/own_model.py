@@ -2,7 +2,7 @@
 
 :func:`task_from_model` is the public way in (``fedtrak.task_from_model``): it
 takes an ``nn.Module`` (or a function that builds one) and the training and
-query data, and returns a :class:`~fedtrak.tasks.Task` that
+query data, and returns a :class:`~fedtrak.data.tasks.Task` that
 :func:`fedtrak.attribute`, :func:`fedtrak.simulate` and :func:`fedtrak.register_task`
 accept.
 """
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtrak.data.modelout import ClassificationMargin, ModelOutput
+from fedtrak.data.tasks import Task, TrainConfig
 from fedtrak.errors import FedtrakError
-from fedtrak.modelout import ClassificationMargin, ModelOutput
-from fedtrak.tasks import Task, TrainConfig
 
 #: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
 #: pairs, or a DataLoader over one.
@@ -101,7 +101,7 @@ def task_from_model(
         num_classes: number of classes (default: the largest label + 1 over both splits).
         output: the model output function (default: the classification margin, as TRAK's).
         training: how fedtrak trains checkpoints when it trains them (default: SGD as
-            :class:`~fedtrak.tasks.TrainConfig`).
+            :class:`~fedtrak.data.tasks.TrainConfig`).
         clip_norm: default clip norm of projected features under differential privacy.
 
     Raises:

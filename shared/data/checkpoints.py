@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtrak.config.seeds import derive_seed
+from fedtrak.data.tasks import Task, to_tensors
 from fedtrak.errors import FedtrakError
-from fedtrak.projectors import derive_seed
-from fedtrak.tasks import Task, to_tensors
 
 MANIFEST = "manifest.json"
 

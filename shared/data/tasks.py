@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrak import datasets, models
+from fedtrak.data import datasets, models
+from fedtrak.data.modelout import ClassificationMargin, ModelOutput
 from fedtrak.errors import FedtrakError
-from fedtrak.modelout import ClassificationMargin, ModelOutput
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def register_task(name: str, factory: Callable[[], Task] | Task) -> None:
     ``factory`` is a :class:`Task` or a function returning one (called once per process, when the
     task is first loaded). A SuperNode on another machine finds a user's task by import path
     (``package.module:function``) or through an installed package's entry point in the group
-    ``fedtrak.tasks`` (see the docs on bringing your own model).
+    ``fedtrak.data.tasks`` (see the docs on bringing your own model).
 
     Raises:
         FedtrakError: if ``name`` is a built-in task's or could be mistaken for an import path.
@@ -238,7 +238,7 @@ def _factory(spec: str) -> Callable[[], Task]:
 def load_task(spec: str, train_size: int | None = None, query_size: int | None = None,
               data: bool = True) -> Task:
     """Load a task by name: built-in, registered (:func:`register_task`), offered by an installed
-    package's ``fedtrak.tasks`` entry point, or a user's ``package.module:function``.
+    package's ``fedtrak.data.tasks`` entry point, or a user's ``package.module:function``.
 
     ``data=False`` leaves a built-in task's data sets unloaded (see the module
     docstring); a user's task factory is called as always and loads its own.

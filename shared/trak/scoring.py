@@ -10,7 +10,7 @@ multiplies them (TRAK, Algorithm 1)::
 Sign and scale: a positive score means training on example i raises the
 query's margin (a proponent); a negative score lowers it (an opponent). The
 score is in units of margin per unit of up-weighting, on fedtrak's feature
-scale (see :mod:`fedtrak.projectors`).
+scale (see :mod:`fedtrak.trak.projectors`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from fedtrak.config.settings import NORMALIZATIONS
 from fedtrak.errors import FedtrakError
-from fedtrak.settings import NORMALIZATIONS
 
 #: Default relative lambda (times the mean diagonal of Phi^T Phi) when the
 #: training weight decay is unknown or zero.

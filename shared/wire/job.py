@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from fedtrak.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
+from fedtrak.config.settings import FlipSpec, Settings
+from fedtrak.data.tasks import Task
 from fedtrak.privacy.mechanisms import DPSettings
-from fedtrak.settings import FlipSpec, Settings
-from fedtrak.tasks import Task
+from fedtrak.wire.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
 
 #: The sections of the settings a client receives (the run section stays on the server).
 JOB_SECTIONS = ("task", "partition", "training", "projection", "kernel", "privacy", "secagg", "release")
@@ -35,7 +35,7 @@ class Resolved:
             curvature bound for the curvature-weighted kernel): a Gram's sensitivity is ``C^2`` times it.
         local_epochs: each client's epochs per FedAvg round (as given, or the task's).
         kernel_source: where the kernel comes from, ``auto`` decided
-            (:mod:`fedtrak.kernel_sources`): clients release no Gram for ``public``.
+            (:mod:`fedtrak.trak.kernel_sources`): clients release no Gram for ``public``.
         budget_scales: each kind of release's noise multiplier relative to ``noise_multiplier``,
             the split of a target epsilon (:mod:`fedtrak.privacy.budget`; empty: all equal).
     """

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtrak.config.settings import Settings
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
-from fedtrak.featurizer import Features
-from fedtrak.kernel import Kernel, effective_inverse
-from fedtrak.scoring import self_kernel_term
-from fedtrak.settings import Settings
-from fedtrak.tasks import Task
+from fedtrak.trak.featurizer import Features
+from fedtrak.trak.kernel import Kernel, effective_inverse
+from fedtrak.trak.scoring import self_kernel_term
 
 #: The sources that build the kernel (partly) from public data.
 USES_PUBLIC = ("public", "hybrid")

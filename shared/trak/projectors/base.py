@@ -1,26 +1,15 @@
-"""What every projector is: the interface, the seed contract of the dense ones, and per-checkpoint seeds."""
+"""What every projector is: the interface and the seed contract of the dense ones."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
 import torch
 
 from fedtrak.errors import FedtrakError
 
 #: Rows per generated block. Part of the seed contract: changing it changes P.
 BLOCK_ROWS = 4096
-
-
-def derive_seed(base_seed: int, stream: int) -> int:
-    """A 63-bit seed for stream ``stream`` (e.g. checkpoint m) of ``base_seed``.
-
-    Each checkpoint gets its own projection (as traker does); the server sends
-    the derived seed to clients so both sides build the same matrix.
-    """
-    state = np.random.SeedSequence([int(base_seed), int(stream)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 class Projector(ABC):
