@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+from fedtrak.config.settings import DEFAULT_PROJ_DIM
 from fedtrak.data.checkpoints import train_central
 from fedtrak.data.tasks import Task, load_task
 from fedtrak.privacy.accountant import sigma_for_plan
@@ -34,7 +35,7 @@ def attack_dp(task: Task, mode: str, eps: float, checkpoints: int = 1) -> DPSett
 
 def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None, ...] = (64, 512, None),
                   epsilons: tuple[float, ...] = (math.inf, 8.0, 1.0), targets: int = 8,
-                  owner_sizes: tuple[int, ...] = OWNER_SIZES, owner_dim: int | None = 512, trials: int = 400,
+                  owner_sizes: tuple[int, ...] = OWNER_SIZES, owner_dim: int | None = DEFAULT_PROJ_DIM, trials: int = 400,
                   inversion: InversionSettings = DEFAULT_INVERSION, figure: Path | None = None) -> list[dict]:
     """Rows of the attack table: features-mode inversion per k and epsilon, small-owner inversion
     per client size with and without secure aggregation per epsilon, membership per epsilon.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.config.settings import Settings, releases_gram
+from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings, releases_gram
 from fedtrak.data.checkpoints import atomic_write_json, load_checkpoints
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
@@ -48,7 +48,7 @@ class AttackSetting:
 
     mode: str = "private"
     projector: str = "rademacher"
-    proj_dim: int | None = 512
+    proj_dim: int | None = DEFAULT_PROJ_DIM
     seed: int = 0
     weighting: str = "curvature"
     dp: DPSettings = field(default_factory=DPSettings)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtrak.config.settings import Settings
+from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
 from fedtrak.data.checkpoints import train_checkpoints
 from fedtrak.data.tasks import load_task
 from fedtrak.simulations.attribute import run_attribute
@@ -22,7 +22,7 @@ from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 
 
 def bench_lambda(task_name: str, out: Path, factors: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0),
-                 checkpoints: int = 5, proj_dim: int = 512, weightings: Sequence[str] = ("curvature", "none"),
+                 checkpoints: int = 5, proj_dim: int = DEFAULT_PROJ_DIM, weightings: Sequence[str] = ("curvature", "none"),
                  subsets: int = 100, cache_dir: Path = DEFAULT_CACHE, workers: int | None = None) -> list[dict]:
     """One row per (kernel weighting, factor): lambda, LDS and whether it is the rule's own value."""
     out = Path(out)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtrak.config.settings import ENSEMBLES, PROJECTORS, WEIGHTINGS
+from fedtrak.config.settings import DEFAULT_PROJ_DIM, ENSEMBLES, PROJECTORS, WEIGHTINGS
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.cli import OneLineParser
 from fedtrak.simulations.cli.evaluate import epsilons, inversion_args
@@ -78,7 +78,7 @@ def _secagg(p: argparse.ArgumentParser) -> None:
 
 
 def _lambda(p: argparse.ArgumentParser) -> None:
-    add_settings(p, ["task", "proj-dim", "checkpoints"], defaults={"proj-dim": 512, "checkpoints": 5})
+    add_settings(p, ["task", "proj-dim", "checkpoints"], defaults={"proj-dim": DEFAULT_PROJ_DIM, "checkpoints": 5})
     p.add_argument("--out", type=Path, required=True, help="folder for checkpoints and runs")
     p.add_argument("--factors", default="0.1,0.3,1,3,10", help="comma-separated multiples of the rule's lambda")
     p.add_argument("--weightings", default="curvature,none", help="comma-separated kernel weightings")

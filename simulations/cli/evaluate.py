@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtrak.config.settings import DEFAULT_PROJ_DIM
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.cli.flags import (
     add_json,
@@ -84,7 +85,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task", "clip-norm", "proj-dim", "weighting", "clients", "delta", "seed"],
-                 defaults={"proj-dim": 512})
+                 defaults={"proj-dim": DEFAULT_PROJ_DIM})
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited release")
     p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each)")
     p.add_argument("--release", choices=("gram", "owner"), default="gram",

@@ -26,7 +26,7 @@ import math
 import numpy as np
 from scipy.stats import beta
 
-from fedtrak.config.settings import Settings
+from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
 from fedtrak.data.checkpoints import train_central
 from fedtrak.data.partition import partition
 from fedtrak.data.tasks import load_task
@@ -92,7 +92,7 @@ def audit_gram(
     task_name: str = "digits-logreg",
     noise_multiplier: float = 1.0,
     clip_norm: float | None = None,
-    proj_dim: int = 512,
+    proj_dim: int = DEFAULT_PROJ_DIM,
     releases: int = 20,
     clients: int = 10,
     delta: float = 1e-5,
