@@ -17,6 +17,8 @@ Names are imported when first used, so ``import fedtrak`` stays light (the
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import sys
 from typing import Any
 
 #: Public name -> the module that defines it.
@@ -33,7 +35,7 @@ _API = {
 
 __all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Result", "RunFailed", "Settings", "Task",
            "TrainConfig", "attribute", "evaluate", "load_task", "register_task", "simulate", "task_from_model"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str) -> Any:
@@ -46,3 +48,31 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
+
+
+#: Modules of release 0.2.0 that now sit in a subpackage: importing the old name is an error that
+#: names the new one (the public names above are unchanged).
+MOVED = {
+    "settings": "config.settings", "flat": "config.flat",
+    "tasks": "data.tasks", "datasets": "data.datasets", "models": "data.models", "modelout": "data.modelout",
+    "partition": "data.partition", "corruption": "data.corruption", "own_model": "data.own_model",
+    "checkpoints": "data.checkpoints", "featurizer": "trak.featurizer", "projectors": "trak.projectors",
+    "kernel": "trak.kernel", "kernel_sources": "trak.kernel_sources", "scoring": "trak.scoring",
+    "job": "wire.job", "compat": "wire.compat", "codecs": "wire.codecs", "answer": "results.answer",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder):
+    """Refuses ``import fedtrak.tasks`` and the other moved modules with their new place."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        old = fullname.removeprefix("fedtrak.")
+        if fullname.startswith("fedtrak.") and old in MOVED:
+            face = sorted(n for n, m in _API.items() if m == f"fedtrak.{MOVED[old]}")
+            hint = f" (or the package's own {', '.join(f'fedtrak.{n}' for n in face)})" if face else ""
+            raise ModuleNotFoundError(f"{fullname} moved to fedtrak.{MOVED[old]} in fedtrak 0.3{hint}",
+                                      name=fullname)
+
+
+if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModules())

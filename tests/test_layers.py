@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: The import name each top-level folder is installed as.
 FOLDERS = {"shared": "fedtrak", "client": "fedtrak.client", "server": "fedtrak.server",
@@ -125,3 +127,18 @@ def test_a_supernode_loads_neither_the_simulations_nor_the_server():
             "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('fedtrak.')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "simulations" not in out and "server" not in out, out
+
+
+def test_an_old_module_name_is_refused_with_its_new_place():
+    """Code written against 0.2's flat modules gets an error naming the new module (and the
+    package's own name for it), and every new place exists."""
+    import importlib
+
+    import fedtrak
+
+    with pytest.raises(ModuleNotFoundError, match=r"fedtrak\.tasks moved to fedtrak\.data\.tasks .*fedtrak\.Task"):
+        importlib.import_module("fedtrak.tasks")
+    with pytest.raises(ModuleNotFoundError, match=r"^No module named 'fedtrak\.nothing'"):
+        importlib.import_module("fedtrak.nothing")
+    for new in fedtrak.MOVED.values():
+        importlib.import_module(f"fedtrak.{new}")
