@@ -27,7 +27,7 @@ from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
 
 #: Checkpoints a user passes in: a folder with a manifest, or models or state dicts.
-Checkpoints = str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]
+Checkpoints = int | str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]
 
 
 @dataclass
@@ -94,6 +94,8 @@ def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind
     into ``OUT/given-checkpoints``."""
     if checkpoints is None:
         return settings
+    if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
+        return settings.replaced(checkpoints=checkpoints)  # how many to train
     if isinstance(checkpoints, (str, Path)):
         return settings.replaced(checkpoint_dir=str(checkpoints))
     states = [dict(c.state_dict()) if isinstance(c, nn.Module) else dict(c) for c in checkpoints]
@@ -119,8 +121,8 @@ def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None =
         settings: the run's settings (default: every default); ``overrides`` replace fields of
             it by name (``proj_dim=1024``, ``clients=5``, ``lam="wd"``).
         out: the run folder (default ``runs/central``).
-        checkpoints: models or state dicts to attribute with, or a checkpoint folder; without
-            them fedtrak trains ``checkpoints`` models with the task's recipe.
+        checkpoints: models or state dicts to attribute with, or a checkpoint folder; or how many
+            models fedtrak trains with the task's recipe (default: the settings' ``checkpoints``).
         progress: show progress bars.
 
     Raises:

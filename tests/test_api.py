@@ -100,6 +100,40 @@ def test_attribute_in_memory_with_the_users_own_checkpoints(blob_task, tmp_path)
         fedtrak.attribute(blob_task, out=tmp_path / "bad", proj_dimm=3)
 
 
+class TokenNet(nn.Module):
+    """Token ids -> embedding -> mean over positions -> 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(x).mean(dim=1))
+
+
+def _tokens(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    x = rng.integers(0, 40, size=(n, 6))
+    x[:, :3] = 10 * y[:, None] + rng.integers(0, 10, size=(n, 3))  # the first tokens tell the class
+    return x, y
+
+
+def test_integer_token_inputs_stay_integer_through_training_featurizing_and_scoring(tmp_path):
+    """An nn.Embedding model gets its token ids as integers (0.2 cast them to float32 and the
+    model refused them); a float input to it is refused naming the type, not only the shape."""
+    task = fedtrak.task_from_model("tokens", TokenNet(), train=_tokens(60, 0), query=_tokens(8, 1))
+    assert task.x_train.dtype == np.int64 and task.x_query.dtype == np.int64
+    result = fedtrak.attribute(task, out=tmp_path / "run", proj_dim=16, checkpoints=2, epochs=2, clients=3)
+    assert result.scores.shape == (8, 60) and np.all(np.isfinite(result.scores)) and np.abs(result.scores).max() > 0
+    (x, y), (xq, yq) = _tokens(20, 0), _tokens(4, 1)
+    with pytest.raises(FedtrakError, match=r"cannot take inputs of shape \(6,\) \(floating-point, float32"):
+        fedtrak.task_from_model("tokens", TokenNet(), train=(x.astype(np.float32), y), query=(xq * 1.0, yq))
+    with pytest.raises(FedtrakError, match=r"query inputs are float32, the training inputs int64: give every split integer"):
+        fedtrak.task_from_model("tokens", TokenNet(), train=(x, y), query=(xq * 1.0, yq))
+
+
 def test_import_fedtrak_is_light_and_names_its_api():
     code = ("import sys, fedtrak\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
-from fedtrak.data.tasks import Task, TrainConfig
+from fedtrak.data.tasks import Task, TrainConfig, input_array
 from fedtrak.errors import FedtrakError
 
 #: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
@@ -27,7 +27,8 @@ Data = tuple[Any, Any] | torch.utils.data.Dataset | torch.utils.data.DataLoader
 
 
 def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """A data split as ``(x float32, y int64)`` numpy arrays.
+    """A data split as ``(x, y int64)`` numpy arrays (``x`` float32, or int64 for integer inputs
+    such as token ids: :func:`~fedtrak.data.tasks.input_array`).
 
     Raises:
         FedtrakError: naming ``what`` if it is none of the accepted forms or its items are not
@@ -50,7 +51,7 @@ def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
             raise FedtrakError(f"{what}: items must be (input, label) pairs: {exc}") from exc
     if not np.issubdtype(y.dtype, np.integer):
         raise FedtrakError(f"{what}: labels must be integers, got {y.dtype}")
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
+    return input_array(x), np.ascontiguousarray(y, dtype=np.int64)
 
 
 def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -120,7 +121,10 @@ def task_from_model(
         try:
             logits = make(torch.from_numpy(x_query[:2]))
         except Exception as exc:
-            raise FedtrakError(f"task {name}: the model cannot take inputs of shape {x_query.shape[1:]}: "
+            kind = "integer" if np.issubdtype(x_query.dtype, np.integer) else "floating-point"
+            raise FedtrakError(f"task {name}: the model cannot take inputs of shape {x_query.shape[1:]} "
+                               f"({kind}, {x_query.dtype}: fedtrak keeps integer inputs such as token ids "
+                               f"integer, and gives every other input as float32): "
                                f"{type(exc).__name__}: {exc}") from exc
     if logits.ndim != 2 or logits.shape[1] != classes:
         raise FedtrakError(f"task {name}: the model returns shape {tuple(logits.shape)}, expected "

@@ -18,6 +18,7 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,9 @@ class Task:
                 raise FedtrakError(
                     f"task {self.name}: {split} labels outside [0, {self.num_classes})"
                 )
+            if np.issubdtype(x.dtype, np.integer) != np.issubdtype(self.x_train.dtype, np.integer):
+                raise FedtrakError(f"task {self.name}: {split} inputs are {x.dtype}, the training inputs "
+                                   f"{self.x_train.dtype}: give every split integer inputs, or none")
 
     def subset(self, train_size: int | None = None, query_size: int | None = None) -> Task:
         """The same task on the first ``train_size`` / ``query_size`` examples
@@ -257,11 +261,25 @@ def load_task(spec: str, train_size: int | None = None, query_size: int | None =
     return task.subset(train_size, query_size)
 
 
+def input_array(x: Any) -> np.ndarray:
+    """Inputs as a model takes them: integer inputs (token ids) as int64, every other number as
+    float32 (contiguous; no copy when they already are).
+
+    Raises:
+        FedtrakError: if the inputs are not numbers.
+    """
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer):
+        return np.ascontiguousarray(x, dtype=np.int64)
+    if np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    raise FedtrakError(f"inputs must be numbers, got an array of {x.dtype}")
+
+
 def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels as torch tensors (float32 and int64), sharing memory."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
-        np.ascontiguousarray(y, dtype=np.int64)
-    )
+    """Inputs (their type kept: :func:`input_array`) and labels (int64) as torch tensors, sharing
+    memory."""
+    return torch.from_numpy(input_array(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
 
 @lru_cache(maxsize=4)

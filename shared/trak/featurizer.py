@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedtrak.data.modelout import ModelOutput
+from fedtrak.data.tasks import to_tensors
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.projectors import Projector
 from fedtrak.trak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
@@ -158,8 +159,7 @@ class Featurizer:
         n = len(y)
         for start in range(first, n, self.chunk_examples):
             stop = min(n, start + self.chunk_examples)
-            xc = torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32))
-            yc = torch.from_numpy(np.ascontiguousarray(y[start:stop], dtype=np.int64))
+            xc, yc = to_tensors(x[start:stop], y[start:stop])
             if self._factorized:
                 yield self._factorized_chunk(xc, yc, start, None if out is None else out[start:stop])
                 continue

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak.config.settings import Settings
-from fedtrak.data.tasks import Task
+from fedtrak.data.tasks import Task, input_array
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.featurizer import Features
 from fedtrak.trak.kernel import Kernel, effective_inverse
@@ -53,7 +53,7 @@ def public_data(settings: Settings, task: Task) -> tuple[np.ndarray, np.ndarray]
     path = Path(spec).expanduser()
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            x, y = np.asarray(arrays["x"], dtype=np.float32), np.asarray(arrays["y"])
+            x, y = input_array(arrays["x"]), np.asarray(arrays["y"])
     except (OSError, ValueError, KeyError) as exc:
         raise FedtrakError(f"public data {path}: cannot read arrays x and y from an .npz file ({exc})") from exc
     if x.shape[1:] != task.input_shape or y.shape != (len(x),) or len(x) == 0:
