@@ -42,7 +42,7 @@ def privacy_block(settings: Settings, dp: DPSettings, dim: int, secure: SecureSu
     adjacency = ("replace one training example (features mode: the count and example indices leave exactly)"
                  if settings.release.mode == "features" else "add or remove one training example")
     block = {"dp": True, "adjacency": adjacency,
-             "noise_multiplier": dp.noise_multiplier, "budget_scales": dp.scales,
+             "noise_multiplier": dp.noise_multiplier, "budget_scales": dp.scales.text(),
              "budget": p.budget or "default weights", "clip_norm": dp.clip_norm, "clip_norm_rule": rule,
              "clip_mode": dp.clip_mode, "delta": dp.delta, "target_epsilon": p.epsilon,
              "gram_weight": dp.gram_weight, "kernel_weighting": settings.kernel.weighting,

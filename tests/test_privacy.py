@@ -13,6 +13,7 @@ from fedtrak.config.settings import Settings
 from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon, prv_epsilon, sigma_for_epsilon
+from fedtrak.privacy.budget import Scales
 from fedtrak.privacy.mechanisms import (
     DPSettings,
     clip_scales,
@@ -292,7 +293,7 @@ def test_owner_totals_under_dp_use_the_wiener_ridge():
     np.testing.assert_allclose(with_more_ridge(u, kernel, 7.0), np.linalg.solve(kernel + 7 * np.eye(6), queries.T).T,
                                rtol=1e-10)
     np.testing.assert_allclose(with_more_ridge(u, kernel, 0.0), u, rtol=1e-10)
-    dp = DPSettings(2.0, 5.0, scales="summary=3.0")
+    dp = DPSettings(2.0, 5.0, scales=Scales.of({"summary": 3.0}))
     assert summary_ridge(dp, 10) == pytest.approx((6.0 * 5.0) ** 2 * 10)
 
 
@@ -352,3 +353,22 @@ def test_the_audit_chooses_its_threshold_on_other_trials_than_it_bounds():
         found_in_sample += epsilon_lower_bound(scores, inserted, DELTA)[0] > 0
         found_held_out += epsilon_lower_bound(scores, inserted, DELTA, held_out=True)[0] > 0
     assert found_held_out <= 1 < found_in_sample
+
+
+def test_budget_scales_are_typed_and_text_only_at_the_boundary():
+    """The per-kind scales are a hashable mapping (a DPSettings stays a cache key), read without
+    parsing; their text (the job record's, the summary's) round-trips exactly."""
+    from fedtrak.wire.job import Job, Resolved
+    from fedtrak.wire.records import decode_job, encode_job
+
+    scales = Scales.of({"gram": 4.5, "count": 1 / 3})
+    dp = DPSettings(2.0, 1.0, scales=scales)
+    assert hash(dp) == hash(DPSettings(2.0, 1.0, scales=Scales.parse(scales.text())))
+    assert dp.sigma("count") == 2.0 / 3 and dp.sigma("summary") == 2.0
+    resolved = Resolved(64, 2.0, 1.0, budget_scales=scales)
+    assert resolved.describe()["budget_scales"] == "count=0.3333333333333333,gram=4.5"
+    assert Resolved(**resolved.describe()) == resolved  # the run summary's form reads back
+    job = Job("r", Settings(), resolved)
+    assert decode_job(encode_job(job)).resolved.budget_scales == scales
+    with pytest.raises(FedtrakError, match="budget scales must be positive"):
+        DPSettings(1.0, 1.0, scales=Scales.of({"gram": 0.0})).validate()

@@ -14,7 +14,7 @@ from fedtrak.config.settings import Settings
 from fedtrak.data.partition import partition
 from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.privacy.accountant import Release, epsilon
-from fedtrak.privacy.budget import parse_scales
+from fedtrak.privacy.budget import Scales
 from fedtrak.secagg import fixedpoint
 from fedtrak.simulations.attribute import central_scores
 from fedtrak.simulations.cli import main
@@ -162,7 +162,7 @@ def test_distributed_noise_is_sized_for_the_threshold_and_accounted_on_the_survi
     assert privacy["secure_aggregation"] and privacy["survivors"] == 3
     assert privacy["epsilon_if_only_threshold_honest"] == pytest.approx(8.0, rel=1e-4)
     assert privacy["epsilon"] < 8.0
-    sigma = privacy["noise_multiplier"] * parse_scales(privacy["budget_scales"])["gram"]  # the Grams' share
+    sigma = privacy["noise_multiplier"] * Scales.parse(privacy["budget_scales"]).get("gram")  # the Grams' share
     assert privacy["gram_sigma_effective"] == pytest.approx(sigma * np.sqrt(3 / 2))
     gram = next(r for r in privacy["ledger"] if r["mechanism"] == "skellam")
     assert gram["count"] == 3 and gram["l2"] > 0

@@ -54,6 +54,9 @@ DEFAULT_TRAIN_SHARE = 0.75
 ENSEMBLES = ("trajectory", "independent")
 PARTITIONS = ("iid", "dirichlet")
 CLIP_MODES = ("per-checkpoint", "joint")
+#: How features are clipped and the guarantee's delta when none is given.
+DEFAULT_CLIP_MODE = "per-checkpoint"
+DEFAULT_DELTA = 1e-5
 DEFAULT_TASK = "digits-logreg"
 #: The projection dimension when none is given (the identity projector: the parameter count).
 DEFAULT_PROJ_DIM = 512
@@ -180,12 +183,12 @@ class PrivacySettings:
 
     epsilon: float | None = setting(None, "target epsilon of the whole run (its noise multiplier is "
                                           "derived; inf: no noise)", above=0)
-    delta: float = setting(1e-5, "delta of the guarantee", above=0, below=1)
+    delta: float = setting(DEFAULT_DELTA, "delta of the guarantee", above=0, below=1)
     noise_multiplier: float = setting(0.0, "sigma of every release, instead of --epsilon (0: no noise)",
                                       minimum=0)
     clip_norm: float | None = setting(None, "L2 clip norm C of projected features (default: the task's)",
                                       above=0)
-    clip_mode: str = setting("per-checkpoint", "clip each checkpoint's feature, or all checkpoints' "
+    clip_mode: str = setting(DEFAULT_CLIP_MODE, "clip each checkpoint's feature, or all checkpoints' "
                                                "jointly (one Gram release)", choices=CLIP_MODES)
     clip_quantile: float | None = setting(None, "choose C as this quantile of the feature norms, from the "
                                                 "clients' noised histograms (one more release), instead "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.kinds import (  # noqa: F401 - the kinds' names, re-exported
@@ -95,14 +96,43 @@ def kind_scales(counts: Mapping[str, int], weights: Mapping[str, float]) -> dict
     return {k: math.sqrt(c * total / weights[k]) for k, c in present.items()}
 
 
-def format_scales(scales: Mapping[str, float]) -> str:
-    """Scales as the ``"kind=number,..."`` text a job carries (full float precision)."""
-    return ",".join(f"{k}={v!r}" for k, v in sorted(scales.items()))
+@dataclass(frozen=True)
+class Scales:
+    """Each kind of release's noise multiplier relative to the run's base one (:func:`kind_scales`),
+    kinds in sorted order; a kind not named gets 1. Hashable, so a :class:`DPSettings` holding it
+    stays a cache key. Text (``"gram=4.5,count=20.1"``) only at the wire and in the run summary:
+    :meth:`text` and :meth:`parse`."""
+
+    pairs: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, scales: Mapping[str, float]) -> Scales:
+        """The scales of a ``{kind: scale}`` mapping."""
+        return cls(tuple(sorted((k, float(v)) for k, v in scales.items())))
+
+    @classmethod
+    def parse(cls, text: str) -> Scales:
+        """Back from :meth:`text`.
+
+        Raises:
+            FedtrakError: naming a malformed pair, an unknown kind or a bad number.
+        """
+        return cls.of(parse_pairs(text, "budget scales"))
+
+    def text(self) -> str:
+        """The ``"kind=number,..."`` text a job record and the run summary carry (full float precision)."""
+        return ",".join(f"{k}={v!r}" for k, v in self.pairs)
+
+    def get(self, kind: str) -> float:
+        """The scale of ``kind`` (1 where it is not named)."""
+        return dict(self.pairs).get(kind, 1.0)
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
 
 
-def parse_scales(text: str) -> dict[str, float]:
-    """Back from :func:`format_scales`."""
-    return parse_pairs(text, "budget scales")
+#: No split: every kind of release gets the base noise multiplier.
+EQUAL_SCALES = Scales()
 
 
 def kinds_of(counts: Iterable[tuple[str, int]]) -> dict[str, int]:

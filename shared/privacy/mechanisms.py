@@ -45,10 +45,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtrak.config.settings import CLIP_MODES
+from fedtrak.config.settings import CLIP_MODES, DEFAULT_CLIP_MODE, DEFAULT_DELTA
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, check_delta
-from fedtrak.privacy.budget import parse_scales
+from fedtrak.privacy.budget import EQUAL_SCALES, Scales
 from fedtrak.privacy.kinds import (
     COUNT,
     FEATURES,
@@ -73,20 +73,21 @@ class DPSettings:
     ``gram_weight`` bounds the kernel's per-example weight (1 for the plain ``Phi^T Phi``; the
     model output's curvature bound, 1/4 for the margin, for the curvature-weighted kernel): one
     example moves a Gram by at most ``C^2 gram_weight``, its sensitivity. ``scales``: each kind of
-    release's noise multiplier relative to ``noise_multiplier`` (:mod:`fedtrak.privacy.budget`,
-    ``"gram=4.5,count=20.1,..."``; a kind not named, or none at all, gets ``noise_multiplier``).
+    release's noise multiplier relative to ``noise_multiplier`` (:class:`fedtrak.privacy.budget.Scales`;
+    a kind not named, or none at all, gets ``noise_multiplier``). ``clip_mode`` and ``delta`` default
+    to the settings' defaults (:mod:`fedtrak.config.settings`).
     """
 
     noise_multiplier: float = 0.0
     clip_norm: float = 0.0
-    clip_mode: str = "per-checkpoint"
-    delta: float = 1e-5
+    clip_mode: str = DEFAULT_CLIP_MODE
+    delta: float = DEFAULT_DELTA
     gram_weight: float = 1.0
-    scales: str = ""
+    scales: Scales = EQUAL_SCALES
 
     def sigma(self, kind: str) -> float:
         """The noise multiplier of one release of ``kind``."""
-        return self.noise_multiplier * (parse_scales(self.scales).get(kind, 1.0) if self.scales else 1.0)
+        return self.noise_multiplier * self.scales.get(kind)
 
     @property
     def active(self) -> bool:
@@ -110,7 +111,7 @@ class DPSettings:
         if not 0 < self.gram_weight <= 1:
             raise FedtrakError(f"the kernel weight bound must lie in (0, 1], got {self.gram_weight}")
         check_delta(self.delta)
-        if self.scales and not all(v > 0 for v in parse_scales(self.scales).values()):
+        if not isinstance(self.scales, Scales) or not all(v > 0 for _, v in self.scales.pairs):
             raise FedtrakError(f"budget scales must be positive, got {self.scales!r}")
 
 

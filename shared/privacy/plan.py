@@ -14,7 +14,7 @@ from fedtrak.config.settings import Settings, releases_gram
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, sigma_for_plan
-from fedtrak.privacy.budget import budget_weights, format_scales, kind_scales, kinds_of
+from fedtrak.privacy.budget import Scales, budget_weights, kind_scales, kinds_of
 from fedtrak.privacy.distributed import DistributedNoise, noise_fraction_bits
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.privacy.training import attribution_epsilon
@@ -100,7 +100,7 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     target = attribution_epsilon(settings)
     if target is not None:
         unit = run_release_plan(settings, replace(dp, noise_multiplier=1.0), dim, source=source)
-        dp = replace(dp, scales=format_scales(kind_scales(kinds_of((r.kind, r.count) for r in unit),
+        dp = replace(dp, scales=Scales.of(kind_scales(kinds_of((r.kind, r.count) for r in unit),
                                                           weights)))
         sigma = sigma_for_plan(target, lambda s: run_release_plan(settings, replace(dp, noise_multiplier=s), dim,
                                                                      source=source),

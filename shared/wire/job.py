@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from fedtrak.config.settings import FlipSpec, Settings
 from fedtrak.data.tasks import Task
+from fedtrak.privacy.budget import EQUAL_SCALES, Scales
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.wire.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
 
@@ -37,7 +38,8 @@ class Resolved:
         kernel_source: where the kernel comes from, ``auto`` decided
             (:mod:`fedtrak.trak.kernel_sources`): clients release no Gram for ``public``.
         budget_scales: each kind of release's noise multiplier relative to ``noise_multiplier``,
-            the split of a target epsilon (:mod:`fedtrak.privacy.budget`; empty: all equal).
+            the split of a target epsilon (:class:`fedtrak.privacy.budget.Scales`; empty: all equal).
+            Its text form (:meth:`describe`'s, the run summary's) is accepted and parsed.
     """
 
     proj_dim: int
@@ -47,11 +49,15 @@ class Resolved:
     weight_bound: float = 1.0
     local_epochs: int = 3
     kernel_source: str = "private"
-    budget_scales: str = ""
+    budget_scales: Scales = EQUAL_SCALES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget_scales, str):  # as the run summary and the job record write it
+            object.__setattr__(self, "budget_scales", Scales.parse(self.budget_scales))
 
     def describe(self) -> dict:
-        """JSON-ready, for the run summary."""
-        return asdict(self)
+        """JSON-ready, for the run summary and the job record (the scales as their text)."""
+        return {**asdict(self), "budget_scales": self.budget_scales.text()}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from flwr.common.constant import SType
 
 from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
+from fedtrak.privacy.budget import Scales
 from fedtrak.wire.compat import PROTOCOL_VERSION
 from fedtrak.wire.job import JOB_SECTIONS, Job, Resolved
 
@@ -40,7 +41,14 @@ RUN_ID, VERSION, FINGERPRINT = "run-id", "protocol-version", "task-fingerprint"
 #: Job record keys of the resolved values (``resolved-proj-dim``, ...).
 RESOLVED_PREFIX = "resolved-"
 #: How each resolved value is read back, by its annotation.
-RESOLVED_TYPES = {"int": int, "float": float, "str": str}
+RESOLVED_TYPES = {"int": int, "float": float, "str": str, "Scales": lambda text: Scales.parse(_text(text))}
+
+
+def _text(value: object) -> str:
+    """``value`` if it is text (the budget scales' field), else a TypeError."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
 
 
 def encode_job(job: Job) -> ConfigRecord:
@@ -63,7 +71,7 @@ def decode_job(record: Mapping, source: str = "server message") -> Job:
                                for f in fields(Resolved)})
     except KeyError as exc:
         raise FedtrakError(f"{source}: the job lacks field {exc.args[0]!r}") from None
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, FedtrakError) as exc:
         raise FedtrakError(f"{source}: malformed job field: {exc}") from None
     missing = sorted(s.key for s in Settings.specs().values() if s.section in JOB_SECTIONS and s.key not in values)
     if missing:

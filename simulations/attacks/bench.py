@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from fedtrak.config.settings import DEFAULT_PROJ_DIM
+from fedtrak.config.settings import DEFAULT_DELTA, DEFAULT_PROJ_DIM
 from fedtrak.data.checkpoints import train_central
 from fedtrak.data.tasks import Task, load_task
 from fedtrak.privacy.accountant import sigma_for_plan
@@ -29,7 +29,7 @@ def attack_dp(task: Task, mode: str, eps: float, checkpoints: int = 1) -> DPSett
         return DPSettings()
     clip, bound = float(task.clip_norm or 1.0), task.output.curvature_bound
     sigma = sigma_for_plan(eps, lambda s: release_plan(mode, checkpoints, DPSettings(s, clip, gram_weight=bound),
-                                                         False, weighted=True), 1e-5)
+                                                         False, weighted=True), DEFAULT_DELTA)
     return DPSettings(sigma, clip, gram_weight=bound)
 
 

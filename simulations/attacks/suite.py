@@ -17,11 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings, releases_gram
+from fedtrak.config.settings import (
+    DEFAULT_CLIP_MODE,
+    DEFAULT_DELTA,
+    DEFAULT_PROJ_DIM,
+    Settings,
+    releases_gram,
+)
 from fedtrak.data.checkpoints import atomic_write_json, load_checkpoints
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import epsilon
+from fedtrak.privacy.budget import Scales
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.results.folder import SUMMARY
 from fedtrak.simulations.attacks import metrics
@@ -167,8 +174,8 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     priv = run.summary.get("privacy") or {}
     weighting = str(run.setting("weighting") or "none")
     dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
-                    "per-checkpoint")), float(priv.get("delta", 1e-5)), float(priv.get("gram_weight", 1.0)),
-                    str(priv.get("budget_scales", ""))) if priv.get("dp") else DPSettings()
+                    DEFAULT_CLIP_MODE)), float(priv.get("delta", DEFAULT_DELTA)), float(priv.get("gram_weight", 1.0)),
+                    Scales.parse(str(priv.get("budget_scales", "")))) if priv.get("dp") else DPSettings()
     clients = parts.clients
     own = np.asarray(clients[0])
     other = np.setdiff1d(np.arange(task.num_train), own)

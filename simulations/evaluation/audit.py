@@ -26,7 +26,7 @@ import math
 import numpy as np
 from scipy.stats import beta
 
-from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
+from fedtrak.config.settings import DEFAULT_DELTA, DEFAULT_PROJ_DIM, Settings
 from fedtrak.data.checkpoints import train_central
 from fedtrak.data.partition import partition
 from fedtrak.data.tasks import load_task
@@ -95,7 +95,7 @@ def audit_gram(
     proj_dim: int = DEFAULT_PROJ_DIM,
     releases: int = 20,
     clients: int = 10,
-    delta: float = 1e-5,
+    delta: float = DEFAULT_DELTA,
     seed: int = 0,
     weighting: str = "curvature",
 ) -> dict:
@@ -139,7 +139,7 @@ def audit_gram(
 
 
 def audit_owner_releases(noise_multiplier: float = 1.0, trials: int = 4000, examples: int = 100,
-                         proj_dim: int = 32, delta: float = 1e-5, seed: int = 0) -> dict:
+                         proj_dim: int = 32, delta: float = DEFAULT_DELTA, seed: int = 0) -> dict:
     """Audit the two one-number owner releases through the client's own code: the suspect count
     (``noised_suspect_count`` of ``score_in_chunks``'s count) and the owner value (its examples'
     contributions clipped to the server's bound ``B``, then ``noised_owner_values``).
