@@ -134,6 +134,21 @@ def test_integer_token_inputs_stay_integer_through_training_featurizing_and_scor
         fedtrak.task_from_model("tokens", TokenNet(), train=(x, y), query=(xq * 1.0, yq))
 
 
+def test_public_data_from_python_makes_the_public_kernel_under_dp():
+    """``public=`` holds the server's data on the task (0.2 took none, and a private run silently
+    used the noisier private kernel); under DP ``auto`` then picks the public kernel."""
+    from fedtrak.trak.kernel_sources import resolve_kernel_source
+
+    task = fedtrak.task_from_model("blobs-public", Net(), train=_blobs(60, 0), query=_blobs(8, 1),
+                                   public=_blobs(30, 2))
+    assert task.x_public.shape == (30, 5) and task.y_public.dtype == np.int64
+    assert resolve_kernel_source(fedtrak.Settings().replaced(epsilon=1.0), task) == "public"
+    assert resolve_kernel_source(fedtrak.Settings(), task) == "private"  # no noise: the exact kernel
+    x, y = _blobs(10, 3)
+    with pytest.raises(FedtrakError, match="public inputs of shape \\(4,\\) do not match"):
+        fedtrak.task_from_model("t", Net(), train=_blobs(30, 0), query=_blobs(5, 1), public=(x[:, :4], y))
+
+
 def test_import_fedtrak_is_light_and_names_its_api():
     code = ("import sys, fedtrak\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"

@@ -84,6 +84,7 @@ def task_from_model(
     train: Data,
     query: Data,
     *,
+    public: Data | None = None,
     num_classes: int | None = None,
     output: ModelOutput | None = None,
     training: TrainConfig | None = None,
@@ -99,7 +100,11 @@ def task_from_model(
         train: the training data attributed to: ``(x, y)`` arrays or tensors, a torch Dataset of
             ``(input, label)`` pairs, or a DataLoader.
         query: the queries (test examples) whose predictions are explained, in the same forms.
-        num_classes: number of classes (default: the largest label + 1 over both splits).
+        public: data the server may hold, disjoint from the owners' (in the same forms; default
+            none): under differential privacy the kernel is then built from it (``kernel_source``
+            ``auto`` picks ``public``, or ``hybrid`` with secure aggregation), which costs the
+            owners no privacy.
+        num_classes: number of classes (default: the largest label + 1 over every split).
         output: the model output function (default: the classification margin, as TRAK's).
         training: how fedtrak trains checkpoints when it trains them (default: SGD as
             :class:`~fedtrak.data.tasks.TrainConfig`).
@@ -110,11 +115,14 @@ def task_from_model(
     """
     x_train, y_train = as_arrays(train, "train")
     x_query, y_query = as_arrays(query, "query")
+    x_public, y_public = (None, None) if public is None else as_arrays(public, "public")
     if x_train.shape[1:] != x_query.shape[1:]:
         raise FedtrakError(f"train inputs have shape {x_train.shape[1:]}, queries {x_query.shape[1:]}")
-    classes = num_classes or int(max(y_train.max(initial=0), y_query.max(initial=0))) + 1
+    labels = (y_train, y_query) if y_public is None else (y_train, y_query, y_public)
+    classes = num_classes or int(max(y.max(initial=0) for y in labels)) + 1
     task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes,
-                output=output or ClassificationMargin(), training=training or TrainConfig(), clip_norm=clip_norm)
+                output=output or ClassificationMargin(), training=training or TrainConfig(), clip_norm=clip_norm,
+                x_public=x_public, y_public=y_public)
     task.validate()
     make = task.make_model()
     with torch.no_grad():
