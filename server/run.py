@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from fedtrak.config.settings import Settings
 from fedtrak.data.corruption import corrupted, flipped_indices
 from fedtrak.data.partition import partition
-from fedtrak.errors import RunFailed
+from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.results.answer import answer_lines
 from fedtrak.results.folder import (
     ResultWriter,
@@ -36,7 +36,7 @@ from fedtrak.results.folder import (
     add_self_influence,
 )
 from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
-from fedtrak.server.preflight import check_lambda_against_noise, preflight
+from fedtrak.server.preflight import Plan, check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
 from fedtrak.server.rounds import estimate_clip_norm, obtain_checkpoints, run_features, run_private
 from fedtrak.server.summary import failure_summary, run_summary
@@ -46,24 +46,29 @@ from fedtrak.wire.job import Job
 log = logging.getLogger("fedtrak.server")
 
 
-def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", progress: bool = False) -> dict:
+def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", progress: bool = False,
+                  plan: Plan | None = None) -> dict:
     """Run one federated attribution and write its run folder; returns the summary.
 
     ``kind`` (``flower`` or ``simulation``) picks the run folder's default; ``progress`` shows progress
-    bars (on a terminal): training rounds, and each step's clients as they reply.
+    bars (on a terminal): training rounds, and each step's clients as they reply. ``plan``: the
+    settings' :func:`~fedtrak.server.preflight.preflight` where the caller ran it already (a
+    simulation, before Ray starts); without one the run preflights here, once.
 
     Raises:
         RunFailed: when the server ends the run on purpose (too few clients for secure
             aggregation): ``summary.json`` then records why, with ``"complete": false``, and no
             result array is written.
-        FedtrakError: on bad settings, too few clients, or no client left;
-            no result files are written then (trained checkpoints are kept).
+        FedtrakError: on bad settings (or a ``plan`` of other settings), too few clients, or no
+            client left; no result files are written then (trained checkpoints are kept).
     """
+    if plan is not None and plan.settings != settings:
+        raise FedtrakError("run_federated: the plan was resolved from other settings than the run's")
     timer = PhaseTimer()
     grid = CountingGrid(flower_grid)
     out_dir = settings.out_dir(kind)
     with timer.phase("load_task"):
-        plan = preflight(settings)
+        plan = plan if plan is not None else preflight(settings)
         task, dp = plan.task, plan.dp
         flipped = np.zeros(0, dtype=np.int64)
     state = RunState(out_dir)

@@ -95,7 +95,7 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     from flwr.simulation import run_simulation as flower_run_simulation
 
     settings = simulation_settings(settings, None if ray_address else os.cpu_count() or 1)
-    preflight(settings)  # a bad task or privacy setting fails here, before Ray starts
+    plan = preflight(settings)  # a bad task or privacy setting fails here, before Ray starts; the server runs it
     out = settings.out_dir("simulation")
     out.mkdir(parents=True, exist_ok=True)
     tasks = {name: f for name, f in registered_tasks().items() if name == settings.task.task}
@@ -115,7 +115,7 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
             warnings.simplefilter("ignore", FutureWarning)
         try:
             flower_run_simulation(
-                server_app=server_app(settings, outcome, progress),
+                server_app=server_app(plan, outcome, progress),
                 client_app=client_app({**client_defaults(settings), **(node_settings or {})}, tasks, handlers),
                 num_supernodes=settings.partition.clients,
                 backend_config=backend,

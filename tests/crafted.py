@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Metadata
 
 from fedtrak import wire
 from fedtrak.config.settings import Settings
+from fedtrak.server import preflight as preflight_module
 from fedtrak.server.preflight import preflight
 from fedtrak.wire.job import Job
 
@@ -70,3 +76,20 @@ def refused(reply: Message, *words: str) -> str:
     for w in words:
         assert w in reply.error.reason, reply.error.reason
     return reply.error.reason
+
+
+@contextmanager
+def counted_preflights() -> Iterator[list]:
+    """Count :func:`fedtrak.server.preflight.preflight`'s calls (one entry per call, its settings) in
+    every fedtrak module that imported it, for the duration."""
+    real, calls = preflight_module.preflight, []
+
+    def spy(settings: Settings):
+        calls.append(settings)
+        return real(settings)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in [m for name, m in sys.modules.items() if name.startswith("fedtrak")]:
+            if getattr(module, "preflight", None) is real:
+                patch.setattr(module, "preflight", spy)
+        yield calls

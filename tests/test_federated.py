@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crafted import counted_preflights
 
 from fedtrak.client.device import format_results, read_results
 from fedtrak.config.settings import Settings
@@ -46,7 +47,8 @@ def _settings(out: Path, ckpts: Path, clients: int, scheme: str, **extra) -> dic
 
 @pytest.fixture(scope="session")
 def sim_factory(tmp_path_factory, logreg_ckpt_dir):
-    """Runs (and caches) a simulation per (clients, scheme, mode, policy, extra settings)."""
+    """Runs (and caches) a simulation per (clients, scheme, mode, policy, extra settings); ``preflights``
+    counts each run's preflights, by run folder."""
     cache: dict = {}
 
     def get(clients: int, scheme: str, mode: str, policy: str = "full", **extra) -> Path:
@@ -55,10 +57,12 @@ def sim_factory(tmp_path_factory, logreg_ckpt_dir):
             out = tmp_path_factory.mktemp(f"sim-{clients}-{scheme}-{mode}-{policy}")
             cfg = Settings.from_flat(_settings(out, logreg_ckpt_dir, clients, scheme, mode=mode,
                                               policy=policy, **{"allow-full": policy == "full"}, **extra))
-            run_simulation(cfg)
-            cache[key] = out
+            with counted_preflights() as calls:
+                run_simulation(cfg)
+            cache[key], get.preflights[out] = out, len(calls)
         return cache[key]
 
+    get.preflights = {}
     return get
 
 
@@ -77,6 +81,12 @@ def central_factory(tmp_path_factory, logreg_ckpt_dir):
         return cache[(clients, scheme)]
 
     return get
+
+
+def test_a_simulated_run_preflights_once(sim_factory):
+    """The simulation resolves its settings before Ray starts and hands the plan to its ServerApp."""
+    run = sim_factory(3, "iid", "private")
+    assert sim_factory.preflights[run] == 1
 
 
 def _assert_close(a: np.ndarray, b: np.ndarray) -> None:

@@ -44,3 +44,32 @@ def test_too_few_nodes_fail_with_what_to_do():
     with pytest.raises(FedtrakError, match=r"only 2 of 3 clients \(SuperNodes\) connected within 0.05 s: start more "
                                            r"SuperNodes, or lower the run config's clients"):
         wait_for_nodes(Arrivals(2, 2), 3, timeout=0.05, poll=0.01)
+
+
+class NoNodes:
+    """A Flower Grid to which no SuperNode ever connects."""
+
+    def get_node_ids(self) -> list[int]:
+        return []
+
+
+def test_a_deployed_server_preflights_once_and_a_given_plan_is_not_preflighted_again(tmp_path):
+    """``flwr run``'s ServerApp resolves its run config itself, exactly once; a simulation hands
+    its plan over (its simulated run's count is in test_federated)."""
+    from crafted import counted_preflights
+
+    from fedtrak.config.settings import Settings
+    from fedtrak.server.preflight import preflight
+    from fedtrak.server.run import run_federated
+
+    settings = Settings().replaced(out=str(tmp_path / "run"), wait_for_nodes=0.01, clients=2)
+    with counted_preflights() as calls, pytest.raises(FedtrakError, match="only 0 of 2 clients"):
+        run_federated(NoNodes(), settings, "flower")
+    assert calls == [settings]
+    plan = preflight(settings)
+    with counted_preflights() as calls:
+        with pytest.raises(FedtrakError, match="only 0 of 2 clients"):
+            run_federated(NoNodes(), settings, "simulation", plan=plan)
+        with pytest.raises(FedtrakError, match="resolved from other settings"):
+            run_federated(NoNodes(), settings.replaced(clients=3), "simulation", plan=plan)
+    assert calls == []
