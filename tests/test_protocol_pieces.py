@@ -98,8 +98,8 @@ def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(t
     seen: list[int] = []
     stop_after = {"chunks": 2}
 
-    def small_chunks(task, state, m, settings):
-        featurizer = checkpoint_featurizer(task, state, m, settings)
+    def small_chunks(task, state, m, settings, proj_dim):
+        featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
         featurizer.chunk_examples = 128
         inner = featurizer.iter_chunks
 
@@ -345,7 +345,11 @@ def test_an_integer_for_a_float_setting_survives_the_job_round_trip():
     from fedtrak.wire import decode_job, encode_job
     from fedtrak.wire.job import Job, Resolved
 
+    from fedtrak.config.settings import PrivacySettings
+
     settings = Settings().replaced(epsilon=1, clip_norm=5, delta=1e-5)
     assert isinstance(settings.privacy.epsilon, float) and isinstance(settings.privacy.clip_norm, float)
     job = Job("r", settings, Resolved(64))
     assert decode_job(encode_job(job)).settings == settings
+    built = Settings(privacy=PrivacySettings(epsilon=1, clip_norm=5))  # built section by section
+    assert type(built.privacy.epsilon) is float and decode_job(encode_job(Job("r", built, Resolved(64)))).settings == built

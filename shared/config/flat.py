@@ -193,7 +193,11 @@ class Sectioned:
             yield spec, getattr(getattr(self, spec.section), spec.name)
 
     def check(self) -> None:
-        """Every field's own checks."""
+        """Every field's own checks, after Python's ``1`` where ``1.0`` is meant is made a float
+        (so the job's wire form, which is exact about types, carries it however it was built)."""
+        for spec, value in self._items():
+            if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(getattr(self, spec.section), spec.name, float(value))  # frozen, being built
         for spec, value in self._items():
             spec.check(value)
 
@@ -239,10 +243,7 @@ class Sectioned:
             raise FedtrakError(f"unknown setting(s) {unknown}; known: {sorted(by_name)}")
         changes: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
-            spec = by_name[name]
-            if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)  # Python's 1 where 1.0 is meant: the job's wire form is exact
-            changes.setdefault(spec.section, {})[name] = value
+            changes.setdefault(by_name[name].section, {})[name] = value  # check() makes an int a float
         sections = {name: dataclasses.replace(getattr(self, name), **vals) for name, vals in changes.items()}
         return dataclasses.replace(self, **sections)
 
