@@ -341,11 +341,9 @@ def test_a_device_joins_its_topk_batches_by_offset(tmp_path):
 def test_an_integer_for_a_float_setting_survives_the_job_round_trip():
     """``epsilon=1`` from Python (an int where a float is meant) once made every client refuse the job
     as malformed; the settings hold it as 1.0, and the job decodes to the same settings."""
-    from fedtrak.config.settings import Settings
+    from fedtrak.config.settings import PrivacySettings, Settings
     from fedtrak.wire import decode_job, encode_job
     from fedtrak.wire.job import Job, Resolved
-
-    from fedtrak.config.settings import PrivacySettings
 
     settings = Settings().replaced(epsilon=1, clip_norm=5, delta=1e-5)
     assert isinstance(settings.privacy.epsilon, float) and isinstance(settings.privacy.clip_norm, float)
