@@ -82,10 +82,9 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     """
     task = load_task(task_name, data=False)
     x, y = read_device_data(Path(data_path), task)
-    featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0,
-                                       Settings().replaced(proj_dim=proj_dim, projector=projector,
-                                                           batch_size=batch_size))
-    k = featurizer.projector.proj_dim
+    settings = Settings().replaced(proj_dim=proj_dim, projector=projector, batch_size=batch_size, weighting=weighting)
+    k = settings.projection.resolved_dim(task.num_params)  # as the server's preflight resolves it
+    featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0, settings, k)
     batch = min(batch_size, len(y))
     start = time.perf_counter()
     chunk = next(featurizer.iter_chunks(x[:batch], y[:batch]))
@@ -93,7 +92,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     noised = noise_multiplier > 0
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
-    weight = kernel_weight_bound(weighting == "curvature", task)
+    weight = kernel_weight_bound(settings.kernel.weighted, task)
     releases = _release_rows(checkpoints, k, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
     kept = ["features of every example, per checkpoint (the local store)"]
     if policy == "topk":

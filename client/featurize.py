@@ -65,7 +65,7 @@ def featurize_into_store(
             log.info("checkpoint %d: reusing the stored features", m)
             computed[m] = 0
             continue
-        featurizer = checkpoint_featurizer(task, dict(state), m, job.settings)
+        featurizer = checkpoint_featurizer(task, dict(state), m, job.settings, job.resolved.proj_dim)
         dim = featurizer.projector.proj_dim
         done = store.resume_point(m, len(data.y), dim, fp)
         if done:

@@ -47,17 +47,17 @@ def preflight(settings: Settings) -> Plan:
         FedtrakError: naming the bad setting.
     """
     task = load_run_task(settings)
-    p = settings.projection
-    proj = make_projector(p.projector, task.num_params, p.proj_dim, settings.task.seed, cache_bytes=0,
-                          model=task.make_model())
+    k = settings.projection.resolved_dim(task.num_params)
+    make_projector(settings.projection.projector, task.num_params, k, settings.task.seed, cache_bytes=0,
+                   model=task.make_model())  # a k the projector cannot take fails here
     source = resolve_kernel_source(settings, task)
     if source in USES_PUBLIC:
         public_data(settings, task)  # a bad public file fails here, before anything runs
-    dp = resolve_dp(settings, task, proj.proj_dim, source)
+    dp = resolve_dp(settings, task, k, source)
     if settings.privacy.clip_quantile is None:  # otherwise C, and the floor, come after the histograms
-        check_lambda_against_noise(settings, dp, proj.proj_dim, source)
+        check_lambda_against_noise(settings, dp, k, source)
     threshold = planned_threshold(settings) if uses_secure_agg(settings, source) else 0
-    resolved = Resolved(proj.proj_dim, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
+    resolved = Resolved(k, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
                         settings.training.local_epochs or task.training.local_epochs, source, dp.scales)
     return Plan(settings, task, resolved, dp)
 

@@ -30,6 +30,7 @@ from fedtrak.results.folder import (
 from fedtrak.server.preflight import load_run_task
 from fedtrak.timing import PhaseTimer, peak_memory_mb
 from fedtrak.trak.featurizer import Features, Featurizer
+from fedtrak.trak.kernel_sources import resolve_kernel_source
 from fedtrak.trak.per_checkpoint import score_features
 from fedtrak.trak.projectors import make_projector
 from fedtrak.trak.scoring import owner_means, owner_totals
@@ -58,19 +59,37 @@ def central_scores(
     timer: PhaseTimer | None = None,
     progress: bool = False,
     self_influence: bool = False,
+    resolved: Resolved | None = None,
 ) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
     """TRAK scores of the task's queries against ``(x_train, y_train)`` on pooled data.
 
     ``states`` are the checkpoints' state dicts (checkpoint m projects with
-    ``derive_seed(seed, m)``). Returns ``(scores (Q, n), per-checkpoint
-    records, self-influence (n,) or None)``.
+    ``derive_seed(seed, m)``); ``resolved``: what :func:`central_resolved` made of the settings
+    (resolved here if not given). Returns ``(scores (Q, n), per-checkpoint records,
+    self-influence (n,) or None)``.
     """
+    resolved = resolved or central_resolved(settings, task)
 
     def featurize(m: int, featurizer: Featurizer) -> Features:
         with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=None if progress else True) as bar:
             return featurizer.featurize(x_train, y_train, progress=bar.update)
 
-    return score_features(task, states, len(y_train), featurize, settings, timer, self_influence)
+    return score_features(task, states, len(y_train), featurize, settings, resolved.proj_dim, resolved.kernel_source,
+                          timer, self_influence)
+
+
+def central_resolved(settings: Settings, task: Task) -> Resolved:
+    """What the centralized path resolves from its settings, once: k (checked by building its
+    projector), the kernel source and the kernel's weight bound (no noise, no federation).
+
+    Raises:
+        FedtrakError: on a projection or kernel source the task cannot take.
+    """
+    k = settings.projection.resolved_dim(task.num_params)
+    make_projector(settings.projection.projector, task.num_params, k, settings.task.seed, cache_bytes=0,
+                   model=task.make_model())
+    return Resolved(k, weight_bound=weight_bound(settings, task), local_epochs=0,
+                    kernel_source=resolve_kernel_source(settings, task))
 
 
 def run_attribute(settings: Settings, progress: bool = True) -> dict:
@@ -93,16 +112,13 @@ def run_attribute(settings: Settings, progress: bool = True) -> dict:
         flips = settings.flips()
         flipped = flipped_indices(task.y_train, parts, flips)
         task = corrupted(task, parts, flips)
-        # Check the projection settings before spending time on training.
-        proj = make_projector(settings.projection.projector, task.num_params, settings.projection.proj_dim,
-                              settings.task.seed, cache_bytes=0, model=task.make_model())
-        resolved = Resolved(proj.proj_dim, weight_bound=weight_bound(settings, task), local_epochs=0)
+        resolved = central_resolved(settings, task)  # checked before spending time on training
     checkpoints = obtain_checkpoints(task, settings, out, timer, progress)
     writer = ResultWriter(out)
     try:
         scores, records, self_infl = central_scores(
             task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
-            settings, timer, progress, settings.wants_self_influence,
+            settings, timer, progress, settings.wants_self_influence, resolved,
         )
         for rec, (info, _) in zip(records, checkpoints):
             rec["file"] = info.file

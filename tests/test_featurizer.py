@@ -39,7 +39,7 @@ def test_vmap_grads_equal_per_example_loop(make_model, shape):
     x = torch.randn(12, *shape)
     y = torch.randint(0, 10, (12,))
     p = models.count_params(model)
-    feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, None, 0))
+    feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, p, 0))
     got = feat.per_example_grads(x, y)
     want = _loop_grads(model, x, y)
     assert got.shape == (12, p)
@@ -76,7 +76,7 @@ def test_non_finite_gradient_is_refused():
     with torch.no_grad():
         model[1].weight[3, 5] = float("nan")
     p = models.count_params(model)
-    feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, None, 0))
+    feat = Featurizer(model, ClassificationMargin(), make_projector("identity", p, p, 0))
     x = np.ones((4, 64), dtype=np.float32)
     with pytest.raises(FedtrakError, match="non-finite gradient"):
         feat.featurize(x, np.zeros(4, dtype=np.int64))
@@ -85,4 +85,4 @@ def test_non_finite_gradient_is_refused():
 def test_projector_must_match_model():
     model = models.logistic_regression(64, 10)
     with pytest.raises(FedtrakError, match="projector was built for 10 parameters"):
-        Featurizer(model, ClassificationMargin(), make_projector("identity", 10, None, 0))
+        Featurizer(model, ClassificationMargin(), make_projector("identity", 10, 10, 0))

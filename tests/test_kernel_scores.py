@@ -160,10 +160,10 @@ def test_float32_queries_on_the_wire_move_scores_by_under_1e_6_of_the_largest(di
     from fedtrak.trak.per_checkpoint import checkpoint_featurizer, solve_checkpoint
     from fedtrak.trak.scoring import kernel_term
 
-    settings = Settings().replaced(proj_dim=512)
+    settings = Settings()
     worst = 0.0
     for m, state in enumerate(logreg_states):
-        featurizer = checkpoint_featurizer(digits_logreg, state, m, settings)
+        featurizer = checkpoint_featurizer(digits_logreg, state, m, settings, 512)
         train = featurizer.featurize(digits_logreg.x_train, digits_logreg.y_train)
         g = gram(train.features, train.curvature)
         u, _, _ = solve_checkpoint(digits_logreg, featurizer, g, len(train.features), settings, m, PhaseTimer())

@@ -90,6 +90,19 @@ def test_bad_dimensions_are_refused():
     proj = make_projector("gaussian", 100, 8, seed=0)
     with pytest.raises(FedtrakError, match=r"shape \(batch, 100\)"):
         proj.project(torch.zeros(3, 99))
+    for kind in ("rademacher", "identity"):  # k is resolved once, before any projector is built
+        with pytest.raises(FedtrakError, match="needs a resolved projection dimension k, got None"):
+            make_projector(kind, 100, None, seed=0)
+
+
+def test_k_is_resolved_once_from_the_settings():
+    """An unset k is the default for the random projections and the parameter count for the
+    identity; a given one stays (the projector checks it)."""
+    from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
+
+    assert Settings().projection.resolved_dim(100_000) == DEFAULT_PROJ_DIM
+    assert Settings().replaced(projector="identity").projection.resolved_dim(650) == 650
+    assert Settings().replaced(proj_dim=64, projector="factorized").projection.resolved_dim(650) == 64
 
 
 def test_released_buffer_is_reused_without_changing_results():

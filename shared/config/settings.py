@@ -151,6 +151,15 @@ class ProjectionSettings:
                                          "parameter count for identity)", minimum=1)
     batch_size: int = setting(256, "examples per vmap call", minimum=1)
 
+    def resolved_dim(self, num_params: int) -> int:
+        """k resolved for a model of ``num_params`` parameters: as given, else the parameter count
+        for the identity projector and :data:`DEFAULT_PROJ_DIM` for the random projections (the
+        projector checks the value). Only the resolution (preflight, the centralized path) calls
+        this; everything after takes the resolved k."""
+        if self.proj_dim is not None:
+            return self.proj_dim
+        return num_params if self.projector == "identity" else DEFAULT_PROJ_DIM
+
 
 @dataclass(frozen=True)
 class KernelSettings:

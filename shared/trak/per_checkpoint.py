@@ -1,8 +1,9 @@
 """TRAK per checkpoint: its featurizer, its kernel and preconditioned queries, and central scoring.
 
 Every side builds checkpoint m's featurizer with :func:`checkpoint_featurizer`
-from the same settings (projection seed ``derive_seed(seed, m)``), so they
-agree on the projection without exchanging anything but those few numbers.
+from the same settings and the run's resolved k (projection seed
+``derive_seed(seed, m)``), so they agree on the projection without exchanging
+anything but those few numbers.
 The server holds the queries: for checkpoint m it regularizes the summed
 Gram ``Phi_m^T Phi_m`` with lambda and computes ``U_m = phi_m(Q) K_m^{-1}``
 (:func:`solve_checkpoint`); in private mode it sends ``U_m`` to the clients.
@@ -33,7 +34,7 @@ from fedtrak.trak.kernel import (
     precondition,
     resolve_lambda,
 )
-from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source, source_gram
+from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, source_gram
 from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
 from fedtrak.trak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 
@@ -44,16 +45,17 @@ def kernel_weights(settings: Settings, curvature: np.ndarray | None) -> np.ndarr
     Raises:
         FedtrakError: if curvature weighting is asked for and the features carry no weights.
     """
-    if settings.kernel.weighting == "none":
+    if not settings.kernel.weighted:
         return None
     if curvature is None:
         raise FedtrakError("the curvature-weighted kernel needs each example's curvature weight")
     return curvature
 
 
-def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
+def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings, proj_dim: int,
                           cache_bytes: int = DEFAULT_CACHE_BYTES) -> Featurizer:
-    """The featurizer of checkpoint ``m``: its model and its own seeded projector.
+    """The featurizer of checkpoint ``m``: its model and its own seeded projector to the run's
+    resolved ``proj_dim`` (:class:`fedtrak.wire.job.Resolved`'s, as preflight resolved it).
 
     Raises:
         FedtrakError: if the state does not fit the task's model or the
@@ -61,7 +63,7 @@ def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, se
     """
     model = model_from_state(task, state, f"checkpoint {m}")
     proj = settings.projection
-    projector = make_projector(proj.projector, count_params(model), proj.proj_dim,
+    projector = make_projector(proj.projector, count_params(model), proj_dim,
                                derive_seed(settings.task.seed, m), cache_bytes, model=model)
     return Featurizer(model, task.output, projector, batch_size=proj.batch_size)
 
@@ -109,6 +111,8 @@ def score_features(
     num_train: int,
     train_features: Callable[[int, Featurizer], Features],
     settings: Settings,
+    proj_dim: int,
+    source: str,
     timer: PhaseTimer | None = None,
     self_influence: bool = False,
 ) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
@@ -116,17 +120,17 @@ def score_features(
 
     ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
     features in column order (computed on the spot by the centralized path,
-    received from clients in ``features`` mode). The kernel comes from the
-    settings' source (:mod:`fedtrak.trak.kernel_sources`). Returns the scores, one
-    record per checkpoint and, if asked, every example's self-influence ``(n,)``.
+    received from clients in ``features`` mode). ``proj_dim`` and the kernel
+    ``source`` (:mod:`fedtrak.trak.kernel_sources`) are the run's resolved ones.
+    Returns the scores, one record per checkpoint and, if asked, every
+    example's self-influence ``(n,)``.
     """
     timer = timer or PhaseTimer()
-    source = resolve_kernel_source(settings, task)
     public = public_data(settings, task) if source in USES_PUBLIC else None
     ensemble = ScoreEnsemble(len(task.y_query), num_train)
     records = []
     for m, state in enumerate(states):
-        featurizer = checkpoint_featurizer(task, state, m, settings)
+        featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
         with timer.phase("featurize_train"):
             feats = train_features(m, featurizer)
         with timer.phase("kernel"):

@@ -21,6 +21,7 @@ from fedtrak.config.settings import (
     DEFAULT_CLIP_MODE,
     DEFAULT_DELTA,
     DEFAULT_PROJ_DIM,
+    KernelSettings,
     Settings,
     releases_gram,
 )
@@ -73,7 +74,8 @@ def accounted_epsilon(setting: AttackSetting) -> float | None:
     if not setting.dp.active:
         return None
     plan = release_plan(setting.mode, setting.checkpoints, setting.dp, self_influence=False,
-                        weighted=setting.weighting != "none", gram_released=releases_gram(setting.kernel_source))
+                        weighted=KernelSettings(weighting=setting.weighting).weighted,
+                        gram_released=releases_gram(setting.kernel_source))
     return round(epsilon(plan, setting.dp.delta), 3)
 
 
@@ -98,8 +100,10 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
     settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed,
-                                   weighting=setting.weighting, kernel_source=setting.kernel_source)
-    views = [ServerView(task, s, m, settings, setting.dp) for m, s in enumerate(states[: setting.checkpoints])]
+                                   weighting=setting.weighting)
+    k = settings.projection.resolved_dim(task.num_params)
+    views = [ServerView(task, s, m, settings, setting.dp, k, setting.kernel_source)
+             for m, s in enumerate(states[: setting.checkpoints])]
     view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
     block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,
                    "noise_multiplier": setting.dp.noise_multiplier, "clip_norm": setting.dp.clip_norm or None,

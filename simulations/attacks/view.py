@@ -47,13 +47,14 @@ class ServerView:
     """Checkpoint ``m`` as the server sees it: a differentiable feature map and the client's releases."""
 
     def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
-                 dp: DPSettings) -> None:
+                 dp: DPSettings, proj_dim: int, kernel_source: str) -> None:
+        """``proj_dim`` and ``kernel_source``: the run's resolved k and kernel source."""
         self.task, self.m, self.dp = task, m, dp
         #: Whether the run's kernel is curvature-weighted (its Gram releases are ``Phi^T diag(w) Phi``).
         self.weighted = settings.kernel.weighted
         #: Whether clients release Grams (not under a public kernel, which the server builds itself).
-        self.gram_released = releases_gram(settings.kernel.kernel_source)
-        self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings)
+        self.gram_released = releases_gram(kernel_source)
+        self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
         self.identity = isinstance(proj, IdentityProjector)

@@ -40,7 +40,7 @@ def _featurize_child(task_name: str, num: int, proj_dim: int, projector: str, qu
 
     task = load_task(task_name, num, 1)
     state = seeded_model(task, 0).state_dict()
-    featurizer = checkpoint_featurizer(task, state, 0, Settings().replaced(proj_dim=proj_dim, projector=projector))
+    featurizer = checkpoint_featurizer(task, state, 0, Settings().replaced(projector=projector), proj_dim)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     resident = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current size

@@ -107,7 +107,8 @@ def audit_gram(
     """
     task = load_task(task_name)
     clip = clip_norm or task.clip_norm
-    bound = kernel_weight_bound(weighting == "curvature", task)
+    settings = Settings().replaced(seed=seed, weighting=weighting)
+    bound = kernel_weight_bound(settings.kernel.weighted, task)
     dp = DPSettings(noise_multiplier, float(clip or 0.0), delta=delta, gram_weight=bound)
     dp.validate()
     if not dp.active:
@@ -116,11 +117,11 @@ def audit_gram(
         raise FedtrakError(f"the audit needs at least one release, got {releases}")
     model = train_central(task, seed)
     idx = partition(task.y_train, clients, "iid", seed=seed).clients[0]
-    featurized = checkpoint_featurizer(task, model.state_dict(), 0, Settings().replaced(proj_dim=proj_dim, seed=seed))\
+    featurized = checkpoint_featurizer(task, model.state_dict(), 0, settings, proj_dim)\
         .featurize(task.x_train[idx], task.y_train[idx])
     features = featurized.features.astype(np.float64)
     features *= clip_scales(np.linalg.norm(features, axis=1)[None, :], dp.clip_norm, dp.clip_mode)[0][:, None]
-    base = gram(features, featurized.curvature if weighting == "curvature" else None)
+    base = gram(features, featurized.curvature if settings.kernel.weighted else None)
     k = base.shape[0]
     rng, coins = noise_rng(), np.random.default_rng([seed, 0xA0D17])
     inserted = coins.random((releases, k)) < 0.5

@@ -8,9 +8,11 @@ per-layer (Kronecker) projection that never forms a per-example gradient.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from fedtrak.config.settings import DEFAULT_PROJ_DIM, PROJECTORS
+from fedtrak.config.settings import PROJECTORS
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
 from fedtrak.trak.projectors.dense import (
@@ -22,24 +24,30 @@ from fedtrak.trak.projectors.dense import (
 )
 from fedtrak.trak.projectors.factorized import FactorizedProjector
 
-__all__ = ["BLOCK_ROWS", "DEFAULT_CACHE_BYTES", "DEFAULT_PROJ_DIM", "BlockRandomProjector", "FactorizedProjector",
+__all__ = ["BLOCK_ROWS", "DEFAULT_CACHE_BYTES", "BlockRandomProjector", "FactorizedProjector",
            "GaussianProjector", "IdentityProjector", "Projector", "RademacherProjector",
            "make_projector"]
 
 
 def make_projector(
-    kind: str, grad_dim: int, proj_dim: int | None, seed: int,
+    kind: str, grad_dim: int, proj_dim: int, seed: int,
     cache_bytes: int = DEFAULT_CACHE_BYTES, model: torch.nn.Module | None = None,
 ) -> Projector:
     """Build a projector by name (``rademacher``, ``gaussian``, ``factorized`` or ``identity``).
 
-    ``proj_dim=None`` means the number of parameters for the identity and
-    :data:`DEFAULT_PROJ_DIM` for the random projections. ``factorized``
+    ``proj_dim`` is the resolved k (:meth:`fedtrak.config.settings.ProjectionSettings.resolved_dim`;
+    for the identity, the parameter count ``grad_dim``). ``factorized``
     (:mod:`fedtrak.trak.projectors.factorized`) is built from the ``model``'s layers.
+
+    Raises:
+        FedtrakError: on an unknown kind, a k that is not a resolved positive integer or does not
+            fit the projector.
     """
+    if isinstance(proj_dim, bool) or not isinstance(proj_dim, numbers.Integral):
+        raise FedtrakError(f"the {kind} projector needs a resolved projection dimension k, got {proj_dim!r}")
+    proj_dim = int(proj_dim)
     if kind == "identity":
         return IdentityProjector(grad_dim, proj_dim, seed)
-    proj_dim = DEFAULT_PROJ_DIM if proj_dim is None else proj_dim
     if kind == "factorized":
         if model is None:
             raise FedtrakError("the factorized projector needs the model (its layers set the factors)")
