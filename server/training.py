@@ -32,6 +32,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon_with_training
 from fedtrak.privacy.training import (
     attribution_epsilon,
+    given_train_sigma,
     local_steps,
     sized_to_target,
     training_epsilon,
@@ -127,7 +128,7 @@ def training_privacy(settings: Settings, task: Task, counts: dict[str, int], loc
                          f"in Renyi DP, to epsilon {settings.privacy.epsilon:g}",
                      epsilon_with_attribution_max=settings.privacy.epsilon)
         return block
-    sigma = t.dp_train_noise or settings.privacy.noise_multiplier
+    sigma = given_train_sigma(settings)
     steps = {owner: len(training_rounds(settings)) * local_steps(n, batch, local_epochs) for owner, n in counts.items()}
     per_client = {owner: training_epsilon(sigma, batch, n, steps[owner], delta) for owner, n in counts.items()}
     block.update(noise_multiplier=sigma, how=f"DP-SGD at noise multiplier {sigma:g}",

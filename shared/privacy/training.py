@@ -130,6 +130,12 @@ def sized_to_target(settings: Settings) -> bool:
         settings.privacy.epsilon is not None and not math.isinf(settings.privacy.epsilon)
 
 
+def given_train_sigma(settings: Settings) -> float:
+    """The DP-SGD noise multiplier where the settings give it rather than each device sizing it to a
+    target epsilon: ``dp-train-noise``, else the run's noise multiplier as given."""
+    return settings.training.dp_train_noise or settings.privacy.noise_multiplier
+
+
 def attribution_epsilon(settings: Settings) -> float | None:
     """The epsilon the attribution releases are sized for: the run's target, less training's share
     when the devices size their DP-SGD noise to that target (``None``: no target)."""
@@ -176,11 +182,9 @@ def _device_train_sigma(settings: Settings, attribution: tuple[Release, ...], nu
     """
     if not trains_privately(settings):
         return 0.0
-    t, p = settings.training, settings.privacy
-    if t.dp_train_noise > 0:
-        return t.dp_train_noise
     if not sized_to_target(settings):
-        return p.noise_multiplier
+        return given_train_sigma(settings)
+    p = settings.privacy
     rounds = len(training_rounds(settings))
 
     def cost(sigma: float) -> float:
