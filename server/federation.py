@@ -29,6 +29,7 @@ from tqdm import tqdm
 from fedtrak import wire
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.results.summary import Clients, Excluded
 from fedtrak.server.validation import read_info
 
 log = logging.getLogger("fedtrak.server")
@@ -359,16 +360,14 @@ class Federation:
 
         return sorted(self.active(), key=key)
 
-    def report(self) -> dict:
+    def report(self) -> Clients:
         """The clients part of the run summary (bytes: payloads of every message of the run)."""
         for node, c in self.clients.items():
             c.bytes_sent, c.bytes_received = self.grid.bytes[node]["sent"], self.grid.bytes[node]["received"]
-        clients = [asdict(c) for c in self.clients.values()]
-        excluded = [{"node_id": c["node_id"], "owner": c["owner"], "reason": c["excluded"]}
-                    for c in clients if c["excluded"] is not None]
-        total = {"sent": sum(c["bytes_sent"] for c in clients),
-                 "received": sum(c["bytes_received"] for c in clients)}
-        return {"clients": clients, "excluded": excluded, "complete_federation": not excluded,
-                "bytes": {**total, "per_step": dict(self.grid.steps)},
-                "client_seconds": {step: round(s, 3) for step, s in self.grid.client_seconds.items()},
-                "client_peak_memory_mb": dict(self.grid.client_peak_mb)}
+        clients = tuple(self.clients.values())
+        return Clients(tuple(asdict(c) for c in clients),
+                       tuple(Excluded(c.node_id, c.owner, c.excluded) for c in clients if c.excluded is not None),
+                       sum(c.bytes_sent for c in clients), sum(c.bytes_received for c in clients),
+                       dict(self.grid.steps),
+                       {step: round(s, 3) for step, s in self.grid.client_seconds.items()},
+                       dict(self.grid.client_peak_mb))

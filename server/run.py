@@ -35,6 +35,7 @@ from fedtrak.results.folder import (
     add_score_arrays,
     add_self_influence,
 )
+from fedtrak.results.summary import SUMMARY, RunSummary
 from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
 from fedtrak.server.preflight import Plan, check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
@@ -47,7 +48,7 @@ log = logging.getLogger("fedtrak.server")
 
 
 def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", progress: bool = False,
-                  plan: Plan | None = None) -> dict:
+                  plan: Plan | None = None) -> RunSummary:
     """Run one federated attribution and write its run folder; returns the summary.
 
     ``kind`` (``flower`` or ``simulation``) picks the run folder's default; ``progress`` shows progress
@@ -111,8 +112,6 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
             outcome = run_private(fed, task, job, states, timer, state, saved)
         else:
             outcome = run_features(fed, task, job, states, timer)
-        for rec, (info, _) in zip(outcome.records, checkpoints):
-            rec.update(file=info.file, algorithm=info.algorithm, accuracy=info.accuracy)
         with timer.phase("write"):
             add_score_arrays(writer, outcome.scores, outcome.ids, outcome.owner_totals, settings.release.topk)
             add_self_influence(writer, outcome.self_influence, outcome.owner_self_influence)
@@ -120,14 +119,13 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
                              outcome.owner_values)
             if flips.active:
                 writer.add_array("flipped", flipped)
-        summary = run_summary(job, task, fed, outcome, dp, flips, flipped, timer, len(states))
-        if resumed is not None:
-            summary["resumed"] = {"run_id": job.run_id, "reused": reused}
+        summary = run_summary(job, task, fed, outcome, [info for info, _ in checkpoints], dp, flips, flipped,
+                              timer, reused if resumed is not None else None).marked(True)
         writer.commit(summary)
         state.clear()
         log.info("fedtrak: wrote %s", out_dir)
         if kind == "flower":  # the operator reads the ServerApp's log (flwr run --stream): say where and what next
-            where = (f"results: {out_dir} on the SuperLink host (summary.json, owner_scores.npy and the rest of "
+            where = (f"results: {out_dir} on the SuperLink host ({SUMMARY}, owner_scores.npy and the rest of "
                      "the run folder)")
             for line in [where, *answer_lines(out_dir, summary)]:
                 log.info("%s", line)

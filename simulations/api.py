@@ -25,6 +25,7 @@ from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import CheckpointInfo, write_checkpoint
 from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
+from fedtrak.results.summary import RunSummary
 
 #: Checkpoints a user passes in: a folder with a manifest, or models or state dicts.
 Checkpoints = int | str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]
@@ -36,7 +37,8 @@ class Result:
 
     Attributes:
         out: the run folder (the same files the CLI writes).
-        summary: its ``summary.json``.
+        summary: its ``summary.json``, read through its accessors
+            (:class:`~fedtrak.results.summary.RunSummary`; ``summary.doc`` is the JSON itself).
         owner_scores: ``(queries, owners)``: the sum of each owner's scores.
         owners: the owner label of each ``owner_scores`` column.
         scores: ``(queries, training examples)`` where the run released them (``attribute``,
@@ -48,7 +50,7 @@ class Result:
     """
 
     out: Path
-    summary: dict
+    summary: RunSummary
     owner_scores: np.ndarray
     owners: list[str]
     scores: np.ndarray | None = None
@@ -67,10 +69,7 @@ class Result:
         folder = RunFolder.open(Path(out))
         optional = {name: np.load(folder.path / f"{name}.npy") if folder.has(name) else None
                     for name in ("scores", "example_ids", "self_influence")}
-        summary = folder.summary
-        owners = ([str(o["owner"]) for o in summary["owners"]] if "owners" in summary
-                  else [str(c) for c in range(int(summary["partition"]["num_clients"]))])
-        return cls(folder.path, summary, np.load(folder.path / "owner_scores.npy"), owners,
+        return cls(folder.path, folder.summary, np.load(folder.path / "owner_scores.npy"), folder.summary.owner_labels,
                    optional["scores"], optional["example_ids"], optional["self_influence"])
 
 
@@ -182,7 +181,7 @@ def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = Fa
                                              Path(cache_dir) if cache_dir else DEFAULT_CACHE, workers,
                                              progress=progress, ceiling=ceiling))
     if isinstance(run, Result):
-        run.summary = {**run.summary, "evaluation": block}
+        run.summary = run.summary.with_evaluation(block)
     return block
 
 

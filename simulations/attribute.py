@@ -25,10 +25,10 @@ from fedtrak.results.folder import (
     add_owner_values,
     add_score_arrays,
     add_self_influence,
-    flips_block,
 )
+from fedtrak.results.summary import Flips, Partition, RunSummary, build
 from fedtrak.server.preflight import load_run_task
-from fedtrak.timing import PhaseTimer, peak_memory_mb
+from fedtrak.timing import PhaseTimer
 from fedtrak.trak.featurizer import Features, Featurizer
 from fedtrak.trak.kernel_sources import resolve_kernel_source
 from fedtrak.trak.per_checkpoint import score_features
@@ -92,7 +92,7 @@ def central_resolved(settings: Settings, task: Task) -> Resolved:
                     kernel_source=resolve_kernel_source(settings, task))
 
 
-def run_attribute(settings: Settings, progress: bool = True) -> dict:
+def run_attribute(settings: Settings, progress: bool = True) -> RunSummary:
     """Run the centralized reference attribution and write its run folder (``runs/central`` unless
     the settings name one); the owners are the settings' partition of the training set.
 
@@ -120,8 +120,6 @@ def run_attribute(settings: Settings, progress: bool = True) -> dict:
             task, [state for _, state in checkpoints], task.x_train[order], task.y_train[order],
             settings, timer, progress, settings.wants_self_influence, resolved,
         )
-        for rec, (info, _) in zip(records, checkpoints):
-            rec["file"] = info.file
         with timer.phase("write"):
             owners = owner_totals(scores, parts.owners(), parts.num_clients)
             add_score_arrays(writer, scores, parts.example_ids(), owners, settings.release.topk)
@@ -130,28 +128,9 @@ def run_attribute(settings: Settings, progress: bool = True) -> dict:
             add_owner_values(writer, settings.release.owner_value, task.y_query, owners)
             if flips.active:
                 writer.add_array("flipped", flipped)
-        summary = {
-            "mode": "central",
-            "task": task.name,
-            "num_train": len(order),
-            "num_queries": len(task.y_query),
-            "num_params": records[0]["num_params"],
-            "proj_dim": records[0]["proj_dim"],
-            "projector": settings.projection.projector,
-            "num_checkpoints": len(checkpoints),
-            "normalization": settings.kernel.normalize,
-            "ensemble": "mean kernel term x mean out-to-loss (TRAK Algorithm 1)",
-            "score_sign": "positive = training example raises the query's margin",
-            "lambda": [r["lambda"] for r in records],
-            "checkpoints": records,
-            "partition": parts.describe(),
-            **flips_block(flips, flipped),
-            "resolved": {**resolved.describe(), "lambda": [r["lambda"] for r in records]},
-            "settings": settings.nested(),
-            "config": settings.flat(),
-            "seconds": timer.report(),
-            "peak_memory_mb": peak_memory_mb(),
-        }
+        summary = build(settings, resolved, task.name, len(order), len(task.y_query), records,
+                        [info for info, _ in checkpoints], Partition.of(parts), Flips.of(flips, flipped),
+                        timer).marked(True)
         writer.commit(summary)
         return summary
     except BaseException:

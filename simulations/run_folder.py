@@ -2,25 +2,23 @@
 
 Both the centralized path (``fedtrak attribute``) and federated runs
 (``fedtrak simulate``, ``flwr run``) write the format of
-:mod:`fedtrak.results.folder`; evaluation and reports read it here. Config keys
-differ in spelling between the two (``train_size`` vs ``train-size``);
-:meth:`RunFolder.setting` reads either.
+:mod:`fedtrak.results.folder`; evaluation and reports read it here, the summary through
+:class:`fedtrak.results.summary.RunSummary`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedtrak.data.checkpoints import atomic_write_json, read_manifest
+from fedtrak.data.checkpoints import read_manifest
 from fedtrak.data.partition import Partition, partition
 from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
-from fedtrak.results.folder import SUMMARY
+from fedtrak.results.summary import SUMMARY, RunSummary, load, save
 from fedtrak.simulations.evaluation.retrain import Recipe
 
 
@@ -29,39 +27,24 @@ class RunFolder:
     """A complete run folder and its parsed ``summary.json``."""
 
     path: Path
-    summary: dict
+    summary: RunSummary
 
     @classmethod
     def open(cls, path: Path) -> RunFolder:
         """Open a run folder.
 
         Raises:
-            FedtrakError: if the folder or its summary is missing, unreadable
-                or marks an incomplete run (one the server ended without results:
-                naming its recorded reason).
+            FedtrakError: if the folder or its summary is missing, unreadable, of a summary version
+                this release does not read, or marks an incomplete run (one the server ended
+                without results: naming its recorded reason).
         """
         path = Path(path)
-        file = path / SUMMARY
-        if not file.is_file():
-            raise FedtrakError(f"{path} is not a run folder: it has no {SUMMARY}")
-        try:
-            summary = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            raise FedtrakError(f"cannot read {file}: {exc}") from exc
-        failure = summary.get("failure") if isinstance(summary, dict) else None
-        if isinstance(failure, dict) and summary.get("complete") is False:
-            raise FedtrakError(f"{file} records a run that ended without results: {failure.get('reason')}")
-        if not isinstance(summary, dict) or summary.get("complete") is not True:
-            raise FedtrakError(f"{file} does not describe a complete run")
+        summary = load(path)
+        if summary.failure_reason is not None and not summary.complete:
+            raise FedtrakError(f"{path / SUMMARY} records a run that ended without results: {summary.failure_reason}")
+        if not summary.complete:
+            raise FedtrakError(f"{path / SUMMARY} does not describe a complete run")
         return cls(path, summary)
-
-    def setting(self, name: str, default: Any = None) -> Any:
-        """A config value by its Python name, from either spelling of the run's config."""
-        config = self.summary.get("config", {})
-        for key in (name, name.replace("_", "-")):
-            if key in config:
-                return config[key]
-        return default
 
     def has(self, name: str) -> bool:
         """Whether the run wrote ``name.npy``."""
@@ -79,15 +62,15 @@ class RunFolder:
 
     def owner_partition_ids(self) -> np.ndarray:
         """The simulation partition of each ``owner_scores`` column."""
-        owners = self.summary.get("owners")
-        if owners is None:  # the centralized path: column c is client c
-            return np.arange(int(self.summary["partition"]["num_clients"]))
-        return np.array([int(o["partition_id"]) for o in owners])
+        if not self.summary.owners:  # the centralized path: column c is client c
+            part = self.summary.partition
+            return np.arange(part.num_clients if part else 0)
+        return np.array([o.partition_id for o in self.summary.owners])
 
     def checkpoint_folder(self) -> Path:
         """Where the run's checkpoints (and their manifest) are."""
         own = self.path / "checkpoints"
-        given = self.setting("checkpoint_dir")
+        given = self.summary.settings.training.checkpoint_dir
         return Path(given).expanduser() if given and not (own / "manifest.json").exists() else own
 
     def recipe(self) -> Recipe:
@@ -98,11 +81,11 @@ class RunFolder:
                 their own), clients were excluded, or the checkpoints' manifest
                 is missing or mixes algorithms.
         """
-        part = self.summary.get("partition")
+        part, settings = self.summary.partition, self.summary.settings
         if part is None or min(self.owner_partition_ids(), default=-1) < 0:
             raise FedtrakError(f"{self.path}: the run's clients brought their own data; ground truth "
                                "retrains on the task's data and needs a simulation or attribute run")
-        if self.summary.get("excluded"):
+        if self.summary.clients.excluded:
             raise FedtrakError(f"{self.path}: clients were excluded from the run, so its scores do not "
                                "cover the training set that ground truth retrains on")
         _, infos = read_manifest(self.checkpoint_folder())
@@ -110,7 +93,7 @@ class RunFolder:
             # steps of one training run, however many of them this run used: retrain that whole run
             infos = [max(infos, key=lambda i: (i.rounds or 0, i.epochs or 0, i.steps or 0))]
         else:
-            infos = infos[: int(self.summary["num_checkpoints"])]
+            infos = infos[: self.summary.num_checkpoints]
         kinds = {(i.algorithm, i.epochs, i.rounds) for i in infos}
         if len(kinds) != 1:
             raise FedtrakError(f"{self.path}: checkpoints were trained in different ways {sorted(map(str, kinds))}")
@@ -119,29 +102,24 @@ class RunFolder:
             if not rounds or not epochs or epochs % rounds:
                 raise FedtrakError(f"{self.path}: FedAvg checkpoints without a whole number of local epochs")
             epochs //= rounds
-        flips = self.summary.get("flips") or {}
+        flips = self.summary.flips
         return Recipe(
-            task=str(self.setting("task")), train_size=int(self.setting("train_size") or 0),
-            query_size=int(self.setting("query_size") or 0), algorithm=algorithm,
-            epochs=int(epochs or 0), rounds=int(rounds or 0), partition=str(part["scheme"]),
-            num_clients=int(part["num_clients"]),
-            alpha=float(part["alpha"]) if part["scheme"] == "dirichlet" else 0.0,
-            partition_seed=int(part["seed"]), flip_fraction=float(flips.get("fraction", 0.0)),
-            flip_clients=tuple(int(c) for c in flips.get("clients", ())), flip_seed=int(flips.get("seed", 0)),
-            **(self._dp_sgd(int(part["num_clients"])) if algorithm == "fedavg-dp-sgd" else {}),
+            task=settings.task.task, train_size=settings.task.train_size or 0,
+            query_size=settings.task.query_size or 0, algorithm=algorithm,
+            epochs=int(epochs or 0), rounds=int(rounds or 0), partition=part.scheme,
+            num_clients=part.num_clients, alpha=float(part.alpha or 0.0) if part.scheme == "dirichlet" else 0.0,
+            partition_seed=part.seed, flip_fraction=flips.fraction if flips else 0.0,
+            flip_clients=flips.clients if flips else (), flip_seed=flips.seed if flips else 0,
+            **(self._dp_sgd(part.num_clients) if algorithm == "fedavg-dp-sgd" else {}),
         )
 
     def _dp_sgd(self, num_clients: int) -> dict[str, Any]:
         """Each simulated client's DP-SGD noise multiplier in this run, as its device set it (the
         contract of the run's job on the client's partition) and the clip norm."""
         from fedtrak.client.contract import Contract
-        from fedtrak.config.settings import Settings
-        from fedtrak.wire.job import Job, Resolved
 
-        settings = Settings.from_flat(self.summary["config"])
-        resolved = Resolved(**{k: v for k, v in self.summary["resolved"].items()
-                               if k in Resolved.__dataclass_fields__})
-        job = Job(str(self.summary.get("run_id", "")), settings, resolved)
+        job = self.summary.job()
+        settings = job.settings
         task, parts = Recipe(task=settings.task.task, train_size=settings.task.train_size or 0,
                              query_size=settings.task.query_size or 0, algorithm="central-sgd", epochs=1, rounds=0,
                              partition=settings.partition.partition, num_clients=num_clients,
@@ -160,15 +138,14 @@ class RunFolder:
         try:
             return self.recipe().load()
         except FedtrakError:
-            task = cached_task(str(self.setting("task")), int(self.setting("train_size") or 0),
-                               int(self.setting("query_size") or 0))
-        part = self.summary.get("partition")
+            t = self.summary.settings.task
+            task = cached_task(t.task, t.train_size or 0, t.query_size or 0)
+        part = self.summary.partition
         if part is None or min(self.owner_partition_ids(), default=-1) < 0:
             return task, None
-        return task, partition(task.y_train, int(part["num_clients"]), str(part["scheme"]),
-                               float(part.get("alpha") or 0.5), int(part["seed"]))
+        return task, partition(task.y_train, part.num_clients, part.scheme, float(part.alpha or 0.5), part.seed)
 
     def write_evaluation(self, block: dict) -> None:
         """Replace the summary's ``evaluation`` block, atomically (the rest is kept)."""
-        self.summary["evaluation"] = block
-        atomic_write_json(self.path / SUMMARY, self.summary)
+        self.summary = self.summary.with_evaluation(block)
+        save(self.summary, self.path)

@@ -21,6 +21,7 @@ from fedtrak.client.app import Handler, client_app
 from fedtrak.config.settings import Settings
 from fedtrak.data.tasks import registered_tasks
 from fedtrak.errors import FedtrakError
+from fedtrak.results.summary import RunSummary
 from fedtrak.server.app import server_app
 from fedtrak.server.preflight import preflight
 
@@ -69,7 +70,7 @@ def client_defaults(settings: Settings) -> dict[str, Any]:
 
 def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[str, Handler] | None = None,
                    node_settings: Mapping[str, Any] | None = None, progress: bool = False,
-                   ray_address: str | None = None) -> dict:
+                   ray_address: str | None = None) -> RunSummary:
     """Run ``settings`` with ``clients`` virtual clients; return the run summary.
 
     The virtual clients run on a Ray runtime started for this run on this machine's cores, or,

@@ -151,19 +151,19 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         summary = run_simulation(settings)
         block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0, ceiling=False,
                                               cache_dir=cfg.cache_dir, progress=False))
-        privacy = summary["privacy"]
+        privacy = summary.privacy
         mis = block.get("mislabel", {})
         attack = _attack_measures(run, mode, cfg.attack_targets)
         rows.append({
-            "line": variant.label, "mode": mode, "kernel_source": summary.get("kernel_source", "private"),
-            "secure_aggregation": bool(privacy.get("secure_aggregation", False)), "epsilon": eps,
-            "sigma": privacy.get("noise_multiplier", 0.0),
+            "line": variant.label, "mode": mode, "kernel_source": summary.kernel_source,
+            "secure_aggregation": bool(privacy and privacy.secure_aggregation), "epsilon": eps,
+            "sigma": privacy.noise_multiplier if privacy else 0.0,
             "lds": block["lds"]["lds"], "lds_ci_low": block["lds"]["ci_low"], "lds_ci_high": block["lds"]["ci_high"],
             "owner_lds": block["owner_lds"]["lds"], "owner_lds_ci_low": block["owner_lds"]["ci_low"],
             "owner_lds_ci_high": block["owner_lds"]["ci_high"],
             "mislabel_auroc": mis.get("examples", {}).get("auroc", float("nan")),
             "mislabel_auroc_owners": mis.get("owners", {}).get("auroc", float("nan")),
-            **attack, "seconds": summary["seconds"]["total"],
+            **attack, "seconds": summary.total_seconds,
         })
         (run / POINT_FILE).write_text(json.dumps({**key, "row": rows[-1]}, default=_json_number))
     write_table(rows, out)

@@ -91,8 +91,8 @@ def test_attribute_in_memory_with_the_users_own_checkpoints(blob_task, tmp_path)
     models = [blob_task.make_model() for _ in range(2)]
     result = fedtrak.attribute(blob_task, checkpoints=models, out=tmp_path / "run", proj_dim=32, clients=4)
     assert result.scores.shape == (20, 120) and result.owner_scores.shape == (20, 4)
-    assert result.owners == ["0", "1", "2", "3"] and result.summary["num_checkpoints"] == 2
-    assert result.summary["resolved"]["proj_dim"] == 32 and result.summary["settings"]["projection"]["proj-dim"] == 32
+    assert result.owners == ["0", "1", "2", "3"] and result.summary.num_checkpoints == 2
+    assert result.summary.resolved.proj_dim == 32 and result.summary.settings.projection.proj_dim == 32
     again = fedtrak.Result.load(tmp_path / "run")
     np.testing.assert_array_equal(again.scores, result.scores)
     np.testing.assert_allclose(result.owner_scores.sum(axis=1), result.scores.sum(axis=1), rtol=1e-4, atol=1e-6)
@@ -168,5 +168,5 @@ def test_the_own_model_example_runs_and_federated_equals_central(tmp_path):
     assert "equal to 1e-4" in proc.stdout
     central = fedtrak.Result.load(tmp_path / "central")
     federated = fedtrak.Result.load(tmp_path / "federated")
-    assert federated.summary["mode"] == "private" and len(federated.summary["clients"]) == 10
+    assert federated.summary.mode == "private" and len(federated.summary.clients.clients) == 10
     np.testing.assert_allclose(federated.scores, central.scores, rtol=1e-4, atol=1e-4 * np.abs(central.scores).max())

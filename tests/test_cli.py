@@ -152,6 +152,7 @@ def test_the_answer_names_top_owners_with_their_shares_and_top_examples(tmp_path
     """The end of a run's output, from its run folder: shares of the positive attribution, the best
     examples where scores were released, the privacy line and the next commands."""
     from fedtrak.results.answer import answer_lines, owner_shares
+    from fedtrak.results.summary import RunSummary
 
     np.testing.assert_allclose(owner_shares(np.array([3.0, 1.0, -2.0])), [0.75, 0.25, 0.0])
     np.save(tmp_path / "owner_scores.npy", np.array([[3.0, 1.0, -2.0], [-1.0, -1.0, -1.0]]))
@@ -159,8 +160,8 @@ def test_the_answer_names_top_owners_with_their_shares_and_top_examples(tmp_path
     ids = np.zeros(5, dtype=[("client", "i8"), ("local", "i8"), ("index", "i8")])
     ids["client"], ids["index"] = [0, 0, 1, 1, 2], [10, 11, 12, 13, 14]
     np.save(tmp_path / "example_ids.npy", ids)
-    summary = {"mode": "private", "owners": [{"owner": "a"}, {"owner": "b"}, {"owner": "c"}],
-               "privacy": {"dp": False}}
+    owners = [{"column": i, "owner": o, "node_id": i, "partition_id": i, "num_examples": 1} for i, o in enumerate("abc")]
+    summary = RunSummary({"mode": "private", "owners": owners, "privacy": {"dp": False, "kernel_source": "private"}})
     lines = answer_lines(tmp_path, summary)
     assert lines[1] == "  query 0: owner a 75%, owner b 25%; top examples: #14 (owner c), #10 (owner a)"
     assert lines[2] == "  query 1: no owner raises it; top examples: #11 (owner a), #12 (owner b)"

@@ -100,9 +100,9 @@ def test_device_check_shows_each_owners_ledger_of_a_store_dir_after_a_run(tmp_pa
     ledgers = json.loads(report.read_text())["ledgers"]
     assert [led["owner_folder"] for led in ledgers] == ["partition-0", "partition-1"]
     for led in ledgers:
-        assert [r["run_id"] for r in led["runs"]] == [summary["run_id"]]
+        assert [r["run_id"] for r in led["runs"]] == [summary.run_id]
         assert led["spent_epsilon"] is None and led["left_epsilon"] == 0 and led["budget_epsilon"] == 5
     assert main([*check, "--ledger", str(store / "partition-1"), "--json", str(report)]) == 0
     shown = json.loads(report.read_text())
     assert [led["owner_folder"] for led in shown["ledgers"]] == ["partition-1"]
-    assert shown["ledger"]["runs"][0]["run_id"] == summary["run_id"]
+    assert shown["ledger"]["runs"][0]["run_id"] == summary.run_id

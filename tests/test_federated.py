@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from crafted import counted_preflights
+from test_summary import FEDERATED_ONLY
 
 from fedtrak.client.device import format_results, read_results
 from fedtrak.config.settings import Settings
 from fedtrak.data.partition import partition
 from fedtrak.errors import FedtrakError
+from fedtrak.results.summary import KEYS as SUMMARY_KEYS
+from fedtrak.results.summary import load as load_summary
 from fedtrak.simulations.attribute import central_scores, run_attribute
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.faults import faulty_handlers
@@ -81,6 +84,19 @@ def central_factory(tmp_path_factory, logreg_ckpt_dir):
         return cache[(clients, scheme)]
 
     return get
+
+
+def test_a_federated_and_the_central_summary_share_their_keys(sim_factory, central_factory):
+    """One builder for both runs: the central summary's keys are the federated one's less the
+    federation's own, each a key the summary module lists, and the blocks both write agree."""
+    runs = (sim_factory(3, "iid", "private"), central_factory(3, "iid"))
+    fed, central = (load_summary(run).doc for run in runs)
+    assert set(central) <= set(fed) and set(fed) - set(central) == FEDERATED_ONLY
+    assert set(fed) <= SUMMARY_KEYS and set(fed["privacy"]) <= SUMMARY_KEYS
+    for key in ("resolved", "settings", "config"):
+        assert set(central[key]) == set(fed[key]), key
+    assert set(fed["partition"]) <= set(central["partition"])
+    assert set(central["checkpoints"][0]) <= set(fed["checkpoints"][0])
 
 
 def test_a_simulated_run_preflights_once(sim_factory):
@@ -228,8 +244,8 @@ def test_a_run_that_died_after_its_kernels_resumes_without_a_featurize_round(tmp
     with pytest.raises(FedtrakError, match=r"other settings for \['proj-dim'\]"):
         run_simulation(Settings.from_flat({**settings, "resume": True, "proj-dim": 64}))
     summary = run_simulation(Settings.from_flat({**settings, "resume": True}))
-    assert "featurize_round" not in summary["seconds"] and "score_round" in summary["seconds"]
-    assert summary["resumed"]["reused"][-1] == "the summed kernels of 3 owners (no featurize round)"
+    assert "featurize_round" not in summary.seconds and "score_round" in summary.seconds
+    assert summary.resumed.reused[-1] == "the summed kernels of 3 owners (no featurize round)"
     assert not (tmp_path / ".resume").exists()
     _assert_close(np.load(tmp_path / "owner_scores.npy"), np.load(central_factory(3, "iid") / "owner_scores.npy"))
 

@@ -11,6 +11,7 @@ import pytest
 import fedtrak
 from fedtrak.errors import FedtrakError, RunFailed
 from fedtrak.results.folder import SUMMARY, ResultWriter
+from fedtrak.results.summary import RunSummary
 from fedtrak.secagg.graph import threshold
 from fedtrak.server.secure_aggregation import (
     MIN_CLIENTS,
@@ -40,15 +41,15 @@ def test_the_clients_that_leave_room_for_one_dropout(fraction, clients):
 def test_a_failed_run_leaves_a_record_that_readers_refuse_by_its_reason(tmp_path):
     old = ResultWriter(tmp_path)
     old.add_array("owner_scores", np.zeros((2, 3)))
-    old.commit({"task": "digits-logreg"})
-    assert RunFolder.open(tmp_path).summary["complete"] is True
+    old.commit(RunSummary({"task": "digits-logreg"}))
+    assert RunFolder.open(tmp_path).summary.complete is True
     failed = RunFailed("secure aggregation: 2 of 3 clients advertised keys", {"step": "secure aggregation"})
     assert isinstance(failed, FedtrakError) and fedtrak.RunFailed is RunFailed
     assert failed.failure == {"reason": "secure aggregation: 2 of 3 clients advertised keys",
                               "step": "secure aggregation"}
     writer = ResultWriter(tmp_path)
     writer.add_array("owner_scores", np.ones((2, 3)))  # staged, never committed
-    path = writer.fail({"failure": failed.failure, "task": "digits-logreg"})
+    path = writer.fail(RunSummary({"failure": failed.failure, "task": "digits-logreg"}))
     assert path == tmp_path / SUMMARY and not list(tmp_path.glob(".staging-*"))
     record = json.loads(path.read_text())
     assert record["complete"] is False and record["failure"]["step"] == "secure aggregation"

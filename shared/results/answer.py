@@ -7,8 +7,12 @@ top training examples where the run released scores; then the privacy line and t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedtrak.results.summary import RunSummary
 
 #: Queries shown, and owners and examples per query.
 QUERIES, OWNERS, EXAMPLES = 3, 3, 3
@@ -21,11 +25,11 @@ def owner_shares(totals: np.ndarray) -> np.ndarray:
     return positive / positive.sum() if positive.sum() > 0 else positive
 
 
-def answer_lines(out: Path, summary: dict) -> list[str]:
+def answer_lines(out: Path, summary: RunSummary) -> list[str]:
     """The answer of the run in ``out`` (its ``summary``), as lines of text."""
     lines = []
     totals = np.load(out / "owner_scores.npy") if (out / "owner_scores.npy").is_file() else None
-    names = [str(o.get("owner", i)) for i, o in enumerate(summary.get("owners", []))]
+    names = [o.owner for o in summary.owners]
     top_idx = np.load(out / "topk_indices.npy") if (out / "topk_indices.npy").is_file() else None
     ids = np.load(out / "example_ids.npy") if (out / "example_ids.npy").is_file() else None
     if totals is not None:
@@ -47,15 +51,15 @@ def answer_lines(out: Path, summary: dict) -> list[str]:
     return lines
 
 
-def privacy_line(summary: dict) -> str:
+def privacy_line(summary: RunSummary) -> str:
     """The run's privacy in one line: its epsilon, or that nothing was noised."""
-    privacy = summary.get("privacy") or {}
-    if privacy.get("dp"):
-        eps = "unbounded" if privacy.get("epsilon") is None else f"{privacy['epsilon']:.3g}"
-        return (f"privacy: epsilon {eps} at delta {privacy['delta']:g} for the whole run (sigma "
-                f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip_norm']:g}; not covered: "
-                f"{'; '.join(privacy['not_covered']) or 'nothing'})")
-    if summary.get("mode") in (None, "central"):
+    privacy = summary.privacy
+    if privacy is not None and privacy.dp:
+        eps = "unbounded" if privacy.epsilon is None else f"{privacy.epsilon:.3g}"
+        return (f"privacy: epsilon {eps} at delta {privacy.delta:g} for the whole run (sigma "
+                f"{privacy.noise_multiplier:.3g}, clip {privacy.clip_norm:g}; not covered: "
+                f"{'; '.join(privacy.not_covered) or 'nothing'})")
+    if summary.mode == "central":
         return "privacy: none (the centralized reference: all data in one place)"
     return ("privacy: no noise (every release is exact; --epsilon E, or epsilon=E in a run config, makes the "
             "run E-differentially private)")

@@ -14,7 +14,6 @@ writes a ``summary.json`` that says ``"complete": false`` and why, in its
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.data.corruption import FlipSpec
+from fedtrak.results.summary import SUMMARY, RunSummary, save
 from fedtrak.trak.scoring import top_k
-
-SUMMARY = "summary.json"
 
 
 class ResultWriter:
@@ -40,34 +37,29 @@ class ResultWriter:
         """Stage ``name.npy``."""
         np.save(self._stage / f"{name}.npy", array, allow_pickle=False)
 
-    def commit(self, summary: dict) -> Path:
-        """Move staged arrays into the run folder, then write ``summary.json``."""
+    def commit(self, summary: RunSummary) -> Path:
+        """Move staged arrays into the run folder, then write ``summary.json`` (saying ``"complete": true``)."""
         stale = self.out_dir / SUMMARY
         if stale.exists():
             stale.unlink()  # the old summary no longer describes the arrays about to land
         for path in sorted(self._stage.iterdir()):
             os.replace(path, self.out_dir / path.name)
-        tmp = self._stage / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps({**summary, "complete": True}, indent=2, default=_json_default))
-        os.replace(tmp, self.out_dir / SUMMARY)
+        path = save(summary.marked(True), self.out_dir)
         self.discard()
-        return self.out_dir / SUMMARY
+        return path
 
     def discard(self) -> None:
         """Drop everything staged (after a failure)."""
         shutil.rmtree(self._stage, ignore_errors=True)
 
-    def fail(self, summary: dict) -> Path:
+    def fail(self, summary: RunSummary) -> Path:
         """Drop everything staged and write ``summary.json`` with ``"complete": false``: the record of
         a run that ended without results (``summary`` says why, in its ``failure`` block). It replaces
         an older run's summary, so that the folder describes its latest run; any older arrays stay,
         and readers refuse them (:class:`fedtrak.simulations.run_folder.RunFolder` reads complete
         runs only)."""
         self.discard()
-        tmp = self.out_dir / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps({**summary, "complete": False}, indent=2, default=_json_default))
-        os.replace(tmp, self.out_dir / SUMMARY)
-        return self.out_dir / SUMMARY
+        return save(summary.marked(False), self.out_dir)
 
 
 def add_score_arrays(
@@ -118,21 +110,3 @@ def add_owner_values(writer: ResultWriter, kind: str, labels: np.ndarray, owner_
         return
     writer.add_array("owner_value", np.asarray(groups @ owner_scores if released is None else released, np.float64))
     writer.add_array("owner_value_groups", groups)
-
-
-def flips_block(flips: FlipSpec, flipped: np.ndarray) -> dict:
-    """The summary's ``flips`` entry of a mislabel experiment (empty when nothing was flipped)."""
-    if not flips.active:
-        return {}
-    return {"flips": {"fraction": flips.fraction, "clients": list(flips.clients), "seed": flips.seed,
-                      "num_flipped": len(flipped), "file": "flipped.npy"}}
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

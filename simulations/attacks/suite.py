@@ -18,20 +18,17 @@ import numpy as np
 import torch
 
 from fedtrak.config.settings import (
-    DEFAULT_CLIP_MODE,
-    DEFAULT_DELTA,
     DEFAULT_PROJ_DIM,
     KernelSettings,
     Settings,
     releases_gram,
 )
-from fedtrak.data.checkpoints import atomic_write_json, load_checkpoints
+from fedtrak.data.checkpoints import load_checkpoints
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import epsilon
-from fedtrak.privacy.budget import Scales
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
-from fedtrak.results.folder import SUMMARY
+from fedtrak.results.summary import save
 from fedtrak.simulations.attacks import metrics
 from fedtrak.simulations.attacks.inversion import (
     DEFAULT_INVERSION,
@@ -166,38 +163,34 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
             be compared with), or its checkpoints are missing.
     """
     run = RunFolder.open(run_dir)
-    if run.summary.get("mode") not in ("private", "features"):
-        raise FedtrakError(f"{run_dir} is a {run.summary.get('mode')} run: it released nothing to attack "
+    summary = run.summary
+    if summary.mode not in ("private", "features"):
+        raise FedtrakError(f"{run_dir} is a {summary.mode} run: it released nothing to attack "
                            "(attack a `fedtrak simulate` run)")
     task, parts = run.task_and_partition()
     if parts is None:
         raise FedtrakError(f"{run_dir}: the attacks compare reconstructions with the clients' true data, "
                            "which only a simulation or attribute run has")
-    num = int(run.summary["num_checkpoints"])
+    num = summary.num_checkpoints
     states = [s for _, s in load_checkpoints(task, run.checkpoint_folder(), num)]
-    priv = run.summary.get("privacy") or {}
-    weighting = str(run.setting("weighting") or "none")
-    dp = DPSettings(float(priv["noise_multiplier"]), float(priv["clip_norm"]), str(priv.get("clip_mode",
-                    DEFAULT_CLIP_MODE)), float(priv.get("delta", DEFAULT_DELTA)), float(priv.get("gram_weight", 1.0)),
-                    Scales.parse(str(priv.get("budget_scales", "")))) if priv.get("dp") else DPSettings()
+    privacy, settings = summary.privacy, summary.settings
     clients = parts.clients
     own = np.asarray(clients[0])
     other = np.setdiff1d(np.arange(task.num_train), own)
-    setting = AttackSetting(mode=str(run.summary["mode"]), projector=str(run.summary["projector"]),
-                            proj_dim=int(run.summary["proj_dim"]) if run.summary["projector"] != "identity" else None,
-                            seed=int(run.setting("seed") or 0), weighting=weighting, dp=dp,
-                            secure_agg=bool(priv.get("secure_aggregation")), checkpoints=num, targets=targets,
-                            kernel_source=str(run.summary.get("kernel_source", "private")),
+    setting = AttackSetting(mode=summary.mode, projector=summary.projector,
+                            proj_dim=summary.proj_dim if summary.projector != "identity" else None,
+                            seed=settings.task.seed, weighting=settings.kernel.weighting, dp=summary.dp_settings(),
+                            secure_agg=bool(privacy and privacy.secure_aggregation), checkpoints=num, targets=targets,
+                            kernel_source=summary.kernel_source,
                             owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
                                    task.x_train[other], task.y_train[other], kinds)
-    block.update(client=0, run_epsilon=priv.get("epsilon"), seconds=round(time.perf_counter() - start, 1),
+    block.update(client=0, run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
                  threat_model="honest-but-curious server: knows checkpoints, model, projection seed, k, C, sigma")
     if images:
         np.savez_compressed(run.path / "attacks.npz", **images, input_shape=np.array(task.input_shape))
-    run.summary["attacks"] = block
-    atomic_write_json(run.path / SUMMARY, run.summary)
+    save(summary.with_attacks(block), run.path)
     return block
 
 

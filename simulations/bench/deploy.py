@@ -26,6 +26,7 @@ import numpy as np
 
 from fedtrak.client.keys import make_node_keys
 from fedtrak.errors import FedtrakError
+from fedtrak.results.summary import load as load_summary
 from fedtrak.server.certs import make_certificates
 
 
@@ -274,9 +275,10 @@ def bench_deploy(work: Path, task_name: str = "fmnist-mlp", nodes: int = 1, exam
                 f"checkpoint-dir='{ckpts}' out='{out}' proj-dim={proj_dim} projector='{projector}' "
                 f"wait-for-nodes=120.0 secure-agg={'true' if secure_agg else 'false'}")
         wall = time.perf_counter() - start
-    summary = json.loads((out / "summary.json").read_text())
-    rounds = {k: v for k, v in summary["seconds"].items() if k.endswith("_round")}
+    summary = load_summary(out)
+    rounds = {k: v for k, v in summary.seconds.items() if k.endswith("_round")}
     return {"task": task_name, "nodes": nodes, "examples_per_node": examples, "proj_dim": proj_dim,
             "projector": projector, "tls": True, "node_auth": True, "secure_agg": secure_agg,
             "wall_seconds": round(wall, 1), "round_seconds": rounds,
-            "client_seconds": summary["client_seconds"], "client_peak_memory_mb": summary["client_peak_memory_mb"]}
+            "client_seconds": dict(summary.clients.client_seconds),
+            "client_peak_memory_mb": dict(summary.clients.client_peak_memory_mb)}

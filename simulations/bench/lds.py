@@ -81,12 +81,12 @@ def _row(task_name: str, out: Path, kind: str, k: int | str, m: int, ensemble: s
         query_size=query_size, weighting=weighting, **projection), progress=False)
     e = evaluate_run(run, EvalOptions(("lds",), subsets=subsets, cache_dir=cache_dir, workers=workers,
                                       progress=False))["lds"]
-    return {"task": task_name, "num_train": summary["num_train"], "num_queries": summary["num_queries"],
-            "projector": summary["projector"], "k": summary["proj_dim"], "M": m, "ensemble": ensemble,
+    return {"task": task_name, "num_train": summary.num_train, "num_queries": summary.num_queries,
+            "projector": summary.projector, "k": summary.proj_dim, "M": m, "ensemble": ensemble,
             "training_runs": m if ensemble == "independent" else 1, "weighting": weighting,
-            "lambda": summary["lambda"][0], "lds": e["lds"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+            "lambda": summary.lambdas[0], "lds": e["lds"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
             "ceiling": e["ceiling"]["ceiling"], "subsets": e["num_subsets"],
-            "attribute_seconds": summary["seconds"]["total"],
+            "attribute_seconds": summary.total_seconds,
             "ground_truth_seconds": e["ground_truth"]["seconds"], "checkpoint_seconds": round(train_seconds, 1)}
 
 

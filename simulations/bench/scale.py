@@ -101,18 +101,18 @@ def bench_scale(task_name: str, out: Path, clients: Sequence[int] = (10, 100, 10
         start = time.perf_counter()
         summary = run_simulation(cfg)
         wall = time.perf_counter() - start
-        secs = summary["seconds"]
+        secs = summary.seconds
         rounds = sum(v for k, v in secs.items() if k.endswith("_round"))
-        client = sum(summary["client_seconds"].values())
-        cpu = summary["server_cpu_seconds"]  # the server's own work, which overlaps the clients' (streaming)
+        client = sum(summary.clients.client_seconds.values())
+        cpu = summary.server_cpu_seconds  # the server's own work, which overlaps the clients' (streaming)
         server = sum(v for k, v in cpu.items() if k != "wait_for_clients" and not k.endswith("_round"))
         overhead = wall - client / cores - server
-        rows.append({"task": task_name, "clients": n, "queries": summary["num_queries"], "examples_per_client": summary["num_train"] // n,
+        rows.append({"task": task_name, "clients": n, "queries": summary.num_queries, "examples_per_client": summary.num_train // n,
                      "proj_dim": proj_dim, "projector": projector, "wall_seconds": round(wall, 1),
                      "rounds_seconds": round(rounds, 1), "client_seconds_total": round(client, 1),
                      "server_compute_seconds": round(server, 1),
                      "flower_overhead_seconds": round(overhead, 1),
-                     "flower_overhead_share": round(overhead / wall, 3), "peak_memory_mb": summary["peak_memory_mb"]})
+                     "flower_overhead_share": round(overhead / wall, 3), "peak_memory_mb": summary.peak_memory_mb})
     return rows
 
 

@@ -106,6 +106,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """LDS, owner-level LDS and mislabel detection of a run folder."""
+    from fedtrak.results.summary import SUMMARY
     from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run, format_table
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 
@@ -116,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> int:
                        ceiling=not args.no_ceiling, value_seeds=args.value_seeds)
     block = evaluate_run(args.run_dir, opts)
     print(format_table({k: block[k] for k in (chosen or block)}))
-    print(f"wrote the evaluation block of {args.run_dir / 'summary.json'}")
+    print(f"wrote the evaluation block of {args.run_dir / SUMMARY}")
     return 0
 
 
@@ -130,6 +131,7 @@ def report(args: argparse.Namespace) -> int:
 
 def attack(args: argparse.Namespace) -> int:
     """The curious server's attacks on a simulation's releases."""
+    from fedtrak.results.summary import SUMMARY
     from fedtrak.simulations.attacks.inversion import InversionSettings
     from fedtrak.simulations.attacks.suite import attack_run, format_block
 
@@ -137,7 +139,7 @@ def attack(args: argparse.Namespace) -> int:
                        InversionSettings(steps=args.steps, restarts=args.restarts,
                                          label_candidates=args.label_candidates))
     print(format_block(block))
-    print(f"wrote the attacks block of {args.run_dir / 'summary.json'}")
+    print(f"wrote the attacks block of {args.run_dir / SUMMARY}")
     return 0
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtrak.results.answer import answer_lines
 from fedtrak.simulations.cli.flags import add_settings, flag_keys, settings_from
+
+if TYPE_CHECKING:
+    from fedtrak.results.summary import RunSummary
 
 #: The settings each run command offers as options.
 KEYS = {
@@ -53,9 +57,9 @@ def attribute(args: argparse.Namespace) -> int:
     settings = settings_from(args, KEYS["attribute"])
     summary = run_attribute(settings, progress=not args.quiet)
     out = settings.out_dir("central")
-    print(f"wrote {out}: {summary['num_queries']} queries x {summary['num_train']} "
-          f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, "
-          f"{summary['seconds']['total']:.1f} s, peak {summary['peak_memory_mb']} MiB")
+    print(f"wrote {out}: {summary.num_queries} queries x {summary.num_train} "
+          f"examples, M={summary.num_checkpoints}, k={summary.proj_dim}, "
+          f"{summary.total_seconds:.1f} s, peak {summary.peak_memory_mb} MiB")
     print("\n".join(answer_lines(out, summary)))
     return 0
 
@@ -76,25 +80,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": simulate, "attribute": attribute, "train": train}
 
 
-def print_federated(summary: dict, out: Path) -> None:
+def print_federated(summary: RunSummary, out: Path) -> None:
     """What a federated run did: its shape, seconds, bytes, privacy and exclusions."""
-    secs = summary["seconds"]
-    clients = summary["clients"]
-    per_client = (summary["bytes"]["sent"] + summary["bytes"]["received"]) / max(len(clients), 1)
-    print(f"wrote {out}: {summary['mode']} mode, release {summary['release_policy']}, "
-          f"{len(summary['owners'])} owners, {summary['num_queries']} queries x {summary['num_train']} "
-          f"examples, M={summary['num_checkpoints']}, k={summary['proj_dim']}, {secs['total']:.1f} s")
+    secs, clients = summary.seconds, summary.clients
+    per_client = (clients.bytes_sent + clients.bytes_received) / max(len(clients.clients), 1)
+    print(f"wrote {out}: {summary.mode} mode, release {summary.release_policy}, "
+          f"{len(summary.owners)} owners, {summary.num_queries} queries x {summary.num_train} "
+          f"examples, M={summary.num_checkpoints}, k={summary.proj_dim}, {summary.total_seconds:.1f} s")
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items() if k != "total"))
     print(f"  bytes per client (sent + received): {per_client / 1e6:.2f} MB")
-    secure = summary.get("secure_aggregation")
+    secure = summary.secure_aggregation
     if secure:
         rounds = ", ".join(f"{k.split('.')[-1]} {v['seconds']:.2f} s" for k, v in secure["rounds"].items())
         print(f"  secure aggregation: {secure['survivors']} of {secure['clients']} clients in the sum "
               f"(threshold {secure['threshold']}, {secure['graph']} graph, degree {secure['degree']}); {rounds}")
-    training = summary.get("training_privacy", {})
+    training = summary.training_privacy
     if training.get("dp_sgd"):
         both, alone = training.get("epsilon_with_attribution_max"), training.get("epsilon_max")
         print("  training (DP-SGD): " + (f"epsilon up to {alone:.3g} per client; " if alone is not None else "")
               + ("" if both is None else f"with the attribution releases, up to {both:.3g}"))
-    for ex in summary["excluded"]:
-        print(f"  excluded: client {ex['owner'] or '?'} (node {ex['node_id']}): {ex['reason'].splitlines()[0]}")
+    for ex in clients.excluded:
+        print(f"  excluded: client {ex.owner or '?'} (node {ex.node_id}): {ex.reason.splitlines()[0]}")

@@ -59,7 +59,7 @@ def applicable(run: RunFolder) -> tuple[str, ...]:
     if run.has("scores"):
         out.append("lds")
     out.append("owner_lds")
-    if run.summary.get("flips"):
+    if run.summary.flips:
         out.append("mislabel")
     if run.has("owner_value"):
         out.append("owner_value")
@@ -98,7 +98,7 @@ def _lds_entry(run: RunFolder, opts: EvalOptions, kind: str, bar: Callable[[int]
 
 
 def _mislabel_entry(run: RunFolder) -> dict:
-    flips = run.summary.get("flips")
+    flips = run.summary.flips
     if not flips:
         raise FedtrakError(f"{run.path} flipped no labels: make the run with --flip-fraction to measure "
                            "mislabel detection")
@@ -108,8 +108,8 @@ def _mislabel_entry(run: RunFolder) -> dict:
     per_owner = (np.asarray(run.array("owner_self_influence", "")) if run.has("owner_self_influence")
                  else None)
     report = mislabel_report(per_example, index, per_owner, run.owner_partition_ids(), flipped,
-                             list(flips["clients"]))
-    return {"flip_fraction": flips["fraction"], "flip_clients": flips["clients"], **report}
+                             list(flips.clients))
+    return {"flip_fraction": flips.fraction, "flip_clients": list(flips.clients), **report}
 
 
 def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
@@ -125,7 +125,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     unknown = set(measures) - set(MEASURES)
     if unknown:
         raise FedtrakError(f"unknown measure(s) {sorted(unknown)}: use {', '.join(MEASURES)}")
-    block = dict(run.summary.get("evaluation", {}))
+    block = dict(run.summary.evaluation)
     total = (opts.subsets if "lds" in measures else 0) + (opts.owner_subsets if "owner_lds" in measures else 0)
     total *= 2 if opts.ceiling else 1
     if "owner_value" in measures:

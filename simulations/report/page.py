@@ -31,6 +31,7 @@ import numpy as np
 
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
+from fedtrak.results.summary import RunSummary
 from fedtrak.simulations.attacks.figure import strip_figure
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
 from fedtrak.simulations.run_folder import RunFolder
@@ -118,8 +119,7 @@ def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) 
     """Owner totals for the chosen queries (each under its query: the image, or its label; the
     server owns the queries), and each owner's mean total over all queries."""
     owners = np.asarray(run.array("owner_scores", "the owner figure"), dtype=np.float64)
-    names = [str(o.get("owner")) for o in run.summary.get("owners", [])] or [
-        str(c) for c in range(owners.shape[1])]
+    names = [o.owner for o in run.summary.owners] or [str(c) for c in range(owners.shape[1])]
     cols = len(queries) + 1
     shape = None if task is None else _image_shape(task)
     fig, grid = plt.subplots(2 if shape else 1, cols, figsize=(3.0 * cols, 5.0 if shape else 2.8), squeeze=False,
@@ -152,7 +152,7 @@ def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) 
 
 def lds_figure(run: RunFolder) -> bytes | None:
     """LDS with its interval, and the per-query distribution (``None`` before evaluation)."""
-    ev = run.summary.get("evaluation", {})
+    ev = run.summary.evaluation
     entries = [(k, label) for k, label in (("lds", "LDS (examples)"), ("owner_lds", "LDS (owners)")) if k in ev]
     if not entries:
         return None
@@ -182,7 +182,8 @@ def lds_figure(run: RunFolder) -> bytes | None:
 
 def mislabel_figure(run: RunFolder) -> bytes | None:
     """Self-influence of flipped against clean examples, and owner means (runs with flips)."""
-    if not run.summary.get("flips") or not run.has("flipped"):
+    flips = run.summary.flips
+    if not flips or not run.has("flipped"):
         return None
     flipped = np.asarray(run.array("flipped", "the mislabel figure"))
     panels = []
@@ -207,7 +208,7 @@ def mislabel_figure(run: RunFolder) -> bytes | None:
             ax.legend(fontsize=7)
         else:
             own = np.asarray(run.array("owner_self_influence", ""))
-            flip_clients = set(run.summary["flips"]["clients"])
+            flip_clients = set(flips.clients)
             bad = np.array([pid in flip_clients for pid in run.owner_partition_ids()])
             ax.bar(np.arange(len(own)), own, color=np.where(bad, "tab:red", "tab:blue"))
             ax.set_xticks(np.arange(len(own)))
@@ -266,24 +267,23 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _run_rows(summary: dict) -> list[tuple[str, str]]:
-    lam = summary.get("lambda", [])
-    rows = [("task", str(summary.get("task"))),
-            ("mode", f"{summary.get('mode')} (release: {summary.get('release_policy', 'all scores')})"),
-            ("training examples x queries", f"{summary.get('num_train')} x {summary.get('num_queries')}"),
-            ("checkpoints M, projection k", (f"{summary.get('num_checkpoints')}, {summary.get('proj_dim')} "
-                                            f"({summary.get('projector')})")),
-            ("lambda per checkpoint", ", ".join(f"{v:.4g}" for v in lam)),
-            ("ensembling", f"{summary.get('ensemble')}; normalization {summary.get('normalization')}"),
-            ("score sign", str(summary.get("score_sign"))),
-            ("seconds", f"{summary.get('seconds', {}).get('total', 0):.1f}")]
-    if "owners" in summary:
-        rows.append(("owners", ", ".join(f"{o['owner']} ({o['num_examples']})" for o in summary["owners"])))
-    if summary.get("flips"):
-        f = summary["flips"]
-        rows.append(("label flips", f"{f['num_flipped']} examples ({f['fraction']:.0%} of clients {f['clients']})"))
-    if summary.get("warning"):
-        rows.append(("warning", summary["warning"]))
+def _run_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    shape = summary.describe()
+    rows = [("task", summary.task),
+            ("mode", f"{summary.mode} (release: {summary.release_policy})"),
+            ("training examples x queries", f"{summary.num_train} x {summary.num_queries}"),
+            ("checkpoints M, projection k", f"{summary.num_checkpoints}, {summary.proj_dim} ({summary.projector})"),
+            ("lambda per checkpoint", ", ".join(f"{v:.4g}" for v in summary.lambdas)),
+            ("ensembling", f"{shape['ensemble']}; normalization {shape['normalization']}"),
+            ("score sign", shape["score_sign"]),
+            ("seconds", f"{summary.total_seconds:.1f}")]
+    if summary.owners:
+        rows.append(("owners", ", ".join(f"{o.owner} ({o.num_examples})" for o in summary.owners)))
+    if summary.flips:
+        f = summary.flips
+        rows.append(("label flips", f"{f.num_flipped} examples ({f.fraction:.0%} of clients {list(f.clients)})"))
+    if summary.warning:
+        rows.append(("warning", summary.warning))
     return rows
 
 
@@ -348,10 +348,10 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedtrak report: "
              f"{html.escape(run.path.name)}</title><style>{STYLE}</style></head><body>"),
              f"<h1>fedtrak run {html.escape(run.path.name)}</h1>", _table(_run_rows(run.summary))]
-    ev_rows = _evaluation_rows(run.summary.get("evaluation", {}))
+    ev_rows = _evaluation_rows(run.summary.evaluation)
     parts.append("<h2>Evaluation</h2>" + (_table(ev_rows) if ev_rows else
                                            "<p class='note'>Not evaluated yet: fedtrak evaluate RUN_DIR.</p>"))
-    attack_rows = _attack_rows(run.summary.get("attacks", {}))
+    attack_rows = _attack_rows(run.summary.attacks)
     if attack_rows:
         parts.append("<h2>Attacks</h2>" + _table(attack_rows))
     for i, (title, png, caption, missing) in enumerate(sections):
