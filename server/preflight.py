@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtrak.config.settings import Settings
+from fedtrak.config.settings import Settings, floors_lambda
 from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
@@ -71,7 +71,7 @@ def noise_copies(settings: Settings, clients: int, source: str) -> float:
 def check_lambda_against_noise(settings: Settings, dp: DPSettings, dim: int, source: str) -> None:
     """Refuse, before any computation, a fixed lambda that the Gram noise would leave indefinite
     (a private kernel's: a public one has no noise, a hybrid one is made PSD)."""
-    if not dp.active or settings.release.mode != "private" or source != "private":
+    if not dp.active or settings.release.mode != "private" or not floors_lambda(source):
         return
     try:
         fixed = float(settings.kernel.lam)

@@ -12,7 +12,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedtrak import wire
-from fedtrak.config.settings import releases_gram
+from fedtrak.config.settings import floors_lambda, releases_gram
 from fedtrak.data.checkpoints import CheckpointInfo, load_checkpoints, train_checkpoints
 from fedtrak.data.partition import example_ids
 from fedtrak.data.tasks import Task
@@ -254,7 +254,7 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
     groups = query_groups(settings.release.owner_value, task.y_query)
     bounded = dp.active and (groups is not None or settings.wants_self_influence)
     public = public_data(settings, task) if source in USES_PUBLIC or bounded else None
-    floor = noise_floor(dp, dim, copies) if dp.active and source == "private" else 0.0
+    floor = noise_floor(dp, dim, copies) if dp.active and floors_lambda(source) else 0.0
     noise_energy = (dim * dp.sigma(GRAM) * dp.gram_sensitivity) ** 2 * copies  # E||noise||_F^2
     us, records, inverses, shares, owner_us = {}, [], {}, [], {}
     ridge = summary_ridge(dp, len(fed.active())) if dp.active else 0.0

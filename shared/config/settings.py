@@ -40,6 +40,13 @@ def releases_gram(source: str) -> bool:
     public kernel's, which the server builds from its own data."""
     return source != "public"
 
+
+def floors_lambda(source: str) -> bool:
+    """Whether a noised run with this (resolved) kernel source raises lambda to the DP noise floor:
+    only the private kernel, the noised Grams' sum itself (a hybrid kernel is made positive
+    semi-definite, a public one has no noise)."""
+    return source == "private"
+
 MODES = ("private", "features")
 POLICIES = ("owner-totals", "topk", "full")
 #: Which queries an owner's value sums over: none (no owner values), the whole query set, or each label's.
