@@ -77,7 +77,8 @@ class Contract:
         """The contract of ``job`` on a device holding ``num_examples`` examples of ``task``.
 
         Raises:
-            Refused: if the job's kernel weight bound is not the one the task's output function gives.
+            Refused: if the job's kernel weight bound is not the one the task's output function gives,
+                or the job is private and the output's out-to-loss weights have no bound.
         """
         bound = weight_bound(job.settings, task)
         if job.resolved.weight_bound != bound:
@@ -85,6 +86,9 @@ class Contract:
                           f"bound this device's task gives for weighting={job.settings.kernel.weighting}: "
                           "the job is refused")
         dp = job.dp()
+        if dp.active and task.output.out_to_loss_bound is None:
+            raise Refused(f"task {task.name}'s output ({task.output.name}) has out-to-loss weights without a "
+                          "bound: its releases cannot be differentially private, the job is refused")
         plan = tuple(run_release_plan(job.settings, dp, job.resolved.proj_dim, source=job.resolved.kernel_source))
         sigma = device_train_sigma(job.settings, plan, num_examples, task.training.batch_size,
                                    job.resolved.local_epochs)

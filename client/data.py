@@ -27,7 +27,7 @@ import numpy as np
 
 from fedtrak.data.corruption import flip_labels
 from fedtrak.data.partition import Partition, partition
-from fedtrak.data.tasks import Task, cached_task, input_array, registered_tasks
+from fedtrak.data.tasks import Task, cached_task, numeric_array, registered_tasks
 from fedtrak.errors import FedtrakError
 from fedtrak.wire.job import Job
 
@@ -157,6 +157,4 @@ def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
         raise FedtrakError(f"{path}: holds no examples")
     if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
         raise FedtrakError(f"{path}: x must be finite numbers")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= task.num_classes:
-        raise FedtrakError(f"{path}: y must be integer labels in [0, {task.num_classes})")
-    return input_array(x), y.astype(np.int64)
+    return numeric_array(x), task.output.labels(y, task.num_classes, str(path))

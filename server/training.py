@@ -67,7 +67,7 @@ def train_fedavg_checkpoints(
         m = len(infos)
         model = model_from_state(task, state, f"FedAvg checkpoint {m}")
         infos.append(CheckpointInfo(m, f"ckpt_{m:03d}.pt", seed, algorithm, rounds * job.resolved.local_epochs,
-                                    accuracy(model, task.x_query, task.y_query), rounds=rounds,
+                                    accuracy(task, model, task.x_query, task.y_query), rounds=rounds,
                                     trajectory=trajectory))
         write_checkpoint(out_dir, task.name, state, infos)
         out.append((infos[-1], state))

@@ -249,7 +249,7 @@ def test_dp_sgd_trains_and_is_accounted_like_opacus():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dp_sgd_epochs(task, model, task.x_train, task.y_train, 3, noise_multiplier=0.5, max_grad_norm=1.0)
     assert set(model.state_dict()) == set(before)  # the plain model, not Opacus's wrapper
-    assert accuracy(model, task.x_query, task.y_query) > 0.5  # it learns through the noise
+    assert accuracy(task, model, task.x_query, task.y_query) > 0.5  # it learns through the noise
     # The server knows the run seed and the global torch seed; neither fixes the noise or the batches.
     twin = seeded_model(task, 0)
     torch.manual_seed(0)

@@ -40,7 +40,8 @@ def test_simulation_client_takes_its_partition():
 @pytest.mark.parametrize("arrays, message", [
     ({"x": np.zeros((5, 63)), "y": np.zeros(5, int)}, "x has shape"),
     ({"x": np.full((5, 64), np.nan), "y": np.zeros(5, int)}, "finite"),
-    ({"x": np.zeros((5, 64)), "y": np.full(5, 10)}, r"labels in \[0, 10\)"),
+    ({"x": np.zeros((5, 64)), "y": np.full(5, 10)}, r"labels outside \[0, 10\)"),
+    ({"x": np.zeros((5, 64)), "y": np.full(5, 1.5)}, r"labels must be integer class indices, got float64"),
     ({"x": np.zeros((5, 64)), "y": np.zeros(4, int)}, "y has shape"),
     ({"x": np.zeros((5, 64))}, "lacks"),
 ])

@@ -28,7 +28,7 @@ def test_fmnist_tasks_load_and_train(require_fmnist, name):
     assert task.x_train.shape == (2000, 1, 28, 28) and task.x_query.shape == (500, 1, 28, 28)
     assert 0.0 <= task.x_train.min() and task.x_train.max() <= 1.0
     model = train_central(task, seed=0, epochs=2)
-    assert accuracy(model, task.x_query, task.y_query) > 0.6
+    assert accuracy(task, model, task.x_query, task.y_query) > 0.6
 
 
 def test_missing_fmnist_files_give_install_hint(tmp_path, monkeypatch):

@@ -57,15 +57,13 @@ def seeded_model(task: Task, seed: int) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+def accuracy(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+    """How good ``model`` is on ``(x, y)`` by the task's output: top-1 accuracy for a classifier,
+    R^2 for a regression (:meth:`~fedtrak.data.modelout.ModelOutput.quality`)."""
     model.eval()
     xt, yt = to_tensors(x, y)
-    correct = sum(
-        int((model(xt[i : i + batch_size]).argmax(-1) == yt[i : i + batch_size]).sum())
-        for i in range(0, len(yt), batch_size)
-    )
-    return correct / len(yt)
+    logits = torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(yt), batch_size)])
+    return task.output.quality(logits, yt)
 
 
 def sgd_epochs(
@@ -84,7 +82,7 @@ def sgd_epochs(
     )
     xt, yt = to_tensors(x, y)
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = task.output.loss
     model.train()
     step = 0
     for _ in range(epochs):
@@ -177,7 +175,7 @@ def train_checkpoints(
 
         def keep(step: int, model: nn.Module) -> None:
             infos.append(CheckpointInfo(len(infos), f"ckpt_{len(infos):03d}.pt", base_seed, "central-sgd",
-                                        -(-step // per_epoch), accuracy(model, task.x_query, task.y_query),
+                                        -(-step // per_epoch), accuracy(task, model, task.x_query, task.y_query),
                                         trajectory=True, steps=step))
             write_checkpoint(out_dir, task.name, model.state_dict(), infos)
             if progress is not None:
@@ -192,7 +190,7 @@ def train_checkpoints(
         info = CheckpointInfo(
             m, f"ckpt_{m:03d}.pt", seed, "central-sgd",
             task.training.epochs if epochs is None else epochs,
-            accuracy(model, task.x_query, task.y_query),
+            accuracy(task, model, task.x_query, task.y_query),
         )
         infos.append(info)
         write_checkpoint(out_dir, task.name, model.state_dict(), infos)

@@ -16,6 +16,7 @@ import numpy as np
 from fedtrak.config.settings import FlipSpec
 from fedtrak.data.partition import Partition
 from fedtrak.data.tasks import Task
+from fedtrak.errors import FedtrakError
 
 
 def flipped_indices(labels: np.ndarray, parts: Partition, flips: FlipSpec) -> np.ndarray:
@@ -36,6 +37,9 @@ def flip_labels(labels: np.ndarray, num_classes: int, parts: Partition, flips: F
     """A copy of ``labels`` with the flipped examples relabeled to another class."""
     out = np.array(labels, copy=True)
     idx = flipped_indices(labels, parts, flips)
+    if len(idx) and not np.issubdtype(out.dtype, np.integer):
+        raise FedtrakError("label flips relabel examples to another class: these labels are real values "
+                           "(a regression), which have none")
     if len(idx):
         rng = np.random.default_rng([flips.seed, 0xF11B])
         out[idx] = (out[idx] + rng.integers(1, num_classes, size=len(idx))) % num_classes

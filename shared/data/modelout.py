@@ -8,19 +8,38 @@ output, which weights each example's term of the curvature-weighted kernel
 ``sum_i w_i phi_i phi_i^T`` (the Gauss-Newton curvature TRAK's derivation
 starts from). ``curvature_bound`` bounds ``w``; it scales the sensitivity of
 a weighted Gram release under differential privacy.
+
+An output also says what its labels are (class indices, or real values for a
+regression), the loss fedtrak trains checkpoints with, and how good a model is on
+a labelled set (accuracy, or R^2). :class:`ClassificationMargin` is TRAK's choice
+for classifiers, :class:`Regression` the squared error's.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from fedtrak.errors import FedtrakError
 
 
 class ModelOutput(ABC):
-    """Per-example model output ``f(z; theta)`` and out-to-loss weight ``q``."""
+    """Per-example model output ``f(z; theta)`` and out-to-loss weight ``q``.
+
+    A subclass defines :meth:`output` and :meth:`out_to_loss`; the defaults of the rest are those
+    of a classifier trained with cross-entropy (labels are class indices).
+    """
 
     name: str = "abstract"
+    #: Whether labels are class indices in ``[0, num_classes)`` (else real values).
+    classes: bool = True
+    #: The largest ``|q|`` can be (``None``: unbounded). Releases whose size depends on ``q`` (owner
+    #: summaries and values, features mode) are differentially private only with a bound.
+    out_to_loss_bound: float | None = 1.0
 
     @abstractmethod
     def output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,6 +61,42 @@ class ModelOutput(ABC):
         """Return the curvature weight ``w`` in ``[0, curvature_bound]`` for each example: shape
         ``(batch,)``. The default is 1 for every example (no weighting)."""
         return torch.ones(logits.shape[0], dtype=logits.dtype)
+
+    def check_private(self, task_name: str) -> None:
+        """Refuse differential privacy for an output whose out-to-loss weights have no bound.
+
+        Raises:
+            FedtrakError: naming the task and its output.
+        """
+        if self.out_to_loss_bound is None:
+            raise FedtrakError(f"task {task_name}: its output ({self.name}) has out-to-loss weights without a "
+                               "bound, so its releases cannot be differentially private: run it without "
+                               "epsilon and noise_multiplier (differential privacy supports classification "
+                               "outputs)")
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of a batch (checkpoints, FedAvg and DP-SGD train with it);
+        default: cross-entropy."""
+        return F.cross_entropy(logits, labels.long())
+
+    @torch.no_grad()
+    def quality(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """How good the model is on a labelled set, higher is better (default: top-1 accuracy)."""
+        return float((logits.argmax(-1) == labels).double().mean())
+
+    def labels(self, y: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+        """``y`` as this output's labels: class indices in ``[0, num_classes)`` as int64.
+
+        Raises:
+            FedtrakError: naming ``what`` if they are not.
+        """
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise FedtrakError(f"{what}: labels must be integer class indices, got {y.dtype} (for real-valued "
+                               "targets give output=fedtrak.Regression())")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise FedtrakError(f"{what}: labels outside [0, {num_classes})")
+        return np.ascontiguousarray(y, dtype=np.int64)
 
 
 class ClassificationMargin(ModelOutput):
@@ -78,3 +133,57 @@ class ClassificationMargin(ModelOutput):
     def _true_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits, dim=-1)
         return probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+class Regression(ModelOutput):
+    """Squared-error regression: the model's one output is the prediction.
+
+    ``f`` is the prediction itself, the loss ``(f - y)^2 / 2``, so the out-to-loss weight is
+    ``q = -dL/df = y - f`` (the residual: an example the model under-predicts pulls predictions
+    up) and the curvature weight ``d^2 L / df^2 = 1``. Labels are real values. The residual
+    has no bound, so the releases that carry ``q`` are not differentially private for a
+    regression (:attr:`ModelOutput.out_to_loss_bound`): a private run refuses it by name.
+    """
+
+    name = "regression"
+    classes = False
+    out_to_loss_bound = None
+
+    @staticmethod
+    def _prediction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.ndim == 2 and logits.shape[1] == 1:
+            return logits[:, 0]
+        if logits.ndim == 1:
+            return logits
+        raise FedtrakError(f"a regression model returns one value per example, got shape {tuple(logits.shape)}")
+
+    def output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The prediction per example."""
+        return self._prediction(logits, labels)
+
+    def out_to_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The residual ``y - f`` per example."""
+        return labels.to(logits.dtype) - self._prediction(logits, labels)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Half the mean squared error."""
+        return 0.5 * F.mse_loss(self._prediction(logits, labels), labels.to(logits.dtype))
+
+    @torch.no_grad()
+    def quality(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """The coefficient of determination R^2 (1: perfect, 0: the labels' mean)."""
+        y = labels.double()
+        residual = float(((y - self._prediction(logits, labels).double()) ** 2).sum())
+        spread = float(((y - y.mean()) ** 2).sum())
+        return 1.0 - residual / spread if spread > 0 else (1.0 if residual == 0 else -math.inf)
+
+    def labels(self, y: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+        """``y`` as finite real values (float32).
+
+        Raises:
+            FedtrakError: naming ``what`` if they are not finite numbers.
+        """
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)):
+            raise FedtrakError(f"{what}: regression targets must be finite numbers")
+        return np.ascontiguousarray(y, dtype=np.float32)

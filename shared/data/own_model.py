@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
-from fedtrak.data.tasks import Task, TrainConfig, input_array
+from fedtrak.data.tasks import Task, TrainConfig, numeric_array
 from fedtrak.errors import FedtrakError
 
 #: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
@@ -27,8 +27,8 @@ Data = tuple[Any, Any] | torch.utils.data.Dataset | torch.utils.data.DataLoader
 
 
 def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """A data split as ``(x, y int64)`` numpy arrays (``x`` float32, or int64 for integer inputs
-    such as token ids: :func:`~fedtrak.data.tasks.input_array`).
+    """A data split as ``(x, y)`` numpy arrays, each float32, or int64 where it holds integers
+    (token ids, class indices: :func:`~fedtrak.data.tasks.numeric_array`).
 
     Raises:
         FedtrakError: naming ``what`` if it is none of the accepted forms or its items are not
@@ -49,9 +49,9 @@ def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
             y = np.concatenate([np.asarray(b[1]) for b in batches])
         except (IndexError, TypeError, ValueError) as exc:
             raise FedtrakError(f"{what}: items must be (input, label) pairs: {exc}") from exc
-    if not np.issubdtype(y.dtype, np.integer):
-        raise FedtrakError(f"{what}: labels must be integers, got {y.dtype}")
-    return input_array(x), np.ascontiguousarray(y, dtype=np.int64)
+    if y.ndim != 1:
+        raise FedtrakError(f"{what}: labels must be one number per example, got shape {y.shape}")
+    return numeric_array(x), numeric_array(y)
 
 
 def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -104,8 +104,10 @@ def task_from_model(
             none): under differential privacy the kernel is then built from it (``kernel_source``
             ``auto`` picks ``public``, or ``hybrid`` with secure aggregation), which costs the
             owners no privacy.
-        num_classes: number of classes (default: the largest label + 1 over every split).
-        output: the model output function (default: the classification margin, as TRAK's).
+        num_classes: number of classes (default: the largest label + 1 over every split; 1 for a
+            regression).
+        output: the model output function (default: the classification margin, as TRAK's;
+            :class:`~fedtrak.data.modelout.Regression` for real-valued targets).
         training: how fedtrak trains checkpoints when it trains them (default: SGD as
             :class:`~fedtrak.data.tasks.TrainConfig`).
         clip_norm: default clip norm of projected features under differential privacy.
@@ -118,11 +120,18 @@ def task_from_model(
     x_public, y_public = (None, None) if public is None else as_arrays(public, "public")
     if x_train.shape[1:] != x_query.shape[1:]:
         raise FedtrakError(f"train inputs have shape {x_train.shape[1:]}, queries {x_query.shape[1:]}")
-    labels = (y_train, y_query) if y_public is None else (y_train, y_query, y_public)
-    classes = num_classes or int(max(y.max(initial=0) for y in labels)) + 1
-    task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes,
-                output=output or ClassificationMargin(), training=training or TrainConfig(), clip_norm=clip_norm,
-                x_public=x_public, y_public=y_public)
+    output = output or ClassificationMargin()
+    splits = {"train": y_train, "query": y_query, **({} if y_public is None else {"public": y_public})}
+    if not output.classes:
+        classes = num_classes or 1
+    elif all(np.issubdtype(y.dtype, np.integer) for y in splits.values()):
+        classes = num_classes or int(max(y.max(initial=0) for y in splits.values())) + 1
+    else:
+        classes = num_classes or 0  # the labels' check below names the split that is not integer
+    y_train, y_query, y_public = (output.labels(splits[s], classes, f"task {name}: {s}") if s in splits else None
+                                  for s in ("train", "query", "public"))
+    task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes, output=output,
+                training=training or TrainConfig(), clip_norm=clip_norm, x_public=x_public, y_public=y_public)
     task.validate()
     make = task.make_model()
     with torch.no_grad():
@@ -134,7 +143,11 @@ def task_from_model(
                                f"({kind}, {x_query.dtype}: fedtrak keeps integer inputs such as token ids "
                                f"integer, and gives every other input as float32): "
                                f"{type(exc).__name__}: {exc}") from exc
-    if logits.ndim != 2 or logits.shape[1] != classes:
+    if not output.classes:
+        output.output(logits, torch.from_numpy(y_query[:2]))  # one value per example, or it names the shape
+    elif logits.ndim != 2 or logits.shape[1] != classes:
+        hint = (": a model with one output is a regression (give output=fedtrak.Regression())"
+                if logits.shape[-1] == 1 or logits.ndim == 1 else "")
         raise FedtrakError(f"task {name}: the model returns shape {tuple(logits.shape)}, expected "
-                           f"(batch, {classes}) logits")
+                           f"(batch, {classes}) logits{hint}")
     return task

@@ -111,6 +111,9 @@ def partition(
         return Partition(tuple(np.sort(p).astype(np.int64) for p in parts), "iid", None, seed)
     if scheme != "dirichlet":
         raise FedtrakError(f"unknown partition scheme {scheme!r}: use iid or dirichlet")
+    if not np.issubdtype(np.asarray(labels).dtype, np.integer):
+        raise FedtrakError("partition dirichlet skews the owners' classes: these labels are real values "
+                           "(a regression), use partition iid")
     if not alpha > 0:
         raise FedtrakError(f"Dirichlet alpha must be positive, got {alpha}")
     classes = np.unique(labels)

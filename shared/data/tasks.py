@@ -54,9 +54,11 @@ class Task:
     Attributes:
         name: the name it is loaded by (built-in name or import path).
         make_model: returns a freshly initialized model (call under a seed).
-        x_train, y_train: training inputs (float32) and integer labels.
+        x_train, y_train: training inputs (float32, or int64 token ids) and their labels (class
+            indices, or real values for a regression output).
         x_query, y_query: query (test) inputs and labels attributed to the training set.
-        num_classes: number of classes of the labels.
+        num_classes: number of classes of the labels (the model's outputs per example: 1 for a
+            regression).
         output: the model output function and out-to-loss weight.
         training: how checkpoints are trained.
         clip_norm: the default L2 clip norm C of projected features under
@@ -117,10 +119,7 @@ class Task:
                 raise FedtrakError(f"task {self.name}: {split} set is empty")
             if not np.all(np.isfinite(x)):
                 raise FedtrakError(f"task {self.name}: {split} inputs contain NaN or infinity")
-            if y.min() < 0 or y.max() >= self.num_classes:
-                raise FedtrakError(
-                    f"task {self.name}: {split} labels outside [0, {self.num_classes})"
-                )
+            self.output.labels(y, self.num_classes, f"task {self.name}: {split}")
             if np.issubdtype(x.dtype, np.integer) != np.issubdtype(self.x_train.dtype, np.integer):
                 raise FedtrakError(f"task {self.name}: {split} inputs are {x.dtype}, the training inputs "
                                    f"{self.x_train.dtype}: give every split integer inputs, or none")
@@ -261,9 +260,9 @@ def load_task(spec: str, train_size: int | None = None, query_size: int | None =
     return task.subset(train_size, query_size)
 
 
-def input_array(x: Any) -> np.ndarray:
-    """Inputs as a model takes them: integer inputs (token ids) as int64, every other number as
-    float32 (contiguous; no copy when they already are).
+def numeric_array(x: Any) -> np.ndarray:
+    """Inputs or labels as a model takes them: integers (token ids, class indices) as int64,
+    every other number as float32 (contiguous; no copy when they already are).
 
     Raises:
         FedtrakError: if the inputs are not numbers.
@@ -277,9 +276,8 @@ def input_array(x: Any) -> np.ndarray:
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (their type kept: :func:`input_array`) and labels (int64) as torch tensors, sharing
-    memory."""
-    return torch.from_numpy(input_array(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    """Inputs and labels as torch tensors, their kind kept (:func:`numeric_array`), sharing memory."""
+    return torch.from_numpy(numeric_array(x)), torch.from_numpy(numeric_array(y))
 
 
 @lru_cache(maxsize=4)

@@ -93,6 +93,7 @@ def resolve_dp(settings: Settings, task: Task, dim: int, source: str = "private"
     weights = budget_weights(p.budget)  # names a bad pair, whether or not the run is private
     if not p.wants_noise:
         return DPSettings(delta=p.delta, clip_mode=p.clip_mode, gram_weight=weight_bound(settings, task))
+    task.output.check_private(task.name)
     clip = p.clip_norm or task.clip_norm or (1.0 if p.clip_quantile is not None else None)
     if not clip:
         raise FedtrakError(f"task {task.name} has no default clip norm: set clip-norm or clip-quantile")

@@ -67,7 +67,7 @@ def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, ep
                         generator=secret_generator())
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.train()  # Opacus validates the module in training mode
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = task.output.loss
     with warnings.catch_warnings():
         # Opacus says its noise is not drawn from a CSPRNG (secure_mode needs torchcsprng, which no
         # longer builds; the generators are seeded from OS entropy instead), and

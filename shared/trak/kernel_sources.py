@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak.config.settings import Settings
-from fedtrak.data.tasks import Task, input_array
+from fedtrak.data.tasks import Task, numeric_array
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.featurizer import Features
 from fedtrak.trak.kernel import Kernel, effective_inverse
@@ -53,17 +53,15 @@ def public_data(settings: Settings, task: Task) -> tuple[np.ndarray, np.ndarray]
     path = Path(spec).expanduser()
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            x, y = input_array(arrays["x"]), np.asarray(arrays["y"])
+            x, y = numeric_array(arrays["x"]), np.asarray(arrays["y"])
     except (OSError, ValueError, KeyError) as exc:
         raise FedtrakError(f"public data {path}: cannot read arrays x and y from an .npz file ({exc})") from exc
     if x.shape[1:] != task.input_shape or y.shape != (len(x),) or len(x) == 0:
         raise FedtrakError(f"public data {path}: x {x.shape} and y {y.shape} do not fit task {task.name} "
                            f"(inputs {task.input_shape}, one label each, at least one example)")
-    if not np.all(np.isfinite(x)) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 \
-            or y.max() >= task.num_classes:
-        raise FedtrakError(f"public data {path}: inputs must be finite and labels integers in "
-                           f"[0, {task.num_classes})")
-    return x, y.astype(np.int64)
+    if not np.all(np.isfinite(x)):
+        raise FedtrakError(f"public data {path}: inputs must be finite")
+    return x, task.output.labels(y, task.num_classes, f"public data {path}")
 
 
 def resolve_kernel_source(settings: Settings, task: Task) -> str:

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from fedtrak.data.checkpoints import seeded_model
+from fedtrak.data.modelout import ModelOutput
 from fedtrak.data.models import count_params
-from fedtrak.data.tasks import load_task
+from fedtrak.data.tasks import load_task, to_tensors
 from fedtrak.trak.featurizer import Featurizer
 from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
 from fedtrak.trak.projectors.dense import _MATRIX_POOL
@@ -42,15 +43,15 @@ def _rate(num: int, seconds: float) -> float:
     return round(num / seconds, 1) if seconds > 0 else float("inf")
 
 
-def floor_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    """Seconds of the model's own batched forward and backward pass over ``x`` (cross-entropy
-    summed over each batch, one backward per batch): the floor of any per-example-gradient method."""
-    xs, ys = torch.as_tensor(x), torch.as_tensor(y).long()
+def floor_model(model: torch.nn.Module, output: ModelOutput, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+    """Seconds of the model's own batched forward and backward pass over ``x`` (the task's training
+    loss of each batch, one backward per batch): the floor of any per-example-gradient method."""
+    xs, ys = to_tensors(x, y)
     t0 = time.perf_counter()
     for start in range(0, len(ys), batch_size):
         model.zero_grad(set_to_none=True)
         out = model(xs[start:start + batch_size])
-        torch.nn.functional.cross_entropy(out, ys[start:start + batch_size], reduction="sum").backward()
+        output.loss(out, ys[start:start + batch_size]).backward()
     return time.perf_counter() - t0
 
 
@@ -75,8 +76,8 @@ def bench_featurize(
     grad_dim = count_params(model)
     # One-time library warm-up (torch.func's first vmap call), not counted.
     Featurizer(model, task.output, make_projector("gaussian", grad_dim, 8, seed=0)).featurize(x[:8], y[:8])
-    floor_model(model, x, y, batch_size)  # warm-up
-    dt = min(floor_model(model, x, y, batch_size) for _ in range(3))  # best of 3, as the warm rows
+    floor_model(model, task.output, x, y, batch_size)  # warm-up
+    dt = min(floor_model(model, task.output, x, y, batch_size) for _ in range(3))  # best of 3, as the warm rows
     rows = [{"impl": "floor: the model's batched forward + backward", "examples": len(y), "seconds": round(dt, 3),
              "examples_per_s": _rate(len(y), dt)}]
     for kind in projectors:

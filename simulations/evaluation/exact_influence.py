@@ -64,16 +64,16 @@ def _checkpoint_influence(task: Task, model: torch.nn.Module, xt: torch.Tensor, 
         return out
 
     def logits(vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, unflat(vec), (x.double(),))
+        return functional_call(model, unflat(vec), (x.double() if x.is_floating_point() else x,))
 
     def loss_one(vec: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits(vec, x[None]), y[None])
+        return task.output.loss(logits(vec, x[None]), y[None])
 
     def margin_one(vec: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task.output.output(logits(vec, x[None]), y[None])[0]
 
     def objective(vec: torch.Tensor) -> torch.Tensor:
-        mean_loss = torch.nn.functional.cross_entropy(logits(vec, xt), yt)
+        mean_loss = task.output.loss(logits(vec, xt), yt)
         return mean_loss + 0.5 * task.training.weight_decay * (vec**2).sum()
 
     h = hessian(objective)(theta)
