@@ -236,8 +236,9 @@ class RunSummary:
         part = self.doc.get("partition")
         if part is None:
             return None
-        sizes = part.get("client_sizes")
-        return Partition(**{**part, "client_sizes": None if sizes is None else tuple(sizes)})
+        sizes = part.get("client_sizes")  # the centralized path's; alpha: Dirichlet's only
+        return Partition(part["scheme"], part.get("alpha"), part["seed"], part["num_clients"],
+                         None if sizes is None else tuple(sizes))
 
     @property
     def flips(self) -> Flips | None:
@@ -390,10 +391,8 @@ def load(folder: Path) -> RunSummary:
 
 
 def _json_default(obj: object) -> object:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()  # a numpy scalar's is its Python value
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
