@@ -219,3 +219,17 @@ def test_a_summary_this_release_cannot_read_is_refused_by_name(tmp_path, text, m
     assert str(tmp_path / SUMMARY) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(FedtrakError, match=re.escape(f"{tmp_path / 'elsewhere'} is not a run folder: it has no {SUMMARY}")):
         load(tmp_path / "elsewhere")
+
+
+def test_the_dp_settings_of_a_run_are_its_jobs():
+    """The attack suite takes a run's DP settings from the summary as the run's job made them (no
+    defaults typed again): sigma, C and the weight bound resolved, clip mode and delta as set."""
+    records, infos = _records()
+    settings, resolved = Settings().replaced(delta=1e-6), Resolved(64, noise_multiplier=1.5, clip_norm=2.0,
+                                                                    weight_bound=0.25)
+    privacy = Privacy(dp=True, kernel_source="private", noise_multiplier=1.5, clip_norm=2.0, delta=1e-6)
+    fed = Federated("run-2", (), Clients((), (), 0, 0, {}, {}, {}), "private", privacy, {})
+    summary = build(settings, resolved, "digits-logreg", 100, 20, records, infos, None, None, PhaseTimer(), fed)
+    dp = summary.dp_settings()
+    assert (dp.noise_multiplier, dp.clip_norm, dp.gram_weight, dp.delta) == (1.5, 2.0, 0.25, 1e-6)
+    assert dp.clip_mode == settings.privacy.clip_mode and dp == summary.job().dp()
