@@ -233,3 +233,12 @@ def test_the_dp_settings_of_a_run_are_its_jobs():
     dp = summary.dp_settings()
     assert (dp.noise_multiplier, dp.clip_norm, dp.gram_weight, dp.delta) == (1.5, 2.0, 0.25, 1e-6)
     assert dp.clip_mode == settings.privacy.clip_mode and dp == summary.job().dp()
+
+
+def test_indexing_a_summary_like_the_old_dict_names_the_accessors():
+    """0.2's ``result.summary["mode"]`` gets an error that says how 0.3 reads it."""
+    from fedtrak.results.summary import RunSummary
+
+    with pytest.raises(TypeError, match=r"read through its accessors \(summary.mode where it has one\), or "
+                                        r"summary.doc\['mode'\]"):
+        RunSummary({"mode": "central"})["mode"]

@@ -1,11 +1,9 @@
-"""The run summary, ``summary.json``: every key of it is spelled here and nowhere else.
-
-The federated server (:mod:`fedtrak.server.summary`) and the centralized path hand typed values
-(:mod:`fedtrak.results.summary_blocks`) to :func:`build` (a run ended without results:
-:func:`build_failed`); readers take a :class:`RunSummary` from :func:`load` and use its accessors.
-On disk it is one JSON object whose ``summary_version`` says its format (:data:`VERSION`); one
-without (fedtrak 0.2 and earlier, the same format) reads as version 1. A newer or unknown version,
-or a file that is not a JSON object, is refused naming the file."""
+"""The run summary, ``summary.json``: every key of it is spelled here and nowhere else. The server
+(:mod:`fedtrak.server.summary`) and the centralized path hand typed values (:mod:`.summary_blocks`)
+to :func:`build` (a run ended without results: :func:`build_failed`); readers take a
+:class:`RunSummary` from :func:`load`. On disk, one JSON object whose ``summary_version`` says its
+format (:data:`VERSION`); one without (fedtrak 0.2, the same format) reads as version 1. A newer or
+unknown version, or a file that is not a JSON object, is refused naming the file."""
 
 from __future__ import annotations
 
@@ -146,6 +144,10 @@ class RunSummary:
     ``with_`` methods) read through typed accessors. Keys a run did not record read as empty."""
 
     doc: Mapping[str, Any] = field(repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        raise TypeError(f"a run summary is read through its accessors (summary.{key} where it has one), or "
+                        f"summary.doc[{key!r}] for the JSON itself (fedtrak 0.3)")
 
     @property
     def complete(self) -> bool:
