@@ -27,6 +27,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.kinds import COUNT, GRAM, KINDS, SUMMARY, planned_counts
 from fedtrak.privacy.plan import kernel_weight_bound
 from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+from fedtrak.trak.projectors import resolve_projection
 from fedtrak.wire.records import FEATURIZE, SCORE
 
 log = logging.getLogger("fedtrak.client")
@@ -83,8 +84,9 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     task = load_task(task_name, data=False)
     x, y = read_device_data(Path(data_path), task)
     settings = Settings().replaced(proj_dim=proj_dim, projector=projector, batch_size=batch_size, weighting=weighting)
-    k = settings.projection.resolved_dim(task.num_params)  # as the server's preflight resolves it
-    featurizer = checkpoint_featurizer(task, seeded_model(task, 0).state_dict(), 0, settings, k)
+    model = seeded_model(task, 0)
+    projection = resolve_projection(settings.projection, model, task.num_params)  # as the server's preflight does
+    featurizer = checkpoint_featurizer(task, model.state_dict(), 0, settings, projection)
     batch = min(batch_size, len(y))
     start = time.perf_counter()
     chunk = next(featurizer.iter_chunks(x[:batch], y[:batch]))
@@ -93,13 +95,13 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     clip = clip_norm or task.clip_norm
     nq = DEFAULT_QUERIES if queries is None else queries
     weight = kernel_weight_bound(settings.kernel.weighted, task)
-    releases = _release_rows(checkpoints, k, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
+    releases = _release_rows(checkpoints, projection.dim, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
     kept = ["features of every example, per checkpoint (the local store)"]
     if policy == "topk":
         kept.append("top proponents and opponents per query (results/topk.npz), never released")
     return {"task": task.name, "data": str(data_path), "examples": len(y), "input_shape": list(x.shape[1:]),
             "labels": sorted(int(v) for v in np.unique(y)), "num_params": featurizer.grad_dim,
-            "projector": projector, "proj_dim": k, "checkpoints": checkpoints, "queries": nq,
+            "projector": projection.kind, "proj_dim": projection.dim, "checkpoints": checkpoints, "queries": nq,
             "batch": {"examples": batch, "seconds": round(seconds, 3),
                       "feature_norm_median": float(np.median(np.linalg.norm(chunk.features, axis=1))),
                       "finite": bool(np.all(np.isfinite(chunk.features)))},

@@ -35,7 +35,7 @@ def fingerprint(job: Job, m: int, state: Mapping[str, torch.Tensor], data: Clien
     """What checkpoint ``m``'s features depend on: the projection, the weights and the data."""
     h = hashlib.sha256()
     s = job.settings
-    spec = {"task": s.task.task, "projector": s.projection.projector, "proj_dim": job.resolved.proj_dim,
+    spec = {"task": s.task.task, "projector": job.resolved.projector, "proj_dim": job.resolved.proj_dim,
             "seed": s.task.seed, "m": m}
     h.update(json.dumps(spec, sort_keys=True).encode())
     for name in sorted(state):
@@ -65,7 +65,7 @@ def featurize_into_store(
             log.info("checkpoint %d: reusing the stored features", m)
             computed[m] = 0
             continue
-        featurizer = checkpoint_featurizer(task, dict(state), m, job.settings, job.resolved.proj_dim)
+        featurizer = checkpoint_featurizer(task, dict(state), m, job.settings, job.resolved.projection)
         dim = featurizer.projector.proj_dim
         done = store.resume_point(m, len(data.y), dim, fp)
         if done:

@@ -16,7 +16,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
 from fedtrak.privacy.plan import planned_threshold, resolve_dp, uses_secure_agg
 from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
-from fedtrak.trak.projectors import make_projector
+from fedtrak.trak.projectors import resolve_projection
 from fedtrak.wire.job import Resolved
 
 
@@ -47,9 +47,8 @@ def preflight(settings: Settings) -> Plan:
         FedtrakError: naming the bad setting.
     """
     task = load_run_task(settings)
-    k = settings.projection.resolved_dim(task.num_params)
-    make_projector(settings.projection.projector, task.num_params, k, settings.task.seed, cache_bytes=0,
-                   model=task.make_model())  # a k the projector cannot take fails here
+    projection = resolve_projection(settings.projection, task.make_model(), task.num_params)
+    k = projection.dim
     source = resolve_kernel_source(settings, task)
     if source in USES_PUBLIC:
         public_data(settings, task)  # a bad public file fails here, before anything runs
@@ -58,7 +57,8 @@ def preflight(settings: Settings) -> Plan:
         check_lambda_against_noise(settings, dp, k, source)
     threshold = planned_threshold(settings) if uses_secure_agg(settings, source) else 0
     resolved = Resolved(k, dp.noise_multiplier, dp.clip_norm, threshold, dp.gram_weight,
-                        settings.training.local_epochs or task.training.local_epochs, source, dp.scales)
+                        settings.training.local_epochs or task.training.local_epochs, source, dp.scales,
+                        projection.kind)
     return Plan(settings, task, resolved, dp)
 
 

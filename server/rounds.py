@@ -249,7 +249,7 @@ def _score_request(fed: Federation, task: Task, job: Job, states: States, timer:
     noise ridge (:func:`fedtrak.privacy.mechanisms.summary_ridge`), else the request's."""
     settings, dp, source, dim = job.settings, job.dp(), job.resolved.kernel_source, job.resolved.proj_dim
     weighted = settings.kernel.weighted
-    featurizers = [checkpoint_featurizer(task, s, m, settings, dim) for m, s in enumerate(states)]
+    featurizers = [checkpoint_featurizer(task, s, m, settings, job.resolved.projection) for m, s in enumerate(states)]
     sums, total, copies, secure = _summed_kernels(fed, job, states, timer, state, saved)
     groups = query_groups(settings.release.owner_value, task.y_query)
     bounded = dp.active and (groups is not None or settings.wants_self_influence)
@@ -320,7 +320,7 @@ def run_features(fed: Federation, task: Task, job: Job, states: States, timer: P
         return Features(np.concatenate(f), np.concatenate(q), None if bound is None else np.concatenate(w))
 
     total = sum(fed.clients[n].num_examples for n in nodes)
-    scores, records, self_infl = score_features(task, states, total, gathered, job.settings, dim,
+    scores, records, self_infl = score_features(task, states, total, gathered, job.settings, job.resolved.projection,
                                                 job.resolved.kernel_source, timer,
                                                 self_influence=job.settings.wants_self_influence)
     ids = example_ids([received[n][0] for n in nodes])

@@ -32,7 +32,7 @@ from fedtrak.timing import PhaseTimer
 from fedtrak.trak.featurizer import Features, Featurizer
 from fedtrak.trak.kernel_sources import resolve_kernel_source
 from fedtrak.trak.per_checkpoint import score_features
-from fedtrak.trak.projectors import make_projector
+from fedtrak.trak.projectors import resolve_projection
 from fedtrak.trak.scoring import owner_means, owner_totals
 from fedtrak.wire.job import Resolved
 
@@ -74,7 +74,7 @@ def central_scores(
         with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=None if progress else True) as bar:
             return featurizer.featurize(x_train, y_train, progress=bar.update)
 
-    return score_features(task, states, len(y_train), featurize, settings, resolved.proj_dim, resolved.kernel_source,
+    return score_features(task, states, len(y_train), featurize, settings, resolved.projection, resolved.kernel_source,
                           timer, self_influence)
 
 
@@ -85,11 +85,9 @@ def central_resolved(settings: Settings, task: Task) -> Resolved:
     Raises:
         FedtrakError: on a projection or kernel source the task cannot take.
     """
-    k = settings.projection.resolved_dim(task.num_params)
-    make_projector(settings.projection.projector, task.num_params, k, settings.task.seed, cache_bytes=0,
-                   model=task.make_model())
-    return Resolved(k, weight_bound=weight_bound(settings, task), local_epochs=0,
-                    kernel_source=resolve_kernel_source(settings, task))
+    projection = resolve_projection(settings.projection, task.make_model(), task.num_params)
+    return Resolved(projection.dim, weight_bound=weight_bound(settings, task), local_epochs=0,
+                    kernel_source=resolve_kernel_source(settings, task), projector=projection.kind)
 
 
 def run_attribute(settings: Settings, progress: bool = True) -> RunSummary:

@@ -111,9 +111,10 @@ def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, pr
 
     from fedtrak.config.settings import Settings
     from fedtrak.simulations.attacks.view import ServerView
+    from fedtrak.trak.projectors import Projection
 
     view = ServerView(digits_logreg, logreg_states[0], 0, Settings().replaced(projector=projector),
-                      DPSettings(), k or digits_logreg.num_params, "private")
+                      DPSettings(), Projection(projector, k or digits_logreg.num_params), "private")
     x, y = digits_logreg.x_train[:5], digits_logreg.y_train[:5]
     released, _, _ = view.client_features(x, y)
     mine = view.features(torch.as_tensor(x), torch.as_tensor(y)).detach().numpy()

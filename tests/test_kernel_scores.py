@@ -158,12 +158,13 @@ def test_float32_queries_on_the_wire_move_scores_by_under_1e_6_of_the_largest(di
     from fedtrak.timing import PhaseTimer
     from fedtrak.trak.kernel import gram
     from fedtrak.trak.per_checkpoint import checkpoint_featurizer, solve_checkpoint
+    from fedtrak.trak.projectors import Projection
     from fedtrak.trak.scoring import kernel_term
 
     settings = Settings()
     worst = 0.0
     for m, state in enumerate(logreg_states):
-        featurizer = checkpoint_featurizer(digits_logreg, state, m, settings, 512)
+        featurizer = checkpoint_featurizer(digits_logreg, state, m, settings, Projection("rademacher", 512))
         train = featurizer.featurize(digits_logreg.x_train, digits_logreg.y_train)
         g = gram(train.features, train.curvature)
         u, _, _ = solve_checkpoint(digits_logreg, featurizer, g, len(train.features), settings, m, PhaseTimer())

@@ -96,11 +96,25 @@ def test_bad_dimensions_are_refused():
 
 
 def test_k_is_resolved_once_from_the_settings():
-    """An unset k is the default for the random projections and the parameter count for the
-    identity; a given one stays (the projector checks it)."""
+    """An unset k is the default for the random projections (at most the parameter count) and the
+    parameter count for the identity; a given one stays (the projector checks it). ``auto`` picks
+    the factorized projector for Linear and Conv2d layers only, and the run builds it once."""
+    from torch import nn
+
     from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
+    from fedtrak.errors import FedtrakError
+    from fedtrak.trak.projectors import Projection, make_projector, resolve_projection
 
     assert Settings().projection.resolved_dim(100_000) == DEFAULT_PROJ_DIM
+    assert Settings().projection.resolved_dim(5) == 5  # a tiny model: no wider than its gradient
+    mlp = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 3))
+    tokens = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(48, 3))
+    auto = Settings().projection
+    assert resolve_projection(auto, mlp, 563) == Projection("factorized", 512)
+    assert resolve_projection(auto, tokens, 547) == Projection("rademacher", 512)
+    assert resolve_projection(Settings().replaced(projector="gaussian").projection, mlp, 563).kind == "gaussian"
+    with pytest.raises(FedtrakError, match="projector auto is decided once per run"):
+        make_projector("auto", 563, 64, 0, model=mlp)
     assert Settings().replaced(projector="identity").projection.resolved_dim(650) == 650
     assert Settings().replaced(proj_dim=64, projector="factorized").projection.resolved_dim(650) == 64
 

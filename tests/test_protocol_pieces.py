@@ -99,8 +99,8 @@ def test_a_client_stopped_mid_checkpoint_resumes_after_its_last_finished_chunk(t
     seen: list[int] = []
     stop_after = {"chunks": 2}
 
-    def small_chunks(task, state, m, settings, proj_dim):
-        featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
+    def small_chunks(task, state, m, settings, projection):
+        featurizer = checkpoint_featurizer(task, state, m, settings, projection)
         featurizer.chunk_examples = 128
         inner = featurizer.iter_chunks
 

@@ -13,17 +13,17 @@ FOLDERS = ("shared", "server", "client", "simulations")
 
 #: The raw settings each of Resolved's values is resolved from, by section.
 RESOLVED_FROM = {
-    "projection": {"proj_dim"},  # Resolved.proj_dim
+    "projection": {"proj_dim", "projector"},  # Resolved.proj_dim, Resolved.projector ("auto" decided)
     "privacy": {"noise_multiplier", "clip_norm", "budget"},  # noise_multiplier, clip_norm, budget_scales
     "training": {"local_epochs"},  # Resolved.local_epochs
     "kernel": {"kernel_source"},  # Resolved.kernel_source ("auto" decided)
 }
 #: The resolution code, which may read them: the settings themselves, the server's preflight and the
 #: privacy plan, the centralized path's own resolution (simulations/attribute.py: central_resolved),
-#: the kernel source's rule, and the DP-SGD noise a device derives from the job (the noise
+#: the kernel source's and the projector's rules, and the DP-SGD noise a device derives from the job (the noise
 #: multiplier as given, privacy/training.py: given_train_sigma).
 RESOLUTION = ("shared/config/", "server/preflight.py", "shared/privacy/plan.py", "simulations/attribute.py",
-              "shared/trak/kernel_sources.py", "shared/privacy/training.py")
+              "shared/trak/kernel_sources.py", "shared/privacy/training.py", "shared/trak/projectors/__init__.py")
 #: Reads that record the setting as given, next to the resolved value, and why.
 AS_GIVEN = {
     ("server/summary.py", "clip_norm"): "the summary says whether C was given or the task's default",
@@ -115,8 +115,10 @@ def test_the_scan_finds_a_planted_raw_read():
         "    c = p.clip_norm\n"
         "    s = job.settings\n"
         "    e = s.training.local_epochs\n"
-        "    fine = job.resolved.proj_dim, dp.clip_norm, summary.privacy.noise_multiplier, s.projection.projector\n"
+        "    fine = job.resolved.proj_dim, dp.clip_norm, summary.privacy.noise_multiplier, s.projection.batch_size\n"
+        "    kind = s.projection.projector\n"
         "    return settings.kernel.kernel_source\n"
     )
     assert raw_reads(planted) == [(2, "projection.proj_dim"), (4, "privacy.clip_norm"),
-                                  (6, "training.local_epochs"), (8, "kernel.kernel_source")]
+                                  (6, "training.local_epochs"), (8, "projection.projector"),
+                                  (9, "kernel.kernel_source")]

@@ -25,7 +25,7 @@ from typing import Any
 from fedtrak.config.flat import Sectioned, setting
 from fedtrak.errors import FedtrakError
 
-PROJECTORS = ("rademacher", "gaussian", "factorized", "identity")
+PROJECTORS = ("auto", "factorized", "rademacher", "gaussian", "identity")
 NORMALIZATIONS = ("none", "traker")
 #: How each example's term of the kernel is weighted: not at all (TRAK's and traker's plain
 #: ``Phi^T Phi``) or by the model output's curvature (``Phi^T diag(w) Phi``).
@@ -153,19 +153,22 @@ class TrainingSettings:
 class ProjectionSettings:
     """How per-example gradients become k-dimensional features."""
 
-    projector: str = setting("rademacher", "random projection of the gradients", choices=PROJECTORS)
-    proj_dim: int | None = setting(None, f"projection dimension k (default {DEFAULT_PROJ_DIM}; the "
-                                         "parameter count for identity)", minimum=1)
+    projector: str = setting("auto", "random projection of the gradients; auto: factorized (per layer, no "
+                                     "per-example gradient) when every trained layer is Linear or Conv2d, "
+                                     "else rademacher (dense)", choices=PROJECTORS)
+    proj_dim: int | None = setting(None, f"projection dimension k (default {DEFAULT_PROJ_DIM}, at most the "
+                                         "parameter count; the parameter count for identity)", minimum=1)
     batch_size: int = setting(256, "examples per vmap call", minimum=1)
 
     def resolved_dim(self, num_params: int) -> int:
         """k resolved for a model of ``num_params`` parameters: as given, else the parameter count
-        for the identity projector and :data:`DEFAULT_PROJ_DIM` for the random projections (the
-        projector checks the value). Only the resolution (preflight, the centralized path) calls
-        this; everything after takes the resolved k."""
+        for the identity projector and :data:`DEFAULT_PROJ_DIM` for the random projections, at most
+        the parameter count (a projection to more dimensions than the gradient has adds nothing;
+        the projector checks a given value). Only the resolution (preflight, the centralized path)
+        calls this; everything after takes the resolved k."""
         if self.proj_dim is not None:
             return self.proj_dim
-        return num_params if self.projector == "identity" else DEFAULT_PROJ_DIM
+        return num_params if self.projector == "identity" else min(DEFAULT_PROJ_DIM, num_params)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def build(settings: Settings, resolved: Resolved, task: str, num_train: int, num
            "release_policy": None if central else settings.release.policy if mode == "private" else "features",
            "task": task, "run_id": None if central else fed.run_id, "num_train": num_train,
            "num_queries": num_queries, "num_params": records[0]["num_params"], "proj_dim": records[0]["proj_dim"],
-           "projector": settings.projection.projector, "num_checkpoints": len(records),
+           "projector": resolved.projector, "num_checkpoints": len(records),
            "normalization": settings.kernel.normalize, "ensemble": ENSEMBLE, "score_sign": SCORE_SIGN,
            "lambda": lambdas, "checkpoints": list(records),
            "owners": None if central else [asdict(o) for o in fed.owners],
@@ -285,8 +285,8 @@ class RunSummary:
     @property
     def resolved(self) -> Resolved:
         """The values the run resolved from its settings."""
-        known = {f.name for f in fields(Resolved)}
-        return Resolved(**{k: v for k, v in self.doc.get("resolved", {}).items() if k in known})
+        known, given = {f.name for f in fields(Resolved)}, self.doc.get("resolved", {})
+        return Resolved(**{"projector": self.doc.get("projector", "rademacher"), **{k: v for k, v in given.items() if k in known}})
 
     def job(self) -> Job:
         """The run's job (its id, settings and resolved values), as its clients received it."""

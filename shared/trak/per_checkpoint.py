@@ -35,7 +35,7 @@ from fedtrak.trak.kernel import (
     resolve_lambda,
 )
 from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, source_gram
-from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
+from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, Projection, make_projector
 from fedtrak.trak.scoring import ScoreEnsemble, kernel_term, self_kernel_term
 
 
@@ -52,20 +52,19 @@ def kernel_weights(settings: Settings, curvature: np.ndarray | None) -> np.ndarr
     return curvature
 
 
-def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings, proj_dim: int,
-                          cache_bytes: int = DEFAULT_CACHE_BYTES) -> Featurizer:
-    """The featurizer of checkpoint ``m``: its model and its own seeded projector to the run's
-    resolved ``proj_dim`` (:class:`fedtrak.wire.job.Resolved`'s, as preflight resolved it).
+def checkpoint_featurizer(task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
+                          projection: Projection, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Featurizer:
+    """The featurizer of checkpoint ``m``: its model and its own seeded projector, of the run's
+    resolved ``projection`` (:attr:`fedtrak.wire.job.Resolved.projection`, as preflight resolved it).
 
     Raises:
         FedtrakError: if the state does not fit the task's model or the
             projection settings are invalid.
     """
     model = model_from_state(task, state, f"checkpoint {m}")
-    proj = settings.projection
-    projector = make_projector(proj.projector, count_params(model), proj_dim,
+    projector = make_projector(projection.kind, count_params(model), projection.dim,
                                derive_seed(settings.task.seed, m), cache_bytes, model=model)
-    return Featurizer(model, task.output, projector, batch_size=proj.batch_size)
+    return Featurizer(model, task.output, projector, batch_size=settings.projection.batch_size)
 
 
 def solve_checkpoint(
@@ -111,7 +110,7 @@ def score_features(
     num_train: int,
     train_features: Callable[[int, Featurizer], Features],
     settings: Settings,
-    proj_dim: int,
+    projection: Projection,
     source: str,
     timer: PhaseTimer | None = None,
     self_influence: bool = False,
@@ -120,7 +119,7 @@ def score_features(
 
     ``train_features(m, featurizer)`` returns checkpoint ``m``'s training
     features in column order (computed on the spot by the centralized path,
-    received from clients in ``features`` mode). ``proj_dim`` and the kernel
+    received from clients in ``features`` mode). ``projection`` and the kernel
     ``source`` (:mod:`fedtrak.trak.kernel_sources`) are the run's resolved ones.
     Returns the scores, one record per checkpoint and, if asked, every
     example's self-influence ``(n,)``.
@@ -130,7 +129,7 @@ def score_features(
     ensemble = ScoreEnsemble(len(task.y_query), num_train)
     records = []
     for m, state in enumerate(states):
-        featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
+        featurizer = checkpoint_featurizer(task, state, m, settings, projection)
         with timer.phase("featurize_train"):
             feats = train_features(m, featurizer)
         with timer.phase("kernel"):

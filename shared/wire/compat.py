@@ -17,7 +17,7 @@ from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 
 #: The wire protocol's version: bumped whenever a message's meaning changes.
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 def task_fingerprint(task: Task, projector: str, proj_dim: int, seed: int) -> str:

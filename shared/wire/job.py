@@ -17,6 +17,7 @@ from fedtrak.config.settings import FlipSpec, Settings
 from fedtrak.data.tasks import Task
 from fedtrak.privacy.budget import EQUAL_SCALES, Scales
 from fedtrak.privacy.mechanisms import DPSettings
+from fedtrak.trak.projectors import Projection
 from fedtrak.wire.compat import PROTOCOL_VERSION, check_compatible, task_fingerprint
 
 #: The sections of the settings a client receives (the run section stays on the server).
@@ -40,6 +41,9 @@ class Resolved:
         budget_scales: each kind of release's noise multiplier relative to ``noise_multiplier``,
             the split of a target epsilon (:class:`fedtrak.privacy.budget.Scales`; empty: all equal).
             Its text form (:meth:`describe`'s, the run summary's) is accepted and parsed.
+        projector: the projector, ``auto`` decided (:func:`fedtrak.trak.projectors.resolve_projection`;
+            a run folder of fedtrak 0.2, which did not record it, used the dense ``rademacher``
+            unless its settings name another).
     """
 
     proj_dim: int
@@ -50,10 +54,16 @@ class Resolved:
     local_epochs: int = 3
     kernel_source: str = "private"
     budget_scales: Scales = EQUAL_SCALES
+    projector: str = "rademacher"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget_scales, str):  # as the run summary and the job record write it
             object.__setattr__(self, "budget_scales", Scales.parse(self.budget_scales))
+
+    @property
+    def projection(self) -> Projection:
+        """The projector and k every checkpoint's featurizer uses."""
+        return Projection(self.projector, self.proj_dim)
 
     def describe(self) -> dict:
         """JSON-ready, for the run summary and the job record (the scales as their text)."""
@@ -84,7 +94,7 @@ class Job:
 
     def fingerprint(self, task: Task) -> str:
         """The fingerprint of ``task`` under this job's projection settings."""
-        return task_fingerprint(task, self.settings.projection.projector, self.resolved.proj_dim,
+        return task_fingerprint(task, self.resolved.projector, self.resolved.proj_dim,
                                 self.settings.task.seed)
 
     def fingerprinted(self, task: Task) -> Job:

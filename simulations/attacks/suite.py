@@ -39,6 +39,7 @@ from fedtrak.simulations.attacks.membership import membership_attack
 from fedtrak.simulations.attacks.small_owner import invert_owner
 from fedtrak.simulations.attacks.view import ServerView
 from fedtrak.simulations.run_folder import RunFolder
+from fedtrak.trak.projectors import resolve_projection
 
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
 #: Client sizes of the small-owner attack.
@@ -98,11 +99,11 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
     settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed,
                                    weighting=setting.weighting)
-    k = settings.projection.resolved_dim(task.num_params)
-    views = [ServerView(task, s, m, settings, setting.dp, k, setting.kernel_source)
+    projection = resolve_projection(settings.projection, task.make_model(), task.num_params)
+    views = [ServerView(task, s, m, settings, setting.dp, projection, setting.kernel_source)
              for m, s in enumerate(states[: setting.checkpoints])]
     view, rng = views[0], np.random.default_rng([setting.seed, 0xA77AC])
-    block: dict = {"mode": setting.mode, "projector": setting.projector, "proj_dim": view.proj_dim,
+    block: dict = {"mode": setting.mode, "projector": projection.kind, "proj_dim": view.proj_dim,
                    "noise_multiplier": setting.dp.noise_multiplier, "clip_norm": setting.dp.clip_norm or None,
                    "secure_aggregation": setting.secure_agg, "kernel_source": setting.kernel_source,
                    "accounted_epsilon": accounted_epsilon(setting), "checkpoint_attacked": 0}

@@ -28,7 +28,7 @@ from fedtrak.privacy.mechanisms import (
 from fedtrak.trak.featurizer import Featurizer
 from fedtrak.trak.kernel import gram
 from fedtrak.trak.per_checkpoint import checkpoint_featurizer
-from fedtrak.trak.projectors import IdentityProjector
+from fedtrak.trak.projectors import IdentityProjector, Projection
 from fedtrak.trak.projectors.factorized import FactorizedProjector
 
 
@@ -47,14 +47,14 @@ class ServerView:
     """Checkpoint ``m`` as the server sees it: a differentiable feature map and the client's releases."""
 
     def __init__(self, task: Task, state: dict[str, torch.Tensor], m: int, settings: Settings,
-                 dp: DPSettings, proj_dim: int, kernel_source: str) -> None:
-        """``proj_dim`` and ``kernel_source``: the run's resolved k and kernel source."""
+                 dp: DPSettings, projection: Projection, kernel_source: str) -> None:
+        """``projection`` and ``kernel_source``: the run's resolved projector and k, and kernel source."""
         self.task, self.m, self.dp = task, m, dp
         #: Whether the run's kernel is curvature-weighted (its Gram releases are ``Phi^T diag(w) Phi``).
         self.weighted = settings.kernel.weighted
         #: Whether clients release Grams (not under a public kernel, which the server builds itself).
         self.gram_released = releases_gram(kernel_source)
-        self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings, proj_dim)
+        self.featurizer: Featurizer = checkpoint_featurizer(task, state, m, settings, projection)
         proj = self.featurizer.projector
         self.proj_dim = proj.proj_dim
         self.identity = isinstance(proj, IdentityProjector)

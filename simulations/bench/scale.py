@@ -37,10 +37,11 @@ def _featurize_child(task_name: str, num: int, proj_dim: int, projector: str, qu
     from fedtrak.data.checkpoints import seeded_model
     from fedtrak.data.tasks import load_task
     from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+    from fedtrak.trak.projectors import Projection
 
     task = load_task(task_name, num, 1)
     state = seeded_model(task, 0).state_dict()
-    featurizer = checkpoint_featurizer(task, state, 0, Settings().replaced(projector=projector), proj_dim)
+    featurizer = checkpoint_featurizer(task, state, 0, Settings(), Projection(projector, proj_dim))
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     resident = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current size

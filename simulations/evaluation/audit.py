@@ -36,6 +36,7 @@ from fedtrak.privacy.mechanisms import DPSettings, clip_scales, noise_rng, noise
 from fedtrak.privacy.plan import kernel_weight_bound
 from fedtrak.trak.kernel import gram
 from fedtrak.trak.per_checkpoint import checkpoint_featurizer
+from fedtrak.trak.projectors import Projection
 
 #: Confidence of the Clopper-Pearson bounds.
 CONFIDENCE = 0.95
@@ -117,7 +118,7 @@ def audit_gram(
         raise FedtrakError(f"the audit needs at least one release, got {releases}")
     model = train_central(task, seed)
     idx = partition(task.y_train, clients, "iid", seed=seed).clients[0]
-    featurized = checkpoint_featurizer(task, model.state_dict(), 0, settings, proj_dim)\
+    featurized = checkpoint_featurizer(task, model.state_dict(), 0, settings, Projection("rademacher", proj_dim))\
         .featurize(task.x_train[idx], task.y_train[idx])
     features = featurized.features.astype(np.float64)
     features *= clip_scales(np.linalg.norm(features, axis=1)[None, :], dp.clip_norm, dp.clip_mode)[0][:, None]

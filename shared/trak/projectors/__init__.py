@@ -9,10 +9,11 @@ per-layer (Kronecker) projection that never forms a per-example gradient.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import torch
 
-from fedtrak.config.settings import PROJECTORS
+from fedtrak.config.settings import PROJECTORS, ProjectionSettings
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
 from fedtrak.trak.projectors.dense import (
@@ -22,11 +23,37 @@ from fedtrak.trak.projectors.dense import (
     IdentityProjector,
     RademacherProjector,
 )
-from fedtrak.trak.projectors.factorized import FactorizedProjector
+from fedtrak.trak.projectors.factorized import FactorizedProjector, factorizes
 
 __all__ = ["BLOCK_ROWS", "DEFAULT_CACHE_BYTES", "BlockRandomProjector", "FactorizedProjector",
-           "GaussianProjector", "IdentityProjector", "Projector", "RademacherProjector",
-           "make_projector"]
+           "GaussianProjector", "IdentityProjector", "Projection", "Projector", "RademacherProjector",
+           "make_projector", "resolve_projection"]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A run's projection as resolved once: the projector's kind (``auto`` decided) and k."""
+
+    kind: str
+    dim: int
+
+
+def resolve_projection(settings: ProjectionSettings, model: torch.nn.Module, num_params: int) -> Projection:
+    """The projector and k of a run on ``model``: ``auto`` is ``factorized`` where every trained layer
+    allows it (:func:`~fedtrak.trak.projectors.factorized.factorizes`: it never forms a per-example
+    gradient, hundreds of times faster on an MLP) and ``rademacher`` otherwise; k as
+    :meth:`~fedtrak.config.settings.ProjectionSettings.resolved_dim` gives it. The projector is
+    built once here, so a k it cannot take fails before anything runs.
+
+    Raises:
+        FedtrakError: if the projector cannot take k for this model.
+    """
+    kind = settings.projector
+    if kind == "auto":
+        kind = "factorized" if factorizes(model) else "rademacher"
+    projection = Projection(kind, settings.resolved_dim(num_params))
+    make_projector(projection.kind, num_params, projection.dim, 0, cache_bytes=0, model=model)
+    return projection
 
 
 def make_projector(
@@ -59,4 +86,6 @@ def make_projector(
         return RademacherProjector(grad_dim, proj_dim, seed, cache_bytes)
     if kind == "gaussian":
         return GaussianProjector(grad_dim, proj_dim, seed, cache_bytes)
+    if kind == "auto":
+        raise FedtrakError("projector auto is decided once per run (resolve_projection), not per checkpoint")
     raise FedtrakError(f"unknown projector {kind!r}: use one of {', '.join(PROJECTORS)}")

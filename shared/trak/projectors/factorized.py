@@ -83,6 +83,13 @@ def _supported(module: nn.Module) -> bool:
     return False
 
 
+def factorizes(model: nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` sits in a layer the factorized projector
+    projects without the dense fallback (Linear; Conv2d, ungrouped with zero padding)."""
+    return all(_supported(module) for module in model.modules()
+               if any(p.requires_grad for p in module.parameters(recurse=False)))
+
+
 def _split(total: int, sizes: list[int]) -> list[int]:
     """``total`` split in proportion to ``sizes`` (largest remainders), each in ``[1, size]``."""
     if total > sum(sizes):
