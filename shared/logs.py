@@ -10,9 +10,11 @@ def visible_logging() -> None:
     standard error, at INFO, once: not again through a handler Flower or Ray put on the root
     logger."""
     logger = logging.getLogger("fedtrak")
-    if not logger.handlers:
+    if not any(getattr(h, "fedtrak_visible", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("fedtrak %(levelname)s: %(message)s"))
+        handler.fedtrak_visible = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    if logger.level == logging.NOTSET:  # a level the user set (WARNING: quiet) is theirs
+        logger.setLevel(logging.INFO)

@@ -12,6 +12,7 @@ the simulation's virtual clients can load it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,11 @@ from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import CheckpointInfo, write_checkpoint
 from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import visible_logging
+from fedtrak.results.answer import answer_lines
 from fedtrak.results.summary import RunSummary
+
+log = logging.getLogger("fedtrak")
 
 #: Checkpoints a user passes in: a folder with a manifest, or models or state dicts.
 Checkpoints = int | str | Path | Sequence[nn.Module | Mapping[str, torch.Tensor]]
@@ -56,6 +61,25 @@ class Result:
     scores: np.ndarray | None = None
     ids: np.ndarray | None = None
     self_influence: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        """What the run was and found, in one line: its mode, data, projection, kernel source,
+        privacy, exclusions and, once evaluated, its LDS."""
+        from fedtrak.simulations.evaluation.evaluate import headline
+
+        s = self.summary
+        privacy = s.privacy
+        spent = ("not private (all data in one place)" if s.mode == "central" else
+                 "no noise" if privacy is None or not privacy.dp else
+                 f"epsilon {'unbounded' if privacy.epsilon is None else format(privacy.epsilon, '.3g')} "
+                 f"at delta {privacy.delta:g}")
+        excluded = len(s.clients.excluded)
+        data = f"{s.num_queries} queries x {s.num_train} examples of {len(self.owners)} owners"
+        words = [f"{s.mode} run of {s.task}", data, f"{s.projector} k={s.proj_dim}, M={s.num_checkpoints}",
+                 f"kernel {s.resolved.kernel_source}", spent,
+                 *([f"{excluded} client(s) excluded"] if excluded else []),
+                 *([headline(s.evaluation)] if headline(s.evaluation) else [])]
+        return f"Result({str(self.out)!r}: {'; '.join(words)})"
 
     @classmethod
     def load(cls, out: str | Path) -> Result:
@@ -131,7 +155,7 @@ def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None =
 
     run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "central")
     run_attribute(run, progress=progress)
-    return Result.load(run.out_dir("central"))
+    return _told(Result.load(run.out_dir("central")))
 
 
 def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = None,
@@ -154,7 +178,16 @@ def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = 
         overrides = {"allow_full": True, **overrides}
     run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "simulation")
     run_simulation(run, verbose=verbose)
-    return Result.load(run.out_dir("simulation"))
+    return _told(Result.load(run.out_dir("simulation")))
+
+
+def _told(result: Result) -> Result:
+    """``result``, once its answer (the lines the command line ends with) is in fedtrak's log, which
+    a script shows on its standard error."""
+    visible_logging()
+    for line in answer_lines(result.out, result.summary):
+        log.info(line)
+    return result
 
 
 def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = False, mislabel: bool = False,

@@ -149,6 +149,31 @@ def test_public_data_from_python_makes_the_public_kernel_under_dp():
         fedtrak.task_from_model("t", Net(), train=_blobs(30, 0), query=_blobs(5, 1), public=(x[:, :4], y))
 
 
+def test_a_result_says_what_the_run_was_and_found(blob_task, tmp_path):
+    """The repr names mode, data, projection, kernel source, privacy and, once evaluated, the LDS;
+    ``attribute`` logs the answer the command line prints (0.2 printed nothing)."""
+    import logging
+
+    torch.manual_seed(3)
+    said, handler = [], logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("fedtrak").addHandler(handler)
+    try:
+        result = fedtrak.attribute(blob_task, checkpoints=[blob_task.make_model()], out=tmp_path / "run",
+                                   proj_dim=16, clients=4)
+    finally:
+        logging.getLogger("fedtrak").removeHandler(handler)
+    assert said[0] == "top owners per query (share of the positive attribution):"
+    assert "privacy: none (the centralized reference: all data in one place)" in said
+    text = repr(result)
+    assert text.startswith(f"Result({str(tmp_path / 'run')!r}: central run of blobs-net; 20 queries x 120 examples "
+                           "of 4 owners; factorized k=16, M=1; kernel private; not private")
+    assert "LDS" not in text
+    result.summary = result.summary.with_evaluation(
+        {"lds": {"lds": 0.61, "lds_over_ceiling": 0.7, "ceiling": {"ceiling": 0.87}}})
+    assert repr(result).endswith("; LDS 0.610 (ceiling 0.870))")
+
+
 def test_import_fedtrak_is_light_and_names_its_api():
     code = ("import sys, fedtrak\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"

@@ -62,6 +62,19 @@ class ModelOutput(ABC):
         ``(batch,)``. The default is 1 for every example (no weighting)."""
         return torch.ones(logits.shape[0], dtype=logits.dtype)
 
+    def check_outputs(self, logits: torch.Tensor, num_classes: int) -> None:
+        """Refuse a model whose outputs (for a batch) do not fit this output function; the default
+        takes ``(batch, num_classes)`` logits.
+
+        Raises:
+            FedtrakError: naming the shape it got and the one it needs.
+        """
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            hint = (": a model with one output is a regression (give output=fedtrak.Regression())"
+                    if logits.shape[-1] == 1 or logits.ndim == 1 else "")
+            raise FedtrakError(f"the model returns shape {tuple(logits.shape)}, expected (batch, {num_classes}) "
+                               f"logits{hint}")
+
     def check_private(self, task_name: str) -> None:
         """Refuse differential privacy for an output whose out-to-loss weights have no bound.
 
@@ -156,6 +169,10 @@ class Regression(ModelOutput):
         if logits.ndim == 1:
             return logits
         raise FedtrakError(f"a regression model returns one value per example, got shape {tuple(logits.shape)}")
+
+    def check_outputs(self, logits: torch.Tensor, num_classes: int) -> None:
+        """A regression model returns one value per example (``(batch,)`` or ``(batch, 1)``)."""
+        self._prediction(logits, torch.zeros(len(logits)))
 
     def output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The prediction per example."""

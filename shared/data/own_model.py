@@ -143,11 +143,8 @@ def task_from_model(
                                f"({kind}, {x_query.dtype}: fedtrak keeps integer inputs such as token ids "
                                f"integer, and gives every other input as float32): "
                                f"{type(exc).__name__}: {exc}") from exc
-    if not output.classes:
-        output.output(logits, torch.from_numpy(y_query[:2]))  # one value per example, or it names the shape
-    elif logits.ndim != 2 or logits.shape[1] != classes:
-        hint = (": a model with one output is a regression (give output=fedtrak.Regression())"
-                if logits.shape[-1] == 1 or logits.ndim == 1 else "")
-        raise FedtrakError(f"task {name}: the model returns shape {tuple(logits.shape)}, expected "
-                           f"(batch, {classes}) logits{hint}")
+    try:
+        output.check_outputs(logits, classes)
+    except FedtrakError as exc:
+        raise FedtrakError(f"task {name}: {exc}") from exc
     return task

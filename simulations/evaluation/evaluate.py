@@ -16,9 +16,10 @@ kept) and per-query LDS values into ``evaluation/``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -143,6 +144,18 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     block.update(results)
     run.write_evaluation(block)
     return block
+
+
+def headline(block: Mapping[str, Any]) -> str | None:
+    """The evaluation's main numbers in a few words (LDS, with its ceiling where measured), or
+    ``None`` for a block without LDS."""
+    words = []
+    for key, label in (("lds", "LDS"), ("owner_lds", "owner-level LDS")):
+        e = block.get(key)
+        if e:
+            ceiling = e.get("ceiling", {}).get("ceiling") if e.get("lds_over_ceiling") is not None else None
+            words.append(f"{label} {e['lds']:.3f}" + ("" if ceiling is None else f" (ceiling {ceiling:.3f})"))
+    return ", ".join(words) or None
 
 
 def format_table(block: dict) -> str:
