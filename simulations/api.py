@@ -12,11 +12,12 @@ the simulation's virtual clients can load it.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -134,6 +135,23 @@ def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind
     return settings.replaced(checkpoint_dir=str(folder), checkpoints=len(states))
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _python_words(fn: F) -> F:
+    """``fn`` whose errors name settings the Python way (``clip_norm``, not ``clip-norm``)."""
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedtrakError as exc:
+            exc.args = (Settings.in_python_words(str(exc)), *exc.args[1:])
+            raise
+
+    return wrapped  # type: ignore[return-value]
+
+
+@_python_words
 def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None = None,
               out: str | Path | None = None, checkpoints: Checkpoints | None = None, progress: bool = False,
               **overrides: Any) -> Result:
@@ -158,6 +176,7 @@ def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None =
     return _told(Result.load(run.out_dir("central")))
 
 
+@_python_words
 def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = None,
              out: str | Path | None = None, checkpoints: Checkpoints | None = None, verbose: bool = False,
              **overrides: Any) -> Result:
@@ -190,6 +209,7 @@ def _told(result: Result) -> Result:
     return result
 
 
+@_python_words
 def evaluate(run: Result | str | Path, *, lds: bool = True, owner_lds: bool = False, mislabel: bool = False,
              subsets: int = 100, owner_subsets: int = 100, alpha: float = 0.5, seed: int = 0,
              cache_dir: str | Path | None = None, workers: int | None = None, progress: bool = False,

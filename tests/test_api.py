@@ -174,6 +174,17 @@ def test_a_result_says_what_the_run_was_and_found(blob_task, tmp_path):
     assert repr(result).endswith("; LDS 0.610 (ceiling 0.870))")
 
 
+def test_errors_to_a_python_caller_name_settings_the_python_way(blob_task, tmp_path):
+    """The preflight's "set clip-norm or clip-quantile" reads "clip_norm" from Python (before any
+    Flower simulation starts), and the command line keeps its flags' spelling."""
+    from fedtrak.config.settings import Settings
+
+    with pytest.raises(FedtrakError, match=r"set clip_norm or clip_quantile$"):
+        fedtrak.simulate(blob_task, out=tmp_path / "sim", epsilon=1)
+    assert Settings.in_python_words("give --noise-multiplier, not noise-multiplierx") == \
+        "give noise_multiplier, not noise-multiplierx"
+
+
 def test_import_fedtrak_is_light_and_names_its_api():
     code = ("import sys, fedtrak\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
@@ -229,6 +230,16 @@ class Sectioned:
                 spec.parse(value) if parse and isinstance(value, str) else spec.coerce(value))
         sections = {name: dataclasses.replace(getattr(self, name), **vals) for name, vals in changes.items()}
         return dataclasses.replace(self, **sections)
+
+    @classmethod
+    def in_python_words(cls, text: str) -> str:
+        """``text`` with every setting spelled the command line's way (``clip-norm``,
+        ``--clip-norm``) spelled the Python way (``clip_norm``): errors raised to a Python caller."""
+        names = {s.key: s.name for s in cls.specs().values() if s.key != s.name}
+        if not names:
+            return text
+        pattern = r"(?<![\w-])(?:--)?(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?![\w-])"
+        return re.sub(pattern, lambda m: names[m.group(1)], text)
 
     def replaced(self, **values: Any) -> Self:
         """A copy with fields replaced by Python values, by field name (``proj_dim=64``), whatever
