@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrak.config.settings import Settings
+from fedtrak.config.settings import DEFAULT_CLIP_QUANTILE, Settings
 from fedtrak.data.checkpoints import CheckpointInfo, write_checkpoint
 from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
@@ -110,7 +110,14 @@ def _settings(task: str | Task, settings: Settings | None, out: str | Path | Non
     values = dict(overrides)
     if out is not None:
         values["out"] = str(out)
-    return (settings or Settings()).replaced(task=name, **values)
+    run = (settings or Settings()).replaced(task=name, **values)
+    p = run.privacy
+    if p.wants_noise and p.clip_norm is None and p.clip_quantile is None and \
+            (task if isinstance(task, Task) else load_task(name, data=False)).clip_norm is None:
+        log.info("task %s has no clip norm: the private run chooses C as the DP quantile %s of the feature "
+                 "norms (give clip_norm or clip_quantile to choose)", name, DEFAULT_CLIP_QUANTILE)
+        run = run.replaced(clip_quantile=DEFAULT_CLIP_QUANTILE)
+    return run
 
 
 def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind: str) -> Settings:

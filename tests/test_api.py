@@ -175,14 +175,20 @@ def test_a_result_says_what_the_run_was_and_found(blob_task, tmp_path):
 
 
 def test_errors_to_a_python_caller_name_settings_the_python_way(blob_task, tmp_path):
-    """The preflight's "set clip-norm or clip-quantile" reads "clip_norm" from Python (before any
-    Flower simulation starts), and the command line keeps its flags' spelling."""
-    from fedtrak.config.settings import Settings
+    """The settings' "give either clip-norm or clip-quantile" reads "clip_norm" from Python, and the
+    command line keeps its flags' spelling. A private run of a task without a clip norm takes the
+    DP quantile (where 0.2 stopped with "set clip-norm or clip-quantile")."""
+    from fedtrak.config.settings import DEFAULT_CLIP_QUANTILE, Settings
+    from fedtrak.simulations.api import _settings
 
-    with pytest.raises(FedtrakError, match=r"set clip_norm or clip_quantile$"):
-        fedtrak.simulate(blob_task, out=tmp_path / "sim", epsilon=1)
+    with pytest.raises(FedtrakError, match=r"give either clip_norm or clip_quantile, not both$"):
+        fedtrak.simulate(blob_task, out=tmp_path / "sim", epsilon=1, clip_norm=1.0, clip_quantile=0.5)
     assert Settings.in_python_words("give --noise-multiplier, not noise-multiplierx") == \
         "give noise_multiplier, not noise-multiplierx"
+    assert blob_task.clip_norm is None
+    assert _settings(blob_task, None, None, {"epsilon": 1}).privacy.clip_quantile == DEFAULT_CLIP_QUANTILE
+    assert _settings(blob_task, None, None, {"epsilon": 1, "clip_norm": 2.0}).privacy.clip_quantile is None
+    assert _settings(blob_task, None, None, {}).privacy.clip_quantile is None  # no noise, no clip
 
 
 def test_import_fedtrak_is_light_and_names_its_api():

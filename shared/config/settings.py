@@ -69,6 +69,9 @@ DEFAULT_TASK = "digits-logreg"
 DEFAULT_PROJ_DIM = 512
 #: Secure aggregation's share threshold as a fraction of each neighbourhood.
 DEFAULT_SECAGG_THRESHOLD = 0.6
+#: The clip quantile a private run from Python takes when neither it nor its task gives a clip norm:
+#: the median feature norm, as adaptive clipping starts from (Andrew et al. 2021).
+DEFAULT_CLIP_QUANTILE = 0.5
 #: Where a run's folder goes when none is given, by the kind of run.
 DEFAULT_OUT = {"central": "runs/central", "simulation": "runs/sim", "flower": "runs/flwr"}
 
@@ -211,7 +214,8 @@ class PrivacySettings:
                                                "jointly (one Gram release)", choices=CLIP_MODES)
     clip_quantile: float | None = setting(None, "choose C as this quantile of the feature norms, from the "
                                                 "clients' noised histograms (one more release), instead "
-                                                "of --clip-norm", above=0, below=1)
+                                                f"of --clip-norm (from Python, a private run of a task with "
+                                                f"no clip norm gets {DEFAULT_CLIP_QUANTILE})", above=0, below=1)
     train_share: float = setting(DEFAULT_TRAIN_SHARE, "when the run trains its checkpoints by DP-SGD under "
                                                       "--epsilon: the attribution releases are sized for "
                                                       "(1 - train-share) x epsilon, and each device's DP-SGD "
