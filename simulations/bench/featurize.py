@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import seeded_model
 from fedtrak.data.modelout import ModelOutput
 from fedtrak.data.models import count_params
 from fedtrak.data.tasks import load_task, to_tensors
 from fedtrak.trak.featurizer import Featurizer
-from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector
+from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector, resolve_projection
 from fedtrak.trak.projectors.dense import _MATRIX_POOL
 
 
@@ -60,7 +61,7 @@ def bench_featurize(
     proj_dim: int = 2048,
     num_examples: int = 1500,
     traker_examples: int = 128,
-    projectors: tuple[str, ...] = ("factorized", "rademacher", "gaussian"),
+    projectors: tuple[str, ...] = ("auto", "factorized", "rademacher", "gaussian"),
     batch_size: int = 256,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> list[dict]:
@@ -80,8 +81,10 @@ def bench_featurize(
     dt = min(floor_model(model, task.output, x, y, batch_size) for _ in range(3))  # best of 3, as the warm rows
     rows = [{"impl": "floor: the model's batched forward + backward", "examples": len(y), "seconds": round(dt, 3),
              "examples_per_s": _rate(len(y), dt)}]
-    for kind in projectors:
-        budgets = [(f"fedtrak {kind}", cache_bytes)]
+    for asked in projectors:
+        kind = asked if asked != "auto" else resolve_projection(
+            Settings().replaced(projector="auto", proj_dim=proj_dim).projection, model, grad_dim).kind
+        budgets = [(f"fedtrak {asked}" + (f" (= {kind})" if asked != kind else ""), cache_bytes)]
         if kind != "factorized":  # it has no matrix to cache
             budgets.append((f"fedtrak {kind} (no cache)", 0))
         for label, budget in budgets:

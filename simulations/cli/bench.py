@@ -19,8 +19,8 @@ def _featurize(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task", "proj-dim"], defaults={"task": "digits-mlp", "proj-dim": 2048})
     p.add_argument("--examples", type=positive_int, default=1500)
     p.add_argument("--traker-examples", type=positive_int, default=128)
-    p.add_argument("--projectors", default="factorized,rademacher,gaussian",
-                   help="comma-separated fedtrak projectors to measure")
+    p.add_argument("--projectors", default="auto,factorized,rademacher,gaussian",
+                   help="comma-separated fedtrak projectors to measure (auto: the one a run picks for the model)")
 
 
 def _lds(p: argparse.ArgumentParser) -> None:
