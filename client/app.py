@@ -31,7 +31,8 @@ from fedtrak.client.releases import (
     released_scores,
 )
 from fedtrak.client.training import released_update
-from fedtrak.data.tasks import Task, register_task, registered_tasks
+from fedtrak.data.shipping import receive_task
+from fedtrak.data.tasks import registered_tasks
 from fedtrak.errors import FedtrakError, Refused
 from fedtrak.logs import visible_logging
 from fedtrak.timing import peak_memory_mb
@@ -180,15 +181,20 @@ QUERIES: dict[str, Handler] = {"featurize": featurize, "features": features, "sc
                                "secagg_unmask": secagg_unmask}
 
 
-def node_defaults(defaults: Mapping[str, Any], tasks: Mapping[str, Callable[[], Task]]) -> Callable:
+def node_defaults(defaults: Mapping[str, Any], tasks: Mapping[str, bytes]) -> Callable:
     """A Flower mod that gives every handler ``defaults`` for node settings its node config lacks,
-    and registers ``tasks`` (name -> factory) in the process that runs it."""
+    and registers ``tasks`` (name -> :func:`fedtrak.data.shipping.task_payload`) in the process
+    that runs it."""
 
     def mod(msg: Message, ctx: Context, call_next: Handler) -> Message:
         known = registered_tasks()
-        for name, factory in tasks.items():
+        for name, payload in tasks.items():
             if name not in known:  # once per process: registering again would drop its loaded copy
-                register_task(name, factory)
+                try:
+                    receive_task(payload)
+                except FedtrakError as exc:  # a reply naming it, not an exception Flower logs twice
+                    log.error("node %s: %s", ctx.node_id, exc)
+                    return Message(Error(HANDLER_ERROR, f"task {name!r}: {exc}"), reply_to=msg)
         for key, value in defaults.items():
             if key not in ctx.node_config:
                 ctx.node_config[key] = value
@@ -198,13 +204,14 @@ def node_defaults(defaults: Mapping[str, Any], tasks: Mapping[str, Callable[[], 
 
 
 def client_app(defaults: Mapping[str, Any] | None = None,
-               tasks: Mapping[str, Callable[[], Task]] | None = None,
+               tasks: Mapping[str, bytes] | None = None,
                handlers: Mapping[str, Handler] | None = None) -> ClientApp:
     """A ClientApp with fedtrak's handlers.
 
-    ``defaults`` are node settings for nodes whose config lacks them and ``tasks`` user tasks to
-    register where the app runs: :func:`fedtrak.simulate` passes both (Flower's Python simulation
-    entry point leaves the run config empty, and its virtual clients run in other processes).
+    ``defaults`` are node settings for nodes whose config lacks them and ``tasks`` user tasks (name ->
+    :func:`fedtrak.data.shipping.task_payload`) to register where the app runs: :func:`fedtrak.simulate`
+    passes both (Flower's Python simulation entry point leaves the run config empty, and its virtual
+    clients run in other processes).
     ``handlers`` replaces some query handlers (tests use faulty ones).
     """
     mods = [node_defaults(dict(defaults or {}), dict(tasks or {}))] if defaults or tasks else []

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedtrak.client.app import Handler, client_app
 from fedtrak.config.settings import Settings
-from fedtrak.data.tasks import registered_tasks
+from fedtrak.data.shipping import task_payload
 from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import RunSummary
 from fedtrak.server.app import server_app
@@ -81,7 +81,9 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     warnings) and deprecation warnings stay hidden; ``progress`` shows the training rounds (on a
     terminal).
 
-    A task registered in this process (:func:`fedtrak.register_task`) travels to the clients.
+    A task registered in this process (:func:`fedtrak.register_task`, or a Task object given to
+    :func:`fedtrak.simulate`) travels to the clients by value (:mod:`fedtrak.data.shipping`); one
+    that cannot is refused before Ray starts.
     ``handlers`` replace some of the clients' query handlers and ``node_settings`` some of their
     node settings (tests use misbehaving clients).
 
@@ -99,7 +101,8 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     plan = preflight(settings)  # a bad task or privacy setting fails here, before Ray starts; the server runs it
     out = settings.out_dir("simulation")
     out.mkdir(parents=True, exist_ok=True)
-    tasks = {name: f for name, f in registered_tasks().items() if name == settings.task.task}
+    payload = task_payload(settings.task.task, "the simulation's virtual clients (Ray actors)")
+    tasks = {} if payload is None else {settings.task.task: payload}
     outcome: list = []
     cpus = os.cpu_count() or 1
     init = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}

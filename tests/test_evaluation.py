@@ -205,14 +205,17 @@ def test_owner_values_rank_dirichlet_owners_by_their_removal_effect(tmp_path, lo
     assert entry["spearman"] > 0.8, entry  # no noise; measured 0.93 (at epsilon 1 in a simulation: 0.90)
 
 
-def test_a_script_without_a_main_guard_gets_told_why_its_workers_died(tmp_path):
-    script = tmp_path / "unguarded.py"  # spawned workers re-import this file and cannot start
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """Spawned workers used to re-import the script (as ``__mp_main__``), run its body again and die
+    (issue 32: 3,581 log lines); they start without it now, and the body runs once."""
+    script = tmp_path / "unguarded.py"
     script.write_text(
         "import numpy as np\n"
         "from fedtrak.simulations.evaluation.retrain import Recipe, retrain_margins\n"
+        "print('script body', flush=True)\n"
         "recipe = Recipe('digits-logreg', 0, 0, 'central-sgd', 1, 0, 'iid', 2, 0.5, 0)\n"
         "mask = np.ones(1500, dtype=bool)\n"
-        "list(retrain_margins(recipe, [(0, mask, 0), (1, mask, 1)], workers=2))\n")
+        "print(len(list(retrain_margins(recipe, [(0, mask, 0), (1, mask, 1)], workers=2))), 'models')\n")
     done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode != 0 and 'if __name__ == "__main__":' in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.split() == ["script", "body", "2", "models"], done.stderr[-2000:]

@@ -54,28 +54,39 @@ def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
     return numeric_array(x), numeric_array(y)
 
 
-def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """A function returning a freshly initialized copy of ``model``.
+class FreshCopy:
+    """A picklable model factory: a freshly initialized copy of a template module per call.
 
-    For a module instance: a deep copy whose layers are re-initialized with their own
-    ``reset_parameters`` (under the caller's seed, so checkpoint m starts from its own
-    initialization); a function is used as it is.
+    The copy's layers are re-initialized with their own ``reset_parameters`` (under the caller's
+    seed, so checkpoint m starts from its own initialization). Being a class rather than a
+    closure, it travels to worker processes and Flower's virtual clients with the task.
     """
-    if not isinstance(model, nn.Module):
-        if not callable(model):
-            raise FedtrakError(f"model must be an nn.Module or a function returning one, got {type(model).__name__}")
-        return model
-    template = copy.deepcopy(model).cpu()
 
-    def fresh() -> nn.Module:
-        out = copy.deepcopy(template)
+    def __init__(self, template: nn.Module) -> None:
+        self.template = copy.deepcopy(template).cpu()
+
+    def __call__(self) -> nn.Module:
+        """A fresh copy of the template, its layers re-initialized."""
+        out = copy.deepcopy(self.template)
         for module in out.modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
         return out
 
-    return fresh
+
+def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A function returning a freshly initialized copy of ``model``: a :class:`FreshCopy` for a
+    module instance; a function is used as it is.
+
+    Raises:
+        FedtrakError: if ``model`` is neither a module nor callable.
+    """
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise FedtrakError(f"model must be an nn.Module or a function returning one, got {type(model).__name__}")
+        return model
+    return FreshCopy(model)
 
 
 def task_from_model(
@@ -93,8 +104,8 @@ def task_from_model(
     """A task from your own model and data.
 
     Args:
-        name: the task's name (runs and checkpoint manifests record it; register the task under
-            it with :func:`fedtrak.register_task` so that simulated clients find it).
+        name: the task's name (runs and checkpoint manifests record it; simulated clients and
+            evaluation workers get the task object itself, by value: :mod:`fedtrak.data.shipping`).
         model: an ``nn.Module`` (checkpoints are trained from fresh initializations of a copy) or a
             function that returns a new one.
         train: the training data attributed to: ``(x, y)`` arrays or tensors, a torch Dataset of

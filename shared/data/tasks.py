@@ -235,7 +235,8 @@ def _factory(spec: str) -> Callable[[], Task]:
                 raise FedtrakError(f"cannot load task {spec!r} from entry point {entry.value}: {exc}") from exc
     known = ", ".join(sorted(BUILTIN_TASKS) + sorted(_REGISTERED))
     raise FedtrakError(f"unknown task {spec!r}: use one of {known}, a registered name or an import path "
-                       "package.module:function")
+                       "package.module:function (a Task object exists only in the Python process that made it: "
+                       "evaluate its run there, fedtrak.evaluate(result), or give the task by import path)")
 
 
 def load_task(spec: str, train_size: int | None = None, query_size: int | None = None,

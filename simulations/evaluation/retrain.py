@@ -17,7 +17,9 @@ margin. A :class:`Recipe` names that algorithm:
   checks it against a real Flower checkpoint.
 
 Models are trained in worker processes (one torch thread each), one model
-per job; small models train in well under a second.
+per job; small models train in well under a second. The workers never re-run the
+user's script (:mod:`fedtrak.simulations.processes`), and a task that exists only in this
+process (a Task object of the user's) reaches them by value (:mod:`fedtrak.data.shipping`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from multiprocessing import get_context
 
 import numpy as np
 import torch
@@ -36,9 +37,11 @@ from torch import nn
 
 from fedtrak.data.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
 from fedtrak.data.partition import Partition, partition
+from fedtrak.data.shipping import receive_task, task_payload
 from fedtrak.data.tasks import Task, cached_task, to_tensors
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.training import dp_sgd_epochs
+from fedtrak.simulations.processes import script_free_context
 
 ALGORITHMS = ("central-sgd", "fedavg", "fedavg-dp-sgd")
 
@@ -189,8 +192,10 @@ def _margins_job(recipe: Recipe, mask: np.ndarray, seed: int) -> np.ndarray:
     return query_margins(recipe.load()[0], train_on_subset(recipe, mask, seed))
 
 
-def _init_worker() -> None:
+def _init_worker(payload: bytes | None) -> None:
     torch.set_num_threads(1)
+    if payload is not None:
+        receive_task(payload)
 
 
 def retrain_margins(
@@ -201,23 +206,26 @@ def retrain_margins(
     """Train one model per job ``(id, mask, seed)`` and yield ``(id, query margins)`` as each finishes.
 
     ``workers`` processes (default: the machine's cores) share the jobs; with
-    one worker (or one job) they run in this process.
+    one worker (or one job) they run in this process. Workers get a task that exists only in this
+    process by value, and never run the caller's script.
+
+    Raises:
+        FedtrakError: if a task of this process cannot be sent to the workers (before any starts),
+            a job fails (its reason), or a worker process dies.
     """
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:
         for job_id, mask, seed in jobs:
             yield job_id, _margins_job(recipe, mask, seed)
         return
-    ctx = get_context("spawn")  # torch and fork do not mix once threads exist
-    try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    payload = task_payload(recipe.task, "the evaluation's worker processes (or evaluate with workers=1)")
+    try:  # spawned, not forked: torch and fork do not mix once threads exist
+        with ProcessPoolExecutor(workers, mp_context=script_free_context(), initializer=_init_worker,
+                                 initargs=(payload,)) as pool:
             futures = {pool.submit(_margins_job, recipe, mask, seed): job_id for job_id, mask, seed in jobs}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
     except BrokenProcessPool as exc:
         raise FedtrakError(
-            "a training process died before finishing its models (models already cached are kept). "
-            "Called from a script? Spawned workers re-import it: put its top-level code under "
-            "`if __name__ == \"__main__\":`, or use one worker (workers=1, --workers 1); otherwise "
-            "the machine may be out of memory") from exc
-
+            "a training process died before finishing its models (models already cached are kept): "
+            "the machine may be out of memory; use fewer workers (workers=1, --workers 1)") from exc
