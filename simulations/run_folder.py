@@ -19,7 +19,7 @@ from fedtrak.data.partition import Partition, partition
 from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import SUMMARY, RunSummary, load, save
-from fedtrak.simulations.evaluation.retrain import Recipe
+from fedtrak.simulations.evaluation.retrain import ALGORITHMS, BROUGHT, Recipe
 
 
 @dataclass
@@ -76,10 +76,15 @@ class RunFolder:
     def recipe(self) -> Recipe:
         """How the run's checkpoints were trained, for ground-truth retraining.
 
+        Checkpoints the user brought (``given``; bare ``*.pt`` files) are retrained with the task's
+        recipe: its ``train_fn`` where it has one (``train-fn``), else ``central-sgd`` with its
+        ``TrainConfig``; the recipe's ``checkpoints`` records that they were the user's.
+
         Raises:
             FedtrakError: if the run's data is not the task's (devices brought
-                their own), clients were excluded, or the checkpoints' manifest
-                is missing or mixes algorithms.
+                their own), clients were excluded, the checkpoints' manifest
+                is missing or mixes algorithms, or it names an algorithm fedtrak cannot repeat
+                (saying how to give a recipe).
         """
         part, settings = self.summary.partition, self.summary.settings
         if part is None or min(self.owner_partition_ids(), default=-1) < 0:
@@ -98,6 +103,11 @@ class RunFolder:
         if len(kinds) != 1:
             raise FedtrakError(f"{self.path}: checkpoints were trained in different ways {sorted(map(str, kinds))}")
         algorithm, epochs, rounds = kinds.pop()
+        brought = ""
+        if algorithm not in ALGORITHMS:  # not fedtrak's: the user's own, or bare files
+            own = self._task_recipe()
+            if algorithm in BROUGHT or own[0] == "train-fn":  # else Recipe refuses it, saying how
+                brought, (algorithm, epochs, rounds) = algorithm, own
         if algorithm.startswith("fedavg"):
             if not rounds or not epochs or epochs % rounds:
                 raise FedtrakError(f"{self.path}: FedAvg checkpoints without a whole number of local epochs")
@@ -110,8 +120,15 @@ class RunFolder:
             num_clients=part.num_clients, alpha=float(part.alpha or 0.0) if part.scheme == "dirichlet" else 0.0,
             partition_seed=part.seed, flip_fraction=flips.fraction if flips else 0.0,
             flip_clients=flips.clients if flips else (), flip_seed=flips.seed if flips else 0,
-            **(self._dp_sgd(part.num_clients) if algorithm == "fedavg-dp-sgd" else {}),
+            checkpoints=brought, **(self._dp_sgd(part.num_clients) if algorithm == "fedavg-dp-sgd" else {}),
         )
+
+    def _task_recipe(self) -> tuple[str, int, int]:
+        """``(algorithm, epochs, rounds)`` of the task's own recipe: its ``train_fn``, else its
+        ``TrainConfig``."""
+        t = self.summary.settings.task
+        task = cached_task(t.task, t.train_size or 0, t.query_size or 0)
+        return ("train-fn", 0, 0) if task.train_fn is not None else ("central-sgd", task.training.epochs, 0)
 
     def _dp_sgd(self, num_clients: int) -> dict[str, Any]:
         """Each simulated client's DP-SGD noise multiplier in this run, as its device set it (the

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
-from fedtrak.data.tasks import Task, TrainConfig, numeric_array
+from fedtrak.data.tasks import Task, TrainConfig, TrainFn, numeric_array
 from fedtrak.errors import FedtrakError
 
 #: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
@@ -100,6 +100,7 @@ def task_from_model(
     output: ModelOutput | None = None,
     training: TrainConfig | None = None,
     clip_norm: float | None = None,
+    train_fn: TrainFn | None = None,
 ) -> Task:
     """A task from your own model and data.
 
@@ -122,6 +123,10 @@ def task_from_model(
         training: how fedtrak trains checkpoints when it trains them (default: SGD as
             :class:`~fedtrak.data.tasks.TrainConfig`).
         clip_norm: default clip norm of projected features under differential privacy.
+        train_fn: your own training loop, ``train_fn(model, x, y, seed) -> model``
+            (:data:`~fedtrak.data.tasks.TrainFn`: a fresh model in, initialized under ``seed``; the
+            trained model out). Evaluating checkpoints you give retrains ground truth with it;
+            without it, with ``training`` (which may differ from how you trained yours).
 
     Raises:
         FedtrakError: if the data or model are malformed (naming what is wrong).
@@ -131,6 +136,9 @@ def task_from_model(
     x_public, y_public = (None, None) if public is None else as_arrays(public, "public")
     if x_train.shape[1:] != x_query.shape[1:]:
         raise FedtrakError(f"train inputs have shape {x_train.shape[1:]}, queries {x_query.shape[1:]}")
+    if train_fn is not None and not callable(train_fn):
+        raise FedtrakError(f"task {name}: train_fn must be a function train_fn(model, x, y, seed) -> model, "
+                           f"got {type(train_fn).__name__}")
     output = output or ClassificationMargin()
     splits = {"train": y_train, "query": y_query, **({} if y_public is None else {"public": y_public})}
     if not output.classes:
@@ -142,7 +150,8 @@ def task_from_model(
     y_train, y_query, y_public = (output.labels(splits[s], classes, f"task {name}: {s}") if s in splits else None
                                   for s in ("train", "query", "public"))
     task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes, output=output,
-                training=training or TrainConfig(), clip_norm=clip_norm, x_public=x_public, y_public=y_public)
+                training=training or TrainConfig(), clip_norm=clip_norm, x_public=x_public, y_public=y_public,
+                train_fn=train_fn)
     task.validate()
     make = task.make_model()
     with torch.no_grad():

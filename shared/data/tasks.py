@@ -47,6 +47,15 @@ class TrainConfig:
     local_epochs: int = 3
 
 
+#: A user's training loop, ``train_fn(model, x, y, seed) -> model``: ``model`` is a freshly
+#: initialized model of the task (initialized under ``seed``), ``x`` and ``y`` numpy arrays of the
+#: examples to train on (a subset of the training split, as the task holds them), ``seed`` an int
+#: for shuffling and any other randomness. It returns the trained model (the same object trained in
+#: place, or a new one). Deterministic in ``seed`` is best: the ground-truth cache keeps each
+#: subset's model, and the seed-noise ceiling measures whatever randomness remains.
+TrainFn = Callable[[nn.Module, np.ndarray, np.ndarray, int], nn.Module]
+
+
 @dataclass(frozen=True)
 class Task:
     """Everything fedtrak needs to know about a learning problem.
@@ -69,6 +78,9 @@ class Task:
             the right input shape.
         x_public, y_public: the public split (``None``: none): data the server may hold, disjoint
             from the training data, from which it can build the kernel at no privacy cost.
+        train_fn: how the user trains the model (``None``: not given), which ground-truth
+            retraining repeats for checkpoints the user brought (:data:`TrainFn`); checkpoints
+            fedtrak trains itself follow ``training``.
     """
 
     name: str
@@ -84,6 +96,7 @@ class Task:
     has_data: bool = True
     x_public: np.ndarray | None = None
     y_public: np.ndarray | None = None
+    train_fn: TrainFn | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -93,7 +93,7 @@ def _lds_entry(run: RunFolder, opts: EvalOptions, kind: str, bar: Callable[[int]
         ceiling = {"ceiling": found,
                    "lds_over_ceiling": res.mean / found["ceiling"] if found["ceiling"] > 0 else None}
     return {**res.describe(), **ceiling, "alpha": opts.alpha, "seed": opts.seed,
-            "ground_truth": {"algorithm": recipe.algorithm, "epochs": recipe.epochs, "rounds": recipe.rounds,
+            "ground_truth": {**recipe.origin(), "epochs": recipe.epochs, "rounds": recipe.rounds,
                              "cache": str(gt.folder), "models_reused": gt.reused,
                              "models_trained": gt.trained, "seconds": round(gt.seconds, 2)}}
 
@@ -181,4 +181,7 @@ def format_table(block: dict) -> str:
             rows.append((f"mislabel recall ({level})", f"{e['recall_at_flip_rate']:.3f}",
                          f"random {e['random_recall']:.3f}", "top flip-rate fraction"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    notes = {e["ground_truth"]["note"] for e in block.values()
+             if isinstance(e, dict) and isinstance(e.get("ground_truth"), dict) and "note" in e["ground_truth"]}
+    return "\n".join(["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+                     + [f"ground truth: {n}" for n in sorted(notes)])

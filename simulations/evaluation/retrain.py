@@ -7,6 +7,8 @@ margin. A :class:`Recipe` names that algorithm:
 
 * ``central-sgd``: the task's SGD recipe on the pooled subset
   (:func:`fedtrak.data.checkpoints.train_central`);
+* ``train-fn``: the user's own training loop (the task's ``train_fn``) on the pooled subset, for
+  checkpoints the user brought;
 * ``fedavg``: federated averaging over the run's partition, each client
   training on its own examples that lie in the subset. It is the same
   computation as Flower's ``FedAvg`` with fedtrak's ClientApp (same local
@@ -15,6 +17,10 @@ margin. A :class:`Recipe` names that algorithm:
   ``aggregate_arrayrecords``), run in-process, because a Ray start-up per
   ground-truth model would cost more than the training itself. A test
   checks it against a real Flower checkpoint.
+
+Checkpoints the user brought (``given``, or bare ``*.pt`` files) are retrained with the task's
+recipe: its ``train_fn`` where it has one, else ``central-sgd`` with its ``TrainConfig``
+(:meth:`Recipe.origin` says which, for the evaluation's output).
 
 Models are trained in worker processes (one torch thread each), one model
 per job; small models train in well under a second. The workers never re-run the
@@ -43,7 +49,9 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.training import dp_sgd_epochs
 from fedtrak.simulations.processes import script_free_context
 
-ALGORITHMS = ("central-sgd", "fedavg", "fedavg-dp-sgd")
+ALGORITHMS = ("central-sgd", "train-fn", "fedavg", "fedavg-dp-sgd")
+#: How a manifest marks checkpoints fedtrak did not train: the user's own (``given``) or bare files.
+BROUGHT = ("given", "unknown")
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ class Recipe:
 
     Attributes:
         task, train_size, query_size: the task as the run loaded it (sizes 0: whole split).
-        algorithm: ``central-sgd`` or ``fedavg``.
-        epochs: training epochs (``central-sgd``) or local epochs per round (``fedavg``).
+        algorithm: ``central-sgd``, ``train-fn``, ``fedavg`` or ``fedavg-dp-sgd``.
+        epochs: training epochs (``central-sgd``), local epochs per round (``fedavg``), 0 for
+            ``train-fn`` (the user's loop decides).
         rounds: FedAvg rounds (0 for ``central-sgd``).
         partition, num_clients, alpha, partition_seed: the run's partition
             (who owns what; FedAvg trains per owner, owner subsets pick owners).
@@ -62,6 +71,9 @@ class Recipe:
         dp_sigmas, dp_clip: ``fedavg-dp-sgd``: each client's DP-SGD noise multiplier in the run (a
             device sets its own from its count) and the per-example clip norm; a retrained model's
             clients train at those, with fresh noise.
+        checkpoints: how the run's checkpoints were trained where ground truth does not repeat
+            it (``given``: the user's own; empty: by this recipe). Not part of the cache key: the
+            retrained models are the same.
     """
 
     task: str
@@ -79,14 +91,17 @@ class Recipe:
     flip_seed: int = 0
     dp_sigmas: tuple[float, ...] = ()
     dp_clip: float = 0.0
+    checkpoints: str = ""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise FedtrakError(
                 f"cannot retrain checkpoints trained by {self.algorithm!r}: ground truth needs one of "
-                f"{', '.join(ALGORITHMS)} (the checkpoint manifest says how they were trained)"
+                f"{', '.join(ALGORITHMS)} (the checkpoint manifest says how they were trained); mark your own "
+                f"checkpoints 'given' in it, and give the task your training loop "
+                f"(fedtrak.task_from_model(..., train_fn=...)) or its TrainConfig (training=...)"
             )
-        if self.epochs < 1 or (self.algorithm.startswith("fedavg") and self.rounds < 1):
+        if (self.epochs < 1 and self.algorithm != "train-fn") or (self.algorithm.startswith("fedavg") and self.rounds < 1):
             raise FedtrakError(f"recipe needs positive epochs (and rounds for FedAvg): {self}")
         if self.algorithm == "fedavg-dp-sgd" and (len(self.dp_sigmas) != self.num_clients or self.dp_clip <= 0
                                                   or not all(s > 0 for s in self.dp_sigmas)):
@@ -97,9 +112,25 @@ class Recipe:
         out = asdict(self)
         out["flip_clients"] = list(self.flip_clients)
         out["dp_sigmas"] = list(self.dp_sigmas)
+        del out["checkpoints"]
         if self.algorithm != "fedavg-dp-sgd":  # the cache keys of older recipes stay as they were
             del out["dp_sigmas"], out["dp_clip"]
         return out
+
+    def origin(self) -> dict:
+        """What the evaluation's output says of the recipe: the algorithm, and for checkpoints the
+        user brought, that ground truth trains with the task's recipe instead of theirs."""
+        if not self.checkpoints:
+            return {"algorithm": self.algorithm, "recipe": "the run's own (as its checkpoint manifest records)"}
+        if self.algorithm == "train-fn":
+            recipe = "the task's train_fn"
+            note = "your checkpoints were retrained with your training function"
+        else:
+            recipe = f"the task's TrainConfig ({self.epochs} epochs)"
+            note = ("fedtrak cannot know how you trained your checkpoints: ground truth trains with the task's "
+                    "TrainConfig, which may differ from your training; give task_from_model(..., train_fn=...) "
+                    "to retrain with your own loop")
+        return {"algorithm": self.algorithm, "checkpoints": self.checkpoints, "recipe": recipe, "note": note}
 
     def load(self) -> tuple[Task, Partition]:
         """The task (labels flipped as the run had them) and the run's partition."""
@@ -175,8 +206,25 @@ def train_on_subset(recipe: Recipe, mask: np.ndarray, seed: int) -> nn.Module:
         raise FedtrakError(f"subset mask must be a non-empty boolean vector over {task.num_train} examples")
     if recipe.algorithm == "central-sgd":
         return train_central(task, seed, task.x_train[mask], task.y_train[mask], recipe.epochs)
+    if recipe.algorithm == "train-fn":
+        return _user_trained(task, task.x_train[mask], task.y_train[mask], seed)
     return fedavg_in_process(task, [idx[mask[idx]] for idx in parts.clients], recipe.rounds,
                              recipe.epochs, seed, seed, 0, recipe.dp_sigmas, recipe.dp_clip)
+
+
+def _user_trained(task: Task, x: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
+    """The task's ``train_fn`` on ``(x, y)`` from a fresh model initialized under ``seed``."""
+    if task.train_fn is None:
+        raise FedtrakError(f"task {task.name} has no train_fn to retrain with: give "
+                           "fedtrak.task_from_model(..., train_fn=...)")
+    try:
+        model = task.train_fn(seeded_model(task, seed), x, y, seed)
+    except Exception as exc:  # the user's code: named, once
+        raise FedtrakError(f"task {task.name}: train_fn failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise FedtrakError(f"task {task.name}: train_fn returned a {type(model).__name__}, not the trained "
+                           "model (train_fn(model, x, y, seed) -> model)")
+    return model.eval()
 
 
 @torch.no_grad()
