@@ -10,11 +10,12 @@ centralized ones as soon as it is trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm import tqdm
@@ -44,6 +45,22 @@ from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_co
 from fedtrak.wire.job import Job
 
 
+class _FedAvg(FedAvg):
+    """Flower's ``FedAvg``, keeping the first line of each client's error reply (Flower logs them at
+    INFO only), so that a round without updates can say why."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failures: list[str] = []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        """Flower's aggregation, after noting the reasons of error replies."""
+        replies = list(replies)
+        self.failures += [(m.error.reason or "").strip().splitlines()[0] if (m.error.reason or "").strip()
+                          else f"error code {m.error.code}" for m in replies if m.has_error()]
+        return super().aggregate_train(server_round, replies)
+
+
 def train_fedavg_checkpoints(
     grid: Grid, task: Task, job: Job, num_nodes: int, out_dir: Path, progress: bool = False
 ) -> list[tuple[CheckpointInfo, dict[str, torch.Tensor]]]:
@@ -56,7 +73,7 @@ def train_fedavg_checkpoints(
         FedtrakError: if a round produced no update (every client failed), or a trajectory asks
             for more checkpoints than rounds.
     """
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
+    strategy = _FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
                       min_available_nodes=num_nodes, **FEDAVG_KEYS)
     t, timeout = job.settings.training, job.settings.run.timeout
     algorithm = "fedavg-dp-sgd" if trains_privately(job.settings) else "fedavg"
@@ -82,7 +99,8 @@ def train_fedavg_checkpoints(
         result = strategy.start(grid, state_to_record(seeded_model(task, seed).state_dict()), num_rounds=t.rounds,
                                 timeout=timeout, train_config=train_config(job, m), evaluate_fn=snapshot)
         if len(result.train_metrics_clientapp) < t.rounds:
-            raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update")
+            why = f" (a client failed: {strategy.failures[0]})" if strategy.failures else ""
+            raise FedtrakError(f"FedAvg for checkpoint {m}: some rounds got no client update{why}")
         return record_to_state(result.arrays)
 
     if t.ensemble == "trajectory" and t.checkpoints > t.rounds:

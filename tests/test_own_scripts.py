@@ -238,3 +238,20 @@ print("difference", float(np.abs(central.scores - federated.scores).max() / np.a
     assert "Traceback" not in text and "\x1b[" not in text, text[-3000:]
     (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("difference")]
     assert float(line.split()[1]) < 1e-6, line
+
+
+@pytest.mark.flower
+def test_a_federated_training_without_updates_names_a_clients_reason_once_and_plainly(tmp_path, capfd):
+    """Flower logs a client's error reply at INFO only, so FedAvg's failure said "some rounds got no
+    client update" and nothing of why; it names the first client's reason now (as much of it as the
+    client tells the server), in one line."""
+    from fedtrak.simulations.simulate import run_simulation
+
+    settings = fedtrak.Settings().replaced(out=str(tmp_path / "sim"), clients=2, rounds=1, checkpoints=1, proj_dim=16)
+    with pytest.raises(FedtrakError) as caught:
+        run_simulation(settings, node_settings={"task": "someone-elses"})
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("FedAvg for checkpoint 0: some rounds got no client update "
+                                                      "(a client failed: train: "), message
+    printed = capfd.readouterr()
+    assert "\x1b[" not in printed.out + printed.err and "Traceback" not in printed.out + printed.err
