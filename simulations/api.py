@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fedtrak.config.settings import DEFAULT_CLIP_QUANTILE, Settings
-from fedtrak.data.checkpoints import CheckpointInfo, write_checkpoint
+from fedtrak.data.checkpoints import CheckpointInfo, read_manifest, write_checkpoint
 from fedtrak.data.tasks import BUILTIN_TASKS, Task, load_task, register_task
 from fedtrak.errors import FedtrakError
 from fedtrak.logs import visible_logging
@@ -120,15 +120,19 @@ def _settings(task: str | Task, settings: Settings | None, out: str | Path | Non
     return run
 
 
-def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind: str) -> Settings:
-    """Settings that use ``checkpoints``: a folder as it is; models or state dicts saved first
-    into ``OUT/given-checkpoints``."""
+def _given_checkpoints(settings: Settings, checkpoints: Checkpoints | None, kind: str,
+                       count_given: bool = False) -> Settings:
+    """Settings that use ``checkpoints``: a folder as it is (every checkpoint its manifest lists,
+    unless ``count_given``: the caller said how many); models or state dicts saved first into
+    ``OUT/given-checkpoints``."""
     if checkpoints is None:
         return settings
     if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
         return settings.replaced(checkpoints=checkpoints)  # how many to train
     if isinstance(checkpoints, (str, Path)):
-        return settings.replaced(checkpoint_dir=str(checkpoints))
+        held = len(read_manifest(Path(checkpoints).expanduser())[1])
+        return settings.replaced(checkpoint_dir=str(checkpoints),
+                                 **({} if count_given or not held else {"checkpoints": held}))
     states = [dict(c.state_dict()) if isinstance(c, nn.Module) else dict(c) for c in checkpoints]
     if not states:
         raise FedtrakError("checkpoints: give at least one model or state dict")
@@ -178,7 +182,8 @@ def attribute(task: str | Task = "digits-logreg", *, settings: Settings | None =
     """
     from fedtrak.simulations.attribute import run_attribute
 
-    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "central")
+    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "central",
+                             "checkpoints" in overrides)
     run_attribute(run, progress=progress)
     return _told(Result.load(run.out_dir("central")))
 
@@ -202,7 +207,8 @@ def simulate(task: str | Task = "digits-logreg", *, settings: Settings | None = 
 
     if overrides.get("policy") == "full":
         overrides = {"allow_full": True, **overrides}
-    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "simulation")
+    run = _given_checkpoints(_settings(task, settings, out, overrides), checkpoints, "simulation",
+                             "checkpoints" in overrides)
     run_simulation(run, verbose=verbose)
     return _told(Result.load(run.out_dir("simulation")))
 
