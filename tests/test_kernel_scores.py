@@ -144,7 +144,7 @@ def test_lambda_is_chosen_without_the_queries(tmp_path, logreg_ckpt_dir):
     runs = {}
     for name, query_size in (("all", None), ("fifty", 50)):
         runs[name] = run_attribute(Settings().replaced(out=str(tmp_path / name), checkpoint_dir=str(logreg_ckpt_dir),
-                                                       proj_dim=64, query_size=query_size), progress=False)
+                                                       proj_dim=64, query_size=query_size), progress=False).doc
     assert runs["all"]["num_queries"] == 149 and runs["fifty"]["num_queries"] == 50
     assert runs["all"]["lambda"] == runs["fifty"]["lambda"] == runs["all"]["resolved"]["lambda"]
     rules = {rec["lambda_rule"] for rec in runs["all"]["checkpoints"]}
