@@ -134,16 +134,20 @@ def test_bench_featurize_smoke(capsys):
 
 @pytest.mark.slow  # shares the 10 s default run
 def test_factorized_projector_runs_end_to_end_and_differs_from_dense(default_run, tmp_path):
-    """``--projector factorized`` through attribute: same checkpoints, its own projection (so other
-    scores than the dense one), finite, and rank-correlated with the dense run's."""
+    """The default projector (auto) is the factorized one for the default task's linear model; the
+    dense one through attribute on the same checkpoints gives other scores, finite and
+    rank-correlated with the factorized run's."""
     from scipy.stats import spearmanr
 
-    out = tmp_path / "factorized"
-    assert main(["attribute", "--out", str(out), "--quiet", "--projector", "factorized",
+    default = json.loads((default_run / "summary.json").read_text())
+    assert default["projector"] == "factorized" and default["proj_dim"] == 512
+    assert default["settings"]["projection"]["projector"] == "auto"
+    out = tmp_path / "dense"
+    assert main(["attribute", "--out", str(out), "--quiet", "--projector", "rademacher",
                  "--checkpoint-dir", str(default_run / "checkpoints")]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["projector"] == "factorized" and summary["proj_dim"] == 512
-    got, dense = np.load(out / "scores.npy"), np.load(default_run / "scores.npy")
+    assert summary["projector"] == "rademacher" and summary["proj_dim"] == 512
+    dense, got = np.load(out / "scores.npy"), np.load(default_run / "scores.npy")
     assert got.shape == dense.shape and np.all(np.isfinite(got)) and not np.allclose(got, dense)
     assert np.median([spearmanr(a, b)[0] for a, b in zip(got[:20], dense[:20])]) > 0.5
 

@@ -17,7 +17,7 @@ from fedtrak.simulations.sweep import Variant, keeps_fraction, variants
 def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     args = ["sweep", "--task", "digits-logreg", "--train-size", "400", "--query-size", "60",
-            "--clients", "4", "--checkpoints", "1", "--proj-dim", "64", "--epsilons", "2,inf",
+            "--clients", "4", "--checkpoints", "1", "--projector", "rademacher", "--proj-dim", "64", "--epsilons", "2,inf",
             "--modes", "private", "--subsets", "12", "--cache-dir", str(tmp_path / "gt"),
             "--out", str(out)]
     assert main(args) == 0

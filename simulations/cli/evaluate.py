@@ -19,7 +19,7 @@ from fedtrak.simulations.cli.flags import (
 )
 
 #: The settings a sweep's points share, offered as its options.
-SWEEP_KEYS = ["task", "train-size", "query-size", "clients", "partition", "alpha", "checkpoints", "proj-dim",
+SWEEP_KEYS = ["task", "train-size", "query-size", "clients", "partition", "alpha", "checkpoints", "projector", "proj-dim",
               "flip-fraction", "clip-mode", "budget", "seed"]
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
 

@@ -15,7 +15,7 @@ import torch
 
 from fedtrak.config.settings import PROJECTORS, ProjectionSettings
 from fedtrak.errors import FedtrakError
-from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
+from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector, check_fits
 from fedtrak.trak.projectors.dense import (
     DEFAULT_CACHE_BYTES,
     BlockRandomProjector,
@@ -52,6 +52,8 @@ def resolve_projection(settings: ProjectionSettings, model: torch.nn.Module, num
     if kind == "auto":
         kind = "factorized" if factorizes(model) else "rademacher"
     projection = Projection(kind, settings.resolved_dim(num_params))
+    if kind != "identity":
+        check_fits(projection.dim, num_params)
     make_projector(projection.kind, num_params, projection.dim, 0, cache_bytes=0, model=model)
     return projection
 

@@ -12,6 +12,17 @@ from fedtrak.errors import FedtrakError
 BLOCK_ROWS = 4096
 
 
+def check_fits(proj_dim: int, grad_dim: int) -> None:
+    """Refuse a random projection to more dimensions than the gradient has.
+
+    Raises:
+        FedtrakError: naming k and the parameter count.
+    """
+    if proj_dim > grad_dim:
+        raise FedtrakError(f"--proj-dim {proj_dim} exceeds the model's {grad_dim} parameters: "
+                           "use a smaller k or the identity projector")
+
+
 class Projector(ABC):
     """Maps per-example gradients ``(batch, p)`` to features ``(batch, k)``."""
 

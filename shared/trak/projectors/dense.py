@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedtrak.errors import FedtrakError
-from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector
+from fedtrak.trak.projectors.base import BLOCK_ROWS, Projector, check_fits
 
 #: Default memory budget for keeping the whole generated matrix in memory. Generating the blocks
 #: again for every chunk costs little (measured: no slower on digits-mlp and fmnist-mlp at k = 2048),
@@ -71,11 +71,7 @@ class BlockRandomProjector(Projector):
         self, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = DEFAULT_CACHE_BYTES
     ) -> None:
         super().__init__(grad_dim, proj_dim, seed)
-        if proj_dim > grad_dim:
-            raise FedtrakError(
-                f"--proj-dim {proj_dim} exceeds the model's {grad_dim} parameters: "
-                "use a smaller k or the identity projector"
-            )
+        check_fits(proj_dim, grad_dim)
         self.cache_bytes = int(cache_bytes)
         self._cache: torch.Tensor | None = None
 
