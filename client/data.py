@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak.data.corruption import flip_labels
+from fedtrak.data.inputs import finite, numeric_array
 from fedtrak.data.partition import Partition, partition
-from fedtrak.data.tasks import Task, cached_task, numeric_array, registered_tasks
+from fedtrak.data.tasks import Task, cached_task, registered_tasks
 from fedtrak.errors import FedtrakError
 from fedtrak.wire.job import Job
 
@@ -155,6 +156,10 @@ def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
         raise FedtrakError(f"{path}: y has shape {y.shape}, expected ({len(x)},)")
     if len(y) == 0:
         raise FedtrakError(f"{path}: holds no examples")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+    if x.dtype.names != task.x_train.dtype.names:
+        raise FedtrakError(f"{path}: x has fields {x.dtype.names}, task {task.name} takes {task.x_train.dtype.names}")
+    numbers = all(np.issubdtype(x.dtype[k].base, np.number) for k in x.dtype.names) if x.dtype.names else \
+        np.issubdtype(x.dtype, np.number)
+    if not numbers or not finite(x):
         raise FedtrakError(f"{path}: x must be finite numbers")
     return numeric_array(x), task.output.labels(y, task.num_classes, str(path))

@@ -134,6 +134,38 @@ def test_integer_token_inputs_stay_integer_through_training_featurizing_and_scor
         fedtrak.task_from_model("tokens", TokenNet(), train=(x, y), query=(xq * 1.0, yq))
 
 
+class NamedNet(nn.Module):
+    """Called as Hugging Face models are: ``model(input_ids=..., attention_mask=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+def test_named_inputs_reach_the_model_as_keyword_arguments(tmp_path):
+    """A dict of arrays (input_ids, attention_mask) is a task's inputs: kept as integer fields of
+    one structured array, given to the model as keyword arguments through training, featurizing
+    and scoring; fields of different lengths, and a model that takes no such arguments, are named."""
+    from fedtrak.data.inputs import numeric_array
+
+    (x, y), (xq, yq) = _tokens(60, 0), _tokens(8, 1)
+    named = {"input_ids": x, "attention_mask": np.ones_like(x)}
+    task = fedtrak.task_from_model("named", NamedNet(), train=(named, y),
+                                   query=({"input_ids": xq, "attention_mask": np.ones_like(xq)}, yq))
+    assert task.x_train.dtype.names == ("input_ids", "attention_mask") and task.x_train["input_ids"].dtype == np.int64
+    result = fedtrak.attribute(task, out=tmp_path / "run", proj_dim=16, checkpoints=2, epochs=2, clients=3)
+    assert result.scores.shape == (8, 60) and np.all(np.isfinite(result.scores)) and np.abs(result.scores).max() > 0
+    with pytest.raises(FedtrakError, match=r"one length each, got \{'input_ids': 60, 'attention_mask': 59\}"):
+        numeric_array({"input_ids": x, "attention_mask": np.ones_like(x)[:59]})
+    with pytest.raises(FedtrakError, match=r"cannot take inputs of shape \(\) \(named"):
+        fedtrak.task_from_model("named", TokenNet(), train=(named, y), query=(named, y))
+
+
 def test_public_data_from_python_makes_the_public_kernel_under_dp():
     """``public=`` holds the server's data on the task (0.2 took none, and a private run silently
     used the noisier private kernel); under DP ``auto`` then picks the public kernel."""

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from fedtrak.config.seeds import derive_seed
-from fedtrak.data.tasks import Task, to_tensors
+from fedtrak.data.inputs import call_model, take, to_tensors
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 
 MANIFEST = "manifest.json"
@@ -62,7 +63,7 @@ def accuracy(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, batch_s
     R^2 for a regression (:meth:`~fedtrak.data.modelout.ModelOutput.quality`)."""
     model.eval()
     xt, yt = to_tensors(x, y)
-    logits = torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(yt), batch_size)])
+    logits = torch.cat([call_model(model, take(xt, slice(i, i + batch_size))) for i in range(0, len(yt), batch_size)])
     return task.output.quality(logits, yt)
 
 
@@ -90,7 +91,7 @@ def sgd_epochs(
         for i in range(0, len(yt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             opt.zero_grad()
-            loss_fn(model(xt[idx]), yt[idx]).backward()
+            loss_fn(call_model(model, take(xt, idx)), yt[idx]).backward()
             opt.step()
             step += 1
             if snapshot is not None and step in at_steps:

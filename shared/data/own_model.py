@@ -10,15 +10,16 @@ accept.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedtrak.data.inputs import call_model, numeric_array, to_tensors
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
-from fedtrak.data.tasks import Task, TrainConfig, TrainFn, numeric_array
+from fedtrak.data.tasks import Task, TrainConfig, TrainFn
 from fedtrak.errors import FedtrakError
 
 #: What can hold a data split: ``(x, y)`` arrays or tensors, a map-style Dataset of ``(x, y)``
@@ -28,14 +29,21 @@ Data = tuple[Any, Any] | torch.utils.data.Dataset | torch.utils.data.DataLoader
 
 def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A data split as ``(x, y)`` numpy arrays, each float32, or int64 where it holds integers
-    (token ids, class indices: :func:`~fedtrak.data.tasks.numeric_array`).
+    (token ids, class indices); ``x`` may be a dict of arrays or tensors, one per keyword the model
+    takes (``input_ids``, ``attention_mask``): a structured array then
+    (:func:`~fedtrak.data.inputs.numeric_array`).
 
     Raises:
         FedtrakError: naming ``what`` if it is none of the accepted forms or its items are not
             ``(input, label)`` pairs.
     """
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: plain(a) for k, a in v.items()}
+        return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
     if isinstance(data, tuple) and len(data) == 2:
-        x, y = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in data)
+        x, y = plain(data[0]), plain(data[1])
     else:
         if isinstance(data, torch.utils.data.DataLoader):
             batches = list(data)
@@ -134,7 +142,7 @@ def task_from_model(
     x_train, y_train = as_arrays(train, "train")
     x_query, y_query = as_arrays(query, "query")
     x_public, y_public = (None, None) if public is None else as_arrays(public, "public")
-    if x_train.shape[1:] != x_query.shape[1:]:
+    if x_train.shape[1:] != x_query.shape[1:] or x_train.dtype.names != x_query.dtype.names:
         raise FedtrakError(f"train inputs have shape {x_train.shape[1:]}, queries {x_query.shape[1:]}")
     if train_fn is not None and not callable(train_fn):
         raise FedtrakError(f"task {name}: train_fn must be a function train_fn(model, x, y, seed) -> model, "
@@ -156,13 +164,14 @@ def task_from_model(
     make = task.make_model()
     with torch.no_grad():
         try:
-            logits = make(torch.from_numpy(x_query[:2]))
+            logits = call_model(make, to_tensors(x_query[:2], y_query[:2])[0])
         except Exception as exc:
-            kind = "integer" if np.issubdtype(x_query.dtype, np.integer) else "floating-point"
+            kind = ("named" if x_query.dtype.names else
+                    "integer" if np.issubdtype(x_query.dtype, np.integer) else "floating-point")
             raise FedtrakError(f"task {name}: the model cannot take inputs of shape {x_query.shape[1:]} "
                                f"({kind}, {x_query.dtype}: fedtrak keeps integer inputs such as token ids "
-                               f"integer, and gives every other input as float32): "
-                               f"{type(exc).__name__}: {exc}") from exc
+                               f"integer, gives every other input as float32, and named inputs as keyword "
+                               f"arguments): {type(exc).__name__}: {exc}") from exc
     try:
         output.check_outputs(logits, classes)
     except FedtrakError as exc:

@@ -18,13 +18,12 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedtrak.data import datasets, models
+from fedtrak.data.inputs import finite
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
 from fedtrak.errors import FedtrakError
 
@@ -130,10 +129,11 @@ class Task:
                 raise FedtrakError(f"task {self.name}: {split} has {len(x)} inputs but {len(y)} labels")
             if len(y) == 0:
                 raise FedtrakError(f"task {self.name}: {split} set is empty")
-            if not np.all(np.isfinite(x)):
+            if not finite(x):
                 raise FedtrakError(f"task {self.name}: {split} inputs contain NaN or infinity")
             self.output.labels(y, self.num_classes, f"task {self.name}: {split}")
-            if np.issubdtype(x.dtype, np.integer) != np.issubdtype(self.x_train.dtype, np.integer):
+            if np.issubdtype(x.dtype, np.integer) != np.issubdtype(self.x_train.dtype, np.integer) or \
+                    x.dtype.names != self.x_train.dtype.names:
                 raise FedtrakError(f"task {self.name}: {split} inputs are {x.dtype}, the training inputs "
                                    f"{self.x_train.dtype}: give every split integer inputs, or none")
 
@@ -272,26 +272,6 @@ def load_task(spec: str, train_size: int | None = None, query_size: int | None =
             raise FedtrakError(f"task factory {spec!r} returned {type(task).__name__}, not a Task")
     task.validate()
     return task.subset(train_size, query_size)
-
-
-def numeric_array(x: Any) -> np.ndarray:
-    """Inputs or labels as a model takes them: integers (token ids, class indices) as int64,
-    every other number as float32 (contiguous; no copy when they already are).
-
-    Raises:
-        FedtrakError: if the inputs are not numbers.
-    """
-    x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.integer):
-        return np.ascontiguousarray(x, dtype=np.int64)
-    if np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    raise FedtrakError(f"inputs must be numbers, got an array of {x.dtype}")
-
-
-def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels as torch tensors, their kind kept (:func:`numeric_array`), sharing memory."""
-    return torch.from_numpy(numeric_array(x)), torch.from_numpy(numeric_array(y))
 
 
 @lru_cache(maxsize=4)

@@ -38,7 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtrak.config.settings import Settings
-from fedtrak.data.tasks import Task, to_tensors
+from fedtrak.data.inputs import to_tensors
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon, training_release
 
@@ -63,6 +64,9 @@ def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, ep
                            f"{noise_multiplier} and {max_grad_norm}")
     cfg = task.training
     xt, yt = to_tensors(x, y)
+    if isinstance(xt, dict):
+        raise FedtrakError(f"task {task.name}: DP-SGD (Opacus) takes one input array per example, not named "
+                           "inputs: train its checkpoints another way (train central, or give checkpoints)")
     loader = DataLoader(TensorDataset(xt, yt), batch_size=min(cfg.batch_size, len(yt)),
                         generator=secret_generator())
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

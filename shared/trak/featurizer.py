@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from fedtrak.data.inputs import call_model, call_one, take, to_tensors
 from fedtrak.data.modelout import ModelOutput
-from fedtrak.data.tasks import to_tensors
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.projectors import Projector
 from fedtrak.trak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
@@ -95,7 +95,7 @@ class Featurizer:
                 self._fallback = fallback_gradient_fn(self.model, projector.fallback_names, self.output.output)
 
         def single_output(params, buffers, x, y):
-            logits = functional_call(self.model, (params, buffers), (x.unsqueeze(0),))
+            logits = call_one(self.model, (params, buffers), x)
             return self.output.output(logits, y.unsqueeze(0)).squeeze(0)
 
         self._per_example_grad = vmap(grad(single_output), in_dims=(None, None, 0, 0))
@@ -103,7 +103,7 @@ class Featurizer:
     def per_example_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Flattened per-example gradients of the model output: ``(b, p)`` float32."""
         grads = self._per_example_grad(self.params, self.buffers, x, y)
-        return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+        return torch.cat([g.reshape(len(y), -1) for g in grads.values()], dim=1)
 
     def _grads_into(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Write a batch's flattened per-example gradients into ``out`` parameter by parameter."""
@@ -111,25 +111,25 @@ class Featurizer:
         col = 0
         for name in list(grads):
             g = grads.pop(name)  # freed as soon as it is copied
-            out[:, col : col + g[0].numel()] = g.reshape(len(x), -1)
+            out[:, col : col + g[0].numel()] = g.reshape(len(y), -1)
             col += g[0].numel()
 
     @torch.no_grad()
     def out_to_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Out-to-loss weights ``q`` of a batch: ``(b,)``."""
-        return self.output.out_to_loss(self.model(x), y)
+        return self.output.out_to_loss(call_model(self.model, x), y)
 
     @torch.no_grad()
     def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Out-to-loss and curvature weights of a batch in one forward pass: ``(b, 2)``."""
-        return self._weights_of(self.model(x), y)
+        return self._weights_of(call_model(self.model, x), y)
 
     @torch.no_grad()
     def _weights_of(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.output.out_to_loss(logits, y), self.output.curvature(logits, y)], dim=1)
 
     def _batch_weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.weights(x[i : i + self.batch_size], y[i : i + self.batch_size])
+        return torch.cat([self.weights(take(x, slice(i, i + self.batch_size)), y[i : i + self.batch_size])
                           for i in range(0, len(y), self.batch_size)])
 
     def _factorized_chunk(self, x: torch.Tensor, y: torch.Tensor, start: int,
@@ -140,7 +140,7 @@ class Featurizer:
                    else torch.from_numpy(out))
         qw = torch.empty((len(y), 2), dtype=torch.float32)
         for i in range(0, len(y), self.batch_size):  # written in place: no concatenation
-            xb, yb = x[i : i + self.batch_size], y[i : i + self.batch_size]
+            xb, yb = take(x, slice(i, i + self.batch_size)), y[i : i + self.batch_size]
             _, logits = self.projector.features_and_logits(self.model, self.output.output, xb, yb, self._fallback,
                                                            out=phi_all[i : i + self.batch_size])
             qw[i : i + self.batch_size] = self._weights_of(logits, yb)  # the same forward pass's logits
@@ -165,7 +165,7 @@ class Featurizer:
                 continue
             grads = torch.empty((stop - start, self.grad_dim), dtype=torch.float32)  # filled in place: no
             for i in range(0, stop - start, self.batch_size):  # second copy of the chunk, as a cat would make
-                self._grads_into(grads[i : i + self.batch_size], xc[i : i + self.batch_size],
+                self._grads_into(grads[i : i + self.batch_size], take(xc, slice(i, i + self.batch_size)),
                                  yc[i : i + self.batch_size])
             qw = self._batch_weights(xc, yc)
             _check_finite(grads, qw, start)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from fedtrak.config.settings import Settings
-from fedtrak.data.tasks import Task, numeric_array
+from fedtrak.data.inputs import numeric_array
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.featurizer import Features
 from fedtrak.trak.kernel import Kernel, effective_inverse

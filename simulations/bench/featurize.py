@@ -32,9 +32,10 @@ import torch
 
 from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import seeded_model
+from fedtrak.data.inputs import call_model, take, to_tensors
 from fedtrak.data.modelout import ModelOutput
 from fedtrak.data.models import count_params
-from fedtrak.data.tasks import load_task, to_tensors
+from fedtrak.data.tasks import load_task
 from fedtrak.trak.featurizer import Featurizer
 from fedtrak.trak.projectors import DEFAULT_CACHE_BYTES, make_projector, resolve_projection
 from fedtrak.trak.projectors.dense import _MATRIX_POOL
@@ -51,7 +52,7 @@ def floor_model(model: torch.nn.Module, output: ModelOutput, x: np.ndarray, y: n
     t0 = time.perf_counter()
     for start in range(0, len(ys), batch_size):
         model.zero_grad(set_to_none=True)
-        out = model(xs[start:start + batch_size])
+        out = call_model(model, take(xs, slice(start, start + batch_size)))
         output.loss(out, ys[start:start + batch_size]).backward()
     return time.perf_counter() - t0
 

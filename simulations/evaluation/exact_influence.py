@@ -21,7 +21,8 @@ import torch
 from torch.func import functional_call, grad, hessian, vmap
 
 from fedtrak.data.checkpoints import model_from_state
-from fedtrak.data.tasks import Task, to_tensors
+from fedtrak.data.inputs import to_tensors
+from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 
 MAX_PARAMS = 5000

@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from fedtrak.data.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
+from fedtrak.data.inputs import call_model, take, to_tensors
 from fedtrak.data.partition import Partition, partition
 from fedtrak.data.shipping import receive_task, task_payload
-from fedtrak.data.tasks import Task, cached_task, to_tensors
+from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.training import dp_sgd_epochs
 from fedtrak.simulations.processes import script_free_context
@@ -231,7 +232,7 @@ def _user_trained(task: Task, x: np.ndarray, y: np.ndarray, seed: int) -> nn.Mod
 def query_margins(task: Task, model: nn.Module, batch_size: int = 2048) -> np.ndarray:
     """The model output (margin) of every query: ``(Q,)`` float64."""
     xq, yq = to_tensors(task.x_query, task.y_query)
-    out = [task.output.output(model(xq[i : i + batch_size]), yq[i : i + batch_size])
+    out = [task.output.output(call_model(model, take(xq, slice(i, i + batch_size))), yq[i : i + batch_size])
            for i in range(0, len(yq), batch_size)]
     return torch.cat(out).double().numpy()
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrak.data.tasks import Task, to_tensors
+from fedtrak.data.inputs import to_tensors
+from fedtrak.data.tasks import Task
 
 
 def _traker(task: Task, projector, num_train: int, save_dir: Path, lam: float, proj_dim: int):

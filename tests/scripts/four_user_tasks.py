@@ -42,23 +42,28 @@ _, _, rel, lds = compare("regression", regression, checkpoints=2)
 print(f"TASK regression rel {rel:.3g} lds {lds:.3f}", flush=True)
 
 
-# 2. An integer-token sequence model (token ids stay integers).
+# 2. An integer-token sequence model, called as Hugging Face models are: model(input_ids=...,
+#    attention_mask=...), on padded sequences (token ids stay integers).
 class TokenNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(40, 8)
         self.out = nn.Linear(8, 3)
 
-    def forward(self, ids):
-        return self.out(self.embed(ids).mean(dim=1))
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.out((self.embed(input_ids) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))
 
 
 rng = np.random.default_rng(0)
 labels = rng.integers(0, 3, size=220)
 tokens = rng.integers(0, 40, size=(220, 8))
 tokens[:, :4] = 10 * labels[:, None] + rng.integers(0, 10, size=(220, 4))
-sequence = fedtrak.task_from_model("tokens", TokenNet(), train=(tokens[:180], labels[:180]),
-                                   query=(tokens[180:], labels[180:]))
+mask = (np.arange(8)[None, :] < rng.integers(4, 9, size=220)[:, None]).astype(np.int64)  # padded tails
+texts = {"input_ids": tokens * mask, "attention_mask": mask}
+sequence = fedtrak.task_from_model("tokens", TokenNet(),
+                                   train=({k: v[:180] for k, v in texts.items()}, labels[:180]),
+                                   query=({k: v[180:] for k, v in texts.items()}, labels[180:]))
 _, _, rel, lds = compare("tokens", sequence, checkpoints=2, proj_dim=64)
 print(f"TASK tokens rel {rel:.3g} lds {lds:.3f}", flush=True)
 

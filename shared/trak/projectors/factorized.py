@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from fedtrak.config.seeds import derive_seed
+from fedtrak.data.inputs import call_model, call_one
 from fedtrak.errors import FedtrakError
 from fedtrak.trak.projectors.base import Projector
 from fedtrak.trak.projectors.dense import RademacherProjector
@@ -277,7 +278,7 @@ class FactorizedProjector(Projector):
             handles.append(layer.module.register_forward_hook(hook))
         try:
             with torch.enable_grad():
-                logits = model(x)
+                logits = call_model(model, x)
                 total = output_fn(logits, y).sum()
                 grads = torch.autograd.grad(total, [outputs[layer.index] for layer in self.layers])
         finally:
@@ -287,7 +288,7 @@ class FactorizedProjector(Projector):
             raise FedtrakError("this model has parameters outside Linear/Conv2d layers: the factorized "
                                "projector needs their per-example gradients")
         if out is None:
-            out = torch.empty((len(x), self.proj_dim), dtype=torch.float32)
+            out = torch.empty((len(y), self.proj_dim), dtype=torch.float32)
         start = 0
         with torch.no_grad():
             for layer, g in zip(self.layers, grads):
@@ -308,13 +309,13 @@ def fallback_gradient_fn(model: nn.Module, names: list[str],
     fixed = {n: p for n, p in params.items() if n not in names}
 
     def single(sub, x, y):
-        logits = functional_call(model, ({**fixed, **sub}, buffers), (x.unsqueeze(0),))
+        logits = call_one(model, ({**fixed, **sub}, buffers), x)
         return output_fn(logits, y.unsqueeze(0)).squeeze(0)
 
     per_example = vmap(grad(single), in_dims=(None, 0, 0))
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = per_example({n: params[n] for n in names}, x, y)
-        return torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)
+        return torch.cat([g[n].reshape(len(y), -1) for n in names], dim=1)
 
     return run
