@@ -203,7 +203,7 @@ def test_failing_and_malicious_clients_are_excluded(tmp_path, logreg_ckpt_dir, d
     parts = partition(digits_logreg.y_train, 11, "iid", 0.5, 1)
     kernel_idx = np.concatenate([parts.clients[c] for c in (0, 6, 7, 8)])
     ref, _, _ = central_scores(digits_logreg, logreg_states, digits_logreg.x_train[kernel_idx],
-                            digits_logreg.y_train[kernel_idx], Settings().replaced(proj_dim=K))
+                            digits_logreg.y_train[kernel_idx], Settings().replaced(proj_dim=K, projector=PROJECTOR))
     n0, n_mid = len(parts.clients[0]), len(parts.clients[6]) + len(parts.clients[7])
     want = np.concatenate([ref[:, :n0], ref[:, n0 + n_mid:]], axis=1)
     _assert_close(np.load(tmp_path / "scores.npy"), want)
@@ -265,7 +265,7 @@ def test_flipped_labels_and_self_influence_equal_central(tmp_path, logreg_ckpt_d
     central = tmp_path / "central"
     run_attribute(Settings().replaced(out=str(central), clients=3, partition="iid", partition_seed=1,
                                       checkpoint_dir=str(logreg_ckpt_dir), flip_fraction=0.2, flip_clients=(1,),
-                                      proj_dim=K), progress=False)
+                                      proj_dim=K, projector=PROJECTOR), progress=False)
     sim = tmp_path / "sim"
     run_simulation(Settings.from_flat(_settings(sim, logreg_ckpt_dir, 3, "iid", policy=policy,
                                                **{"allow-full": policy == "full", "flip-fraction": 0.2,
