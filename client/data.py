@@ -69,7 +69,7 @@ def _cached_partition(job: Job, num: int) -> tuple[Partition, np.ndarray]:
     where the job's mislabel experiment says so)."""
     task = pooled_task(job)
     p = job.settings.partition
-    parts = partition(task.y_train, num, p.partition, p.alpha, p.partition_seed)
+    parts = partition(task.y_train, num, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
     return parts, flip_labels(task.y_train, task.num_classes, parts, job.flips())
 
 

@@ -84,7 +84,7 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
     flips = job.flips()
     if flips.active:  # a mislabel experiment: central training sees the flipped labels too
         p = settings.partition
-        parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed)
+        parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
         flipped = flipped_indices(task.y_train, parts, flips)
         task = corrupted(task, parts, flips)
     with timer.phase("wait_for_clients"):

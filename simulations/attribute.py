@@ -105,7 +105,7 @@ def run_attribute(settings: Settings, progress: bool = True) -> RunSummary:
     p = settings.partition
     with timer.phase("load_task"):
         task = load_run_task(settings)
-        parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed)
+        parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
         order = parts.order()
         flips = settings.flips()
         flipped = flipped_indices(task.y_train, parts, flips)

@@ -160,7 +160,8 @@ class RunFolder:
         part = self.summary.partition
         if part is None or min(self.owner_partition_ids(), default=-1) < 0:
             return task, None
-        return task, partition(task.y_train, part.num_clients, part.scheme, float(part.alpha or 0.5), part.seed)
+        return task, partition(task.y_train, part.num_clients, part.scheme, float(part.alpha or 0.5), part.seed,
+                               groups=task.train_groups)
 
     def write_evaluation(self, block: dict) -> None:
         """Replace the summary's ``evaluation`` block, atomically (the rest is kept)."""

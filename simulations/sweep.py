@@ -129,7 +129,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     out, base = Path(cfg.out), cfg.base
     p = base.partition
     task = load_task(base.task.task, base.task.train_size, base.task.query_size)
-    parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed)
+    parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():
         train_checkpoints(corrupted(task, parts, base.flips()), base.training.checkpoints, ckpt_dir, base.task.seed)

@@ -28,6 +28,17 @@ def require_fmnist() -> None:
         pytest.skip("dataset-fashion-mnist not installed")
 
 
+@pytest.fixture(scope="session")
+def require_fortunes() -> None:
+    """Skip the text tests locally when Debian's fortunes package is missing; fail in CI."""
+    from fedtrak.data.text import FORTUNES
+
+    if not FORTUNES.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("the fortunes package is missing in CI: .ci/run must install fortunes")
+        pytest.skip("fortunes not installed")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_ray_runtime() -> Iterator[Callable[[], None] | None]:
     """One Ray runtime for the whole session. Flower's Ray backend starts Ray only when it is not

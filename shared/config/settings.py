@@ -59,7 +59,7 @@ DP_TRAIN = ("auto", "off")
 DEFAULT_TRAIN_SHARE = 0.75
 #: Where an ensemble's checkpoints come from: independent training runs, or one run's last steps.
 ENSEMBLES = ("trajectory", "independent")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "natural")
 CLIP_MODES = ("per-checkpoint", "joint")
 #: How features are clipped and the guarantee's delta when none is given.
 DEFAULT_CLIP_MODE = "per-checkpoint"
@@ -117,7 +117,8 @@ class PartitionSettings:
     """How the training set is split over owners (simulation), and a mislabel experiment's flips."""
 
     clients: int = setting(10, "number of owners (virtual clients; SuperNodes in a deployment)", minimum=1)
-    partition: str = setting("iid", "how the training set is split over the owners", choices=PARTITIONS)
+    partition: str = setting("iid", "how the training set is split over the owners (natural: the data's own "
+                                    "owner groups, such as the collection a text comes from)", choices=PARTITIONS)
     alpha: float = setting(0.5, "Dirichlet concentration", above=0)
     partition_seed: int = setting(0, "seed of the partition")
     flip_fraction: float = setting(0.0, "mislabel experiment: flip this fraction of the labels of "

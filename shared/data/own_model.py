@@ -109,6 +109,7 @@ def task_from_model(
     training: TrainConfig | None = None,
     clip_norm: float | None = None,
     train_fn: TrainFn | None = None,
+    train_groups: Any = None,
 ) -> Task:
     """A task from your own model and data.
 
@@ -135,6 +136,8 @@ def task_from_model(
             (:data:`~fedtrak.data.tasks.TrainFn`: a fresh model in, initialized under ``seed``; the
             trained model out). Evaluating checkpoints you give retrains ground truth with it;
             without it, with ``training`` (which may differ from how you trained yours).
+        train_groups: each training example's natural owner (a hospital, a collection: any
+            integer per example), which ``partition="natural"`` keeps (default: none).
 
     Raises:
         FedtrakError: if the data or model are malformed (naming what is wrong).
@@ -159,7 +162,7 @@ def task_from_model(
                                   for s in ("train", "query", "public"))
     task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes, output=output,
                 training=training or TrainConfig(), clip_norm=clip_norm, x_public=x_public, y_public=y_public,
-                train_fn=train_fn)
+                train_fn=train_fn, train_groups=None if train_groups is None else np.asarray(train_groups))
     task.validate()
     make = task.make_model()
     with torch.no_grad():

@@ -81,6 +81,24 @@ class Partition:
         }
 
 
+def _natural(num_clients: int, groups: np.ndarray | None, n: int, seed: int) -> Partition:
+    """Whole groups to clients, the largest group first to the client holding least (ties: the
+    lower client); deterministic, whatever the seed."""
+    if groups is None or len(groups) != n:
+        raise FedtrakError("partition natural needs each example's owner group (a task's train_groups, e.g. the "
+                           "collection a text comes from): this task has none, use iid or dirichlet")
+    ids, sizes = np.unique(groups, return_counts=True)
+    if num_clients > len(ids):
+        raise FedtrakError(f"partition natural has {len(ids)} owner groups: use at most {len(ids)} clients")
+    load, members = np.zeros(num_clients, dtype=np.int64), [[] for _ in range(num_clients)]
+    for g in np.argsort(-sizes, kind="stable"):
+        c = int(np.argmin(load))
+        members[c].append(ids[g])
+        load[c] += sizes[g]
+    parts = tuple(np.flatnonzero(np.isin(groups, m)).astype(np.int64) for m in members)
+    return Partition(parts, "natural", None, seed)
+
+
 def partition(
     labels: np.ndarray,
     num_clients: int,
@@ -88,17 +106,22 @@ def partition(
     alpha: float = 0.5,
     seed: int = 0,
     min_size: int = 1,
+    groups: np.ndarray | None = None,
 ) -> Partition:
     """Split ``len(labels)`` examples over ``num_clients`` owners.
 
     ``iid`` shuffles and splits into near-equal parts. ``dirichlet`` gives each
     class's examples to clients in proportions drawn from Dirichlet(alpha)
     (label skew; smaller alpha, more skew), redrawing until every client has at
-    least ``min_size`` examples. Both are deterministic in ``seed``.
+    least ``min_size`` examples. Both are deterministic in ``seed``. ``natural``
+    keeps the data's own owners (``groups``: each example's, e.g. the collection
+    a text comes from): each group goes whole to one client, the largest first to
+    the client holding least, so ``num_clients`` up to the number of groups.
 
     Raises:
         FedtrakError: on a non-positive client count, more clients than
-            examples, an unknown scheme or a non-positive alpha.
+            examples (or than groups), an unknown scheme, a non-positive alpha,
+            or a natural partition of data without groups.
     """
     n = len(labels)
     if num_clients < 1:
@@ -109,8 +132,10 @@ def partition(
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)
         return Partition(tuple(np.sort(p).astype(np.int64) for p in parts), "iid", None, seed)
+    if scheme == "natural":
+        return _natural(num_clients, groups, n, seed)
     if scheme != "dirichlet":
-        raise FedtrakError(f"unknown partition scheme {scheme!r}: use iid or dirichlet")
+        raise FedtrakError(f"unknown partition scheme {scheme!r}: use iid, dirichlet or natural")
     if not np.issubdtype(np.asarray(labels).dtype, np.integer):
         raise FedtrakError("partition dirichlet skews the owners' classes: these labels are real values "
                            "(a regression), use partition iid")

@@ -77,6 +77,8 @@ class Task:
             the right input shape.
         x_public, y_public: the public split (``None``: none): data the server may hold, disjoint
             from the training data, from which it can build the kernel at no privacy cost.
+        train_groups: each training example's natural owner (``None``: none), such as the
+            collection a text comes from: what ``partition natural`` splits by.
         train_fn: how the user trains the model (``None``: not given), which ground-truth
             retraining repeats for checkpoints the user brought (:data:`TrainFn`); checkpoints
             fedtrak trains itself follow ``training``.
@@ -96,6 +98,7 @@ class Task:
     x_public: np.ndarray | None = None
     y_public: np.ndarray | None = None
     train_fn: TrainFn | None = None
+    train_groups: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -124,6 +127,9 @@ class Task:
                 raise FedtrakError(f"task {self.name}: public inputs of shape {self.x_public.shape[1:]} do not "
                                    f"match the training inputs' {self.x_train.shape[1:]}")
             splits.append(("public", self.x_public, self.y_public))
+        if self.train_groups is not None and np.shape(self.train_groups) != (len(self.y_train),):
+            raise FedtrakError(f"task {self.name}: train_groups has shape {np.shape(self.train_groups)}, one "
+                               f"group per training example needs ({len(self.y_train)},)")
         for split, x, y in splits:
             if len(x) != len(y):
                 raise FedtrakError(f"task {self.name}: {split} has {len(x)} inputs but {len(y)} labels")
@@ -150,7 +156,9 @@ class Task:
             if not 0 < size <= len(y):
                 raise FedtrakError(f"--{kind}-size {size} is not in [1, {len(y)}] for task {self.name}")
             keep = np.sort(np.random.default_rng(0).permutation(len(y))[:size])
-            task = replace(task, **{f"x_{kind}": x[keep], f"y_{kind}": y[keep]})
+            task = replace(task, **{f"x_{kind}": x[keep], f"y_{kind}": y[keep]},
+                           **({"train_groups": task.train_groups[keep]}
+                              if kind == "train" and task.train_groups is not None else {}))
         return task
 
 

@@ -144,7 +144,7 @@ def _load(recipe: Recipe) -> tuple[Task, Partition]:
 
     task = cached_task(recipe.task, recipe.train_size, recipe.query_size)
     parts = partition(task.y_train, recipe.num_clients, recipe.partition, recipe.alpha,
-                      recipe.partition_seed)
+                      recipe.partition_seed, groups=task.train_groups)
     flips = FlipSpec(recipe.flip_fraction, recipe.flip_clients, recipe.flip_seed)
     return corrupted(task, parts, flips), parts
 
