@@ -74,12 +74,12 @@ class Result:
                  "no noise" if privacy is None or not privacy.dp else
                  f"epsilon {'unbounded' if privacy.epsilon is None else format(privacy.epsilon, '.3g')} "
                  f"at delta {privacy.delta:g}")
-        excluded = len(s.clients.excluded)
+        excluded, evaluated = len(s.clients.excluded), headline(s.evaluation)
         data = f"{s.num_queries} queries x {s.num_train} examples of {len(self.owners)} owners"
         words = [f"{s.mode} run of {s.task}", data, f"{s.projector} k={s.proj_dim}, M={s.num_checkpoints}",
                  f"kernel {s.resolved.kernel_source}", spent,
                  *([f"{excluded} client(s) excluded"] if excluded else []),
-                 *([headline(s.evaluation)] if headline(s.evaluation) else [])]
+                 *([evaluated] if evaluated else [])]
         return f"Result({str(self.out)!r}: {'; '.join(words)})"
 
     @classmethod

@@ -42,6 +42,9 @@ def numeric_array(x: Any) -> np.ndarray:
     Raises:
         FedtrakError: if they are not numbers, or named fields of different lengths.
     """
+    if isinstance(x, np.ndarray) and x.dtype.names and x.flags.c_contiguous and all(
+            x.dtype[k].base in (np.dtype(np.int64), np.dtype(np.float32)) for k in x.dtype.names):
+        return x  # named inputs already as they are kept: no copy per chunk of the featurizer
     if isinstance(x, Mapping) or (isinstance(x, np.ndarray) and x.dtype.names):
         fields = {str(k): _numbers(x[k], f"input field {k!r}") for k in (x if isinstance(x, Mapping) else x.dtype.names)}
         lengths = {k: len(v) for k, v in fields.items()}

@@ -146,11 +146,15 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     return block
 
 
+#: The LDS measures of an evaluation block, by key, with their names in a person's words.
+LDS_MEASURES = (("lds", "LDS"), ("owner_lds", "owner-level LDS"))
+
+
 def headline(block: Mapping[str, Any]) -> str | None:
     """The evaluation's main numbers in a few words (LDS, with its ceiling where measured), or
     ``None`` for a block without LDS."""
     words = []
-    for key, label in (("lds", "LDS"), ("owner_lds", "owner-level LDS")):
+    for key, label in LDS_MEASURES:
         e = block.get(key)
         if e:
             ceiling = e.get("ceiling", {}).get("ceiling") if e.get("lds_over_ceiling") is not None else None
@@ -161,7 +165,7 @@ def headline(block: Mapping[str, Any]) -> str | None:
 def format_table(block: dict) -> str:
     """The evaluation block as a small text table."""
     rows = [("measure", "value", "95% interval / baseline", "based on")]
-    for key, label in (("lds", "LDS"), ("owner_lds", "owner-level LDS")):
+    for key, label in LDS_MEASURES:
         if key in block:
             e = block[key]
             rows.append((label, f"{e['lds']:.3f}", f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]",
