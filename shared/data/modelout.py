@@ -204,3 +204,95 @@ class Regression(ModelOutput):
         if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)):
             raise FedtrakError(f"{what}: regression targets must be finite numbers")
         return np.ascontiguousarray(y, dtype=np.float32)
+
+
+#: Label of a position a sequence output skips (padding, a prompt): Hugging Face's ignore index.
+IGNORE = -100
+
+
+class SequenceMargin(ModelOutput):
+    """A causal language model's output: the log-odds of a text's tokens, decomposed per token.
+
+    Labels are token ids aligned with the inputs, as Hugging Face takes them (``labels =
+    input_ids``, :data:`IGNORE` where a position is not predicted: padding, a prompt); the logits
+    at position ``t`` predict the label at ``t + 1``. Each predicted token ``t`` has TRAK's
+    classification margin ``m_t = logit_{y_t} - logsumexp(other logits)`` (the log-odds
+    ``log(p_t / (1 - p_t))``) and out-to-loss term ``1 - p_t``. The output differentiated is the
+    continuation's ``f = sum_t m_t``; the example's out-to-loss weight ``q`` is the mean of its
+    tokens' terms, and its curvature weight the mean of ``p_t (1 - p_t)``: one feature per text,
+    so a text costs one gradient whatever its length (per-token weights would need one gradient
+    per token). The training loss is the mean cross-entropy over predicted tokens.
+    """
+
+    name = "sequence-margin"
+    curvature_bound = 0.25
+
+    @staticmethod
+    def _aligned(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, targets, mask)`` of the predicted positions: ``(b, T-1, V)``, ``(b, T-1)``, ``(b, T-1)``."""
+        targets = labels[:, 1:].long()
+        mask = targets != IGNORE
+        return logits[:, :-1], targets.clamp(min=0), mask
+
+    def _tokens(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per predicted token: margin, probability of the true token, mask."""
+        logits, targets, mask = self._aligned(logits, labels)
+        true = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        others = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1),
+                                    float("-inf"))
+        margin = true - torch.logsumexp(others, dim=-1)  # log(p_t / (1 - p_t))
+        return margin, torch.sigmoid(margin), mask
+
+    @staticmethod
+    def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        count = mask.sum(dim=1).clamp(min=1)
+        return (values * mask).sum(dim=1) / count
+
+    def check_outputs(self, logits: torch.Tensor, num_classes: int) -> None:
+        """A causal LM returns ``(batch, positions, vocabulary)`` logits."""
+        if logits.ndim != 3 or logits.shape[2] != num_classes:
+            raise FedtrakError(f"the model returns shape {tuple(logits.shape)}, a causal language model's output "
+                               f"needs (batch, positions, {num_classes}) logits over its vocabulary")
+
+    def output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The sum of the predicted tokens' margins per text."""
+        margin, _, mask = self._tokens(logits, labels)
+        return (margin * mask).sum(dim=1)
+
+    def out_to_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean of ``1 - p_t`` over each text's predicted tokens."""
+        _, p, mask = self._tokens(logits, labels)
+        return self._mean(1.0 - p, mask)
+
+    def curvature(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean of ``p_t (1 - p_t)`` over each text's predicted tokens."""
+        _, p, mask = self._tokens(logits, labels)
+        return self._mean(p * (1.0 - p), mask)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the predicted tokens."""
+        logits, targets, mask = self._aligned(logits, labels)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return (per_token * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def quality(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Next-token accuracy over the predicted tokens."""
+        logits, targets, mask = self._aligned(logits, labels)
+        hits = (logits.argmax(-1) == targets) & mask
+        return float(hits.sum()) / max(1, int(mask.sum()))
+
+    def labels(self, y: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+        """``y`` as ``(n, positions)`` int64 token ids in ``[0, num_classes)`` or :data:`IGNORE`.
+
+        Raises:
+            FedtrakError: naming ``what`` if they are not.
+        """
+        y = np.asarray(y)
+        if y.ndim != 2 or not np.issubdtype(y.dtype, np.integer):
+            raise FedtrakError(f"{what}: a language model's labels are (texts, positions) integer token ids, got "
+                               f"{y.dtype} of shape {y.shape}")
+        kept = y[y != IGNORE]
+        if kept.size and (kept.min() < 0 or kept.max() >= num_classes):
+            raise FedtrakError(f"{what}: token ids outside [0, {num_classes}) (mark skipped positions {IGNORE})")
+        return np.ascontiguousarray(y, dtype=np.int64)
