@@ -82,7 +82,8 @@ class ByteTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.long()
-        h = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # per text: each
+        h = self.embed(ids) + self.position(positions)  # example's own embedding gradient, read from hooks
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)
