@@ -79,7 +79,74 @@ def test_seed_contract_and_bad_settings():
         FactorizedProjector(model, 500, seed=0)
     with pytest.raises(FedtrakError, match="below the 2 parameter groups"):
         FactorizedProjector(model, 1, seed=0)
-    with pytest.raises(FedtrakError, match="at least one Linear or Conv2d"):
+    with pytest.raises(FedtrakError, match="at least one Linear, Conv2d, Embedding or LayerNorm"):
         FactorizedProjector(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)), 2, seed=0)
     with pytest.raises(FedtrakError, match="needs the model"):
         make_projector("factorized", 421, 48, 3)
+
+
+class _TiedLM(nn.Module):
+    """A language model with what transformers hold besides Linear layers: a token embedding with a
+    padding id, position embeddings looked up with ids the batch shares (``(1, T)``, as Hugging Face
+    makes them), an RMSNorm, and an LM head tied to the token embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(30, 8, padding_idx=0), nn.Embedding(12, 8)
+        self.norm, self.mix = nn.RMSNorm(8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 30, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])
+        return self.head(torch.tanh(self.mix(self.norm(h))))
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=1, eos_token_id=1)  # the LM head tied to the embedding
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("arch", ["byte-transformer", "tied-lm", "gpt2"])
+def test_sequence_models_are_read_from_hooks_and_equal_the_dense_projection(arch):
+    """Over a sequence each layer's term sums over positions; embeddings (padding included), norms,
+    shared position ids, a tied head and Hugging Face's Conv1D are read from hooks, with no fallback,
+    and equal the dense projection of the exact gradients (one backward per example where vmap cannot
+    run the model, as for GPT-2)."""
+    from fedtrak.data.modelout import IGNORE, SequenceMargin
+    from fedtrak.data.models import ByteTransformer
+    from fedtrak.trak.projectors.factorized import factorizes
+
+    torch.manual_seed(0)
+    model = {"byte-transformer": lambda: ByteTransformer(257, 16, 16, 2, 2), "tied-lm": _TiedLM,
+             "gpt2": _gpt2}[arch]().eval()
+    vocab = model.get_output_embeddings().weight.shape[0] if arch == "gpt2" else (257 if arch[0] == "b" else 30)
+    ids = torch.randint(1, vocab, (5, 12))
+    ids[:, 9:] = 0
+    y = ids.masked_fill(ids == 0, IGNORE)
+    x = {"input_ids": ids, "attention_mask": (ids != 0).long()} if arch == "gpt2" else ids
+    out = SequenceMargin()
+    assert factorizes(model)
+    proj = FactorizedProjector(model, 96, seed=2)
+    assert not proj.fallback_names and {layer.kind for layer in proj.layers} >= {"embedding", "norm", "linear"}
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    want = Featurizer(model, out, IdentityProjector(p)).per_example_grads(x, y) @ proj.matrix()
+    got = proj.features(model, out.output, x, y)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_a_layer_called_twice_is_refused_by_name():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x))
+
+    model = Twice()
+    proj = FactorizedProjector(model, 8, seed=0)
+    with pytest.raises(FedtrakError, match="layer lin runs more than once"):
+        proj.features(model, OUT.output, torch.randn(3, 4), torch.randint(0, 4, (3,)))

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, vmap
 
-from fedtrak.data.inputs import call_model, call_one, take, to_tensors
+from fedtrak.data.inputs import call_model, take, to_tensors
 from fedtrak.data.modelout import ModelOutput
 from fedtrak.errors import FedtrakError
+from fedtrak.trak.per_example import per_example_gradients
 from fedtrak.trak.projectors import Projector
 from fedtrak.trak.projectors.factorized import FactorizedProjector, fallback_gradient_fn
 
@@ -76,7 +76,6 @@ class Featurizer:
         self.output = output
         self.projector = projector
         self.params = trainable_params(model)
-        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.grad_dim = sum(p.numel() for p in self.params.values())
         if projector.grad_dim != self.grad_dim:
             raise FedtrakError(
@@ -94,20 +93,16 @@ class Featurizer:
             if projector.fallback_names:
                 self._fallback = fallback_gradient_fn(self.model, projector.fallback_names, self.output.output)
 
-        def single_output(params, buffers, x, y):
-            logits = call_one(self.model, (params, buffers), x)
-            return self.output.output(logits, y.unsqueeze(0)).squeeze(0)
-
-        self._per_example_grad = vmap(grad(single_output), in_dims=(None, None, 0, 0))
+        self._per_example_grad = per_example_gradients(self.model, list(self.params), self.output.output)
 
     def per_example_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Flattened per-example gradients of the model output: ``(b, p)`` float32."""
-        grads = self._per_example_grad(self.params, self.buffers, x, y)
+        grads = self._per_example_grad(x, y)
         return torch.cat([g.reshape(len(y), -1) for g in grads.values()], dim=1)
 
     def _grads_into(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Write a batch's flattened per-example gradients into ``out`` parameter by parameter."""
-        grads = self._per_example_grad(self.params, self.buffers, x, y)
+        grads = self._per_example_grad(x, y)
         col = 0
         for name in list(grads):
             g = grads.pop(name)  # freed as soon as it is copied

@@ -10,7 +10,19 @@ projects each side with its own small seeded Rademacher matrix and forms
 
 which equals the dense projection of the layer's flattened gradient with
 ``P_l = P_out kron P_in`` (tested). Only ``(batch, k_out)`` and ``(batch, k_in)``
-arrays are made from hooks on one batched forward and backward pass.
+arrays are made from hooks on one batched forward and backward pass. Over a
+sequence (a transformer block's Linear layers see ``(batch, positions, d)``) the
+sum runs over positions, ``sum_t (P_out^T g_t) kron (P_in^T a'_t)``, so a text costs
+``O(T (d_in k_in + d_out k_out))`` per layer whatever the layer's size.
+
+The other layers of a transformer are read from hooks too. An Embedding's
+gradient is ``sum_t g_t e_{id_t}^T``: its input side is the row ``P_in[id_t]``. A
+Hugging Face ``Conv1D`` (GPT-2's Linear, weight stored transposed) is a Linear.
+A LayerNorm's (or RMSNorm's) per-example gradient is small (``sum_t g_t * x^_t``
+and ``sum_t g_t``, ``x^`` the normalized input): it is formed from the hooks and
+projected as one input side with a one-row output side. A layer applied to a
+tensor shared by the batch (position ids of shape ``(1, T)``) has its output
+expanded to the batch in the hook, so each example's gradient is its own.
 
 Layout: the projection dimension ``k`` is split over the layers in
 proportion to their parameter counts (each at most its own count), and each
@@ -19,7 +31,11 @@ coordinates (``k_out k_in >= k_l``, as square as the layer allows), scaled by
 ``1 / sqrt(k_l)`` so that ``E[P_l P_l^T] = I``. Trainable parameters outside
 Linear and Conv2d layers (and grouped convolutions) fall back to the exact
 path: their per-example gradients from ``torch.func``, projected by a dense
-seeded Rademacher block projector of the remaining dimension.
+seeded Rademacher block projector of the remaining dimension. A weight shared
+by two layers (an LM head tied to its token embedding) is one layer with two
+uses: each use's sides are projected with the same two matrices, the head's
+with its sides swapped (its output side is the embedding's input side), and the
+uses' terms add up as their gradients do.
 
 Seed contract: layer ``l``'s ``P_in`` comes from ``SeedSequence([seed, l, 0])``,
 its ``P_out`` from ``SeedSequence([seed, l, 1])`` (Philox, unscaled +-1); the
@@ -30,22 +46,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, vmap
 
 from fedtrak.config.seeds import derive_seed
-from fedtrak.data.inputs import call_model, call_one
+from fedtrak.data.inputs import call_model
 from fedtrak.errors import FedtrakError
+from fedtrak.trak.per_example import per_example_gradients
 from fedtrak.trak.projectors.base import Projector
 from fedtrak.trak.projectors.dense import RademacherProjector
 
 #: Seed stream of the dense projector of parameters outside supported layers.
 FALLBACK_STREAM = 1_000_003
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One module applying a layer's weight: its kind, and whether its sides are the layer's swapped
+    (its output gradients sit on the layer's input side: an LM head tied to an embedding)."""
+
+    module: nn.Module
+    kind: str
+    swapped: bool = False
 
 
 @dataclass
@@ -59,6 +85,9 @@ class _Layer:
     out_dim: int
     in_dim: int  # including the bias column when there is a bias
     has_bias: bool
+    kind: str = "linear"  # linear, conv, embedding or norm
+    transposed: bool = False  # the weight is stored (in, out): an Embedding's, a Conv1D's
+    uses: list[_Use] = field(default_factory=list)  # the modules applying the weight; the first is ``module``
     proj_dim: int = 0
     k_out: int = 0
     k_in: int = 0
@@ -76,19 +105,116 @@ def _signs(seed: int, layer: int, side: int, rows: int, cols: int) -> torch.Tens
     return torch.from_numpy(bits.astype(np.float32) * 2.0 - 1.0)
 
 
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return module.weight.requires_grad
+def _is_conv1d(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D``: ``x @ W + b`` with ``W`` stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.ndim == 2
+
+
+def _kind(module: nn.Module) -> str | None:
+    """How the factorized projector reads a module's per-example gradient from hooks (``None``:
+    it cannot, and the module's trainable parameters take the exact fallback path)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+        return None
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return "linear"
     if isinstance(module, nn.Conv2d):
-        return module.weight.requires_grad and module.groups == 1 and module.padding_mode == "zeros"
-    return False
+        return "conv" if module.groups == 1 and module.padding_mode == "zeros" else None
+    if isinstance(module, nn.Embedding):
+        return "embedding" if module.max_norm is None and not module.scale_grad_by_freq and not module.sparse \
+            else None
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return "norm"
+    return None
+
+
+def _grads_on_rows(use: _Use) -> bool:
+    """Whether the use's output gradients index its stored weight's rows (a Linear's ``(out, in)``,
+    a convolution's), not its columns (an Embedding's ``(vocab, d)``, a Conv1D's ``(in, out)``)."""
+    return use.kind == "conv" or (use.kind == "linear" and not _is_conv1d(use.module))
+
+
+def _discover(model: nn.Module) -> list[_Layer]:
+    """The layers the factorized projector reads from hooks, in module order. A weight held by
+    several modules is one layer with several uses when every use is a Linear, Conv1D or
+    Embedding and only the first has a trainable bias; otherwise its modules are left out (their
+    parameters take the exact fallback path)."""
+    groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    shared: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            shared[id(param)] = shared.get(id(param), 0) + 1
+    for mod_name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is not None:
+            groups.setdefault(id(module.weight), []).append((mod_name, module, kind))
+    layers: list[_Layer] = []
+    for uses in groups.values():
+        name, first, kind = uses[0]
+        bias = getattr(first, "bias", None)
+        if shared[id(first.weight)] != len(uses) or (isinstance(bias, torch.Tensor) and shared[id(bias)] > 1):
+            continue  # also applied by a module read otherwise, or a bias tied on its own
+        if len(uses) > 1 and not all(
+                k in ("linear", "embedding") and (i == 0 or not _trainable_bias(m)) for i, (_, m, k) in enumerate(uses)):
+            continue
+        layer = _describe(len(layers), name, first, kind)
+        head = _Use(first, kind)
+        layer.uses = [head] + [_Use(m, k, _grads_on_rows(_Use(m, k)) != _grads_on_rows(head)) for _, m, k in uses[1:]]
+        layers.append(layer)
+    return layers
+
+
+def _trainable_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, torch.Tensor) and bias.requires_grad
 
 
 def factorizes(model: nn.Module) -> bool:
     """Whether every trainable parameter of ``model`` sits in a layer the factorized projector
-    projects without the dense fallback (Linear; Conv2d, ungrouped with zero padding)."""
-    return all(_supported(module) for module in model.modules()
-               if any(p.requires_grad for p in module.parameters(recurse=False)))
+    projects without the dense fallback (Linear and Hugging Face Conv1D; Conv2d, ungrouped with
+    zero padding; Embedding; LayerNorm and RMSNorm; weights tied between a Linear and an Embedding)."""
+    covered = {name for layer in _discover(model) for name in layer.params}
+    return all(name in covered for name, p in model.named_parameters() if p.requires_grad)
+
+
+def _describe(index: int, mod_name: str, module: nn.Module, kind: str) -> _Layer:
+    """One factorized layer's parameters and side dimensions (see :func:`_kind`)."""
+    prefix = f"{mod_name}." if mod_name else ""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    has_bias = isinstance(bias, torch.Tensor) and bias.requires_grad
+    params = [prefix + "weight"] + ([prefix + "bias"] if has_bias else [])
+    if kind == "norm":  # one row holding the weight's and the bias's gradients
+        return _Layer(index, mod_name, module, params, 1, weight.numel() + (bias.numel() if has_bias else 0),
+                      False, kind)
+    if kind == "embedding":
+        return _Layer(index, mod_name, module, params, weight.shape[1], weight.shape[0], False, kind, True)
+    if _is_conv1d(module):
+        return _Layer(index, mod_name, module, params, weight.shape[1], weight.shape[0] + int(has_bias), has_bias,
+                      kind, True)
+    return _Layer(index, mod_name, module, params, weight.shape[0], int(np.prod(weight.shape[1:])) + int(has_bias),
+                  has_bias, kind)
+
+
+def _positions(side: torch.Tensor) -> torch.Tensor:
+    """A projected side as ``(b, k)``, or ``(b, positions, k)`` with every position axis in one."""
+    return side.reshape(len(side), -1, side.shape[-1]) if side.ndim > 3 else side
+
+
+def _norm_grads(layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm's or RMSNorm's per-example gradients ``(b, weight [+ bias])`` from its input and
+    output gradient: ``sum_t g_t * x^_t`` for the weight, ``sum_t g_t`` for the bias."""
+    module = layer.module
+    shape = tuple(module.normalized_shape)
+    if isinstance(module, nn.LayerNorm):
+        normed = F.layer_norm(a, shape, eps=module.eps)
+    else:
+        normed = F.rms_norm(a, shape, eps=module.eps)
+    width = math.prod(shape)
+    parts = [(g * normed).reshape(len(a), -1, width).sum(1)]
+    if len(layer.params) == 2:
+        parts.append(g.reshape(len(a), -1, width).sum(1))
+    return torch.cat(parts, dim=1)
 
 
 def _split(total: int, sizes: list[int]) -> list[int]:
@@ -131,28 +257,14 @@ class FactorizedProjector(Projector):
         super().__init__(sum(counts.values()), proj_dim, seed)
         self.order = names
         self.sizes = counts
-        self.layers: list[_Layer] = []
-        covered: set[str] = set()
-        for mod_name, module in model.named_modules():
-            if not _supported(module):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            params = [prefix + "weight"]
-            bias = getattr(module, "bias", None)
-            has_bias = bias is not None and bias.requires_grad
-            if has_bias:
-                params.append(prefix + "bias")
-            weight = module.weight
-            in_dim = int(np.prod(weight.shape[1:])) + int(has_bias)
-            self.layers.append(_Layer(len(self.layers), mod_name, module, params, weight.shape[0], in_dim,
-                                      has_bias))
-            covered.update(params)
+        self.layers: list[_Layer] = _discover(model)
+        covered = {name for layer in self.layers for name in layer.params}
         self.fallback_names = [n for n in names if n not in covered]
         fallback_dim = sum(counts[n] for n in self.fallback_names)
         sizes = [layer.num_params for layer in self.layers] + ([fallback_dim] if fallback_dim else [])
         if not self.layers:
-            raise FedtrakError("the factorized projector needs at least one Linear or Conv2d layer; use "
-                               "--projector rademacher for this model")
+            raise FedtrakError("the factorized projector needs at least one Linear, Conv2d, Embedding or LayerNorm "
+                               "layer; use --projector rademacher for this model")
         dims = _split(self.proj_dim, sizes)
         for layer, k in zip(self.layers, dims):
             layer.proj_dim = k
@@ -183,7 +295,11 @@ class FactorizedProjector(Projector):
 
     def _layer_grad(self, grads: torch.Tensor, layer: _Layer, slices: dict[str, slice]) -> torch.Tensor:
         """``(b, out, in')`` gradient of one layer from flattened gradients."""
-        w = grads[:, slices[layer.params[0]]].reshape(len(grads), layer.out_dim, -1)
+        if layer.kind == "norm":  # one row: the weight's gradient, then the bias's
+            return torch.cat([grads[:, slices[name]] for name in layer.params], dim=1).unsqueeze(1)
+        w = grads[:, slices[layer.params[0]]]
+        w = (w.reshape(len(grads), -1, layer.out_dim).transpose(1, 2) if layer.transposed
+             else w.reshape(len(grads), layer.out_dim, -1))
         if layer.has_bias:
             w = torch.cat([w, grads[:, slices[layer.params[1]]].unsqueeze(2)], dim=2)
         return w
@@ -230,26 +346,35 @@ class FactorizedProjector(Projector):
     # -- the fast path: hooks on one batched forward and backward --
 
     @staticmethod
-    def _in_side(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
-        """``P_in^T a'`` for a layer's inputs: ``(b, k_in)``, or ``(b, T, k_in)`` over a convolution's
-        output positions. For a convolution the unfolded patches are never formed: projecting every
-        patch with ``P_in`` is the convolution of the input with ``P_in``'s columns as filters."""
-        p_in = layer.p_in
-        weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias else (p_in, None)
-        if isinstance(layer.module, nn.Conv2d):
-            m = layer.module
+    def _sides(layer: _Layer, use: _Use, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_out^T g, P_in^T a')`` of one use of a layer: ``(b, k_out)`` and ``(b, k_in)``, or
+        ``(b, T, .)`` over a sequence's or a convolution's positions. For a convolution the
+        unfolded patches are never formed: projecting every patch with ``P_in`` is the convolution
+        of the input with ``P_in``'s columns as filters. An Embedding's id side is the row of its
+        matrix at each token id (none at its padding id); a norm's input side is its per-example
+        gradient, projected, beside its one-row output side. A swapped use (a head tied to an
+        embedding) projects its output gradients on the layer's input side and its inputs on the
+        output side."""
+        p_out, p_in = (layer.p_in, layer.p_out) if use.swapped else (layer.p_out, layer.p_in)
+        if use.kind == "norm":
+            return g.new_ones((len(g), 1)) @ p_out, _norm_grads(layer, a, g) @ p_in
+        if use.kind == "embedding":
+            rows = p_in[a.long()]
+            if use.module.padding_idx is not None:  # torch gives the padding row no gradient
+                rows = rows * (a != use.module.padding_idx).unsqueeze(-1).to(rows.dtype)
+            out_side, in_side = _positions(g @ p_out), _positions(rows)
+        elif use.kind == "conv":
+            m = use.module
+            weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias else (p_in, None)
             filters = weights.T.reshape(layer.k_in, *m.weight.shape[1:]).contiguous()
-            out = F.conv2d(a, filters, None, m.stride, m.padding, m.dilation).flatten(2).transpose(1, 2)
+            in_side = F.conv2d(a, filters, None, m.stride, m.padding, m.dilation).flatten(2).transpose(1, 2)
+            out_side = g.flatten(2).transpose(1, 2) @ p_out
+            in_side = in_side if bias_row is None else in_side + bias_row
         else:
-            out = a @ weights
-        return out if bias_row is None else out + bias_row
-
-    @staticmethod
-    def _out_side(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
-        """``P_out^T g`` for the gradients at a layer's output: ``(b, k_out)`` or ``(b, T, k_out)``."""
-        if isinstance(layer.module, nn.Conv2d):
-            g = g.flatten(2).transpose(1, 2)
-        return g @ layer.p_out
+            weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias and not use.swapped else (p_in, None)
+            out_side, in_side = _positions(g @ p_out), _positions(a @ weights)
+            in_side = in_side if bias_row is None else in_side + bias_row
+        return (in_side, out_side) if use.swapped else (out_side, in_side)
 
     def features(self, model: nn.Module, output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  x: torch.Tensor, y: torch.Tensor,
@@ -268,22 +393,35 @@ class FactorizedProjector(Projector):
                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`features` written into ``out`` (``(b, k)``, when given: no concatenation), and the
         batch's logits from the same forward pass (detached), for the out-to-loss weights."""
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
         handles = []
+        batch = len(y)
         for layer in self.layers:
-            def hook(module, args, out, i=layer.index):
-                inputs[i] = args[0].detach()
-                outputs[i] = out
-            handles.append(layer.module.register_forward_hook(hook))
+            for u, use in enumerate(layer.uses):
+                def hook(module, args, out, key=(layer.index, u), name=layer.name):
+                    if key in outputs:
+                        raise FedtrakError(f"layer {name or '(model)'} runs more than once in a forward pass: the "
+                                           "factorized projector reads one call per layer; use --projector rademacher")
+                    a, shared = args[0], batch > 1 and out.shape[0] == 1 and args[0].shape[0] == 1
+                    if shared:  # applied to a tensor the batch shares (position ids): a copy per example
+                        a, out = a.expand(batch, *a.shape[1:]), out.expand(batch, *out.shape[1:]).contiguous()
+                    inputs[key], outputs[key] = a.detach(), out
+                    return out if shared else None
+                handles.append(use.module.register_forward_hook(hook))
         try:
             with torch.enable_grad():
                 logits = call_model(model, x)
                 total = output_fn(logits, y).sum()
-                grads = torch.autograd.grad(total, [outputs[layer.index] for layer in self.layers])
+                for key, value in outputs.items():
+                    if value.shape[0] != batch:
+                        raise FedtrakError(f"layer {self.layers[key[0]].name or '(model)'} returns {tuple(value.shape)} "
+                                           f"for a batch of {batch}: the factorized projector needs the batch first")
+                found = torch.autograd.grad(total, list(outputs.values()), allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
+        grads = dict(zip(outputs, found))
         if self.fallback is not None and fallback_grads is None:
             raise FedtrakError("this model has parameters outside Linear/Conv2d layers: the factorized "
                                "projector needs their per-example gradients")
@@ -291,9 +429,18 @@ class FactorizedProjector(Projector):
             out = torch.empty((len(y), self.proj_dim), dtype=torch.float32)
         start = 0
         with torch.no_grad():
-            for layer, g in zip(self.layers, grads):
-                self._combine(self._out_side(layer, g), self._in_side(layer, inputs[layer.index]), layer,
-                              out[:, start:start + layer.proj_dim])
+            for layer in self.layers:
+                part = out[:, start:start + layer.proj_dim]
+                sides = [self._sides(layer, use, inputs[(layer.index, u)], grads[(layer.index, u)])
+                         for u, use in enumerate(layer.uses) if grads.get((layer.index, u)) is not None]
+                if not sides:  # the layer did not run, or the output does not depend on it
+                    part.zero_()
+                elif len(sides) == 1:
+                    self._combine(*sides[0], layer, part)
+                else:  # every use's positions in one sum
+                    per_position = [(o if o.ndim == 3 else o[:, None], i if i.ndim == 3 else i[:, None]) for o, i in sides]
+                    self._combine(torch.cat([o for o, _ in per_position], 1), torch.cat([i for _, i in per_position], 1),
+                                  layer, part)
                 start += layer.proj_dim
         if self.fallback is not None:
             out[:, start:] = self.fallback.project(fallback_grads(x, y), more_to_come=True)
@@ -303,19 +450,12 @@ class FactorizedProjector(Projector):
 def fallback_gradient_fn(model: nn.Module, names: list[str],
                          output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-example gradients of ``output_fn`` with respect to the parameters ``names`` only."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    fixed = {n: p for n, p in params.items() if n not in names}
-
-    def single(sub, x, y):
-        logits = call_one(model, ({**fixed, **sub}, buffers), x)
-        return output_fn(logits, y.unsqueeze(0)).squeeze(0)
-
-    per_example = vmap(grad(single), in_dims=(None, 0, 0))
+    """Flattened per-example gradients ``(b, p')`` of ``output_fn`` with respect to the parameters
+    ``names`` only (:func:`~fedtrak.trak.per_example.per_example_gradients`)."""
+    gradients = per_example_gradients(model, names, output_fn)
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        g = per_example({n: params[n] for n in names}, x, y)
+        g = gradients(x, y)
         return torch.cat([g[n].reshape(len(y), -1) for n in names], dim=1)
 
     return run
