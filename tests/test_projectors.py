@@ -98,7 +98,7 @@ def test_bad_dimensions_are_refused():
 def test_k_is_resolved_once_from_the_settings():
     """An unset k is the default for the random projections (at most the parameter count) and the
     parameter count for the identity; a given one stays (the projector checks it). ``auto`` picks
-    the factorized projector for Linear and Conv2d layers only, and the run builds it once."""
+    the factorized projector for the layers it reads from hooks only, and the run builds it once."""
     from torch import nn
 
     from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings

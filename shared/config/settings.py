@@ -158,8 +158,8 @@ class ProjectionSettings:
     """How per-example gradients become k-dimensional features."""
 
     projector: str = setting("auto", "random projection of the gradients; auto: factorized (per layer, no "
-                                     "per-example gradient) when every trained layer is Linear or Conv2d, "
-                                     "else rademacher (dense)", choices=PROJECTORS)
+                                     "per-example gradient) when every trained layer is one it reads "
+                                     "(Linear, Conv2d, Embedding, LayerNorm), else rademacher (dense)", choices=PROJECTORS)
     proj_dim: int | None = setting(None, f"projection dimension k (default {DEFAULT_PROJ_DIM}, at most the "
                                          "parameter count; the parameter count for identity)", minimum=1)
     batch_size: int = setting(256, "examples per vmap call", minimum=1)

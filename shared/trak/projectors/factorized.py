@@ -29,7 +29,7 @@ proportion to their parameter counts (each at most its own count), and each
 layer's ``k_l`` takes the first ``k_l`` of the ``k_out x k_in`` Kronecker
 coordinates (``k_out k_in >= k_l``, as square as the layer allows), scaled by
 ``1 / sqrt(k_l)`` so that ``E[P_l P_l^T] = I``. Trainable parameters outside
-Linear and Conv2d layers (and grouped convolutions) fall back to the exact
+the layers read from hooks (BatchNorm, grouped convolutions) fall back to the exact
 path: their per-example gradients from ``torch.func``, projected by a dense
 seeded Rademacher block projector of the remaining dimension. A weight shared
 by two layers (an LM head tied to its token embedding) is one layer with two
