@@ -26,7 +26,7 @@ _API = {
     "Task": "fedtrak.data.tasks", "TrainConfig": "fedtrak.data.tasks", "load_task": "fedtrak.data.tasks",
     "register_task": "fedtrak.data.tasks",
     "ModelOutput": "fedtrak.data.modelout", "ClassificationMargin": "fedtrak.data.modelout",
-    "Regression": "fedtrak.data.modelout",
+    "Regression": "fedtrak.data.modelout", "SequenceMargin": "fedtrak.data.modelout",
     "task_from_model": "fedtrak.data.own_model",
     "Settings": "fedtrak.config.settings",
     "FedtrakError": "fedtrak.errors", "RunFailed": "fedtrak.errors",
@@ -34,8 +34,9 @@ _API = {
     "simulate": "fedtrak.simulations.api", "evaluate": "fedtrak.simulations.api",
 }
 
-__all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Regression", "Result", "RunFailed", "Settings", "Task",
-           "TrainConfig", "attribute", "evaluate", "load_task", "register_task", "simulate", "task_from_model"]
+__all__ = ["ClassificationMargin", "FedtrakError", "ModelOutput", "Regression", "Result", "RunFailed", "SequenceMargin",
+           "Settings", "Task", "TrainConfig", "attribute", "evaluate", "load_task", "register_task", "simulate",
+           "task_from_model"]
 __version__ = "0.3.0"
 
 

@@ -40,6 +40,9 @@ def flip_labels(labels: np.ndarray, num_classes: int, parts: Partition, flips: F
     if len(idx) and not np.issubdtype(out.dtype, np.integer):
         raise FedtrakError("label flips relabel examples to another class: these labels are real values "
                            "(a regression), which have none")
+    if len(idx) and out.ndim != 1:
+        raise FedtrakError("label flips relabel examples to another class: these labels are token sequences "
+                           "(a language model), which have none")
     if len(idx):
         rng = np.random.default_rng([flips.seed, 0xF11B])
         out[idx] = (out[idx] + rng.integers(1, num_classes, size=len(idx))) % num_classes

@@ -104,6 +104,9 @@ class ModelOutput(ABC):
             FedtrakError: naming ``what`` if they are not.
         """
         y = np.asarray(y)
+        if y.ndim != 1:
+            raise FedtrakError(f"{what}: labels must be one number per example, got shape {y.shape} (a causal "
+                               "language model's token labels: give output=fedtrak.SequenceMargin())")
         if not np.issubdtype(y.dtype, np.integer):
             raise FedtrakError(f"{what}: labels must be integer class indices, got {y.dtype} (for real-valued "
                                "targets give output=fedtrak.Regression())")
@@ -201,6 +204,8 @@ class Regression(ModelOutput):
             FedtrakError: naming ``what`` if they are not finite numbers.
         """
         y = np.asarray(y)
+        if y.ndim != 1:
+            raise FedtrakError(f"{what}: regression targets must be one number per example, got shape {y.shape}")
         if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)):
             raise FedtrakError(f"{what}: regression targets must be finite numbers")
         return np.ascontiguousarray(y, dtype=np.float32)
@@ -252,7 +257,8 @@ class SequenceMargin(ModelOutput):
         """A causal LM returns ``(batch, positions, vocabulary)`` logits."""
         if logits.ndim != 3 or logits.shape[2] != num_classes:
             raise FedtrakError(f"the model returns shape {tuple(logits.shape)}, a causal language model's output "
-                               f"needs (batch, positions, {num_classes}) logits over its vocabulary")
+                               f"needs (batch, positions, {num_classes}) logits over its vocabulary (give "
+                               f"num_classes=the vocabulary size)")
 
     def output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The sum of the predicted tokens' margins per text."""

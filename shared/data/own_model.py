@@ -57,30 +57,108 @@ def as_arrays(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
             y = np.concatenate([np.asarray(b[1]) for b in batches])
         except (IndexError, TypeError, ValueError) as exc:
             raise FedtrakError(f"{what}: items must be (input, label) pairs: {exc}") from exc
-    if y.ndim != 1:
-        raise FedtrakError(f"{what}: labels must be one number per example, got shape {y.shape}")
+    if np.ndim(y) == 0:  # the shape of one example's label is the output's to check (ModelOutput.labels)
+        raise FedtrakError(f"{what}: labels must be one per example, got a single {np.asarray(y).dtype}")
     return numeric_array(x), numeric_array(y)
 
 
 class FreshCopy:
     """A picklable model factory: a freshly initialized copy of a template module per call.
 
-    The copy's layers are re-initialized with their own ``reset_parameters`` (under the caller's
-    seed, so checkpoint m starts from its own initialization). Being a class rather than a
-    closure, it travels to worker processes and Flower's virtual clients with the task.
+    What trains is initialized afresh (under the caller's seed, so checkpoint m starts from its own
+    initialization): each layer by its own ``reset_parameters``; a Hugging Face model by its own
+    ``init_weights`` (its layers' initialization scheme: transformers' ``Conv1D`` has no
+    ``reset_parameters``); LoRA adapters (peft) as peft initializes them, ``A`` random and ``B``
+    zero, so a fresh copy computes what its base model does. What does not train
+    (``requires_grad=False``: a pretrained base under adapters, frozen blocks) is kept as the
+    template has it. Being a class rather than a closure, it travels to worker processes and
+    Flower's virtual clients with the task.
     """
 
     def __init__(self, template: nn.Module) -> None:
         self.template = copy.deepcopy(template).cpu()
 
     def __call__(self) -> nn.Module:
-        """A fresh copy of the template, its layers re-initialized."""
+        """A fresh copy of the template: its trained parameters re-initialized, the rest kept."""
         out = copy.deepcopy(self.template)
+        adapters = _adapters(out)
+        in_adapters = {id(p) for parts in adapters.values() for held in parts.values() for p in held}
         for module in out.modules():
+            own = list(module.parameters(recurse=False))
             reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
+            if callable(reset) and (not own or any(p.requires_grad and id(p) not in in_adapters for p in own)):
                 reset()
+        for model in _hugging_face_models(out):
+            if any(p.requires_grad and id(p) not in in_adapters for p in model.parameters()):
+                _init_hugging_face(model)
+        fresh = {id(p) for p in _reset_adapters(out, adapters)}
+        kept = dict(self.template.named_parameters())
+        with torch.no_grad():  # frozen parameters, and adapters peft initializes from the base, as given
+            for name, p in out.named_parameters():
+                if not p.requires_grad or (id(p) in in_adapters and id(p) not in fresh):
+                    p.copy_(kept[name])
         return out
+
+
+def _hugging_face_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost Hugging Face models (transformers' ``PreTrainedModel``, by what it has) in ``model``."""
+    found: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        if hasattr(module, "config") and callable(getattr(module, "init_weights", None)) and \
+                callable(getattr(module, "_init_weights", None)):
+            found.append(module)
+            return
+        for child in module.children():
+            walk(child)
+
+    walk(model)
+    return found
+
+
+def _init_hugging_face(model: nn.Module) -> None:
+    """Initialize a Hugging Face model again with its own scheme (transformers marks what it has
+    initialized, and skips it: the marks are cleared first)."""
+    for item in (*model.modules(), *model.parameters(), *model.buffers()):
+        if getattr(item, "_is_hf_initialized", False):
+            item._is_hf_initialized = False
+    with torch.no_grad():
+        model.init_weights()
+
+
+#: peft's LoRA weights that ``reset_lora_parameters`` initializes (per adapter name).
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _adapters(model: nn.Module) -> dict[tuple[nn.Module, str], dict[str, list[nn.Parameter]]]:
+    """Each peft adapter layer's weights (found by what the layer has: ``adapter_layer_names``), keyed
+    by ``(layer, adapter name)``, then by part (``lora_A``, ``lora_B``, ...)."""
+    out: dict[tuple[nn.Module, str], dict[str, list[nn.Parameter]]] = {}
+    for layer in model.modules():
+        for part in getattr(layer, "adapter_layer_names", ()):
+            held = getattr(layer, part, None)
+            if isinstance(held, (nn.ModuleDict, nn.ParameterDict)):
+                for name, item in held.items():
+                    params = list(item.parameters()) if isinstance(item, nn.Module) else [item]
+                    out.setdefault((layer, name), {})[part] = params
+    return out
+
+
+def _reset_adapters(model: nn.Module, adapters: dict[tuple[nn.Module, str], dict[str, list[nn.Parameter]]]
+                    ) -> list[nn.Parameter]:
+    """Initialize LoRA adapters afresh as peft does (``init_lora_weights`` ``True``: ``A`` as a
+    Linear layer's weight, ``B`` zero; or ``"gaussian"``) and return the weights so initialized.
+    Adapters that peft derives from the base weights (PiSSA, OLoRA, LoftQ, ...: the same every
+    time) and DoRA's magnitudes are not among them: they are kept as given."""
+    configs = next((m.peft_config for m in model.modules() if isinstance(getattr(m, "peft_config", None), dict)), {})
+    done: list[nn.Parameter] = []
+    with torch.no_grad():
+        for (layer, name), parts in adapters.items():
+            how = getattr(configs.get(name), "init_lora_weights", None)
+            if (how is True or how == "gaussian") and callable(getattr(layer, "reset_lora_parameters", None)):
+                layer.reset_lora_parameters(name, how)
+                done += [p for part in _LORA_PARTS for p in parts.get(part, ())]
+    return done
 
 
 def model_factory(model: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -116,8 +194,10 @@ def task_from_model(
     Args:
         name: the task's name (runs and checkpoint manifests record it; simulated clients and
             evaluation workers get the task object itself, by value: :mod:`fedtrak.data.shipping`).
-        model: an ``nn.Module`` (checkpoints are trained from fresh initializations of a copy) or a
-            function that returns a new one.
+        model: an ``nn.Module`` (checkpoints fedtrak trains start from fresh copies: what trains
+            initialized afresh, frozen parameters kept, :class:`FreshCopy`) or a function that
+            returns a new one (called as it is). TRAK differentiates the parameters that have
+            ``requires_grad``: freeze the rest to choose them (the last blocks, LoRA adapters).
         train: the training data attributed to: ``(x, y)`` arrays or tensors, a torch Dataset of
             ``(input, label)`` pairs, or a DataLoader.
         query: the queries (test examples) whose predictions are explained, in the same forms.
@@ -126,9 +206,11 @@ def task_from_model(
             ``auto`` picks ``public``, or ``hybrid`` with secure aggregation), which costs the
             owners no privacy.
         num_classes: number of classes (default: the largest label + 1 over every split; 1 for a
-            regression).
+            regression; a language model's vocabulary size).
         output: the model output function (default: the classification margin, as TRAK's;
-            :class:`~fedtrak.data.modelout.Regression` for real-valued targets).
+            :class:`~fedtrak.data.modelout.Regression` for real-valued targets,
+            :class:`~fedtrak.data.modelout.SequenceMargin` for a causal language model, whose labels
+            are token ids aligned with the inputs).
         training: how fedtrak trains checkpoints when it trains them (default: SGD as
             :class:`~fedtrak.data.tasks.TrainConfig`).
         clip_norm: default clip norm of projected features under differential privacy.

@@ -139,6 +139,9 @@ def partition(
     if not np.issubdtype(np.asarray(labels).dtype, np.integer):
         raise FedtrakError("partition dirichlet skews the owners' classes: these labels are real values "
                            "(a regression), use partition iid")
+    if np.ndim(labels) != 1:
+        raise FedtrakError("partition dirichlet skews the owners' classes: these labels are token sequences "
+                           "(a language model), use partition iid or natural")
     if not alpha > 0:
         raise FedtrakError(f"Dirichlet alpha must be positive, got {alpha}")
     classes = np.unique(labels)
