@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from fedtrak.data.checkpoints import (
     seeded_model,
     write_checkpoint,
 )
+from fedtrak.data.models import frozen_keys
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.accountant import Release, epsilon_with_training
@@ -47,18 +48,32 @@ from fedtrak.wire.job import Job
 
 class _FedAvg(FedAvg):
     """Flower's ``FedAvg``, keeping the first line of each client's error reply (Flower logs them at
-    INFO only), so that a round without updates can say why."""
+    INFO only), so that a round without updates can say why, and keeping the parameters that do not
+    train (``frozen``, state_dict keys) as it sent them: what is averaged is what trains (LoRA
+    adapters over a frozen base: their A and B averaged each, as FedIT does), and buffers."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, frozen: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.failures: list[str] = []
+        self.frozen = frozen
+        self._sent: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's configuration, noting the global model it sends."""
+        self._sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
-        """Flower's aggregation, after noting the reasons of error replies."""
+        """Flower's aggregation, after noting the reasons of error replies; frozen parameters as sent
+        (an average of equal copies is not always equal to them in float32)."""
         replies = list(replies)
         self.failures += [(m.error.reason or "").strip().splitlines()[0] if (m.error.reason or "").strip()
                           else f"error code {m.error.code}" for m in replies if m.has_error()]
-        return super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self._sent is not None and self.frozen:
+            arrays = ArrayRecord({k: self._sent[k] if k in self.frozen else v for k, v in arrays.items()})
+        return arrays, metrics
 
 
 def train_fedavg_checkpoints(
@@ -73,7 +88,7 @@ def train_fedavg_checkpoints(
         FedtrakError: if a round produced no update (every client failed), or a trajectory asks
             for more checkpoints than rounds.
     """
-    strategy = _FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
+    strategy = _FedAvg(frozen=frozen_keys(task.make_model()), fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
                       min_available_nodes=num_nodes, **FEDAVG_KEYS)
     t, timeout = job.settings.training, job.settings.run.timeout
     algorithm = "fedavg-dp-sgd" if trains_privately(job.settings) else "fedavg"

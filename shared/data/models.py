@@ -12,6 +12,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def frozen_keys(model: nn.Module) -> frozenset[str]:
+    """The ``state_dict`` keys of parameters that do not train (``requires_grad=False``: a pretrained
+    base under LoRA adapters, frozen blocks), a tied weight under each of its names. FedAvg keeps
+    them as the global model has them rather than averaging copies of them."""
+    return frozenset(k for k, v in model.state_dict(keep_vars=True).items()
+                     if isinstance(v, nn.Parameter) and not v.requires_grad)
+
+
 def logistic_regression(in_features: int, num_classes: int) -> nn.Module:
     """Multinomial logistic regression: one linear layer on flattened inputs."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

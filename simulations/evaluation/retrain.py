@@ -43,6 +43,7 @@ from torch import nn
 
 from fedtrak.data.checkpoints import fedavg_local_seed, seeded_model, sgd_epochs, train_central
 from fedtrak.data.inputs import call_model, take, to_tensors
+from fedtrak.data.models import frozen_keys
 from fedtrak.data.partition import Partition, partition
 from fedtrak.data.shipping import receive_task, task_payload
 from fedtrak.data.tasks import Task, cached_task
@@ -166,7 +167,8 @@ def fedavg_in_process(
     The model starts from ``seeded_model(task, init_seed)``; each round every
     client with at least one example runs ``local_epochs`` of the task's SGD
     recipe from the global weights, and the updates are averaged weighted by
-    example counts (in float32, like Flower's ``FedAvg``). With ``dp_sigmas`` each client trains by
+    example counts (in float32, like Flower's ``FedAvg``; parameters that do not train are kept as they
+    are, as fedtrak's strategy keeps them). With ``dp_sigmas`` each client trains by
     DP-SGD at its own noise multiplier and clip norm ``dp_clip`` instead (fresh noise each time);
     the updates are still averaged by example counts (a private run weights them by its noised counts).
     """
@@ -175,6 +177,7 @@ def fedavg_in_process(
     if not active:
         raise FedtrakError("FedAvg needs at least one client with data")
     total = float(sum(len(idx) for _, idx in active))
+    frozen = frozen_keys(model)  # kept as they are, as fedtrak's FedAvg strategy keeps them
     for server_round in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         agg: dict[str, np.ndarray] = {}
@@ -193,7 +196,8 @@ def fedavg_in_process(
             for k, v in local.state_dict().items():
                 term = v.detach().numpy() * weight
                 agg[k] = term if k not in agg else agg[k] + term
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in agg.items()})
+        model.load_state_dict({k: global_state[k] if k in frozen else torch.from_numpy(np.asarray(v))
+                               for k, v in agg.items()})
     return model.eval()
 
 
