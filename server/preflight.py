@@ -15,6 +15,7 @@ from fedtrak.data.tasks import Task, cached_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import NOISE_FLOOR_FACTOR, DPSettings, noise_floor
 from fedtrak.privacy.plan import planned_threshold, resolve_dp, uses_secure_agg
+from fedtrak.privacy.training import trains_privately
 from fedtrak.trak.kernel_sources import USES_PUBLIC, public_data, resolve_kernel_source
 from fedtrak.trak.projectors import resolve_projection
 from fedtrak.wire.job import Resolved
@@ -47,6 +48,12 @@ def preflight(settings: Settings) -> Plan:
         FedtrakError: naming the bad setting.
     """
     task = load_run_task(settings)
+    task.check_label_settings(settings)  # the clients partition and flip by it: refused here, not there
+    if trains_privately(settings) and task.x_train.dtype.names:
+        raise FedtrakError(f"task {task.name}: its FedAvg training would be DP-SGD, which (Opacus) takes one input "
+                           f"array per example, not named inputs ({', '.join(task.x_train.dtype.names)}): attribute "
+                           "checkpoints trained elsewhere (checkpoint-dir, or checkpoints= from Python), or train "
+                           "with dp-train off (updates the privacy account does not cover)")
     projection = resolve_projection(settings.projection, task.make_model(), task.num_params)
     k = projection.dim
     source = resolve_kernel_source(settings, task)
