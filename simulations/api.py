@@ -64,8 +64,9 @@ class Result:
     self_influence: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        """What the run was and found, in one line: its mode, data, projection, kernel source,
-        privacy, exclusions and, once evaluated, its LDS."""
+        """What the run was and found, in one line: its mode, data, projection (k of the p parameters
+        TRAK differentiated: those with ``requires_grad``), kernel source, privacy, exclusions and,
+        once evaluated, its LDS."""
         from fedtrak.simulations.evaluation.evaluate import headline
 
         s = self.summary
@@ -76,7 +77,8 @@ class Result:
                  f"at delta {privacy.delta:g}")
         excluded, evaluated = len(s.clients.excluded), headline(s.evaluation)
         data = f"{s.num_queries} queries x {s.num_train} examples of {len(self.owners)} owners"
-        words = [f"{s.mode} run of {s.task}", data, f"{s.projector} k={s.proj_dim}, M={s.num_checkpoints}",
+        words = [f"{s.mode} run of {s.task}", data,
+                 f"{s.projector} k={s.proj_dim} of {s.num_params:,} parameters, M={s.num_checkpoints}",
                  f"kernel {s.resolved.kernel_source}", spent,
                  *([f"{excluded} client(s) excluded"] if excluded else []),
                  *([evaluated] if evaluated else [])]

@@ -199,7 +199,7 @@ def test_a_result_says_what_the_run_was_and_found(blob_task, tmp_path):
     assert "privacy: none (the centralized reference: all data in one place)" in said
     text = repr(result)
     assert text.startswith(f"Result({str(tmp_path / 'run')!r}: central run of blobs-net; 20 queries x 120 examples "
-                           "of 4 owners; factorized k=16, M=1; kernel private; not private")
+                           "of 4 owners; factorized k=16 of 75 parameters, M=1; kernel private; not private")
     assert "LDS" not in text
     result.summary = result.summary.with_evaluation(
         {"lds": {"lds": 0.61, "lds_over_ceiling": 0.7, "ceiling": {"ceiling": 0.87}}})

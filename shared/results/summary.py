@@ -196,6 +196,11 @@ class RunSummary:
         return int(self.doc.get("num_checkpoints", 0))
 
     @property
+    def num_params(self) -> int:
+        """The number of parameters TRAK differentiated (the model's trainable ones: p)."""
+        return int(self.doc.get("num_params", 0))
+
+    @property
     def proj_dim(self) -> int:
         """The projection dimension k."""
         return int(self.doc.get("proj_dim", 0))
