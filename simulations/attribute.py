@@ -105,6 +105,7 @@ def run_attribute(settings: Settings, progress: bool = True) -> RunSummary:
     p = settings.partition
     with timer.phase("load_task"):
         task = load_run_task(settings)
+        task.check_label_settings(settings)
         parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
         order = parts.order()
         flips = settings.flips()

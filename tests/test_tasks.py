@@ -88,7 +88,8 @@ def test_subset_sizes_are_checked():
 
 
 def test_builtin_names():
-    assert set(BUILTIN_TASKS) == {"digits-logreg", "digits-mlp", "fmnist-mlp", "fmnist-cnn"}
+    assert set(BUILTIN_TASKS) == {"digits-logreg", "digits-mlp", "fmnist-mlp", "fmnist-cnn", "fortunes-lm",
+                                  "fortunes-topic"}
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])

@@ -72,15 +72,13 @@ def sgd_epochs(
     snapshot: Callable[[int, nn.Module], None] | None = None, at_steps: frozenset[int] = frozenset(),
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` with the task's recipe
-    (minibatch SGD + momentum + weight decay), shuffling deterministically in ``seed``;
+    (minibatch SGD + momentum, or Adam, + weight decay), shuffling deterministically in ``seed``;
     ``snapshot(step, model)`` sees the model after each step in ``at_steps`` (counted from 1).
 
     Centralized checkpoints and each client's local FedAvg update use this one loop.
     """
     cfg = task.training
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    opt = cfg.make_optimizer(model.parameters())
     xt, yt = to_tensors(x, y)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = task.output.loss

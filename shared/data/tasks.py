@@ -1,9 +1,9 @@
 """Tasks: a model factory, training data, query data and the model output function.
 
 Built-in tasks are named (``digits-logreg``, ``digits-mlp``, ``fmnist-mlp``,
-``fmnist-cnn``); a user's own task is named by import path,
-``package.module:function``, Flower-style, where ``function()`` returns a
-:class:`Task`.
+``fmnist-cnn``, and the text tasks ``fortunes-lm`` and ``fortunes-topic``); a
+user's own task is named by import path, ``package.module:function``,
+Flower-style, where ``function()`` returns a :class:`Task`.
 
 A device that brings its own data file needs only a task's model, output
 function and input shape: ``load_task(name, data=False)`` gives a built-in task
@@ -15,27 +15,35 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
+import torch
 from torch import nn
 
+from fedtrak.config.settings import Settings
 from fedtrak.data import datasets, models
 from fedtrak.data.inputs import finite
 from fedtrak.data.modelout import ClassificationMargin, ModelOutput
 from fedtrak.errors import FedtrakError
 
+#: The optimizers a task's training recipe may name.
+OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the task's checkpoints are trained (minibatch SGD with momentum).
+    """How the task's checkpoints are trained (minibatch SGD with momentum, or Adam).
 
     ``weight_decay`` is the coefficient of ``(wd / 2) * ||theta||^2`` added to
     the mean loss; fedtrak's principled default lambda derives from it.
     ``local_epochs`` is each client's epochs per FedAvg round: enough for
     FedAvg to converge about as far as centralized training does.
+    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"`` (``momentum`` is its first
+    moment's decay, beta1; the weight decay is the same term of the loss, not AdamW's): small
+    transformers train badly with plain SGD. A FedAvg client starts a fresh optimizer every round.
     """
 
     epochs: int = 10
@@ -44,6 +52,20 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     local_epochs: int = 3
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise FedtrakError(f"TrainConfig: unknown optimizer {self.optimizer!r}: use one of "
+                               f"{', '.join(OPTIMIZERS)}")
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The recipe's optimizer over ``params``: every training loop (central checkpoints, FedAvg's
+        local epochs, DP-SGD through Opacus) builds it here."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999),
+                                    weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 #: A user's training loop, ``train_fn(model, x, y, seed) -> model``: ``model`` is a freshly
@@ -115,6 +137,43 @@ class Task:
         """Number of trainable parameters of the task's model."""
         return models.count_params(self.make_model())
 
+    @property
+    def class_labels(self) -> bool:
+        """Whether each example's label is one class index: what label skew (partition dirichlet),
+        label flips, owner values per label and the attacks' class priors read. A language model's
+        labels are one token per position, a regression's real values."""
+        return self.output.classes and np.ndim(self.y_train) == 1
+
+    def require_class_labels(self, what: str, instead: str) -> None:
+        """Refuse ``what``, which reads one class label per example, for a task without them.
+
+        Raises:
+            FedtrakError: naming the task, ``what``, why, and ``instead``.
+        """
+        if self.class_labels:
+            return
+        kind = ("real values (a regression)" if not self.output.classes else
+                f"one token id per position, shape (examples, {', '.join(map(str, np.shape(self.y_train)[1:]))}) "
+                f"(its output is {self.output.name}: a language model's)")
+        raise FedtrakError(f"task {self.name}: {what} needs one class label per example, and its labels are "
+                           f"{kind}: {instead}")
+
+    def check_label_settings(self, settings: Settings) -> None:
+        """Refuse, before a run starts, the settings that read one class label per example when the
+        task has none: partition dirichlet, label flips, owner values per label.
+
+        Raises:
+            FedtrakError: naming the task, the setting and why.
+        """
+        if settings.partition.partition == "dirichlet":
+            self.require_class_labels("partition dirichlet (each class split over the owners)",
+                                      "use partition iid, or natural where the task has owner groups")
+        if settings.flips().active:
+            self.require_class_labels("label flips (a wrong class for some examples)", "run without flip-fraction")
+        if settings.release.owner_value == "label":
+            self.require_class_labels("owner-value label (owner values summed per query label)",
+                                      "use owner-value all")
+
     def validate(self) -> None:
         """Check shapes, dtypes and finiteness of the data; raise FedtrakError if wrong."""
         if not self.has_data:
@@ -180,9 +239,16 @@ def _builtin(name: str, model: Callable[[], nn.Module], training: TrainConfig, c
                 clip_norm=clip, has_data=data, x_public=x_public, y_public=y_public)
 
 
+def _text(name: str, data: bool) -> Task:
+    from fedtrak.data import text_tasks  # it builds on Task and TrainConfig
+
+    return text_tasks.fortunes_lm(data) if name == "fortunes-lm" else text_tasks.fortunes_topic(data)
+
+
 #: Built-in tasks: name -> factory (its argument: load the data sets). Each trains on two CPU
 #: cores in seconds to a minute. The number before ``data`` is the default clip norm: the median
-#: norm of projected features measured on a trained checkpoint (4.7, 27, 21 and 21).
+#: norm of projected features measured on a trained checkpoint (4.7, 27, 21 and 21). The text
+#: tasks, on Debian's fortunes collections, are built in :mod:`fedtrak.data.text_tasks`.
 BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "digits-logreg": lambda data: _builtin(
         "digits-logreg",
@@ -208,6 +274,8 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
         TrainConfig(epochs=2, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
         20.0, data,
     ),
+    "fortunes-lm": lambda data: _text("fortunes-lm", data),
+    "fortunes-topic": lambda data: _text("fortunes-topic", data),
 }
 
 #: Tasks registered in this process by :func:`register_task`: name -> factory.

@@ -51,7 +51,8 @@ def secret_generator() -> torch.Generator:
 
 def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int,
                   noise_multiplier: float, max_grad_norm: float) -> nn.Module:
-    """Train ``model`` in place for ``epochs`` of DP-SGD with the task's optimizer settings.
+    """Train ``model`` in place for ``epochs`` of DP-SGD with the task's optimizer settings (its SGD
+    or Adam steps take the clipped, noised gradients).
 
     Batches and noise are drawn from secret generators (:func:`secret_generator`), so two calls
     with the same inputs train different weights.
@@ -69,7 +70,7 @@ def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, ep
                            "inputs: train its checkpoints another way (train central, or give checkpoints)")
     loader = DataLoader(TensorDataset(xt, yt), batch_size=min(cfg.batch_size, len(yt)),
                         generator=secret_generator())
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = cfg.make_optimizer(model.parameters())
     model.train()  # Opacus validates the module in training mode
     loss_fn = task.output.loss
     with warnings.catch_warnings():
