@@ -9,7 +9,8 @@ uses). On a device, the node config names the data instead::
     flower-supernode ... --node-config "data-path='/data/mine.npz' owner='clinic-a'"
 
 ``data-path`` is an ``.npz`` file with ``x`` (inputs shaped like the task's,
-float) and ``y`` (integer labels in ``[0, num_classes)``). ``owner`` is the
+float, or int64 token ids) and ``y`` (integer labels in ``[0, num_classes)``; a
+language model's are ``(n, positions)`` token ids, -100 where none is predicted). ``owner`` is the
 label the owner's results are reported under (default: the node id). A
 node config ``task`` entry, if present, must name the run's task.
 """
@@ -152,8 +153,8 @@ def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
     want = task.input_shape
     if x.ndim < 1 or x.shape[1:] != want:
         raise FedtrakError(f"{path}: x has shape {x.shape}, task {task.name} needs (n, {', '.join(map(str, want))})")
-    if y.shape != (len(x),):
-        raise FedtrakError(f"{path}: y has shape {y.shape}, expected ({len(x)},)")
+    if y.shape != (len(x), *task.y_train.shape[1:]):  # a language model's: a token per position
+        raise FedtrakError(f"{path}: y has shape {y.shape}, expected {(len(x), *task.y_train.shape[1:])}")
     if len(y) == 0:
         raise FedtrakError(f"{path}: holds no examples")
     if x.dtype.names != task.x_train.dtype.names:

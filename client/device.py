@@ -22,7 +22,8 @@ import numpy as np
 from fedtrak.client.data import read_device_data
 from fedtrak.config.settings import Settings, releases_gram
 from fedtrak.data.checkpoints import seeded_model
-from fedtrak.data.tasks import load_task
+from fedtrak.data.modelout import IGNORE
+from fedtrak.data.tasks import Task, load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.privacy.kinds import COUNT, GRAM, KINDS, SUMMARY, planned_counts
 from fedtrak.privacy.plan import kernel_weight_bound
@@ -72,6 +73,16 @@ def _release_rows(checkpoints: int, k: int, queries: int, examples: int, noised:
     return out
 
 
+def _labels(task: Task, y: np.ndarray) -> list[int] | str:
+    """The labels a device holds, as its owner reads them: the classes present, or what a language
+    model's token labels are."""
+    if task.class_labels:
+        return sorted(int(v) for v in np.unique(y))
+    if task.output.classes:
+        return f"token ids per position ({int((y[:, 1:] != IGNORE).sum()):,} predicted tokens)"
+    return f"real values in [{float(np.min(y)):.3g}, {float(np.max(y)):.3g}]"
+
+
 def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
                   checkpoints: int = 3, queries: int | None = None, noise_multiplier: float = 0.0,
                   clip_norm: float | None = None, secure_agg: bool = False, policy: str = "owner-totals",
@@ -100,7 +111,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     if policy == "topk":
         kept.append("top proponents and opponents per query (results/topk.npz), never released")
     return {"task": task.name, "data": str(data_path), "examples": len(y), "input_shape": list(x.shape[1:]),
-            "labels": sorted(int(v) for v in np.unique(y)), "num_params": featurizer.grad_dim,
+            "labels": _labels(task, y), "num_params": featurizer.grad_dim,
             "projector": projection.kind, "proj_dim": projection.dim, "checkpoints": checkpoints, "queries": nq,
             "batch": {"examples": batch, "seconds": round(seconds, 3),
                       "feature_norm_median": float(np.median(np.linalg.norm(chunk.features, axis=1))),

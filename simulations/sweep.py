@@ -40,7 +40,7 @@ from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
-from fedtrak.simulations.attacks.suite import attack_run
+from fedtrak.simulations.attacks.suite import attack_run, check_attackable
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 from fedtrak.simulations.simulate import run_simulation
@@ -129,6 +129,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     out, base = Path(cfg.out), cfg.base
     p = base.partition
     task = load_task(base.task.task, base.task.train_size, base.task.query_size)
+    task.check_label_settings(base)
+    check_attackable(task, "fedtrak sweep measures the reconstruction attacks at every point")
     parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():

@@ -19,7 +19,12 @@ from fedtrak.privacy.accountant import sigma_for_plan
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.simulations.attacks.figure import strip_figure
 from fedtrak.simulations.attacks.inversion import DEFAULT_INVERSION, InversionSettings
-from fedtrak.simulations.attacks.suite import OWNER_SIZES, AttackSetting, attack_setting
+from fedtrak.simulations.attacks.suite import (
+    OWNER_SIZES,
+    AttackSetting,
+    attack_setting,
+    check_attackable,
+)
 
 
 def attack_dp(task: Task, mode: str, eps: float, checkpoints: int = 1) -> DPSettings:
@@ -42,6 +47,7 @@ def bench_attacks(task_name: str = "digits-logreg", proj_dims: tuple[int | None,
     ``None`` as a k is the identity (no projection). ``figure``: also write a PNG of true and
     rebuilt examples per epsilon (features mode at the second k, a client of 4 through its Gram)."""
     task = load_task(task_name)
+    check_attackable(task, "fedtrak bench attacks measures the reconstruction attacks")
     state = train_central(task, seed=0).state_dict()
     inside, outside = slice(0, max(owner_sizes + (targets,))), slice(task.num_train - targets, task.num_train)
     data = (task.x_train[inside], task.y_train[inside], task.x_train[outside], task.y_train[outside])

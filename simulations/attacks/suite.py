@@ -42,6 +42,8 @@ from fedtrak.simulations.run_folder import RunFolder
 from fedtrak.trak.projectors import resolve_projection
 
 ATTACK_KINDS = ("inversion", "small-owner", "membership")
+#: The attacks that rebuild a client's inputs, by gradient descent on inputs of one class each.
+RECONSTRUCTIONS = ("inversion", "small-owner")
 #: Client sizes of the small-owner attack.
 OWNER_SIZES = (1, 2, 4, 16, 64)
 #: The report's image strip of the small-owner attack shows a client of at most this many examples.
@@ -65,6 +67,31 @@ class AttackSetting:
     owner_sizes: tuple[int, ...] = OWNER_SIZES
     trials: int = 400
     inversion: InversionSettings = field(default_factory=InversionSettings)
+
+
+def why_not_reconstructed(task: Task) -> str | None:
+    """Why the reconstruction attacks do not apply to ``task`` (``None``: they do): they optimize
+    continuous inputs under a per-class prior, so token ids, named inputs and labels that are not
+    one class per example (a language model's) have nothing for them to descend on."""
+    x = task.x_train
+    if x.dtype.names or not np.issubdtype(x.dtype, np.floating):
+        what = f"named inputs ({', '.join(x.dtype.names)})" if x.dtype.names else f"{x.dtype} token ids"
+        return f"its inputs are {what}, and the reconstruction attacks rebuild continuous inputs by gradient descent"
+    if not task.class_labels:
+        return "its labels are not one class per example, and the reconstruction attacks search each example's class"
+    return None
+
+
+def check_attackable(task: Task, what: str) -> None:
+    """Refuse ``what``, which runs the reconstruction attacks, for a task they do not apply to.
+
+    Raises:
+        FedtrakError: naming the task and the reason.
+    """
+    why = why_not_reconstructed(task)
+    if why is not None:
+        raise FedtrakError(f"task {task.name}: {what} (inversion, small-owner), which do not apply to it: {why} "
+                           "(the membership attack does)")
 
 
 def accounted_epsilon(setting: AttackSetting) -> float | None:
@@ -97,6 +124,8 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     unknown = set(kinds) - set(ATTACK_KINDS)
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
+    if set(kinds) & set(RECONSTRUCTIONS):
+        check_attackable(task, f"the attack asks for {', '.join(k for k in kinds if k in RECONSTRUCTIONS)}")
     settings = Settings().replaced(proj_dim=setting.proj_dim, projector=setting.projector, seed=setting.seed,
                                    weighting=setting.weighting)
     projection = resolve_projection(settings.projection, task.make_model(), task.num_params)
@@ -154,10 +183,11 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
     return block, images
 
 
-def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: int = 8, trials: int = 400,
+def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int = 8, trials: int = 400,
                inversion: InversionSettings = DEFAULT_INVERSION, owner_sizes: tuple[int, ...] = OWNER_SIZES) -> dict:
     """Attack client 0 of a finished simulation's run folder with the run's own settings; append
-    the ``attacks`` block to its summary and write ``attacks.npz``.
+    the ``attacks`` block to its summary and write ``attacks.npz``. ``kinds``: the attacks to run
+    (``None``: every one that applies to the task; the block says why one was skipped).
 
     Raises:
         FedtrakError: if the folder is not a complete simulation run (devices' own data cannot
@@ -172,6 +202,14 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     if parts is None:
         raise FedtrakError(f"{run_dir}: the attacks compare reconstructions with the clients' true data, "
                            "which only a simulation or attribute run has")
+    why = why_not_reconstructed(task)
+    skipped = {}
+    if kinds is None:
+        kinds = ATTACK_KINDS if why is None else tuple(k for k in ATTACK_KINDS if k not in RECONSTRUCTIONS)
+        skipped = {} if why is None else {k.replace("-", "_"): {"skipped": f"task {task.name}: {why}"}
+                                          for k in RECONSTRUCTIONS}
+    elif set(kinds) & set(RECONSTRUCTIONS):
+        check_attackable(task, f"the attack asks for {', '.join(k for k in kinds if k in RECONSTRUCTIONS)}")
     num = summary.num_checkpoints
     states = [s for _, s in load_checkpoints(task, run.checkpoint_folder(), num)]
     privacy, settings = summary.privacy, summary.settings
@@ -187,7 +225,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] = ATTACK_KINDS, targets: in
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
                                    task.x_train[other], task.y_train[other], kinds)
-    block.update(client=0, run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
+    block.update(**skipped, client=0, run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
                  threat_model="honest-but-curious server: knows checkpoints, model, projection seed, k, C, sigma")
     if images:
         np.savez_compressed(run.path / "attacks.npz", **images, input_shape=np.array(task.input_shape))

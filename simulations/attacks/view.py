@@ -9,6 +9,7 @@ features, Grams, counts and owner summaries.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,14 +64,26 @@ class ServerView:
         self.matrix: torch.Tensor | None = None
         if not self.identity and not isinstance(proj, FactorizedProjector):
             self.matrix = proj.matrix()
-        groups = [task.x_query[task.y_query == c] for c in range(task.num_classes)]
-        #: Mean and variance (at least 1e-3) of each input dimension per class over the server's own
-        #: query set: the attacker's prior (no client data).
-        self.class_means = torch.as_tensor(np.stack([g.mean(axis=0) if len(g) else np.full(task.input_shape, 0.5)
-                                                     for g in groups]), dtype=torch.float32)
-        self.class_vars = torch.as_tensor(np.stack([np.maximum(g.var(axis=0), 1e-3) if len(g) > 1
-                                                    else np.full(task.input_shape, 0.25) for g in groups]),
-                                          dtype=torch.float32)
+
+    @functools.cached_property
+    def _class_groups(self) -> list[np.ndarray]:
+        task = self.task
+        task.require_class_labels("the reconstruction attacks' class prior", "attack it with membership only")
+        return [task.x_query[task.y_query == c] for c in range(task.num_classes)]
+
+    @functools.cached_property
+    def class_means(self) -> torch.Tensor:
+        """Mean of each input dimension per class over the server's own query set: the attacker's
+        prior (no client data); computed when a reconstruction first needs it."""
+        return torch.as_tensor(np.stack([g.mean(axis=0) if len(g) else np.full(self.task.input_shape, 0.5)
+                                         for g in self._class_groups]), dtype=torch.float32)
+
+    @functools.cached_property
+    def class_vars(self) -> torch.Tensor:
+        """Variance (at least 1e-3) of each input dimension per class over the server's query set."""
+        return torch.as_tensor(np.stack([np.maximum(g.var(axis=0), 1e-3) if len(g) > 1
+                                         else np.full(self.task.input_shape, 0.25) for g in self._class_groups]),
+                               dtype=torch.float32)
 
     def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Projected gradients ``(b, k)`` of inputs ``x`` with labels ``y``, differentiable in ``x``."""

@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedtrak.data.modelout import IGNORE
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import RunSummary
@@ -53,6 +54,12 @@ def _run_task(run: RunFolder) -> Task | None:
         return run.task_and_partition()[0]
     except FedtrakError:
         return None
+
+
+def _label(y: np.ndarray) -> str:
+    """One example's label as the report writes it: a class or value, or a language model's token
+    labels by their count."""
+    return str(y) if np.ndim(y) == 0 else f"{int((np.asarray(y) != IGNORE).sum())} tokens"
 
 
 def pick_queries(num_queries: int, count: int) -> np.ndarray:
@@ -108,7 +115,7 @@ def proponent_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | No
         s = np.asarray(scores[q], dtype=np.float64)
         order = np.argsort(-s, kind="stable")
         for kind, picks in (("proponent", order[:TOP]), ("opponent", order[::-1][:TOP])):
-            rows += [(f"{q}", f"{task.y_query[q]}", kind, f"{index[j]}", f"{task.y_train[index[j]]}", f"{s[j]:+.4g}")
+            rows += [(f"{q}", _label(task.y_query[q]), kind, f"{index[j]}", _label(task.y_train[index[j]]), f"{s[j]:+.4g}")
                      for j in picks]
     head = "".join(f"<th>{h}</th>" for h in ("query", "query label", "", "training index", "label", "score"))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
@@ -134,7 +141,7 @@ def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) 
     for ax, q in zip(axes[0], queries):
         vals = owners[q]
         ax.bar(pos, vals, color=np.where(vals >= 0, "tab:green", "tab:red"))
-        label = "" if task is None or q >= len(task.y_query) else f", label {task.y_query[q]}"
+        label = "" if task is None or q >= len(task.y_query) else f", label {_label(task.y_query[q])}"
         ax.set_title(f"query {q}{label}", fontsize=9)
     mean = owners.mean(axis=0)
     ax = axes[0][-1]
