@@ -1,5 +1,6 @@
 """Text that ships with Debian: the fortunes collections, parsed into texts and their collections
-(the natural owners), and byte tokens a small language model reads."""
+(the natural owners), byte tokens a small language model reads, and the built-in text tasks on them
+(fortunes-lm, fortunes-topic): one Flower simulation, federated equal to central."""
 
 from __future__ import annotations
 
@@ -74,3 +75,180 @@ def test_a_users_natural_owners_become_the_runs_owners(tmp_path):
     with pytest.raises(FedtrakError, match="train_groups has shape"):
         fedtrak.task_from_model("grouped", nn.Linear(4, 2), train=(x, y), query=(x[:6], y[:6]),
                                 train_groups=groups[:10])
+
+
+# The built-in text tasks: fortunes-lm (a byte-level language model) and fortunes-topic (which
+# collection a text comes from), their seeded split, and what refuses a language model's labels.
+
+
+def _rows(x: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in x}
+
+
+def test_the_text_tasks_split_is_seeded_disjoint_and_owned_by_their_collections(require_fortunes):
+    from fedtrak.data import text_tasks as tt
+    from fedtrak.data.modelout import IGNORE
+    from fedtrak.data.tasks import load_task
+
+    lm, topic = load_task("fortunes-lm"), load_task("fortunes-topic")
+    assert lm.x_train.shape == (800, 128) and lm.x_query.shape == (80, 128) and lm.x_public.shape == (200, 128)
+    assert lm.x_train.dtype == lm.y_train.dtype == np.int64 and lm.num_classes == VOCAB
+    assert np.array_equal(lm.y_train, np.where(lm.x_train == PAD, IGNORE, lm.x_train))
+    assert np.bincount(lm.train_groups).tolist() == [100] * 8 and lm.train_groups.tolist() == sorted(lm.train_groups)
+    corpus = load_fortunes()
+    owners = tt.draw_split(corpus, tt.LM_OWNERS, (100, 10, 0), "fortunes-lm")
+    public = tt.draw_split(corpus, tt.LM_PUBLIC, (0, 0, 100), "fortunes-lm")
+    assert [corpus.names[c] for c in np.unique(corpus.collection[owners.train])] == sorted(tt.LM_OWNERS)
+    assert all(corpus.names[corpus.collection[i]] == tt.LM_OWNERS[g] for i, g in zip(owners.train, lm.train_groups))
+    assert {corpus.names[c] for c in corpus.collection[public.public]} == {"cookie", "wisdom"}
+    texts = [{corpus.texts[i] for i in split} for split in (owners.train, owners.query, public.public)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])  # no text in two splits
+    assert not _rows(lm.x_train) & _rows(lm.x_query)
+    again = tt.draw_split(corpus, tt.LM_OWNERS, (100, 10, 0), "fortunes-lm")
+    other = tt.draw_split(corpus, tt.LM_OWNERS, (100, 10, 0), "fortunes-lm", seed=34)
+    assert np.array_equal(again.train, owners.train) and not np.array_equal(other.train, owners.train)
+    # fortunes-topic: four collections, the label is the collection, public texts of the same four
+    assert topic.x_train.shape == (600, 128) and topic.x_query.shape == (80, 128) and topic.num_classes == 4
+    assert np.array_equal(topic.y_train, topic.train_groups) and np.bincount(topic.y_public).tolist() == [50] * 4
+    assert not (_rows(topic.x_train) & _rows(topic.x_query) or _rows(topic.x_train) & _rows(topic.x_public))
+
+
+def test_a_text_split_names_a_missing_or_small_collection(tmp_path):
+    from fedtrak.data.text_tasks import draw_split
+
+    (tmp_path / "art").write_text("\n%\n".join(f"text {i}" for i in range(5)))
+    (tmp_path / "work").write_text("one\n%\none\n%\ntwo\n")  # "one" twice: drawn from neither
+    corpus = load_fortunes(tmp_path)
+    with pytest.raises(FedtrakError, match=r"task fortunes-lm needs the fortunes collection 'people', which the "
+                                           r"installed fortunes package lacks \(.* holds art, work\)"):
+        draw_split(corpus, ("art", "people"), (2, 1, 0), "fortunes-lm")
+    with pytest.raises(FedtrakError, match=r"draws 2 texts from the fortunes collection 'work', which holds 1 "
+                                           r"distinct texts"):
+        draw_split(corpus, ("art", "work"), (1, 1, 0), "fortunes-lm")
+    split = draw_split(corpus, ("art",), (2, 1, 1), "t")
+    assert len(set(split.train) | set(split.query) | set(split.public)) == 4
+
+
+def test_the_text_tasks_load_without_the_package_for_a_device(tmp_path, monkeypatch):
+    """``data=False`` (a SuperNode with its own data file) needs no fortunes package; the device
+    reads and reports a language model's (n, 128) token labels."""
+    from fedtrak.client.data import read_device_data
+    from fedtrak.client.device import device_report
+    from fedtrak.data import text_tasks
+    from fedtrak.data.modelout import IGNORE
+    from fedtrak.data.tasks import load_task
+
+    def absent():
+        raise AssertionError("data=False read the fortunes package")
+
+    monkeypatch.setattr(text_tasks, "load_fortunes", absent)
+    lm, topic = load_task("fortunes-lm", data=False), load_task("fortunes-topic", data=False)
+    for task, labels in ((lm, (0, 128)), (topic, (0,))):
+        assert not task.has_data and task.input_shape == (128,) and task.x_train.dtype == np.int64
+        assert task.y_train.shape == labels and task.y_train.dtype == np.int64
+    ids, _ = byte_tokens(["a fortune", "another one, longer", "x", "the last"], 128)
+    np.savez(tmp_path / "mine.npz", x=ids, y=np.where(ids == PAD, IGNORE, ids))
+    x, y = read_device_data(tmp_path / "mine.npz", lm)
+    assert x.shape == y.shape == (4, 128)
+    report = device_report("fortunes-lm", tmp_path / "mine.npz", proj_dim=32, checkpoints=1)
+    assert report["labels"] == "token ids per position (33 predicted tokens)" and report["batch"]["finite"]
+    np.savez(tmp_path / "flat.npz", x=ids, y=np.zeros(4, dtype=np.int64))
+    with pytest.raises(FedtrakError, match=r"y has shape \(4,\), expected \(4, 128\)"):
+        read_device_data(tmp_path / "flat.npz", lm)
+
+
+def test_the_text_recipe_is_adam_and_a_short_training_beats_the_unigram_baseline(require_fortunes):
+    """Adam for the text tasks, through the one training loop and DP-SGD's; four epochs on 256
+    texts already predict the next byte better than always guessing the most common one."""
+    import torch
+
+    from fedtrak.data.checkpoints import accuracy, seeded_model, train_central
+    from fedtrak.data.modelout import IGNORE
+    from fedtrak.data.tasks import TrainConfig, load_task
+    from fedtrak.privacy.training import dp_sgd_epochs
+
+    with pytest.raises(FedtrakError, match="unknown optimizer 'rmsprop': use one of sgd, adam"):
+        TrainConfig(optimizer="rmsprop")
+    task = load_task("fortunes-lm", train_size=256, query_size=40)
+    assert task.training.optimizer == "adam"
+    assert isinstance(task.training.make_optimizer(torch.nn.Linear(2, 2).parameters()), torch.optim.Adam)
+    targets = task.y_query[:, 1:][task.y_query[:, 1:] != IGNORE]
+    seen = task.y_train[:, 1:][task.y_train[:, 1:] != IGNORE]
+    unigram = float(np.mean(targets == np.bincount(seen).argmax()))
+    before = accuracy(task, seeded_model(task, 0), task.x_query, task.y_query)
+    trained = accuracy(task, train_central(task, 0, epochs=4), task.x_query, task.y_query)
+    assert before < 0.05 and trained > unigram + 0.03, (before, unigram, trained)
+    private = dp_sgd_epochs(task, seeded_model(task, 0), task.x_train[:32], task.y_train[:32], 1, 1.0, 1.0)
+    assert all(torch.isfinite(p).all() for p in private.parameters())  # Opacus takes the transformer as it is
+
+
+#: The small fortunes-lm run both sides make (the federated one from the central run's checkpoint).
+LM_RUN = {"train_size": 48, "query_size": 6, "clients": 3, "partition": "natural", "proj_dim": 64, "epochs": 1,
+          "checkpoints": 1}
+
+
+@pytest.fixture(scope="module")
+def lm_central(require_fortunes, tmp_path_factory):
+    """fedtrak.attribute on a small subset of fortunes-lm: 3 natural owners, one checkpoint."""
+    import fedtrak
+
+    out = tmp_path_factory.mktemp("fortunes-lm")
+    return fedtrak.attribute("fortunes-lm", out=out / "central", **LM_RUN), out
+
+
+def test_fortunes_lm_is_attributed_centrally_with_finite_scores_per_collection(lm_central):
+    from fedtrak.data.tasks import load_task
+
+    central, _ = lm_central
+    assert central.scores.shape == (6, 48) and np.isfinite(central.scores).all() and np.abs(central.scores).max() > 0
+    groups = load_task("fortunes-lm", train_size=48, query_size=6).train_groups
+    held = [set(groups[central.ids["index"][central.ids["client"] == owner]].tolist()) for owner in range(3)]
+    assert all(held) and sum(map(len, held)) == len(set().union(*held)) == len(set(groups))  # whole collections
+
+
+@pytest.mark.flower
+def test_fortunes_lm_federated_equals_central_and_a_curious_server_attacks_membership_only(lm_central):
+    """Three natural owners on Flower's simulation engine give the centralized scores (same
+    checkpoint, projection and k); the reconstruction attacks, which rebuild continuous inputs,
+    are skipped for token ids and refused when asked for."""
+    import fedtrak
+    from fedtrak.simulations.attacks.suite import attack_run
+
+    central, out = lm_central
+    settings = {k: v for k, v in LM_RUN.items() if k not in ("epochs", "checkpoints")}
+    federated = fedtrak.simulate("fortunes-lm", out=out / "federated", policy="full",
+                                 checkpoints=central.out / "checkpoints", **settings)
+    scale = np.abs(central.scores).max()
+    assert np.abs(federated.scores - central.scores).max() <= 1e-4 * scale
+    np.testing.assert_allclose(federated.owner_scores, central.owner_scores, rtol=1e-4, atol=1e-4 * scale)
+    block = attack_run(federated.out, trials=20)
+    assert "token ids" in block["inversion"]["skipped"] and "skipped" in block["small_owner"]
+    assert 0 <= block["membership"]["tpr"] <= 1
+    with pytest.raises(FedtrakError, match=r"task fortunes-lm: the attack asks for inversion \(inversion, "
+                                           r"small-owner\), which do not apply to it: its inputs are int64 token ids"):
+        attack_run(federated.out, ("inversion",))
+
+
+def test_a_language_models_token_labels_are_refused_where_one_class_per_example_is_read(require_fortunes, tmp_path):
+    """Label skew, label flips and owner values per label read one class per example: refused by
+    name before anything runs, for fortunes-lm (fortunes-topic, a classifier, takes them)."""
+    from fedtrak.config.settings import Settings
+    from fedtrak.data.tasks import load_task
+    from fedtrak.server.preflight import preflight
+    from fedtrak.simulations.attacks.suite import check_attackable
+    from fedtrak.simulations.attribute import run_attribute
+
+    lm = Settings().replaced(task="fortunes-lm", train_size=48, query_size=6, clients=3)
+    why = r"needs one class label per example, and its labels are one token id per position, shape \(examples, 128\)"
+    with pytest.raises(FedtrakError, match=rf"task fortunes-lm: partition dirichlet .*{why}.*: use partition iid"):
+        preflight(lm.replaced(partition="dirichlet"))
+    with pytest.raises(FedtrakError, match=rf"task fortunes-lm: label flips .*{why}.*: run without flip-fraction"):
+        preflight(lm.replaced(flip_fraction=0.1))
+    with pytest.raises(FedtrakError, match=rf"task fortunes-lm: owner-value label .*{why}"):
+        run_attribute(lm.replaced(owner_value="label", out=str(tmp_path / "run")), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+    topic = Settings().replaced(task="fortunes-topic", clients=3, partition="dirichlet", flip_fraction=0.1,
+                                owner_value="label")
+    load_task("fortunes-topic").check_label_settings(topic)
+    with pytest.raises(FedtrakError, match=r"task fortunes-topic: fedtrak sweep .*its inputs are int64 token ids"):
+        check_attackable(load_task("fortunes-topic"), "fedtrak sweep measures the reconstruction attacks")
