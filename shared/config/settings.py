@@ -140,7 +140,7 @@ class TrainingSettings:
     checkpoint_dir: str | None = setting(None, "reuse the checkpoints in this folder instead of training")
     rounds: int = setting(10, "FedAvg rounds per checkpoint", minimum=1)
     local_epochs: int | None = setting(None, "local epochs per FedAvg round (default: the task's, 9 for "
-                                              "digits-logreg, 3 for the others)", minimum=1)
+                                              "digits-logreg, 1 for the text tasks, 3 for the others)", minimum=1)
     epochs: int | None = setting(None, "centralized training epochs per checkpoint (default: the task's)",
                                  minimum=1)
     dp_train: str = setting("auto", "auto: under DP (epsilon or noise-multiplier) the clients' FedAvg training "

@@ -54,7 +54,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def _attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--kind", action="append", choices=ATTACK_KINDS,
-                   help="attack to run (repeatable; default: every one that applies to the run's mode)")
+                   help="attack to run (repeatable; default: every one that applies to the run's mode and task)")
     p.add_argument("--targets", type=positive_int, default=8, help="examples attacked")
     p.add_argument("--trials", type=positive_int, default=400, help="membership games")
     inversion_args(p)
@@ -135,7 +135,7 @@ def attack(args: argparse.Namespace) -> int:
     from fedtrak.simulations.attacks.inversion import InversionSettings
     from fedtrak.simulations.attacks.suite import attack_run, format_block
 
-    block = attack_run(args.run_dir, tuple(args.kind or ATTACK_KINDS), args.targets, args.trials,
+    block = attack_run(args.run_dir, tuple(args.kind) if args.kind else None, args.targets, args.trials,
                        InversionSettings(steps=args.steps, restarts=args.restarts,
                                          label_candidates=args.label_candidates))
     print(format_block(block))
