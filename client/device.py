@@ -271,7 +271,14 @@ def format_results(results: dict, queries: int = 5) -> str:
     pro_ids, pro = results["proponent_ids"], results["proponent_scores"]
     opp_ids, opp = results["opponent_ids"], results["opponent_scores"]
     lines = [f"{results['path']}: {len(pro_ids)} queries, top {pro_ids.shape[1]} kept (never released)"]
+    texts = results.get("proponent_texts"), results.get("opponent_texts")
     for q in range(min(queries, len(pro_ids))):
+        if texts[0] is not None and texts[1] is not None:  # a text task: the owner's own texts, row by row
+            lines.append(f"query {q}:")
+            lines += [f"  {kind} {i} ({s:+.3g}): {t}" for kind, ids, vals, txt in (
+                ("+", pro_ids[q], pro[q], texts[0][q]), ("-", opp_ids[q], opp[q], texts[1][q]))
+                for i, s, t in zip(ids, vals, txt)]
+            continue
         lines.append(f"query {q}: proponents " + ", ".join(f"{i} ({s:+.3g})" for i, s in zip(pro_ids[q], pro[q])))
         lines.append("         opponents " + ", ".join(f"{i} ({s:+.3g})" for i, s in zip(opp_ids[q], opp[q])))
     if "suspect_ids" in results:

@@ -224,6 +224,11 @@ def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int, offset: int
     (pro_idx, pro_val), (opp_idx, opp_val) = scores.proponents, scores.opponents
     rows = {"proponent_ids": data.indices[pro_idx], "proponent_scores": pro_val,
             "opponent_ids": data.indices[opp_idx], "opponent_scores": opp_val}
+    task = local.task
+    if task.as_text is not None:  # text inputs: the owner reads its own texts beside the ids
+        rows["proponent_texts"], rows["opponent_texts"] = (
+            np.array([[task.text_of(data.x[i]) or "" for i in row] for row in idx], dtype=str).reshape(idx.shape)
+            for idx in (pro_idx, opp_idx))
     extra = {}
     if scores.self_influence is not None:
         sus_idx, sus_val = top_k(scores.self_influence[None, :], k)

@@ -252,3 +252,39 @@ def test_a_language_models_token_labels_are_refused_where_one_class_per_example_
     load_task("fortunes-topic").check_label_settings(topic)
     with pytest.raises(FedtrakError, match=r"task fortunes-topic: fedtrak sweep .*its inputs are int64 token ids"):
         check_attackable(load_task("fortunes-topic"), "fedtrak sweep measures the reconstruction attacks")
+
+
+def test_the_report_shows_query_texts_beside_their_top_training_texts_and_owners(lm_central):
+    """A text task's report reads as text: each query, then its proponents and opponents with their
+    example, owner, score and text (no image gallery)."""
+    import html
+
+    from fedtrak.data.tasks import load_task
+    from fedtrak.simulations.report.page import write_report
+
+    central, _ = lm_central
+    task = load_task("fortunes-lm", train_size=48, query_size=6)
+    page = write_report(central.out).read_text()
+    assert "<table class='texts'>" in page
+    assert html.escape(task.text_of(task.x_query[0])) in page
+    top = int(np.argmax(central.scores[0]))
+    owner = central.summary.owner_labels[int(central.ids["client"][top])]
+    row = (f"<tr class='proponent'><td>proponent</td><td>#{central.ids['index'][top]}</td><td>{html.escape(owner)}"
+           f"</td><td>{central.scores[0, top]:+.3g}</td><td>{html.escape(task.text_of(task.x_train[central.ids['index'][top]]))}")
+    assert row in page
+
+
+def test_a_devices_kept_results_show_its_own_texts(tmp_path):
+    """``fedtrak device results`` on a text task's topk.npz prints each kept example's text under its
+    query; byte ids read back as the text they came from."""
+    from fedtrak.client.device import format_results, read_results
+    from fedtrak.data.text import byte_text, byte_tokens
+
+    ids, _ = byte_tokens(["Never trust a computer you can't throw out a window.", "caf\u00e9"], 16)
+    assert byte_text(ids[1]) == "caf\u00e9" and byte_text(ids[0]) == "Never trust a co"
+    np.savez(tmp_path / "topk.npz", proponent_ids=np.array([[4, 2]]), proponent_scores=np.array([[0.5, 0.25]]),
+             opponent_ids=np.array([[7]]), opponent_scores=np.array([[-0.125]]),
+             proponent_texts=np.array([["first text", "second"]]), opponent_texts=np.array([["third"]]))
+    text = format_results(read_results(tmp_path))
+    assert text.splitlines()[1:] == ["query 0:", "  + 4 (+0.5): first text", "  + 2 (+0.25): second",
+                                     "  - 7 (-0.125): third"]

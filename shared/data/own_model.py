@@ -188,6 +188,7 @@ def task_from_model(
     clip_norm: float | None = None,
     train_fn: TrainFn | None = None,
     train_groups: Any = None,
+    as_text: Callable[[np.ndarray], str] | None = None,
 ) -> Task:
     """A task from your own model and data.
 
@@ -220,6 +221,9 @@ def task_from_model(
             without it, with ``training`` (which may differ from how you trained yours).
         train_groups: each training example's natural owner (a hospital, a collection: any
             integer per example), which ``partition="natural"`` keeps (default: none).
+        as_text: how one input reads as text, for text inputs (e.g. ``lambda x:
+            tokenizer.decode(x["input_ids"], skip_special_tokens=True)``): the report and a device's
+            kept results then show query and training texts (default: none).
 
     Raises:
         FedtrakError: if the data or model are malformed (naming what is wrong).
@@ -244,7 +248,8 @@ def task_from_model(
                                   for s in ("train", "query", "public"))
     task = Task(name, model_factory(model), x_train, y_train, x_query, y_query, classes, output=output,
                 training=training or TrainConfig(), clip_norm=clip_norm, x_public=x_public, y_public=y_public,
-                train_fn=train_fn, train_groups=None if train_groups is None else np.asarray(train_groups))
+                train_fn=train_fn, train_groups=None if train_groups is None else np.asarray(train_groups),
+                as_text=as_text)
     task.validate()
     make = task.make_model()
     with torch.no_grad():

@@ -104,6 +104,8 @@ class Task:
         train_fn: how the user trains the model (``None``: not given), which ground-truth
             retraining repeats for checkpoints the user brought (:data:`TrainFn`); checkpoints
             fedtrak trains itself follow ``training``.
+        as_text: how one input reads as text (``None``: inputs are not text), e.g. a tokenizer's
+            decode: the report and a device's kept results show texts with it.
     """
 
     name: str
@@ -121,6 +123,18 @@ class Task:
     y_public: np.ndarray | None = None
     train_fn: TrainFn | None = None
     train_groups: np.ndarray | None = None
+    as_text: Callable[[np.ndarray], str] | None = None
+
+    def text_of(self, x: np.ndarray, limit: int = 160) -> str | None:
+        """Input ``x`` (one example) as one line of text, cut at ``limit`` characters (``None`` when the
+        task's inputs are not text, or the task's ``as_text`` fails on it)."""
+        if self.as_text is None:
+            return None
+        try:
+            text = " ".join(str(self.as_text(x)).split())
+        except Exception:  # noqa: BLE001 - a user's decoder: the text is a courtesy, never a reason to fail a report
+            return None
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -76,6 +76,13 @@ def load_fortunes(root: Path = FORTUNES) -> Corpus:
     return Corpus(tuple(texts), np.asarray(collection, dtype=np.int64), tuple(names))
 
 
+def byte_text(ids: np.ndarray) -> str:
+    """The text of one row of :func:`byte_tokens` ids (padding dropped; bytes cut mid-character are
+    replaced)."""
+    ids = np.asarray(ids).reshape(-1)
+    return bytes((ids[ids != PAD] - 1).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
 def byte_tokens(texts: tuple[str, ...] | list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, mask)``, each ``(len(texts), length)`` int64: every text's UTF-8 bytes plus one, cut
     at ``length`` and padded with :data:`PAD`; the mask is 1 on the text's positions.

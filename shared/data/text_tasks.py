@@ -35,7 +35,7 @@ import numpy as np
 from fedtrak.data import models
 from fedtrak.data.modelout import IGNORE, ClassificationMargin, SequenceMargin
 from fedtrak.data.tasks import Task, TrainConfig
-from fedtrak.data.text import FORTUNES, PAD, VOCAB, Corpus, byte_tokens, load_fortunes
+from fedtrak.data.text import FORTUNES, PAD, VOCAB, Corpus, byte_text, byte_tokens, load_fortunes
 from fedtrak.errors import FedtrakError
 
 #: Tokens per text (bytes; longer texts are cut).
@@ -147,7 +147,7 @@ def fortunes_lm(data: bool = True) -> Task:
     return Task("fortunes-lm", lambda: models.ByteTransformer(VOCAB, LENGTH, WIDTH, LAYERS, HEADS),
                 x_train, lm_labels(x_train), x_query, lm_labels(x_query), num_classes=VOCAB,
                 output=SequenceMargin(), training=LM_TRAINING, clip_norm=LM_CLIP, has_data=data,
-                x_public=x_public, y_public=lm_labels(x_public), train_groups=groups)
+                x_public=x_public, y_public=lm_labels(x_public), train_groups=groups, as_text=byte_text)
 
 
 def fortunes_topic(data: bool = True) -> Task:
@@ -166,5 +166,5 @@ def fortunes_topic(data: bool = True) -> Task:
                 lambda: models.ByteTransformer(VOCAB, LENGTH, WIDTH, LAYERS, HEADS, num_classes=len(TOPICS)),
                 x_train, y_train, x_query, y_query, num_classes=len(TOPICS), output=ClassificationMargin(),
                 training=TOPIC_TRAINING, clip_norm=TOPIC_CLIP, has_data=data, x_public=x_public, y_public=y_public,
-                train_groups=groups)
+                train_groups=groups, as_text=byte_text)
 

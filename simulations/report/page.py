@@ -122,6 +122,29 @@ def proponent_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | No
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def text_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | None:
+    """For text tasks: each query's text beside its top proponents' and opponents' texts, with their
+    owners and scores (``None`` without released scores or without a text view of the inputs)."""
+    if task.as_text is None or not run.has("scores") or not run.has("example_ids"):
+        return None
+    scores = run.array("scores", "the text table")
+    ids = run.array("example_ids", "the text table")
+    index, client = np.asarray(ids["index"]), np.asarray(ids["client"])
+    names = dict(enumerate(run.summary.owner_labels))
+    rows = []
+    for q in queries:
+        s = np.asarray(scores[q], dtype=np.float64)
+        order = np.argsort(-s, kind="stable")
+        rows.append(("query", f"{q}", "", "", task.text_of(task.x_query[q]) or ""))
+        for kind, picks in (("proponent", order[:TOP]), ("opponent", order[::-1][:2])):
+            rows += [(kind, f"#{index[j]}", names.get(int(client[j]), str(client[j])), f"{s[j]:+.3g}",
+                      task.text_of(task.x_train[index[j]]) or "") for j in picks]
+    head = "".join(f"<th>{h}</th>" for h in ("", "example", "owner", "score", "text"))
+    body = "".join(f"<tr class='{row[0]}'>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    return f"<table class='texts'><tr>{head}</tr>{body}</table>"
+
+
 def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) -> bytes:
     """Owner totals for the chosen queries (each under its query: the image, or its label; the
     server owns the queries), and each owner's mean total over all queries."""
@@ -314,7 +337,8 @@ def _evaluation_rows(ev: dict) -> list[tuple[str, str]]:
 STYLE = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;
 text-align:left;font-size:14px;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}
-p.note{color:#666;font-size:13px}"""
+p.note{color:#666;font-size:13px}tr.query td{background:#eef2fb;font-weight:bold}
+tr.proponent td:first-child{color:#2a7a2a}tr.opponent td:first-child{color:#b02020}"""
 
 
 def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -> Path:
@@ -330,7 +354,7 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     owners = np.asarray(run.array("owner_scores", "a report"))
     queries = pick_queries(owners.shape[0], num_queries)
     task = _run_task(run)
-    table = proponent_table(run, task, queries) if task else None
+    table = (text_table(run, task, queries) or proponent_table(run, task, queries)) if task else None
     # (title, figure (or a table's HTML) or None, caption, why it may be missing)
     sections: list[tuple[str, bytes | str | None, str, str]] = [
         ("Top proponents and opponents", (proponent_figure(run, task, queries) or table) if task else None,
