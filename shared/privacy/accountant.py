@@ -15,6 +15,9 @@ Agarwal, Kairouz and Liu (NeurIPS 2021) for those entries, ``alpha /
 (2 sigma^2)`` for the Gaussian ones, converted to ``(epsilon, delta)`` with
 Opacus's ``get_privacy_spent`` (Balle et al. 2020). RDP is a few percent
 looser than the exact Gaussian composition.
+
+Opacus is imported where it is used, not with this module: it takes seconds to load, and every
+process that imports fedtrak's apps (each simulated client, each ClientApp process) would pay that.
 """
 
 from __future__ import annotations
@@ -23,11 +26,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-
-from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis.gdp import eps_from_mu
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from scipy.stats import norm
 
 from fedtrak.errors import FedtrakError
 
@@ -109,6 +107,8 @@ class SubsampledGaussianMechanism(Mechanism):
     def rdp(self, r: Release, orders: Sequence[int]) -> list[float]:
         if not r.sigma > 0:
             return [math.inf] * len(orders)
+        from opacus.accountants.analysis.rdp import compute_rdp
+
         low = [a for a in orders if a <= SUBSAMPLED_MAX_ORDER]
         values = compute_rdp(q=min(r.sample_rate, 1.0), noise_multiplier=r.sigma, steps=r.count, orders=low)
         return [float(v) for v in values] + [math.inf] * (len(orders) - len(low))
@@ -161,8 +161,10 @@ def epsilon_from_mu(mu: float, delta: float) -> float:
     check_delta(delta)
     if math.isinf(mu) or mu > MAX_MU:
         return math.inf
-    if 2 * norm.cdf(mu / 2) - 1 <= delta:  # delta(epsilon = 0) of mu-GDP
+    if math.erf(mu / (2 * math.sqrt(2))) <= delta:  # delta(epsilon = 0) of mu-GDP: 2 Phi(mu / 2) - 1
         return 0.0
+    from opacus.accountants.analysis.gdp import eps_from_mu
+
     return float(eps_from_mu(mu=mu, delta=delta))
 
 
@@ -191,6 +193,8 @@ def _rdp_epsilon(rdp: Sequence[float], delta: float) -> float:
     finite = [(a, v) for a, v in zip(RDP_ORDERS, rdp) if math.isfinite(v)]
     if not finite:
         return math.inf
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": the bound still holds
         warnings.filterwarnings("ignore", message="Optimal order")
         return float(get_privacy_spent(orders=[a for a, _ in finite], rdp=[v for _, v in finite], delta=delta)[0])
@@ -215,6 +219,8 @@ def prv_epsilon(releases: Sequence[Release], delta: float) -> float:
     check_delta(delta)
     if any(not r.sigma > 0 for r in releases):
         return math.inf
+    from opacus.accountants import PRVAccountant
+
     acc = PRVAccountant()
     acc.history = [(float(r.sigma), float(r.sample_rate), int(r.count)) for r in releases]
     with warnings.catch_warnings():  # its log(1 - q) at q = 1, and its RDP domain bound, warn harmlessly

@@ -32,8 +32,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,6 +77,9 @@ def dp_sgd_epochs(task: Task, model: nn.Module, x: np.ndarray, y: np.ndarray, ep
         # torch that a full backward hook fires on outputs only (inputs need no gradient here).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        # Opacus is imported where it is used: it takes seconds to load (fedtrak.privacy.accountant)
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant="rdp")
         private, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                    noise_multiplier=noise_multiplier,
@@ -100,6 +101,8 @@ def training_epsilon(noise_multiplier: float, batch_size: int, num_examples: int
     """Epsilon of ``steps`` DP-SGD steps at sample rate ``batch_size / n`` (Opacus's RDP accountant)."""
     if not noise_multiplier > 0:
         return math.inf
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, min(1.0, batch_size / max(num_examples, 1)), steps)]
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is then loose, not wrong
