@@ -40,7 +40,7 @@ from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
-from fedtrak.simulations.attacks.suite import attack_run, check_attackable
+from fedtrak.simulations.attacks.suite import attack_run, why_not_reconstructed
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 from fedtrak.simulations.simulate import run_simulation
@@ -130,7 +130,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     p = base.partition
     task = load_task(base.task.task, base.task.train_size, base.task.query_size)
     task.check_label_settings(base)
-    check_attackable(task, "fedtrak sweep measures the reconstruction attacks at every point")
+    reconstructs = why_not_reconstructed(task) is None  # else membership only (token ids: nothing to descend on)
     parts = partition(task.y_train, p.clients, p.partition, p.alpha, p.partition_seed, groups=task.train_groups)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "manifest.json").exists():
@@ -155,7 +155,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                                               cache_dir=cfg.cache_dir, progress=False))
         privacy = summary.privacy
         mis = block.get("mislabel", {})
-        attack = _attack_measures(run, mode, cfg.attack_targets)
+        attack = _attack_measures(run, mode, cfg.attack_targets, reconstructs)
         rows.append({
             "line": variant.label, "mode": mode, "kernel_source": summary.kernel_source,
             "secure_aggregation": bool(privacy and privacy.secure_aggregation), "epsilon": eps,
@@ -194,18 +194,29 @@ def _finished_row(run: Path, key: dict) -> dict | None:
     return {**row, "epsilon": float(row["epsilon"])}
 
 
-def _attack_measures(run: Path, mode: str, targets: int) -> dict:
+def _attack_measures(run: Path, mode: str, targets: int, reconstructs: bool = True) -> dict:
     """Attack success at one point: the share of attacked examples rebuilt recognizably (features
     mode: inversion of released features; private mode: a client holding one example), the
-    class-mean baseline's share, and the membership attack's empirical epsilon (private mode)."""
+    class-mean baseline's share, and the membership attack's empirical epsilon (private mode).
+    Where the reconstruction attacks do not apply (``reconstructs`` false: token ids), only the
+    membership attack runs and the reconstruction measures are NaN."""
     kinds = ("inversion",) if mode == "features" else ("small-owner", "membership")
+    kinds = kinds if reconstructs else tuple(k for k in kinds if k == "membership")
+    nan = float("nan")
     block = attack_run(run, kinds, targets=targets, trials=200, inversion=InversionSettings(steps=200),
-                       owner_sizes=(1,))
-    quality = block["inversion"] if mode == "features" else block["small_owner"]["sizes"][0]
+                       owner_sizes=(1,)) if kinds else {}
+    quality = (block["inversion"] if mode == "features" else block["small_owner"]["sizes"][0]) if reconstructs else {}
     mem = block.get("membership", {})
-    return {"attack_recovered": quality["recovered"], "attack_psnr": quality["psnr_mean"],
-            "attack_baseline_psnr": quality["baseline"]["psnr_mean"],
-            "membership_epsilon": mem.get("empirical_epsilon_lower_bound", float("nan"))}
+    return {"attack_recovered": quality.get("recovered", nan), "attack_psnr": quality.get("psnr_mean", nan),
+            "attack_baseline_psnr": quality.get("baseline", {}).get("psnr_mean", nan),
+            "membership_epsilon": mem.get("empirical_epsilon_lower_bound", nan)}
+
+
+def _attack_text(row: dict) -> str:
+    """The reconstruction attack's cell: recovered share, PSNR (class mean); "not applicable" for token ids."""
+    if math.isnan(row["attack_recovered"]):
+        return "not applicable"
+    return f"{row['attack_recovered']:.0%}, {row['attack_psnr']:.1f} ({row['attack_baseline_psnr']:.1f})"
 
 
 def _eps_text(eps: float) -> str:
@@ -232,7 +243,7 @@ def format_table(rows: list[dict]) -> str:
                      f"[{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}] | {r['owner_lds']:.3f} "
                      f"[{r['owner_lds_ci_low']:.3f}, {r['owner_lds_ci_high']:.3f}] | "
                      f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} | "
-                     f"{r['attack_recovered']:.0%}, {r['attack_psnr']:.1f} ({r['attack_baseline_psnr']:.1f}) | "
+                     f"{_attack_text(r)} | "
                      f"{r['membership_epsilon']:.2f} |")
     return "\n".join(lines)
 

@@ -100,6 +100,12 @@ def test_lambda_rules():
             resolve_lambda(bad, gram, 10, 30, None)
     with pytest.raises(FedtrakError, match="weight decay"):
         resolve_lambda("wd", gram, 10, 30, 0.0)
+    # a noised Gram whose noise outweighs the features can have a negative mean diagonal: with the DP
+    # noise floor the caller raises lambda to, its relative rule is kept (and recorded), not refused
+    noised = np.diag([-2.0, 1.0, -5.0])
+    with pytest.raises(FedtrakError, match="lambda must be positive"):
+        resolve_lambda("auto", noised, 10, 30, None)
+    assert resolve_lambda("auto", noised, 10, 30, None, floor=0.5).value == pytest.approx(-2e-3)
     assert lambda_to_traker(6.0, 600, 600, "identity") == pytest.approx(0.01)
     assert lambda_to_traker(6.0, 600, 60, "rademacher") == pytest.approx(0.6)
 

@@ -80,8 +80,13 @@ def resolve_lambda(
     num_examples: int,
     grad_dim: int,
     weight_decay: float | None,
+    floor: float = 0.0,
 ) -> LambdaChoice:
     """Turn a lambda specification into a value on fedtrak's feature scale.
+
+    ``floor`` (a noised Gram's DP noise floor, which the caller raises lambda to) lets a relative rule
+    give a non-positive value: a noised Gram's mean diagonal can be, where the noise outweighs the
+    features. Without a floor such a value is refused.
 
     ``spec`` is one of:
 
@@ -110,7 +115,7 @@ def resolve_lambda(
         rule = f"{rel}*mean_diag(Phi^T Phi) (mean_diag={mean_diag:.6g})"
     else:
         raise FedtrakError(f"bad --lambda {spec!r}: use a positive number, rel:X, wd or auto")
-    if not np.isfinite(value) or value <= 0:
+    if not np.isfinite(value) or (value <= 0 and not floor > 0):
         raise FedtrakError(f"lambda must be positive and finite, got {value} from {spec!r}")
     return LambdaChoice(value, rule)
 

@@ -90,7 +90,7 @@ def solve_checkpoint(
         query = featurizer.featurize(task.x_query, task.y_query).features
     with timer.phase("kernel"):
         lam = resolve_lambda(settings.kernel.lam, gram_matrix, num_examples, featurizer.grad_dim,
-                             task.training.weight_decay)
+                             task.training.weight_decay, floor=noise_floor)
         lam_value = max(lam.value, noise_floor)
         kernel = Kernel(gram_matrix, lam_value)
         u = precondition(query, kernel, settings.kernel.normalize)
