@@ -91,7 +91,7 @@ def test_the_text_tasks_split_is_seeded_disjoint_and_owned_by_their_collections(
     from fedtrak.data.tasks import load_task
 
     lm, topic = load_task("fortunes-lm"), load_task("fortunes-topic")
-    assert lm.x_train.shape == (800, 128) and lm.x_query.shape == (80, 128) and lm.x_public.shape == (200, 128)
+    assert lm.x_train.shape == (800, 128) and lm.x_query.shape == (80, 128) and lm.x_public.shape == (600, 128)
     assert lm.x_train.dtype == lm.y_train.dtype == np.int64 and lm.num_classes == VOCAB
     assert np.array_equal(lm.y_train, np.where(lm.x_train == PAD, IGNORE, lm.x_train))
     assert np.bincount(lm.train_groups).tolist() == [100] * 8 and lm.train_groups.tolist() == sorted(lm.train_groups)

@@ -46,7 +46,7 @@ SPLIT_SEED = 33
 LM_OWNERS = ("art", "computers", "definitions", "people", "politics", "science", "songs-poems", "work")
 LM_PUBLIC = ("cookie", "wisdom")
 #: Texts drawn per owner collection (train, query) and per public collection.
-LM_TRAIN, LM_QUERY, LM_PUBLIC_EACH = 100, 10, 100
+LM_TRAIN, LM_QUERY, LM_PUBLIC_EACH = 100, 10, 300
 #: fortunes-topic's classes, in label order.
 TOPICS = ("computers", "people", "politics", "science")
 #: Texts drawn per topic (train, query, public).
