@@ -33,7 +33,7 @@ import torch
 from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import seeded_model
 from fedtrak.data.inputs import call_model, take, to_tensors
-from fedtrak.data.modelout import ModelOutput
+from fedtrak.data.modelout import ClassificationMargin, ModelOutput
 from fedtrak.data.models import count_params
 from fedtrak.data.tasks import load_task
 from fedtrak.trak.featurizer import Featurizer
@@ -104,6 +104,8 @@ def bench_featurize(
                              "examples_per_s": _rate(len(y), dt)})
         _MATRIX_POOL.clear()
     try:
+        if task.output.name != ClassificationMargin.name:  # traker's reference output is a classifier's margin
+            raise LookupError(task.output.name)
         from fedtrak.simulations.evaluation.traker_reference import traker_featurize
 
         n = min(traker_examples, len(y))
@@ -115,6 +117,9 @@ def bench_featurize(
                      "seconds": round(dt, 3), "examples_per_s": _rate(n, dt)})
     except ImportError:
         rows.append({"impl": "traker (not installed)", "examples": 0, "seconds": None,
+                     "examples_per_s": None})
+    except LookupError as exc:
+        rows.append({"impl": f"traker (no reference for output {exc.args[0]})", "examples": 0, "seconds": None,
                      "examples_per_s": None})
     for row in rows:
         row.update(task=task_name, params=grad_dim, proj_dim=proj_dim,
