@@ -40,6 +40,9 @@ REJOIN_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED}
 REJOIN_POLL = 2.0
 #: Shortest and longest pause between pulls while no reply arrives (the pause doubles up to the longest).
 PULL_PAUSE = (0.02, 1.0)
+#: The longest pause in a simulation, whose pulls read the server's own memory (Flower's in-memory
+#: grid polls every 0.1 s itself): a reply is seen 0.05 s after it arrives on average, not 0.5 s.
+SIMULATION_PULL_PAUSE = 0.1
 #: Most replies asked for in one pull (a deployed SuperLink refuses an oversized pull response).
 PULL_AT_ONCE = 64
 #: Seconds between looks at the SuperNodes' activation times while replies are awaited.
@@ -65,11 +68,13 @@ class CountingGrid:
     each step's largest message out).
 
     Everything goes through it, Flower's FedAvg strategy included, so the
-    summary's bytes cover the whole run. ``step`` names what is counted now.
+    summary's bytes cover the whole run. ``step`` names what is counted now. ``longest_pause``:
+    the longest pause between pulls while :meth:`stream` awaits replies.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, longest_pause: float = PULL_PAUSE[1]) -> None:
         self._grid = grid
+        self.longest_pause = longest_pause
         self.step = "setup"
         self.bytes: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
         self.steps: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0, "largest_sent": 0})
@@ -173,24 +178,28 @@ class CountingGrid:
                 pause = PULL_PAUSE[0]
             else:
                 time.sleep(pause)
-                pause = min(2 * pause, PULL_PAUSE[1])
+                pause = min(2 * pause, self.longest_pause)
 
 
 #: Seconds between "waiting for N more" log lines while the server waits for SuperNodes.
 WAIT_LOG_EVERY = 10.0
+#: Seconds before the server's second look for SuperNodes (the pause then doubles up to a second).
+FIRST_POLL = 0.05
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0, at_least: bool = False
                    ) -> list[int]:
     """The node ids the run uses: ``wanted`` of the connected ones once that many are connected
     (with ``at_least``: every connected one). Logs how many it still waits for every
-    :data:`WAIT_LOG_EVERY` seconds.
+    :data:`WAIT_LOG_EVERY` seconds. It looks again after :data:`FIRST_POLL` seconds, the pause
+    doubling up to ``poll`` (a simulation's virtual nodes connect within a fraction of a second of
+    the ServerApp's start; a deployment's SuperNodes may take minutes).
 
     Raises:
         FedtrakError: if fewer than ``wanted`` connect within ``timeout`` seconds.
     """
     start = time.monotonic()
-    logged = start
+    logged, pause = start, min(FIRST_POLL, poll)
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= wanted:
@@ -208,7 +217,8 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0, a
             log.info("waiting for %d more of %d SuperNodes (%d connected, %.0f s of %g)", wanted - len(nodes),
                      wanted, len(nodes), now - start, timeout)
             logged = now
-        time.sleep(poll)
+        time.sleep(pause)
+        pause = min(2 * pause, poll)
 
 
 class Federation:

@@ -36,7 +36,13 @@ from fedtrak.results.folder import (
     add_self_influence,
 )
 from fedtrak.results.summary import SUMMARY, RunSummary
-from fedtrak.server.federation import CountingGrid, Federation, wait_for_nodes
+from fedtrak.server.federation import (
+    PULL_PAUSE,
+    SIMULATION_PULL_PAUSE,
+    CountingGrid,
+    Federation,
+    wait_for_nodes,
+)
 from fedtrak.server.preflight import Plan, check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
 from fedtrak.server.rounds import estimate_clip_norm, obtain_checkpoints, run_features, run_private
@@ -66,7 +72,7 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
     if plan is not None and plan.settings != settings:
         raise FedtrakError("run_federated: the plan was resolved from other settings than the run's")
     timer = PhaseTimer()
-    grid = CountingGrid(flower_grid)
+    grid = CountingGrid(flower_grid, SIMULATION_PULL_PAUSE if kind == "simulation" else PULL_PAUSE[1])
     out_dir = settings.out_dir(kind)
     with timer.phase("load_task"):
         plan = plan if plan is not None else preflight(settings)
