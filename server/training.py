@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm import tqdm
@@ -42,7 +42,7 @@ from fedtrak.privacy.training import (
     trains_openly,
     trains_privately,
 )
-from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_config
+from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_config, with_frozen
 from fedtrak.wire.job import Job
 
 
@@ -56,9 +56,9 @@ class _FedAvg(FedAvg):
         super().__init__(**kwargs)
         self.failures: list[str] = []
         self.frozen = frozen
-        self._sent: ArrayRecord | None = None
+        self._sent: Any = None  # the ArrayRecord of the round's global model
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_train(self, server_round: int, arrays: Any, config: Any,
                         grid: Grid) -> Iterable[Message]:
         """Flower's configuration, noting the global model it sends."""
         self._sent = arrays
@@ -72,7 +72,7 @@ class _FedAvg(FedAvg):
                           else f"error code {m.error.code}" for m in replies if m.has_error()]
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._sent is not None and self.frozen:
-            arrays = ArrayRecord({k: self._sent[k] if k in self.frozen else v for k, v in arrays.items()})
+            arrays = with_frozen(arrays, self._sent, self.frozen)
         return arrays, metrics
 
 

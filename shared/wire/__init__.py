@@ -70,6 +70,7 @@ from fedtrak.wire.records import (
     read_timing,
     record_to_state,
     state_to_record,
+    with_frozen,
 )
 
 #: Every message type and record key of the wire format: no other module spells one (a test checks).
@@ -118,4 +119,5 @@ __all__ = [
     "record_to_state",
     "state_to_record",
     "train_config",
+    "with_frozen",
 ]

@@ -145,6 +145,12 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
 
 
+def with_frozen(averaged: ArrayRecord, sent: ArrayRecord, frozen: frozenset[str]) -> ArrayRecord:
+    """An aggregated model record whose ``frozen`` entries are those the server ``sent`` (parameters
+    that do not train: an average of equal float32 copies is not always equal to them)."""
+    return ArrayRecord({k: sent[k] if k in frozen else v for k, v in averaged.items()})
+
+
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy arrays as an ArrayRecord."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
