@@ -117,7 +117,7 @@ def test_sequence_models_are_read_from_hooks_and_equal_the_dense_projection(arch
     run the model, as for GPT-2)."""
     from fedtrak.data.modelout import IGNORE, SequenceMargin
     from fedtrak.data.models import ByteTransformer
-    from fedtrak.trak.projectors.factorized import factorizes
+    from fedtrak.trak.projectors.layers import factorizes
 
     torch.manual_seed(0)
     model = {"byte-transformer": lambda: ByteTransformer(257, 16, 16, 2, 2), "tied-lm": _TiedLM,

@@ -109,9 +109,11 @@ def test_k_is_resolved_once_from_the_settings():
     assert Settings().projection.resolved_dim(5) == 5  # a tiny model: no wider than its gradient
     mlp = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 3))
     tokens = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(48, 3))
+    normed = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))  # BatchNorm: no hooks
     auto = Settings().projection
     assert resolve_projection(auto, mlp, 563) == Projection("factorized", 512)
-    assert resolve_projection(auto, tokens, 547) == Projection("rademacher", 512)
+    assert resolve_projection(auto, tokens, 547) == Projection("factorized", 512)
+    assert resolve_projection(auto, normed, 131) == Projection("rademacher", 131)
     assert resolve_projection(Settings().replaced(projector="gaussian").projection, mlp, 563).kind == "gaussian"
     with pytest.raises(FedtrakError, match="projector auto is decided once per run"):
         make_projector("auto", 563, 64, 0, model=mlp)

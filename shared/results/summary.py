@@ -241,11 +241,9 @@ class RunSummary:
     def partition(self) -> Partition | None:
         """The simulation partition (``None`` where devices brought their own data)."""
         part = self.doc.get("partition")
-        if part is None:
-            return None
-        sizes = part.get("client_sizes")  # the centralized path's; alpha: Dirichlet's only
-        return Partition(part["scheme"], part.get("alpha"), part["seed"], part["num_clients"],
-                         None if sizes is None else tuple(sizes))
+        sizes = None if part is None else part.get("client_sizes")  # the centralized path's; alpha: Dirichlet's
+        return None if part is None else Partition(part["scheme"], part.get("alpha"), part["seed"],
+                                                   part["num_clients"], None if sizes is None else tuple(sizes))
 
     @property
     def flips(self) -> Flips | None:
@@ -358,16 +356,12 @@ class RunSummary:
         """The on-disk form: the document under this release's ``summary_version``."""
         return {"summary_version": VERSION, **{k: v for k, v in self.doc.items() if k != "summary_version"}}
 
-    def text(self) -> str:
-        """The on-disk form as JSON text."""
-        return json.dumps(self.to_json(), indent=2, default=_json_default)
-
 
 def save(summary: RunSummary, folder: Path) -> Path:
     """Write ``summary`` as ``folder``'s ``summary.json`` (atomically: readers never see half of it)."""
     path = Path(folder) / SUMMARY
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(summary.text())
+    tmp.write_text(json.dumps(summary.to_json(), indent=2, default=_json_default))
     os.replace(tmp, path)
     return path
 

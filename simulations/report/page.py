@@ -29,23 +29,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedtrak.data.modelout import IGNORE
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import RunSummary
 from fedtrak.simulations.attacks.figure import strip_figure
-from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR, image_shape
+from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
+from fedtrak.simulations.report.tables import (
+    TOP,
+    image_shape_of,
+    label_text,
+    proponent_table,
+    text_table,
+)
 from fedtrak.simulations.run_folder import RunFolder
-
-TOP = 5
-
-
-def _image_shape(task: Task) -> tuple[int, int] | None:
-    """The 2-d shape to draw an input as, or ``None`` if it is no single-channel image."""
-    try:
-        return image_shape(task.input_shape)
-    except FedtrakError:
-        return None
 
 
 def _run_task(run: RunFolder) -> Task | None:
@@ -54,12 +50,6 @@ def _run_task(run: RunFolder) -> Task | None:
         return run.task_and_partition()[0]
     except FedtrakError:
         return None
-
-
-def _label(y: np.ndarray) -> str:
-    """One example's label as the report writes it: a class or value, or a language model's token
-    labels by their count."""
-    return str(y) if np.ndim(y) == 0 else f"{int((np.asarray(y) != IGNORE).sum())} tokens"
 
 
 def pick_queries(num_queries: int, count: int) -> np.ndarray:
@@ -76,7 +66,7 @@ def _png(fig: plt.Figure) -> bytes:
 
 def proponent_figure(run: RunFolder, task: Task, queries: np.ndarray) -> bytes | None:
     """Query images beside their top proponents and opponents (``None`` without scores or images)."""
-    shape = _image_shape(task)
+    shape = image_shape_of(task)
     if shape is None or not run.has("scores") or not run.has("example_ids"):
         return None
     scores = run.array("scores", "the proponent figure")
@@ -103,55 +93,13 @@ def proponent_figure(run: RunFolder, task: Task, queries: np.ndarray) -> bytes |
     return _png(fig)
 
 
-def proponent_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | None:
-    """For examples that are not images: each query's top proponents and opponents as a table of
-    training index, label and score (``None`` without released scores)."""
-    if _image_shape(task) is not None or not run.has("scores") or not run.has("example_ids"):
-        return None
-    scores = run.array("scores", "the proponent table")
-    index = np.asarray(run.array("example_ids", "the proponent table")["index"])
-    rows = []
-    for q in queries:
-        s = np.asarray(scores[q], dtype=np.float64)
-        order = np.argsort(-s, kind="stable")
-        for kind, picks in (("proponent", order[:TOP]), ("opponent", order[::-1][:TOP])):
-            rows += [(f"{q}", _label(task.y_query[q]), kind, f"{index[j]}", _label(task.y_train[index[j]]), f"{s[j]:+.4g}")
-                     for j in picks]
-    head = "".join(f"<th>{h}</th>" for h in ("query", "query label", "", "training index", "label", "score"))
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def text_table(run: RunFolder, task: Task, queries: np.ndarray) -> str | None:
-    """For text tasks: each query's text beside its top proponents' and opponents' texts, with their
-    owners and scores (``None`` without released scores or without a text view of the inputs)."""
-    if task.as_text is None or not run.has("scores") or not run.has("example_ids"):
-        return None
-    scores = run.array("scores", "the text table")
-    ids = run.array("example_ids", "the text table")
-    index, client = np.asarray(ids["index"]), np.asarray(ids["client"])
-    names = dict(enumerate(run.summary.owner_labels))
-    rows = []
-    for q in queries:
-        s = np.asarray(scores[q], dtype=np.float64)
-        order = np.argsort(-s, kind="stable")
-        rows.append(("query", f"{q}", "", "", task.text_of(task.x_query[q]) or ""))
-        for kind, picks in (("proponent", order[:TOP]), ("opponent", order[::-1][:2])):
-            rows += [(kind, f"#{index[j]}", names.get(int(client[j]), str(client[j])), f"{s[j]:+.3g}",
-                      task.text_of(task.x_train[index[j]]) or "") for j in picks]
-    head = "".join(f"<th>{h}</th>" for h in ("", "example", "owner", "score", "text"))
-    body = "".join(f"<tr class='{row[0]}'>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
-                   for row in rows)
-    return f"<table class='texts'><tr>{head}</tr>{body}</table>"
-
-
 def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) -> bytes:
     """Owner totals for the chosen queries (each under its query: the image, or its label; the
     server owns the queries), and each owner's mean total over all queries."""
     owners = np.asarray(run.array("owner_scores", "the owner figure"), dtype=np.float64)
     names = [o.owner for o in run.summary.owners] or [str(c) for c in range(owners.shape[1])]
     cols = len(queries) + 1
-    shape = None if task is None else _image_shape(task)
+    shape = None if task is None else image_shape_of(task)
     fig, grid = plt.subplots(2 if shape else 1, cols, figsize=(3.0 * cols, 5.0 if shape else 2.8), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 1.6]} if shape else None)
     axes = grid[-1:]
@@ -164,7 +112,7 @@ def owner_figure(run: RunFolder, queries: np.ndarray, task: Task | None = None) 
     for ax, q in zip(axes[0], queries):
         vals = owners[q]
         ax.bar(pos, vals, color=np.where(vals >= 0, "tab:green", "tab:red"))
-        label = "" if task is None or q >= len(task.y_query) else f", label {_label(task.y_query[q])}"
+        label = "" if task is None or q >= len(task.y_query) else f", label {label_text(task.y_query[q])}"
         ax.set_title(f"query {q}{label}", fontsize=9)
     mean = owners.mean(axis=0)
     ax = axes[0][-1]

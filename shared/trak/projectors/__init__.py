@@ -23,7 +23,8 @@ from fedtrak.trak.projectors.dense import (
     IdentityProjector,
     RademacherProjector,
 )
-from fedtrak.trak.projectors.factorized import FactorizedProjector, factorizes
+from fedtrak.trak.projectors.factorized import FactorizedProjector
+from fedtrak.trak.projectors.layers import factorizes
 
 __all__ = ["BLOCK_ROWS", "DEFAULT_CACHE_BYTES", "BlockRandomProjector", "FactorizedProjector",
            "GaussianProjector", "IdentityProjector", "Projection", "Projector", "RademacherProjector",
@@ -40,7 +41,7 @@ class Projection:
 
 def resolve_projection(settings: ProjectionSettings, model: torch.nn.Module, num_params: int) -> Projection:
     """The projector and k of a run on ``model``: ``auto`` is ``factorized`` where every trained layer
-    allows it (:func:`~fedtrak.trak.projectors.factorized.factorizes`: it never forms a per-example
+    allows it (:func:`~fedtrak.trak.projectors.layers.factorizes`: it never forms a per-example
     gradient, hundreds of times faster on an MLP) and ``rademacher`` otherwise; k as
     :meth:`~fedtrak.config.settings.ProjectionSettings.resolved_dim` gives it. The projector is
     built once here, so a k it cannot take fails before anything runs.

@@ -37,6 +37,8 @@ uses: each use's sides are projected with the same two matrices, the head's
 with its sides swapped (its output side is the embedding's input side), and the
 uses' terms add up as their gradients do.
 
+Which layers are read, and how each is described: :mod:`fedtrak.trak.projectors.layers`.
+
 Seed contract: layer ``l``'s ``P_in`` comes from ``SeedSequence([seed, l, 0])``,
 its ``P_out`` from ``SeedSequence([seed, l, 1])`` (Philox, unscaled +-1); the
 fallback projector uses ``derive_seed(seed, FALLBACK_STREAM)``.
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,162 +60,16 @@ from fedtrak.errors import FedtrakError
 from fedtrak.trak.per_example import per_example_gradients
 from fedtrak.trak.projectors.base import Projector
 from fedtrak.trak.projectors.dense import RademacherProjector
+from fedtrak.trak.projectors.layers import Layer, Use, discover, norm_grads, positions
 
 #: Seed stream of the dense projector of parameters outside supported layers.
 FALLBACK_STREAM = 1_000_003
-
-
-@dataclass(frozen=True)
-class _Use:
-    """One module applying a layer's weight: its kind, and whether its sides are the layer's swapped
-    (its output gradients sit on the layer's input side: an LM head tied to an embedding)."""
-
-    module: nn.Module
-    kind: str
-    swapped: bool = False
-
-
-@dataclass
-class _Layer:
-    """One factorized layer: its module, parameter names, side dimensions and projection shape."""
-
-    index: int
-    name: str
-    module: nn.Module
-    params: list[str]
-    out_dim: int
-    in_dim: int  # including the bias column when there is a bias
-    has_bias: bool
-    kind: str = "linear"  # linear, conv, embedding or norm
-    transposed: bool = False  # the weight is stored (in, out): an Embedding's, a Conv1D's
-    uses: list[_Use] = field(default_factory=list)  # the modules applying the weight; the first is ``module``
-    proj_dim: int = 0
-    k_out: int = 0
-    k_in: int = 0
-    p_out: torch.Tensor | None = None
-    p_in: torch.Tensor | None = None
-
-    @property
-    def num_params(self) -> int:
-        return self.out_dim * self.in_dim
 
 
 def _signs(seed: int, layer: int, side: int, rows: int, cols: int) -> torch.Tensor:
     rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, layer, side])))
     bits = rng.integers(0, 2, size=(rows, cols), dtype=np.int8)
     return torch.from_numpy(bits.astype(np.float32) * 2.0 - 1.0)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D``: ``x @ W + b`` with ``W`` stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
-        and module.weight.ndim == 2
-
-
-def _kind(module: nn.Module) -> str | None:
-    """How the factorized projector reads a module's per-example gradient from hooks (``None``:
-    it cannot, and the module's trainable parameters take the exact fallback path)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
-        return None
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv" if module.groups == 1 and module.padding_mode == "zeros" else None
-    if isinstance(module, nn.Embedding):
-        return "embedding" if module.max_norm is None and not module.scale_grad_by_freq and not module.sparse \
-            else None
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return "norm"
-    return None
-
-
-def _grads_on_rows(use: _Use) -> bool:
-    """Whether the use's output gradients index its stored weight's rows (a Linear's ``(out, in)``,
-    a convolution's), not its columns (an Embedding's ``(vocab, d)``, a Conv1D's ``(in, out)``)."""
-    return use.kind == "conv" or (use.kind == "linear" and not _is_conv1d(use.module))
-
-
-def _discover(model: nn.Module) -> list[_Layer]:
-    """The layers the factorized projector reads from hooks, in module order. A weight held by
-    several modules is one layer with several uses when every use is a Linear, Conv1D or
-    Embedding and only the first has a trainable bias; otherwise its modules are left out (their
-    parameters take the exact fallback path)."""
-    groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    shared: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            shared[id(param)] = shared.get(id(param), 0) + 1
-    for mod_name, module in model.named_modules():
-        kind = _kind(module)
-        if kind is not None:
-            groups.setdefault(id(module.weight), []).append((mod_name, module, kind))
-    layers: list[_Layer] = []
-    for uses in groups.values():
-        name, first, kind = uses[0]
-        bias = getattr(first, "bias", None)
-        if shared[id(first.weight)] != len(uses) or (isinstance(bias, torch.Tensor) and shared[id(bias)] > 1):
-            continue  # also applied by a module read otherwise, or a bias tied on its own
-        if len(uses) > 1 and not all(
-                k in ("linear", "embedding") and (i == 0 or not _trainable_bias(m)) for i, (_, m, k) in enumerate(uses)):
-            continue
-        layer = _describe(len(layers), name, first, kind)
-        head = _Use(first, kind)
-        layer.uses = [head] + [_Use(m, k, _grads_on_rows(_Use(m, k)) != _grads_on_rows(head)) for _, m, k in uses[1:]]
-        layers.append(layer)
-    return layers
-
-
-def _trainable_bias(module: nn.Module) -> bool:
-    bias = getattr(module, "bias", None)
-    return isinstance(bias, torch.Tensor) and bias.requires_grad
-
-
-def factorizes(model: nn.Module) -> bool:
-    """Whether every trainable parameter of ``model`` sits in a layer the factorized projector
-    projects without the dense fallback (Linear and Hugging Face Conv1D; Conv2d, ungrouped with
-    zero padding; Embedding; LayerNorm and RMSNorm; weights tied between a Linear and an Embedding)."""
-    covered = {name for layer in _discover(model) for name in layer.params}
-    return all(name in covered for name, p in model.named_parameters() if p.requires_grad)
-
-
-def _describe(index: int, mod_name: str, module: nn.Module, kind: str) -> _Layer:
-    """One factorized layer's parameters and side dimensions (see :func:`_kind`)."""
-    prefix = f"{mod_name}." if mod_name else ""
-    weight, bias = module.weight, getattr(module, "bias", None)
-    has_bias = isinstance(bias, torch.Tensor) and bias.requires_grad
-    params = [prefix + "weight"] + ([prefix + "bias"] if has_bias else [])
-    if kind == "norm":  # one row holding the weight's and the bias's gradients
-        return _Layer(index, mod_name, module, params, 1, weight.numel() + (bias.numel() if has_bias else 0),
-                      False, kind)
-    if kind == "embedding":
-        return _Layer(index, mod_name, module, params, weight.shape[1], weight.shape[0], False, kind, True)
-    if _is_conv1d(module):
-        return _Layer(index, mod_name, module, params, weight.shape[1], weight.shape[0] + int(has_bias), has_bias,
-                      kind, True)
-    return _Layer(index, mod_name, module, params, weight.shape[0], int(np.prod(weight.shape[1:])) + int(has_bias),
-                  has_bias, kind)
-
-
-def _positions(side: torch.Tensor) -> torch.Tensor:
-    """A projected side as ``(b, k)``, or ``(b, positions, k)`` with every position axis in one."""
-    return side.reshape(len(side), -1, side.shape[-1]) if side.ndim > 3 else side
-
-
-def _norm_grads(layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """A LayerNorm's or RMSNorm's per-example gradients ``(b, weight [+ bias])`` from its input and
-    output gradient: ``sum_t g_t * x^_t`` for the weight, ``sum_t g_t`` for the bias."""
-    module = layer.module
-    shape = tuple(module.normalized_shape)
-    if isinstance(module, nn.LayerNorm):
-        normed = F.layer_norm(a, shape, eps=module.eps)
-    else:
-        normed = F.rms_norm(a, shape, eps=module.eps)
-    width = math.prod(shape)
-    parts = [(g * normed).reshape(len(a), -1, width).sum(1)]
-    if len(layer.params) == 2:
-        parts.append(g.reshape(len(a), -1, width).sum(1))
-    return torch.cat(parts, dim=1)
 
 
 def _split(total: int, sizes: list[int]) -> list[int]:
@@ -257,7 +112,7 @@ class FactorizedProjector(Projector):
         super().__init__(sum(counts.values()), proj_dim, seed)
         self.order = names
         self.sizes = counts
-        self.layers: list[_Layer] = _discover(model)
+        self.layers: list[Layer] = discover(model)
         covered = {name for layer in self.layers for name in layer.params}
         self.fallback_names = [n for n in names if n not in covered]
         fallback_dim = sum(counts[n] for n in self.fallback_names)
@@ -293,7 +148,7 @@ class FactorizedProjector(Projector):
             start += self.sizes[name]
         return out
 
-    def _layer_grad(self, grads: torch.Tensor, layer: _Layer, slices: dict[str, slice]) -> torch.Tensor:
+    def _layer_grad(self, grads: torch.Tensor, layer: Layer, slices: dict[str, slice]) -> torch.Tensor:
         """``(b, out, in')`` gradient of one layer from flattened gradients."""
         if layer.kind == "norm":  # one row: the weight's gradient, then the bias's
             return torch.cat([grads[:, slices[name]] for name in layer.params], dim=1).unsqueeze(1)
@@ -304,7 +159,7 @@ class FactorizedProjector(Projector):
             w = torch.cat([w, grads[:, slices[layer.params[1]]].unsqueeze(2)], dim=2)
         return w
 
-    def _combine(self, g_proj: torch.Tensor, a_proj: torch.Tensor, layer: _Layer,
+    def _combine(self, g_proj: torch.Tensor, a_proj: torch.Tensor, layer: Layer,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """``(b, k_l)`` from projected output gradients ``(b, [T,] k_out)`` and inputs ``(b, [T,] k_in)``
         (written into ``out`` when given)."""
@@ -346,7 +201,7 @@ class FactorizedProjector(Projector):
     # -- the fast path: hooks on one batched forward and backward --
 
     @staticmethod
-    def _sides(layer: _Layer, use: _Use, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sides(layer: Layer, use: Use, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P_out^T g, P_in^T a')`` of one use of a layer: ``(b, k_out)`` and ``(b, k_in)``, or
         ``(b, T, .)`` over a sequence's or a convolution's positions. For a convolution the
         unfolded patches are never formed: projecting every patch with ``P_in`` is the convolution
@@ -357,12 +212,12 @@ class FactorizedProjector(Projector):
         output side."""
         p_out, p_in = (layer.p_in, layer.p_out) if use.swapped else (layer.p_out, layer.p_in)
         if use.kind == "norm":
-            return g.new_ones((len(g), 1)) @ p_out, _norm_grads(layer, a, g) @ p_in
+            return g.new_ones((len(g), 1)) @ p_out, norm_grads(layer, a, g) @ p_in
         if use.kind == "embedding":
             rows = p_in[a.long()]
             if use.module.padding_idx is not None:  # torch gives the padding row no gradient
                 rows = rows * (a != use.module.padding_idx).unsqueeze(-1).to(rows.dtype)
-            out_side, in_side = _positions(g @ p_out), _positions(rows)
+            out_side, in_side = positions(g @ p_out), positions(rows)
         elif use.kind == "conv":
             m = use.module
             weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias else (p_in, None)
@@ -372,7 +227,7 @@ class FactorizedProjector(Projector):
             in_side = in_side if bias_row is None else in_side + bias_row
         else:
             weights, bias_row = (p_in[:-1], p_in[-1]) if layer.has_bias and not use.swapped else (p_in, None)
-            out_side, in_side = _positions(g @ p_out), _positions(a @ weights)
+            out_side, in_side = positions(g @ p_out), positions(a @ weights)
             in_side = in_side if bias_row is None else in_side + bias_row
         return (in_side, out_side) if use.swapped else (out_side, in_side)
 
