@@ -2,7 +2,10 @@
 without a main guard (tests/scripts/four_user_tasks.py): a tabular regression, an integer-token
 sequence model, a 4-class tabular MLP private at ``epsilon=1`` (an int) with ``public=`` data, and
 checkpoints the user trained with their own loop. For each, federated scores equal the centralized
-ones (relative 1e-6), evaluate returns an LDS, and nothing prints a traceback."""
+ones (relative 1e-6) on the same examples, evaluate returns an LDS, and nothing prints a traceback or
+a terminal escape. The token model's class lives in the script's ``__main__``: Flower's virtual
+clients get it by value (this test covers tests/test_own_scripts.py's simulation of a script's own
+model class too)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def test_four_user_tasks_from_an_unguarded_script(tmp_path):
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-4000:]
     assert "Traceback" not in said and said.count("script body starts") == 1, said[-4000:]
+    assert "\x1b[" not in said, said[-4000:]
     found = {m.group(1): m for m in re.finditer(r"TASK (\S+) rel (\S+) lds (\S+)(?: private-epsilon (\S+) kernel "
                                                  r"(\S+))?", done.stdout)}
     assert sorted(found) == ["four-class", "own-checkpoints", "regression", "tokens"], done.stdout

@@ -1,7 +1,8 @@
 """Four tasks a user brings, through the documented API only, in one script without a main guard:
 a tabular regression, an integer-token sequence model, a private 4-class tabular MLP with public
 data, and checkpoints the user trained. Each is attributed centrally and over Flower's virtual
-clients, and evaluated; one line per task reports the largest relative difference and the LDS."""
+clients (the token model's class, defined here in ``__main__``, reaches the Ray actors by value),
+and evaluated; one line per task reports the largest relative difference and the LDS."""
 
 import sys
 
@@ -24,6 +25,7 @@ def compare(name, task, checkpoints, **settings):
     folder = central.out / ("checkpoints" if isinstance(checkpoints, int) else "given-checkpoints")
     federated = fedtrak.simulate(task, out=f"{out}/{name}-federated", clients=3, policy="full",
                                  checkpoints=folder, **settings)
+    assert (central.ids == federated.ids).all(), f"{name}: the runs' examples differ"
     scale = np.abs(central.scores).max()
     rel = float(np.abs(federated.scores - central.scores).max() / scale)
     block = fedtrak.evaluate(central, lds=True, subsets=12, workers=2, ceiling=False, cache_dir=f"{out}/cache")
