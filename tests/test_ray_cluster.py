@@ -76,12 +76,29 @@ def _stop_cluster(temp: str, groups: list[int]) -> None:
                     continue
         return found
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    def cluster() -> set[int]:
         procs = processes()
         named = {pid for pid, (cmd, _) in procs.items() if temp in cmd}
         owned = {pid for pid, (_, env) in procs.items()
                  if any(f"RAY_RAYLET_PID={raylet}\0" in env + "\0" for raylet in named)}
-        for pid in named | owned:
+        return named | owned
+
+    seen: set[int] = set()
+
+    def alive() -> bool:
+        """Whether a process of the cluster's (seen so far, or in its process groups) still runs."""
+        seen.update(cluster())
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if state != "Z" and (int(stat.parent.name) in seen or int(group) in groups):
+                return True
+        return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in cluster():  # by what names them now: a pid seen before may be another process's by now
             try:
                 os.kill(pid, sig)
             except OSError:
@@ -91,7 +108,11 @@ def _stop_cluster(temp: str, groups: list[int]) -> None:
                 os.killpg(group, sig)
             except OSError:
                 pass
-        time.sleep(2)
+        deadline = time.monotonic() + 2  # at most as long as it always waited before
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive():
+            return
 
 
 def _where_handlers(record: Path) -> dict:
