@@ -226,12 +226,14 @@ def test_errors_to_a_python_caller_name_settings_the_python_way(blob_task, tmp_p
 def test_import_fedtrak_is_light_and_names_its_api():
     """``import fedtrak`` loads neither torch nor Flower; the apps load without Opacus and scipy.stats
     (seconds that every simulated client and ClientApp process would pay), which come only where DP
-    is trained or accounted."""
+    is trained or accounted, and the digits without scikit-learn."""
     code = ("import sys, fedtrak\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)\n"
             "assert sorted(fedtrak.__all__) == sorted(fedtrak._API)\n"
             "import fedtrak.client.app, fedtrak.server.app\n"
             "assert not {'opacus', 'scipy.stats'} & set(sys.modules), 'the apps import Opacus or scipy.stats'\n"
+            "fedtrak.load_task('digits-logreg')\n"
+            "assert 'sklearn' not in sys.modules, 'the digits import scikit-learn'\n"
             "print(fedtrak.attribute.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "attribute", proc.stderr

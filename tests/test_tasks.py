@@ -21,6 +21,18 @@ def test_digits_tasks_load_with_fixed_split():
     assert a.num_params == 650 and b.num_params == 85002
 
 
+def test_the_digits_read_without_scikit_learn_are_its_load_digits(monkeypatch):
+    """The digits come from the file scikit-learn's ``load_digits`` reads (without importing
+    scikit-learn: tests/test_api.py checks that), and from ``load_digits`` itself where that file
+    is not found: the same table."""
+    from fedtrak.data import datasets
+
+    table = datasets._digits_table()
+    monkeypatch.setattr(datasets, "DIGITS_FILE", ("datasets", "data", "not-there.csv.gz"))
+    np.testing.assert_array_equal(datasets._digits_table(), table)
+    assert table.shape == (1797, 65) and table.dtype == np.float64
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fmnist-mlp", "fmnist-cnn"])
 def test_fmnist_tasks_load_and_train(require_fmnist, name):
