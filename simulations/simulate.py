@@ -24,6 +24,7 @@ from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import RunSummary
 from fedtrak.server.app import server_app
 from fedtrak.server.preflight import preflight
+from fedtrak.server.resume import RunState
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -83,7 +84,8 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
 
     A task registered in this process (:func:`fedtrak.register_task`, or a Task object given to
     :func:`fedtrak.simulate`) travels to the clients by value (:mod:`fedtrak.data.shipping`); one
-    that cannot is refused before Ray starts.
+    that cannot is refused before Ray starts, as are bad settings (the preflight) and ``resume``
+    of a saved run that had other settings.
     ``handlers`` replace some of the clients' query handlers and ``node_settings`` some of their
     node settings (tests use misbehaving clients).
 
@@ -100,6 +102,8 @@ def run_simulation(settings: Settings, verbose: bool = False, handlers: Mapping[
     settings = simulation_settings(settings, None if ray_address else os.cpu_count() or 1)
     plan = preflight(settings)  # a bad task or privacy setting fails here, before Ray starts; the server runs it
     out = settings.out_dir("simulation")
+    if settings.run.resume:  # so does resuming a saved run of other settings (the server checks it again)
+        RunState(out).saved_job(settings.flat())
     out.mkdir(parents=True, exist_ok=True)
     payload = task_payload(settings.task.task, "the simulation's virtual clients (Ray actors)")
     tasks = {} if payload is None else {settings.task.task: payload}
