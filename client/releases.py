@@ -214,7 +214,8 @@ def _screening(local: Local, scores: ChunkedScores, inverses: list[np.ndarray] |
 def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int, offset: int | None = None) -> Path:
     """Write this client's top proponents and opponents per query to its local results folder,
     and, with self-influence, its ``k`` most self-influential examples (likely mislabeled); for
-    image tasks also ``topk.png``, the examples themselves for the first queries.
+    text tasks the kept examples' texts beside their ids; for other tasks whose inputs draw as
+    images also ``topk.png``, the examples themselves for the first queries.
 
     ``offset``: the scores are one batch of the queries, starting at that row; each batch is kept
     in ``topk-batches/`` (the first one clears it) and ``topk.npz`` holds the batches received so
@@ -238,7 +239,7 @@ def keep_topk_on_device(local: Local, scores: ChunkedScores, k: int, offset: int
     if offset is not None:
         rows, extra = _joined_batches(store.results_dir / "topk-batches", offset, rows, extra)
     np.savez(path, **rows, **extra)
-    if offset:  # the strip shows the first queries: drawn with the first batch
+    if offset or task.as_text is not None:  # the strip shows the first queries' images: drawn with the first batch
         return path
     shown = min(STRIP_QUERIES, len(pro_idx))
     rows = [row for q in range(shown) for row in ((f"query {q} +", pro_idx[q], pro_val[q]),

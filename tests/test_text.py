@@ -288,3 +288,39 @@ def test_a_devices_kept_results_show_its_own_texts(tmp_path):
     text = format_results(read_results(tmp_path))
     assert text.splitlines()[1:] == ["query 0:", "  + 4 (+0.5): first text", "  + 2 (+0.25): second",
                                      "  - 7 (-0.125): third"]
+
+
+def test_a_device_keeps_its_top_texts_for_a_text_task_and_prints_them(lm_central, tmp_path, capsys):
+    """The device's writing path on fortunes-lm: one owner's top proponents and opponents of the
+    central scores, kept by ``keep_topk_on_device`` as a topk run's device keeps them, carry that
+    owner's own texts (and no image strip of token ids); ``fedtrak device results`` prints them."""
+    from types import SimpleNamespace
+
+    from fedtrak.client.data import ClientData
+    from fedtrak.client.local_scoring import ChunkedScores
+    from fedtrak.client.releases import keep_topk_on_device
+    from fedtrak.client.store import FeatureStore
+    from fedtrak.data.tasks import load_task
+    from fedtrak.simulations.cli import main
+    from fedtrak.trak.scoring import top_k
+
+    central, _ = lm_central
+    task = load_task("fortunes-lm", train_size=48, query_size=6)
+    mine = central.ids["client"] == 0
+    index = central.ids["index"][mine]
+    data = ClientData("owner-0", 0, task.x_train[index], task.y_train[index], index)
+    scores = central.scores[:, mine]
+    (pro, pro_val), (opp, opp_val) = top_k(scores, 2), top_k(-scores, 1)
+    store = FeatureStore(tmp_path / "store", "run-1")
+    local = SimpleNamespace(data=data, store=store, task=task)
+    path = keep_topk_on_device(local, ChunkedScores(np.zeros(6), np.zeros(len(index)), np.zeros((1, 4)),
+                                                    proponents=(pro, pro_val), opponents=(opp, -opp_val)), 2)
+    kept = np.load(path)
+    assert kept["proponent_ids"].tolist() == index[pro].tolist()
+    assert kept["proponent_texts"][0, 0] == task.text_of(task.x_train[index[pro[0, 0]]])
+    assert kept["opponent_texts"][5, 0] == task.text_of(task.x_train[index[opp[5, 0]]])
+    assert not (store.results_dir / "topk.png").exists()  # token ids are no image
+    assert main(["device", "results", str(store.dir), "--queries", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = task.text_of(task.x_train[index[pro[0, 0]]])
+    assert lines[1:3] == ["query 0:", f"  + {index[pro[0, 0]]} ({pro_val[0, 0]:+.3g}): {first}"]
