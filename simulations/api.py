@@ -104,8 +104,11 @@ def _settings(task: str | Task, settings: Settings | None, out: str | Path | Non
               overrides: Mapping[str, Any]) -> Settings:
     """The run's settings: ``settings`` (or the defaults) with the task, folder and field overrides."""
     if isinstance(task, Task):
-        if task.name not in BUILTIN_TASKS:
-            register_task(task.name, task)
+        if task.name in BUILTIN_TASKS:  # the run would load the built-in, not this object
+            raise FedtrakError(f"this Task object is named {task.name!r}, a built-in task's name, and the run would "
+                               "load the built-in task instead of it: give it a name of its own (dataclasses."
+                               f"replace(task, name='my-task')), or pass the name {task.name!r} for the built-in")
+        register_task(task.name, task)
         name = task.name
     else:
         name = str(task)

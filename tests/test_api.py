@@ -68,6 +68,17 @@ def test_bad_models_and_data_are_named():
         fedtrak.task_from_model("t", Net(), train=(np.full_like(x, np.nan), y), query=_blobs(5, 1))
 
 
+def test_a_task_object_named_like_a_built_in_is_refused_not_replaced_by_it(blob_task, tmp_path):
+    """A run loads its task by name: an object named like a built-in task would silently run as
+    the built-in, so it is refused by name before anything is trained."""
+    from dataclasses import replace
+
+    with pytest.raises(FedtrakError, match=r"this Task object is named 'digits-logreg', a built-in task's name.*"
+                                           r"replace\(task, name='my-task'\)"):
+        fedtrak.attribute(replace(blob_task, name="digits-logreg"), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_registered_and_plugged_in_tasks_load_by_name(blob_task, monkeypatch):
     fedtrak.register_task("my-blobs", blob_task)
     assert load_task("my-blobs").num_train == 120
