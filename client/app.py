@@ -24,6 +24,7 @@ from fedtrak import wire
 from fedtrak.client import secure_aggregation as secagg
 from fedtrak.client.featurize import featurize_into_store
 from fedtrak.client.node import Local
+from fedtrak.client.node_settings import without_local_paths
 from fedtrak.client.releases import (
     released_features,
     released_grams,
@@ -73,14 +74,15 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
                 return reply
             except Refused as exc:  # decided from the job and the node's settings: says nothing of the data
                 reason = sent = f"{step}: {exc}"
-            except FedtrakError as exc:
-                reason = f"{step}: {exc}"
-                sent = _generic(step, exc) if _private(msg) else reason
+            except FedtrakError as exc:  # a data file's error keeps its path for the log (``local``)
+                reason, sent = f"{step}: {getattr(exc, 'local', exc)}", f"{step}: {exc}"
+                sent = _generic(step, exc) if _private(msg) else sent
             except Exception as exc:  # noqa: BLE001 - reported to the server, not swallowed
-                reason = f"{step}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-                sent = _generic(step, exc) if _private(msg) else reason
+                sent = f"{step}: {type(exc).__name__}: {exc}"  # the traceback, with the code's paths, stays here
+                reason = f"{sent}\n{traceback.format_exc(limit=5)}"
+                sent = _generic(step, exc) if _private(msg) else sent
             log.error("node %s: %s", ctx.node_id, reason)
-            return Message(Error(HANDLER_ERROR, sent), reply_to=msg)
+            return Message(Error(HANDLER_ERROR, without_local_paths(sent, ctx.node_config)), reply_to=msg)
 
         return handler
 
@@ -194,7 +196,8 @@ def node_defaults(defaults: Mapping[str, Any], tasks: Mapping[str, bytes]) -> Ca
                     receive_task(payload)
                 except FedtrakError as exc:  # a reply naming it, not an exception Flower logs twice
                     log.error("node %s: %s", ctx.node_id, exc)
-                    return Message(Error(HANDLER_ERROR, f"task {name!r}: {exc}"), reply_to=msg)
+                    return Message(Error(HANDLER_ERROR, without_local_paths(f"task {name!r}: {exc}", ctx.node_config)),
+                                   reply_to=msg)
         for key, value in defaults.items():
             if key not in ctx.node_config:
                 ctx.node_config[key] = value

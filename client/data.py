@@ -132,35 +132,64 @@ def load_client_data(job: Job, node_config: Mapping, node_id: int) -> ClientData
     )
 
 
+class DataFileError(FedtrakError):
+    """A device's data file that cannot be used. Its message names the problem and never the file's
+    path, since an error reply carries it to the server; :attr:`local` adds the path (and the reader's
+    own words, which may quote it) for the device's own log and its owner's commands."""
+
+    def __init__(self, message: str, path: Path, detail: str = "") -> None:
+        super().__init__(message)
+        self.path, self.detail = Path(path), detail
+
+    @property
+    def local(self) -> str:
+        """The message with the file's path, for the device only."""
+        return f"data file {self.path}: {self}" + (f" ({self.detail})" if self.detail else "")
+
+
 def read_device_data(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate a device's ``.npz`` (``x``, ``y``) against the task.
 
     Raises:
-        FedtrakError: if the file is missing or corrupt, lacks ``x`` or ``y``,
+        DataFileError: if the file is missing or corrupt, lacks ``x`` or ``y``,
             or holds inputs of the wrong shape, non-finite values or labels
-            outside ``[0, num_classes)``.
+            outside ``[0, num_classes)`` (named without the file's path).
     """
+    path = Path(path)
     if not path.is_file():
-        raise FedtrakError(f"data file {path} does not exist")
+        raise DataFileError("the data file (data-path) does not exist", path)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"x", "y"} - set(data.files)
-            if missing:
-                raise FedtrakError(f"data file {path} lacks {sorted(missing)}: it needs arrays x and y")
-            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+            x, y = (None, None) if missing else (np.asarray(data["x"]), np.asarray(data["y"]))
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FedtrakError(f"cannot read data file {path}: {exc}") from exc
-    want = task.input_shape
-    if x.ndim < 1 or x.shape[1:] != want:
-        raise FedtrakError(f"{path}: x has shape {x.shape}, task {task.name} needs (n, {', '.join(map(str, want))})")
-    if y.shape != (len(x), *task.y_train.shape[1:]):  # a language model's: a token per position
-        raise FedtrakError(f"{path}: y has shape {y.shape}, expected {(len(x), *task.y_train.shape[1:])}")
+        raise DataFileError(f"cannot read data file: not an .npz of arrays x and y ({type(exc).__name__})", path,
+                            str(exc)) from exc
+    if missing:
+        raise DataFileError(f"the data file lacks {sorted(missing)}: it needs arrays x and y", path)
+    try:
+        return _checked(x, y, task)
+    except DataFileError:
+        raise
+    except FedtrakError as exc:  # the labels' own check, worded for the data file's y
+        raise DataFileError(str(exc), path) from None
+
+
+def _checked(x: np.ndarray, y: np.ndarray, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """The data file's arrays, checked against the task (errors without the file's path)."""
+    want = ", ".join(("N", *map(str, task.input_shape)))
+    if x.ndim < 1 or x.shape[1:] != task.input_shape:
+        raise FedtrakError(f"the data file's x has shape {x.shape}, task {task.name} expects ({want})")
+    expected = (len(x), *task.y_train.shape[1:])  # a language model's: a token per position
+    if y.shape != expected:
+        raise FedtrakError(f"the data file's y has shape {y.shape}, expected {expected} (one label per row of x)")
     if len(y) == 0:
-        raise FedtrakError(f"{path}: holds no examples")
+        raise FedtrakError("the data file holds no examples")
     if x.dtype.names != task.x_train.dtype.names:
-        raise FedtrakError(f"{path}: x has fields {x.dtype.names}, task {task.name} takes {task.x_train.dtype.names}")
+        raise FedtrakError(f"the data file's x has fields {x.dtype.names}, task {task.name} takes "
+                           f"{task.x_train.dtype.names}")
     numbers = all(np.issubdtype(x.dtype[k].base, np.number) for k in x.dtype.names) if x.dtype.names else \
         np.issubdtype(x.dtype, np.number)
     if not numbers or not finite(x):
-        raise FedtrakError(f"{path}: x must be finite numbers")
-    return numeric_array(x), task.output.labels(y, task.num_classes, str(path))
+        raise FedtrakError("the data file's x must be finite numbers")
+    return numeric_array(x), task.output.labels(y, task.num_classes, "the data file's y")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtrak.client.data import read_device_data
+from fedtrak.client.data import DataFileError, read_device_data
 from fedtrak.config.settings import Settings, releases_gram
 from fedtrak.data.checkpoints import seeded_model
 from fedtrak.data.modelout import IGNORE
@@ -93,7 +93,10 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
         FedtrakError: on a bad task, data file or projection setting.
     """
     task = load_task(task_name, data=False)
-    x, y = read_device_data(Path(data_path), task)
+    try:
+        x, y = read_device_data(Path(data_path), task)
+    except DataFileError as exc:  # the owner's own command: the path helps, and goes nowhere else
+        raise FedtrakError(exc.local) from None
     settings = Settings().replaced(proj_dim=proj_dim, projector=projector, batch_size=batch_size, weighting=weighting)
     model = seeded_model(task, 0)
     projection = resolve_projection(settings.projection, model, task.num_params)  # as the server's preflight does

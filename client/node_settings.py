@@ -10,6 +10,7 @@ by name rather than read as something else.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,3 +94,25 @@ class NodeSettings(Sectioned):
 def node_specs() -> dict[str, Spec]:
     """Every node-config key's spec, by key (for ``fedtrak device check``'s flags)."""
     return NodeSettings.specs()
+
+
+#: An absolute local path in a text (POSIX, ``~/``, or a Windows drive's), not part of a word, a
+#: URL or a placeholder.
+_PATH = re.compile(r"(?<![\w.:/~<>-])(?:~?/[\w.+@%=~-]+)+/?|\b[A-Za-z]:\\[^\s'\"]+")
+
+
+def without_local_paths(text: str, node_config: Mapping[str, Any]) -> str:
+    """``text`` with the device's local paths taken out, for what leaves it (an error reply): its
+    data file (``<data-path>``), its store (``<store-dir>``) and any other absolute path, ``~/...``
+    included (``<local path>``). The device's own log keeps the paths."""
+    named = {str(node_config.get("data-path") or ""): "<data-path>",
+             str(node_config.get("store-dir") or DEFAULT_STORE): "<store-dir>"}
+    places: dict[str, str] = {}
+    for given, mark in named.items():
+        if given:
+            for form in {given, str(Path(given).expanduser()), str(Path(given).expanduser().resolve())}:
+                if "/" in form:  # a bare file name could be any word of the text
+                    places[form] = mark
+    for place in sorted(places, key=len, reverse=True):  # the longest first: a data file inside the store
+        text = text.replace(place, places[place])
+    return _PATH.sub("<local path>", text)

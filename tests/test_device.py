@@ -36,7 +36,7 @@ def test_device_check_lists_every_release_with_its_size(device_file, capsys):
 def test_device_check_names_bad_data(tmp_path, digits_logreg):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=digits_logreg.x_train[:5, :10], y=digits_logreg.y_train[:5])
-    with pytest.raises(FedtrakError, match=r"x has shape \(5, 10\), task digits-logreg needs \(n, 64\)"):
+    with pytest.raises(FedtrakError, match=r"bad.npz: the data file.s x has shape \(5, 10\), task digits-logreg expects \(N, 64\)"):
         device_report("digits-logreg", bad)
     with pytest.raises(FedtrakError, match="does not exist"):
         device_report("digits-logreg", tmp_path / "missing.npz")
@@ -106,3 +106,49 @@ def test_device_check_shows_each_owners_ledger_of_a_store_dir_after_a_run(tmp_pa
     shown = json.loads(report.read_text())
     assert [led["owner_folder"] for led in shown["ledgers"]] == ["partition-1"]
     assert shown["ledger"]["runs"][0]["run_id"] == summary.run_id
+
+
+def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(tmp_path, digits_logreg, capfd):
+    """A device whose data file has the wrong shape replies to the server with the problem (x's shape
+    and the task's) but without the file's path or any other local path; its own log keeps the path."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import Metadata
+
+    from fedtrak import wire
+    from fedtrak.client.app import QUERIES
+    from fedtrak.config.settings import Settings
+    from fedtrak.server.preflight import preflight
+    from fedtrak.wire.job import Job
+
+    bad = tmp_path / "clinic" / "mine.npz"
+    bad.parent.mkdir()
+    np.savez(bad, x=digits_logreg.x_train[:10, :13], y=digits_logreg.y_train[:10])
+    settings = Settings().replaced(clients=3, checkpoints=1, proj_dim=16)  # no noise: the reason itself is sent
+    plan = preflight(settings)
+    job = Job("paths", settings, plan.resolved).fingerprinted(plan.task)
+    content = wire.encode_score_request(wire.ScoreRequest(job, "owner-totals", 0, {0: np.zeros((2, 16))}))
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="",
+                    created_at=0.0, ttl=60.0, message_type="query.score")
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(bad), "store-dir": str(tmp_path / "store")},
+                  state=RecordDict(), run_config={})
+    reply = QUERIES["score"](Message(metadata=meta, content=content), ctx)
+    reason = reply.error.reason
+    assert reason == "score: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)", reason
+    assert str(tmp_path) not in reason and "mine.npz" not in reason and "/" not in reason
+    assert f"data file {bad}: the data file's x has shape (10, 13)" in capfd.readouterr().err  # the device's log
+
+
+def test_what_leaves_a_device_has_its_local_paths_taken_out(tmp_path):
+    """Any text an error reply carries: the data file, the store and every other absolute path (in
+    the home folder or not) become placeholders; shapes, fractions and URLs stay."""
+    from pathlib import Path
+
+    from fedtrak.client.node_settings import without_local_paths
+
+    config = {"data-path": str(tmp_path / "mine.npz"), "store-dir": str(tmp_path / "store")}
+    text = (f"cannot read {tmp_path / 'mine.npz'}; kept release {tmp_path / 'store' / 'owner-a' / 'r.npy'} "
+            f"unreadable; key {Path.home() / 'keys' / 'k'}; File \"/usr/lib/python3/x.py\", line 3; "
+            "shape (10, 13), 1/2, see https://flower.ai/docs")
+    assert without_local_paths(text, config) == (
+        "cannot read <data-path>; kept release <store-dir>/owner-a/r.npy unreadable; key <local path>; "
+        "File \"<local path>\", line 3; shape (10, 13), 1/2, see https://flower.ai/docs")
