@@ -12,9 +12,12 @@ with the PNG strip of the examples for image tasks.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +35,6 @@ from fedtrak.trak.projectors import resolve_projection
 from fedtrak.wire.records import FEATURIZE, SCORE
 
 log = logging.getLogger("fedtrak.client")
-
-#: Queries assumed when the check is not told how many the server will score (the size of
-#: digits' query set; Fashion-MNIST's test set is 10,000).
-DEFAULT_QUERIES = 149
 
 #: Bytes of one released number (float64 arrays, uint64 masked vectors).
 NUMBER_BYTES = 8
@@ -83,6 +82,48 @@ def _labels(task: Task, y: np.ndarray) -> list[int] | str:
     return f"real values in [{float(np.min(y)):.3g}, {float(np.max(y)):.3g}]"
 
 
+def load_app(app: Path) -> str:
+    """Import a Flower app's ClientApp module from the app's folder, as a SuperNode running the app
+    does, so that the tasks it registers (``fedtrak.register_task``) load by name here; return the
+    task its run config names (``[tool.flwr.app.config]``'s ``task``; ``""``: none).
+
+    Raises:
+        FedtrakError: if the folder has no Flower app's ``pyproject.toml`` or its ClientApp module
+            cannot be imported.
+    """
+    app = Path(app).expanduser().resolve()
+    try:
+        flwr = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+        module = str(flwr["components"]["clientapp"]).partition(":")[0]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise FedtrakError(f"--app {app} is not a Flower app: its pyproject.toml lacks "
+                           f"[tool.flwr.app.components] clientapp ({type(exc).__name__}: {exc})") from None
+    if str(app) not in sys.path:
+        sys.path.insert(0, str(app))
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # the user's code: named, not a traceback
+        raise FedtrakError(f"--app {app}: cannot import its ClientApp module {module!r}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return str(flwr.get("config", {}).get("task") or "")
+
+
+def task_queries(task: Task) -> int:
+    """How many queries the server scores by default for ``task``: its query set's size (a built-in
+    task's data sets are read for it, where this device has them).
+
+    Raises:
+        FedtrakError: naming ``--queries`` if the task's query set is not on this device.
+    """
+    if task.has_data:
+        return len(task.y_query)
+    try:
+        return len(load_task(task.name).y_query)
+    except (FedtrakError, OSError) as exc:
+        raise FedtrakError(f"task {task.name}'s query set is not on this device ({exc}): give --queries, the "
+                           "number of queries the server will score") from None
+
+
 def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, projector: str = "rademacher",
                   checkpoints: int = 3, queries: int | None = None, noise_multiplier: float = 0.0,
                   clip_norm: float | None = None, secure_agg: bool = False, policy: str = "owner-totals",
@@ -107,7 +148,7 @@ def device_report(task_name: str, data_path: Path, proj_dim: int | None = None, 
     seconds = time.perf_counter() - start
     noised = noise_multiplier > 0
     clip = clip_norm or task.clip_norm
-    nq = DEFAULT_QUERIES if queries is None else queries
+    nq = task_queries(task) if queries is None else queries
     weight = kernel_weight_bound(settings.kernel.weighted, task)
     releases = _release_rows(checkpoints, projection.dim, nq, len(y), noised, secure_agg, policy, kernel_source, weight)
     kept = ["features of every example, per checkpoint (the local store)"]

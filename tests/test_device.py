@@ -152,3 +152,59 @@ def test_what_leaves_a_device_has_its_local_paths_taken_out(tmp_path):
     assert without_local_paths(text, config) == (
         "cannot read <data-path>; kept release <store-dir>/owner-a/r.npy unreadable; key <local path>; "
         "File \"<local path>\", line 3; shape (10, 13), 1/2, see https://flower.ai/docs")
+
+
+def test_device_check_takes_a_flower_apps_task_by_its_name_with_its_own_query_count(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The own-Flower-app example: --app imports its ClientApp as a SuperNode does, so its task loads by
+    the name it registers (and is the default --task); the check assumes the task's own query count (28
+    wines; digits: 149). Without --app the unknown name says how to make it known."""
+    import json
+    import sys
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "examples" / "own_flower_app"
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the app's folder leaves with the test
+    monkeypatch.delitem(sys.modules, "wineapp.client_app", raising=False)
+    from fedtrak.data import tasks
+
+    monkeypatch.setattr(tasks, "_REGISTERED", {})
+    data = tmp_path / "wine.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(30, 13)).astype(np.float32), y=np.arange(30) % 3)
+    assert main(["device", "check", "--task", "wine-mlp", "--data", str(data)]) == 2
+    assert "--app APP_FOLDER" in capsys.readouterr().err
+    report = tmp_path / "r.json"
+    assert main(["device", "check", "--app", str(app), "--data", str(data), "--json", str(report)]) == 0
+    shown = json.loads(report.read_text())
+    assert shown["task"] == "wine-mlp" and shown["queries"] == 28 and shown["releases"][-1]["shape"] == [28]
+    assert main(["device", "check", "--app", str(app), "--task", "wine-mlp", "--data", str(data)]) == 0
+    assert "task wine-mlp: 30 examples" in capsys.readouterr().out
+    assert device_report("digits-logreg", _digits_file(tmp_path), proj_dim=16)["queries"] == 149
+
+
+def _digits_file(tmp_path):
+    from fedtrak.data.tasks import load_task
+
+    task = load_task("digits-logreg")
+    np.savez(tmp_path / "digits.npz", x=task.x_train[:20], y=task.y_train[:20])
+    return tmp_path / "digits.npz"
+
+
+def test_a_task_offered_by_an_installed_apps_entry_point_loads_by_name(tmp_path, monkeypatch):
+    """An app installed with a ``fedtrak.tasks`` entry point (the example's pyproject declares one) is
+    found by name, with no --app: a package's metadata on the path, as pip installs it."""
+    import sys
+    from pathlib import Path
+
+    from fedtrak.data.tasks import load_task
+
+    app = Path(__file__).resolve().parents[1] / "examples" / "own_flower_app"
+    assert '[project.entry-points."fedtrak.tasks"]\nwine-mlp = "wineapp.task:wine_task"' in \
+        (app / "pyproject.toml").read_text()
+    info = tmp_path / "wine_attribution-1.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wine-attribution\nVersion: 1.0.0\n")
+    (info / "entry_points.txt").write_text('[fedtrak.tasks]\nwine-mlp = wineapp.task:wine_task\n')
+    monkeypatch.setattr(sys, "path", [str(tmp_path), str(app), *sys.path])
+    task = load_task("wine-mlp")
+    assert task.name == "wine-mlp" and task.input_shape == (13,) and len(task.y_query) == 28

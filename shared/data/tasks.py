@@ -305,7 +305,7 @@ def register_task(name: str, factory: Callable[[], Task] | Task) -> None:
     ``factory`` is a :class:`Task` or a function returning one (called once per process, when the
     task is first loaded). A SuperNode on another machine finds a user's task by import path
     (``package.module:function``) or through an installed package's entry point in the group
-    ``fedtrak.data.tasks`` (see the docs on bringing your own model).
+    ``fedtrak.tasks`` (see the docs on bringing your own model).
 
     Raises:
         FedtrakError: if ``name`` is a built-in task's or could be mistaken for an import path.
@@ -339,13 +339,15 @@ def _factory(spec: str) -> Callable[[], Task]:
     known = ", ".join(sorted(BUILTIN_TASKS) + sorted(_REGISTERED))
     raise FedtrakError(f"unknown task {spec!r}: use one of {known}, a registered name or an import path "
                        "package.module:function (a Task object exists only in the Python process that made it: "
-                       "evaluate its run there, fedtrak.evaluate(result), or give the task by import path)")
+                       "evaluate its run there, fedtrak.evaluate(result), or give the task by import path; a "
+                       "Flower app's task is registered where its code is imported, e.g. fedtrak device check "
+                       f"--app APP_FOLDER, or offered by an installed package's {ENTRY_POINT_GROUP!r} entry point)")
 
 
 def load_task(spec: str, train_size: int | None = None, query_size: int | None = None,
               data: bool = True) -> Task:
     """Load a task by name: built-in, registered (:func:`register_task`), offered by an installed
-    package's ``fedtrak.data.tasks`` entry point, or a user's ``package.module:function``.
+    package's ``fedtrak.tasks`` entry point, or a user's ``package.module:function``.
 
     ``data=False`` leaves a built-in task's data sets unloaded (see the module
     docstring); a user's task factory is called as always and loads its own.

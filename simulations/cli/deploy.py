@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtrak.client.node_settings import node_specs
+from fedtrak.config.settings import Settings
 from fedtrak.errors import FedtrakError
 from fedtrak.simulations.cli import OneLineParser
 from fedtrak.simulations.cli.flags import add_json, add_settings, positive_int
@@ -30,14 +31,19 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="device", required=True, parser_class=OneLineParser)
     check = sub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
     add_settings(check, ["task", "proj-dim", "projector", "weighting", "checkpoints", "noise-multiplier",
-                         "clip-norm", "secure-agg", "policy", "kernel-source"])
+                         "clip-norm", "secure-agg", "policy", "kernel-source"], defaults={"task": None})
+    next(a for a in check._actions if a.dest == "task").help += " (default: --app's task, else digits-logreg)"
+    check.add_argument("--app", type=Path, default=None,
+                       help="a Flower app's folder (its pyproject.toml): import its ClientApp, as a SuperNode "
+                            "running it does, so that the tasks it registers load by name; --task defaults to "
+                            "the task of its run config")
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
     check.add_argument("--ledger", type=Path, default=None,
                        help="show the device's privacy ledgers: its store-dir (one ledger per owner folder in "
                             "it) or one ledger file")
     add_settings(check, ["privacy-budget", "privacy-budget-delta"], specs=node_specs())  # as in the node config
     check.add_argument("--queries", type=positive_int, default=None,
-                       help="queries the server will score (default 149, the digits query set)")
+                       help="queries the server will score (default: the size of the task's query set)")
     add_json(check, "the report")
     results = sub.add_parser("results", help="print what a topk run kept on this device")
     results.add_argument("folder", type=Path, help="the store's run folder, its results folder or the store root")
@@ -82,6 +88,7 @@ def device(args: argparse.Namespace) -> int:
         device_report,
         format_report,
         format_results,
+        load_app,
         read_results,
     )
 
@@ -93,7 +100,9 @@ def device(args: argparse.Namespace) -> int:
     # every owner's ledger in a store-dir, or the one file given; a path without any fails first
     ledgers = None if args.ledger is None else describe_ledgers(args.ledger, args.privacy_budget,
                                                                 args.privacy_budget_delta)
-    report = device_report(args.task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
+    app_task = load_app(args.app) if args.app is not None else ""
+    task = args.task or app_task or Settings().task.task
+    report = device_report(task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
                            args.noise_multiplier, args.clip_norm, bool(args.secure_agg), args.policy,
                            weighting=args.weighting, kernel_source=args.kernel_source)
     if ledgers is not None:
