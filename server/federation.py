@@ -24,10 +24,10 @@ from typing import TypeVar
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from tqdm import tqdm
 
 from fedtrak import wire
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import progress_bar
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.results.summary import Clients, Excluded
 from fedtrak.server.validation import read_info
@@ -295,8 +295,7 @@ class Federation:
         replies: dict[int, RecordDict] = {}
         failed: dict[int, tuple[int | None, str]] = {}
         answered: set[int] = set()
-        with tqdm(total=len(nodes), desc=message_type, unit="client", leave=False,
-                  disable=None if self.progress else True) as bar:
+        with progress_bar(self.progress, len(nodes), message_type, unit="client", leave=False) as bar:
             for node, reply in self.grid.stream(messages, self.timeout, self.in_flight):
                 bar.update()
                 answered.add(node)

@@ -18,7 +18,6 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from tqdm import tqdm
 
 from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import (
@@ -31,6 +30,7 @@ from fedtrak.data.checkpoints import (
 from fedtrak.data.models import frozen_keys
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import progress_bar
 from fedtrak.privacy.accountant import Release, epsilon_with_training
 from fedtrak.privacy.training import (
     attribution_epsilon,
@@ -122,7 +122,7 @@ def train_fedavg_checkpoints(
         raise FedtrakError(f"a one-run ensemble of {t.checkpoints} checkpoints needs at least as many "
                            f"rounds, got {t.rounds}")
     runs = 1 if t.ensemble == "trajectory" else t.checkpoints
-    with tqdm(total=runs * t.rounds, desc="FedAvg rounds", unit="round", disable=None if progress else True) as bar:
+    with progress_bar(progress, runs * t.rounds, "FedAvg rounds", unit="round") as bar:
         if t.ensemble == "trajectory":
             run(0, job.settings.task.seed, keep_from=t.rounds - t.checkpoints + 1)
             return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fedtrak.config.settings import Settings
 from fedtrak.data.checkpoints import load_checkpoints, train_checkpoints
 from fedtrak.data.corruption import corrupted, flipped_indices
 from fedtrak.data.partition import partition
 from fedtrak.data.tasks import Task
+from fedtrak.logs import progress_bar
 from fedtrak.privacy.plan import weight_bound
 from fedtrak.results.folder import (
     ResultWriter,
@@ -44,7 +44,7 @@ def obtain_checkpoints(task: Task, settings: Settings, out: Path, timer: PhaseTi
         with timer.phase("load_checkpoints"):
             return load_checkpoints(task, Path(t.checkpoint_dir).expanduser(), t.checkpoints)
     ckpt_dir = out / "checkpoints"
-    with timer.phase("train"), tqdm(total=t.checkpoints, desc="train checkpoints", disable=None if progress else True) as bar:
+    with timer.phase("train"), progress_bar(progress, t.checkpoints, "train checkpoints") as bar:
         train_checkpoints(task, t.checkpoints, ckpt_dir, base_seed=settings.task.seed, epochs=t.epochs,
                           progress=bar.update, trajectory=t.ensemble == "trajectory")
     return load_checkpoints(task, ckpt_dir, t.checkpoints)
@@ -71,7 +71,7 @@ def central_scores(
     resolved = resolved or central_resolved(settings, task)
 
     def featurize(m: int, featurizer: Featurizer) -> Features:
-        with tqdm(total=len(y_train), desc=f"featurize ckpt {m}", unit="ex", disable=None if progress else True) as bar:
+        with progress_bar(progress, len(y_train), f"featurize ckpt {m}", unit="ex") as bar:
             return featurizer.featurize(x_train, y_train, progress=bar.update)
 
     return score_features(task, states, len(y_train), featurize, settings, resolved.projection, resolved.kernel_source,

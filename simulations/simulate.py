@@ -8,9 +8,11 @@ Ray is shut down when the run ends, so no background process is left.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -151,3 +153,13 @@ def _shutdown_ray() -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
+    _no_colour_reset_at_exit()
+
+
+def _no_colour_reset_at_exit() -> None:
+    """Take back the exit handler of the colorama that Ray bundles: Ray's CLI logger calls
+    ``colorama.init`` when it is imported, whose exit handler writes a colour-reset code to standard
+    output if that is a terminal, after everything the command printed."""
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None:
+        atexit.unregister(initialise.reset_all)
