@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import progress_bar
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE, ground_truth
 from fedtrak.simulations.evaluation.lds import lds, seed_ceiling
 from fedtrak.simulations.evaluation.mislabel import mislabel_report
@@ -131,7 +131,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions) -> dict:
     total *= 2 if opts.ceiling else 1
     if "owner_value" in measures:
         total += opts.value_seeds * (len(run.owner_partition_ids()) + 1)
-    with tqdm(total=total, desc="ground-truth models", unit="model", disable=None if opts.progress else True) as bar:
+    with progress_bar(opts.progress, total, "ground-truth models", unit="model") as bar:
         results = {}
         if "lds" in measures:
             results["lds"] = _lds_entry(run, opts, "examples", bar.update)
