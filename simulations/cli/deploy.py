@@ -45,6 +45,13 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     check.add_argument("--queries", type=positive_int, default=None,
                        help="queries the server will score (default: the size of the task's query set)")
     add_json(check, "the report")
+    start = sub.add_parser("start", help="run flower-supernode with the arguments after --, starting it again "
+                                         "while the SuperLink still holds this device's node from before a crash")
+    start.add_argument("--activation-wait", type=float, default=None,
+                       help="seconds to keep starting a SuperNode whose activation is refused (default 75: the "
+                            "SuperLink holds a crashed node online for 60 s after its last heartbeat)")
+    start.add_argument("supernode_args", nargs=argparse.REMAINDER, metavar="-- FLOWER_SUPERNODE_ARGS",
+                       help="flower-supernode's own arguments, after --")
     results = sub.add_parser("results", help="print what a topk run kept on this device")
     results.add_argument("folder", type=Path, help="the store's run folder, its results folder or the store root")
     results.add_argument("--queries", type=positive_int, default=5)
@@ -82,7 +89,8 @@ def keys(args: argparse.Namespace) -> int:
 
 
 def device(args: argparse.Namespace) -> int:
-    """What a device would send in a run (``check``) or kept from one (``results``)."""
+    """What a device would send in a run (``check``) or kept from one (``results``); ``start``: its
+    SuperNode, started again while the SuperLink still holds it from before a crash."""
     from fedtrak.client.device import (
         describe_ledgers,
         device_report,
@@ -92,6 +100,13 @@ def device(args: argparse.Namespace) -> int:
         read_results,
     )
 
+    if args.device == "start":
+        from fedtrak.client.launcher import ACTIVATION_WAIT, start_supernode
+
+        rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+        if not rest:
+            raise FedtrakError("give flower-supernode's arguments after --: fedtrak device start -- --superlink ...")
+        return start_supernode(rest, ACTIVATION_WAIT if args.activation_wait is None else args.activation_wait)
     if args.device == "results":
         print(format_results(read_results(args.folder), args.queries))
         return 0
