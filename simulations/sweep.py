@@ -14,7 +14,9 @@ mode: feature inversion; private mode: a one-example client's Gram, or its
 owner summary under secure aggregation, and membership inference). The table goes to
 ``sweep.csv`` and ``sweep.md``, the plot to ``sweep.png``; every run folder
 is kept under ``OUT``, with its row in ``sweep-point.json``: run the same sweep again
-(after a crash, or with more epsilons) and finished points are not measured again.
+(after a crash, or with more epsilons) and finished points are not measured again. Each point's row
+goes to :attr:`SweepConfig.on_point` as it finishes; the words of the output are in
+:mod:`fedtrak.simulations.evaluation.sweep_text`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from tqdm import tqdm
 
 from fedtrak.config.settings import KERNEL_SOURCES, MODES, Settings
 from fedtrak.data.checkpoints import train_checkpoints
@@ -38,11 +40,13 @@ from fedtrak.data.corruption import corrupted
 from fedtrak.data.partition import partition
 from fedtrak.data.tasks import load_task
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import progress_bar
 from fedtrak.simulations.attacks.inversion import InversionSettings
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
 from fedtrak.simulations.attacks.suite import attack_run, why_not_reconstructed
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+from fedtrak.simulations.evaluation.sweep_text import eps_text, format_table, line_of
 from fedtrak.simulations.simulate import run_simulation
 
 #: Secure aggregation choices of a variant: the default rule (on under DP wherever Grams are released), on, off.
@@ -60,16 +64,22 @@ class Variant:
 
     @property
     def label(self) -> str:
-        """The line's name: the mode alone for the defaults, else with its choices."""
-        if self.mode != "private" or (self.kernel_source, self.secure_agg) == ("auto", None):
-            return self.mode
-        sa = {None: "", True: " secagg", False: " no-secagg"}[self.secure_agg]
-        return f"{self.mode} {self.kernel_source}{sa}"
+        """The line's name, each choice said once: the mode alone for the defaults, else with the
+        kernel source and secure aggregation chosen (``private mode, hybrid kernel, secagg``)."""
+        words = [f"{self.mode} mode"]
+        if self.mode == "private" and self.kernel_source != "auto":
+            words.append(f"{self.kernel_source} kernel")
+        if self.mode == "private" and self.secure_agg is not None:
+            words.append("secagg" if self.secure_agg else "no secagg")
+        return ", ".join(words)
 
     @property
     def slug(self) -> str:
-        """The line's name as a folder name."""
-        return self.label.replace(" ", "-")
+        """The line's folder name (as sweeps before the names above wrote it, so their points are reused)."""
+        if self.mode != "private" or (self.kernel_source, self.secure_agg) == ("auto", None):
+            return self.mode
+        sa = {None: "", True: "-secagg", False: "-no-secagg"}[self.secure_agg]
+        return f"{self.mode}-{self.kernel_source}{sa}"
 
 
 def variants(modes: Sequence[str], sources: Sequence[str] = ("auto",),
@@ -103,6 +113,8 @@ class SweepConfig:
     attack_targets: int = 8
     cache_dir: Path = DEFAULT_CACHE
     progress: bool = True
+    #: Called with each point's row as it finishes, and whether it was reused from an earlier sweep.
+    on_point: Callable[[dict, bool], None] | None = None
 
     def validate(self) -> None:
         """Raise FedtrakError on an empty or non-positive epsilon list, an unknown mode or kernel
@@ -137,26 +149,37 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         train_checkpoints(corrupted(task, parts, base.flips()), base.training.checkpoints, ckpt_dir, base.task.seed)
     points = [(v, eps) for v in variants(cfg.modes, cfg.kernel_sources, cfg.secure_aggs) for eps in cfg.epsilons]
     rows = []
-    for variant, eps in tqdm(points, desc="sweep", unit="point", disable=None if cfg.progress else True):
-        mode = variant.mode
-        run = _point_dir(out, variant, eps)
-        settings = base.replaced(mode=mode, policy="full", allow_full=True, self_influence=True,
+    with progress_bar(cfg.progress, len(points), "sweep", unit="point") as bar:
+        for variant, eps in points:
+            rows.append(_point(cfg, variant, eps, ckpt_dir, reconstructs))
+            bar.update(1)
+    write_table(rows, out)
+    plot(rows, out / "sweep.png", base.task.task)
+    return rows
+
+
+def _point(cfg: SweepConfig, variant: Variant, eps: float, ckpt_dir: Path, reconstructs: bool) -> dict:
+    """One point's row: measured (simulation, evaluation, attacks), or read back where an earlier
+    sweep measured it with the same settings; handed to ``cfg.on_point`` when done."""
+    mode = variant.mode
+    run = _point_dir(Path(cfg.out), variant, eps)
+    settings = cfg.base.replaced(mode=mode, policy="full", allow_full=True, self_influence=True,
                                  checkpoint_dir=str(ckpt_dir.resolve()), out=str(run.resolve()),
                                  epsilon=None if math.isinf(eps) else float(eps),
                                  kernel_source=variant.kernel_source if mode == "private" else "auto",
                                  secure_agg=variant.secure_agg)
-        key = {"settings": settings.flat(), "subsets": cfg.subsets, "attack_targets": cfg.attack_targets}
-        done = _finished_row(run, key)
-        if done is not None:
-            rows.append(done)
-            continue
+    key = {"settings": settings.flat(), "subsets": cfg.subsets, "attack_targets": cfg.attack_targets}
+    done, start = _finished_row(run, key), time.perf_counter()
+    if done is not None:
+        row = {**done, "line": variant.label}  # named as today's sweeps name it
+    else:
         summary = run_simulation(settings)
         block = evaluate_run(run, EvalOptions(subsets=cfg.subsets, owner_subsets=cfg.subsets, seed=0, ceiling=False,
                                               cache_dir=cfg.cache_dir, progress=False))
         privacy = summary.privacy
         mis = block.get("mislabel", {})
         attack = _attack_measures(run, mode, cfg.attack_targets, reconstructs)
-        rows.append({
+        row = {
             "line": variant.label, "mode": mode, "kernel_source": summary.kernel_source,
             "secure_aggregation": bool(privacy and privacy.secure_aggregation), "epsilon": eps,
             "sigma": privacy.noise_multiplier if privacy else 0.0,
@@ -165,12 +188,12 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             "owner_lds_ci_high": block["owner_lds"]["ci_high"],
             "mislabel_auroc": mis.get("examples", {}).get("auroc", float("nan")),
             "mislabel_auroc_owners": mis.get("owners", {}).get("auroc", float("nan")),
-            **attack, "seconds": summary.total_seconds,
-        })
-        (run / POINT_FILE).write_text(json.dumps({**key, "row": rows[-1]}, default=_json_number))
-    write_table(rows, out)
-    plot(rows, out / "sweep.png", base.task.task)
-    return rows
+            **attack, "seconds": summary.total_seconds, "point_seconds": round(time.perf_counter() - start, 1),
+        }
+        (run / POINT_FILE).write_text(json.dumps({**key, "row": row}, default=_json_number))
+    if cfg.on_point:
+        cfg.on_point(row, done is not None)
+    return row
 
 
 #: A finished point's row and what it was measured with, beside its run folder: a sweep run again
@@ -212,40 +235,13 @@ def _attack_measures(run: Path, mode: str, targets: int, reconstructs: bool = Tr
             "membership_epsilon": mem.get("empirical_epsilon_lower_bound", nan)}
 
 
-def _attack_text(row: dict) -> str:
-    """The reconstruction attack's cell: recovered share, PSNR (class mean); "not applicable" for token ids."""
-    if math.isnan(row["attack_recovered"]):
-        return "not applicable"
-    return f"{row['attack_recovered']:.0%}, {row['attack_psnr']:.1f} ({row['attack_baseline_psnr']:.1f})"
-
-
-def _eps_text(eps: float) -> str:
-    return "inf" if math.isinf(eps) else f"{eps:g}"
-
-
 def write_table(rows: list[dict], out: Path) -> None:
     """``sweep.csv`` and ``sweep.md``."""
     with open(out / "sweep.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({**r, "epsilon": _eps_text(r["epsilon"])} for r in rows)
+        writer.writerows({**r, "epsilon": eps_text(r["epsilon"])} for r in rows)
     (out / "sweep.md").write_text(format_table(rows) + "\n")
-
-
-def format_table(rows: list[dict]) -> str:
-    """The sweep as a markdown table."""
-    lines = [("| mode (kernel) | epsilon | sigma | LDS | owner-level LDS | mislabel AUROC (examples / owners) | "
-              "attack: recovered, PSNR dB (class mean) | membership: empirical epsilon |"),
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kernel = r.get("kernel_source", "private") + (", secagg" if r.get("secure_aggregation") else "")
-        lines.append(f"| {r.get('line', r['mode'])} ({kernel}) | {_eps_text(r['epsilon'])} | {r['sigma']:.3g} | {r['lds']:.3f} "
-                     f"[{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}] | {r['owner_lds']:.3f} "
-                     f"[{r['owner_lds_ci_low']:.3f}, {r['owner_lds_ci_high']:.3f}] | "
-                     f"{r['mislabel_auroc']:.3f} / {r['mislabel_auroc_owners']:.3f} | "
-                     f"{_attack_text(r)} | "
-                     f"{r['membership_epsilon']:.2f} |")
-    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -260,8 +256,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     panels = [("lds", "LDS"), ("owner_lds", "owner-level LDS"), ("mislabel_auroc", "mislabel AUROC (examples)"),
               ("attack_psnr", "attack: PSNR of rebuilt examples (dB)")]
     for ax, (key, label) in zip(axes, panels):
-        for mode in dict.fromkeys(_line(r) for r in rows):
-            pts = sorted(((x(r["epsilon"]), r) for r in rows if _line(r) == mode), key=lambda p: p[0])
+        for mode in dict.fromkeys(line_of(r) for r in rows):
+            pts = sorted(((x(r["epsilon"]), r) for r in rows if line_of(r) == mode), key=lambda p: p[0])
             xs = [p[0] for p in pts]
             ys = [p[1][key] for p in pts]
             line = ax.plot(xs, ys, marker="o", label=mode)[0]
@@ -290,28 +286,3 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _line(row: dict) -> str:
-    return row.get("line", row["mode"])
-
-
-def keeps_fraction(rows: list[dict], line: str, fraction: float = 0.8) -> float | None:
-    """The smallest epsilon at which ``line``'s LDS is at least ``fraction`` of its LDS at epsilon inf."""
-    base = [r["lds"] for r in rows if _line(r) == line and math.isinf(r["epsilon"])]
-    if not base:
-        return None
-    good = [r["epsilon"] for r in rows if _line(r) == line and not math.isinf(r["epsilon"])
-            and r["lds"] >= fraction * base[0]]
-    return min(good) if good else None
-
-
-def summary_line(rows: list[dict]) -> str:
-    """Where each line keeps 80% of its non-private LDS."""
-    parts = []
-    for mode in dict.fromkeys(_line(r) for r in rows):
-        eps = keeps_fraction(rows, mode)
-        parts.append(f"{mode}: LDS keeps 80% of its non-private value from epsilon "
-                     f"{'(none measured)' if eps is None else f'{eps:g}'}")
-    return "; ".join(parts)
-

@@ -12,8 +12,9 @@ from fedtrak.errors import FedtrakError
 from fedtrak.privacy.mechanisms import DPSettings
 from fedtrak.simulations.attacks import metrics
 from fedtrak.simulations.attacks.bench import attack_dp
+from fedtrak.simulations.attacks.conclusion import attack_conclusion
 from fedtrak.simulations.attacks.inversion import InversionSettings
-from fedtrak.simulations.attacks.suite import AttackSetting, attack_setting
+from fedtrak.simulations.attacks.suite import AttackSetting, attack_setting, format_block
 
 FAST = InversionSettings(steps=150, restarts=2)
 
@@ -46,6 +47,9 @@ def test_a_small_clients_gram_gives_its_examples_away_without_noise(digits_logre
     assert [r["client_examples"] for r in rows] == [1, 4]
     assert all(r["recovered"] == 1.0 and r["psnr_mean"] > 30 for r in rows)
     assert images["small_owner_true"].shape == images["small_owner_rec"].shape == (4, 64)
+    assert attack_conclusion(block).startswith(
+        "Without noise a curious server reading an owner's releases (its client Gram) rebuilt all of the examples "
+        f"of owners holding 1 or 4 (PSNR {rows[0]['psnr_mean']:.0f} dB for an owner holding 1 example, where a guess")
 
 
 def test_membership_is_certain_without_noise(digits_logreg, logreg_states):
@@ -119,3 +123,40 @@ def test_the_servers_feature_map_is_the_clients(digits_logreg, logreg_states, pr
     released, _, _ = view.client_features(x, y)
     mine = view.features(torch.as_tensor(x), torch.as_tensor(y)).detach().numpy()
     np.testing.assert_allclose(mine, released, rtol=1e-4, atol=1e-5 * np.abs(released).max())
+
+
+def _owner_row(n: int, recovered: float, psnr: float) -> dict:
+    return {"client_examples": n, "recovered": recovered, "psnr_mean": psnr, "baseline": {"psnr_mean": 14.77}}
+
+
+def test_the_attack_conclusion_says_what_was_rebuilt_and_names_the_attacks_not_run():
+    """One sentence of what the server rebuilt at the run's epsilon (only what was measured), the
+    owner-size rows named by the examples the owner holds, then each attack not run, with why."""
+    block = {"mode": "private", "projector": "rademacher", "proj_dim": 64, "secure_aggregation": False,
+             "accounted_epsilon": None, "run_epsilon": None, "client_size": 150,
+             "inversion": {"skipped": "private mode releases no per-example features"},
+             "small_owner": {"release": "client Gram", "sizes": [
+                 _owner_row(1, 1.0, 56.51), _owner_row(2, 1.0, 50), _owner_row(4, 0.75, 30), _owner_row(16, 0.0, 12),
+                 _owner_row(64, 0.0, 11)]},
+             "membership": {"tpr": 1.0, "fpr": 0.0, "empirical_epsilon_lower_bound": 4.045, "accounted_epsilon": None}}
+    assert attack_conclusion(block).splitlines() == [
+        ("Without noise a curious server reading an owner's releases (its client Gram) rebuilt all of the examples of "
+        "owners holding 1 or 2, 3 of the 4 examples of an owner holding 4 and none of the examples of owners holding "
+        "16 or 64 (PSNR 57 dB for an owner holding 1 example, where a guess of each class's mean image scores 15 dB); "
+        "membership inference told the owner's examples from others with a true-positive rate of 1 at a "
+        "false-positive rate of 0 (empirical epsilon >= 4.045). An example counts as rebuilt where it is "
+        "recognizable (PSNR >= 20 dB)."),
+        "Feature inversion was not run: private mode releases no per-example features."]
+    text = format_block(block)
+    assert "client 0 cut down to its first N examples (it holds 150), its client Gram attacked:" in text
+    assert "    an owner holding 1 example: PSNR 56.51 dB, recovered 100%" in text and "small owner" not in text
+    noised = {**block, "run_epsilon": 1.0, "small_owner": {"release": "owner summary", "sizes": [_owner_row(1, 0.0, 12)]},
+              "membership": {"skipped": "features mode hides feature values, not their presence"},
+              "gram": {"skipped": "public kernel: clients release no Gram, there is none to attack"}}
+    assert attack_conclusion(noised).splitlines() == [
+        ("At epsilon 1 a curious server reading an owner's releases (its owner summary) rebuilt none of the examples "
+        "of an owner holding 1 example (PSNR 12 dB for an owner holding 1 example, where a guess of each class's "
+        "mean image scores 15 dB). An example counts as rebuilt where it is recognizable (PSNR >= 20 dB)."),
+        "Feature inversion was not run: private mode releases no per-example features.",
+        "Membership inference was not run: features mode hides feature values, not their presence.",
+        "The attack on a client's Gram was not run: public kernel: clients release no Gram, there is none to attack."]

@@ -219,3 +219,53 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path)
     done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.split() == ["script", "body", "2", "models"], done.stderr[-2000:]
+
+
+def test_the_conclusion_says_what_each_measure_means_and_names_what_was_skipped():
+    """A private run that kept its example scores on the devices: owner-level LDS with its ceiling,
+    then per-example LDS, mislabel detection and owner values named as not measured, with why."""
+    from fedtrak.simulations.evaluation.conclusion import (
+        CEILING_MEANS,
+        LDS_MEANS,
+        conclusion,
+        not_measured,
+    )
+
+    block = {"owner_lds": {"lds": 0.812, "ceiling": {"ceiling": 0.952}, "lds_over_ceiling": 0.853}}
+    skipped = not_measured("owner-totals", ["owner_lds"])
+    assert conclusion(block, skipped).splitlines() == [
+        "Owner-level LDS 0.81 (85% of its ceiling 0.95).",
+        f"{LDS_MEANS} {CEILING_MEANS}",
+        ("Per-example LDS was not measured: this run kept example scores on the devices (policy owner-totals; "
+        "fedtrak simulate --policy full releases them for evaluation)."),
+        "Mislabel detection was not measured: this run flipped no labels (make it with --flip-fraction).",
+        "Owner value was not measured: this run released no owner values (make it with --owner-value)."]
+    # measures named on the command line: the others were not asked for, so not listed; --no-ceiling is
+    mislabel = {"examples": {"auroc": 0.997}, "owners": {"auroc": 1.0}}
+    both = {"lds": {"lds": 0.3}, "mislabel": mislabel}
+    assert conclusion(both, not_measured("full", ["lds", "mislabel"], ["lds", "mislabel"], ceiling=False)).splitlines() == [
+        ("Per-example LDS 0.30; flipped labels found by self-influence with AUROC 1.00 per example and AUROC 1.00 "
+        "per owner (0.5 is chance)."), LDS_MEANS,
+        "The seed-noise ceiling was not measured: --no-ceiling skipped it (it retrains every subset once more)."]
+    above = {"lds": {"lds": 0.18, "ceiling": {"ceiling": 0.136}, "lds_over_ceiling": 1.32}}
+    assert conclusion(above, {}).startswith("Per-example LDS 0.18 (above its ceiling estimate 0.14, which is then "
+                                            "no bound: seed noise dominates).")
+
+
+@pytest.mark.slow
+def test_evaluate_ends_with_its_conclusion(trak_run, trak_ground_truth, gt_cache, tmp_path, capsys):
+    """The transcript of ``fedtrak evaluate`` with every measure the run supports (the fixture's
+    models reused): the table, then the conclusion, whose last lines name what was not measured."""
+    run = tmp_path / "run"
+    shutil.copytree(trak_run, run)
+    assert main(["evaluate", str(run), "--subsets", str(S), "--owner-subsets", "4", "--no-ceiling",
+                 "--cache-dir", str(gt_cache), "--quiet", "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    block = json.loads((run / "summary.json").read_text())["evaluation"]
+    assert lines[0].startswith("measure") and lines[1].startswith("LDS ")
+    assert lines[-5] == f"Owner-level LDS {block['owner_lds']['lds']:.2f}; per-example LDS {block['lds']['lds']:.2f}."
+    assert lines[-4].startswith("LDS is how well a random half's summed scores rank a query's margin")
+    assert lines[-3:] == [
+        "Mislabel detection was not measured: this run flipped no labels (make it with --flip-fraction).",
+        "Owner value was not measured: this run released no owner values (make it with --owner-value).",
+        "The seed-noise ceiling was not measured: --no-ceiling skipped it (it retrains every subset once more)."]

@@ -30,6 +30,7 @@ from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.results.summary import save
 from fedtrak.simulations.attacks import metrics
+from fedtrak.simulations.attacks.conclusion import holding
 from fedtrak.simulations.attacks.inversion import (
     DEFAULT_INVERSION,
     InversionSettings,
@@ -225,7 +226,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
                                    task.x_train[other], task.y_train[other], kinds)
-    block.update(**skipped, client=0, run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
+    block.update(**skipped, client=0, client_size=len(own), run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
                  threat_model="honest-but-curious server: knows checkpoints, model, projection seed, k, C, sigma")
     if images:
         np.savez_compressed(run.path / "attacks.npz", **images, input_shape=np.array(task.input_shape))
@@ -234,7 +235,8 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int
 
 
 def format_block(block: dict) -> str:
-    """The attacks block as a few lines of text."""
+    """The attacks block as a few lines of text (the owner-size attack's rows named by the examples
+    the attacked owner holds, with what that owner is)."""
     eps = block.get("accounted_epsilon")
     lines = [f"{block['mode']} mode, {block['projector']} k = {block['proj_dim']}, "
              f"epsilon {'inf' if eps is None else eps}" + (", secure aggregation" if block["secure_aggregation"] else "")]
@@ -243,8 +245,13 @@ def format_block(block: dict) -> str:
         lines.append(f"  inversion: PSNR {inv['psnr_mean']} dB, SSIM {inv['ssim_mean']}, recovered "
                      f"{inv['recovered']:.0%} (class mean: PSNR {inv['baseline']['psnr_mean']} dB, "
                      f"recovered {inv['baseline']['recovered']:.0%}), labels {inv['labels_correct']:.0%}")
-    for row in (block.get("small_owner") or {}).get("sizes", []):
-        lines.append(f"  small owner of {row['client_examples']}: PSNR {row['psnr_mean']} dB, recovered "
+    owner = block.get("small_owner") or {}
+    if owner.get("sizes"):
+        size = block.get("client_size")
+        lines.append(f"  owner-size attack: client 0 cut down to its first N examples"
+                     f"{'' if size is None else f' (it holds {size})'}, its {owner['release']} attacked:")
+    for row in owner.get("sizes", []):
+        lines.append(f"    {holding(row['client_examples'])}: PSNR {row['psnr_mean']} dB, recovered "
                      f"{row['recovered']:.0%} (class mean {row['baseline']['psnr_mean']} dB)")
     mem = block.get("membership")
     if mem and "skipped" not in mem:

@@ -69,18 +69,22 @@ def inversion_args(p: argparse.ArgumentParser) -> None:
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, SWEEP_KEYS, defaults={"flip-fraction": 0.1})
-    p.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated; inf: no noise")
-    p.add_argument("--modes", default="private,features", help="comma-separated modes")
+    p.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
+                   help="comma-separated whole-run epsilons; inf: no noise (default 0.5,1,2,4,8,inf)")
+    p.add_argument("--modes", default="private,features", help="comma-separated modes (default private,features)")
     p.add_argument("--kernel-sources", default="auto",
-                   help="comma-separated kernel sources of the private-mode lines (auto, private, public, hybrid)")
+                   help="comma-separated kernel sources of the private-mode lines: auto, private, public, hybrid "
+                        "(default auto)")
     p.add_argument("--secure-agg", default="default",
                    help="comma-separated secure aggregation choices of the private-mode lines: default (on "
-                        "under DP wherever Grams are released), on, off")
-    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS")
+                        "under DP wherever Grams are released), on, off (default default)")
+    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS (default 100)")
     p.add_argument("--attack-targets", type=positive_int, default=8,
-                   help="examples attacked at each point (feature inversion)")
-    p.add_argument("--cache-dir", type=Path, default=None)
+                   help="examples attacked at each point (feature inversion) (default 8)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs, table and plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the points' lines are still printed)")
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
@@ -107,17 +111,22 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     """LDS, owner-level LDS and mislabel detection of a run folder."""
     from fedtrak.results.summary import SUMMARY
+    from fedtrak.simulations.evaluation.conclusion import conclusion, not_measured
     from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run, format_table
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
+    from fedtrak.simulations.run_folder import RunFolder
 
     chosen = tuple(m for m, on in (("lds", args.lds), ("owner_lds", args.owner_lds),
                                    ("mislabel", args.mislabel), ("owner_value", args.owner_value)) if on)
     opts = EvalOptions(chosen, args.subsets, args.owner_subsets, args.alpha, args.eval_seed,
                        args.cache_dir or DEFAULT_CACHE, args.workers, progress=not args.quiet,
                        ceiling=not args.no_ceiling, value_seeds=args.value_seeds)
+    run = RunFolder.open(args.run_dir)  # before the retraining: a folder that is no run fails at once
     block = evaluate_run(args.run_dir, opts)
-    print(format_table({k: block[k] for k in (chosen or block)}))
+    shown = {k: block[k] for k in (chosen or block)}
+    print(format_table(shown))
     print(f"wrote the evaluation block of {args.run_dir / SUMMARY}")
+    print(conclusion(shown, not_measured(run.summary.release_policy, list(shown), chosen, opts.ceiling)))
     return 0
 
 
@@ -132,6 +141,7 @@ def report(args: argparse.Namespace) -> int:
 def attack(args: argparse.Namespace) -> int:
     """The curious server's attacks on a simulation's releases."""
     from fedtrak.results.summary import SUMMARY
+    from fedtrak.simulations.attacks.conclusion import attack_conclusion
     from fedtrak.simulations.attacks.inversion import InversionSettings
     from fedtrak.simulations.attacks.suite import attack_run, format_block
 
@@ -140,6 +150,7 @@ def attack(args: argparse.Namespace) -> int:
                                          label_candidates=args.label_candidates))
     print(format_block(block))
     print(f"wrote the attacks block of {args.run_dir / SUMMARY}")
+    print(attack_conclusion(block))
     return 0
 
 
@@ -172,18 +183,22 @@ def secure_agg_choices(text: str) -> list[bool | None]:
 
 def sweep(args: argparse.Namespace) -> int:
     """Attribution quality against epsilon, per mode."""
+    from tqdm import tqdm
+
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
-    from fedtrak.simulations.sweep import SweepConfig, format_table, run_sweep, summary_line
+    from fedtrak.simulations.evaluation.sweep_text import closing, format_table, point_line
+    from fedtrak.simulations.sweep import SweepConfig, run_sweep
 
     rows = run_sweep(SweepConfig(
         out=args.out, base=settings_from(args, SWEEP_KEYS), epsilons=epsilons(args.epsilons),
         modes=[m.strip() for m in args.modes.split(",")], subsets=args.subsets,
         kernel_sources=[k.strip() for k in args.kernel_sources.split(",")],
         secure_aggs=secure_agg_choices(args.secure_agg),
-        attack_targets=args.attack_targets, cache_dir=args.cache_dir or DEFAULT_CACHE))
+        attack_targets=args.attack_targets, cache_dir=args.cache_dir or DEFAULT_CACHE, progress=not args.quiet,
+        on_point=lambda row, reused: tqdm.write(point_line(row, reused))))
     print(format_table(rows))
-    print(summary_line(rows))
     print(f"wrote {args.out / 'sweep.csv'}, {args.out / 'sweep.md'} and {args.out / 'sweep.png'}")
+    print(closing(rows))
     return 0
 
 

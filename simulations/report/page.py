@@ -32,6 +32,7 @@ import numpy as np
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
 from fedtrak.results.summary import RunSummary
+from fedtrak.simulations.attacks.conclusion import holding
 from fedtrak.simulations.attacks.figure import strip_figure
 from fedtrak.simulations.attacks.metrics import RECOGNIZABLE_PSNR
 from fedtrak.simulations.report.tables import (
@@ -229,7 +230,7 @@ def _attack_rows(block: dict) -> list[tuple[str, str]]:
                                            f"{inv['baseline']['psnr_mean']} dB, recovered "
                                            f"{inv['baseline']['recovered']:.0%})")))
     for r in block.get("small_owner", {}).get("sizes", []):
-        rows.append((f"small owner of {r['client_examples']} ({block['small_owner']['release']})",
+        rows.append((f"{holding(r['client_examples'])} ({block['small_owner']['release']})",
                      (f"PSNR {r['psnr_mean']} dB, recovered {r['recovered']:.0%} (class mean "
                       f"{r['baseline']['psnr_mean']} dB, {r['baseline']['recovered']:.0%})")))
     mem = block.get("membership", {})
