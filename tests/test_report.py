@@ -40,9 +40,13 @@ def test_report_of_an_evaluated_mislabel_run(mislabel_run):
     assert "Run fedtrak evaluate on this folder" in page and "mislabel detection (examples)" in page
     # self-contained: no scripts, style sheets, fonts or anything fetched over the network
     assert not re.search(r"<script|<link|@import|url\(|https?://", page)
-    assert sorted(p.name for p in (run / "report").iterdir()) == ["figure-1.png", "figure-2.png",
-                                                                 "figure-4.png"]
-    assert (run / "report" / "figure-1.png").read_bytes() == images[0]
+    # each figure's file is named by its content (no LDS figure: LDS not measured yet)
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["mislabel.png", "owners.png", "proponents.png"]
+    assert [(run / "report" / n).read_bytes() for n in ("proponents.png", "owners.png", "mislabel.png")] == images
+    # the run's settings, one per row: "checkpoints (M)" 1, "projection (k)" k = 512 and the projector
+    assert "<tr><th>checkpoints (M)</th><td>1</td></tr>" in page
+    assert re.search(r"<tr><th>projection \(k\)</th><td>k = 512, [a-z-]+</td></tr>", page)
+    assert "checkpoints M, projection k" not in page
 
 
 def test_report_without_released_scores_shows_no_examples(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """``fedtrak report RUN_DIR``: one self-contained HTML page about a run.
 
 The page holds PNG figures (embedded as ``data:`` URIs, and also written
-beside it) and tables, with no external script, style sheet or font, so it
+beside it under ``report/``, each named by its content: ``proponents.png``, ``owners.png``,
+``lds.png``, ``mislabel.png``, ``attacks.png``) and tables, with no external script, style sheet or font, so it
 opens in a browser without network access:
 
 * for a few queries, the query image beside its top proponents and
@@ -251,7 +252,8 @@ def _run_rows(summary: RunSummary) -> list[tuple[str, str]]:
     rows = [("task", summary.task),
             ("mode", f"{summary.mode} (release: {summary.release_policy})"),
             ("training examples x queries", f"{summary.num_train} x {summary.num_queries}"),
-            ("checkpoints M, projection k", f"{summary.num_checkpoints}, {summary.proj_dim} ({summary.projector})"),
+            ("checkpoints (M)", f"{summary.num_checkpoints}"),
+            ("projection (k)", f"k = {summary.proj_dim}, {summary.projector}"),
             ("lambda per checkpoint", ", ".join(f"{v:.4g}" for v in summary.lambdas)),
             ("ensembling", f"{shape['ensemble']}; normalization {shape['normalization']}"),
             ("score sign", shape["score_sign"]),
@@ -300,30 +302,33 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     out = Path(out) if out else run.path / "report.html"
     figures_dir = out.parent / "report"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    for numbered in figures_dir.glob("figure-[0-9].png"):  # the names before figures were named by content
+        numbered.unlink()
     owners = np.asarray(run.array("owner_scores", "a report"))
     queries = pick_queries(owners.shape[0], num_queries)
     task = _run_task(run)
     table = (text_table(run, task, queries) or proponent_table(run, task, queries)) if task else None
-    # (title, figure (or a table's HTML) or None, caption, why it may be missing)
-    sections: list[tuple[str, bytes | str | None, str, str]] = [
+    # (title, figure (or a table's HTML) or None, caption, why it may be missing, the figure's file name)
+    sections: list[tuple[str, bytes | str | None, str, str, str]] = [
         ("Top proponents and opponents", (proponent_figure(run, task, queries) or table) if task else None,
          "The training examples with the highest and lowest scores for each query.",
          ("Shown only where the run released example scores and the examples are the task's own "
-          "(a simulation or the centralized path); a deployed run's examples never leave their devices.")),
+          "(a simulation or the centralized path); a deployed run's examples never leave their devices."),
+         "proponents.png"),
         ("Owner-level attribution", owner_figure(run, queries, task),
          ("Each owner's total score for a query: the sum of its examples' scores (positive: the owner's "
-          "data raises the query's margin)."), ""),
+          "data raises the query's margin)."), "", "owners.png"),
         ("LDS", lds_figure(run),
          ("Linear datamodeling score: per query, the rank correlation between the summed scores of a "
           "random subset and the margin of a model retrained on it."),
-         "Run fedtrak evaluate on this folder to measure it."),
+         "Run fedtrak evaluate on this folder to measure it.", "lds.png"),
         ("Mislabel detection", mislabel_figure(run),
          "Self-influence (each example's score for itself) of flipped against clean labels.",
-         "Only for runs made with label flips (--flip-fraction)."),
+         "Only for runs made with label flips (--flip-fraction).", "mislabel.png"),
         ("What can the server see?", attack_figure(run),
          (f"Reconstructions by a curious server from this run's releases (recognizable: PSNR >= "
           f"{RECOGNIZABLE_PSNR:g} dB); numbers in the table above."),
-         "Run fedtrak attack on this folder to measure it."),
+         "Run fedtrak attack on this folder to measure it.", "attacks.png"),
     ]
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedtrak report: "
              f"{html.escape(run.path.name)}</title><style>{STYLE}</style></head><body>"),
@@ -334,9 +339,8 @@ def write_report(run_dir: Path, out: Path | None = None, num_queries: int = 4) -
     attack_rows = _attack_rows(run.summary.attacks)
     if attack_rows:
         parts.append("<h2>Attacks</h2>" + _table(attack_rows))
-    for i, (title, png, caption, missing) in enumerate(sections):
+    for title, png, caption, missing, name in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        name = f"figure-{i + 1}.png"
         if png is None:
             (figures_dir / name).unlink(missing_ok=True)
             parts.append(f"<p class='note'>Not available for this run. {html.escape(missing)}</p>")
