@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fedtrak import wire
 from fedtrak.client import secure_aggregation as secagg
+from fedtrak.client.data import owner_label
 from fedtrak.client.featurize import featurize_into_store
 from fedtrak.client.node import Local
 from fedtrak.client.node_settings import without_local_paths
@@ -82,7 +83,9 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
                 reason = f"{sent}\n{traceback.format_exc(limit=5)}"
                 sent = _generic(step, exc) if _private(msg) else sent
             log.error("node %s: %s", ctx.node_id, reason)
-            return Message(Error(HANDLER_ERROR, without_local_paths(sent, ctx.node_config)), reply_to=msg)
+            sent, owner = without_local_paths(sent, ctx.node_config), owner_label(ctx.node_config, None)
+            sent = wire.error_reason(owner, sent) if owner else sent  # the server names a refusal by owner
+            return Message(Error(HANDLER_ERROR, sent), reply_to=msg)
 
         return handler
 

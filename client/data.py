@@ -116,20 +116,29 @@ def load_client_data(job: Job, node_config: Mapping, node_id: int) -> ClientData
         if job.flips().active:
             raise FedtrakError("label flips are a simulation setting: this node reads its own data file")
         x, y = read_device_data(Path(str(node_config["data-path"])), task)
-        owner = str(node_config.get("owner") or node_id)
-        return ClientData(owner, -1, x, y, np.arange(len(y), dtype=np.int64))
+        return ClientData(owner_label(node_config, node_id), -1, x, y, np.arange(len(y), dtype=np.int64))
     if "partition-id" in node_config and "num-partitions" in node_config:
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if not 0 <= pid < num:
             raise FedtrakError(f"partition-id {pid} is outside [0, {num})")
         parts, labels = _cached_partition(replace(job, run_id=""), num)
         idx = parts.clients[pid]
-        return ClientData(str(node_config.get("owner") or pid), pid, pooled_task(job).x_train[idx],
+        return ClientData(owner_label(node_config, node_id), pid, pooled_task(job).x_train[idx],
                           labels[idx], idx.astype(np.int64))
     raise FedtrakError(
         "the node config names no data: give data-path (an .npz with x and y) on a device, "
         "or partition-id and num-partitions in simulation"
     )
+
+
+def owner_label(node_config: Mapping, node_id: int | None) -> str:
+    """The label a device's results are reported under, as its replies name it: its node config's
+    ``owner``; else a simulated client's partition id, or the node id (``""`` for ``None``)."""
+    if node_config.get("owner"):
+        return str(node_config["owner"])
+    if not node_config.get("data-path") and "partition-id" in node_config:
+        return str(int(node_config["partition-id"]))
+    return "" if node_id is None else str(node_id)
 
 
 class DataFileError(FedtrakError):

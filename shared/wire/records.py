@@ -6,7 +6,9 @@ The building blocks the messages of :mod:`fedtrak.wire.attribution` and
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import fields
 from io import BytesIO
@@ -233,3 +235,25 @@ def _config_value_bytes(value: object) -> int:
     if isinstance(value, (str, bytes)):
         return len(value)
     return 1 if isinstance(value, bool) else 8
+
+
+#: How an error reply's reason names the replying device's owner, at its end (the public label every
+#: reply of the device names in its info record), so that a refusal is reported by owner.
+_OWNER_TAG = re.compile(r' \[owner ("(?:[^"\\]|\\.)*")\]\Z')
+
+
+def error_reason(owner: str, reason: str) -> str:
+    """An error reply's ``reason`` that names the device's ``owner`` at its end: ``... [owner "a"]``."""
+    return f"{reason} [owner {json.dumps(owner)}]"
+
+
+def error_owner(reason: str) -> tuple[str, str]:
+    """The owner an error reply's reason names (``""`` if none) and the reason without it."""
+    found = _OWNER_TAG.search(reason)
+    if found is None:
+        return "", reason
+    try:
+        owner = json.loads(found.group(1))
+    except ValueError:
+        return "", reason
+    return str(owner), reason[:found.start()]
