@@ -22,8 +22,9 @@ from fedtrak.privacy.budget import GRAM
 from fedtrak.privacy.mechanisms import noise_floor, public_bound, summary_ridge, value_contributions
 from fedtrak.privacy.quantile import NORM_EDGES, quantile_from_histogram
 from fedtrak.results.folder import query_groups
-from fedtrak.server.federation import CountingGrid, Federation
+from fedtrak.server.federation import Federation
 from fedtrak.server.gram_fold import GramFold
+from fedtrak.server.grid import CountingGrid
 from fedtrak.server.query_batches import batch_request, batch_rows, joined_releases
 from fedtrak.server.resume import RunState, SavedKernels, restored_secure_sum, saved_secure_sum
 from fedtrak.server.secure_aggregation import SecureSum, secure_gram_sum
@@ -95,7 +96,7 @@ def estimate_clip_norm(fed: Federation, job: Job, states: States, quantile: floa
     (:mod:`fedtrak.privacy.quantile`); clients featurize into their stores on the way."""
     with timer.phase("clip_round"):
         request = wire.encode_featurize_request(job, states, clip_round=True)
-        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request))
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request), label="clip-norm round (norm histograms)")
     fed.note_info(replies)
     total = np.zeros(len(NORM_EDGES) - 1)
 
@@ -132,7 +133,8 @@ def plain_gram_sum(fed: Federation, job: Job, states: States, ms: list[int], tim
             fold.add(node, fed.source(node), count, grams)
 
     with timer.phase("featurize_round"):
-        fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request), on_reply=add)
+        fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request), on_reply=add,
+                      label=f"featurize ({len(states)} checkpoint{'' if len(states) == 1 else 's'})")
     with timer.phase("gram_sum"):
         sums = fold.result()
     nodes = fed.require_clients("featurize")
@@ -213,7 +215,8 @@ def _score_replies(fed: Federation, job: Job, request: wire.ScoreRequest, owner_
         batch = request if whole else batch_request(request, start, stop, num_queries)
         content = wire.encode_score_request(batch)
         with timer.phase("score_round"):
-            replies = fed.broadcast(wire.SCORE, lambda node, content=content: RecordDict(content))
+            replies = fed.broadcast(wire.SCORE, lambda node, content=content: RecordDict(content),
+                                    label="score" if whole else f"score (queries {start}-{stop - 1} of {num_queries})")
         if saved is not None and start == 0:  # no featurize round: who is who comes with the score replies
             fed.note_info(replies)
             kernel_owners = {p["owner"] for p in saved.participants}

@@ -36,13 +36,9 @@ from fedtrak.results.folder import (
     add_self_influence,
 )
 from fedtrak.results.summary import SUMMARY, RunSummary
-from fedtrak.server.federation import (
-    PULL_PAUSE,
-    SIMULATION_PULL_PAUSE,
-    CountingGrid,
-    Federation,
-    wait_for_nodes,
-)
+from fedtrak.results.summary_blocks import coverage_line
+from fedtrak.server.federation import Federation
+from fedtrak.server.grid import PULL_PAUSE, SIMULATION_PULL_PAUSE, CountingGrid, wait_for_nodes
 from fedtrak.server.preflight import Plan, check_lambda_against_noise, preflight
 from fedtrak.server.resume import RunState
 from fedtrak.server.rounds import estimate_clip_norm, obtain_checkpoints, run_features, run_private
@@ -133,7 +129,10 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
         if kind == "flower":  # the operator reads the ServerApp's log (flwr run --stream): say where and what next
             where = (f"results: {out_dir} on the SuperLink host ({SUMMARY}, owner_scores.npy and the rest of "
                      "the run folder)")
-            for line in [where, *answer_lines(out_dir, summary)]:
+            if summary.warning:
+                log.warning("%s", summary.warning)
+            for line in [where, *answer_lines(out_dir, summary),
+                         coverage_line([o.owner for o in summary.owners], list(summary.clients.excluded))]:
                 log.info("%s", line)
         return summary
     except RunFailed as exc:  # ended on purpose: the run folder says why

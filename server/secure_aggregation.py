@@ -94,7 +94,8 @@ def secure_gram_sum(fed: Federation, job: Job, states: list, checkpoints: list[i
     dim, dp, fraction = job.resolved.proj_dim, job.dp(), job.settings.secagg.secagg_threshold
     with timer.phase("featurize_round"):
         request = wire.encode_featurize_request(job, states, secagg_context=job.run_id)
-        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request))
+        replies = fed.broadcast(wire.FEATURIZE, lambda node: RecordDict(request),
+                                label="secure aggregation 1/4 (featurize, keys)")
     fed.note_info(replies, counted=False)  # the keys carry no count: it leaves with the masked input
     client_seconds = {n: wire.read_timing(c) for n, c in replies.items() if wire.read_timing(c)}
     adverts = fed.accept(replies, lambda node, c: _checked_advert(c, node, context, fed.source(node)))

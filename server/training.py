@@ -10,6 +10,7 @@ centralized ones as soon as it is trained.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from fedtrak.privacy.training import (
     trains_openly,
     trains_privately,
 )
+from fedtrak.server.step_log import fedavg_round
 from fedtrak.wire import FEDAVG_KEYS, record_to_state, state_to_record, train_config, with_frozen
 from fedtrak.wire.job import Job
 
@@ -108,9 +110,11 @@ def train_fedavg_checkpoints(
         def snapshot(server_round: int, arrays: Any) -> None:  # Flower's ArrayRecord of the round's model
             if server_round >= 1:
                 bar.update()
+                fedavg_round(m, runs, server_round, t.rounds, time.monotonic() - start)
             if keep_from is not None and server_round >= keep_from:
                 save(record_to_state(arrays), seed, server_round, True)
 
+        start = time.monotonic()
         result = strategy.start(grid, state_to_record(seeded_model(task, seed).state_dict()), num_rounds=t.rounds,
                                 timeout=timeout, train_config=train_config(job, m), evaluate_fn=snapshot)
         if len(result.train_metrics_clientapp) < t.rounds:

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from fedtrak.errors import FedtrakError
-from fedtrak.server import federation
-from fedtrak.server.federation import wait_for_nodes
+from fedtrak.server import grid
+from fedtrak.server.grid import wait_for_nodes
 
 
 class Arrivals:
@@ -26,7 +26,7 @@ class Arrivals:
 
 
 def test_it_says_how_many_it_waits_for_and_uses_exactly_clients_of_them(monkeypatch, caplog):
-    monkeypatch.setattr(federation, "WAIT_LOG_EVERY", 0.0)
+    monkeypatch.setattr(grid, "WAIT_LOG_EVERY", 0.0)
     with caplog.at_level(logging.INFO, logger="fedtrak.server"):
         nodes = wait_for_nodes(Arrivals(1, 5), 3, timeout=30, poll=0.01)
     assert nodes == [100, 101, 102]

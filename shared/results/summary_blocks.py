@@ -33,6 +33,25 @@ class Excluded:
     owner: str | None
     reason: str
 
+    @property
+    def name(self) -> str:
+        """How a reader names it: by owner where it named one, and by node id."""
+        return f"owner {self.owner!r} (node {self.node_id})" if self.owner else f"node {self.node_id}"
+
+
+#: Owners named one by one in :func:`coverage_line`; more are counted.
+NAMED_OWNERS = 10
+
+
+def coverage_line(owners: list[str], excluded: list[Excluded]) -> str:
+    """Whose data a federated run's results cover, and who was left out, in one line."""
+    names = ", ".join(repr(o) for o in owners[:NAMED_OWNERS])
+    more = f" and {len(owners) - NAMED_OWNERS} more" if len(owners) > NAMED_OWNERS else ""
+    line = f"the results cover {len(owners)} owner{'' if len(owners) == 1 else 's'}: {names}{more}"
+    if excluded:
+        line += f"; excluded: {', '.join(e.name for e in excluded)}"
+    return line
+
 
 @dataclass(frozen=True)
 class Partition:

@@ -100,4 +100,4 @@ def print_federated(summary: RunSummary, out: Path) -> None:
         print("  training (DP-SGD): " + (f"epsilon up to {alone:.3g} per client; " if alone is not None else "")
               + ("" if both is None else f"with the attribution releases, up to {both:.3g}"))
     for ex in clients.excluded:
-        print(f"  excluded: client {ex.owner or '?'} (node {ex.node_id}): {ex.reason.splitlines()[0]}")
+        print(f"  excluded: {ex.name}: {ex.reason.splitlines()[0]}")
