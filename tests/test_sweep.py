@@ -67,6 +67,18 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert main(args + ["--quiet"]) == 0
     assert (out / "sweep.md").read_text() == table
     assert capsys.readouterr().out.splitlines()[0].endswith("(measured before, reused)")
+    # fedtrak attack on the epsilon-2 point (a small budget): what was rebuilt at epsilon 2, then the attacks
+    # that do not apply, with why
+    point = out / "private-eps-2"
+    assert main(["attack", str(point), "--targets", "2", "--trials", "50", "--steps", "20", "--restarts", "1",
+                 "--label-candidates", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("    an owner holding 1 example: PSNR ") for line in lines)
+    assert lines[-3].startswith("At epsilon 2 a curious server reading an owner's releases (its owner summary) "
+                                "rebuilt ") and "membership inference told the owner's examples" in lines[-3]
+    assert lines[-2:] == [
+        "Feature inversion was not run: private mode releases no per-example features.",
+        "The attack on a client's Gram was not run: public kernel: clients release no Gram, there is none to attack."]
 
 
 def test_keeps_fraction_finds_the_smallest_epsilon():
