@@ -82,10 +82,10 @@ def _labels(task: Task, y: np.ndarray) -> list[int] | str:
     return f"real values in [{float(np.min(y)):.3g}, {float(np.max(y)):.3g}]"
 
 
-def load_app(app: Path) -> str:
+def load_app(app: Path) -> dict:
     """Import a Flower app's ClientApp module from the app's folder, as a SuperNode running the app
-    does, so that the tasks it registers (``fedtrak.register_task``) load by name here; return the
-    task its run config names (``[tool.flwr.app.config]``'s ``task``; ``""``: none).
+    does, so that the tasks it registers (``fedtrak.register_task``) load by name here; return its run
+    config (``[tool.flwr.app.config]``: its ``task`` and settings by run-config key).
 
     Raises:
         FedtrakError: if the folder has no Flower app's ``pyproject.toml`` or its ClientApp module
@@ -105,7 +105,7 @@ def load_app(app: Path) -> str:
     except Exception as exc:  # the user's code: named, not a traceback
         raise FedtrakError(f"--app {app}: cannot import its ClientApp module {module!r}: "
                            f"{type(exc).__name__}: {exc}") from exc
-    return str(flwr.get("config", {}).get("task") or "")
+    return dict(flwr.get("config", {}))
 
 
 def task_queries(task: Task) -> int:

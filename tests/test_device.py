@@ -157,8 +157,9 @@ def test_what_leaves_a_device_has_its_local_paths_taken_out(tmp_path):
 def test_device_check_takes_a_flower_apps_task_by_its_name_with_its_own_query_count(tmp_path, capsys,
                                                                                     monkeypatch):
     """The own-Flower-app example: --app imports its ClientApp as a SuperNode does, so its task loads by
-    the name it registers (and is the default --task); the check assumes the task's own query count (28
-    wines; digits: 149). Without --app the unknown name says how to make it known."""
+    the name it registers (and is the default --task, its run config's settings the defaults of the
+    others); the check assumes the task's own query count (28 wines; digits: 149). Without --app the
+    unknown name says how to make it known."""
     import json
     import sys
     from pathlib import Path
@@ -177,8 +178,10 @@ def test_device_check_takes_a_flower_apps_task_by_its_name_with_its_own_query_co
     assert main(["device", "check", "--app", str(app), "--data", str(data), "--json", str(report)]) == 0
     shown = json.loads(report.read_text())
     assert shown["task"] == "wine-mlp" and shown["queries"] == 28 and shown["releases"][-1]["shape"] == [28]
-    assert main(["device", "check", "--app", str(app), "--task", "wine-mlp", "--data", str(data)]) == 0
-    assert "task wine-mlp: 30 examples" in capsys.readouterr().out
+    assert shown["proj_dim"] == 64 and shown["checkpoints"] == 3  # the app's run config, not k = 512
+    assert main(["device", "check", "--app", str(app), "--task", "wine-mlp", "--data", str(data),
+                 "--proj-dim", "32", "--json", str(report)]) == 0  # an option given comes first
+    assert "task wine-mlp: 30 examples" in capsys.readouterr().out and json.loads(report.read_text())["proj_dim"] == 32
     assert device_report("digits-logreg", _digits_file(tmp_path), proj_dim=16)["queries"] == 149
 
 

@@ -27,16 +27,34 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
 
 
+#: The run's settings ``fedtrak device check`` takes (its options, or an ``--app``'s run config).
+CHECK_KEYS = ["task", "proj-dim", "projector", "weighting", "checkpoints", "noise-multiplier", "clip-norm",
+              "secure-agg", "policy", "kernel-source"]
+
+
+def _check_settings(args: argparse.Namespace, app_config: dict) -> dict:
+    """The check's run settings by field name: each option given, else the app's run config (``""``:
+    unset there), else the setting's default."""
+    out = {}
+    for key, spec in Settings.specs().items():
+        if key in CHECK_KEYS:
+            app = app_config.get(key, "")
+            out[spec.name] = getattr(args, spec.name, spec.default if app in ("", None) else spec.coerce(app))
+    return out
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="device", required=True, parser_class=OneLineParser)
     check = sub.add_parser("check", help="load the data, featurize one batch, list what would leave the device")
-    add_settings(check, ["task", "proj-dim", "projector", "weighting", "checkpoints", "noise-multiplier",
-                         "clip-norm", "secure-agg", "policy", "kernel-source"], defaults={"task": None})
+    add_settings(check, CHECK_KEYS, defaults={"task": None})
+    for action in check._actions:  # unset when not given: --app's run config comes before the defaults
+        if action.dest in {Settings.specs()[k].name for k in CHECK_KEYS}:
+            action.default = argparse.SUPPRESS
     next(a for a in check._actions if a.dest == "task").help += " (default: --app's task, else digits-logreg)"
     check.add_argument("--app", type=Path, default=None,
                        help="a Flower app's folder (its pyproject.toml): import its ClientApp, as a SuperNode "
-                            "running it does, so that the tasks it registers load by name; --task defaults to "
-                            "the task of its run config")
+                            "running it does, so that the tasks it registers load by name; its run config's "
+                            "task and settings are the defaults of the options above")
     check.add_argument("--data", type=Path, required=True, help="the device's .npz with x and y")
     check.add_argument("--ledger", type=Path, default=None,
                        help="show the device's privacy ledgers: its store-dir (one ledger per owner folder in "
@@ -110,16 +128,16 @@ def device(args: argparse.Namespace) -> int:
     if args.device == "results":
         print(format_results(read_results(args.folder), args.queries))
         return 0
-    if args.noise_multiplier < 0:
-        raise FedtrakError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
     # every owner's ledger in a store-dir, or the one file given; a path without any fails first
     ledgers = None if args.ledger is None else describe_ledgers(args.ledger, args.privacy_budget,
                                                                 args.privacy_budget_delta)
-    app_task = load_app(args.app) if args.app is not None else ""
-    task = args.task or app_task or Settings().task.task
-    report = device_report(task, args.data, args.proj_dim, args.projector, args.checkpoints, args.queries,
-                           args.noise_multiplier, args.clip_norm, bool(args.secure_agg), args.policy,
-                           weighting=args.weighting, kernel_source=args.kernel_source)
+    s = _check_settings(args, load_app(args.app) if args.app is not None else {})
+    if s["noise_multiplier"] < 0:
+        raise FedtrakError(f"--noise-multiplier must be >= 0, got {s['noise_multiplier']}")
+    report = device_report(s["task"] or Settings().task.task, args.data, s["proj_dim"], s["projector"],
+                           s["checkpoints"], args.queries, s["noise_multiplier"], s["clip_norm"],
+                           bool(s["secure_agg"]), s["policy"], weighting=s["weighting"],
+                           kernel_source=s["kernel_source"])
     if ledgers is not None:
         report["ledgers"] = ledgers
         if len(ledgers) == 1:  # the report's former key, for one ledger
