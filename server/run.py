@@ -125,7 +125,7 @@ def run_federated(flower_grid: Grid, settings: Settings, kind: str = "flower", p
                               timer, reused if resumed is not None else None).marked(True)
         writer.commit(summary)
         state.clear()
-        log.info("fedtrak: wrote %s", out_dir)
+        log.info("wrote %s", out_dir)
         if kind == "flower":  # the operator reads the ServerApp's log (flwr run --stream): say where and what next
             where = (f"results: {out_dir} on the SuperLink host ({SUMMARY}, owner_scores.npy and the rest of "
                      "the run folder)")

@@ -4,18 +4,23 @@ Creates a CA and a SuperLink certificate with ``fedtrak certs`` and a key pair
 per SuperNode with ``fedtrak keys``, starts ``flower-superlink`` with TLS and
 ``--enable-supernode-auth``, registers three SuperNodes' keys with ``flwr
 supernode register`` and starts them, each with its own data file named in
-its node config, plus two intruders: one whose key is not registered and one
-that trusts another CA. Runs the app with ``flwr run`` with secure
+its node config, a fourth registered one that refuses the job (its own floor,
+``max-proj-dim``, is below the run's k), plus two intruders: one whose key is
+not registered and one that trusts another CA. Runs the app with ``flwr run`` with secure
 aggregation on (each message runs in a fresh process there, so the clients'
 protocol state must live on their disks), reads the run's status (``flwr
 run`` exits 0 even when the run fails), checks the result against the
-centralized path and that the intruders took no part, and stops every process
-it started (:class:`fedtrak.simulations.bench.deploy.Deployment`).
+centralized path and that the intruders took no part, checks what the
+operator's stream (``flwr run --stream``) showed: each step of secure
+aggregation with its clients as they replied, the refusing device excluded by
+its owner's name, which owners the results cover, and no line twice; and stops
+every process it started (:class:`fedtrak.simulations.bench.deploy.Deployment`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -42,18 +47,33 @@ def test_flwr_run_with_tls_and_node_authentication(tmp_path, digits_logreg, logr
     with Deployment(tmp_path) as dep:
         for c in range(3):
             dep.supernode(str(c), x[parts.clients[c]], y[parts.clients[c]], dep.keys(str(c)))
+        dep.supernode("refuser", x[parts.clients[0]], y[parts.clients[0]], dep.keys("refuser"), node_config="max-proj-dim=64")
         dep.supernode("unregistered", x[parts.clients[0]], y[parts.clients[0]], dep.keys("unregistered", False))
         # the wrong-CA node's key is registered: TLS alone keeps it out
         dep.supernode("wrong-ca", x[parts.clients[1]], y[parts.clients[1]], dep.keys("wrong-ca"), other_ca / "ca.crt")
-        dep.run(f"clients=3 checkpoint-dir='{logreg_ckpt_dir}' out='{out}' proj-dim=128 wait-for-nodes=120.0 "
+        dep.run(f"clients=4 checkpoint-dir='{logreg_ckpt_dir}' out='{out}' proj-dim=128 wait-for-nodes=120.0 "
                 "secure-agg=true")
     assert not dep.procs  # every process it started is stopped
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and summary["excluded"] == []
+    assert summary["complete"] and [e["owner"] for e in summary["excluded"]] == ["refuser"]
+    assert "above this node's max-proj-dim 64" in summary["excluded"][0]["reason"]
     assert [o["owner"] for o in summary["owners"]] == ["0", "1", "2"]  # the intruders took no part
-    assert len(summary["clients"]) == 3
-    assert all(c["bytes_received"] > 0 for c in summary["clients"])
+    assert len(summary["clients"]) == 4
+    assert all(c["bytes_received"] > 0 for c in summary["clients"] if c["owner"] != "refuser")
+    stream = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in (tmp_path / "flwr-run.log").read_text().splitlines()]
+    assert "fedtrak INFO: secure aggregation 1/4 (featurize, keys): asked 4 clients" in stream, stream
+    for step in ("1/4 (featurize, keys)", "2/4 (key shares)", "3/4 (masked Grams)", "4/4 (unmasking)"):
+        assert any(f"secure aggregation {step}: owner '" in line and "' replied (" in line for line in stream), step
+    excluded = summary["excluded"][0]["node_id"]
+    assert any(f"excluding owner 'refuser' (node {excluded}): " in line for line in stream), stream
+    assert "fedtrak WARNING: 1 client(s) excluded: results cover only the 3 listed owners" in stream
+    assert ("fedtrak INFO: the results cover 3 owners: '0', '1', '2'; excluded: owner 'refuser' "
+            f"(node {excluded})") in stream, stream
+    said = [line.split(":", 1)[1].strip() for line in stream if re.match(r"(fedtrak )?(INFO|WARNING|ERROR)", line)]
+    said = [line for line in said if line]
+    assert len(said) == len(set(said)), [line for line in said if said.count(line) > 1]  # each line once
+    assert not any(re.match(r"\d\d/\d\d/\d{4} ", line) for line in stream), stream  # no second copy of Flower's
     secure = summary["secure_aggregation"]
     assert secure["survivors"] == 3 and secure["threshold"] == 2 and secure["dropped"] == []
     intruders = {name: (tmp_path / f"{name}.log").read_text() for name in ("unregistered", "wrong-ca")}
