@@ -150,7 +150,8 @@ def test_dp_sgd_training_is_accounted_and_composed_with_the_attribution(tmp_path
 def test_the_main_job_ends_with_its_answer_and_prints_each_line_once(tmp_path):
     """``fedtrak simulate --epsilon 1`` as a user runs it (a subprocess, output not a terminal): it ends
     with the top owners of at least three queries, the privacy line and the next commands; no line
-    appears twice, and neither Ray's actor warnings nor any other warning shows without --verbose.
+    appears twice, and neither Ray's actor warnings nor any other warning shows without --verbose, nor a
+    progress bar (tests/test_pty.py runs the same command in a pseudo-terminal).
     The README's privacy paragraph holds: the training is DP-SGD inside the account, the whole run
     costs at most 1 with nothing left uncovered, and every device's ledger charged exactly that."""
     out = tmp_path / "sim"
@@ -163,6 +164,7 @@ def test_the_main_job_ends_with_its_answer_and_prints_each_line_once(tmp_path):
     lines = [line for line in text.splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
     assert "ClientAppActor" not in text and "WARNING" not in text and "Warning" not in text, text
+    assert "FedAvg rounds" not in text and "\r" not in text, text  # piped: no progress bar (tests/test_pty.py)
     tail = proc.stdout.splitlines()
     start = tail.index("top owners per query (share of the positive attribution):")
     queries = [line for line in tail[start:] if line.startswith("  query ")]
