@@ -238,7 +238,8 @@ def _attack_measures(run: Path, mode: str, targets: int, reconstructs: bool = Tr
 def write_table(rows: list[dict], out: Path) -> None:
     """``sweep.csv`` and ``sweep.md``."""
     with open(out / "sweep.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        # every row's keys, in order: rows reused from older sweeps may lack a newer column (point_seconds)
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows({**r, "epsilon": eps_text(r["epsilon"])} for r in rows)
     (out / "sweep.md").write_text(format_table(rows) + "\n")

@@ -17,7 +17,7 @@ from fedtrak.simulations.evaluation.sweep_text import (
     not_measured,
     row_name,
 )
-from fedtrak.simulations.sweep import Variant, variants
+from fedtrak.simulations.sweep import Variant, variants, write_table
 
 
 @pytest.mark.flower
@@ -192,3 +192,14 @@ def test_sweep_refuses_bad_epsilons(tmp_path, capsys):
     assert "--secure-agg 'maybe': use a comma-separated list of default, on, off" in capsys.readouterr().err
     assert main(["sweep", "--kernel-sources", "secret", "--out", str(tmp_path)]) == 2
     assert "kernel sources ['secret']" in capsys.readouterr().err
+
+
+def test_the_table_takes_rows_of_older_sweeps_without_the_newer_columns(tmp_path):
+    """A point reused from a sweep before ``point_seconds`` beside one measured now: both in the CSV."""
+    old = {**_row("private mode", 2.0, 0.5, "public"), "sigma": 1.0, "lds_ci_low": 0.4, "lds_ci_high": 0.6,
+           "owner_lds": 0.1, "owner_lds_ci_low": 0.0, "owner_lds_ci_high": 0.2, "attack_psnr": 5.0,
+           "attack_baseline_psnr": 7.0, "seconds": 30.0}
+    write_table([old, {**old, "epsilon": math.inf, "point_seconds": 41.0}], tmp_path)
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["epsilon"], r["point_seconds"]) for r in rows] == [("2", ""), ("inf", "41.0")]
+    assert (tmp_path / "sweep.md").read_text().splitlines()[2].startswith("| private mode (public kernel) | 2 | 1 |")
