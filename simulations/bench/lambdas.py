@@ -16,6 +16,7 @@ from pathlib import Path
 from fedtrak.config.settings import DEFAULT_PROJ_DIM, Settings
 from fedtrak.data.checkpoints import train_checkpoints
 from fedtrak.data.tasks import load_task
+from fedtrak.logs import progress_bar
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
@@ -23,8 +24,10 @@ from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
 
 def bench_lambda(task_name: str, out: Path, factors: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0),
                  checkpoints: int = 5, proj_dim: int = DEFAULT_PROJ_DIM, weightings: Sequence[str] = ("curvature", "none"),
-                 subsets: int = 100, cache_dir: Path = DEFAULT_CACHE, workers: int | None = None) -> list[dict]:
-    """One row per (kernel weighting, factor): lambda, LDS and whether it is the rule's own value."""
+                 subsets: int = 100, cache_dir: Path = DEFAULT_CACHE, workers: int | None = None,
+                 progress: bool = False) -> list[dict]:
+    """One row per (kernel weighting, factor): lambda, LDS and whether it is the rule's own value;
+    ``progress``: a bar of the rows (on a terminal)."""
     out = Path(out)
     task = load_task(task_name)
     ckpts = out / "checkpoints"
@@ -32,16 +35,18 @@ def bench_lambda(task_name: str, out: Path, factors: Sequence[float] = (0.1, 0.3
         train_checkpoints(task, checkpoints, ckpts, trajectory=True)
     base = Settings().replaced(task=task_name, checkpoints=checkpoints, checkpoint_dir=str(ckpts), proj_dim=proj_dim)
     rows = []
-    for weighting in weightings:
-        rule = run_attribute(base.replaced(out=str(out / f"{weighting}-rule"), weighting=weighting), progress=False)
-        value = float(rule["lambda"][0])
-        for factor in factors:
-            run = out / f"{weighting}-x{factor:g}"
-            run_attribute(base.replaced(out=str(run), weighting=weighting, lam=repr(value * factor)), progress=False)
-            e = evaluate_run(run, EvalOptions(("lds",), subsets=subsets, cache_dir=cache_dir, workers=workers,
-                                              progress=False, ceiling=False))["lds"]
-            rows.append({"task": task_name, "weighting": weighting, "factor": factor, "lambda": value * factor,
-                         "rule": rule["checkpoints"][0]["lambda_rule"], "lds": e["lds"]})
+    with progress_bar(progress, len(weightings) * len(factors), "bench lambda", unit="row") as bar:
+        for weighting in weightings:
+            rule = run_attribute(base.replaced(out=str(out / f"{weighting}-rule"), weighting=weighting), progress=False)
+            value = float(rule["lambda"][0])
+            for factor in factors:
+                run = out / f"{weighting}-x{factor:g}"
+                run_attribute(base.replaced(out=str(run), weighting=weighting, lam=repr(value * factor)), progress=False)
+                e = evaluate_run(run, EvalOptions(("lds",), subsets=subsets, cache_dir=cache_dir, workers=workers,
+                                                  progress=False, ceiling=False))["lds"]
+                rows.append({"task": task_name, "weighting": weighting, "factor": factor, "lambda": value * factor,
+                             "rule": rule["checkpoints"][0]["lambda_rule"], "lds": e["lds"]})
+                bar.update()
     return rows
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from fedtrak.config.settings import WEIGHTINGS, Settings
 from fedtrak.data.checkpoints import train_checkpoints
 from fedtrak.data.tasks import load_task
+from fedtrak.logs import progress_bar
 from fedtrak.simulations.attribute import run_attribute
 from fedtrak.simulations.evaluation.evaluate import EvalOptions, evaluate_run
 from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
@@ -37,12 +38,13 @@ def bench_lds(
     projectors: Sequence[str] = ("rademacher",),
     weightings: Sequence[str] = WEIGHTINGS,
     ensembles: Sequence[str] = ("trajectory",),
+    progress: bool = False,
 ) -> list[dict]:
     """One row per (projector, k, M, kernel weighting, ensemble): LDS, its interval, the seed-noise
     ceiling, the training runs the checkpoints cost and the attribution's seconds.
 
     Independent checkpoints are trained once (seeds 0..M-1, the first M used); a trajectory of M is
-    one training run's last M epochs. A k of ``"identity"`` uses no projection (k = the parameter
+    one training run's last M epochs. ``progress``: a bar of the rows (on a terminal). A k of ``"identity"`` uses no projection (k = the parameter
     count: only for small models, e.g. digits-logreg, whose 650 parameters are fewer than 2048).
     """
     out = Path(out)
@@ -62,12 +64,13 @@ def bench_lds(
     train_seconds = time.perf_counter() - start
     rows = []
     combos = [("identity", "identity") if k == "identity" else (kind, k) for kind in projectors for k in proj_dims]
-    for kind, k in dict.fromkeys(combos):
-        for m in checkpoints:
-            for ensemble in ensembles:
-                for weighting in weightings:
-                    rows.append(_row(task_name, out, kind, k, m, ensemble, weighting, folders[(ensemble, m)],
-                                     train_size, query_size, subsets, cache_dir, workers, train_seconds))
+    points = [(kind, k, m, ensemble, weighting) for kind, k in dict.fromkeys(combos) for m in checkpoints
+              for ensemble in ensembles for weighting in weightings]
+    with progress_bar(progress, len(points), "bench lds", unit="row") as bar:
+        for kind, k, m, ensemble, weighting in points:
+            rows.append(_row(task_name, out, kind, k, m, ensemble, weighting, folders[(ensemble, m)],
+                             train_size, query_size, subsets, cache_dir, workers, train_seconds))
+            bar.update()
     return rows
 
 

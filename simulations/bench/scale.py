@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedtrak.logs import progress_bar
 from fedtrak.timing import peak_memory_mb
 
 
@@ -65,24 +66,29 @@ def _status_mb(field: str) -> float:
 
 
 def bench_memory(task_name: str = "fmnist-mlp", sizes: Sequence[int] = (10_000, 60_000), proj_dim: int = 2048,
-                 projectors: Sequence[str] = ("factorized", "rademacher")) -> list[dict]:
-    """Peak memory of featurizing ``N`` examples into a store, per projector and N (fresh processes)."""
+                 projectors: Sequence[str] = ("factorized", "rademacher"), progress: bool = False) -> list[dict]:
+    """Peak memory of featurizing ``N`` examples into a store, per projector and N (fresh processes);
+    ``progress``: a bar of the rows (on a terminal)."""
     ctx = mp.get_context("spawn")
     rows = []
-    for projector in projectors:
-        for num in sizes:
-            queue = ctx.Queue()
-            child = ctx.Process(target=_featurize_child, args=(task_name, num, proj_dim, projector, queue))
-            child.start()
-            row = queue.get()
-            child.join()
-            rows.append(row)
+    with progress_bar(progress, len(projectors) * len(sizes), "bench memory", unit="row") as bar:
+        for projector in projectors:
+            for num in sizes:
+                queue = ctx.Queue()
+                child = ctx.Process(target=_featurize_child, args=(task_name, num, proj_dim, projector, queue))
+                child.start()
+                row = queue.get()
+                child.join()
+                rows.append(row)
+                bar.update()
     return rows
 
 
 def bench_scale(task_name: str, out: Path, clients: Sequence[int] = (10, 100, 1000, 10000), proj_dim: int = 1024,
-                checkpoints: int = 1, projector: str = "factorized", query_size: int = 500) -> list[dict]:
-    """One simulation per client count; each row splits its wall time (see the module doc)."""
+                checkpoints: int = 1, projector: str = "factorized", query_size: int = 500,
+                progress: bool = False) -> list[dict]:
+    """One simulation per client count; each row splits its wall time (see the module doc).
+    ``progress``: each simulation's bars (on a terminal)."""
     from fedtrak.config.settings import Settings
     from fedtrak.data.checkpoints import train_checkpoints
     from fedtrak.data.tasks import load_task
@@ -100,7 +106,7 @@ def bench_scale(task_name: str, out: Path, clients: Sequence[int] = (10, 100, 10
                                  "out": str(out / f"clients-{n}"), "timeout": 3600.0, "query-size": query_size,
                                  "wait-for-nodes": 600.0})
         start = time.perf_counter()
-        summary = run_simulation(cfg)
+        summary = run_simulation(cfg, progress=progress)
         wall = time.perf_counter() - start
         secs = summary.seconds
         rounds = sum(v for k, v in secs.items() if k.endswith("_round"))

@@ -22,8 +22,9 @@ from fedtrak.simulations.simulate import run_simulation
 
 
 def bench_secagg(task_name: str, out: Path, clients: int = 10, proj_dim: int = 2048, checkpoints: int = 1,
-                 epsilon: float = 0.0) -> dict:
-    """Run the plain and the secure simulation; return the comparison (also written to ``OUT``)."""
+                 epsilon: float = 0.0, progress: bool = False) -> dict:
+    """Run the plain and the secure simulation; return the comparison (also written to ``OUT``).
+    ``progress``: each simulation's bars (on a terminal)."""
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     if not any(ckpt_dir.glob("*.pt")):
@@ -33,7 +34,7 @@ def bench_secagg(task_name: str, out: Path, clients: int = 10, proj_dim: int = 2
         cfg = Settings.from_flat({"task": task_name, "clients": clients, "checkpoints": checkpoints,
                                  "checkpoint-dir": str(ckpt_dir), "proj-dim": proj_dim, "out": str(out / name),
                                  "secure-agg": secure, "epsilon": epsilon or ""})
-        runs[name] = run_simulation(cfg)
+        runs[name] = run_simulation(cfg, progress=progress)
     plain, secure = (np.load(out / n / "owner_scores.npy") for n in ("plain", "secure"))
     report = runs["secure"]["secure_aggregation"]
     n = report["clients"]

@@ -105,12 +105,19 @@ BENCHES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
 }
 
 
+#: The benchmarks that show progress bars on a terminal (the others take seconds, or time themselves).
+WITH_PROGRESS = ("lds", "memory", "scale", "secagg", "lambda")
+
+
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """One sub-command per benchmark, each with a ``--json`` option."""
     sub = parser.add_subparsers(dest="bench", required=True, parser_class=OneLineParser)
     for name, (arguments, help_text) in BENCHES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         arguments(p)
+        if name in WITH_PROGRESS:
+            p.add_argument("--quiet", action="store_true", help="no progress bars (none either when the output is "
+                                                                 "not a terminal)")
         add_json(p)
 
 
@@ -145,14 +152,15 @@ def _run_lds(args: argparse.Namespace) -> tuple[object, str]:
     rows = bench_lds(args.task, args.out, dims, int_list(args.checkpoints, "--checkpoints"), args.subsets,
                      args.train_size, args.query_size, args.cache_dir or DEFAULT_CACHE,
                      projectors=_kinds(args.projectors), weightings=_choices(args.weightings, WEIGHTINGS, "--weightings"),
-                     ensembles=_choices(args.ensembles, ENSEMBLES, "--ensembles"))
+                     ensembles=_choices(args.ensembles, ENSEMBLES, "--ensembles"), progress=not args.quiet)
     return rows, format_table(rows)
 
 
 def _run_memory(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.scale import bench_memory, format_rows
 
-    rows = bench_memory(args.task, int_list(args.sizes, "--sizes"), args.proj_dim, _kinds(args.projectors))
+    rows = bench_memory(args.task, int_list(args.sizes, "--sizes"), args.proj_dim, _kinds(args.projectors),
+                        progress=not args.quiet)
     return rows, format_rows(rows, ["task", "projector", "examples", "proj_dim", "seconds", "resident_before_mb",
                                     "featurize_peak_mb", "process_peak_mb"])
 
@@ -161,7 +169,7 @@ def _run_scale(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.scale import bench_scale, format_rows
 
     rows = bench_scale(args.task, args.out, int_list(args.clients, "--clients"), args.proj_dim,
-                       projector=args.projector, query_size=args.query_size)
+                       projector=args.projector, query_size=args.query_size, progress=not args.quiet)
     return rows, format_rows(rows, ["clients", "examples_per_client", "wall_seconds", "rounds_seconds",
                                     "client_seconds_total", "server_compute_seconds", "flower_overhead_seconds",
                                     "flower_overhead_share", "peak_memory_mb"])
@@ -192,7 +200,8 @@ def _run_secagg(args: argparse.Namespace) -> tuple[object, str]:
     from fedtrak.simulations.bench.secagg import bench_secagg, format_table
 
     result = bench_secagg(args.task, args.out, args.clients, args.proj_dim, args.checkpoints,
-                          0.0 if args.epsilon is None or math.isinf(args.epsilon) else args.epsilon)
+                          0.0 if args.epsilon is None or math.isinf(args.epsilon) else args.epsilon,
+                          progress=not args.quiet)
     return result, format_table(result)
 
 
@@ -206,7 +215,7 @@ def _run_lambda(args: argparse.Namespace) -> tuple[object, str]:
         raise FedtrakError(f"--factors must be comma-separated numbers, got {args.factors!r}") from None
     rows = bench_lambda(args.task, args.out, factors, args.checkpoints, args.proj_dim,
                         _choices(args.weightings, WEIGHTINGS, "--weightings"), args.subsets,
-                        args.cache_dir or DEFAULT_CACHE)
+                        args.cache_dir or DEFAULT_CACHE, progress=not args.quiet)
     return rows, format_table(rows)
 
 
