@@ -224,18 +224,16 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path)
 def test_the_conclusion_says_what_each_measure_means_and_names_what_was_skipped():
     """A private run that kept its example scores on the devices: owner-level LDS with its ceiling,
     then per-example LDS, mislabel detection and owner values named as not measured, with why."""
-    from fedtrak.simulations.evaluation.conclusion import (
-        CEILING_MEANS,
-        LDS_MEANS,
-        conclusion,
-        not_measured,
-    )
+    from fedtrak.simulations.evaluation.conclusion import conclusion, not_measured
 
     block = {"owner_lds": {"lds": 0.812, "ceiling": {"ceiling": 0.952}, "lds_over_ceiling": 0.853}}
     skipped = not_measured("owner-totals", ["owner_lds"])
     assert conclusion(block, skipped).splitlines() == [
         "Owner-level LDS 0.81 (85% of its ceiling 0.95).",
-        f"{LDS_MEANS} {CEILING_MEANS}",
+        ("Owner-level LDS is how well the summed totals of a random half of the owners rank a query's margin "
+         "across models retrained on that half: a rank correlation averaged over queries, 1 perfect, 0 chance. The "
+         "ceiling is how far two retrainings of the same halves from other seeds agree: seed noise keeps any "
+         "attribution below it."),
         ("Per-example LDS was not measured: this run kept example scores on the devices (policy owner-totals; "
         "fedtrak simulate --policy full releases them for evaluation)."),
         "Mislabel detection was not measured: this run flipped no labels (make it with --flip-fraction).",
@@ -245,7 +243,9 @@ def test_the_conclusion_says_what_each_measure_means_and_names_what_was_skipped(
     both = {"lds": {"lds": 0.3}, "mislabel": mislabel}
     assert conclusion(both, not_measured("full", ["lds", "mislabel"], ["lds", "mislabel"], ceiling=False)).splitlines() == [
         ("Per-example LDS 0.30; flipped labels found by self-influence with AUROC 1.00 per example and AUROC 1.00 "
-        "per owner (0.5 is chance)."), LDS_MEANS,
+        "per owner (0.5 is chance)."),
+        ("LDS is how well the summed scores of a random half of the examples rank a query's margin across models "
+         "retrained on that half: a rank correlation averaged over queries, 1 perfect, 0 chance."),
         "The seed-noise ceiling was not measured: --no-ceiling skipped it (it retrains every subset once more)."]
     above = {"lds": {"lds": 0.18, "ceiling": {"ceiling": 0.136}, "lds_over_ceiling": 1.32}}
     assert conclusion(above, {}).startswith("Per-example LDS 0.18 (above its ceiling estimate 0.14, which is then "
@@ -264,7 +264,8 @@ def test_evaluate_ends_with_its_conclusion(trak_run, trak_ground_truth, gt_cache
     block = json.loads((run / "summary.json").read_text())["evaluation"]
     assert lines[0].startswith("measure") and lines[1].startswith("LDS ")
     assert lines[-5] == f"Owner-level LDS {block['owner_lds']['lds']:.2f}; per-example LDS {block['lds']['lds']:.2f}."
-    assert lines[-4].startswith("LDS is how well a random half's summed scores rank a query's margin")
+    assert lines[-4].startswith("LDS (owner-level LDS) is how well the summed scores of a random half of the "
+                                "examples (of the owners) rank a query's margin across models retrained on that half")
     assert lines[-3:] == [
         "Mislabel detection was not measured: this run flipped no labels (make it with --flip-fraction).",
         "Owner value was not measured: this run released no owner values (make it with --owner-value).",

@@ -47,10 +47,15 @@ def _lds_finding(key: str, e: Mapping[str, Any]) -> str:
     return f"{words} ({ratio:.0%} of its ceiling {ceiling:.2f})"
 
 
-#: What LDS and the seed-noise ceiling mean, in a sentence each.
-LDS_MEANS = ("LDS is how well a random half's summed scores rank a query's margin in models retrained on that "
-             "half (of the examples, or of the owners for owner-level LDS): a rank correlation averaged over "
-             "queries, 1 perfect, 0 chance.")
+#: What LDS means, by the measures taken (the half is of the examples, or of the owners).
+LDS_MEANS = {
+    ("lds",): "LDS is how well the summed scores of a random half of the examples rank a query's margin",
+    ("owner_lds",): "Owner-level LDS is how well the summed totals of a random half of the owners rank a query's margin",
+    ("lds", "owner_lds"): ("LDS (owner-level LDS) is how well the summed scores of a random half of the examples "
+                           "(of the owners) rank a query's margin")}
+LDS_MEANS_END = (" across models retrained on that half: a rank correlation averaged over queries, 1 perfect, "
+                 "0 chance.")
+#: What the seed-noise ceiling means.
 CEILING_MEANS = ("The ceiling is how far two retrainings of the same halves from other seeds agree: seed noise "
                  "keeps any attribution below it.")
 
@@ -72,8 +77,9 @@ def conclusion(block: Mapping[str, Any], skipped: Mapping[str, str]) -> str:
     if found:
         first = "; ".join(found)
         lines.append(first[:1].upper() + first[1:] + ".")
-    if any(key in block for key in ("lds", "owner_lds")):
-        ceilings = any((block.get(key) or {}).get("lds_over_ceiling") is not None for key in ("lds", "owner_lds"))
-        lines.append(LDS_MEANS + (" " + CEILING_MEANS if ceilings else ""))
+    taken = tuple(key for key in ("lds", "owner_lds") if key in block)
+    if taken:
+        ceilings = any(block[key].get("lds_over_ceiling") is not None for key in taken)
+        lines.append(LDS_MEANS[taken] + LDS_MEANS_END + (" " + CEILING_MEANS if ceilings else ""))
     lines += [f"{NAMES[key]} was not measured: {why}." for key, why in skipped.items()]
     return "\n".join(lines)
