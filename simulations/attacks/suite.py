@@ -26,6 +26,7 @@ from fedtrak.config.settings import (
 from fedtrak.data.checkpoints import load_checkpoints
 from fedtrak.data.tasks import Task
 from fedtrak.errors import FedtrakError
+from fedtrak.logs import progress_bar
 from fedtrak.privacy.accountant import epsilon
 from fedtrak.privacy.mechanisms import DPSettings, release_plan
 from fedtrak.results.summary import save
@@ -119,9 +120,10 @@ def _quality(task: Task, x_true: np.ndarray, y_true: np.ndarray, recs: np.ndarra
 
 def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: AttackSetting,
                    x_client: np.ndarray, y_client: np.ndarray, x_other: np.ndarray, y_other: np.ndarray,
-                   kinds: tuple[str, ...] = ATTACK_KINDS) -> tuple[dict, dict[str, np.ndarray]]:
+                   kinds: tuple[str, ...] = ATTACK_KINDS, progress: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """Run ``kinds`` against one client holding ``x_client`` (``x_other``: examples it does not
-    hold, the membership attack's outsiders). Returns the block and the images for the report."""
+    hold, the membership attack's outsiders). Returns the block and the images for the report.
+    ``progress``: a bar of the attacks (each small owner size one), on a terminal."""
     unknown = set(kinds) - set(ATTACK_KINDS)
     if unknown:
         raise FedtrakError(f"unknown attack kind(s) {sorted(unknown)}: use {', '.join(ATTACK_KINDS)}")
@@ -141,6 +143,9 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
         block["gram"] = {"skipped": "public kernel: clients release no Gram, there is none to attack"}
     images: dict[str, np.ndarray] = {}
     n = min(setting.targets, len(y_client))
+    sizes = [s for s in setting.owner_sizes if s <= len(y_client)] if "small-owner" in kinds else []
+    bar = progress_bar(progress, len(sizes) + sum(k in kinds for k in ("inversion", "membership")), "attacks",
+                       unit="attack")
     if "inversion" in kinds:
         if setting.mode != "features":
             block["inversion"] = {"skipped": "private mode releases no per-example features"}
@@ -153,6 +158,7 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
                                   "labels_correct": round(float((labels == y_client[:n]).mean()), 3),
                                   "seconds": round(time.perf_counter() - start, 1)}
             images["inversion_true"], images["inversion_rec"] = x_client[:n], recs
+        bar.update()
     if "small-owner" in kinds:
         if setting.mode != "private":
             block["small_owner"] = {"skipped": "features mode releases every feature (see inversion)"}
@@ -172,6 +178,7 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
                     idx, _, _ = metrics.best_match(metrics.as_images(x_client[:size], task.input_shape),
                                                    metrics.as_images(recs, task.input_shape))
                     images["small_owner_true"], images["small_owner_rec"] = x_client[:size], recs[idx]
+                bar.update()
             seen = view.gram_released and not setting.secure_agg
             block["small_owner"] = {"sizes": rows, "release": "client Gram" if seen else "owner summary"}
     if "membership" in kinds:
@@ -181,14 +188,18 @@ def attack_setting(task: Task, states: list[dict[str, torch.Tensor]], setting: A
             m = min(setting.targets, len(y_other))
             block["membership"] = membership_attack(views, x_client, y_client, x_other[:m], y_other[:m],
                                                     setting.trials, setting.seed)
+        bar.update()
+    bar.close()
     return block, images
 
 
 def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int = 8, trials: int = 400,
-               inversion: InversionSettings = DEFAULT_INVERSION, owner_sizes: tuple[int, ...] = OWNER_SIZES) -> dict:
+               inversion: InversionSettings = DEFAULT_INVERSION, owner_sizes: tuple[int, ...] = OWNER_SIZES,
+               progress: bool = False) -> dict:
     """Attack client 0 of a finished simulation's run folder with the run's own settings; append
     the ``attacks`` block to its summary and write ``attacks.npz``. ``kinds``: the attacks to run
-    (``None``: every one that applies to the task; the block says why one was skipped).
+    (``None``: every one that applies to the task; the block says why one was skipped); ``progress``:
+    a bar of the attacks, on a terminal.
 
     Raises:
         FedtrakError: if the folder is not a complete simulation run (devices' own data cannot
@@ -225,7 +236,7 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int
                             owner_sizes=owner_sizes, trials=trials, inversion=inversion)
     start = time.perf_counter()
     block, images = attack_setting(task, states, setting, task.x_train[own], task.y_train[own],
-                                   task.x_train[other], task.y_train[other], kinds)
+                                   task.x_train[other], task.y_train[other], kinds, progress)
     block.update(**skipped, client=0, client_size=len(own), run_epsilon=privacy.epsilon if privacy else None, seconds=round(time.perf_counter() - start, 1),
                  threat_model="honest-but-curious server: knows checkpoints, model, projection seed, k, C, sigma")
     if images:
