@@ -90,6 +90,18 @@ def given_up(key: Path | None, wait: float) -> str:
             f"({HOLD_SECONDS} s after its last heartbeat): most likely {causes}")
 
 
+#: Run first in the SuperNode's process, on Linux: the kernel kills it when the launcher dies (``kill -9``
+#: of the launcher is then a crash of the device's SuperNode, not an orphan left running outside
+#: ``supernode.pid``), and it becomes the command (``exec``).
+DIE_WITH_LAUNCHER = "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); os.execvp(sys.argv[1], sys.argv[1:])"
+
+
+def _command(program: list[str], supernode_args: list[str]) -> list[str]:
+    """The SuperNode's command line, bound to the launcher's life where the system allows it."""
+    bound = [sys.executable, "-c", DIE_WITH_LAUNCHER] if sys.platform.startswith("linux") else []
+    return [*bound, *program, *supernode_args]
+
+
 def _copy(stream: TextIO, out: TextIO, seen: dict[str, threading.Event]) -> None:
     """Copy the SuperNode's output line by line, flagging what :data:`REFUSED` and :data:`ACTIVATED` mark."""
     for line in stream:
@@ -104,7 +116,8 @@ def start_supernode(supernode_args: list[str], wait: float = ACTIVATION_WAIT, pr
                     out: TextIO | None = None, say: Callable[[str], None] | None = None) -> int:
     """Run ``flower-supernode supernode_args`` (``program``: another command) until it exits, starting it
     again while the SuperLink refuses to activate it, for up to ``wait`` seconds; SIGTERM and SIGINT
-    go to the SuperNode. Returns the SuperNode's exit status (2 once the launcher gives up)."""
+    go to the SuperNode, and the SuperNode dies with the launcher. Returns the SuperNode's exit status
+    (2 once the launcher gives up)."""
     out = out or sys.stdout
     say = say or (lambda text: print(f"fedtrak: {text}", file=sys.stderr, flush=True))
     program = program or [shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))]
@@ -122,8 +135,8 @@ def start_supernode(supernode_args: list[str], wait: float = ACTIVATION_WAIT, pr
     try:
         while True:
             seen = {REFUSED: threading.Event(), ACTIVATED: threading.Event()}
-            proc = subprocess.Popen([*program, *supernode_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
+            proc = subprocess.Popen(_command(program, supernode_args), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
             current.append(proc)
             threading.Thread(target=_copy, args=(proc.stdout, out, seen), daemon=True).start()
             while proc.poll() is None:  # the pipe may outlive it (its helper processes): wait on the process

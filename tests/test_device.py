@@ -284,3 +284,30 @@ def test_device_start_passes_what_follows_the_dashes_to_flower_supernode(monkeyp
     assert main(["device", "start", "--activation-wait", "30", "--", "--insecure"]) == 0
     assert calls == [(["--superlink", "h:9093", "--node-config", "owner='a'"], 75), (["--insecure"], 30.0)]
     assert main(["device", "start"]) == 2 and "after --" in capsys.readouterr().err
+
+
+def test_the_supernode_dies_with_its_launcher(tmp_path):
+    """kill -9 of fedtrak device start (supernode.pid) is a crash of its SuperNode, not an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "node.py"
+    script.write_text("import os, time\nprint('SuperNode ID:', os.getpid(), flush=True)\ntime.sleep(60)\n")
+    code = ("import sys; from fedtrak.client import launcher; "
+            f"launcher.start_supernode([], 5, [sys.executable, {str(script)!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    node = int(proc.stdout.readline().split()[-1])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(node, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(node, signal.SIGKILL)
+    raise AssertionError("the SuperNode outlived its launcher")
