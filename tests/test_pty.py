@@ -89,3 +89,23 @@ def test_simulate_in_a_pty_shows_progress_bars_and_ends_clean(tmp_path):
     assert "query.featurize:" in text and "query.score:" in text, text  # each step's clients, as they reply
     assert text.rstrip().endswith(f"next: fedtrak report {out} | fedtrak evaluate {out} | fedtrak attack {out}"), text
     assert "\x1b[0m" not in text and "WARNING" not in text, text[-2000:]
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_sweep_in_a_pty_shows_its_bar_and_piped_none(tmp_path):
+    """``fedtrak sweep`` of one point in a terminal: its bar and the point's line; the same command
+    piped (the finished point reused, so it takes seconds) shows the line and no bar."""
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "fedtrak.simulations.cli", "sweep", "--task", "digits-logreg", "--train-size", "400",
+            "--query-size", "60", "--clients", "4", "--checkpoints", "1", "--projector", "rademacher", "--proj-dim",
+            "64", "--epsilons", "inf", "--modes", "private", "--subsets", "4", "--cache-dir", str(tmp_path / "gt"),
+            "--out", str(out)]
+    code, text = in_pty(args)
+    assert code == 0, text
+    assert "sweep: 100%|" in text and "1/1" in text, text
+    assert "private mode (private kernel), epsilon inf: LDS " in text and "\x1b[0m" not in text, text
+    piped = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert "%|" not in piped.stdout + piped.stderr and "\r" not in piped.stdout + piped.stderr, piped.stderr
+    assert "private mode (private kernel), epsilon inf: LDS " in piped.stdout
