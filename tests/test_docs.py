@@ -113,3 +113,41 @@ def test_the_custom_output_example_of_own_model_runs(tmp_path, monkeypatch):
     assert result.summary.num_checkpoints == 2 and result.scores.shape == (40, 160)
     assert np.all(np.isfinite(result.scores)) and np.abs(result.scores).max() > 0
     assert "central run of binary" in repr(result)
+
+
+def _tested_block(page: str, name: str) -> list[str]:
+    """The command lines of a page's ``<!-- tested: NAME -->`` bash block."""
+    block = re.search(rf"<!-- tested: {name} -->\n```bash\n(.*?)```", (ROOT / "docs" / page).read_text(), re.DOTALL)
+    assert block, f"{page} lost its tested {name} block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_deploy_data_recipes_give_each_of_three_devices_its_own_share(tmp_path):
+    """docs/deploy.md's step 2 recipes, run as printed in a device's folder for DEVICE 0, 1, 2 of
+    DEVICES=3: the shares of the built-in digits and of the own app's wine data are disjoint and
+    cover the training set, and the app's device check takes the wine file by the app's task."""
+    import os
+
+    import numpy as np
+
+    from fedtrak.data.tasks import load_task
+
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for name, size in (("device-data", load_task("digits-logreg").num_train), ("app-data", 150)):
+        lines = _tested_block("deploy.md", name)
+        rows, said = [], ""
+        for device in range(3):
+            env = {**os.environ, "DEVICE": str(device), "DEVICES": "3", "PWD": str(tmp_path)}
+            for line in lines[:1] if device else lines:  # the app's check once
+                done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                      timeout=300, check=False)
+                assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+                said += done.stdout
+            with np.load(tmp_path / "mine.npz") as data:
+                rows.append(len(data["y"]))
+                assert data["x"].shape[0] == len(data["y"]) and len(data["y"]) >= size // 3
+        assert sum(rows) == size, (name, rows)
+        if name == "app-data":
+            assert "task wine-mlp: 50 examples of shape [13], labels [0, 1, 2]" in said, said
+            assert "owner total per query: shape [28]" in said  # the app's own query count
