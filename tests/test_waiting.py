@@ -1,5 +1,6 @@
 """The ServerApp waiting for SuperNodes: how many it still waits for, an exact count against
-``all-connected`` (a minimum), and the error that says what to do."""
+``all-connected`` (a minimum), and the error that says what to do; and what its log says while it
+waits for replies: each step's clients by owner, never a flood, a refusing device by its owner."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import logging
 
 import pytest
 
+from fedtrak import wire
 from fedtrak.errors import FedtrakError
 from fedtrak.server import grid
 from fedtrak.server.grid import wait_for_nodes
+from fedtrak.server.step_log import EVERY_REPLY_UP_TO, StepLog, who
 
 
 class Arrivals:
@@ -73,3 +76,31 @@ def test_a_deployed_server_preflights_once_and_a_given_plan_is_not_preflighted_a
         with pytest.raises(FedtrakError, match="resolved from other settings"):
             run_federated(NoNodes(), settings.replaced(clients=3), "simulation", plan=plan)
     assert calls == []
+
+
+def test_a_step_logs_each_reply_by_owner_and_a_large_one_every_tenth(caplog):
+    with caplog.at_level(logging.INFO, logger="fedtrak.server"):
+        small = StepLog("secure aggregation 2/4 (key shares)", 3)
+        for owner, node in (("clinic-a", 1), ("", 2)):
+            small.replied(who(owner, node))
+        small.close(timeout=5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "secure aggregation 2/4 (key shares): asked 3 clients"
+    assert lines[1].startswith("secure aggregation 2/4 (key shares): owner 'clinic-a' replied (1 of 3, ")
+    assert lines[2].startswith("secure aggregation 2/4 (key shares): node 2 replied (2 of 3, ")
+    assert lines[3] == ("secure aggregation 2/4 (key shares): 2 of 3 clients replied; no reply from the others "
+                        "within 5 s")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedtrak.server"):
+        large = StepLog("score", 1000)
+        for node in range(1000):
+            large.replied(who(str(node), node), failed=node == 7)
+        large.close(timeout=5)
+    assert 1000 > 10 * EVERY_REPLY_UP_TO and len(caplog.records) == 1 + 10 + 1  # start, tenths, the failure
+    assert "owner '7' failed (8 of 1000" in caplog.text and "(1000 of 1000, " in caplog.text
+
+
+def test_an_error_reply_names_its_owner_and_the_reason_reads_without_it():
+    reason = wire.error_reason('clinic "b"', "featurize: the run projects to k = 128, above max-proj-dim 64")
+    assert wire.error_owner(reason) == ('clinic "b"', "featurize: the run projects to k = 128, above max-proj-dim 64")
+    assert wire.error_owner("featurize: the device failed") == ("", "featurize: the device failed")
