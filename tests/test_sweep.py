@@ -15,6 +15,7 @@ from fedtrak.simulations.evaluation.sweep_text import (
     keep_sentence,
     keeps_fraction,
     not_measured,
+    point_line,
     row_name,
 )
 from fedtrak.simulations.sweep import Variant, variants, write_table
@@ -203,3 +204,17 @@ def test_the_table_takes_rows_of_older_sweeps_without_the_newer_columns(tmp_path
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert [(r["epsilon"], r["point_seconds"]) for r in rows] == [("2", ""), ("inf", "41.0")]
     assert (tmp_path / "sweep.md").read_text().splitlines()[2].startswith("| private mode (public kernel) | 2 | 1 |")
+
+
+def test_a_finished_point_is_one_line():
+    nan = float("nan")
+    done = {**_row("private mode", 2.0, 0.406, "public"), "owner_lds": 0.083, "mislabel_auroc": 0.996,
+            "attack_psnr": 5.1, "membership_epsilon": 0.0, "seconds": 30.0, "point_seconds": 42.0}
+    assert point_line(done) == ("private mode (public kernel), epsilon 2: LDS 0.406, owner-level LDS 0.083, mislabel "
+                                "AUROC 0.996, the example of an owner holding 1 not rebuilt (PSNR 5.1 dB), membership "
+                                "epsilon >= 0.00 (42 s)")
+    features = {**done, "line": "features mode", "mode": "features", "attack_recovered": 0.5,
+                "membership_epsilon": nan}
+    assert point_line(features, reused=True) == (
+        "features mode, epsilon 2: LDS 0.406, owner-level LDS 0.083, mislabel AUROC 0.996, inversion rebuilt 50% "
+        "of the attacked examples (PSNR 5.1 dB) (measured before, reused)")

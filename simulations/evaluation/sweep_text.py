@@ -62,8 +62,14 @@ def format_table(rows: list[dict]) -> str:
 
 def point_line(row: dict, reused: bool = False) -> str:
     """One finished point in a line of text, as the sweep prints it when the point is done."""
-    attack = "" if math.isnan(row["attack_recovered"]) else (
-        f", attack rebuilt {row['attack_recovered']:.0%} (PSNR {row['attack_psnr']:.1f} dB)")
+    if math.isnan(row["attack_recovered"]):
+        attack = ""
+    elif row["mode"] == "features":
+        attack = f", inversion rebuilt {row['attack_recovered']:.0%} of the attacked examples"
+    else:
+        attack = f", the example of an owner holding 1 {'rebuilt' if row['attack_recovered'] else 'not rebuilt'}"
+    if attack:
+        attack += f" (PSNR {row['attack_psnr']:.1f} dB)"
     membership = "" if math.isnan(row["membership_epsilon"]) else (
         f", membership epsilon >= {row['membership_epsilon']:.2f}")
     when = "measured before, reused" if reused else f"{row.get('point_seconds', row['seconds']):.0f} s"
