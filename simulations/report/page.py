@@ -253,7 +253,7 @@ def _run_rows(summary: RunSummary) -> list[tuple[str, str]]:
             ("mode", f"{summary.mode} (release: {summary.release_policy})"),
             ("training examples x queries", f"{summary.num_train} x {summary.num_queries}"),
             ("checkpoints (M)", f"{summary.num_checkpoints}"),
-            ("projection (k)", f"k = {summary.proj_dim}, {summary.projector}"),
+            ("projection", f"{summary.projector}, k = {summary.proj_dim}"),
             ("lambda per checkpoint", ", ".join(f"{v:.4g}" for v in summary.lambdas)),
             ("ensembling", f"{shape['ensemble']}; normalization {shape['normalization']}"),
             ("score sign", shape["score_sign"]),
