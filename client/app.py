@@ -37,6 +37,7 @@ from fedtrak.data.shipping import receive_task
 from fedtrak.data.tasks import registered_tasks
 from fedtrak.errors import FedtrakError, Refused
 from fedtrak.logs import visible_logging
+from fedtrak.privacy.training import trains_privately
 from fedtrak.timing import peak_memory_mb
 from fedtrak.wire import secagg as secagg_wire
 
@@ -49,10 +50,15 @@ Handler = Callable[[Message, Context], Message]
 
 
 def _private(msg: Message) -> bool:
-    """Whether the message's run adds DP noise (or cannot be read: then assume it does)."""
+    """Whether the message's run adds DP noise to what devices release: its attribution, or for a train
+    message (whose job travels in its train config) its FedAvg training too (or the job cannot be
+    read: then assume it does)."""
     try:
+        if msg.metadata.message_type == "train":
+            job = wire.decode_train_request(msg.content)[0]
+            return job.dp().active or trains_privately(job.settings)
         return wire.job_of(msg.content).dp().active
-    except FedtrakError:
+    except Exception:  # noqa: BLE001 - a broken message: its privacy is unknown, so assumed
         return True
 
 
@@ -68,7 +74,7 @@ def _guard(step: str, timed: bool = True) -> Callable[[Handler], Handler]:
             start = time.perf_counter()
             try:
                 reply = fn(msg, ctx)
-                if not reply.has_error() and _private(msg):
+                if not reply.has_error() and timed and _private(msg):  # untimed: no figure to drop
                     wire.drop_timing(reply.content)
                 elif timed and not reply.has_error():
                     wire.add_handler_timing(reply.content, time.perf_counter() - start, peak_memory_mb())

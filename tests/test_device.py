@@ -311,3 +311,37 @@ def test_the_supernode_dies_with_its_launcher(tmp_path):
         time.sleep(0.1)
     os.kill(node, signal.SIGKILL)
     raise AssertionError("the SuperNode outlived its launcher")
+
+
+def test_a_train_error_reply_says_why_unless_the_run_is_private(tmp_path, digits_logreg):
+    """A FedAvg train message carries its job in its train config: a run without noise is told the
+    reason (without the path), a private one only the step and the kind (the data's shape holds its
+    example count), with no claim of differential privacy where there is none."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common import Metadata
+
+    from fedtrak import wire
+    from fedtrak.client.app import train
+    from fedtrak.config.settings import Settings
+    from fedtrak.data.checkpoints import seeded_model
+    from fedtrak.server.preflight import preflight
+    from fedtrak.wire.job import Job
+
+    bad = tmp_path / "mine.npz"
+    np.savez(bad, x=digits_logreg.x_train[:10, :13], y=digits_logreg.y_train[:10])
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(bad), "store-dir": str(tmp_path / "s")},
+                  state=RecordDict(), run_config={})
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="",
+                    created_at=0.0, ttl=60.0, message_type="train")
+    reasons = []
+    for extra in ({}, {"epsilon": 4.0}):
+        settings = Settings().replaced(clients=3, checkpoints=1, rounds=1, proj_dim=16, **extra)
+        plan = preflight(settings)
+        job = Job(f"train-{len(reasons)}", settings, plan.resolved).fingerprinted(plan.task)
+        content = RecordDict({wire.attribution.ARRAYS: wire.state_to_record(seeded_model(digits_logreg, 0).state_dict()),
+                              wire.attribution.CONFIG: ConfigRecord({**wire.train_config(job, 0),
+                                                                    wire.attribution.SERVER_ROUND: 1})})
+        reasons.append(train(Message(metadata=meta, content=content), ctx).error.reason)
+    assert "train: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)" in reasons[0], reasons
+    assert "train: the device failed (DataFileError); under differential privacy" in reasons[1], reasons
+    assert all(str(tmp_path) not in r for r in reasons)
