@@ -94,7 +94,10 @@ def test_the_users_flower_app_on_two_hosts_with_tls_and_node_authentication(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == wine and summary["complete"] and summary["excluded"] == []
     assert [o["owner"] for o in summary["owners"]] == ["0", "1"]
-    assert f"results: {out} on the SuperLink host" in (tmp_path / "flwr-run.log").read_text()  # the operator sees
+    stream = (tmp_path / "flwr-run.log").read_text()  # what the operator sees: each step's owners, where results went
+    assert "fedtrak INFO: featurize (2 checkpoints): owner '" in stream and "' replied (2 of 2, " in stream, stream
+    assert f"results: {out} on the SuperLink host" in stream
+    assert "fedtrak INFO: the results cover 2 owners: '0', '1'\n" in stream, stream
     assert f"INFO [uvicorn.access] {node_ip}:" in (tmp_path / "superlink.log").read_text()  # nodes came over the veth
     central = tmp_path / "central"
     run_attribute(Settings().replaced(task=wine, out=str(central), clients=2, partition_seed=1, checkpoints=2,
