@@ -345,3 +345,16 @@ def test_a_train_error_reply_says_why_unless_the_run_is_private(tmp_path, digits
     assert "train: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)" in reasons[0], reasons
     assert "train: the device failed (DataFileError); under differential privacy" in reasons[1], reasons
     assert all(str(tmp_path) not in r for r in reasons)
+
+
+def test_a_task_whose_query_set_is_not_on_the_device_asks_for_queries(monkeypatch):
+    from fedtrak.client import device
+    from fedtrak.data.tasks import load_task
+
+    def absent(name, *args, **kwargs):
+        raise FedtrakError("no Fashion-MNIST here")
+
+    task = load_task("fmnist-mlp", data=False)
+    monkeypatch.setattr(device, "load_task", absent)
+    with pytest.raises(FedtrakError, match=r"task fmnist-mlp's query set is not on this device .*give --queries"):
+        device.task_queries(task)
