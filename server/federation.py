@@ -134,7 +134,7 @@ class Federation:
         failed: dict[int, tuple[int | None, str]] = {}
         answered: set[int] = set()
         steps = StepLog(label or step_name(message_type), len(nodes))
-        with progress_bar(self.progress, len(nodes), message_type, unit="client", leave=False) as bar:
+        with progress_bar(self.progress, len(nodes), steps.label, unit="client", leave=False) as bar:
             for node, reply in self.grid.stream(messages, self.timeout, self.in_flight):
                 bar.update()
                 answered.add(node)

@@ -86,7 +86,7 @@ def test_simulate_in_a_pty_shows_progress_bars_and_ends_clean(tmp_path):
     code, text = in_pty([sys.executable, "-m", "fedtrak.simulations.cli", *SIMULATE, "--out", str(out)])
     assert code == 0, text
     assert "FedAvg rounds: 100%|" in text and "2/2" in text, text
-    assert "query.featurize:" in text and "query.score:" in text, text  # each step's clients, as they reply
+    assert "featurize (1 checkpoint):" in text and "score:" in text, text  # each step's clients, as they reply
     assert text.rstrip().endswith(f"next: fedtrak report {out} | fedtrak evaluate {out} | fedtrak attack {out}"), text
     assert "\x1b[0m" not in text and "WARNING" not in text, text[-2000:]
 
