@@ -108,33 +108,41 @@ def test_device_check_shows_each_owners_ledger_of_a_store_dir_after_a_run(tmp_pa
     assert shown["ledger"]["runs"][0]["run_id"] == summary.run_id
 
 
-def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(tmp_path, digits_logreg, capfd):
-    """A device whose data file has the wrong shape replies to the server with the problem (x's shape
-    and the task's) but without the file's path or any other local path; its own log keeps the path."""
+def _bad_file_reply(handler, step: str, content_of, settings: dict, tmp_path, digits_logreg) -> str:
+    """The error reason ``handler`` replies with, as a device whose data file (``tmp_path/clinic/mine.npz``)
+    has 13 columns where the task has 64, to a ``step`` message whose content ``content_of(job)`` makes
+    for a job of ``settings``."""
     from flwr.app import Context, Message, RecordDict
     from flwr.common import Metadata
 
-    from fedtrak import wire
-    from fedtrak.client.app import QUERIES
     from fedtrak.config.settings import Settings
     from fedtrak.server.preflight import preflight
     from fedtrak.wire.job import Job
 
     bad = tmp_path / "clinic" / "mine.npz"
-    bad.parent.mkdir()
+    bad.parent.mkdir(exist_ok=True)
     np.savez(bad, x=digits_logreg.x_train[:10, :13], y=digits_logreg.y_train[:10])
-    settings = Settings().replaced(clients=3, checkpoints=1, proj_dim=16)  # no noise: the reason itself is sent
-    plan = preflight(settings)
-    job = Job("paths", settings, plan.resolved).fingerprinted(plan.task)
-    content = wire.encode_score_request(wire.ScoreRequest(job, "owner-totals", 0, {0: np.zeros((2, 16))}))
+    s = Settings().replaced(clients=3, checkpoints=1, proj_dim=16, **settings)
+    plan = preflight(s)
+    job = Job("paths", s, plan.resolved).fingerprinted(plan.task)  # the file fails before any run is bound
     meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="",
-                    created_at=0.0, ttl=60.0, message_type="query.score")
+                    created_at=0.0, ttl=60.0, message_type=step)
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(bad), "store-dir": str(tmp_path / "store")},
                   state=RecordDict(), run_config={})
-    reply = QUERIES["score"](Message(metadata=meta, content=content), ctx)
-    reason = reply.error.reason
+    return handler(Message(metadata=meta, content=content_of(job)), ctx).error.reason
+
+
+def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(tmp_path, digits_logreg, capfd):
+    """A device whose data file has the wrong shape replies to the server with the problem (x's shape
+    and the task's) but without the file's path or any other local path; its own log keeps the path."""
+    from fedtrak import wire
+    from fedtrak.client.app import QUERIES
+
+    reason = _bad_file_reply(QUERIES["score"], "query.score", lambda job: wire.encode_score_request(
+        wire.ScoreRequest(job, "owner-totals", 0, {0: np.zeros((2, 16))})), {}, tmp_path, digits_logreg)
     assert "score: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)" in reason, reason
     assert str(tmp_path) not in reason and "mine.npz" not in reason and "/" not in reason and "clinic" not in reason
+    bad = tmp_path / "clinic" / "mine.npz"
     assert f"data file {bad}: the data file's x has shape (10, 13)" in capfd.readouterr().err  # the device's log
 
 
@@ -317,31 +325,19 @@ def test_a_train_error_reply_says_why_unless_the_run_is_private(tmp_path, digits
     """A FedAvg train message carries its job in its train config: a run without noise is told the
     reason (without the path), a private one only the step and the kind (the data's shape holds its
     example count), with no claim of differential privacy where there is none."""
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.common import Metadata
+    from flwr.app import ConfigRecord, RecordDict
 
     from fedtrak import wire
     from fedtrak.client.app import train
-    from fedtrak.config.settings import Settings
     from fedtrak.data.checkpoints import seeded_model
-    from fedtrak.server.preflight import preflight
-    from fedtrak.wire.job import Job
 
-    bad = tmp_path / "mine.npz"
-    np.savez(bad, x=digits_logreg.x_train[:10, :13], y=digits_logreg.y_train[:10])
-    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(bad), "store-dir": str(tmp_path / "s")},
-                  state=RecordDict(), run_config={})
-    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="",
-                    created_at=0.0, ttl=60.0, message_type="train")
-    reasons = []
-    for extra in ({}, {"epsilon": 4.0}):
-        settings = Settings().replaced(clients=3, checkpoints=1, rounds=1, proj_dim=16, **extra)
-        plan = preflight(settings)
-        job = Job(f"train-{len(reasons)}", settings, plan.resolved).fingerprinted(plan.task)
-        content = RecordDict({wire.attribution.ARRAYS: wire.state_to_record(seeded_model(digits_logreg, 0).state_dict()),
-                              wire.attribution.CONFIG: ConfigRecord({**wire.train_config(job, 0),
-                                                                    wire.attribution.SERVER_ROUND: 1})})
-        reasons.append(train(Message(metadata=meta, content=content), ctx).error.reason)
+    def content_of(job):
+        return RecordDict({wire.attribution.ARRAYS: wire.state_to_record(seeded_model(digits_logreg, 0).state_dict()),
+                           wire.attribution.CONFIG: ConfigRecord({**wire.train_config(job, 0),
+                                                                 wire.attribution.SERVER_ROUND: 1})})
+
+    reasons = [_bad_file_reply(train, "train", content_of, {"rounds": 1, **extra}, tmp_path, digits_logreg)
+               for extra in ({}, {"epsilon": 4.0})]
     assert "train: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)" in reasons[0], reasons
     assert "train: the device failed (DataFileError); under differential privacy" in reasons[1], reasons
     assert all(str(tmp_path) not in r for r in reasons)
