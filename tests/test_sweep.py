@@ -17,6 +17,7 @@ from fedtrak.simulations.evaluation.sweep_text import (
     not_measured,
     point_line,
     row_name,
+    start_line,
 )
 from fedtrak.simulations.sweep import Variant, variants, write_table
 
@@ -35,9 +36,11 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert "| private mode (public kernel) | 2 |" in printed and "| private mode (private kernel) | inf | 0 |" in printed
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     lines = printed.splitlines()
-    # one line per point as it finishes, before the table
-    assert lines[0].startswith("private mode (public kernel), epsilon 2: LDS ")
-    assert lines[1].startswith("private mode (private kernel), epsilon inf: LDS ")
+    # what it is about to do, then one line per point as it finishes, before the table
+    assert lines[0] == ("sweep: 2 points, 1 line (private mode) at epsilon 2 and inf; each point is a federated "
+                        "run, then evaluated and attacked, and printed here when done")
+    assert lines[1].startswith("private mode (public kernel), epsilon 2: LDS ")
+    assert lines[2].startswith("private mode (private kernel), epsilon inf: LDS ")
     # the transcript ends with the conclusion: the share of the non-private LDS kept at epsilon 2 (the verb
     # follows the numbers), why the public kernel's line is flat, and what was not measured, with reasons
     lds, exact = float(rows[0]["lds"]), float(rows[1]["lds"])
@@ -67,7 +70,7 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
                         lambda settings: pytest.fail("a finished point was simulated again"))
     assert main(args + ["--quiet"]) == 0
     assert (out / "sweep.md").read_text() == table
-    assert capsys.readouterr().out.splitlines()[0].endswith("(measured before, reused)")
+    assert capsys.readouterr().out.splitlines()[1].endswith("(measured before, reused)")
     # fedtrak attack on the epsilon-2 point (a small budget): what was rebuilt at epsilon 2, then the attacks
     # that do not apply, with why
     point = out / "private-eps-2"
@@ -218,3 +221,7 @@ def test_a_finished_point_is_one_line():
     assert point_line(features, reused=True) == (
         "features mode, epsilon 2: LDS 0.406, owner-level LDS 0.083, mislabel AUROC 0.996, inversion rebuilt 50% "
         "of the attacked examples (PSNR 5.1 dB) (measured before, reused)")
+
+    assert start_line(["private mode, public kernel, no secagg", "features mode"], [1.0, math.inf]) == (
+        "sweep: 4 points, 2 lines (private mode, public kernel, no secagg; features mode) at epsilon 1 and inf; each "
+        "point is a federated run, then evaluated and attacked, and printed here when done")

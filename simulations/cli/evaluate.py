@@ -186,16 +186,25 @@ def sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fedtrak.simulations.evaluation.groundtruth import DEFAULT_CACHE
-    from fedtrak.simulations.evaluation.sweep_text import closing, format_table, point_line
-    from fedtrak.simulations.sweep import SweepConfig, run_sweep
+    from fedtrak.simulations.evaluation.sweep_text import (
+        closing,
+        format_table,
+        point_line,
+        start_line,
+    )
+    from fedtrak.simulations.sweep import SweepConfig, run_sweep, variants
 
-    rows = run_sweep(SweepConfig(
+    cfg = SweepConfig(
         out=args.out, base=settings_from(args, SWEEP_KEYS), epsilons=epsilons(args.epsilons),
         modes=[m.strip() for m in args.modes.split(",")], subsets=args.subsets,
         kernel_sources=[k.strip() for k in args.kernel_sources.split(",")],
         secure_aggs=secure_agg_choices(args.secure_agg),
         attack_targets=args.attack_targets, cache_dir=args.cache_dir or DEFAULT_CACHE, progress=not args.quiet,
-        on_point=lambda row, reused: tqdm.write(point_line(row, reused))))
+        on_point=lambda row, reused: tqdm.write(point_line(row, reused)))
+    cfg.validate()
+    print(start_line([v.label for v in variants(cfg.modes, cfg.kernel_sources, cfg.secure_aggs)], cfg.epsilons),
+          flush=True)
+    rows = run_sweep(cfg)
     print(format_table(rows))
     print(f"wrote {args.out / 'sweep.csv'}, {args.out / 'sweep.md'} and {args.out / 'sweep.png'}")
     print(closing(rows))

@@ -60,6 +60,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def start_line(lines: Sequence[str], epsilons: Sequence[float]) -> str:
+    """What the sweep is about to measure, said before its first point."""
+    points = len(lines) * len(epsilons)
+    return (f"sweep: {points} point{'s' if points != 1 else ''}, {len(lines)} line{'s' if len(lines) != 1 else ''} "
+            f"({'; '.join(lines)}) at epsilon {_listed(epsilons)}; each point is a federated run, then evaluated "
+            "and attacked, and printed here when done")
+
+
 def point_line(row: dict, reused: bool = False) -> str:
     """One finished point in a line of text, as the sweep prints it when the point is done."""
     if math.isnan(row["attack_recovered"]):
