@@ -153,6 +153,8 @@ def test_the_attack_conclusion_says_what_was_rebuilt_and_names_the_attacks_not_r
     noised = {**block, "run_epsilon": 1.0, "small_owner": {"release": "owner summary", "sizes": [_owner_row(1, 0.0, 12)]},
               "membership": {"skipped": "features mode hides feature values, not their presence"},
               "gram": {"skipped": "public kernel: clients release no Gram, there is none to attack"}}
+    assert format_block({**noised, "accounted_epsilon": 0.61}).startswith(
+        "private mode, rademacher k = 64, epsilon 0.61 (the attacked client's releases; the whole run's 1)")
     assert attack_conclusion(noised).splitlines() == [
         ("At epsilon 1 a curious server reading an owner's releases (its owner summary) rebuilt none of the examples "
         "of an owner holding 1 example (PSNR 12 dB for an owner holding 1 example, where a guess of each class's "

@@ -248,9 +248,11 @@ def attack_run(run_dir: Path, kinds: tuple[str, ...] | None = None, targets: int
 def format_block(block: dict) -> str:
     """The attacks block as a few lines of text (the owner-size attack's rows named by the examples
     the attacked owner holds, with what that owner is)."""
-    eps = block.get("accounted_epsilon")
+    eps, run_eps = block.get("accounted_epsilon"), block.get("run_epsilon")
     lines = [f"{block['mode']} mode, {block['projector']} k = {block['proj_dim']}, "
-             f"epsilon {'inf' if eps is None else eps}" + (", secure aggregation" if block["secure_aggregation"] else "")]
+             f"epsilon {'inf' if eps is None else eps}"
+             + ("" if run_eps is None else f" (the attacked client's releases; the whole run's {run_eps:g})")
+             + (", secure aggregation" if block["secure_aggregation"] else "")]
     inv = block.get("inversion")
     if inv and "skipped" not in inv:
         lines.append(f"  inversion: PSNR {inv['psnr_mean']} dB, SSIM {inv['ssim_mean']}, recovered "
