@@ -132,7 +132,8 @@ def _bad_file_reply(handler, step: str, content_of, settings: dict, tmp_path, di
     return handler(Message(metadata=meta, content=content_of(job)), ctx).error.reason
 
 
-def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(tmp_path, digits_logreg, capfd):
+def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(tmp_path, digits_logreg, capfd,
+                                                                                  caplog):
     """A device whose data file has the wrong shape replies to the server with the problem (x's shape
     and the task's) but without the file's path or any other local path; its own log keeps the path."""
     from fedtrak import wire
@@ -143,7 +144,8 @@ def test_an_error_reply_for_a_bad_data_file_names_the_problem_and_no_local_path(
     assert "score: the data file's x has shape (10, 13), task digits-logreg expects (N, 64)" in reason, reason
     assert str(tmp_path) not in reason and "mine.npz" not in reason and "/" not in reason and "clinic" not in reason
     bad = tmp_path / "clinic" / "mine.npz"
-    assert f"data file {bad}: the data file's x has shape (10, 13)" in capfd.readouterr().err  # the device's log
+    logged = capfd.readouterr().err + caplog.text  # the device's log: on stderr, or where logging was sent
+    assert f"data file {bad}: the data file's x has shape (10, 13)" in logged
 
 
 def test_what_leaves_a_device_has_its_local_paths_taken_out(tmp_path):
