@@ -143,7 +143,7 @@ def test_the_attack_conclusion_says_what_was_rebuilt_and_names_the_attacks_not_r
         ("Without noise a curious server reading an owner's releases (its client Gram) rebuilt all of the examples of "
         "owners holding 1 or 2, 3 of the 4 examples of an owner holding 4 and none of the examples of owners holding "
         "16 or 64 (PSNR 57 dB for an owner holding 1 example, where a guess of each class's mean image scores 15 dB); "
-        "membership inference told the owner's examples from others with a true-positive rate of 1 at a "
+        "membership inference, telling the owner's examples from others, reached a true-positive rate of 1 at a "
         "false-positive rate of 0 (empirical epsilon >= 4.045). An example counts as rebuilt where it is "
         "recognizable (PSNR >= 20 dB)."),
         "Feature inversion was not run: private mode releases no per-example features."]

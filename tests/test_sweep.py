@@ -79,7 +79,7 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("    an owner holding 1 example: PSNR ") for line in lines)
     assert lines[-3].startswith("At epsilon 2 a curious server reading an owner's releases (its owner summary) "
-                                "rebuilt ") and "membership inference told the owner's examples" in lines[-3]
+                                "rebuilt ") and "membership inference, telling the owner's examples from others, reached" in lines[-3]
     assert lines[-2:] == [
         "Feature inversion was not run: private mode releases no per-example features.",
         "The attack on a client's Gram was not run: public kernel: clients release no Gram, there is none to attack."]

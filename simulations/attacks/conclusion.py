@@ -49,7 +49,7 @@ def _sizes_phrase(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def attack_conclusion(block: Mapping[str, Any]) -> str:
     """The attacks block's conclusion: one sentence of what a curious server rebuilt at the run's
-    epsilon and what membership inference told, then one per attack skipped, with its reason."""
+    epsilon and how well membership inference did, then one per attack skipped, with its reason."""
     eps = block.get("run_epsilon")
     found = []
     inv = block.get("inversion") or {}
@@ -67,8 +67,8 @@ def attack_conclusion(block: Mapping[str, Any]) -> str:
                      f"{first['baseline']['psnr_mean']:.0f} dB)")
     mem = block.get("membership") or {}
     if "tpr" in mem:
-        found.append(f"membership inference told the owner's examples from others with a true-positive rate "
-                     f"of {mem['tpr']:g} at a false-positive rate of {mem['fpr']:g} (empirical epsilon >= "
+        found.append(f"membership inference, telling the owner's examples from others, reached a true-positive "
+                     f"rate of {mem['tpr']:g} at a false-positive rate of {mem['fpr']:g} (empirical epsilon >= "
                      f"{mem['empirical_epsilon_lower_bound']:g})")
     lines = []
     if found:

@@ -58,6 +58,7 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=positive_int, default=8, help="examples attacked (default 8)")
     p.add_argument("--trials", type=positive_int, default=400, help="membership games (default 400)")
     inversion_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def inversion_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +148,7 @@ def attack(args: argparse.Namespace) -> int:
 
     block = attack_run(args.run_dir, tuple(args.kind) if args.kind else None, args.targets, args.trials,
                        InversionSettings(steps=args.steps, restarts=args.restarts,
-                                         label_candidates=args.label_candidates))
+                                         label_candidates=args.label_candidates), progress=not args.quiet)
     print(format_block(block))
     print(f"wrote the attacks block of {args.run_dir / SUMMARY}")
     print(attack_conclusion(block))
