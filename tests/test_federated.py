@@ -360,6 +360,6 @@ def test_attack_cli_on_a_features_run_rebuilds_the_images(sim_factory, tmp_path,
     assert main(["report", str(run)]) == 0  # the strips of true and rebuilt digits, and the table
     page = (run / "report.html").read_text()
     assert "<h2>Attacks</h2>" in page and "feature inversion" in page
-    assert (run / "report" / "figure-5.png").read_bytes().startswith(b"\x89PNG")
+    assert (run / "report" / "attacks.png").read_bytes().startswith(b"\x89PNG")
     assert main(["attack", str(central_factory(3, "iid"))]) == 2
 
