@@ -138,11 +138,15 @@ def test_the_text_tasks_load_without_the_package_for_a_device(tmp_path, monkeypa
     from fedtrak.data.modelout import IGNORE
     from fedtrak.data.tasks import load_task
 
-    def absent():
-        raise AssertionError("data=False read the fortunes package")
+    reads = []
+
+    def absent():  # as on a device without the package
+        reads.append(1)
+        raise FedtrakError("Debian's fortunes collections are not installed")
 
     monkeypatch.setattr(text_tasks, "load_fortunes", absent)
     lm, topic = load_task("fortunes-lm", data=False), load_task("fortunes-topic", data=False)
+    assert not reads  # data=False read nothing
     for task, labels in ((lm, (0, 128)), (topic, (0,))):
         assert not task.has_data and task.input_shape == (128,) and task.x_train.dtype == np.int64
         assert task.y_train.shape == labels and task.y_train.dtype == np.int64
@@ -150,7 +154,9 @@ def test_the_text_tasks_load_without_the_package_for_a_device(tmp_path, monkeypa
     np.savez(tmp_path / "mine.npz", x=ids, y=np.where(ids == PAD, IGNORE, ids))
     x, y = read_device_data(tmp_path / "mine.npz", lm)
     assert x.shape == y.shape == (4, 128)
-    report = device_report("fortunes-lm", tmp_path / "mine.npz", proj_dim=32, checkpoints=1)
+    with pytest.raises(FedtrakError, match=r"task fortunes-lm's query set is not on this device .*give --queries"):
+        device_report("fortunes-lm", tmp_path / "mine.npz", proj_dim=32, checkpoints=1)
+    report = device_report("fortunes-lm", tmp_path / "mine.npz", proj_dim=32, checkpoints=1, queries=80)
     assert report["labels"] == "token ids per position (33 predicted tokens)" and report["batch"]["finite"]
     np.savez(tmp_path / "flat.npz", x=ids, y=np.zeros(4, dtype=np.int64))
     with pytest.raises(FedtrakError, match=r"y has shape \(4,\), expected \(4, 128\)"):
