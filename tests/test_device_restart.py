@@ -42,11 +42,21 @@ def _wait_for(log: Path, text: str, seconds: float) -> float:
     return time.monotonic() - start
 
 
+def _wait_for_file(path: Path, seconds: float) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert time.monotonic() - start < seconds, f"no {path}"
+        time.sleep(0.2)
+
+
 def test_a_crashed_supernode_started_again_at_once_activates_once_the_superlink_lets_it_go(tmp_path):
     with Deployment(tmp_path) as dep:
         _launch(dep, "unregistered", dep.keys("unregistered", False), wait=10)
-        _launch(dep, "a", dep.keys("a"))
+        key = dep.keys("a")
+        _launch(dep, "a", key)
         _wait_for(tmp_path / "a.log", "SuperNode ID", 90)
+        marker = Path(f"{key}.last-active")  # the launcher's note that it saw its SuperNode active
+        _wait_for_file(marker, 30)
         dep.kill("a")  # power loss: the launcher's whole process group
         killed = time.monotonic()
         dep.restart("a")

@@ -1,12 +1,15 @@
 """``fedtrak sweep`` end to end on a small setting: every (mode, epsilon) point is a real
-federated run with DP, evaluated; the table, CSV and plot are written."""
+federated run with DP, evaluated; the table, CSV and plot are written; at a terminal it shows a bar."""
 
 from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 
 import pytest
+from terminal import in_pty
 
 from fedtrak.simulations.cli import main
 from fedtrak.simulations.evaluation.sweep_text import (
@@ -71,6 +74,16 @@ def test_small_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert main(args + ["--quiet"]) == 0
     assert (out / "sweep.md").read_text() == table
     assert capsys.readouterr().out.splitlines()[1].endswith("(measured before, reused)")
+    # at a terminal (a pseudo-terminal of no set size) the sweep shows its bar beside the points' lines;
+    # piped, the same lines and no bar (both reuse the finished points)
+    command = [sys.executable, "-m", "fedtrak.simulations.cli", *args]
+    code, text = in_pty(command)
+    assert code == 0 and "sweep: 100%|" in text and "2/2" in text, text
+    assert "private mode (public kernel), epsilon 2: LDS " in text and "\x1b[0m" not in text, text
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert "%|" not in piped.stdout + piped.stderr and "\r" not in piped.stdout + piped.stderr, piped.stderr
+    assert "private mode (public kernel), epsilon 2: LDS " in piped.stdout
     # fedtrak attack on the epsilon-2 point (a small budget): what was rebuilt at epsilon 2, then the attacks
     # that do not apply, with why
     point = out / "private-eps-2"
