@@ -155,15 +155,18 @@ class Deployment:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def supernode(self, name: str, x: np.ndarray, y: np.ndarray, key: Path, ca: Path | None = None,
-                  node_config: str = "") -> None:
+                  node_config: str = "", launcher_wait: float | None = None) -> None:
         """Start a SuperNode with its own data file, Flower home and store (and node key, trusting
-        ``ca``, default ours); ``node_config``: more of its node config."""
+        ``ca``, default ours); ``node_config``: more of its node config. ``launcher_wait``: start it
+        through ``fedtrak device start``, which retries a refused activation for that many seconds."""
         data = self.work / f"{name}.npz"
         np.savez(data, x=x, y=y)
         config = f"data-path='{data}' owner='{name}' store-dir='{self.work / f'store-{name}'}' {node_config}"
         home = self.work / f"flwr-home-{name}"
         home.mkdir(parents=True, exist_ok=True)
-        self.start(name, [*in_namespace(self.node_ns), str(BIN / "flower-supernode"), "--superlink", self.address,
+        program = [str(BIN / "flower-supernode")] if launcher_wait is None else [
+            str(BIN / "fedtrak"), "device", "start", "--activation-wait", f"{launcher_wait:g}", "--"]
+        self.start(name, [*in_namespace(self.node_ns), *program, "--superlink", self.address,
                           "--root-certificates", str(ca or self.certs / "ca.crt"),
                           "--auth-supernode-private-key", str(key), "--port", str(free_port()),
                           "--node-config", config.strip()], {**self.env, "FLWR_HOME": str(home)})
