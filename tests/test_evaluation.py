@@ -232,7 +232,7 @@ def test_the_conclusion_says_what_each_measure_means_and_names_what_was_skipped(
         "Owner-level LDS 0.81 (85% of its ceiling 0.95).",
         ("Owner-level LDS is how well the summed totals of a random half of the owners rank a query's margin "
          "across models retrained on that half: a rank correlation averaged over queries, 1 perfect, 0 chance. The "
-         "ceiling is how far two retrainings of the same halves from other seeds agree: seed noise keeps any "
+         "ceiling is how far two retrainings of the same subsets from other seeds agree: seed noise keeps any "
          "attribution below it."),
         ("Per-example LDS was not measured: this run kept example scores on the devices (policy owner-totals; "
         "fedtrak simulate --policy full releases them for evaluation)."),
@@ -247,6 +247,10 @@ def test_the_conclusion_says_what_each_measure_means_and_names_what_was_skipped(
         ("LDS is how well the summed scores of a random half of the examples rank a query's margin across models "
          "retrained on that half: a rank correlation averaged over queries, 1 perfect, 0 chance."),
         "The seed-noise ceiling was not measured: --no-ceiling skipped it (it retrains every subset once more)."]
+    tenths = {"lds": {"lds": 0.3, "alpha": 0.3}}  # fedtrak evaluate --alpha 0.3: the subsets' size said
+    assert conclusion(tenths, {}).splitlines()[1].startswith(
+        "LDS is how well the summed scores of a random 30% of the examples rank a query's margin across models "
+        "retrained on that subset:")
     above = {"lds": {"lds": 0.18, "ceiling": {"ceiling": 0.136}, "lds_over_ceiling": 1.32}}
     assert conclusion(above, {}).startswith("Per-example LDS 0.18 (above its ceiling estimate 0.14, which is then "
                                             "no bound: seed noise dominates).")

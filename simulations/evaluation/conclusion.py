@@ -47,16 +47,23 @@ def _lds_finding(key: str, e: Mapping[str, Any]) -> str:
     return f"{words} ({ratio:.0%} of its ceiling {ceiling:.2f})"
 
 
-#: What LDS means, by the measures taken (the half is of the examples, or of the owners).
+#: What LDS means, by the measures taken ({part}: the subsets' fraction in words, of the examples or owners).
 LDS_MEANS = {
-    ("lds",): "LDS is how well the summed scores of a random half of the examples rank a query's margin",
-    ("owner_lds",): "Owner-level LDS is how well the summed totals of a random half of the owners rank a query's margin",
-    ("lds", "owner_lds"): ("LDS (owner-level LDS) is how well the summed scores of a random half of the examples "
+    ("lds",): "LDS is how well the summed scores of {part} of the examples rank a query's margin",
+    ("owner_lds",): "Owner-level LDS is how well the summed totals of {part} of the owners rank a query's margin",
+    ("lds", "owner_lds"): ("LDS (owner-level LDS) is how well the summed scores of {part} of the examples "
                            "(of the owners) rank a query's margin")}
-LDS_MEANS_END = (" across models retrained on that half: a rank correlation averaged over queries, 1 perfect, "
+LDS_MEANS_END = (" across models retrained on that {whole}: a rank correlation averaged over queries, 1 perfect, "
                  "0 chance.")
+
+
+def _subset_words(alpha: float | None) -> tuple[str, str]:
+    """The subsets of LDS in words: ("a random half", "half") at alpha 0.5, else ("a random 30%", "subset")."""
+    if alpha is None or abs(alpha - 0.5) < 1e-9:
+        return "a random half", "half"
+    return f"a random {alpha:.0%}", "subset"
 #: What the seed-noise ceiling means.
-CEILING_MEANS = ("The ceiling is how far two retrainings of the same halves from other seeds agree: seed noise "
+CEILING_MEANS = ("The ceiling is how far two retrainings of the same subsets from other seeds agree: seed noise "
                  "keeps any attribution below it.")
 
 
@@ -80,6 +87,8 @@ def conclusion(block: Mapping[str, Any], skipped: Mapping[str, str]) -> str:
     taken = tuple(key for key in ("lds", "owner_lds") if key in block)
     if taken:
         ceilings = any(block[key].get("lds_over_ceiling") is not None for key in taken)
-        lines.append(LDS_MEANS[taken] + LDS_MEANS_END + (" " + CEILING_MEANS if ceilings else ""))
+        part, whole = _subset_words(block[taken[0]].get("alpha"))
+        lines.append(LDS_MEANS[taken].format(part=part) + LDS_MEANS_END.format(whole=whole)
+                     + (" " + CEILING_MEANS if ceilings else ""))
     lines += [f"{NAMES[key]} was not measured: {why}." for key, why in skipped.items()]
     return "\n".join(lines)
