@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -36,8 +37,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, ``(default X)``, where its text does not say it (a
+    flag, an option without a default and an empty list say none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help, action.default
+        if (text and not _SAYS_DEFAULT.search(text) and action.option_strings and action.nargs != 0
+                and default not in (None, argparse.SUPPRESS, [], ())):
+            return f"{text} (default {default})"
+        return text
+
+
+#: How an option's help says its default itself ("(default ...)", or a setting's "; here default ...").
+_SAYS_DEFAULT = re.compile(r"\(default\b|here default\b")
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``fedtrak: error: ...``."""
+    """An argument parser whose errors are one line: ``fedtrak: error: ...``; its help shows each
+    option's default (:class:`DefaultsFormatter`)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"fedtrak: error: {message} (see {self.prog} --help)\n")

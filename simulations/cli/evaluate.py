@@ -32,11 +32,11 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner-value", action="store_true",
                    help="owner values against each owner's removal effect (runs made with --owner-value)")
     p.add_argument("--value-seeds", type=positive_int, default=3,
-                   help="model pairs (with and without each owner) per owner for --owner-value (default 3)")
-    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models for LDS (default 100)")
-    p.add_argument("--owner-subsets", type=positive_int, default=100, help="retrained models for owner-level LDS (default 100)")
-    p.add_argument("--alpha", type=fraction, default=0.5, help="fraction of examples (owners) per subset (default 0.5)")
-    p.add_argument("--eval-seed", type=int, default=0, help="seed of the subsets and their training (default 0)")
+                   help="model pairs (with and without each owner) per owner for --owner-value")
+    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models for LDS")
+    p.add_argument("--owner-subsets", type=positive_int, default=100, help="retrained models for owner-level LDS")
+    p.add_argument("--alpha", type=fraction, default=0.5, help="fraction of examples (owners) per subset")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the subsets and their training")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
     p.add_argument("--workers", type=positive_int, default=None, help="training processes (default: cores)")
@@ -48,40 +48,39 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="a run folder")
     p.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    p.add_argument("--queries", type=positive_int, default=4, help="queries shown in the figures (default 4)")
+    p.add_argument("--queries", type=positive_int, default=4, help="queries shown in the figures")
 
 
 def _attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--kind", action="append", choices=ATTACK_KINDS,
                    help="attack to run (repeatable; default: every one that applies to the run's mode and task)")
-    p.add_argument("--targets", type=positive_int, default=8, help="examples attacked (default 8)")
-    p.add_argument("--trials", type=positive_int, default=400, help="membership games (default 400)")
+    p.add_argument("--targets", type=positive_int, default=8, help="examples attacked")
+    p.add_argument("--trials", type=positive_int, default=400, help="membership games")
     inversion_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def inversion_args(p: argparse.ArgumentParser) -> None:
     """The budget of a gradient-inversion attack."""
-    p.add_argument("--steps", type=positive_int, default=300, help="optimization steps per inversion (default 300)")
-    p.add_argument("--restarts", type=positive_int, default=4, help="random starts per label tried (default 4)")
-    p.add_argument("--label-candidates", type=positive_int, default=2, help="labels tried per target (default 2)")
+    p.add_argument("--steps", type=positive_int, default=300, help="optimization steps per inversion")
+    p.add_argument("--restarts", type=positive_int, default=4, help="random starts per label tried")
+    p.add_argument("--label-candidates", type=positive_int, default=2, help="labels tried per target")
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, SWEEP_KEYS, defaults={"flip-fraction": 0.1})
     p.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
-                   help="comma-separated whole-run epsilons; inf: no noise (default 0.5,1,2,4,8,inf)")
-    p.add_argument("--modes", default="private,features", help="comma-separated modes (default private,features)")
+                   help="comma-separated whole-run epsilons; inf: no noise")
+    p.add_argument("--modes", default="private,features", help="comma-separated modes")
     p.add_argument("--kernel-sources", default="auto",
-                   help="comma-separated kernel sources of the private-mode lines: auto, private, public, hybrid "
-                        "(default auto)")
+                   help="comma-separated kernel sources of the private-mode lines: auto, private, public, hybrid")
     p.add_argument("--secure-agg", default="default",
                    help="comma-separated secure aggregation choices of the private-mode lines: default (on "
-                        "under DP wherever Grams are released), on, off (default default)")
-    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS (default 100)")
+                        "under DP wherever Grams are released), on, off")
+    p.add_argument("--subsets", type=positive_int, default=100, help="retrained models per LDS")
     p.add_argument("--attack-targets", type=positive_int, default=8,
-                   help="examples attacked at each point (feature inversion) (default 8)")
+                   help="examples attacked at each point (feature inversion)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="ground-truth cache (default ~/.cache/fedtrak/groundtruth)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs, table and plot")
@@ -91,11 +90,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _audit_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, ["task", "clip-norm", "proj-dim", "weighting", "clients", "delta", "seed"],
                  defaults={"proj-dim": DEFAULT_PROJ_DIM})
-    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited release (default 1.0)")
-    p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each) (default 20)")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma of the audited release")
+    p.add_argument("--releases", type=positive_int, default=20, help="noised Grams (k canaries each)")
     p.add_argument("--release", choices=("gram", "owner"), default="gram",
                    help="gram: one client's Gram; owner: its suspect count and owner value (one number each, "
-                        "through the client's own code, 4,000 trials) (default gram)")
+                        "through the client's own code, 4,000 trials)")
     add_json(p, "the result")
 
 
